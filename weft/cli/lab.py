@@ -1,0 +1,206 @@
+"""``weft lab``: run a whole Weft mesh on one Linux machine (see docs/lab.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from weft.lab.lab import Lab, LabError
+from weft.lab.plan import PlanError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _lab(ctx: click.Context) -> Lab:
+    name: str = ctx.obj["lab"]
+
+    def report(msg: str) -> None:
+        err.print(f"[dim]·[/dim] {msg}", highlight=False)
+
+    try:
+        return Lab(name, report=report)
+    except PlanError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False)
+    sys.exit(1)
+
+
+@click.group()
+@click.option(
+    "--lab",
+    "lab_name",
+    default=lambda: os.environ.get("WEFT_LAB", "weft"),
+    show_default="weft (or $WEFT_LAB)",
+    help="Lab name; several labs can coexist. Prefixes its namespaces (`<lab>-node-1`).",
+)
+@click.pass_context
+def lab(ctx: click.Context, lab_name: str) -> None:
+    """Run the mesh on this machine: nodes and pods as network namespaces and cgroups.
+
+    \b
+    Typical session:
+      weft lab up --demo                   # 2 nodes, echo service, client pods
+      weft lab status                      # who is where
+      weft lab exec client-1 -- curl -s http://10.244.2.2:8080/
+      weft lab down                        # leaves nothing behind
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["lab"] = lab_name
+
+
+@lab.command()
+@click.option("--nodes", default=2, show_default=True, help="Number of nodes (node-1..N).")
+@click.option(
+    "--pods-per-node",
+    type=int,
+    default=None,
+    help="With --demo: echo replicas per node (default 1). Without: idle pods per node (0).",
+)
+@click.option("--demo", is_flag=True, help="Add the echo service (port 80 -> 8080) and clients.")
+@click.option("--replace", is_flag=True, help="Tear down an existing lab of this name first.")
+@click.option(
+    "--keep-on-failure", is_flag=True, help="If up fails, leave what was made for inspection."
+)
+@click.pass_context
+def up(
+    ctx: click.Context,
+    nodes: int,
+    pods_per_node: int | None,
+    demo: bool,
+    replace: bool,
+    keep_on_failure: bool,
+) -> None:
+    """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
+    lab_ = _lab(ctx)
+    try:
+        lab_.up(nodes, pods_per_node, demo, replace=replace, keep_on_failure=keep_on_failure)
+    except (LabError, PlanError, OSError) as e:
+        _fail(e)
+    _print_status(lab_.status())
+
+
+@lab.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Remove every namespace, link, cgroup, pin, process and file of the lab."""
+    lab_ = _lab(ctx)
+    try:
+        found = lab_.down()
+    except (LabError, OSError) as e:
+        _fail(e)
+    if found:
+        err.print(f"lab {lab_.name!r} removed")
+    else:
+        err.print(f"no lab {lab_.name!r} here; nothing to do")
+
+
+@lab.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the lab state as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show nodes, pods, services and processes of the lab."""
+    lab_ = _lab(ctx)
+    try:
+        data = lab_.status()
+    except LabError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        _print_status(data)
+
+
+@lab.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec(ctx: click.Context, pod: str, command: tuple[str, ...]) -> None:  # noqa: A001
+    """Run COMMAND inside POD (its netns, cgroup and hosts file); exit code passes through.
+
+    \b
+    Example: weft lab exec client-1 -- curl -s http://echo-2:8080/
+    """
+    argv = list(command)
+    if argv and argv[0] == "--":  # click passes the separator through with UNPROCESSED
+        argv = argv[1:]
+    if not argv:
+        raise click.UsageError("no command given: weft lab exec POD -- COMMAND [ARGS...]")
+    lab_ = _lab(ctx)
+    try:
+        lab_.exec(pod, argv)
+    except (LabError, OSError) as e:
+        _fail(e)
+
+
+@lab.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (tail -f).")
+@click.option("-n", "--lines", default=0, help="Only the last N lines (0: all).")
+@click.pass_context
+def logs(ctx: click.Context, name: str, follow: bool, lines: int) -> None:
+    """Print the log of a process the lab started (see `weft lab status`)."""
+    lab_ = _lab(ctx)
+    try:
+        path = lab_.log_path(name)
+    except LabError as e:
+        _fail(e)
+    if follow:
+        args = ["tail", "-n", str(lines) if lines else "+1", "-F", str(path)]
+        try:
+            sys.exit(subprocess.call(args))
+        except KeyboardInterrupt:
+            sys.exit(0)
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        _fail(LabError(f"log {path} is gone"))
+    if lines:
+        text = "\n".join(text.splitlines()[-lines:]) + "\n"
+    click.echo(text, nl=False)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    out.print(
+        f"[bold]lab {data['name']}[/bold] — {data['phase']}, state in "
+        f"{data['paths']['state_dir']}, cgroups under {data['paths']['cgroup_root']}",
+        highlight=False,
+    )
+    nodes = Table("node", "address", "pod subnet", "netns", title="nodes", title_justify="left")
+    for n in data["nodes"]:
+        nodes.add_row(n["name"], n["ip"], n["pod_cidr"], n["netns"])
+    out.print(nodes)
+    pods = Table(
+        "pod", "node", "ip", "namespace", "service account", "captured", "cgroup",
+        title="pods", title_justify="left",
+    )  # fmt: skip
+    for p in data["pods"]:
+        pods.add_row(
+            p["name"], p["node"], p["ip"], p["namespace"], p["service_account"],
+            "yes" if p["captured"] else "no", p["cgroup"] or "-",
+        )  # fmt: skip
+    out.print(pods)
+    if data["services"]:
+        svcs = Table("service", "vip", "ports", "endpoints", title="services", title_justify="left")
+        for s in data["services"]:
+            ports = ", ".join(f"{p['port']}->{p['target_port']}/{p['protocol']}" for p in s["ports"])
+            eps = ", ".join(f"{e['ip']}:{e['port']} ({e['pod']})" for e in s.get("endpoints", []))
+            svcs.add_row(f"{s['namespace']}/{s['name']}", s["vip"], ports, eps)
+        out.print(svcs)
+    if data["processes"]:
+        ps = Table("process", "in", "pid", "alive", "log", title="processes", title_justify="left")
+        for r in data["processes"]:
+            ps.add_row(
+                r["name"], r["where"], str(r["pid"]), "yes" if r.get("alive") else "NO", r["log"]
+            )
+        out.print(ps)

@@ -1,0 +1,313 @@
+"""``weft lab``: a whole multi-node cluster on one Linux machine.
+
+Nodes and pods are network namespaces (see :mod:`weft.lab.plan` for the address plan),
+pods also get a cgroup v2 directory each — the unit the eBPF capture hooks attach to —
+and a hosts file that resolves service and pod names.  The lab's description lives in a
+JSON state file (:mod:`weft.lab.state`) that other commands and processes read.
+
+Robustness rules:
+
+* ``up`` records state before it makes anything, and on any failure (an exception, or
+  Ctrl-C) tears down what it made unless asked to keep it for debugging.
+* ``down`` works from names, not only from the state file, so it cleans up after a
+  crash at any point of ``up``: namespaces by their ``<lab>-`` prefix, the cgroup root,
+  the bpffs pin directory, and processes by record (PID + start time) and by cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from weft.lab import net, procs
+from weft.lab.plan import PodPlan, endpoints, hosts_file, plan_lab, validate_lab_name
+from weft.lab.state import LabPaths, LabState, StateError, lab_paths, load_state
+from weft.nsenter import enter_pod, in_netns
+from weft.preflight import find_cgroup2_mount
+
+Reporter = Callable[[str], None]
+READY_TIMEOUT = 15.0
+
+
+class LabError(RuntimeError):
+    """A lab operation cannot go on; the message says what to do."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError(
+            "weft lab needs root: it creates network namespaces, links and cgroups "
+            "(run it with sudo; `weft check` lists what else is needed)"
+        )
+
+
+def cgroup2_mount() -> str | None:
+    try:
+        return find_cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return None
+
+
+class Lab:
+    def __init__(self, name: str = "weft", report: Reporter = _quiet) -> None:
+        self.name = validate_lab_name(name)
+        self.report = report
+        self.paths: LabPaths = lab_paths(self.name, cgroup2_mount())
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def load(self) -> LabState:
+        try:
+            return load_state(self.paths.state_file)
+        except StateError as e:
+            raise LabError(str(e)) from None
+
+    def leftovers(self) -> list[str]:
+        """What of this lab exists on the machine, by name (works without a state file)."""
+        found: list[str] = []
+        if self.paths.state_file.exists():
+            found.append(f"state file {self.paths.state_file}")
+        found.extend(f"network namespace {n}" for n in net.list_netns(f"{self.name}-"))
+        if self.paths.cgroup_root and self.paths.cgroup_root.exists():
+            found.append(f"cgroup {self.paths.cgroup_root}")
+        if self.paths.bpffs_dir.exists():
+            found.append(f"bpffs pins {self.paths.bpffs_dir}")
+        return found
+
+    def status(self) -> dict[str, Any]:
+        state = self.load()
+        data = state.to_json()
+        for rec in data["processes"]:
+            rec["alive"] = procs.proc_start_time(rec["pid"]) == rec["start_time"]
+        for svc, svc_json in zip(state.plan.services, data["services"], strict=True):
+            target = svc.ports[0].target_port if svc.ports else None
+            svc_json["endpoints"] = [
+                {"pod": p.name, "node": p.node, "ip": p.ip, "port": target}
+                for p in endpoints(state.plan.pods, svc)
+            ]
+        return data
+
+    # -- up -------------------------------------------------------------------------------
+
+    def up(
+        self,
+        nodes: int = 2,
+        pods_per_node: int | None = None,
+        demo: bool = False,
+        replace: bool = False,
+        keep_on_failure: bool = False,
+    ) -> LabState:
+        require_root()
+        if self.paths.cgroup_root is None:
+            raise LabError(
+                "cgroup v2 is not mounted anywhere: run `make setup`, or "
+                "`mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified`"
+                " (see `weft check`)"
+            )
+        existing = self.leftovers()
+        if existing:
+            if not replace:
+                raise LabError(
+                    f"lab {self.name!r} already exists ({'; '.join(existing[:3])}"
+                    f"{' ...' if len(existing) > 3 else ''}): see `weft lab status`, "
+                    "or `weft lab down` first (or `weft lab up --replace`)"
+                )
+            self.report(f"replacing existing lab {self.name!r}")
+            self.down()
+        plan = plan_lab(self.name, nodes, pods_per_node, demo)
+        state = LabState(plan=plan, phase="creating", paths=self.paths)
+        started = time.monotonic()
+        try:
+            state.save()
+            self._build(state)
+            state.phase = "ready"
+            state.save()
+        except BaseException as e:
+            state.phase = "failed"
+            try:
+                state.save()
+            except OSError:
+                pass
+            if keep_on_failure:
+                self.report(f"up failed ({e}); leaving the lab for inspection: `weft lab down`")
+            else:
+                self.report(f"up failed ({e}); removing what was made")
+                self.down()
+            raise
+        self.report(
+            f"lab {self.name!r} ready: {len(plan.nodes)} nodes, {len(plan.pods)} pods, "
+            f"{len(plan.services)} services in {time.monotonic() - started:.1f}s"
+        )
+        return state
+
+    def _build(self, state: LabState) -> None:
+        plan = state.plan
+        assert self.paths.cgroup_root is not None
+        self.report(f"fabric: namespace {plan.netns(net.FABRIC)} with bridge {net.FABRIC_BRIDGE}")
+        net.build_fabric(plan)
+        self.paths.cgroup_root.mkdir(exist_ok=True)
+        for node in plan.nodes:
+            self.report(f"{node.name}: {node.ip}, pods {node.pod_cidr}")
+            net.build_node(plan, node)
+            (self.paths.cgroup_root / node.name).mkdir(exist_ok=True)
+        per_node: dict[str, int] = {}
+        for pod in plan.pods:
+            k = per_node[pod.node] = per_node.get(pod.node, 0) + 1
+            self.report(
+                f"{pod.name}: {pod.ip} on {pod.node} ({pod.namespace}/{pod.service_account}"
+                f"{', captured' if pod.captured else ''})"
+            )
+            net.build_pod(plan, pod, k)
+            cg = state.pod_cgroup(pod)
+            assert cg is not None
+            cg.mkdir(exist_ok=True)
+            pod_dir = self.paths.pod_dir(pod.name)
+            pod_dir.mkdir(parents=True, exist_ok=True)
+            (pod_dir / "hosts").write_text(hosts_file(plan, pod))
+        for pod in plan.pods:
+            if pod.app == "echo":
+                self._start_echo(state, pod)
+        for pod in plan.pods:
+            if pod.app == "echo":
+                self._wait_listening(state, pod, pod.ports[0])
+
+    def _pod_preexec(self, state: LabState, pod: PodPlan) -> Callable[[], None]:
+        netns = state.plan.netns(pod.name)
+        cgroup = state.pod_cgroup(pod)
+        hosts = self.paths.pod_dir(pod.name) / "hosts"
+        return lambda: enter_pod(netns, cgroup, hosts)
+
+    def _start_echo(self, state: LabState, pod: PodPlan) -> None:
+        argv = [
+            sys.executable, "-m", "weft.lab.echo",
+            "--pod", pod.name, "--node", pod.node, "--namespace", pod.namespace,
+            "--port", str(pod.ports[0]),
+        ]  # fmt: skip
+        rec = procs.spawn(
+            name=pod.name,
+            argv=argv,
+            log_path=self.paths.log_dir / f"{pod.name}.log",
+            where=pod.name,
+            preexec=self._pod_preexec(state, pod),
+        )
+        state.processes.append(rec)
+        state.save()  # recorded before we wait on it, so a crash still knows the PID
+
+    def _wait_listening(self, state: LabState, pod: PodPlan, port: int) -> None:
+        """Connect from the pod's node until the pod accepts, or fail with its log."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        rec = next(r for r in state.processes if r.name == pod.name)
+        while True:
+            with in_netns(state.plan.netns(pod.node)):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(1.0)
+                sock.connect((pod.ip, port))
+                return
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            if not procs.is_alive(rec):
+                raise LabError(f"{pod.name} exited during start:\n{_tail(Path(rec.log))}")
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"{pod.name} not listening on {pod.ip}:{port} after {READY_TIMEOUT:.0f}s:\n"
+                    f"{_tail(Path(rec.log))}"
+                )
+            time.sleep(0.05)
+
+    # -- down -----------------------------------------------------------------------------
+
+    def down(self) -> bool:
+        """Remove everything of this lab; True if there was anything to remove."""
+        require_root()
+        found = False
+        cgroup_root = self.paths.cgroup_root
+        try:
+            state: LabState | None = load_state(self.paths.state_file)
+        except StateError:
+            state = None
+        if state is not None:
+            found = True
+            cgroup_root = state.paths.cgroup_root or cgroup_root
+            stopped = [r.name for r in state.processes if procs.stop(r)]
+            if stopped:
+                self.report(f"stopped {len(stopped)} processes: {', '.join(stopped)}")
+        if cgroup_root is not None and cgroup_root.exists():
+            found = True
+            killed = procs.kill_cgroup_tree(cgroup_root)
+            if killed:
+                self.report(f"killed {killed} processes left in {cgroup_root}")
+        namespaces = net.list_netns(f"{self.name}-")
+        for ns in namespaces:
+            net.remove_netns(ns)
+        if namespaces:
+            found = True
+            self.report(f"removed {len(namespaces)} network namespaces (and their links)")
+        if cgroup_root is not None and cgroup_root.exists():
+            left = procs.remove_cgroup_tree(cgroup_root)
+            if left:
+                raise LabError(
+                    f"could not remove cgroups {', '.join(map(str, left))}: "
+                    f"processes still in them ({procs.cgroup_pids(cgroup_root)})"
+                )
+            self.report(f"removed cgroup tree {cgroup_root}")
+        if self.paths.bpffs_dir.exists():
+            found = True
+            shutil.rmtree(self.paths.bpffs_dir)
+            self.report(f"removed pinned maps under {self.paths.bpffs_dir}")
+        if self.paths.state_dir.exists():
+            found = True
+            shutil.rmtree(self.paths.state_dir)
+            self.report(f"removed state {self.paths.state_dir}")
+        return found
+
+    # -- exec / logs ----------------------------------------------------------------------
+
+    def exec(self, pod_name: str, argv: list[str]) -> NoReturn:
+        """Replace this process with ``argv`` running inside the pod."""
+        require_root()
+        state = self.load()
+        try:
+            pod = state.pod(pod_name)
+        except KeyError as e:
+            raise LabError(str(e.args[0])) from None
+        env = dict(os.environ, WEFT_LAB=self.name, WEFT_POD=pod.name, WEFT_NODE=pod.node)
+        enter_pod(
+            state.plan.netns(pod.name), state.pod_cgroup(pod), self.paths.pod_dir(pod.name) / "hosts"
+        )
+        try:
+            os.execvpe(argv[0], argv, env)
+        except FileNotFoundError:
+            print(f"weft lab exec: {argv[0]}: command not found", file=sys.stderr)
+            os._exit(127)
+        except PermissionError:
+            print(f"weft lab exec: {argv[0]}: permission denied", file=sys.stderr)
+            os._exit(126)
+
+    def log_path(self, name: str) -> Path:
+        state = self.load()
+        for rec in state.processes:
+            if rec.name == name:
+                return Path(rec.log)
+        known = ", ".join(r.name for r in state.processes) or "none"
+        raise LabError(f"no process {name!r} in lab {self.name!r} (processes: {known})")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
