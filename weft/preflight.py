@@ -2,9 +2,10 @@
 
 Every check here is a plain function that takes what it inspects as parameters
 (``/proc/self/mountinfo`` text, ``CapEff`` text, a modules directory, a ``which``
-function) and returns a :class:`CheckResult`. Only :func:`run_host_checks` and the
-``read_*`` helpers touch the real machine, so unit tests feed sample text and temp
-trees instead of needing root or a particular kernel.
+function; file paths default to the real locations) and returns a :class:`CheckResult`.
+Only :func:`run_host_checks` and the ``read_*`` helpers gather input from the real
+machine, so unit tests feed sample text and temp trees instead of needing root or a
+particular kernel.
 
 What cannot be judged from files -- whether bcc compiles, and whether the kernel
 accepts and attaches our program types -- lives in ``nodeagent.ebpf.probe``, the only
@@ -137,6 +138,9 @@ def check_kernel(release: str) -> CheckResult:
 
 @timed
 def check_btf(path: Path = DEFAULT_BTF) -> CheckResult:
+    # bcc compiles against headers, so BTF is not strictly needed to load our programs;
+    # it is required because operators inspect pinned maps with bpftool (which decodes
+    # them via BTF) and because a kernel built without it usually lacks other eBPF bits.
     if path.exists():
         return CheckResult(BTF, ok=True, required=True, detail=f"{path} present")
     return CheckResult(
@@ -354,7 +358,7 @@ def check_kernel_headers(release: str, modules_dir: Path = DEFAULT_MODULES_DIR) 
         return CheckResult(KERNEL_HEADERS, ok=True, required=True, detail=f"{build}{via}")
 
     if build.is_symlink():
-        detail = f"{build} is a dangling symlink to {os.readlink(build)}"
+        detail = f"{build} is a dangling symlink to {build.readlink()}"
     elif build.is_dir():
         detail = f"{build} has no include/ directory"
     else:

@@ -90,7 +90,17 @@ def _skipped(name: str, reason: str, hint: str | None) -> CheckResult:
     return CheckResult(name, ok=False, required=True, detail=f"skipped: {reason}", hint=hint)
 
 
-def _error_hint(exc: BaseException) -> str | None:
+CGROUP_BPF_HINT = (
+    "the kernel refused the cgroup program: it needs CONFIG_CGROUP_BPF=y; the verifier's "
+    "log, if any, is on stderr"
+)
+SOCKMAP_HINT = (
+    "the kernel refused sk_msg/sockhash: it needs CONFIG_BPF_STREAM_PARSER=y; the "
+    "verifier's log, if any, is on stderr"
+)
+
+
+def _error_hint(exc: BaseException, otherwise: str) -> str:
     # bcc raises bare Exception with strerror text; EPERM is the common, fixable case.
     text = str(exc)
     if (
@@ -99,7 +109,7 @@ def _error_hint(exc: BaseException) -> str | None:
         or os.strerror(errno.EACCES) in text
     ):
         return ROOT_HINT
-    return None
+    return otherwise
 
 
 def check_bcc_import() -> tuple[CheckResult, Any]:
@@ -132,6 +142,21 @@ def check_bcc_import() -> tuple[CheckResult, Any]:
     )
 
 
+def remove_stale_scratch_cgroups(cgroup2_mount: str) -> None:
+    """Remove scratch cgroups left by a ``weft check`` that was killed mid-probe.
+
+    Only those whose pid is gone (or is ours, recycled, since we have not made ours
+    yet): a concurrent ``weft check`` keeps its own.
+    """
+    for path in Path(cgroup2_mount).glob(f"{SCRATCH_CGROUP_PREFIX}*"):
+        pid = path.name.removeprefix(SCRATCH_CGROUP_PREFIX)
+        if pid.isdigit() and (int(pid) == os.getpid() or not Path("/proc", pid).exists()):
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # e.g. someone put a process in it; then it is not ours to remove
+
+
 @contextmanager
 def scratch_cgroup(cgroup2_mount: str) -> Iterator[int]:
     """A fresh, empty cgroup under ``cgroup2_mount``; yields an fd to attach to.
@@ -139,6 +164,7 @@ def scratch_cgroup(cgroup2_mount: str) -> Iterator[int]:
     Removed on exit even if attaching failed; rmdir also drops any attachment a failed
     detach left behind, so nothing keeps steering traffic after ``weft check``.
     """
+    remove_stale_scratch_cgroups(cgroup2_mount)
     path = Path(cgroup2_mount) / f"{SCRATCH_CGROUP_PREFIX}{os.getpid()}"
     path.mkdir()
     try:
@@ -175,7 +201,7 @@ def _attach_cgroup_probe(
             ok=False,
             required=True,
             detail=f"{func.decode()}: {exc}",
-            hint=_error_hint(exc),
+            hint=_error_hint(exc, CGROUP_BPF_HINT),
             duration_ms=_ms_since(start),
         )
     return CheckResult(
@@ -205,7 +231,7 @@ def _sk_msg_probe(bcc: Any, bpf: Any) -> CheckResult:
             ok=False,
             required=True,
             detail=f"weft_check_msg: {exc}",
-            hint=_error_hint(exc),
+            hint=_error_hint(exc, SOCKMAP_HINT),
             duration_ms=_ms_since(start),
         )
     return CheckResult(
@@ -226,8 +252,8 @@ def _compile_hint(host: Sequence[CheckResult]) -> str:
             return prior.hint
     return (
         "see bcc's errors on stderr; usually the headers at "
-        "/lib/modules/$(uname -r)/build do not match the running kernel, or BPF is locked "
-        "down (kernel.unprivileged_bpf_disabled, lockdown=confidentiality)"
+        "/lib/modules/$(uname -r)/build do not match the running kernel, the kernel lacks "
+        "sockhash (CONFIG_BPF_STREAM_PARSER=y), or BPF is locked down (lockdown=confidentiality)"
     )
 
 

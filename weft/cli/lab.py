@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -29,6 +30,10 @@ def _lab(ctx: click.Context) -> Lab:
         return Lab(name, report=report)
     except PlanError as e:
         raise click.UsageError(str(e)) from None
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _fail(e: Exception) -> None:
@@ -83,6 +88,10 @@ def up(
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
+    # SIGTERM (and SIGINT, even if inherited as ignored) interrupt `up`, which then removes
+    # what it made instead of leaving a half-built lab behind.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         lab_.up(nodes, pods_per_node, demo, replace=replace, keep_on_failure=keep_on_failure)
     except (LabError, PlanError, OSError) as e:
@@ -125,7 +134,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("pod")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def exec(ctx: click.Context, pod: str, command: tuple[str, ...]) -> None:  # noqa: A001
+def exec(ctx: click.Context, pod: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside POD (its netns, cgroup and hosts file); exit code passes through.
 
     \b
@@ -193,7 +202,9 @@ def _print_status(data: dict[str, Any]) -> None:
     if data["services"]:
         svcs = Table("service", "vip", "ports", "endpoints", title="services", title_justify="left")
         for s in data["services"]:
-            ports = ", ".join(f"{p['port']}->{p['target_port']}/{p['protocol']}" for p in s["ports"])
+            ports = ", ".join(
+                f"{p['port']}->{p['target_port']}/{p['protocol']}" for p in s["ports"]
+            )
             eps = ", ".join(f"{e['ip']}:{e['port']} ({e['pod']})" for e in s.get("endpoints", []))
             svcs.add_row(f"{s['namespace']}/{s['name']}", s["vip"], ports, eps)
         out.print(svcs)

@@ -22,7 +22,9 @@ log = logging.getLogger("weft.echo")
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1024 * 1024
-TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
 
 
 class BadRequest(Exception):
@@ -112,9 +114,14 @@ async def read_body(reader: asyncio.StreamReader, req: Request) -> bytes:
     return await reader.readexactly(n)
 
 
-REASONS = {200: "OK", 400: "Bad Request", 413: "Content Too Large",
-           431: "Request Header Fields Too Large", 501: "Not Implemented",
-           505: "HTTP Version Not Supported"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
 
 
 def response(status: int, body: bytes, keep_alive: bool) -> bytes:

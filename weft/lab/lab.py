@@ -21,7 +21,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -128,7 +129,8 @@ class Lab:
         state = LabState(plan=plan, phase="creating", paths=self.paths)
         started = time.monotonic()
         try:
-            state.save()
+            with _step("writing the state file"):
+                state.save()
             self._build(state)
             state.phase = "ready"
             state.save()
@@ -154,12 +156,15 @@ class Lab:
         plan = state.plan
         assert self.paths.cgroup_root is not None
         self.report(f"fabric: namespace {plan.netns(net.FABRIC)} with bridge {net.FABRIC_BRIDGE}")
-        net.build_fabric(plan)
-        self.paths.cgroup_root.mkdir(exist_ok=True)
+        with _step("building the fabric"):
+            net.build_fabric(plan)
+        with _step(f"creating cgroup {self.paths.cgroup_root}"):
+            self.paths.cgroup_root.mkdir(exist_ok=True)
         for node in plan.nodes:
             self.report(f"{node.name}: {node.ip}, pods {node.pod_cidr}")
-            net.build_node(plan, node)
-            (self.paths.cgroup_root / node.name).mkdir(exist_ok=True)
+            with _step(f"building {node.name}"):
+                net.build_node(plan, node)
+                (self.paths.cgroup_root / node.name).mkdir(exist_ok=True)
         per_node: dict[str, int] = {}
         for pod in plan.pods:
             k = per_node[pod.node] = per_node.get(pod.node, 0) + 1
@@ -167,16 +172,18 @@ class Lab:
                 f"{pod.name}: {pod.ip} on {pod.node} ({pod.namespace}/{pod.service_account}"
                 f"{', captured' if pod.captured else ''})"
             )
-            net.build_pod(plan, pod, k)
-            cg = state.pod_cgroup(pod)
-            assert cg is not None
-            cg.mkdir(exist_ok=True)
-            pod_dir = self.paths.pod_dir(pod.name)
-            pod_dir.mkdir(parents=True, exist_ok=True)
-            (pod_dir / "hosts").write_text(hosts_file(plan, pod))
+            with _step(f"building pod {pod.name}"):
+                net.build_pod(plan, pod, k)
+                cg = state.pod_cgroup(pod)
+                assert cg is not None
+                cg.mkdir(exist_ok=True)
+                pod_dir = self.paths.pod_dir(pod.name)
+                pod_dir.mkdir(parents=True, exist_ok=True)
+                (pod_dir / "hosts").write_text(hosts_file(plan, pod))
         for pod in plan.pods:
             if pod.app == "echo":
-                self._start_echo(state, pod)
+                with _step(f"starting echo in {pod.name}"):
+                    self._start_echo(state, pod)
         for pod in plan.pods:
             if pod.app == "echo":
                 self._wait_listening(state, pod, pod.ports[0])
@@ -285,7 +292,9 @@ class Lab:
             raise LabError(str(e.args[0])) from None
         env = dict(os.environ, WEFT_LAB=self.name, WEFT_POD=pod.name, WEFT_NODE=pod.node)
         enter_pod(
-            state.plan.netns(pod.name), state.pod_cgroup(pod), self.paths.pod_dir(pod.name) / "hosts"
+            state.plan.netns(pod.name),
+            state.pod_cgroup(pod),
+            self.paths.pod_dir(pod.name) / "hosts",
         )
         try:
             os.execvpe(argv[0], argv, env)
@@ -305,9 +314,19 @@ class Lab:
         raise LabError(f"no process {name!r} in lab {self.name!r} (processes: {known})")
 
 
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Name the step in any low-level error ("[Errno 2] ..." alone helps nobody)."""
+    try:
+        yield
+    except LabError:
+        raise
+    except Exception as e:
+        raise LabError(f"{what}: {e}") from e
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"(no log at {path})"
-

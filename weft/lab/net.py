@@ -80,9 +80,7 @@ def build_node(plan: LabPlan, node: NodePlan) -> None:
     create_netns(name)
     fabric_port = f"n{node.index}"
     with NetNS(plan.netns(FABRIC), flags=0) as fab:
-        fab.link(
-            "add", ifname=fabric_port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name}
-        )
+        fab.link("add", ifname=fabric_port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
         port = fab.link_lookup(ifname=fabric_port)[0]
         fab.link("set", index=port, master=fab.link_lookup(ifname=FABRIC_BRIDGE)[0])
         fab.link("set", index=port, state="up")

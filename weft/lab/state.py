@@ -103,9 +103,7 @@ class LabState:
             "namespaces": [
                 {"name": ns, "labels": labels} for ns, labels in plan.namespaces.items()
             ],
-            "nodes": [
-                {**asdict(n), "netns": plan.netns(n.name)} for n in plan.nodes
-            ],
+            "nodes": [{**asdict(n), "netns": plan.netns(n.name)} for n in plan.nodes],
             "pods": [
                 {
                     "name": p.name,
@@ -226,7 +224,9 @@ def load_state(state_file: Path) -> LabState:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise StateError(f"lab state {state_file} is corrupt ({e}); `weft lab down` cleans up")
+        raise StateError(
+            f"lab state {state_file} is corrupt ({e}); `weft lab down` cleans up"
+        ) from None
     try:
         return LabState.from_json(data)
     except (KeyError, TypeError) as e:

@@ -1,0 +1,82 @@
+# Weft developer entry points. Every target is idempotent and says what it does.
+#   make lab    set everything up and run the mesh demo (root)
+#   make test   set everything up and run every test tier (lab tier needs root)
+#   make lint   ruff, mypy, import-linter
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+WEFT   := $(VENV)/bin/weft
+
+.DEFAULT_GOAL := help
+.PHONY: help setup host venv lab lab-down test test-unit lint fmt clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: host venv ## apt packages, kernel headers link, cgroup2/bpffs mounts, .venv
+	@echo "==> setup done"
+
+host: ## host preparation only (root)
+	@scripts/setup-host.sh
+
+$(PY):
+	@echo "==> venv: creating $(VENV) with $$($(PYTHON) --version)"
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: Weft needs Python >= 3.11 ($(PYTHON) is older); make PYTHON=python3.11" >&2; exit 1; }
+	@$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@echo "==> venv: installing weft (editable) and dev tools"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Only bcc's package directory goes into the venv: adding all of Debian's dist-packages
+# would shadow the venv's pinned libraries with Debian's older ones.
+venv: $(STAMP)
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	if [ -d /usr/lib/python3/dist-packages/bcc ]; then \
+		if [ "$$(readlink $$site/bcc)" != /usr/lib/python3/dist-packages/bcc ]; then \
+			ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc; \
+			echo "==> venv: linked Debian's bcc package into $$site"; \
+		else echo "==> venv: up to date (bcc linked)"; fi; \
+	else echo "==> venv: up to date; bcc missing (apt-get install python3-bpfcc, or make host)"; fi
+
+lab: setup ## set up, then bring up the demo lab (replaces an existing one)
+	@$(WEFT) lab up --demo --replace
+	@echo
+	@echo "Lab is up. Try:"
+	@echo "  $(WEFT) lab status"
+	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo-2:8080/    # pod to pod, across nodes"
+	@echo "  $(WEFT) lab exec client-1 -- sh                              # a shell inside a pod"
+	@echo "  $(WEFT) lab logs echo-1"
+	@echo "  $(WEFT) check"
+	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
+
+lab-down: ## tear the demo lab down
+	@$(WEFT) lab down
+
+test: setup ## set up, then run all test tiers (unit, sockets, lab)
+	@echo "==> test: pytest (lab tier included when root)"
+	@$(PY) -m pytest
+
+test-unit: venv ## only the tests that need neither root nor a lab
+	@$(PY) -m pytest -m "not lab"
+
+lint: venv ## ruff, mypy (strict), import-linter contracts
+	@echo "==> lint: ruff"
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@echo "==> lint: mypy"
+	@$(VENV)/bin/mypy
+	@echo "==> lint: import-linter"
+	@$(VENV)/bin/lint-imports
+
+fmt: venv ## apply ruff formatting and fixes
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+clean: ## remove the venv and caches (does not touch a running lab)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,92 @@
+"""Lab tier: real network namespaces, cgroups and processes. Needs root.
+
+Each lab gets a unique name, so these tests never touch a lab a developer has running
+(`make lab` uses the name ``weft``), and every fixture tears its lab down even when the
+test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+NETNS_DIR = Path("/run/netns")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/lab/" in str(item.fspath):
+            item.add_marker(pytest.mark.lab)
+            if os.geteuid() != 0:
+                item.add_marker(pytest.mark.skip(reason="lab tier needs root (run as root)"))
+
+
+@dataclass
+class LabRunner:
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def weft(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WEFT_LAB": self.name, **self.env}
+        proc = subprocess.run(
+            [sys.executable, "-m", "weft.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"weft {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def exec(self, pod: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.weft("lab", "exec", pod, "--", *cmd, check=check)
+
+    def status(self) -> dict:
+        return json.loads(self.weft("lab", "status", "--json").stdout)
+
+    def netns(self) -> list[str]:
+        if not NETNS_DIR.exists():
+            return []
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(f"{self.name}-"))
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{os.getpid() % 100000}"
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[[str], LabRunner]]:
+    made: list[LabRunner] = []
+
+    def make(prefix: str) -> LabRunner:
+        runner = LabRunner(unique_name(prefix))
+        made.append(runner)
+        return runner
+
+    yield make
+    for runner in made:
+        runner.weft("lab", "down", check=False)
+
+
+@pytest.fixture(scope="module")
+def demo_lab() -> Iterator[LabRunner]:
+    """A two-node demo lab shared by the read-only tests of a module."""
+    runner = LabRunner(unique_name("wt"))
+    try:
+        runner.weft("lab", "up", "--demo", "--nodes", "2")
+        yield runner
+    finally:
+        runner.weft("lab", "down", check=False)
