@@ -124,7 +124,7 @@ def test_down_leaves_no_namespace_link_cgroup_or_process(lab_factory):
     lab.weft("lab", "up", "--demo", "--nodes", "2", "--pods-per-node", "2")
     status = lab.status()
     pids = [p["pid"] for p in status["processes"]]
-    assert len(lab.netns()) == 1 + 2 + 6
+    assert len(lab.netns()) == 1 + 2 + 7
     out = lab.weft("lab", "down")
     assert "removed" in out.stderr
     _assert_nothing_left(lab, status["paths"]["cgroup_root"], links_before)
@@ -161,7 +161,7 @@ def test_down_cleans_up_after_up_was_killed_halfway(lab_factory):
     assert proc.returncode == -signal.SIGKILL
     made = lab.netns()
     assert made, "up was killed before it made anything: the test did not test a half-up"
-    assert len(made) < 1 + 3 + 93, "up finished before it was killed"
+    assert len(made) < 1 + 3 + 94, "up finished before it was killed"
     cgroup_root = json.loads(Path(f"/run/weft/lab/{lab.name}/state.json").read_text())["paths"][
         "cgroup_root"
     ]

@@ -29,7 +29,10 @@ def test_demo_has_an_echo_replica_and_a_client_on_every_node():
         "client-2",
         "client-3",
     ]
-    assert all(p.captured for p in plan.pods)
+    assert all(p.captured for p in plan.pods if p.name != "plain-1")
+    assert [(p.name, p.node, p.captured) for p in plan.pods if p.labels["app"] == "plain"] == [
+        ("plain-1", "node-1", False)
+    ]
     (svc,) = plan.services
     assert (svc.name, svc.vip, svc.ports[0].port, svc.ports[0].target_port) == (
         "echo",
@@ -43,7 +46,7 @@ def test_demo_has_an_echo_replica_and_a_client_on_every_node():
 def test_pod_addresses_are_unique_and_inside_their_node_subnet():
     plan = plan_lab("weft", nodes=4, pods_per_node=20, demo=True)
     ips = [p.ip for p in plan.pods]
-    assert len(ips) == len(set(ips)) == 4 * 21
+    assert len(ips) == len(set(ips)) == 4 * 21 + 1
     for pod in plan.pods:
         node = plan.node(pod.node)
         assert ipaddress.IPv4Address(pod.ip) in ipaddress.IPv4Network(node.pod_cidr)

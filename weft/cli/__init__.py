@@ -12,6 +12,7 @@ import os
 import click
 
 from weft import __version__
+from weft.cli.agent import agent
 from weft.cli.check import check
 from weft.cli.lab import lab
 
@@ -37,6 +38,7 @@ def cli(log_level: str) -> None:
     )
 
 
+cli.add_command(agent)
 cli.add_command(check)
 cli.add_command(lab)
 

@@ -77,6 +77,12 @@ def lab(ctx: click.Context, lab_name: str) -> None:
 @click.option(
     "--keep-on-failure", is_flag=True, help="If up fails, leave what was made for inspection."
 )
+@click.option(
+    "--agents/--no-agents",
+    default=True,
+    show_default=True,
+    help="Start a Weft node agent per node (eBPF capture + node proxy).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -85,6 +91,7 @@ def up(
     demo: bool,
     replace: bool,
     keep_on_failure: bool,
+    agents: bool,
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
@@ -93,7 +100,14 @@ def up(
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        lab_.up(nodes, pods_per_node, demo, replace=replace, keep_on_failure=keep_on_failure)
+        lab_.up(
+            nodes,
+            pods_per_node,
+            demo,
+            replace=replace,
+            keep_on_failure=keep_on_failure,
+            agents=agents,
+        )
     except (LabError, PlanError, OSError) as e:
         _fail(e)
     _print_status(lab_.status())
@@ -148,6 +162,48 @@ def exec(ctx: click.Context, pod: str, command: tuple[str, ...]) -> None:
     lab_ = _lab(ctx)
     try:
         lab_.exec(pod, argv)
+    except (LabError, OSError) as e:
+        _fail(e)
+
+
+@lab.command()
+@click.argument("pod")
+@click.argument("changes", nargs=-1, required=True)
+@click.pass_context
+def label(ctx: click.Context, pod: str, changes: tuple[str, ...]) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) labels of POD; agents apply the change.
+
+    \b
+    Examples:
+      weft lab label client-1 weft.io/capture-            # stop capturing client-1
+      weft lab label echo-1 weft.io/inbound-mode=strict   # only the node may connect in
+    """
+    parsed: dict[str, str | None] = {}
+    for c in changes:
+        if "=" in c:
+            k, v = c.split("=", 1)
+            parsed[k] = v
+        elif c.endswith("-"):
+            parsed[c[:-1]] = None
+        else:
+            raise click.UsageError(f"{c!r}: use KEY=VALUE to set or KEY- to remove")
+    lab_ = _lab(ctx)
+    try:
+        new = lab_.set_labels(pod, parsed)
+    except LabError as e:
+        _fail(e)
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(new.labels.items()))
+    err.print(f"{pod}: {labels} (captured: {new.captured}, strict: {new.strict})", highlight=False)
+
+
+@lab.command("restart-agent")
+@click.argument("node")
+@click.pass_context
+def restart_agent(ctx: click.Context, node: str) -> None:
+    """Restart NODE's agent (pods stay captured while it restarts)."""
+    lab_ = _lab(ctx)
+    try:
+        lab_.restart_agent(node)
     except (LabError, OSError) as e:
         _fail(e)
 

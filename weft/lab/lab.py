@@ -16,6 +16,7 @@ Robustness rules:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ from weft.preflight import find_cgroup2_mount
 
 Reporter = Callable[[str], None]
 READY_TIMEOUT = 15.0
+AGENT_READY_TIMEOUT = 60.0
+ADMIN_PORT = 15020
 
 
 class LabError(RuntimeError):
@@ -107,6 +110,7 @@ class Lab:
         demo: bool = False,
         replace: bool = False,
         keep_on_failure: bool = False,
+        agents: bool = True,
     ) -> LabState:
         require_root()
         if self.paths.cgroup_root is None:
@@ -131,7 +135,7 @@ class Lab:
         try:
             with _step("writing the state file"):
                 state.save()
-            self._build(state)
+            self._build(state, agents)
             state.phase = "ready"
             state.save()
         except BaseException as e:
@@ -152,7 +156,7 @@ class Lab:
         )
         return state
 
-    def _build(self, state: LabState) -> None:
+    def _build(self, state: LabState, agents: bool) -> None:
         plan = state.plan
         assert self.paths.cgroup_root is not None
         self.report(f"fabric: namespace {plan.netns(net.FABRIC)} with bridge {net.FABRIC_BRIDGE}")
@@ -187,6 +191,86 @@ class Lab:
         for pod in plan.pods:
             if pod.app == "echo":
                 self._wait_listening(state, pod, pod.ports[0])
+        if agents:
+            for node in plan.nodes:
+                with _step(f"starting the agent of {node.name}"):
+                    self._start_agent(state, node.name)
+            for node in plan.nodes:
+                self._wait_agent_ready(state, node.name)
+
+    def agent_cgroup(self, node: str) -> Path:
+        assert self.paths.cgroup_root is not None
+        return self.paths.cgroup_root / node / "weft-agent"
+
+    def _start_agent(self, state: LabState, node: str) -> None:
+        """One agent per node, in the node's netns and its own cgroup (never a pod's)."""
+        cgroup = self.agent_cgroup(node)
+        cgroup.mkdir(exist_ok=True)
+        netns = state.plan.netns(node)
+        argv = [sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node]
+        rec = procs.spawn(
+            name=f"agent-{node}",
+            argv=argv,
+            log_path=self.paths.log_dir / f"agent-{node}.log",
+            where=node,
+            preexec=lambda: enter_pod(netns, cgroup, None),
+        )
+        state.processes.append(rec)
+        state.save()
+        self.report(f"agent-{node}: started (pid {rec.pid}), compiling eBPF")
+
+    def _wait_agent_ready(self, state: LabState, node: str) -> None:
+        rec = next(r for r in state.processes if r.name == f"agent-{node}")
+        deadline = time.monotonic() + AGENT_READY_TIMEOUT
+        while True:
+            status = admin_get(state.plan.netns(node), "127.0.0.1", ADMIN_PORT, "/ready")
+            if status is not None and status[0] == 200:
+                self.report(f"agent-{node}: ready")
+                return
+            if not procs.is_alive(rec):
+                raise LabError(f"agent-{node} exited during start:\n{_tail(Path(rec.log))}")
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"agent-{node} not ready after {AGENT_READY_TIMEOUT:.0f}s "
+                    f"({status[1].strip() if status else 'admin port closed'}):\n"
+                    f"{_tail(Path(rec.log))}"
+                )
+            time.sleep(0.1)
+
+    def set_labels(self, pod_name: str, changes: dict[str, str | None]) -> PodPlan:
+        """Set (value) or remove (None) pod labels; running agents pick the change up."""
+        require_root()
+        state = self.load()
+        try:
+            pod = state.pod(pod_name)
+        except KeyError as e:
+            raise LabError(str(e.args[0])) from None
+        labels = dict(pod.labels)
+        for k, v in changes.items():
+            if v is None:
+                labels.pop(k, None)
+            else:
+                labels[k] = v
+        new = dataclasses.replace(pod, labels=labels)
+        state.plan = dataclasses.replace(
+            state.plan, pods=tuple(new if p.name == pod.name else p for p in state.plan.pods)
+        )
+        state.save()
+        return new
+
+    def restart_agent(self, node: str) -> None:
+        """Stop a node's agent (SIGTERM, pins and attachments stay) and start a new one."""
+        require_root()
+        state = self.load()
+        name = f"agent-{node}"
+        old = [r for r in state.processes if r.name == name]
+        if not old:
+            raise LabError(f"no agent for {node!r} in lab {self.name!r}")
+        for r in old:
+            procs.stop(r)
+        state.processes = [r for r in state.processes if r.name != name]
+        self._start_agent(state, node)
+        self._wait_agent_ready(state, node)
 
     def _pod_preexec(self, state: LabState, pod: PodPlan) -> Callable[[], None]:
         netns = state.plan.netns(pod.name)
@@ -286,6 +370,11 @@ class Lab:
         """Replace this process with ``argv`` running inside the pod."""
         require_root()
         state = self.load()
+        if pod_name in {n.name for n in state.plan.nodes}:
+            # A node: its network namespace only (like a shell on the node's host network).
+            env = dict(os.environ, WEFT_LAB=self.name, WEFT_NODE=pod_name)
+            enter_pod(state.plan.netns(pod_name), None, None)
+            _exec(argv, env)
         try:
             pod = state.pod(pod_name)
         except KeyError as e:
@@ -296,14 +385,7 @@ class Lab:
             state.pod_cgroup(pod),
             self.paths.pod_dir(pod.name) / "hosts",
         )
-        try:
-            os.execvpe(argv[0], argv, env)
-        except FileNotFoundError:
-            print(f"weft lab exec: {argv[0]}: command not found", file=sys.stderr)
-            os._exit(127)
-        except PermissionError:
-            print(f"weft lab exec: {argv[0]}: permission denied", file=sys.stderr)
-            os._exit(126)
+        _exec(argv, env)
 
     def log_path(self, name: str) -> Path:
         state = self.load()
@@ -323,6 +405,39 @@ def _step(what: str) -> Iterator[None]:
         raise
     except Exception as e:
         raise LabError(f"{what}: {e}") from e
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
+    try:
+        os.execvpe(argv[0], argv, env)
+    except FileNotFoundError:
+        print(f"weft lab exec: {argv[0]}: command not found", file=sys.stderr)
+        os._exit(127)
+    except PermissionError:
+        print(f"weft lab exec: {argv[0]}: permission denied", file=sys.stderr)
+        os._exit(126)
+
+
+def admin_get(netns: str, host: str, port: int, path: str) -> tuple[int, str] | None:
+    """GET an agent's admin endpoint from inside its node's namespace (None: no answer)."""
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2.0)
+        sock.connect((host, port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
+    except (IndexError, ValueError):
+        return None
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -37,6 +37,8 @@ MAX_PODS_PER_NODE = 250
 """A /24 per node minus network, gateway (.1) and broadcast leaves 253 pod addresses."""
 
 CAPTURE_LABEL = "weft.io/capture"
+INBOUND_MODE_LABEL = "weft.io/inbound-mode"
+"""``strict`` or ``permissive`` (the default)."""
 TRUST_DOMAIN = "cluster.local"
 ECHO_PORT = 8080
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -66,12 +68,15 @@ class PodPlan:
     app: str | None
     """Which demo program runs in the pod (``echo``), or None for an idle pod."""
     ports: tuple[int, ...] = ()
-    strict: bool = False
-    """Strict inbound mode: only the node proxy (and node address) may connect in."""
 
     @property
     def captured(self) -> bool:
         return self.labels.get(CAPTURE_LABEL) == "enabled"
+
+    @property
+    def strict(self) -> bool:
+        """Strict inbound mode: only the node proxy (and node address) may connect in."""
+        return self.labels.get(INBOUND_MODE_LABEL) == "strict"
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,8 @@ def plan_lab(
     """Lay out a lab.
 
     With ``demo``, ``pods_per_node`` is the number of echo replicas per node (default 1) and
-    each node also gets one ``client-i`` pod; all demo pods carry the capture label.
+    each node also gets one ``client-i`` pod; these carry the capture label.  ``plain-1``
+    on node-1 is an uncaptured client.
     Without ``demo`` it is the number of idle, uncaptured pods ``pod-1..`` per node
     (default 0) — a bare network to experiment on.
     """
@@ -204,6 +210,18 @@ def plan_lab(
                     app=None,
                 )
             )
+        # An uncaptured client, to show (and test) the difference capture makes.
+        pods.append(
+            PodPlan(
+                name="plain-1",
+                node=node_plans[0].name,
+                ip=pod_ip(node_plans[0]),
+                namespace="default",
+                service_account="plain",
+                labels={"app": "plain"},
+                app=None,
+            )
+        )
         services.append(
             ServicePlan(
                 name="echo",

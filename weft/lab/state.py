@@ -164,7 +164,6 @@ class LabState:
                     labels=dict(p["labels"]),
                     app=p["app"],
                     ports=tuple(p["ports"]),
-                    strict=p["strict"],
                 )
                 for p in data["pods"]
             ),

@@ -1,0 +1,338 @@
+"""The node agent: eBPF capture of local pods plus the node proxy, in one process.
+
+Start-up order matters for the restart window: the eBPF programs are compiled and the
+pinned maps reopened first (pods captured by the previous instance stay captured
+meanwhile, but their new connections are refused because nothing listens on 15001),
+then the outbound listener opens — from that moment new connections work again — and
+only then does the capture manager re-attach (replace) programs pod by pod.  `/ready`
+turns 200 once eBPF is loaded, the listener is open and the first pod snapshot has been
+reconciled.
+
+Shutdown (SIGTERM/SIGINT) stops accepting, lets relays finish for ``drain_seconds`` and
+leaves every attachment and pin in place, so pods stay captured across a restart.
+``uninstall`` is the explicit way to release everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from nodeagent.admin import AdminServer, Readiness
+from nodeagent.capture import CaptureManager
+from nodeagent.cgroups import own_cgroup
+from nodeagent.ebpf import bpfsys
+from nodeagent.ebpf.loader import CaptureConfig, CaptureError, CapturePrograms, remove_pins
+from nodeagent.podsource import LabPodSource
+from nodeagent.proxy.outbound import OutboundProxy, ProxyConfig
+from weft.lab.state import StateError, lab_paths, load_state
+from weft.preflight import find_bpffs_mount, find_cgroup2_mount
+
+log = logging.getLogger("weft.agent")
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    """Name of the node this agent serves."""
+    state_file: Path
+    """Lab state file the pods of this node are read from."""
+    proxy_ip: str
+    """Address captured connects are rewritten to (the node as pods see it)."""
+    node_addrs: tuple[str, ...]
+    """All addresses of this node: never captured; accepted by strict pods."""
+    pin_dir: Path
+    """bpffs directory of this agent's pinned maps."""
+    state_dir: Path
+    """Small files of this agent (which cgroups it attached)."""
+    cgroup2: Path
+    """Where cgroup v2 is mounted."""
+    outbound_port: int = 15001
+    admin_port: int = 15020
+    listen_ip: str = "0.0.0.0"
+    skip_ports: tuple[int, ...] = ()
+    """Destination ports never captured."""
+    sockmap: bool = True
+    """Shortcut same-node pod<->proxy bytes with sk_msg."""
+    drain_seconds: float = 5.0
+    """On shutdown, how long active connections may finish before they are closed."""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
+        cgroup2 = _cgroup2()
+        paths = lab_paths(lab, str(cgroup2))
+        try:
+            state = load_state(paths.state_file)
+        except StateError as e:
+            raise AgentError(str(e)) from None
+        try:
+            n = state.plan.node(node)
+        except KeyError:
+            known = ", ".join(x.name for x in state.plan.nodes)
+            raise AgentError(f"no node {node!r} in lab {lab!r} (nodes: {known})") from None
+        return cls(
+            node=node,
+            state_file=paths.state_file,
+            proxy_ip=n.gateway,
+            node_addrs=(n.ip, n.gateway),
+            pin_dir=paths.bpffs_dir / node,
+            state_dir=paths.state_dir / "agents" / node,
+            cgroup2=cgroup2,
+            **overrides,
+        )
+
+
+def _cgroup2() -> Path:
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    mount = find_cgroup2_mount(mountinfo)
+    if mount is None:
+        raise AgentError("cgroup v2 is not mounted: run `make setup` (see `weft check`)")
+    if find_bpffs_mount(mountinfo) is None:
+        raise AgentError(
+            "bpffs is not mounted: `mount -t bpf bpf /sys/fs/bpf` or `make setup` "
+            "(see `weft check`)"
+        )
+    return Path(mount)
+
+
+class _StatsCollector(Collector):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Any:
+        progs = self.agent.progs
+        if progs is not None:
+            c = CounterMetricFamily(
+                "weft_capture_events", "eBPF capture events by kind", labels=["event"]
+            )
+            for name, value in progs.stats().items():
+                c.add_metric([name], value)
+            yield c
+        g = GaugeMetricFamily("weft_captured_pods", "Local pods captured by this agent")
+        g.add_metric([], len(self.agent.manager.captured) if self.agent.manager else 0)
+        yield g
+        if self.agent.proxy is not None:
+            s = self.agent.proxy.stats
+            for name in ("accepted", "refused_unknown", "refused_loop", "upstream_failed"):
+                m = CounterMetricFamily(f"weft_outbound_{name}", f"outbound connections {name}")
+                m.add_metric([], getattr(s, name))
+                yield m
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.readiness = Readiness("ebpf", "listener", "pods")
+        self.progs: CapturePrograms | None = None
+        self.manager: CaptureManager | None = None
+        self.proxy: OutboundProxy | None = None
+        self.proxy_cgroup: Path | None = None
+        self.started = time.time()
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(self))
+
+    def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
+        assert self.progs is not None
+        peer = sock.getpeername()
+        return self.progs.original_destination(peer[0], peer[1])
+
+    def is_self(self, ip: str, port: int) -> bool:
+        ours = {self.cfg.outbound_port, self.cfg.admin_port}
+        local = ip in self.cfg.node_addrs or ip == self.cfg.proxy_ip or ip.startswith("127.")
+        return local and port in ours
+
+    def state(self) -> dict[str, Any]:
+        progs = self.progs
+        return {
+            "node": self.cfg.node,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "ready": self.readiness.ready,
+            "waiting_for": sorted(self.readiness.blockers),
+            "proxy": {
+                "outbound": f"{self.cfg.listen_ip}:{self.cfg.outbound_port}",
+                "redirect_target": f"{self.cfg.proxy_ip}:{self.cfg.outbound_port}",
+                "cgroup": str(self.proxy_cgroup) if self.proxy_cgroup else None,
+                "stats": vars(self.proxy.stats) if self.proxy else None,
+            },
+            "ebpf": {
+                "pin_dir": str(self.cfg.pin_dir),
+                "compile_seconds": round(progs.compile_seconds, 3) if progs else None,
+                "program_ids": {bpfsys.ATTACH_TYPE_NAMES[h]: i for h, i in progs.ids.items()}
+                if progs
+                else None,
+                "sockmap": self.cfg.sockmap,
+                "stats": progs.stats() if progs else None,
+                "orig_dst_entries": progs.map_entries("weft_orig_dst") if progs else None,
+                "cookie_entries": progs.map_entries("weft_cookie_dst") if progs else None,
+            },
+            "capture": self.manager.snapshot() if self.manager else None,
+        }
+
+    def _load_ebpf(self) -> None:
+        cfg = self.cfg
+        self.proxy_cgroup = own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2)
+        sockmap = cfg.sockmap
+        if sockmap and self.proxy_cgroup.resolve() == cfg.cgroup2.resolve():
+            log.warning(
+                "the agent runs in the root cgroup (%s): not attaching sock_ops there, so the "
+                "same-node sk_msg shortcut is off; run the agent in its own cgroup",
+                cfg.cgroup2,
+            )
+            sockmap = False
+        self.progs = CapturePrograms.load(
+            CaptureConfig(
+                pin_dir=cfg.pin_dir,
+                proxy_ip=cfg.proxy_ip,
+                proxy_port=cfg.outbound_port,
+                node_addrs=cfg.node_addrs,
+                skip_ports=cfg.skip_ports,
+                sockmap=sockmap,
+            )
+        )
+        log.info(
+            "eBPF capture programs compiled in %.2fs and loaded (ids %s), maps pinned at %s",
+            self.progs.compile_seconds,
+            {bpfsys.ATTACH_TYPE_NAMES[h]: i for h, i in self.progs.ids.items()},
+            cfg.pin_dir,
+        )
+        if sockmap:
+            self.progs.attach_proxy(self.proxy_cgroup)
+        else:
+            self.progs.detach_proxy(self.proxy_cgroup)
+        self.manager = CaptureManager(
+            self.progs, cfg.state_dir / "attached.json", protected=[self.proxy_cgroup]
+        )
+        self.readiness.done("ebpf")
+
+    async def _capture_loop(self) -> None:
+        assert self.manager is not None
+        source = LabPodSource(self.cfg.state_file, self.cfg.node)
+        async for pods in source.snapshots():
+            self.manager.apply(pods)
+            self.readiness.done("pods")
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        try:
+            self._load_ebpf()
+        except (CaptureError, OSError) as e:
+            raise AgentError(str(e)) from e
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((cfg.listen_ip, cfg.outbound_port))
+        except OSError as e:
+            listener.close()
+            raise AgentError(
+                f"cannot listen on {cfg.listen_ip}:{cfg.outbound_port}: {e} "
+                "(is another agent running for this node?)"
+            ) from e
+        listener.listen(4096)
+        listener.setblocking(False)
+        self.proxy = OutboundProxy(
+            ProxyConfig(),
+            original_destination=self.original_destination,
+            is_self=self.is_self,
+        )
+        admin = AdminServer(self.readiness, self.state, self.registry)
+        admin_server = await asyncio.start_server(
+            admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024
+        )
+        self.readiness.done("listener")
+        log.info(
+            "node %s: outbound on %s:%d (captured connects go to %s), admin on %s:%d",
+            cfg.node, cfg.listen_ip, cfg.outbound_port, cfg.proxy_ip, cfg.listen_ip,
+            cfg.admin_port,
+        )  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = {
+            asyncio.create_task(self.proxy.serve(listener), name="outbound-listener"),
+            asyncio.create_task(self._capture_loop(), name="capture-manager"),
+            asyncio.create_task(stop.wait(), name="shutdown-signal"),
+        }
+        code = 0
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.get_name() == "shutdown-signal":
+                    log.info("shutting down: draining for up to %.0fs", cfg.drain_seconds)
+                    continue
+                # Every other task runs forever; if one ends, the agent is broken: exit so
+                # the supervisor (DaemonSet, the lab) restarts it rather than limp on.
+                exc = t.exception()
+                log.error("task %s ended unexpectedly: %r", t.get_name(), exc, exc_info=exc)
+                code = 1
+        finally:
+            admin_server.close()
+            await self.proxy.close(cfg.drain_seconds)
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self.progs is not None:
+                self.progs.close()
+            log.info("agent stopped; eBPF attachments and pins left in place for the next start")
+        return code
+
+
+def uninstall(cfg: AgentConfig) -> list[str]:
+    """Detach Weft programs from every pod of this node and the agent's cgroup, unpin maps."""
+    done: list[str] = []
+    cgroups: set[Path] = set()
+    try:
+        cgroups |= {p.cgroup for p in LabPodSource(cfg.state_file, cfg.node).read() if p.cgroup}
+    except StateError as e:
+        log.warning("cannot read pods (%s); detaching only recorded cgroups", e)
+    record = cfg.state_dir / "attached.json"
+    if record.exists():
+        import json
+
+        cgroups |= {Path(c) for c in json.loads(record.read_text()).get("cgroups", [])}
+    cgroups.add(own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2))
+    for cg in sorted(cgroups):
+        if not cg.exists():
+            continue
+        fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook in (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_SOCK_OPS,
+                         bpfsys.CGROUP_INET_INGRESS):  # fmt: skip
+                for p in bpfsys.attached_programs(fd, hook):
+                    if p.name.startswith("weft_"):
+                        bpfsys.detach_by_id(fd, hook, p.id)
+                        done.append(f"{cg}: detached {bpfsys.ATTACH_TYPE_NAMES[hook]} ({p.name})")
+        finally:
+            os.close(fd)
+    if remove_pins(cfg.pin_dir):
+        done.append(f"removed pins {cfg.pin_dir}")
+    record.unlink(missing_ok=True)
+    return done
+
+
+def run(cfg: AgentConfig) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(Agent(cfg).run())
+    except ImportError:  # pragma: no cover
+        return asyncio.run(Agent(cfg).run())
