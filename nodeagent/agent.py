@@ -36,7 +36,7 @@ from nodeagent.cgroups import own_cgroup
 from nodeagent.ebpf import bpfsys
 from nodeagent.ebpf.loader import CaptureConfig, CaptureError, CapturePrograms, remove_pins
 from nodeagent.podsource import LabPodSource
-from nodeagent.proxy.outbound import OutboundProxy, ProxyConfig
+from nodeagent.proxy.outbound import OutboundProxy
 from weft.lab.state import StateError, lab_paths, load_state
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
 
@@ -247,7 +247,6 @@ class Agent:
         listener.listen(4096)
         listener.setblocking(False)
         self.proxy = OutboundProxy(
-            ProxyConfig(),
             original_destination=self.original_destination,
             is_self=self.is_self,
         )

@@ -1,0 +1,253 @@
+"""eBPF capture end to end: real programs in the kernel, real agents, real pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.lab.conftest import LabRunner, unique_name
+from weft.lab.lab import admin_get
+
+WEFT_PROGS = {"weft_connect4", "weft_sockops", "weft_ingress"}
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[LabRunner]:
+    runner = LabRunner(unique_name("wc"))
+    try:
+        runner.weft("lab", "up", "--demo", "--nodes", "2")
+        yield runner
+    finally:
+        runner.weft("lab", "down", check=False)
+
+
+def _status(lab: LabRunner) -> dict:
+    return lab.status()
+
+
+def _pod(status: dict, name: str) -> dict:
+    return next(p for p in status["pods"] if p["name"] == name)
+
+
+def _node(status: dict, name: str) -> dict:
+    return next(n for n in status["nodes"] if n["name"] == name)
+
+
+def agent_state(lab: LabRunner, node: str) -> dict:
+    answer = admin_get(f"{lab.name}-{node}", "127.0.0.1", 15020, "/debug/state")
+    assert answer is not None and answer[0] == 200, answer
+    return json.loads(answer[1])
+
+
+def curl_json(lab: LabRunner, pod: str, url: str) -> dict:
+    return json.loads(lab.exec(pod, "curl", "-sS", "-m", "5", url).stdout)
+
+
+def cgroup_programs(cgroup: str) -> set[str]:
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", cgroup], capture_output=True, text=True, check=True
+    ).stdout
+    return {p.get("name", "") for p in json.loads(out.strip() or "[]")}
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_captured_pod_cgroups_list_connect4_and_sockops(mesh: LabRunner):
+    status = _status(mesh)
+    for pod in status["pods"]:
+        progs = cgroup_programs(pod["cgroup"])
+        if pod["captured"]:
+            assert {"weft_connect4", "weft_sockops"} <= progs, pod["name"]
+        else:
+            assert not progs & WEFT_PROGS, pod["name"]
+
+
+def test_cross_node_connection_goes_through_the_node_proxy(mesh: LabRunner):
+    status = _status(mesh)
+    echo2 = _pod(status, "echo-2")
+    before = agent_state(mesh, "node-1")["ebpf"]["stats"]
+    body = curl_json(mesh, "client-1", f"http://{echo2['ip']}:8080/via-proxy")
+    assert body["pod"] == "echo-2"
+    assert body["path"] == "/via-proxy"
+    # The echo saw node-1's proxy (its upstream leaves from node-1's address), not the pod.
+    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
+    after = agent_state(mesh, "node-1")
+    assert after["ebpf"]["stats"]["redirected"] > before["redirected"]
+    assert after["proxy"]["stats"]["accepted"] >= 1
+
+
+def test_same_node_connection_goes_through_the_node_proxy(mesh: LabRunner):
+    status = _status(mesh)
+    echo1 = _pod(status, "echo-1")
+    body = curl_json(mesh, "client-1", f"http://{echo1['ip']}:8080/")
+    assert body["pod"] == "echo-1"
+    node1 = _node(status, "node-1")
+    # Same node: the proxy reaches the pod over cni0, from the node's pod-side address.
+    assert body["peer"].split(":")[0] in {node1["ip"], node1["gateway"]}
+    stats = agent_state(mesh, "node-1")["ebpf"]["stats"]
+    assert stats["msg_redirected"] > 0, "the sk_msg shortcut never carried a message"
+
+
+def test_uncaptured_pod_connects_directly(mesh: LabRunner):
+    status = _status(mesh)
+    before = agent_state(mesh, "node-1")["ebpf"]["stats"]["redirected"]
+    body = curl_json(mesh, "plain-1", f"http://{_pod(status, 'echo-2')['ip']}:8080/")
+    assert body["peer"].split(":")[0] == _pod(status, "plain-1")["ip"]
+    assert agent_state(mesh, "node-1")["ebpf"]["stats"]["redirected"] == before
+
+
+def test_proxy_own_connections_are_not_redirected(mesh: LabRunner):
+    status = _status(mesh)
+    state = agent_state(mesh, "node-1")
+    agent_cgroup = state["proxy"]["cgroup"]
+    # The agent's cgroup has sock_ops (for the sockmap shortcut) but never connect4.
+    assert "weft_connect4" not in cgroup_programs(agent_cgroup)
+    assert not any(
+        Path(agent_cgroup).resolve() == Path(p["cgroup"]).resolve()
+        or Path(p["cgroup"]).resolve() in Path(agent_cgroup).resolve().parents
+        for p in status["pods"]
+    )
+    before = state["proxy"]["stats"]
+    body = curl_json(mesh, "client-2", f"http://{_pod(status, 'echo-1')['ip']}:8080/")
+    assert body["pod"] == "echo-1"
+    after = agent_state(mesh, "node-2")["proxy"]["stats"]
+    assert after["refused_loop"] == 0
+    # node-1's proxy accepted nothing for that request: node-2's upstream was not captured.
+    assert agent_state(mesh, "node-1")["proxy"]["stats"]["accepted"] == before["accepted"]
+
+
+def test_no_original_destination_entries_leak(mesh: LabRunner):
+    status = _status(mesh)
+    target = _pod(status, "echo-2")["ip"]
+    script = (
+        "import socket\n"
+        "for i in range(1000):\n"
+        f"    s = socket.create_connection(('{target}', 8080), timeout=5)\n"
+        "    s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "    while s.recv(65536): pass\n"
+        "    s.close()\n"
+    )
+    before = agent_state(mesh, "node-1")["ebpf"]["stats"]
+    mesh.exec("client-1", "python3", "-c", script)
+    state = agent_state(mesh, "node-1")
+    assert state["ebpf"]["stats"]["recorded"] - before["recorded"] == 1000
+    wait_for(
+        lambda: agent_state(mesh, "node-1")["ebpf"]["orig_dst_entries"] == 0,
+        "original-destination entries to be cleaned",
+    )
+    assert agent_state(mesh, "node-1")["ebpf"]["cookie_entries"] == 0
+
+
+def test_removing_capture_restores_the_direct_path(mesh: LabRunner):
+    status = _status(mesh)
+    pod = _pod(status, "client-2")
+    echo = _pod(status, "echo-1")
+    mesh.weft("lab", "label", "client-2", "weft.io/capture-")
+    try:
+        wait_for(
+            lambda: "default/client-2" not in agent_state(mesh, "node-2")["capture"]["captured"],
+            "the agent to release client-2",
+        )
+        assert not cgroup_programs(pod["cgroup"]) & WEFT_PROGS
+        body = curl_json(mesh, "client-2", f"http://{echo['ip']}:8080/")
+        assert body["peer"].split(":")[0] == pod["ip"]
+    finally:
+        mesh.weft("lab", "label", "client-2", "weft.io/capture=enabled")
+    wait_for(
+        lambda: "default/client-2" in agent_state(mesh, "node-2")["capture"]["captured"],
+        "the agent to capture client-2 again",
+    )
+    body = curl_json(mesh, "client-2", f"http://{echo['ip']}:8080/")
+    assert body["peer"].split(":")[0] != pod["ip"]
+
+
+def test_agent_restart_keeps_capture_and_serves_new_connections(mesh: LabRunner):
+    status = _status(mesh)
+    client = _pod(status, "client-1")
+    netns_inode = os.stat(f"/run/netns/{client['netns']}").st_ino
+    old_ids = agent_state(mesh, "node-1")["ebpf"]["program_ids"]
+    mesh.weft("lab", "restart-agent", "node-1")
+    new_state = agent_state(mesh, "node-1")
+    assert new_state["ebpf"]["program_ids"] != old_ids
+    progs = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", client["cgroup"]],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    ids = {p["id"] for p in json.loads(progs)}
+    # The new instance replaced the old programs; exactly one of each is attached.
+    assert new_state["ebpf"]["program_ids"]["cgroup_inet4_connect"] in ids
+    assert old_ids["cgroup_inet4_connect"] not in ids
+    body = curl_json(mesh, "client-1", f"http://{_pod(status, 'echo-2')['ip']}:8080/")
+    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
+    assert os.stat(f"/run/netns/{client['netns']}").st_ino == netns_inode
+
+
+def test_strict_inbound_refuses_direct_connections_but_not_the_node(mesh: LabRunner):
+    status = _status(mesh)
+    echo = _pod(status, "echo-1")
+    mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode=strict")
+    try:
+        wait_for(
+            lambda: "weft_ingress" in cgroup_programs(echo["cgroup"]),
+            "the strict ingress program on echo-1",
+        )
+        direct = mesh.exec(
+            "plain-1", "curl", "-sS", "-m", "2", f"http://{echo['ip']}:8080/", check=False
+        )
+        assert direct.returncode != 0, direct.stdout
+        from_node = curl_json(mesh, "node-1", f"http://{echo['ip']}:8080/")
+        assert from_node["pod"] == "echo-1"
+        via_proxy = curl_json(mesh, "client-1", f"http://{echo['ip']}:8080/")
+        assert via_proxy["pod"] == "echo-1"
+        assert agent_state(mesh, "node-1")["ebpf"]["stats"]["strict_dropped"] > 0
+    finally:
+        mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode-")
+    wait_for(
+        lambda: "weft_ingress" not in cgroup_programs(echo["cgroup"]),
+        "the strict ingress program to go",
+    )
+    body = curl_json(mesh, "plain-1", f"http://{echo['ip']}:8080/")
+    assert body["peer"].split(":")[0] == _pod(status, "plain-1")["ip"]
+
+
+def test_uninstall_detaches_everything_and_removes_pins(lab_factory):
+    lab = lab_factory("wu")
+    lab.weft("lab", "up", "--demo", "--nodes", "1")
+    status = lab.status()
+    pin_dir = Path(status["paths"]["bpffs_dir"]) / "node-1"
+    assert pin_dir.is_dir()
+    agent = next(p for p in status["processes"] if p["name"] == "agent-node-1")
+    os.kill(agent["pid"], 15)
+    wait_for(
+        lambda: (
+            not Path(f"/proc/{agent['pid']}").exists()
+            or "Z" in Path(f"/proc/{agent['pid']}/stat").read_text().split()[2]
+        ),
+        "agent to stop",
+    )
+    # Stopped, not uninstalled: pods stay captured.
+    assert "weft_connect4" in cgroup_programs(_pod(status, "client-1")["cgroup"])
+    out = lab.exec("node-1", sys.executable, "-m", "weft.cli", "agent", "--lab", lab.name,
+                   "--node", "node-1", "--uninstall")  # fmt: skip
+    assert "detached" in out.stdout
+    for pod in status["pods"]:
+        assert not cgroup_programs(pod["cgroup"]) & WEFT_PROGS
+    assert not pin_dir.exists()
+    body = curl_json(lab, "client-1", f"http://{_pod(status, 'echo-1')['ip']}:8080/")
+    assert body["peer"].split(":")[0] == _pod(status, "client-1")["ip"]
