@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import os
 import signal
 import socket
 import time
@@ -34,7 +34,13 @@ from nodeagent.admin import AdminServer, Readiness
 from nodeagent.capture import CaptureManager
 from nodeagent.cgroups import own_cgroup
 from nodeagent.ebpf import bpfsys
-from nodeagent.ebpf.loader import CaptureConfig, CaptureError, CapturePrograms, remove_pins
+from nodeagent.ebpf.loader import (
+    CaptureConfig,
+    CaptureError,
+    CapturePrograms,
+    detach_all,
+    remove_pins,
+)
 from nodeagent.podsource import LabPodSource
 from nodeagent.proxy.outbound import OutboundProxy
 from weft.lab.state import StateError, lab_paths, load_state
@@ -305,23 +311,10 @@ def uninstall(cfg: AgentConfig) -> list[str]:
         log.warning("cannot read pods (%s); detaching only recorded cgroups", e)
     record = cfg.state_dir / "attached.json"
     if record.exists():
-        import json
-
         cgroups |= {Path(c) for c in json.loads(record.read_text()).get("cgroups", [])}
     cgroups.add(own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2))
     for cg in sorted(cgroups):
-        if not cg.exists():
-            continue
-        fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for hook in (bpfsys.CGROUP_INET4_CONNECT, bpfsys.CGROUP_SOCK_OPS,
-                         bpfsys.CGROUP_INET_INGRESS):  # fmt: skip
-                for p in bpfsys.attached_programs(fd, hook):
-                    if p.name.startswith("weft_"):
-                        bpfsys.detach_by_id(fd, hook, p.id)
-                        done.append(f"{cg}: detached {bpfsys.ATTACH_TYPE_NAMES[hook]} ({p.name})")
-        finally:
-            os.close(fd)
+        done.extend(detach_all(cg))
     if remove_pins(cfg.pin_dir):
         done.append(f"removed pins {cfg.pin_dir}")
     record.unlink(missing_ok=True)

@@ -31,12 +31,14 @@ CGROUP_INET_INGRESS = 0
 CGROUP_SOCK_OPS = 3
 SK_MSG_VERDICT = 7
 CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
 
 ATTACH_TYPE_NAMES = {
     CGROUP_INET_INGRESS: "cgroup_inet_ingress",
     CGROUP_SOCK_OPS: "sock_ops",
     SK_MSG_VERDICT: "sk_msg_verdict",
     CGROUP_INET4_CONNECT: "cgroup_inet4_connect",
+    CGROUP_INET6_CONNECT: "cgroup_inet6_connect",
 }
 
 _ATTR_SIZE = 128

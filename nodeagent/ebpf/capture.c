@@ -19,6 +19,7 @@
 #include <linux/socket.h>
 
 #define AF_INET_ 2
+#define AF_INET6_ 10
 #define SOCK_STREAM_ 1
 
 // What the agent configures (array map, one element).
@@ -101,30 +102,58 @@ static __always_inline void stat_inc(u32 idx) {
 static __always_inline u16 ntohs16(u16 x) { return __builtin_bswap16(x); }
 static __always_inline u32 ntohl32(u32 x) { return __builtin_bswap32(x); }
 
-int weft_connect4(struct bpf_sock_addr *ctx) {
-    if (ctx->type != SOCK_STREAM_)
-        return 1;
+// Shared by connect4 and connect6 (IPv4-mapped destinations): should this connect go to
+// the proxy? If so, remember where it was going, keyed by the socket cookie.
+static __always_inline struct weft_config *capture_dst(u64 cookie, u32 dst, u32 user_port) {
     u32 zero = 0;
     struct weft_config *cfg = weft_config.lookup(&zero);
     if (!cfg || cfg->proxy_ip == 0)
-        return 1;
-    u32 dst = ctx->user_ip4;
-    u32 dport = ntohs16((u16)ctx->user_port);
+        return 0;
+    u32 dport = ntohs16((u16)user_port);
     // 127.0.0.0/8 and 0.0.0.0 stay inside the pod.
     if ((ntohl32(dst) >> 24) == 127 || dst == 0) {
         stat_inc(STAT_PASSED);
-        return 1;
+        return 0;
     }
     if (weft_node_addr.lookup(&dst) || weft_skip_port.lookup(&dport)) {
         stat_inc(STAT_PASSED);
-        return 1;
+        return 0;
     }
-    u64 cookie = bpf_get_socket_cookie(ctx);
     struct orig_dst od = {.ip = dst, .port = dport};
     weft_cookie_dst.update(&cookie, &od);
-    ctx->user_ip4 = cfg->proxy_ip;
-    ctx->user_port = cfg->proxy_port;
     stat_inc(STAT_REDIRECTED);
+    return cfg;
+}
+
+int weft_connect4(struct bpf_sock_addr *ctx) {
+    if (ctx->type != SOCK_STREAM_)
+        return 1;
+    struct weft_config *cfg = capture_dst(bpf_get_socket_cookie(ctx), ctx->user_ip4,
+                                          ctx->user_port);
+    if (cfg) {
+        ctx->user_ip4 = cfg->proxy_ip;
+        ctx->user_port = cfg->proxy_port;
+    }
+    return 1;
+}
+
+// ::ffff:a.b.c.d in network order, as four u32 read on a little-endian host.
+#define V4MAPPED_WORD2 0xffff0000
+
+// Dual-stack sockets (Java, Node, Go with "tcp") reach IPv4 destinations through AF_INET6
+// sockets and IPv4-mapped addresses: without this hook they would bypass the mesh. Native
+// IPv6 destinations are not captured yet (the lab and the proxy are IPv4-only).
+int weft_connect6(struct bpf_sock_addr *ctx) {
+    if (ctx->type != SOCK_STREAM_)
+        return 1;
+    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 || ctx->user_ip6[2] != V4MAPPED_WORD2)
+        return 1;
+    struct weft_config *cfg = capture_dst(bpf_get_socket_cookie(ctx), ctx->user_ip6[3],
+                                          ctx->user_port);
+    if (cfg) {
+        ctx->user_ip6[3] = cfg->proxy_ip;
+        ctx->user_port = cfg->proxy_port;
+    }
     return 1;
 }
 
@@ -148,8 +177,16 @@ static __always_inline void add_to_sockhash(struct bpf_sock_ops *skops) {
 }
 
 int weft_sockops(struct bpf_sock_ops *skops) {
-    if (skops->family != AF_INET_)
+    // IPv4, or IPv6 sockets talking to IPv4-mapped peers: for those the kernel keeps the
+    // IPv4 addresses in the same fields as for AF_INET sockets (tcp_v6_connect hands
+    // mapped destinations to tcp_v4_connect), so local_ip4/remote_ip4 are valid.
+    if (skops->family == AF_INET6_) {
+        if (skops->remote_ip6[0] != 0 || skops->remote_ip6[1] != 0 ||
+            skops->remote_ip6[2] != V4MAPPED_WORD2)
+            return 1;
+    } else if (skops->family != AF_INET_) {
         return 1;
+    }
     u32 zero = 0;
     struct weft_config *cfg = weft_config.lookup(&zero);
     u32 op = skops->op;

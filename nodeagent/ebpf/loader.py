@@ -48,9 +48,10 @@ STATS = (
 
 # Which program goes on which cgroup hook.
 HOOK_CONNECT4 = bpfsys.CGROUP_INET4_CONNECT
+HOOK_CONNECT6 = bpfsys.CGROUP_INET6_CONNECT
 HOOK_SOCKOPS = bpfsys.CGROUP_SOCK_OPS
 HOOK_INGRESS = bpfsys.CGROUP_INET_INGRESS
-POD_HOOKS = (HOOK_CONNECT4, HOOK_SOCKOPS, HOOK_INGRESS)
+POD_HOOKS = (HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SOCKOPS, HOOK_INGRESS)
 
 
 class CaptureError(RuntimeError):
@@ -123,10 +124,18 @@ class CapturePrograms:
         connect4 = bpf.load_func(
             "weft_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
         )
+        connect6 = bpf.load_func(
+            "weft_connect6", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET6_CONNECT
+        )
         sockops = bpf.load_func("weft_sockops", BPF.SOCK_OPS)
         ingress = bpf.load_func("weft_ingress", BPF.CGROUP_SKB)
         sk_msg = bpf.load_func("weft_sk_msg", BPF.SK_MSG)
-        fds = {HOOK_CONNECT4: connect4.fd, HOOK_SOCKOPS: sockops.fd, HOOK_INGRESS: ingress.fd}
+        fds = {
+            HOOK_CONNECT4: connect4.fd,
+            HOOK_CONNECT6: connect6.fd,
+            HOOK_SOCKOPS: sockops.fd,
+            HOOK_INGRESS: ingress.fd,
+        }
         ids = {hook: bpfsys.prog_info(fd).id for hook, fd in fds.items()}
         # bcc's table wrapper cannot open SOCKHASH maps; ask libbcc for the fd directly.
         import bcc.libbcc
@@ -192,6 +201,7 @@ class CapturePrograms:
         with _open_dir(cgroup) as fd:
             return (
                 self._ensure(fd, HOOK_CONNECT4, True)
+                + self._ensure(fd, HOOK_CONNECT6, True)
                 + self._ensure(fd, HOOK_SOCKOPS, True)
                 + self._ensure(fd, HOOK_INGRESS, strict)
             )
@@ -233,6 +243,20 @@ class CapturePrograms:
     def close(self) -> None:
         """Release our references; attachments and pins stay (that is the point)."""
         self.bpf.cleanup()
+
+
+def detach_all(cgroup: Path) -> list[str]:
+    """Detach every Weft program (any instance's) from a cgroup; no compile needed."""
+    if not cgroup.exists():
+        return []
+    done = []
+    with _open_dir(cgroup) as fd:
+        for hook in POD_HOOKS:
+            for p in bpfsys.attached_programs(fd, hook):
+                if p.name.startswith(PROG_PREFIX):
+                    bpfsys.detach_by_id(fd, hook, p.id)
+                    done.append(f"{cgroup}: detached {bpfsys.ATTACH_TYPE_NAMES[hook]} ({p.name})")
+    return done
 
 
 def remove_pins(pin_dir: Path) -> bool:

@@ -83,10 +83,10 @@ def lab_factory() -> Iterator[Callable[[str], LabRunner]]:
 
 @pytest.fixture(scope="module")
 def demo_lab() -> Iterator[LabRunner]:
-    """A two-node demo lab shared by the read-only tests of a module."""
+    """A two-node demo lab without agents (plain networking), shared by a module's tests."""
     runner = LabRunner(unique_name("wt"))
     try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+        runner.weft("lab", "up", "--demo", "--nodes", "2", "--no-agents")
         yield runner
     finally:
         runner.weft("lab", "down", check=False)

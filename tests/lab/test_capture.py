@@ -15,7 +15,7 @@ import pytest
 from tests.lab.conftest import LabRunner, unique_name
 from weft.lab.lab import admin_get
 
-WEFT_PROGS = {"weft_connect4", "weft_sockops", "weft_ingress"}
+WEFT_PROGS = {"weft_connect4", "weft_connect6", "weft_sockops", "weft_ingress"}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_captured_pod_cgroups_list_connect4_and_sockops(mesh: LabRunner):
     for pod in status["pods"]:
         progs = cgroup_programs(pod["cgroup"])
         if pod["captured"]:
-            assert {"weft_connect4", "weft_sockops"} <= progs, pod["name"]
+            assert {"weft_connect4", "weft_connect6", "weft_sockops"} <= progs, pod["name"]
         else:
             assert not progs & WEFT_PROGS, pod["name"]
 
@@ -102,6 +102,24 @@ def test_same_node_connection_goes_through_the_node_proxy(mesh: LabRunner):
     assert body["peer"].split(":")[0] in {node1["ip"], node1["gateway"]}
     stats = agent_state(mesh, "node-1")["ebpf"]["stats"]
     assert stats["msg_redirected"] > 0, "the sk_msg shortcut never carried a message"
+
+
+def test_dual_stack_socket_to_ipv4_mapped_address_is_captured(mesh: LabRunner):
+    """AF_INET6 sockets reaching IPv4 peers (Java, Node) must not bypass the mesh."""
+    status = _status(mesh)
+    target = _pod(status, "echo-2")["ip"]
+    script = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n"
+        f"s.connect(('::ffff:{target}', 8080))\n"
+        "s.sendall(b'GET /v6 HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "data = b''\n"
+        "while chunk := s.recv(65536): data += chunk\n"
+        "print(data.split(b'\\r\\n\\r\\n', 1)[1].decode())\n"
+    )
+    body = json.loads(mesh.exec("client-1", sys.executable, "-c", script).stdout)
+    assert body["pod"] == "echo-2"
+    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
 
 
 def test_uncaptured_pod_connects_directly(mesh: LabRunner):

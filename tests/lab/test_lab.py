@@ -145,9 +145,11 @@ def _start_up_and_interrupt(lab: LabRunner, sig: int) -> subprocess.Popen[str]:
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if any(n.startswith(f"{lab.name}-echo-") for n in lab.netns()):
-            break
+    while not any(n.startswith(f"{lab.name}-echo-") for n in lab.netns()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"up never got to the pods (rc {proc.returncode}):\n{err}")
         time.sleep(0.005)
     proc.send_signal(sig)
     proc.stdout_text, proc.stderr_text = proc.communicate(timeout=60)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ import click
 
 from weft import __version__
 from weft.cli.agent import agent
+from weft.cli.bench import bench
 from weft.cli.check import check
 from weft.cli.lab import lab
 
@@ -39,6 +40,7 @@ def cli(log_level: str) -> None:
 
 
 cli.add_command(agent)
+cli.add_command(bench)
 cli.add_command(check)
 cli.add_command(lab)
 

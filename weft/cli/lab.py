@@ -32,7 +32,14 @@ def _lab(ctx: click.Context) -> Lab:
         raise click.UsageError(str(e)) from None
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum: int, _frame: object) -> None:
+    # pyroute2 forks helper processes that inherit this handler; a helper told to stop
+    # must just exit, not run `up`'s cleanup (it would tear the lab down under us).
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -196,14 +203,22 @@ def label(ctx: click.Context, pod: str, changes: tuple[str, ...]) -> None:
     err.print(f"{pod}: {labels} (captured: {new.captured}, strict: {new.strict})", highlight=False)
 
 
-@lab.command("restart-agent")
+@lab.command("restart-agent", context_settings={"ignore_unknown_options": True})
 @click.argument("node")
+@click.argument("agent_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def restart_agent(ctx: click.Context, node: str) -> None:
-    """Restart NODE's agent (pods stay captured while it restarts)."""
+def restart_agent(ctx: click.Context, node: str, agent_args: tuple[str, ...]) -> None:
+    """Restart NODE's agent (pods stay captured meanwhile), optionally with AGENT_ARGS.
+
+    \b
+    Example: weft lab restart-agent node-1 -- --no-sockmap
+    """
+    args = list(agent_args)
+    if args and args[0] == "--":
+        args = args[1:]
     lab_ = _lab(ctx)
     try:
-        lab_.restart_agent(node)
+        lab_.restart_agent(node, args)
     except (LabError, OSError) as e:
         _fail(e)
 

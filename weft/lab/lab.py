@@ -22,7 +22,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -202,12 +202,14 @@ class Lab:
         assert self.paths.cgroup_root is not None
         return self.paths.cgroup_root / node / "weft-agent"
 
-    def _start_agent(self, state: LabState, node: str) -> None:
+    def _start_agent(self, state: LabState, node: str, args: Sequence[str] = ()) -> None:
         """One agent per node, in the node's netns and its own cgroup (never a pod's)."""
         cgroup = self.agent_cgroup(node)
         cgroup.mkdir(exist_ok=True)
         netns = state.plan.netns(node)
-        argv = [sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node]
+        argv = [
+            sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node, *args,
+        ]  # fmt: skip
         rec = procs.spawn(
             name=f"agent-{node}",
             argv=argv,
@@ -258,8 +260,11 @@ class Lab:
         state.save()
         return new
 
-    def restart_agent(self, node: str) -> None:
-        """Stop a node's agent (SIGTERM, pins and attachments stay) and start a new one."""
+    def restart_agent(self, node: str, args: Sequence[str] = ()) -> None:
+        """Stop a node's agent (SIGTERM, pins and attachments stay) and start a new one.
+
+        ``args`` are extra ``weft agent`` flags for the new instance (e.g. --no-sockmap).
+        """
         require_root()
         state = self.load()
         name = f"agent-{node}"
@@ -269,7 +274,7 @@ class Lab:
         for r in old:
             procs.stop(r)
         state.processes = [r for r in state.processes if r.name != name]
-        self._start_agent(state, node)
+        self._start_agent(state, node, args)
         self._wait_agent_ready(state, node)
 
     def _pod_preexec(self, state: LabState, pod: PodPlan) -> Callable[[], None]:

@@ -1,0 +1,1 @@
+"""``weft bench``: measurements run inside the lab, compared side by side in one run."""
