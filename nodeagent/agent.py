@@ -1,10 +1,11 @@
 """The node agent: eBPF capture of local pods plus the node proxy, in one process.
 
-Start-up order matters for the restart window: the eBPF programs are compiled and the
-pinned maps reopened first (pods captured by the previous instance stay captured
-meanwhile, but their new connections are refused because nothing listens on 15001),
-then the outbound listener opens — from that moment new connections work again — and
-only then does the capture manager re-attach (replace) programs pod by pod.  `/ready`
+Start-up order matters for the restart window.  Pods captured by the previous instance
+stay captured while no agent runs (attachments outlive processes), so their new connects
+are refused until a listener is back on 15001.  The agent therefore binds the outbound
+listener first; connects made while bcc compiles wait in the listen backlog and are
+served once the pinned maps are reopened; only then does the capture manager re-attach
+(replace) programs pod by pod.  `/ready`
 turns 200 once eBPF is loaded, the listener is open and the first pod snapshot has been
 reconciled.
 
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -168,6 +170,7 @@ class Agent:
         progs = self.progs
         return {
             "node": self.cfg.node,
+            "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "ready": self.readiness.ready,
             "waiting_for": sorted(self.readiness.blockers),
@@ -234,31 +237,50 @@ class Agent:
             self.manager.apply(pods)
             self.readiness.done("pods")
 
-    async def run(self) -> int:
-        cfg = self.cfg
+    def _load_ebpf_or_fail(self) -> None:
         try:
             self._load_ebpf()
         except (CaptureError, OSError) as e:
             raise AgentError(str(e)) from e
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        # Nobody listening (first start, or the previous agent died): listen before
+        # compiling, so connects made while bcc compiles (~1-2 s) wait in the backlog
+        # instead of being refused.  A previous agent still serving (make-before-break):
+        # compile first, so that SO_REUSEPORT does not spread connects to a listener that
+        # cannot serve them yet.
+        listen_early = not tcp_port_listening(cfg.outbound_port)
+        if not listen_early:
+            log.info("another agent serves :%d; taking over once loaded", cfg.outbound_port)
+            self._load_ebpf_or_fail()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # A new agent may start while the old one still serves (make-before-break).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             listener.bind((cfg.listen_ip, cfg.outbound_port))
         except OSError as e:
             listener.close()
             raise AgentError(
                 f"cannot listen on {cfg.listen_ip}:{cfg.outbound_port}: {e} "
-                "(is another agent running for this node?)"
+                "(another program holds the port without SO_REUSEPORT)"
             ) from e
         listener.listen(4096)
         listener.setblocking(False)
+        if listen_early:
+            try:
+                self._load_ebpf_or_fail()
+            except AgentError:
+                listener.close()
+                raise
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,
             is_self=self.is_self,
         )
         admin = AdminServer(self.readiness, self.state, self.registry)
         admin_server = await asyncio.start_server(
-            admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024
+            admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024, reuse_port=True
         )
         self.readiness.done("listener")
         log.info(
@@ -299,6 +321,19 @@ class Agent:
                 self.progs.close()
             log.info("agent stopped; eBPF attachments and pins left in place for the next start")
         return code
+
+
+def tcp_port_listening(port: int, proc_net_tcp: Path = Path("/proc/net/tcp")) -> bool:
+    """Whether a TCP socket listens on ``port`` in this network namespace."""
+    try:
+        lines = proc_net_tcp.read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+            return True
+    return False
 
 
 def uninstall(cfg: AgentConfig) -> list[str]:

@@ -200,7 +200,37 @@ def test_agent_restart_keeps_capture_and_serves_new_connections(mesh: LabRunner)
     client = _pod(status, "client-1")
     netns_inode = os.stat(f"/run/netns/{client['netns']}").st_ino
     old_ids = agent_state(mesh, "node-1")["ebpf"]["program_ids"]
+    target = _pod(status, "echo-2")["ip"]
+    # A captured pod keeps connecting while its agent is replaced (make-before-break):
+    # none of those connections may fail.
+    loop = (
+        "import socket, sys, time\n"
+        "ok = failed = 0\n"
+        "end = time.time() + float(sys.argv[1])\n"
+        "while time.time() < end:\n"
+        "    try:\n"
+        f"        s = socket.create_connection(('{target}', 8080), timeout=10)\n"
+        "        s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
+        "        ok += b'200 OK' in s.recv(100)\n"
+        "        s.close()\n"
+        "    except OSError as e:\n"
+        "        failed += 1\n"
+        "        print(repr(e), file=sys.stderr)\n"
+        "    time.sleep(0.01)\n"
+        "print(ok, failed)\n"
+    )
+    env = {**os.environ, "WEFT_LAB": mesh.name}
+    clients = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--",
+         sys.executable, "-c", loop, "6"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1)
     mesh.weft("lab", "restart-agent", "node-1")
+    out, err = clients.communicate(timeout=60)
+    ok, failed = map(int, out.split())
+    assert failed == 0, err
+    assert ok > 0
     new_state = agent_state(mesh, "node-1")
     assert new_state["ebpf"]["program_ids"] != old_ids
     progs = subprocess.run(

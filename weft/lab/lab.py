@@ -17,6 +17,7 @@ Robustness rules:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -29,7 +30,14 @@ from typing import Any, NoReturn
 
 from weft.lab import net, procs
 from weft.lab.plan import PodPlan, endpoints, hosts_file, plan_lab, validate_lab_name
-from weft.lab.state import LabPaths, LabState, StateError, lab_paths, load_state
+from weft.lab.state import (
+    LabPaths,
+    LabState,
+    ProcessRecord,
+    StateError,
+    lab_paths,
+    load_state,
+)
 from weft.nsenter import enter_pod, in_netns
 from weft.preflight import find_cgroup2_mount
 
@@ -202,7 +210,7 @@ class Lab:
         assert self.paths.cgroup_root is not None
         return self.paths.cgroup_root / node / "weft-agent"
 
-    def _start_agent(self, state: LabState, node: str, args: Sequence[str] = ()) -> None:
+    def _start_agent(self, state: LabState, node: str, args: Sequence[str] = ()) -> ProcessRecord:
         """One agent per node, in the node's netns and its own cgroup (never a pod's)."""
         cgroup = self.agent_cgroup(node)
         cgroup.mkdir(exist_ok=True)
@@ -220,24 +228,36 @@ class Lab:
         state.processes.append(rec)
         state.save()
         self.report(f"agent-{node}: started (pid {rec.pid}), compiling eBPF")
+        return rec
 
-    def _wait_agent_ready(self, state: LabState, node: str) -> None:
-        rec = next(r for r in state.processes if r.name == f"agent-{node}")
+    def _wait_agent_ready(
+        self, state: LabState, node: str, rec: ProcessRecord | None = None
+    ) -> None:
+        """Wait until *this* agent process (by PID) says it is ready.
+
+        During a make-before-break restart two agents share the admin port (SO_REUSEPORT),
+        so an answer counts only if it comes from the process we started.
+        """
+        rec = rec or next(r for r in state.processes if r.name == f"agent-{node}")
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
+        last = "admin port closed"
         while True:
-            status = admin_get(state.plan.netns(node), "127.0.0.1", ADMIN_PORT, "/ready")
-            if status is not None and status[0] == 200:
-                self.report(f"agent-{node}: ready")
-                return
+            answer = admin_get(state.plan.netns(node), "127.0.0.1", ADMIN_PORT, "/debug/state")
+            if answer is not None and answer[0] == 200:
+                data = json.loads(answer[1])
+                if data.get("pid") == rec.pid:
+                    if data.get("ready"):
+                        self.report(f"agent-{node}: ready (pid {rec.pid})")
+                        return
+                    last = f"waiting for {', '.join(data.get('waiting_for', []))}"
             if not procs.is_alive(rec):
                 raise LabError(f"agent-{node} exited during start:\n{_tail(Path(rec.log))}")
             if time.monotonic() > deadline:
                 raise LabError(
-                    f"agent-{node} not ready after {AGENT_READY_TIMEOUT:.0f}s "
-                    f"({status[1].strip() if status else 'admin port closed'}):\n"
+                    f"agent-{node} not ready after {AGENT_READY_TIMEOUT:.0f}s ({last}):\n"
                     f"{_tail(Path(rec.log))}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     def set_labels(self, pod_name: str, changes: dict[str, str | None]) -> PodPlan:
         """Set (value) or remove (None) pod labels; running agents pick the change up."""
@@ -261,9 +281,14 @@ class Lab:
         return new
 
     def restart_agent(self, node: str, args: Sequence[str] = ()) -> None:
-        """Stop a node's agent (SIGTERM, pins and attachments stay) and start a new one.
+        """Replace a node's agent, make-before-break.
 
-        ``args`` are extra ``weft agent`` flags for the new instance (e.g. --no-sockmap).
+        The new agent starts while the old one still serves (both listen with
+        SO_REUSEPORT); once the new one is ready, the old one gets SIGTERM, stops
+        accepting and drains — with ``tcp_migrate_req`` its not-yet-accepted connections
+        move to the new listener instead of being reset.  Pods stay captured throughout
+        (attachments and pins are shared).  ``args`` are extra ``weft agent`` flags for the
+        new instance (e.g. --no-sockmap).
         """
         require_root()
         state = self.load()
@@ -271,11 +296,13 @@ class Lab:
         old = [r for r in state.processes if r.name == name]
         if not old:
             raise LabError(f"no agent for {node!r} in lab {self.name!r}")
-        for r in old:
-            procs.stop(r)
         state.processes = [r for r in state.processes if r.name != name]
-        self._start_agent(state, node, args)
-        self._wait_agent_ready(state, node)
+        rec = self._start_agent(state, node, args)
+        try:
+            self._wait_agent_ready(state, node, rec)
+        finally:
+            for r in old:
+                procs.stop(r, grace=10.0)
 
     def _pod_preexec(self, state: LabState, pod: PodPlan) -> Callable[[], None]:
         netns = state.plan.netns(pod.name)

@@ -97,6 +97,12 @@ def build_node(plan: LabPlan, node: NodePlan) -> None:
             if peer.name != node.name:
                 ns.route("add", dst=peer.pod_cidr, gateway=peer.ip)
     _sysctl(name, "net.ipv4.ip_forward", "1")
+    # A restarting agent hands over its listener (SO_REUSEPORT): move connections still in
+    # the old listener's accept queue to the new one rather than resetting them (5.14+).
+    try:
+        _sysctl(name, "net.ipv4.tcp_migrate_req", "1")
+    except FileNotFoundError:
+        pass
 
 
 def build_pod(plan: LabPlan, pod: PodPlan, port_index: int) -> None:
