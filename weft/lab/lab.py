@@ -250,14 +250,7 @@ class Lab:
                         self.report(f"agent-{node}: ready (pid {rec.pid})")
                         return
                     last = f"waiting for {', '.join(data.get('waiting_for', []))}"
-            if not procs.is_alive(rec):
-                raise LabError(f"agent-{node} exited during start:\n{_tail(Path(rec.log))}")
-            if time.monotonic() > deadline:
-                raise LabError(
-                    f"agent-{node} not ready after {AGENT_READY_TIMEOUT:.0f}s ({last}):\n"
-                    f"{_tail(Path(rec.log))}"
-                )
-            time.sleep(0.05)
+            _still_starting(rec, deadline, f"not ready after {AGENT_READY_TIMEOUT:.0f}s ({last})")
 
     def set_labels(self, pod_name: str, changes: dict[str, str | None]) -> PodPlan:
         """Set (value) or remove (None) pod labels; running agents pick the change up."""
@@ -341,14 +334,9 @@ class Lab:
                 pass
             finally:
                 sock.close()
-            if not procs.is_alive(rec):
-                raise LabError(f"{pod.name} exited during start:\n{_tail(Path(rec.log))}")
-            if time.monotonic() > deadline:
-                raise LabError(
-                    f"{pod.name} not listening on {pod.ip}:{port} after {READY_TIMEOUT:.0f}s:\n"
-                    f"{_tail(Path(rec.log))}"
-                )
-            time.sleep(0.05)
+            _still_starting(
+                rec, deadline, f"not listening on {pod.ip}:{port} after {READY_TIMEOUT:.0f}s"
+            )
 
     # -- down -----------------------------------------------------------------------------
 
@@ -426,6 +414,15 @@ class Lab:
                 return Path(rec.log)
         known = ", ".join(r.name for r in state.processes) or "none"
         raise LabError(f"no process {name!r} in lab {self.name!r} (processes: {known})")
+
+
+def _still_starting(rec: ProcessRecord, deadline: float, timeout_msg: str) -> None:
+    """One poll of a starting process: fail with its log if it died or took too long."""
+    if not procs.is_alive(rec):
+        raise LabError(f"{rec.name} exited during start:\n{_tail(Path(rec.log))}")
+    if time.monotonic() > deadline:
+        raise LabError(f"{rec.name} {timeout_msg}:\n{_tail(Path(rec.log))}")
+    time.sleep(0.05)
 
 
 @contextmanager

@@ -182,46 +182,19 @@ def plan_lab(
 
     pods: list[PodPlan] = []
     services: list[ServicePlan] = []
+
+    def add(name: str, node: NodePlan, sa: str, labels: dict[str, str], app: str | None) -> None:
+        ports = (ECHO_PORT,) if app == "echo" else ()
+        pods.append(PodPlan(name, node.name, pod_ip(node), "default", sa, labels, app, ports))
+
     if demo:
         captured = {CAPTURE_LABEL: "enabled"}
         for k in range(per_node * nodes):
-            node = node_plans[k % nodes]
-            pods.append(
-                PodPlan(
-                    name=f"echo-{k + 1}",
-                    node=node.name,
-                    ip=pod_ip(node),
-                    namespace="default",
-                    service_account="echo",
-                    labels={"app": "echo", **captured},
-                    app="echo",
-                    ports=(ECHO_PORT,),
-                )
-            )
+            add(f"echo-{k + 1}", node_plans[k % nodes], "echo", {"app": "echo", **captured}, "echo")
         for node in node_plans:
-            pods.append(
-                PodPlan(
-                    name=f"client-{node.index}",
-                    node=node.name,
-                    ip=pod_ip(node),
-                    namespace="default",
-                    service_account="client",
-                    labels={"app": "client", **captured},
-                    app=None,
-                )
-            )
+            add(f"client-{node.index}", node, "client", {"app": "client", **captured}, None)
         # An uncaptured client, to show (and test) the difference capture makes.
-        pods.append(
-            PodPlan(
-                name="plain-1",
-                node=node_plans[0].name,
-                ip=pod_ip(node_plans[0]),
-                namespace="default",
-                service_account="plain",
-                labels={"app": "plain"},
-                app=None,
-            )
-        )
+        add("plain-1", node_plans[0], "plain", {"app": "plain"}, None)
         services.append(
             ServicePlan(
                 name="echo",
@@ -233,18 +206,7 @@ def plan_lab(
         )
     else:
         for k in range(per_node * nodes):
-            node = node_plans[k % nodes]
-            pods.append(
-                PodPlan(
-                    name=f"pod-{k + 1}",
-                    node=node.name,
-                    ip=pod_ip(node),
-                    namespace="default",
-                    service_account="default",
-                    labels={"app": "idle"},
-                    app=None,
-                )
-            )
+            add(f"pod-{k + 1}", node_plans[k % nodes], "default", {"app": "idle"}, None)
     return LabPlan(
         name=name,
         nodes=node_plans,
