@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pyroute2 import NetNS, netns
 
-from weft.lab.plan import NODE_CIDR, LabPlan, NodePlan, PodPlan
+from weft.lab.plan import CONTROLPLANE_IP, NODE_CIDR, LabPlan, NodePlan, PodPlan
 from weft.nsenter import NETNS_RUN_DIR, in_netns
 
 FABRIC = "fabric"
+CONTROLPLANE = "cp"
 FABRIC_BRIDGE = "br0"
 NODE_BRIDGE = "cni0"
 
@@ -74,21 +75,31 @@ def build_fabric(plan: LabPlan) -> None:
         ns.link("set", index=ns.link_lookup(ifname=FABRIC_BRIDGE)[0], state="up")
 
 
+def _fabric_host(plan: LabPlan, name: str, port_name: str, ip: str) -> None:
+    """A namespace with ``eth0`` plugged into the fabric bridge, addressed ``ip``."""
+    create_netns(name)
+    with NetNS(plan.netns(FABRIC), flags=0) as fab:
+        fab.link("add", ifname=port_name, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+        port = fab.link_lookup(ifname=port_name)[0]
+        fab.link("set", index=port, master=fab.link_lookup(ifname=FABRIC_BRIDGE)[0])
+        fab.link("set", index=port, state="up")
+    with NetNS(name, flags=0) as ns:
+        eth0 = ns.link_lookup(ifname="eth0")[0]
+        ns.addr("add", index=eth0, address=ip, prefixlen=NODE_CIDR.prefixlen)
+        ns.link("set", index=eth0, state="up")
+
+
+def build_controlplane_host(plan: LabPlan) -> None:
+    """The control plane's own host on the fabric (like a control-plane node)."""
+    _fabric_host(plan, plan.netns(CONTROLPLANE), "cp", CONTROLPLANE_IP)
+
+
 def build_node(plan: LabPlan, node: NodePlan) -> None:
     """A node: ``eth0`` on the fabric, ``cni0`` bridge for its pods, routes to peers' pods."""
     name = plan.netns(node.name)
-    create_netns(name)
-    fabric_port = f"n{node.index}"
-    with NetNS(plan.netns(FABRIC), flags=0) as fab:
-        fab.link("add", ifname=fabric_port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-        port = fab.link_lookup(ifname=fabric_port)[0]
-        fab.link("set", index=port, master=fab.link_lookup(ifname=FABRIC_BRIDGE)[0])
-        fab.link("set", index=port, state="up")
+    _fabric_host(plan, name, f"n{node.index}", node.ip)
     pod_net = ipaddress.IPv4Network(node.pod_cidr)
     with NetNS(name, flags=0) as ns:
-        eth0 = ns.link_lookup(ifname="eth0")[0]
-        ns.addr("add", index=eth0, address=node.ip, prefixlen=NODE_CIDR.prefixlen)
-        ns.link("set", index=eth0, state="up")
         ns.link("add", ifname=NODE_BRIDGE, kind="bridge")
         br = ns.link_lookup(ifname=NODE_BRIDGE)[0]
         ns.addr("add", index=br, address=node.gateway, prefixlen=pod_net.prefixlen)

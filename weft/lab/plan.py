@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 NODE_CIDR = ipaddress.IPv4Network("10.240.0.0/24")
 POD_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")
+CONTROLPLANE_IP = str(NODE_CIDR.network_address + 2)
+"""The lab's control plane host (namespace ``<lab>-cp``) on the fabric."""
 NODE_HOST_OFFSET = 10
 """node-i gets host number 10+i on the fabric: low numbers stay free for future gateways."""
 MAX_NODES = 200
