@@ -34,7 +34,9 @@ from prometheus_client.registry import Collector
 
 from nodeagent.admin import AdminServer, Readiness
 from nodeagent.capture import CaptureManager
+from nodeagent.certs import CertConfig, WorkloadCertManager
 from nodeagent.cgroups import own_cgroup
+from nodeagent.cpclient import ControlPlaneClient, ControlPlaneError
 from nodeagent.ebpf import bpfsys
 from nodeagent.ebpf.loader import (
     CaptureConfig,
@@ -45,6 +47,8 @@ from nodeagent.ebpf.loader import (
 )
 from nodeagent.podsource import LabPodSource
 from nodeagent.proxy.outbound import OutboundProxy
+from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+from weft.lab.plan import CONTROLPLANE_IP
 from weft.lab.state import StateError, lab_paths, load_state
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
 
@@ -80,6 +84,15 @@ class AgentConfig:
     """Shortcut same-node pod<->proxy bytes with sk_msg."""
     drain_seconds: float = 5.0
     """On shutdown, how long active connections may finish before they are closed."""
+    controlplane: str | None = None
+    """Control plane address for certificates (None: capture only, no mTLS)."""
+    token_file: Path | None = None
+    """This node's bootstrap credential (lab: a token the lab wrote, mode 0600)."""
+    trust_bundle: Path | None = None
+    """PEM trust anchors to trust the control plane with before the first response."""
+    cert_dir: Path | None = None
+    """Where workload keys and certificates live (tmpfs, 0700)."""
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -95,6 +108,14 @@ class AgentConfig:
         except KeyError:
             known = ", ".join(x.name for x in state.plan.nodes)
             raise AgentError(f"no node {node!r} in lab {lab!r} (nodes: {known})") from None
+        agent_dir = paths.state_dir / "agents" / node
+        anchor = paths.state_dir / "ca" / "anchor.pem"
+        token = agent_dir / "bootstrap.token"
+        if anchor.exists() and token.exists():
+            overrides.setdefault("controlplane", CONTROLPLANE_IP)
+            overrides.setdefault("token_file", token)
+            overrides.setdefault("trust_bundle", anchor)
+            overrides.setdefault("cert_dir", agent_dir / "certs")
         return cls(
             node=node,
             state_file=paths.state_file,
@@ -147,11 +168,16 @@ class _StatsCollector(Collector):
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.readiness = Readiness("ebpf", "listener", "pods")
+        blockers = ["ebpf", "listener", "pods"]
+        if cfg.controlplane:
+            blockers.append("certificates")
+        self.readiness = Readiness(*blockers)
         self.progs: CapturePrograms | None = None
         self.manager: CaptureManager | None = None
         self.proxy: OutboundProxy | None = None
         self.proxy_cgroup: Path | None = None
+        self.certs: WorkloadCertManager | None = None
+        self.cp_client: ControlPlaneClient | None = None
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
@@ -192,6 +218,7 @@ class Agent:
                 "cookie_entries": progs.map_entries("weft_cookie_dst") if progs else None,
             },
             "capture": self.manager.snapshot() if self.manager else None,
+            "certificates": self.certs.snapshot() if self.certs else None,
         }
 
     def _load_ebpf(self) -> None:
@@ -235,7 +262,56 @@ class Agent:
         source = LabPodSource(self.cfg.state_file, self.cfg.node)
         async for pods in source.snapshots():
             self.manager.apply(pods)
+            if self.certs is not None:
+                # One workload identity per service account with a captured pod here; the
+                # first call must carry the whole snapshot (it prunes stale key dirs).
+                self.certs.set_identities(
+                    SpiffeId.workload(p.namespace, p.service_account, self.cfg.trust_domain)
+                    for p in pods
+                    if p.captured
+                )
             self.readiness.done("pods")
+
+    def _start_certificates(self) -> asyncio.Task[None]:
+        cfg = self.cfg
+        assert cfg.controlplane and cfg.trust_bundle and cfg.cert_dir and cfg.token_file
+        self.cp_client = ControlPlaneClient(
+            cfg.controlplane,
+            cfg.trust_bundle,
+            cfg.cert_dir.parent / "node",
+            trust_domain=cfg.trust_domain,
+        )
+        self.certs = WorkloadCertManager(
+            self.cp_client,
+            CertConfig(cert_dir=cfg.cert_dir),
+            self.registry,
+            trust_bundle_pem=cfg.trust_bundle.read_bytes(),
+        )
+        return self.certs.start()
+
+    async def _bootstrap(self) -> None:
+        """Get the node certificate; until it works, certificate requests retry it."""
+        cfg = self.cfg
+        assert self.cp_client is not None and cfg.token_file is not None
+        token_file = cfg.token_file
+        try:
+            await self.cp_client.bootstrap(cfg.node, lambda: token_file.read_text().strip())
+            log.info("node %s bootstrapped with the control plane at %s", cfg.node,
+                     cfg.controlplane)  # fmt: skip
+        except ControlPlaneError as e:
+            log.warning("bootstrap with %s failed (%s); will retry with the first certificate "
+                        "request", cfg.controlplane, e)  # fmt: skip
+
+    async def _certificates_ready(self) -> None:
+        """Readiness: every identity of a captured local pod has a certificate."""
+        assert self.certs is not None
+        while True:
+            if self.readiness.blockers == {"certificates"} or "pods" not in self.readiness.blockers:
+                ids = self.certs.identities
+                if all(self.certs.material(i) is not None for i in ids):
+                    self.readiness.done("certificates")
+                    return
+            await asyncio.sleep(0.1)
 
     def _load_ebpf_or_fail(self) -> None:
         try:
@@ -297,6 +373,11 @@ class Agent:
             asyncio.create_task(self._capture_loop(), name="capture-manager"),
             asyncio.create_task(stop.wait(), name="shutdown-signal"),
         }
+        helpers: set[asyncio.Task[None]] = set()
+        if cfg.controlplane:
+            tasks.add(self._start_certificates())
+            helpers.add(asyncio.create_task(self._bootstrap(), name="bootstrap"))
+            helpers.add(asyncio.create_task(self._certificates_ready(), name="cert-readiness"))
         code = 0
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -312,9 +393,11 @@ class Agent:
         finally:
             admin_server.close()
             await self.proxy.close(cfg.drain_seconds)
-            for t in tasks:
+            if self.certs is not None:
+                await self.certs.close()
+            for t in tasks | helpers:
                 t.cancel()
-            for t in tasks:
+            for t in tasks | helpers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             if self.progs is not None:

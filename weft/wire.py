@@ -54,12 +54,15 @@ class RefusalCode(StrEnum):
     """No pod with that namespace and service account is scheduled on the asking node."""
     ISSUER_UNAVAILABLE = "ISSUER_UNAVAILABLE"
     """The issuer is expired, not yet valid, or not loaded: nothing can be signed."""
+    INTERNAL = "INTERNAL"
+    """A bug on the control plane's side; agents back off and retry."""
 
 
 HTTP_STATUS = {
     RefusalCode.UNAUTHENTICATED: 401,
     RefusalCode.NODE_NOT_BOUND: 403,
     RefusalCode.ISSUER_UNAVAILABLE: 503,
+    RefusalCode.INTERNAL: 500,
 }
 """Everything else is a 400."""
 

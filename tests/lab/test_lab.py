@@ -124,7 +124,7 @@ def test_down_leaves_no_namespace_link_cgroup_or_process(lab_factory):
     lab.weft("lab", "up", "--demo", "--nodes", "2", "--pods-per-node", "2")
     status = lab.status()
     pids = [p["pid"] for p in status["processes"]]
-    assert len(lab.netns()) == 1 + 2 + 7
+    assert len(lab.netns()) == 1 + 1 + 2 + 7  # fabric, control plane, nodes, pods
     out = lab.weft("lab", "down")
     assert "removed" in out.stderr
     _assert_nothing_left(lab, status["paths"]["cgroup_root"], links_before)

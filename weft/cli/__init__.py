@@ -15,6 +15,8 @@ from weft import __version__
 from weft.cli.agent import agent
 from weft.cli.bench import bench
 from weft.cli.check import check
+from weft.cli.controlplane import controlplane
+from weft.cli.identity import identity
 from weft.cli.lab import lab
 
 
@@ -42,6 +44,8 @@ def cli(log_level: str) -> None:
 cli.add_command(agent)
 cli.add_command(bench)
 cli.add_command(check)
+cli.add_command(controlplane)
+cli.add_command(identity)
 cli.add_command(lab)
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -27,12 +28,23 @@ def _lab(ctx: click.Context) -> Lab:
         err.print(f"[dim]·[/dim] {msg}", highlight=False)
 
     try:
-        return Lab(name, report=report)
+        return Lab(name, report=report, identity_setup=lab_identity_setup)
     except PlanError as e:
         raise click.UsageError(str(e)) from None
 
 
 _MAIN_PID = os.getpid()
+
+
+def lab_identity_setup(state_dir: Path, nodes: list[str]) -> dict[str, str]:
+    """The lab's CA (``<state>/ca``) and one bootstrap token per node (control plane code)."""
+    from controlplane.identity.ca import init_ca
+    from controlplane.identity.lab import lab_identity_paths, write_lab_tokens
+    from weft.identity import DEFAULT_TRUST_DOMAIN
+
+    paths = lab_identity_paths(state_dir)
+    init_ca(DEFAULT_TRUST_DOMAIN).write(paths.ca_dir, force=True)
+    return write_lab_tokens(paths.tokens_file, nodes)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from weft.lab import net, procs
-from weft.lab.plan import PodPlan, endpoints, hosts_file, plan_lab, validate_lab_name
+from weft.lab.plan import (
+    CONTROLPLANE_IP,
+    PodPlan,
+    endpoints,
+    hosts_file,
+    plan_lab,
+    validate_lab_name,
+)
 from weft.lab.state import (
     LabPaths,
     LabState,
@@ -70,10 +77,26 @@ def cgroup2_mount() -> str | None:
         return None
 
 
+IdentitySetup = Callable[[Path, list[str]], dict[str, str]]
+"""Make the lab's CA under ``<state_dir>/ca`` and bootstrap tokens for the given nodes;
+return ``{node: token}``.  Injected by the CLI: the shared core must not import the
+control plane."""
+
+CA_DIR = "ca"
+ANCHOR_FILE = "anchor.pem"
+CONTROLPLANE_ADMIN_PORT = 15014
+
+
 class Lab:
-    def __init__(self, name: str = "weft", report: Reporter = _quiet) -> None:
+    def __init__(
+        self,
+        name: str = "weft",
+        report: Reporter = _quiet,
+        identity_setup: IdentitySetup | None = None,
+    ) -> None:
         self.name = validate_lab_name(name)
         self.report = report
+        self.identity_setup = identity_setup
         self.paths: LabPaths = lab_paths(self.name, cgroup2_mount())
 
     # -- inspection ---------------------------------------------------------------------
@@ -199,12 +222,51 @@ class Lab:
         for pod in plan.pods:
             if pod.app == "echo":
                 self._wait_listening(state, pod, pod.ports[0])
+        if agents and self.identity_setup is not None:
+            with _step("starting the control plane"):
+                self._start_controlplane(state)
         if agents:
             for node in plan.nodes:
                 with _step(f"starting the agent of {node.name}"):
                     self._start_agent(state, node.name)
             for node in plan.nodes:
                 self._wait_agent_ready(state, node.name)
+
+    def _start_controlplane(self, state: LabState) -> None:
+        """CA, bootstrap tokens, the control-plane host and process (``weft controlplane``)."""
+        assert self.identity_setup is not None and self.paths.cgroup_root is not None
+        nodes = [n.name for n in state.plan.nodes]
+        tokens = self.identity_setup(self.paths.state_dir, nodes)
+        for node, token in tokens.items():
+            path = self.agent_dir(node) / "bootstrap.token"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+        self.report(f"control plane: CA and bootstrap tokens for {len(tokens)} nodes")
+        net.build_controlplane_host(state.plan)
+        cgroup = self.paths.cgroup_root / "weft-controlplane"
+        cgroup.mkdir(exist_ok=True)
+        netns = state.plan.netns(net.CONTROLPLANE)
+        rec = procs.spawn(
+            name="controlplane",
+            argv=[sys.executable, "-m", "weft.cli", "controlplane", "--lab", self.name],
+            log_path=self.paths.log_dir / "controlplane.log",
+            where=net.CONTROLPLANE,
+            preexec=lambda: enter_pod(netns, cgroup, None),
+        )
+        state.processes.append(rec)
+        state.save()
+        deadline = time.monotonic() + AGENT_READY_TIMEOUT
+        while True:
+            answer = admin_get(netns, "127.0.0.1", CONTROLPLANE_ADMIN_PORT, "/ready")
+            if answer is not None and answer[0] == 200:
+                self.report(f"control plane: ready on {CONTROLPLANE_IP}:15010 (pid {rec.pid})")
+                return
+            _still_starting(rec, deadline, "not ready")
+
+    def agent_dir(self, node: str) -> Path:
+        return self.paths.state_dir / "agents" / node
 
     def agent_cgroup(self, node: str) -> Path:
         assert self.paths.cgroup_root is not None
