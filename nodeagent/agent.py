@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,16 @@ from nodeagent.ebpf.loader import (
     detach_all,
     remove_pins,
 )
-from nodeagent.podsource import LabPodSource
-from nodeagent.proxy.outbound import OutboundProxy
+from nodeagent.podsource import LabDirectory, LabPodSource
+from nodeagent.proxy.outbound import OutboundProxy, connect_plaintext
+from nodeagent.proxy.tls import TlsContexts
+from nodeagent.proxy.tunnel import (
+    TUNNEL_PORT,
+    NotLocal,
+    TunnelClient,
+    TunnelRoute,
+    TunnelServer,
+)
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.lab.plan import CONTROLPLANE_IP
 from weft.lab.state import StateError, lab_paths, load_state
@@ -178,6 +187,9 @@ class Agent:
         self.proxy_cgroup: Path | None = None
         self.certs: WorkloadCertManager | None = None
         self.cp_client: ControlPlaneClient | None = None
+        self.directory = LabDirectory(cfg.state_file, cfg.trust_domain)
+        self.tunnel_server: TunnelServer | None = None
+        self.tunnel_client: TunnelClient | None = None
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
@@ -219,6 +231,10 @@ class Agent:
             },
             "capture": self.manager.snapshot() if self.manager else None,
             "certificates": self.certs.snapshot() if self.certs else None,
+            "tunnel": {
+                "server": vars(self.tunnel_server.stats) if self.tunnel_server else None,
+                "client": vars(self.tunnel_client.stats) if self.tunnel_client else None,
+            },
         }
 
     def _load_ebpf(self) -> None:
@@ -261,6 +277,7 @@ class Agent:
         assert self.manager is not None
         source = LabPodSource(self.cfg.state_file, self.cfg.node)
         async for pods in source.snapshots():
+            self.directory.reload()
             self.manager.apply(pods)
             if self.certs is not None:
                 # One workload identity per service account with a captured pod here; the
@@ -272,7 +289,8 @@ class Agent:
                 )
             self.readiness.done("pods")
 
-    def _start_certificates(self) -> asyncio.Task[None]:
+    def _open_tunnel(self, outbound: socket.socket) -> socket.socket:
+        """Certificates, TLS contexts and the tunnel listener on the node address."""
         cfg = self.cfg
         assert cfg.controlplane and cfg.trust_bundle and cfg.cert_dir and cfg.token_file
         self.cp_client = ControlPlaneClient(
@@ -287,7 +305,65 @@ class Agent:
             self.registry,
             trust_bundle_pem=cfg.trust_bundle.read_bytes(),
         )
+        contexts = TlsContexts(self.certs, trust_domain=cfg.trust_domain)
+        self.tunnel_server = TunnelServer(contexts=contexts, locate_target=self.locate_target)
+        self.tunnel_client = TunnelClient(contexts)
+        node_ip = cfg.node_addrs[0]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Shared with the previous agent during a make-before-break restart.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((node_ip, TUNNEL_PORT))
+            sock.listen(4096)
+        except OSError as e:
+            sock.close()
+            outbound.close()
+            raise AgentError(f"cannot listen on {node_ip}:{TUNNEL_PORT} for tunnels: {e}") from e
+        sock.setblocking(False)
+        log.info("tunnel: mTLS (TLS 1.3) on %s:%d", node_ip, TUNNEL_PORT)
+        return sock
+
+    def _start_certificates(self) -> asyncio.Task[None]:
+        assert self.certs is not None
         return self.certs.start()
+
+    # -- the mesh data path (tunnel) ------------------------------------------------------
+
+    def locate_target(self, target: tuple[str, int]) -> SpiffeId | NotLocal:
+        """For the tunnel server: the identity of the local pod at ``target``."""
+        entry = self.directory.get(target[0])
+        if entry is None:
+            return NotLocal.UNKNOWN
+        if entry.node != self.cfg.node:
+            return NotLocal.ELSEWHERE
+        return entry.identity
+
+    def route(self, app: tuple[str, int], destination: tuple[str, int]) -> TunnelRoute | None:
+        """For the outbound proxy: tunnel to a captured destination's node, else None."""
+        source = self.directory.get(app[0])
+        dest = self.directory.get(destination[0])
+        if source is None or dest is None or not dest.captured:
+            return None
+        return TunnelRoute(
+            source=source.identity, node=(dest.node_ip, TUNNEL_PORT), expected=dest.identity
+        )
+
+    async def connect_upstream(
+        self,
+        app: tuple[str, int],
+        destination: tuple[str, int],
+        protocol_factory: Callable[[], asyncio.Protocol],
+    ) -> asyncio.BaseTransport:
+        """Captured destination: mTLS tunnel as the source workload, verifying the
+        destination's identity.  Anything else: plaintext passthrough (permissive)."""
+        found = self.route(app, destination) if self.tunnel_client else None
+        if found is None:
+            return await connect_plaintext(app, destination, protocol_factory)
+        assert self.tunnel_client is not None
+        return await self.tunnel_client.connect(
+            found.source, found.node, destination, found.expected, protocol_factory
+        )
 
     async def _bootstrap(self) -> None:
         """Get the node certificate; until it works, certificate requests retry it."""
@@ -350,9 +426,13 @@ class Agent:
             except AgentError:
                 listener.close()
                 raise
+        tunnel_listener_sock: socket.socket | None = None
+        if cfg.controlplane:
+            tunnel_listener_sock = self._open_tunnel(listener)
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,
             is_self=self.is_self,
+            connect=self.connect_upstream,
         )
         admin = AdminServer(self.readiness, self.state, self.registry)
         admin_server = await asyncio.start_server(
@@ -375,6 +455,12 @@ class Agent:
         }
         helpers: set[asyncio.Task[None]] = set()
         if cfg.controlplane:
+            assert self.tunnel_server is not None and tunnel_listener_sock is not None
+            tasks.add(
+                asyncio.create_task(
+                    self.tunnel_server.serve(tunnel_listener_sock), name="tunnel-listener"
+                )
+            )
             tasks.add(self._start_certificates())
             helpers.add(asyncio.create_task(self._bootstrap(), name="bootstrap"))
             helpers.add(asyncio.create_task(self._certificates_ready(), name="cert-readiness"))
@@ -393,6 +479,8 @@ class Agent:
         finally:
             admin_server.close()
             await self.proxy.close(cfg.drain_seconds)
+            if self.tunnel_server is not None:
+                await self.tunnel_server.close(cfg.drain_seconds)
             if self.certs is not None:
                 await self.certs.close()
             for t in tasks | helpers:

@@ -85,11 +85,12 @@ def test_cross_node_connection_goes_through_the_node_proxy(mesh: LabRunner):
     body = curl_json(mesh, "client-1", f"http://{echo2['ip']}:8080/via-proxy")
     assert body["pod"] == "echo-2"
     assert body["path"] == "/via-proxy"
-    # The echo saw node-1's proxy (its upstream leaves from node-1's address), not the pod.
-    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
+    # node-1's proxy tunnelled it to node-2's, which delivered it over node-2's cni0.
+    assert body["peer"].split(":")[0] == _node(status, "node-2")["gateway"]
     after = agent_state(mesh, "node-1")
     assert after["ebpf"]["stats"]["redirected"] > before["redirected"]
     assert after["proxy"]["stats"]["accepted"] >= 1
+    assert after["tunnel"]["client"]["opened"] >= 1
 
 
 def test_same_node_connection_goes_through_the_node_proxy(mesh: LabRunner):
@@ -119,7 +120,7 @@ def test_dual_stack_socket_to_ipv4_mapped_address_is_captured(mesh: LabRunner):
     )
     body = json.loads(mesh.exec("client-1", sys.executable, "-c", script).stdout)
     assert body["pod"] == "echo-2"
-    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
+    assert body["peer"].split(":")[0] == _node(status, "node-2")["gateway"]
 
 
 def test_uncaptured_pod_connects_directly(mesh: LabRunner):
@@ -242,7 +243,7 @@ def test_agent_restart_keeps_capture_and_serves_new_connections(mesh: LabRunner)
     assert new_state["ebpf"]["program_ids"]["cgroup_inet4_connect"] in ids
     assert old_ids["cgroup_inet4_connect"] not in ids
     body = curl_json(mesh, "client-1", f"http://{_pod(status, 'echo-2')['ip']}:8080/")
-    assert body["peer"].split(":")[0] == _node(status, "node-1")["ip"]
+    assert body["peer"].split(":")[0] == _node(status, "node-2")["gateway"]
     assert os.stat(f"/run/netns/{client['netns']}").st_ino == netns_inode
 
 

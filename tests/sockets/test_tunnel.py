@@ -1,0 +1,1057 @@
+"""The mTLS tunnel over real sockets on 127.0.0.1, with certificates from tests/pki.py.
+
+Two "nodes" share one loop: the client side's `TlsContexts` holds the source workload's
+material, the server side's the destination workloads'. Targets are small protocol
+servers standing in for pods. Every bad-input case asserts its own failure counter and
+log line, or the client's own exception, and then that the server still serves a good
+tunnel.
+
+Like tests/sockets/test_outbound_proxy.py, every test runs on asyncio's loop and on
+uvloop through the ``run`` fixture, which also fails a test that leaks tasks.
+Timeouts that a test waits for are configured short (0.2 s); everything else is awaited
+as an event, bounded by ``WAIT`` only so that a bug shows as a failure, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pytest
+import uvloop
+from cryptography import x509
+
+from nodeagent.certtypes import TlsMaterial
+from nodeagent.proxy.outbound import Address, OutboundProxy
+from nodeagent.proxy.tls import TlsContexts, sni_for
+from nodeagent.proxy.tunnel import (
+    Authorize,
+    Decision,
+    NotLocal,
+    TunnelClient,
+    TunnelClientConfig,
+    TunnelError,
+    TunnelHandshakeError,
+    TunnelImpersonation,
+    TunnelNoRoute,
+    TunnelRefused,
+    TunnelRoute,
+    TunnelServer,
+    TunnelServerConfig,
+    TunnelSetupError,
+    TunnelUnreachable,
+    bench_handshakes,
+    tunnel_connector,
+    tunnel_listener,
+)
+from nodeagent.proxy.tunnel_header import (
+    FIXED_SIZE,
+    MAGIC,
+    VERSION,
+    Kind,
+    Status,
+    decode_answer,
+    encode_connect,
+)
+from tests.pki import NOW, Pki
+from weft.identity import SpiffeId
+
+pytestmark = pytest.mark.sockets
+
+T = TypeVar("T")
+Body = Callable[[], Coroutine[Any, Any, None]]
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+WAIT = 10.0
+SHORT = 0.2  # the timeouts tests wait for
+LINGER_RESET = struct.pack("ii", 1, 0)
+LOGGER = "weft.proxy.tunnel"
+
+SOURCE = SpiffeId.workload("shop", "frontend")
+DEST = SpiffeId.workload("shop", "backend")
+OTHER = SpiffeId.workload("shop", "payments")
+
+
+@pytest.fixture(params=sorted(LOOP_FACTORIES))
+def run(request: pytest.FixtureRequest) -> Callable[[Body], None]:
+    """Run a test body on a fresh loop of each kind; fail it if it leaks tasks."""
+    factory = LOOP_FACTORIES[request.param]
+
+    def run_body(body: Body) -> None:
+        async def guarded() -> None:
+            async with asyncio.timeout(60):
+                await body()
+            await _assert_no_leaked_tasks()
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(guarded())
+
+    return run_body
+
+
+async def _assert_no_leaked_tasks() -> None:
+    leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if leaked:
+        for task in leaked:
+            task.cancel()
+        await asyncio.gather(*leaked, return_exceptions=True)
+        pytest.fail("tasks leaked: " + ", ".join(sorted(t.get_name() for t in leaked)))
+
+
+async def wait(aw: Awaitable[T]) -> T:
+    return await asyncio.wait_for(aw, WAIT)
+
+
+# --- certificates --------------------------------------------------------------------
+
+
+@dataclass
+class FixedCerts:
+    """A `CertSource` with fixed material, as the tunnel's tests need it."""
+
+    bundle: bytes
+    materials: dict[SpiffeId, TlsMaterial] = field(default_factory=dict)
+    trust_generation: int = 1
+
+    def material(self, identity: SpiffeId) -> TlsMaterial | None:
+        return self.materials.get(identity)
+
+    def trust_bundle_pem(self) -> bytes:
+        return self.bundle
+
+
+_dirs = itertools.count()
+
+
+@dataclass
+class Certs:
+    """The test PKI and where its material goes."""
+
+    pki: Pki
+    other: Pki  # another mesh's CA
+    tmp: Path
+
+    def issue(
+        self, identity: SpiffeId | str, *, pki: Pki | None = None, generation: int = 1, **kw: Any
+    ) -> TlsMaterial:
+        directory = self.tmp / f"m{next(_dirs)}"
+        key, chain = (pki or self.pki).write_leaf(directory, identity, **kw)
+        spiffe = identity if isinstance(identity, SpiffeId) else SpiffeId.parse(identity)
+        return TlsMaterial(spiffe, key, chain, 0.0, generation)
+
+    def source(self, *materials: TlsMaterial) -> FixedCerts:
+        return FixedCerts(self.pki.bundle_pem, {m.identity: m for m in materials})
+
+
+@pytest.fixture(scope="module")
+def pkis() -> tuple[Pki, Pki]:
+    return Pki(), Pki("other")
+
+
+@pytest.fixture
+def certs(pkis: tuple[Pki, Pki], tmp_path: Path) -> Certs:
+    return Certs(pkis[0], pkis[1], tmp_path)
+
+
+def client_tls(certs: Certs, material: TlsMaterial | None = None) -> TlsContexts:
+    """The client node's contexts, holding SOURCE's material unless told otherwise."""
+    return TlsContexts(certs.source(material or certs.issue(SOURCE)))
+
+
+# --- targets (pods) ------------------------------------------------------------------
+
+
+class TargetConn(asyncio.Protocol):
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()
+        self.eof = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.lost_exc: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.target.conns.append(self)
+        if self.target.banner is not None:
+            self.transport.write(self.target.banner)
+            self.transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.received += data
+        if self.target.echo:
+            self.transport.write(data)
+        if self.target.reset_on_data:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        if self.target.reply is not None:
+            assert self.transport is not None
+            self.transport.write(self.target.reply(bytes(self.received)))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
+        self.lost.set()
+
+
+@dataclass
+class Target:
+    """A pod: a server on 127.0.0.1:0 behaving as one test needs."""
+
+    echo: bool = False
+    reply: Callable[[bytes], bytes] | None = None  # answer sent on EOF, then close
+    banner: bytes | None = None  # sent, then half-close, on connect
+    reset_on_data: bool = False
+    conns: list[TargetConn] = field(default_factory=list)
+    address: Address = ("", 0)
+    _server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Target:
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: TargetConn(self), "127.0.0.1", 0
+        )
+        self.address = self._server.sockets[0].getsockname()[:2]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for conn in self.conns:
+            if conn.transport is not None:
+                conn.transport.abort()
+        await self._server.wait_closed()
+        await asyncio.gather(*(wait(conn.lost.wait()) for conn in self.conns))
+
+    def conn(self) -> TargetConn:
+        (conn,) = self.conns
+        return conn
+
+
+def digest(data: bytes) -> bytes:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}".encode()
+
+
+def closed_port() -> Address:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[:2]
+
+
+# --- the server and its clients --------------------------------------------------------
+
+
+@dataclass
+class Node:
+    server: TunnelServer
+    address: Address
+    tls: TlsContexts
+    pods: dict[Address, SpiffeId | NotLocal]
+    """What the server's ``locate_target`` answers; tests add their targets."""
+
+
+@contextlib.asynccontextmanager
+async def tunnel_server(
+    certs: Certs,
+    pods: dict[Address, SpiffeId | NotLocal],
+    *,
+    materials: tuple[TlsMaterial, ...] | None = None,
+    tls: TlsContexts | None = None,
+    authorize: Authorize | None = None,
+    config: TunnelServerConfig | None = None,
+) -> AsyncIterator[Node]:
+    """A tunnel server on 127.0.0.1:0 holding DEST's (or the given) material; ``pods``
+    maps target addresses to the local pod's identity or why there is none."""
+    if tls is None:
+        held = materials if materials is not None else (certs.issue(DEST),)
+        tls = TlsContexts(certs.source(*held))
+    server = TunnelServer(
+        contexts=tls,
+        locate_target=lambda address: pods.get(address, NotLocal.UNKNOWN),
+        authorize=authorize,
+        config=config or TunnelServerConfig(handshake_timeout=SHORT, header_timeout=SHORT),
+    )
+    listener = tunnel_listener("127.0.0.1", 0)
+    address = listener.getsockname()[:2]
+    serving = asyncio.create_task(server.serve(listener), name="test: tunnel serve")
+    try:
+        yield Node(server, address, tls, pods)
+    finally:
+        await server.close(grace=0)
+        await wait(serving)
+
+
+class App(asyncio.Protocol):
+    """The application end of a tunnel: a StreamReader fed by the protocol."""
+
+    def __init__(self) -> None:
+        self.reader = asyncio.StreamReader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed_data(data)
+
+    def eof_received(self) -> bool:
+        self.reader.feed_eof()
+        return True  # keep writing after the peer's half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.reader.set_exception(exc)
+        else:
+            self.reader.feed_eof()
+        self.lost.set_result(exc)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        await wait(self.lost)
+
+
+async def open_tunnel(
+    node: Node,
+    target: Address,
+    *,
+    tls: TlsContexts,
+    expected: SpiffeId = DEST,
+    source: SpiffeId = SOURCE,
+    config: TunnelClientConfig | None = None,
+) -> App:
+    app = App()
+    client = TunnelClient(tls, config=config)
+    await wait(client.connect(source, node.address, target, expected, lambda: app))
+    return app
+
+
+async def assert_serves(node: Node, certs: Certs, tls: TlsContexts | None = None) -> None:
+    """A good client still gets a working tunnel from ``node`` (whose pods must map
+    some echo target's address to DEST; one is started here if the test has none)."""
+    async with Target(echo=True) as target:
+        node.pods[target.address] = DEST
+        app = await open_tunnel(node, target.address, tls=tls or client_tls(certs))
+        app.write(b"still serving")
+        assert await wait(app.reader.readexactly(13)) == b"still serving"
+        await app.close()
+
+
+async def raw_tls(
+    node: Node,
+    context: ssl.SSLContext,
+    server_hostname: str | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A hand-driven TLS client, for what TunnelClient would never send."""
+    return await wait(
+        asyncio.open_connection(
+            *node.address,
+            ssl=context,
+            server_hostname=server_hostname or sni_for(DEST),
+        )
+    )
+
+
+def raw_context(
+    material: TlsMaterial | None, *, pki: Pki, max_version: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=pki.bundle_pem.decode())
+    if max_version is not None:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.maximum_version = max_version
+    if material is not None:
+        context.load_cert_chain(material.chain_path, material.key_path)
+    return context
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await wait(writer.wait_closed())
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes; a reset or TLS error counts as the end."""
+    try:
+        return await wait(reader.read())
+    except (ConnectionError, ssl.SSLError):
+        return b""
+
+
+def logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:
+    return any(all(p in m for p in parts) for m in caplog.messages)
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    return caplog
+
+
+def only_failure(node: Node, name: str) -> None:
+    """Exactly one failure counter is set, and it is ``name``."""
+    stats = vars(node.server.stats)
+    counters = {
+        k: v
+        for k, v in stats.items()
+        if v and k not in {"accepted", "active", "established", "bytes_in", "bytes_out"}
+    }
+    assert counters == {name: 1}
+
+
+# --- happy paths -----------------------------------------------------------------------
+
+
+def test_bytes_flow_both_ways_through_a_tunnel(run: Callable[[Body], None], certs: Certs) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            client_side = client_tls(certs)
+            client = TunnelClient(client_side)
+            app = App()
+            transport = await wait(
+                client.connect(SOURCE, node.address, target.address, DEST, lambda: app)
+            )
+            assert transport.get_protocol() is app
+            app.write(b"ping")
+            assert await wait(app.reader.readexactly(4)) == b"ping"
+            payload = os.urandom(3 * 1024 * 1024)
+            app.write(payload)
+            assert await wait(app.reader.readexactly(len(payload))) == payload
+            assert app.transport is not None
+            app.transport.write_eof()
+            assert await wait(app.reader.read()) == b""  # the echo pod closed after our EOF
+            assert await wait(app.lost) is None
+            await node.server.close(grace=WAIT)
+            stats = node.server.stats
+            assert (stats.accepted, stats.established, stats.active) == (1, 1, 0)
+            assert stats.bytes_out == stats.bytes_in == 4 + len(payload)
+            assert (client.stats.attempts, client.stats.opened) == (1, 1)
+            # The pod saw the connection come from the tunnel server, as a pod should.
+            assert bytes(target.conn().received[:4]) == b"ping"
+
+    run(body)
+
+
+def test_application_half_close_crosses_the_tunnel(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        async with (
+            Target(reply=lambda data: b"you said " + data) as target,
+            tunnel_server(certs, {}) as node,
+        ):
+            app = await open_tunnel_to(node, target, certs)
+            app.write(b"hello")
+            assert app.transport is not None
+            app.transport.write_eof()
+            # The reply is only sent once the pod saw our EOF: the END frame carried it,
+            # and the other direction kept flowing.
+            assert await wait(app.reader.read()) == b"you said hello"
+            assert await wait(app.lost) is None
+            await wait(target.conn().lost.wait())
+            assert target.conn().lost_exc is None
+
+    run(body)
+
+
+def test_pod_half_close_lets_the_client_keep_sending(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        async with Target(banner=b"ready") as target, tunnel_server(certs, {}) as node:
+            app = await open_tunnel_to(node, target, certs)
+            assert await wait(app.reader.read()) == b"ready"  # then the pod's END
+            app.write(b"still talking")
+            assert app.transport is not None
+            app.transport.write_eof()
+            conn = target.conn()
+            await wait(conn.eof.wait())
+            assert bytes(conn.received) == b"still talking"
+            assert await wait(app.lost) is None
+
+    run(body)
+
+
+def test_a_pod_reset_resets_the_tunnel(run: Callable[[Body], None], certs: Certs) -> None:
+    async def body() -> None:
+        async with Target(reset_on_data=True) as target, tunnel_server(certs, {}) as node:
+            app = await open_tunnel_to(node, target, certs)
+            app.write(b"boom")
+            assert isinstance(await wait(app.lost), ConnectionResetError)
+
+    run(body)
+
+
+async def open_tunnel_to(node: Node, target: Target, certs: Certs) -> App:
+    node.pods[target.address] = DEST
+    return await open_tunnel(node, target.address, tls=client_tls(certs))
+
+
+def test_through_the_outbound_proxy_half_close_and_refusal_reach_the_app(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    """The tunnel client as the outbound proxy's upstream seam, end to end."""
+
+    async def body() -> None:
+        async with (
+            Target(reply=digest) as target,
+            tunnel_server(certs, {}) as node,
+        ):
+            elsewhere = ("127.0.0.1", 1)
+            node.pods[target.address] = DEST
+            node.pods[elsewhere] = NotLocal.ELSEWHERE
+            client = TunnelClient(client_tls(certs))
+
+            def route(app: Address, destination: Address) -> TunnelRoute | None:
+                return TunnelRoute(SOURCE, node.address, DEST)
+
+            routes: dict[int, Address] = {}
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            proxy_address = listener.getsockname()[:2]
+            proxy = OutboundProxy(
+                original_destination=lambda conn: routes.get(conn.getpeername()[1]),
+                is_self=lambda ip, port: False,
+                connect=tunnel_connector(client, route),
+            )
+            serving = asyncio.create_task(proxy.serve(listener), name="test: outbound serve")
+            try:
+
+                async def app_connect(
+                    destination: Address,
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                    sock = socket.socket()
+                    sock.bind(("127.0.0.1", 0))
+                    routes[sock.getsockname()[1]] = destination
+                    sock.setblocking(False)
+                    await wait(asyncio.get_running_loop().sock_connect(sock, proxy_address))
+                    return await asyncio.open_connection(sock=sock)
+
+                reader, writer = await app_connect(target.address)
+                payload = os.urandom(2 * 1024 * 1024)
+                writer.write(payload)
+                writer.write_eof()
+                assert await wait(reader.read()) == digest(payload)
+                await close_writer(writer)
+
+                reader, writer = await app_connect(elsewhere)
+                with pytest.raises(ConnectionResetError):
+                    await wait(reader.read())
+                await close_writer(writer)
+                assert proxy.stats.upstream_failed == 1
+                assert logged(logs, "upstream connect failed (TunnelRefused:", "TARGET_NOT_ON_NODE")
+                assert (client.stats.opened, client.stats.refused) == (1, 1)
+            finally:
+                await proxy.close(grace=WAIT)
+                await wait(serving)
+
+    run(body)
+
+
+def test_rotation_keeps_established_tunnels_and_new_ones_get_the_new_certificate(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        old = certs.issue(DEST, generation=1)
+        source = certs.source(old)
+        server_tls = TlsContexts(source)
+        async with Target(echo=True) as target, tunnel_server(certs, {}, tls=server_tls) as node:
+            client_side = client_tls(certs)
+            first = await open_tunnel_to_with(node, target, client_side)
+            serial_1 = peer_serial(first)
+            source.materials[DEST] = certs.issue(DEST, generation=2)  # renewed
+            second = await open_tunnel_to_with(node, target, client_side)
+            assert peer_serial(second) != serial_1
+            for app in (first, second):  # the old tunnel still works
+                app.write(b"x")
+                assert await wait(app.reader.readexactly(1)) == b"x"
+                await app.close()
+            builds = server_tls.builds
+            third = await open_tunnel_to_with(node, target, client_side)
+            assert server_tls.builds == builds  # cached while nothing changes
+            await third.close()
+            source.trust_generation += 1  # a new trust bundle rebuilds the contexts
+            fourth = await open_tunnel_to_with(node, target, client_side)
+            assert server_tls.builds == builds + 1
+            await fourth.close()
+
+    run(body)
+
+
+async def open_tunnel_to_with(node: Node, target: Target, tls: TlsContexts) -> App:
+    node.pods[target.address] = DEST
+    return await open_tunnel(node, target.address, tls=tls)
+
+
+def peer_serial(app: App) -> int:
+    assert app.transport is not None
+    der = app.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_bench_handshakes_measures_fresh_tunnels(run: Callable[[Body], None], certs: Certs) -> None:
+    async def body() -> None:
+        both = TlsContexts(certs.source(certs.issue(SOURCE), certs.issue(DEST)))
+        result = await bench_handshakes(5, contexts=both, source=SOURCE, destination=DEST)
+        assert result.tunnels == 5 and len(result.open_ms) == 5
+        assert result.ms_per_tunnel > 0 and result.tunnels_per_second > 0
+        assert "tunnels, concurrency 1" in result.summary()
+
+    run(body)
+
+
+# --- bad input: the handshake ----------------------------------------------------------
+
+
+def test_garbage_instead_of_tls(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            reader, writer = await wait(asyncio.open_connection(*node.address))
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await read_to_end(reader) == b""
+            await close_writer(writer)
+            await assert_serves(node, certs)
+            only_failure(node, "not_tls")
+            assert logged(logs, "TLS handshake refused: not a TLS client", "[not_tls]")
+
+    run(body)
+
+
+def test_handshake_that_never_finishes_times_out(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            reader, writer = await wait(asyncio.open_connection(*node.address))
+            writer.write(b"\x16\x03\x01")  # the start of a ClientHello, then silence
+            where = "{}:{}".format(*writer.get_extra_info("sockname"))
+            assert await read_to_end(reader) == b""  # the server gave up after SHORT
+            await close_writer(writer)
+            await assert_serves(node, certs)
+            only_failure(node, "handshake_timeout")
+            assert logged(
+                logs, f"tunnel from {where}: TLS handshake refused: no complete TLS handshake "
+                f"within {SHORT:g}s", "[handshake_timeout]",
+            )  # fmt: skip
+
+    run(body)
+
+
+def test_tls_1_2_is_refused(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    class Tls12(TlsContexts):
+        def client_context(self, source: SpiffeId) -> ssl.SSLContext | None:
+            context = super().client_context(source)
+            assert context is not None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            return context
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            client_side = Tls12(certs.source(certs.issue(SOURCE)))
+            with pytest.raises(TunnelHandshakeError, match="TLS handshake failed"):
+                await open_tunnel(node, target.address, tls=client_side)
+            await assert_serves(node, certs)
+            only_failure(node, "tls_version")
+            assert logged(logs, "protocol version not accepted", "[tls_version]")
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("case", "counter", "log"),
+    [
+        ("another CA", "client_cert_untrusted", "unable to get local issuer certificate"),
+        ("expired", "client_cert_expired", "certificate has expired"),
+        ("not yet valid", "client_cert_not_yet_valid", "certificate is not yet valid"),
+    ],
+)
+def test_bad_client_certificates_are_refused(
+    run: Callable[[Body], None],
+    certs: Certs,
+    logs: pytest.LogCaptureFixture,
+    case: str,
+    counter: str,
+    log: str,
+) -> None:
+    options: dict[str, dict[str, Any]] = {
+        "another CA": {"pki": certs.other},
+        "expired": {
+            "not_before": NOW - dt.timedelta(days=2),
+            "not_after": NOW - dt.timedelta(days=1),
+        },
+        "not yet valid": {
+            "not_before": NOW + dt.timedelta(days=1),
+            "not_after": NOW + dt.timedelta(days=2),
+        },
+    }
+    kwargs = options[case]
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            bad = client_tls(certs, certs.issue(SOURCE, **kwargs))
+            # TLS 1.3: the client's side of the handshake completes before the server
+            # checks the client's certificate, so the client learns of it as a close.
+            with pytest.raises(TunnelHandshakeError, match="closed the connection without"):
+                await open_tunnel(node, target.address, tls=bad)
+            await assert_serves(node, certs)
+            only_failure(node, counter)
+            assert logged(logs, f"TLS handshake refused: client certificate: {log}", counter)
+
+    run(body)
+
+
+def test_no_client_certificate_is_refused(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            reader, writer = await raw_tls(node, raw_context(None, pki=certs.pki))
+            writer.write(encode_connect(("127.0.0.1", 80)))
+            assert await read_to_end(reader) == b""
+            await close_writer(writer)
+            await assert_serves(node, certs)
+            only_failure(node, "client_cert_missing")
+            assert logged(logs, "no client certificate", "[client_cert_missing]")
+
+    run(body)
+
+
+def test_the_server_must_be_the_expected_identity(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    """A node that answers for DEST with OTHER's certificate (chained to our CA, so TLS
+    alone would accept it) is refused by the client before it sends the header."""
+    impostor = certs.issue(OTHER)
+
+    class Impostor(TlsContexts):
+        def workload_context(self, identity: SpiffeId) -> ssl.SSLContext | None:
+            return super().workload_context(OTHER if identity == DEST else identity)
+
+    async def body() -> None:
+        server_side = Impostor(certs.source(impostor))
+        async with Target(echo=True) as target, tunnel_server(certs, {}, tls=server_side) as node:
+            client = TunnelClient(client_tls(certs))
+            with pytest.raises(TunnelImpersonation) as caught:
+                await wait(client.connect(SOURCE, node.address, target.address, DEST, App))
+            assert (caught.value.expected, caught.value.actual) == (DEST, OTHER)
+            assert f"the server presented {OTHER}, but discovery says this endpoint is {DEST}" in (
+                str(caught.value)
+            )
+            assert client.stats.impersonation == 1
+            await node.server.close(grace=WAIT)
+            assert target.conns == []  # the header (the target) was never sent
+            # The client resets right after its side of the handshake: the server sees
+            # that before or after its own side completed, depending on timing.
+            failures = {k for k, v in vars(node.server.stats).items() if v} - {
+                "accepted", "established", "active", "bytes_in", "bytes_out"
+            }  # fmt: skip
+            assert failures in ({"header_truncated"}, {"handshake_aborted"})
+
+    run(body)
+
+
+def test_a_server_from_another_mesh_is_refused_by_the_client(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        foreign = certs.issue(DEST, pki=certs.other)
+        async with tunnel_server(certs, {}, materials=(foreign,)) as node:
+            with pytest.raises(TunnelHandshakeError, match="certificate did not verify"):
+                await open_tunnel(node, ("127.0.0.1", 80), tls=client_tls(certs))
+            await node.server.close(grace=WAIT)
+            only_failure(node, "handshake_aborted")
+
+    run(body)
+
+
+@pytest.mark.parametrize("sni", ["unknown workload", "not weft", "no sni"])
+def test_unknown_sni_fails_the_handshake(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture, sni: str
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            if sni == "unknown workload":
+                # A real client, reaching for a workload this node has no certificate of.
+                with pytest.raises(TunnelHandshakeError, match="TLS handshake failed"):
+                    await open_tunnel(
+                        node, ("127.0.0.1", 80), tls=client_tls(certs), expected=OTHER
+                    )
+                expected_log = f"names {OTHER}, which has no certificate on this node"
+            else:
+                context = raw_context(certs.issue(SOURCE), pki=certs.pki)
+                # An IP address as server_hostname: Python then sends no SNI at all.
+                name = "example.com" if sni == "not weft" else "127.0.0.1"
+                with pytest.raises((ConnectionError, ssl.SSLError)):
+                    await wait(asyncio.open_connection(*node.address, ssl=context,
+                                                       server_hostname=name))  # fmt: skip
+                expected_log = (
+                    "SNI 'example.com' is not a Weft workload name"
+                    if sni == "not weft"
+                    else "the client sent no SNI"
+                )
+            await assert_serves(node, certs)
+            only_failure(node, "unknown_sni")
+            assert logged(logs, "TLS handshake refused: ", expected_log, "[unknown_sni]")
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "identity", ["spiffe://cluster.local/weft/node/node-1", "spiffe://elsewhere.test/ns/a/sa/b"]
+)
+def test_client_identities_that_may_not_use_tunnels(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture, identity: str
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            context = raw_context(certs.issue(identity), pki=certs.pki)
+            reader, writer = await raw_tls(node, context)
+            writer.write(encode_connect(("127.0.0.1", 80)))
+            assert await read_to_end(reader) == b""
+            await close_writer(writer)
+            await assert_serves(node, certs)
+            only_failure(node, "client_identity_refused")
+            assert logged(logs, f"client identity {identity}", "[client_identity_refused]")
+
+    run(body)
+
+
+# --- bad input: the header -------------------------------------------------------------
+
+
+async def send_header(node: Node, certs: Certs, data: bytes, *, then_close: bool = False) -> bytes:
+    """Send ``data`` after a good handshake; return everything the server sent back."""
+    reader, writer = await raw_tls(node, raw_context(certs.issue(SOURCE), pki=certs.pki))
+    writer.write(data)
+    if then_close:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await wait(writer.wait_closed())
+        return b""
+    answer = await read_to_end(reader)
+    await close_writer(writer)
+    return answer
+
+
+BAD_HEADERS = [
+        ("garbage", b"\x00garbage", Status.BAD_HEADER, "not a Weft tunnel header"),
+        ("wrong kind", MAGIC + bytes((VERSION, Kind.ANSWER, 0, 0)), Status.BAD_HEADER,
+         "expected a CONNECT header"),
+        ("future version", MAGIC + bytes((9, Kind.CONNECT, 0, 0)),
+         Status.UNSUPPORTED_VERSION, "header version 9"),
+        ("oversized", MAGIC + bytes((VERSION, Kind.CONNECT)) + (60000).to_bytes(2, "big"),
+         Status.HEADER_TOO_LARGE, "header declares 60008 bytes"),
+        ("no target", MAGIC + bytes((VERSION, Kind.CONNECT, 0, 0)), Status.BAD_HEADER,
+         "a CONNECT header needs exactly one target field"),
+        ("incomplete", encode_connect(("127.0.0.1", 80))[:-3], Status.HEADER_TIMEOUT,
+         f"no complete header within {SHORT:g}s"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "data", "status", "log"), BAD_HEADERS, ids=[c[0] for c in BAD_HEADERS]
+)
+def test_bad_headers_get_their_answer(
+    run: Callable[[Body], None],
+    certs: Certs,
+    logs: pytest.LogCaptureFixture,
+    case: str,
+    data: bytes,
+    status: Status,
+    log: str,
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            answer = await send_header(node, certs, data)
+            assert decode_answer(answer).status is status
+            await assert_serves(node, certs)
+            only_failure(node, status.name.lower())
+            assert logged(logs, f"({SOURCE}): refused {status.name}: {log}")
+
+    run(body)
+
+
+def test_truncated_header(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with tunnel_server(certs, {}) as node:
+            header = encode_connect(("127.0.0.1", 80))
+            await send_header(node, certs, header[: FIXED_SIZE + 2], then_close=True)
+            await assert_serves(node, certs)
+            only_failure(node, "header_truncated")
+            assert logged(
+                logs, f"({SOURCE}): the client closed the connection after {FIXED_SIZE + 2} "
+                "bytes of header", "[header_truncated]",
+            )  # fmt: skip
+
+    run(body)
+
+
+# --- refusals: target and policy --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "log"),
+    [
+        ("unknown target", Status.UNKNOWN_TARGET, "no pod is known at this address"),
+        ("not on node", Status.TARGET_NOT_ON_NODE, "the pod at this address runs on another node"),
+        ("wrong identity", Status.TARGET_IDENTITY_MISMATCH,
+         f"the pod runs as {OTHER}, but the client asked for {DEST}"),
+        ("policy", Status.POLICY_DENIED, "frontend may not call backend"),
+        ("refusing", Status.TARGET_UNREACHABLE, "connecting failed (ConnectionRefusedError"),
+        ("hook raises", Status.INTERNAL_ERROR, "the authorization hook raised"),
+    ],
+)  # fmt: skip
+def test_refusals_name_their_reason(
+    run: Callable[[Body], None],
+    certs: Certs,
+    logs: pytest.LogCaptureFixture,
+    case: str,
+    status: Status,
+    log: str,
+) -> None:
+    target = closed_port() if case == "refusing" else ("127.0.0.1", 9)
+    choices: dict[str, dict[Address, SpiffeId | NotLocal]] = {
+        "unknown target": {},
+        "not on node": {target: NotLocal.ELSEWHERE},
+        "wrong identity": {target: OTHER},
+    }
+    pods = choices.get(case, {target: DEST})
+
+    def authorize(client: SpiffeId, address: Address) -> Decision:
+        if address != target:
+            return Decision.allow()  # assert_serves's target
+        if case == "hook raises":
+            raise RuntimeError("policy engine bug")
+        if case == "policy":
+            return Decision.deny("frontend may not call backend")
+        return Decision.allow()
+
+    async def body() -> None:
+        async with tunnel_server(certs, pods, authorize=authorize) as node:
+            client = TunnelClient(client_tls(certs))
+            with pytest.raises(TunnelRefused) as caught:
+                await wait(client.connect(SOURCE, node.address, target, DEST, App))
+            assert caught.value.status is status
+            assert f"refused {status.name}" in str(caught.value)
+            assert client.stats.refused == 1
+            await assert_serves(node, certs)
+            only_failure(node, status.name.lower())
+            where = f"({SOURCE}) to 127.0.0.1:{target[1]}: refused {status.name}: {log}"
+            assert logged(logs, where)
+
+    run(body)
+
+
+# --- the client's own failures ----------------------------------------------------------
+
+
+def test_client_errors_before_any_tunnel(run: Callable[[Body], None], certs: Certs) -> None:
+    async def body() -> None:
+        client = TunnelClient(TlsContexts(certs.source()))  # no material at all
+        with pytest.raises(TunnelSetupError, match=f"no certificate for {SOURCE}"):
+            await client.connect(SOURCE, ("127.0.0.1", 1), ("127.0.0.1", 80), DEST, App)
+
+        client = TunnelClient(client_tls(certs))
+        with pytest.raises(TunnelUnreachable, match="cannot connect to the node's tunnel port"):
+            await client.connect(SOURCE, closed_port(), ("127.0.0.1", 80), DEST, App)
+        assert (client.stats.attempts, client.stats.unreachable) == (1, 1)
+
+        connect = tunnel_connector(client, lambda app, destination: None)
+        with pytest.raises(TunnelNoRoute) as caught:
+            await connect(("127.0.0.1", 5), ("127.0.0.1", 80), App)
+        assert isinstance(caught.value, TunnelError) and isinstance(caught.value, ConnectionError)
+
+    run(body)
+
+
+def test_close_resets_tunnels_still_relaying(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            app = await open_tunnel_to(node, target, certs)
+            app.write(b"x")
+            assert await wait(app.reader.readexactly(1)) == b"x"
+            await node.server.close(grace=0.05)
+            assert isinstance(await wait(app.lost), ConnectionResetError)
+            assert node.server.stats.active == 0
+            assert logged(logs, "still relaying at the shutdown deadline")
+
+    run(body)
+
+
+def test_cancelling_a_client_connect_leaves_nothing_open(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    """A connect cancelled while the server is still connecting to the pod (as the
+    outbound proxy's timeout would cancel it) and a server closed meanwhile leave no
+    task or connection behind."""
+
+    async def body() -> None:
+        entered = asyncio.Event()
+
+        async def never_connect(target: Address, factory: Any) -> asyncio.BaseTransport:
+            entered.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        server_tls = TlsContexts(certs.source(certs.issue(DEST)))
+        server = TunnelServer(
+            contexts=server_tls,
+            locate_target=lambda address: DEST,
+            connect_target=never_connect,
+            config=TunnelServerConfig(target_connect_timeout=WAIT),
+        )
+        listener = tunnel_listener("127.0.0.1", 0)
+        address = listener.getsockname()[:2]
+        serving = asyncio.create_task(server.serve(listener), name="test: tunnel serve")
+        try:
+            client = TunnelClient(client_tls(certs))
+            connecting = asyncio.create_task(
+                client.connect(SOURCE, address, ("127.0.0.1", 80), DEST, App),
+                name="test: connect",
+            )
+            await wait(entered.wait())
+            connecting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await connecting
+        finally:
+            await server.close(grace=0)
+            await wait(serving)
+
+    run(body)
