@@ -1,0 +1,171 @@
+"""The lab registry source: the lab's state file, polled, turned into the model.
+
+``weft lab`` writes one JSON state file atomically (write a sibling, rename) and rewrites
+it when labels change.  Polling its identity — inode, mtime, size — every ``interval`` is
+the whole watch: a rename always brings a new inode, so no change is missed between two
+polls, and a poll costs one ``stat``.  inotify would save the polling but not the re-read,
+and its watches die with the directory; a lab is a handful of pods.
+
+Each change re-reads the whole file and hands the full view to
+:meth:`DiscoveryStore.replace`, which turns it into deltas — the lab has no event stream
+to preserve, and diffing full views is what makes a missed poll harmless.
+
+Differences from Kubernetes, on purpose: the lab has no readiness (every pod is ready
+and every selected pod an endpoint), no named target ports, and inbound mode is a pod
+*label* (there are no annotations in the lab's state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from controlplane.discovery.model import (
+    DiscoveryStore,
+    Endpoint,
+    Service,
+    ServicePort,
+    Workload,
+    WorkloadPort,
+    inbound_mode,
+    is_captured,
+)
+from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from weft.lab.plan import endpoints as selected_pods
+from weft.lab.state import LabState, StateError, load_state
+
+log = logging.getLogger("weft.discovery.lab")
+
+DEFAULT_INTERVAL = 0.25
+"""Seconds between polls: a label change reaches the store within this."""
+
+
+def lab_uid(lab: str, namespace: str, pod: str) -> str:
+    """A lab pod's stable UID: readable in logs, unique across labs sharing a machine."""
+    return f"lab/{lab}/{namespace}/{pod}"
+
+
+def lab_model(
+    state: LabState, trust_domain: str = DEFAULT_TRUST_DOMAIN
+) -> tuple[list[Workload], list[Service]]:
+    """Workloads and services of a lab, as discovery models them."""
+    plan = state.plan
+    workloads: list[Workload] = []
+    uids: dict[str, str] = {}
+    for pod in plan.pods:
+        try:
+            identity = SpiffeId.workload(pod.namespace, pod.service_account, trust_domain)
+        except IdentityError as e:
+            # One bad pod must not hide the others; the lab validates names, so this is
+            # a hand-edited state file.
+            log.warning("lab pod %s/%s skipped: %s", pod.namespace, pod.name, e)
+            continue
+        uid = lab_uid(plan.name, pod.namespace, pod.name)
+        uids[pod.name] = uid
+        workloads.append(
+            Workload(
+                uid=uid,
+                name=pod.name,
+                namespace=pod.namespace,
+                node=pod.node,
+                ips=(pod.ip,),
+                service_account=pod.service_account,
+                identity=identity,
+                captured=is_captured(pod.labels, plan.namespaces.get(pod.namespace, {})),
+                inbound_mode=inbound_mode({}, pod.labels),
+                ports=tuple(WorkloadPort(port) for port in pod.ports),
+                ready=True,
+            )
+        )
+    services = [
+        Service(
+            name=svc.name,
+            namespace=svc.namespace,
+            vips=(svc.vip,),
+            ports=tuple(
+                ServicePort(
+                    port=p.port, target_port=p.target_port, protocol=p.protocol, name=p.name
+                )
+                for p in svc.ports
+            ),
+            endpoints=tuple(
+                sorted(
+                    (
+                        Endpoint(address=pod.ip, workload_uid=uids[pod.name], ready=True)
+                        for pod in selected_pods(plan.pods, svc)
+                        if pod.name in uids
+                    ),
+                    key=lambda e: e.address,
+                )
+            ),
+        )
+        for svc in plan.services
+    ]
+    return workloads, services
+
+
+class LabSource:
+    """Keeps a :class:`DiscoveryStore` equal to a lab state file."""
+
+    def __init__(
+        self,
+        state_file: Path,
+        store: DiscoveryStore,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"poll interval must be > 0, got {interval}")
+        self.state_file = state_file
+        self.store = store
+        self.interval = interval
+        self.trust_domain = trust_domain
+        self._seen: tuple[int, int, int] | None = None
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.state_file)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    async def poll(self) -> bool:
+        """Re-read the state file if it changed since the last poll; True if it was read.
+
+        An unreadable file keeps the last good state (agents keep working) and is not
+        retried until it changes again, so a corrupt file logs once, not every poll.
+        """
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            # Off the loop: a bench-sized lab state is megabytes of JSON.
+            state = await asyncio.to_thread(load_state, self.state_file)
+        except StateError as e:
+            log.warning("lab state unreadable, keeping the last state: %s", e)
+            return False
+        workloads, services = lab_model(state, self.trust_domain)
+        deltas = self.store.replace(workloads, services)
+        if deltas:
+            log.info(
+                "lab %s: %d change(s), revision %d",
+                state.plan.name,
+                len(deltas),
+                self.store.revision,
+            )
+        self.store.mark_synced()
+        return True
+
+    async def run(self) -> None:
+        """Poll forever.  Waits (and says so once) while the state file does not exist."""
+        waiting_logged = False
+        while True:
+            if self._stamp() is None and not waiting_logged:
+                log.info("waiting for lab state at %s (is the lab up?)", self.state_file)
+                waiting_logged = True
+            await self.poll()
+            await asyncio.sleep(self.interval)

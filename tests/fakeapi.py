@@ -1,0 +1,698 @@
+"""A fake Kubernetes API server: real HTTP on 127.0.0.1, the real wire format, four kinds.
+
+What it serves, as kube-apiserver does (only what Weft's discovery reads):
+
+* ``GET /api/v1/pods``, ``/api/v1/services``, ``/api/v1/namespaces``,
+  ``/apis/discovery.k8s.io/v1/endpointslices`` — a list (``PodList`` ...) with
+  ``metadata.resourceVersion``; items without ``kind``/``apiVersion``, as typed lists
+  have.  ``limit`` + ``continue`` page through one consistent snapshot; an expired
+  continue token is ``410 Expired``.
+* the same with ``watch=true&resourceVersion=N`` — ``200``, ``Transfer-Encoding:
+  chunked``, one JSON event per line and per chunk (``ADDED``/``MODIFIED``/``DELETED``
+  with the whole object, ``BOOKMARK`` with only ``metadata.resourceVersion`` when
+  ``allowWatchBookmarks=true``), replaying every change after N, then live ones.  Ends
+  cleanly after ``timeoutSeconds``.  A version older than the last compaction gets an
+  ``ERROR`` event whose object is a ``Status`` with ``code: 410`` (or, with
+  ``gone_as_status``, an HTTP 410).
+* ``Authorization: Bearer <token>`` is checked when the fake has a token (else 401).
+
+Resource versions are one counter across all kinds, like etcd's revision.  What tests
+can do besides changing objects: :meth:`bookmark`, :meth:`expire` (compact history and
+send open watches a 410), :meth:`unobserved` (changes no watch will see — the events a
+client misses while compacted away), :meth:`drop_watches` (cut streams mid-chunk),
+:meth:`partition` (refuse every connection).  :attr:`requests` records what the client
+sent.
+
+Threads rather than asyncio: the client under test blocks in its own threads, and a
+server that does not share the test's event loop cannot be stalled by it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    name: str
+    kind: str
+    api_version: str
+    path: str
+    namespaced: bool
+
+
+RESOURCES = {
+    r.name: r
+    for r in (
+        ResourceType("pods", "Pod", "v1", "/api/v1/pods", True),
+        ResourceType("services", "Service", "v1", "/api/v1/services", True),
+        ResourceType("namespaces", "Namespace", "v1", "/api/v1/namespaces", False),
+        ResourceType(
+            "endpointslices",
+            "EndpointSlice",
+            "discovery.k8s.io/v1",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            True,
+        ),
+    )
+}
+_BY_PATH = {r.path: r for r in RESOURCES.values()}
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    """Names in lower case."""
+
+    @property
+    def resource(self) -> str | None:
+        r = _BY_PATH.get(self.path)
+        return r.name if r else None
+
+    @property
+    def watch(self) -> bool:
+        return _parse_bool(self.query.get("watch"))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    rv: int
+    type: str
+    resource: str | None
+    """None for BOOKMARK and ERROR entries, which go to every watch."""
+    obj: JSON | None
+
+
+def _parse_bool(value: str | None) -> bool:
+    # The API server uses Go's strconv.ParseBool.
+    return value in ("1", "t", "T", "true", "TRUE", "True")
+
+
+def status(code: int, reason: str, message: str) -> JSON:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class FakeKubeAPI:
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.gone_as_status = False
+        """Answer a too-old watch with HTTP 410 instead of a 200 + ERROR event."""
+        self.after_list_page: Callable[[str], None] | None = None
+        """Called with the resource name after each list page is sent (to expire a
+        continue token between pages, say)."""
+        self.requests: list[Request] = []
+        self._cond = threading.Condition()
+        self._rv = 1000
+        self._compacted = self._rv
+        self._objects: dict[str, dict[str, JSON]] = {name: {} for name in RESOURCES}
+        self._log: list[_Entry] = []
+        self._observed = True
+        self._continues: dict[str, tuple[int, list[JSON]]] = {}
+        self._partitioned = False
+        self._closing = False
+        self._connections: set[socket.socket] = set()
+        self._watch_connections: dict[socket.socket, str] = {}
+        self._server = _Server(self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakeapi"
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeKubeAPI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._server.shutdown()
+        with self._cond:
+            conns = set(self._connections)
+        self._shutdown(conns)
+        self._server.server_close()  # joins the handler threads
+        self._thread.join()
+
+    def __enter__(self) -> FakeKubeAPI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- objects ------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> str:
+        with self._cond:
+            return str(self._rv)
+
+    def get(self, resource: str, name: str, namespace: str | None = None) -> JSON | None:
+        with self._cond:
+            obj = self._objects[resource].get(_key(namespace, name))
+            return copy.deepcopy(obj)
+
+    def create(self, resource: str, obj: JSON) -> JSON:
+        r = RESOURCES[resource]
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        key = self._check(r, meta)
+        with self._cond:
+            if key in self._objects[resource]:
+                raise KeyError(f"{resource} {key} exists")
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", _now())
+            return self._store(r, key, obj, "ADDED")
+
+    def update(self, resource: str, obj: JSON) -> JSON:
+        r = RESOURCES[resource]
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        key = self._check(r, meta)
+        with self._cond:
+            old = self._objects[resource].get(key)
+            if old is None:
+                raise KeyError(f"{resource} {key} does not exist")
+            meta["uid"] = old["metadata"]["uid"]
+            meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+            return self._store(r, key, obj, "MODIFIED")
+
+    def apply(self, resource: str, obj: JSON) -> JSON:
+        """Create or update."""
+        meta = obj.get("metadata") or {}
+        if self.get(resource, meta.get("name", ""), meta.get("namespace")) is None:
+            return self.create(resource, obj)
+        return self.update(resource, obj)
+
+    def delete(self, resource: str, name: str, namespace: str | None = None) -> None:
+        r = RESOURCES[resource]
+        with self._cond:
+            obj = self._objects[resource].pop(_key(namespace, name))
+            self._rv += 1
+            # The DELETED event carries the last state, at the deletion's version.
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            self._emit(_Entry(self._rv, "DELETED", r.name, obj))
+
+    def _check(self, r: ResourceType, meta: JSON) -> str:
+        if not meta.get("name"):
+            raise ValueError("metadata.name is required")
+        if r.namespaced and not meta.get("namespace"):
+            raise ValueError(f"{r.kind} needs metadata.namespace")
+        if not r.namespaced:
+            meta.pop("namespace", None)
+        return _key(meta.get("namespace"), meta["name"])
+
+    def _store(self, r: ResourceType, key: str, obj: JSON, event: str) -> JSON:
+        self._rv += 1
+        obj["kind"] = r.kind
+        obj["apiVersion"] = r.api_version
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._objects[r.name][key] = obj
+        self._emit(_Entry(self._rv, event, r.name, copy.deepcopy(obj)))
+        return copy.deepcopy(obj)
+
+    def _emit(self, entry: _Entry) -> None:
+        if self._observed or entry.resource is None:
+            self._log.append(entry)
+        self._cond.notify_all()
+
+    # -- faults -------------------------------------------------------------------------
+
+    def bookmark(self) -> str:
+        """Send every open watch (that asked for bookmarks) the current resourceVersion."""
+        with self._cond:
+            self._emit(_Entry(self._rv, "BOOKMARK", None, None))
+            return str(self._rv)
+
+    def expire(self) -> None:
+        """Compact: forget history up to now.  Open watches get ``ERROR 410`` and end;
+        new watches from an older version, and old continue tokens, get 410 too."""
+        with self._cond:
+            self._compacted = self._rv
+            self._continues.clear()
+            self._emit(_Entry(self._rv, "ERROR", None, None))
+
+    @contextmanager
+    def unobserved(self) -> Iterator[None]:
+        """Changes inside reach no watch — then :meth:`expire`, as compaction would."""
+        with self._cond:
+            self._observed = False
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._observed = True
+            self.expire()
+
+    def open_watches(self, resource: str | None = None) -> int:
+        """Watch streams being served now (of one resource, or all)."""
+        with self._cond:
+            return sum(1 for r in self._watch_connections.values() if resource in (None, r))
+
+    def drop_watches(self) -> int:
+        """Cut every open watch stream mid-chunk (no terminating chunk)."""
+        with self._cond:
+            conns = set(self._watch_connections)
+        self._shutdown(conns)
+        return len(conns)
+
+    @contextmanager
+    def partition(self) -> Iterator[None]:
+        """Inside, every connection (open or new) is cut without a response."""
+        with self._cond:
+            self._partitioned = True
+            conns = set(self._connections)
+        self._shutdown(conns)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._partitioned = False
+
+    @staticmethod
+    def _shutdown(conns: set[socket.socket]) -> None:
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # -- requests (called on handler threads) -------------------------------------------
+
+    def watch_requests(self, resource: str) -> list[Request]:
+        return [r for r in self.requests if r.resource == resource and r.watch]
+
+    def list_requests(self, resource: str) -> list[Request]:
+        return [r for r in self.requests if r.resource == resource and not r.watch]
+
+    def _serve(self, h: _Handler) -> None:
+        url = urlsplit(h.path)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        self.requests.append(Request(url.path, query, headers))
+        if self._partitioned:
+            h.close_connection = True
+            self._shutdown({h.connection})
+            return
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        r = _BY_PATH.get(url.path)
+        if r is None:
+            h.send_json(
+                404, status(404, "NotFound", "the server could not find the requested resource")
+            )
+            return
+        if _parse_bool(query.get("watch")):
+            self._serve_watch(h, r, query)
+        else:
+            self._serve_list(h, r, query)
+
+    def _serve_list(self, h: _Handler, r: ResourceType, query: dict[str, str]) -> None:
+        limit = int(query["limit"]) if query.get("limit") else None
+        token = query.get("continue")
+        with self._cond:
+            if token:
+                held = self._continues.pop(token, None)
+                if held is None:
+                    h.send_json(
+                        410,
+                        status(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old to display a "
+                            "consistent list result. You can start a new list without the "
+                            "continue parameter.",
+                        ),
+                    )
+                    return
+                rv, items = held
+            else:
+                rv = self._rv
+                items = [
+                    copy.deepcopy(self._objects[r.name][k]) for k in sorted(self._objects[r.name])
+                ]
+            page, rest = (items[:limit], items[limit:]) if limit else (items, [])
+            meta: JSON = {"resourceVersion": str(rv)}
+            if rest:
+                next_token = uuid.uuid4().hex
+                self._continues[next_token] = (rv, rest)
+                meta["continue"] = next_token
+                meta["remainingItemCount"] = len(rest)
+        for obj in page:
+            # Items of a typed list carry no kind/apiVersion; the list does.
+            obj.pop("kind", None)
+            obj.pop("apiVersion", None)
+        h.send_json(
+            200,
+            {"kind": f"{r.kind}List", "apiVersion": r.api_version, "metadata": meta, "items": page},
+        )
+        if self.after_list_page is not None:
+            self.after_list_page(r.name)
+
+    def _serve_watch(self, h: _Handler, r: ResourceType, query: dict[str, str]) -> None:
+        bookmarks = _parse_bool(query.get("allowWatchBookmarks"))
+        timeout = int(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
+        deadline = time.monotonic() + timeout if timeout else None
+        since = query.get("resourceVersion") or "0"
+        initial: list[JSON] = []
+        too_old = False
+        with self._cond:
+            if since == "0":
+                # "Start at most recent": synthetic ADDED for what exists, then changes.
+                initial = [copy.deepcopy(o) for _, o in sorted(self._objects[r.name].items())]
+                cursor = len(self._log)
+            else:
+                rv = int(since)
+                too_old = rv < self._compacted
+                cursor = next((i for i, e in enumerate(self._log) if e.rv > rv), len(self._log))
+        if too_old:
+            gone = status(410, "Expired", f"too old resource version: {since} ({self._compacted})")
+            if self.gone_as_status:
+                h.send_json(410, gone)
+            else:
+                h.start_chunked()
+                h.send_event({"type": "ERROR", "object": gone})
+                h.end_chunked()
+            return
+        try:
+            h.start_chunked()
+            # Registered once the headers are out: dropping it now cuts a stream the
+            # client has begun, rather than a request urllib3 would silently retry.
+            with self._cond:
+                self._watch_connections[h.connection] = r.name
+            for obj in initial:
+                h.send_event({"type": "ADDED", "object": obj})
+            while True:
+                with self._cond:
+                    while cursor >= len(self._log) and not self._closing:
+                        remaining = deadline - time.monotonic() if deadline else 0.5
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(min(remaining, 0.5))
+                    entries, cursor = self._log[cursor:], len(self._log)
+                    closing = self._closing
+                if closing or (deadline and time.monotonic() >= deadline and not entries):
+                    h.end_chunked()
+                    return
+                for e in entries:
+                    if e.type == "ERROR":
+                        h.send_event(
+                            {
+                                "type": "ERROR",
+                                "object": status(
+                                    410, "Expired", f"too old resource version: {e.rv}"
+                                ),
+                            }
+                        )
+                        h.end_chunked()
+                        return
+                    if e.type == "BOOKMARK":
+                        if bookmarks:
+                            h.send_event(
+                                {
+                                    "type": "BOOKMARK",
+                                    "object": {
+                                        "kind": r.kind,
+                                        "apiVersion": r.api_version,
+                                        "metadata": {"resourceVersion": str(e.rv)},
+                                    },
+                                }
+                            )
+                    elif e.resource == r.name:
+                        h.send_event({"type": e.type, "object": e.obj})
+        except OSError:
+            h.close_connection = True  # dropped: by the client, or by drop_watches()
+        finally:
+            with self._cond:
+                self._watch_connections.pop(h.connection, None)
+
+
+def _key(namespace: str | None, name: str) -> str:
+    return f"{namespace}/{name}" if namespace else name
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, and chunked responses
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.fake._cond:
+            self.server.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.fake._cond:
+            self.server.fake._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self.server.fake._serve(self)
+
+    def send_json(self, code: int, body: JSON) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def send_event(self, event: JSON) -> None:
+        data = json.dumps(event).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the request log is FakeKubeAPI.requests
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True  # server_close() joins handler threads: nothing outlives a test
+
+    def __init__(self, fake: FakeKubeAPI) -> None:
+        self.fake = fake
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # connections cut on purpose end in errors; the tests judge by outcomes
+
+
+# -- objects shaped like the API's --------------------------------------------------------
+
+
+def namespace(name: str, labels: dict[str, str] | None = None) -> JSON:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
+        },
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    }
+
+
+def pod(
+    name: str,
+    namespace: str = "default",
+    *,
+    node: str | None = "node-1",
+    ip: str | None = "10.244.1.2",
+    ips: Sequence[str] | None = None,
+    service_account: str = "default",
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    ready: bool = True,
+    phase: str = "Running",
+    ports: Sequence[int | tuple[int, str]] = (8080,),
+    host_network: bool = False,
+    uid: str | None = None,
+) -> JSON:
+    addresses = list(ips) if ips is not None else ([ip] if ip else [])
+    container_ports = [
+        {"containerPort": p, "protocol": "TCP"}
+        if isinstance(p, int)
+        else {"name": p[1], "containerPort": p[0], "protocol": "TCP"}
+        for p in ports
+    ]
+    metadata: JSON = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    if uid:
+        metadata["uid"] = uid
+    spec: JSON = {
+        "containers": [
+            {
+                "name": "app",
+                "image": "registry.example/app:1",
+                "ports": container_ports,
+                "resources": {},
+                "terminationMessagePath": "/dev/termination-log",
+                "imagePullPolicy": "IfNotPresent",
+            }
+        ],
+        "restartPolicy": "Always",
+        "dnsPolicy": "ClusterFirst",
+        "serviceAccountName": service_account,
+        "serviceAccount": service_account,
+        "schedulerName": "default-scheduler",
+    }
+    if node:
+        spec["nodeName"] = node
+    if host_network:
+        spec["hostNetwork"] = True
+    condition = "True" if ready else "False"
+    status: JSON = {
+        "phase": phase,
+        "conditions": [
+            {"type": "PodScheduled", "status": "True" if node else "False"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": condition},
+            {"type": "Ready", "status": condition},
+        ],
+        "qosClass": "BestEffort",
+    }
+    if node:
+        status["hostIP"] = "10.240.0.11"
+    if addresses:
+        status["podIP"] = addresses[0]
+        status["podIPs"] = [{"ip": a} for a in addresses]
+    return {"metadata": metadata, "spec": spec, "status": status}
+
+
+def service(
+    name: str,
+    namespace: str = "default",
+    *,
+    cluster_ip: str | None = "10.96.0.10",
+    ports: Sequence[tuple[int, int | str] | tuple[int, int | str, str]] = ((80, 8080),),
+    selector: dict[str, str] | None = None,
+    type: str = "ClusterIP",
+) -> JSON:
+    spec: JSON = {
+        "type": type,
+        "sessionAffinity": "None",
+        "ipFamilies": ["IPv4"],
+        "ipFamilyPolicy": "SingleStack",
+        "internalTrafficPolicy": "Cluster",
+        "ports": [
+            {
+                **({"name": p[2]} if len(p) > 2 else {}),
+                "port": p[0],
+                "targetPort": p[1],
+                "protocol": "TCP",
+            }
+            for p in ports
+        ],
+    }
+    if selector is not None:
+        spec["selector"] = dict(selector)
+    if type == "ExternalName":
+        spec["externalName"] = "db.example.com"
+    elif cluster_ip is not None:
+        spec["clusterIP"] = cluster_ip
+        spec["clusterIPs"] = [cluster_ip]
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+        "status": {"loadBalancer": {}},
+    }
+
+
+def endpoint_slice(
+    name: str,
+    namespace: str = "default",
+    *,
+    service: str,
+    endpoints: Sequence[tuple[str, JSON | None, bool | None]] = (),
+    ports: Sequence[tuple[str, int]] = (("", 8080),),
+    address_type: str = "IPv4",
+) -> JSON:
+    """``endpoints``: (address, the pod object or None, ready — None leaves it unset)."""
+    eps = []
+    for address, target, ready in endpoints:
+        conditions: JSON = {}
+        if ready is not None:
+            conditions = {"ready": ready, "serving": ready, "terminating": False}
+        ep: JSON = {"addresses": [address], "conditions": conditions}
+        if target is not None:
+            meta = target["metadata"]
+            ep["targetRef"] = {
+                "kind": "Pod",
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta["uid"],
+            }
+            if target.get("spec", {}).get("nodeName"):
+                ep["nodeName"] = target["spec"]["nodeName"]
+        eps.append(ep)
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": service,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "addressType": address_type,
+        "endpoints": eps,
+        "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+    }
