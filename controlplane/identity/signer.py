@@ -246,7 +246,9 @@ class Signer:
             # Extensions parse lazily; a malformed one must count as a malformed CSR here,
             # not surface later as a crash.
             csr.extensions  # noqa: B018
-        except (ValueError, UnicodeEncodeError) as e:
+        except (ValueError, UnicodeEncodeError, x509.InvalidVersion) as e:
+            # InvalidVersion is not a ValueError in every cryptography release (46 raises
+            # it for a CSR whose version field is not 0); hypothesis found that one.
             raise _Refused(
                 RefusalCode.MALFORMED_CSR, f"not a PEM PKCS#10 certificate request: {e}"
             ) from None
