@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from weft.lab.lab import Lab, LabError
+from weft.lab.lab import Lab, LabError, request_interrupt
 from weft.lab.plan import PlanError
 
 out = Console()
@@ -52,7 +52,9 @@ def _interrupt(signum: int, _frame: object) -> None:
     # must just exit, not run `up`'s cleanup (it would tear the lab down under us).
     if os.getpid() != _MAIN_PID:
         os._exit(128 + signum)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    # No raise here: a KeyboardInterrupt raised inside an at-fork hook or a logging lock
+    # release is swallowed or leaves a lock held. `up` checks the flag between steps.
+    request_interrupt(signal.Signals(signum).name)
 
 
 def _fail(e: Exception) -> None:

@@ -167,7 +167,8 @@ class Lab:
             with _step("writing the state file"):
                 state.save()
             self._build(state, agents)
-            state.phase = "ready"
+            with _step("finishing"):
+                state.phase = "ready"
             state.save()
         except BaseException as e:
             state.phase = "failed"
@@ -480,6 +481,8 @@ class Lab:
 
 def _still_starting(rec: ProcessRecord, deadline: float, timeout_msg: str) -> None:
     """One poll of a starting process: fail with its log if it died or took too long."""
+    if _interrupt_requested is not None:
+        raise KeyboardInterrupt(_interrupt_requested)
     if not procs.is_alive(rec):
         raise LabError(f"{rec.name} exited during start:\n{_tail(Path(rec.log))}")
     if time.monotonic() > deadline:
@@ -487,9 +490,26 @@ def _still_starting(rec: ProcessRecord, deadline: float, timeout_msg: str) -> No
     time.sleep(0.05)
 
 
+_interrupt_requested: str | None = None
+
+
+def request_interrupt(reason: str) -> None:
+    """Ask a running ``up`` to stop at the next step (called from signal handlers).
+
+    A handler must not raise: an exception raised while the interpreter runs an at-fork
+    hook (pyroute2 and subprocess fork) is printed and swallowed, and one raised inside
+    logging's lock handling can leave the lock held.  ``up`` checks this flag before every
+    step and in every wait loop, so it stops within a step (milliseconds).
+    """
+    global _interrupt_requested
+    _interrupt_requested = reason
+
+
 @contextmanager
 def _step(what: str) -> Iterator[None]:
     """Name the step in any low-level error ("[Errno 2] ..." alone helps nobody)."""
+    if _interrupt_requested is not None:
+        raise KeyboardInterrupt(_interrupt_requested)
     try:
         yield
     except LabError:
