@@ -49,7 +49,9 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo
 	@echo "Lab is up. Try:"
 	@echo "  $(WEFT) lab status"
-	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo-2:8080/    # pod to pod, across nodes"
+	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo-2:8080/    # captured: mTLS tunnel between nodes"
+	@echo "  $(WEFT) lab exec plain-1 -- curl -s http://echo-2:8080/     # uncaptured: direct"
+	@echo "  $(WEFT) lab exec node-1 -- curl -s localhost:15020/debug/state   # the node agent"
 	@echo "  $(WEFT) lab exec client-1 -- sh                              # a shell inside a pod"
 	@echo "  $(WEFT) lab logs echo-1"
 	@echo "  $(WEFT) check"
