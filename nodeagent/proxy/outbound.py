@@ -29,35 +29,31 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nodeagent.proxy.listener import Address as Address  # re-exported for callers
+from nodeagent.proxy.listener import (
+    Listener,
+    endpoint,
+    reset_socket,
+    set_nodelay,
+)
+from nodeagent.proxy.listener import format_address as format_address
 from nodeagent.proxy.relay import Relay
 
 log = logging.getLogger("weft.proxy")
 
-Address = tuple[str, int]
-"""An (ip, port) pair; IPv4-mapped IPv6 addresses are reported in their IPv4 form."""
 
 OriginalDestination = Callable[[socket.socket], Address | None]
 """Where the accepted connection was originally headed, or None if it was not captured."""
 
 IsSelf = Callable[[str, int], bool]
 """Whether (ip, port) is one of this proxy's own listeners (inbound, admin, ...)."""
-
-# Accept at most this many connections per readiness event, so a connect storm cannot
-# starve the connections already being relayed.
-_ACCEPT_BATCH = 128
-# Out of file descriptors or buffers: back off instead of spinning on a readable socket.
-_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_ACCEPT_BACKOFF = 1.0
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class UpstreamConnector(Protocol):
@@ -145,32 +141,7 @@ class ProxyStats:
     """Bytes relayed from upstreams to clients."""
 
 
-def format_address(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _endpoint(sockaddr: Any) -> Address:
-    """(host, port) from a socket address, in a canonical text form for comparisons."""
-    host, port = str(sockaddr[0]), int(sockaddr[1])
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host, port
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), port
-
-
-def _reset_socket(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass  # the client is already gone; close() still frees the descriptor
-    sock.close()
-
-
-class OutboundProxy:
+class OutboundProxy(Listener):
     """Relays captured connections to their original destinations.
 
     ``original_destination`` is called with each accepted socket; ``is_self`` says which
@@ -186,130 +157,17 @@ class OutboundProxy:
         connect: UpstreamConnector = connect_plaintext,
         config: OutboundConfig | None = None,
     ) -> None:
+        super().__init__("outbound")
         self.config = config or OutboundConfig()
         self.stats = ProxyStats()
         self._original_destination = original_destination
         self._is_self = is_self
         self._connect = connect
-        self._listener: socket.socket | None = None
-        self._listen_address: Address | None = None
-        self._serving: asyncio.Future[None] | None = None
-        self._accept_backoff: asyncio.TimerHandle | None = None
-        self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(self, sock: socket.socket) -> None:
-        """Accept on the listening ``sock`` until `close`, then return.
-
-        Takes ownership of ``sock``: it is closed when accepting stops. Raises if
-        accepting fails in a way retrying cannot fix, so the caller's task guard sees it.
-        """
-        if self._listener is not None:
-            raise RuntimeError("OutboundProxy.serve() may only be called once")
-        if self._closing:
-            sock.close()  # close() came first; honour it rather than start accepting
-            return
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._listener = sock
-        self._listen_address = _endpoint(sock.getsockname())
-        self._serving = loop.create_future()
-        loop.add_reader(sock, self._accept_ready)
-        log.info("outbound: accepting on %s", format_address(self._listen_address))
-        try:
-            await self._serving
-        finally:
-            self._stop_accepting()
-
-    async def close(self, grace: float) -> None:
-        """Stop accepting, let active connections finish for ``grace`` seconds, then
-        reset the rest. Returns once every connection is closed."""
-        self._stop_accepting()
-        active = set(self._tasks)
-        if not active:
-            return
-        log.info("outbound: draining %d connections for up to %gs", len(active), grace)
-        _, stragglers = await asyncio.wait(active, timeout=grace)
-        for task in stragglers:
-            task.cancel()
-        if stragglers:
-            await asyncio.wait(stragglers)
-        log.info(
-            "outbound: closed; %d connections finished within %gs, %d were reset",
-            len(active) - len(stragglers),
-            grace,
-            len(stragglers),
-        )
-
-    # --- accepting --------------------------------------------------------------------
-
-    def _stop_accepting(self, error: OSError | None = None) -> None:
-        self._closing = True
-        if self._accept_backoff is not None:
-            self._accept_backoff.cancel()
-            self._accept_backoff = None
-        if self._listener is not None and self._listener.fileno() != -1:
-            asyncio.get_running_loop().remove_reader(self._listener)
-            # Closing, not just ignoring, the socket: connections still in the backlog
-            # are reset now instead of hanging until their clients time out.
-            self._listener.close()
-        if self._serving is not None and not self._serving.done():
-            if error is None:
-                self._serving.set_result(None)
-            else:
-                self._serving.set_exception(error)
-
-    def _accept_ready(self) -> None:
-        assert self._listener is not None  # only registered while listening
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue  # the client gave up while in the backlog
-            except OSError as exc:
-                self._accept_failed(exc)
-                return
-            try:
-                self._admit(conn, peer)
-            except Exception:
-                # A bug here must cost one connection, not the listener.
-                log.exception("outbound: handling a connection from %s failed", peer)
-                _reset_socket(conn)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        assert self._listener is not None and self._listen_address is not None
-        loop = asyncio.get_running_loop()
-        where = format_address(self._listen_address)
-        if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-            log.error(
-                "outbound: accept on %s failed (%s); pausing accepts for %gs "
-                "(out of file descriptors? raise the agent's `ulimit -n`)",
-                where,
-                exc,
-                _ACCEPT_BACKOFF,
-            )
-            loop.remove_reader(self._listener)
-            self._accept_backoff = loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
-            return
-        log.error("outbound: accept on %s failed (%s); no longer accepting", where, exc)
-        self._stop_accepting(exc)
-
-    def _resume_accepting(self) -> None:
-        self._accept_backoff = None
-        if not self._closing and self._listener is not None:
-            asyncio.get_running_loop().add_reader(self._listener, self._accept_ready)
 
     def _admit(self, conn: socket.socket, peer: Any) -> None:
         self.stats.accepted += 1
-        client = _endpoint(peer)
-        # asyncio sets TCP_NODELAY only when sock.proto is IPPROTO_TCP, and accepted
-        # sockets report proto 0: without this, Nagle delays small writes by ~40 ms.
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        client = endpoint(peer)
+        set_nodelay(conn)
         try:
             found = self._original_destination(conn)
         except Exception:
@@ -323,9 +181,9 @@ class OutboundProxy:
                 "no original destination for %s; refusing (is it captured by this node's eBPF?)",
                 format_address(client),
             )
-            _reset_socket(conn)
+            reset_socket(conn)
             return
-        destination = _endpoint(found)
+        destination = endpoint(found)
         label = f"{format_address(client)} -> {format_address(destination)}"
         if self._is_loop(destination, conn):
             self.stats.refused_loop += 1
@@ -335,14 +193,10 @@ class OutboundProxy:
                 "cgroup captured?)",
                 label,
             )
-            _reset_socket(conn)
+            reset_socket(conn)
             return
         conn.setblocking(False)
-        task = asyncio.get_running_loop().create_task(
-            self._run(conn, client, destination, label), name=f"weft.proxy.outbound {label}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._spawn(self._run(conn, client, destination, label), f"weft.proxy.outbound {label}")
 
     def _is_loop(self, destination: Address, conn: socket.socket) -> bool:
         listen = self._listen_address
@@ -351,7 +205,7 @@ class OutboundProxy:
             return True
         try:
             # With a wildcard listener this is the concrete address the client reached.
-            if destination == _endpoint(conn.getsockname()):
+            if destination == endpoint(conn.getsockname()):
                 return True
         except OSError:
             pass
@@ -365,11 +219,6 @@ class OutboundProxy:
         return self._is_self(*destination)
 
     # --- one connection ---------------------------------------------------------------
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("outbound %s: crashed", task.get_name(), exc_info=exc)
 
     async def _run(
         self, conn: socket.socket, client: Address, destination: Address, label: str

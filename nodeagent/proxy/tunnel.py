@@ -72,20 +72,24 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
-import ipaddress
 import logging
 import socket
 import ssl
 import statistics
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
 from nodeagent.proxy import tls
-from nodeagent.proxy.outbound import Address, UpstreamConnector, format_address
+from nodeagent.proxy.listener import (
+    Address,
+    Listener,
+    endpoint,
+    format_address,
+    set_nodelay,
+)
+from nodeagent.proxy.outbound import UpstreamConnector
 from nodeagent.proxy.relay import Relay, reset_transport
 from nodeagent.proxy.tunnel_header import (
     MAX_HEADER_SIZE,
@@ -111,10 +115,6 @@ log = logging.getLogger("weft.proxy.tunnel")
 
 TUNNEL_PORT = 15008
 
-_ACCEPT_BATCH = 128
-_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_ACCEPT_BACKOFF = 1.0
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 # --- hooks ---------------------------------------------------------------------------
 
@@ -814,32 +814,6 @@ class FramedTransport(asyncio.Transport):
 # --- server --------------------------------------------------------------------------
 
 
-def _endpoint(sockaddr: Any) -> Address:
-    host, port = str(sockaddr[0]), int(sockaddr[1])
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), port
-
-
-def _set_nodelay(sock: socket.socket) -> None:
-    # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and sockets
-    # made as socket(AF_INET, SOCK_STREAM), or accepted from one, have proto 0. Without
-    # it the header exchange meets Nagle + delayed ACK: 40 ms per tunnel (measured).
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # the peer is already gone; the handshake will say so
-
-
-def _reset_socket(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
-
-
 @dataclass
 class _Conn:
     """What a connection's task owns, for cleanup when it is cancelled."""
@@ -850,7 +824,7 @@ class _Conn:
     stage: str = "handshaking"
 
 
-class TunnelServer:
+class TunnelServer(Listener):
     """Accepts tunnels, checks them, and relays them to local pods.
 
     ``contexts`` supplies the TLS material (and the trust domain); ``locate_target``,
@@ -867,6 +841,7 @@ class TunnelServer:
         connect_target: TargetConnector = connect_target_plaintext,
         config: TunnelServerConfig | None = None,
     ) -> None:
+        super().__init__("tunnel")
         self.config = config or TunnelServerConfig()
         self.stats = TunnelServerStats()
         self.trust_domain = contexts.trust_domain
@@ -874,129 +849,17 @@ class TunnelServer:
         self._locate = locate_target
         self._authorize = authorize or allow_trust_domain(contexts.trust_domain)
         self._connect_target = connect_target
-        self._listener: socket.socket | None = None
-        self._listen_address: Address | None = None
-        self._serving: asyncio.Future[None] | None = None
-        self._accept_backoff: asyncio.TimerHandle | None = None
-        self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Accept on the listening ``sock`` until `close`, then return. Takes ownership
-        of ``sock``; raises if accepting fails in a way retrying cannot fix."""
-        if self._listener is not None:
-            raise RuntimeError("TunnelServer.serve() may only be called once")
-        if self._closing:
-            sock.close()
-            return
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._listener = sock
-        self._listen_address = _endpoint(sock.getsockname())
-        self._serving = loop.create_future()
+    def _before_accepting(self) -> str:
         self._tls.server_context()  # built now, so a broken setup fails at start
-        loop.add_reader(sock, self._accept_ready)
-        log.info(
-            "tunnel: accepting on %s (trust domain %s)",
-            format_address(self._listen_address),
-            self.trust_domain,
-        )
-        try:
-            await self._serving
-        finally:
-            self._stop_accepting()
-
-    async def close(self, grace: float) -> None:
-        """Stop accepting, let tunnels finish for ``grace`` seconds, then reset the rest."""
-        self._stop_accepting()
-        active = set(self._tasks)
-        if not active:
-            return
-        log.info("tunnel: draining %d connections for up to %gs", len(active), grace)
-        _, stragglers = await asyncio.wait(active, timeout=grace)
-        for task in stragglers:
-            task.cancel()
-        if stragglers:
-            await asyncio.wait(stragglers)
-        log.info(
-            "tunnel: closed; %d connections finished within %gs, %d were reset",
-            len(active) - len(stragglers),
-            grace,
-            len(stragglers),
-        )
-
-    # --- accepting --------------------------------------------------------------------
-
-    def _stop_accepting(self, error: OSError | None = None) -> None:
-        self._closing = True
-        if self._accept_backoff is not None:
-            self._accept_backoff.cancel()
-            self._accept_backoff = None
-        if self._listener is not None and self._listener.fileno() != -1:
-            asyncio.get_running_loop().remove_reader(self._listener)
-            self._listener.close()
-        if self._serving is not None and not self._serving.done():
-            if error is None:
-                self._serving.set_result(None)
-            else:
-                self._serving.set_exception(error)
-
-    def _accept_ready(self) -> None:
-        assert self._listener is not None
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                self._accept_failed(exc)
-                return
-            try:
-                self._admit(conn, peer)
-            except Exception:
-                log.exception("tunnel: handling a connection from %s failed", peer)
-                _reset_socket(conn)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        assert self._listener is not None and self._listen_address is not None
-        loop = asyncio.get_running_loop()
-        where = format_address(self._listen_address)
-        if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
-            log.error(
-                "tunnel: accept on %s failed (%s); pausing accepts for %gs "
-                "(out of file descriptors? raise the agent's `ulimit -n`)",
-                where,
-                exc,
-                _ACCEPT_BACKOFF,
-            )
-            loop.remove_reader(self._listener)
-            self._accept_backoff = loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting)
-            return
-        log.error("tunnel: accept on %s failed (%s); no longer accepting", where, exc)
-        self._stop_accepting(exc)
-
-    def _resume_accepting(self) -> None:
-        self._accept_backoff = None
-        if not self._closing and self._listener is not None:
-            asyncio.get_running_loop().add_reader(self._listener, self._accept_ready)
+        return f" (trust domain {self.trust_domain})"
 
     def _admit(self, conn: socket.socket, peer: Any) -> None:
         self.stats.accepted += 1
         conn.setblocking(False)
-        _set_nodelay(conn)
-        where = format_address(_endpoint(peer))
-        task = asyncio.get_running_loop().create_task(
-            self._run(conn, where), name=f"weft.proxy.tunnel from {where}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("%s: crashed", task.get_name(), exc_info=exc)
+        set_nodelay(conn)
+        where = format_address(endpoint(peer))
+        self._spawn(self._run(conn, where), f"weft.proxy.tunnel from {where}")
 
     # --- one connection ---------------------------------------------------------------
 
@@ -1292,7 +1155,7 @@ class TunnelClient:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            _set_nodelay(sock)
+            set_nodelay(sock)
             async with asyncio.timeout(config.connect_timeout):
                 await loop.sock_connect(sock, dest_node)
         except TimeoutError:
