@@ -56,7 +56,6 @@ import logging
 import os
 import ssl
 import string
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from weft.files import write_atomic
 from weft.identity import (
     DEFAULT_TRUST_DOMAIN,
     IdentityError,
@@ -356,23 +356,8 @@ def check_issued(
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file atomically: a temporary file in the same directory, then rename.
-
-    Readers (``ssl.load_cert_chain``) see the old file or the new one, never a partial
-    one.  The temporary file is created with ``mode`` from the start (``mkstemp`` makes
-    it 0600), so a key is never readable by others, not even for an instant.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if mode != 0o600:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write a file atomically, with ``mode`` (0600 by default) from the first byte."""
+    write_atomic(path, data, mode)
 
 
 def make_private_dir(path: Path) -> None:

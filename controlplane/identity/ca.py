@@ -31,9 +31,7 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from weft.files import write_atomic
 from weft.identity import SpiffeId, cert_pem, generate_key, key_pem
 
 log = logging.getLogger("weft.controlplane.identity")
@@ -290,22 +289,8 @@ class CaBundle:
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write a sibling with ``mode`` from the start (no window where a key is 0644), rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write with ``mode`` from the start (no window where a key is 0644), then rename."""
+    write_atomic(path, data, mode)
 
 
 def init_ca(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weft.files import write_atomic
 from weft.lab.plan import LabPlan, NodePlan, PodPlan, ServicePlan, ServicePort
 
 SCHEMA_VERSION = 1
@@ -197,22 +197,8 @@ class LabState:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers never see a half-written file: write a sibling, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Readers never see a half-written file (see :mod:`weft.files`)."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_state(state_file: Path) -> LabState:
