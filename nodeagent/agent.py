@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,6 @@ class AgentConfig:
     cert_dir: Path | None = None
     """Where workload keys and certificates live (tmpfs, 0700)."""
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
@@ -382,7 +381,8 @@ class Agent:
         """Readiness: every identity of a captured local pod has a certificate."""
         assert self.certs is not None
         while True:
-            if self.readiness.blockers == {"certificates"} or "pods" not in self.readiness.blockers:
+            # Only once the first pod snapshot has said which identities are needed.
+            if "pods" not in self.readiness.blockers:
                 ids = self.certs.identities
                 if all(self.certs.material(i) is not None for i in ids):
                     self.readiness.done("certificates")
