@@ -257,6 +257,7 @@ class PodFacts:
     namespace: str
     node: str
     ips: tuple[str, ...]
+    node_ip: str
     service_account: str
     capture: str | None
     inbound_mode: InboundMode
@@ -336,6 +337,7 @@ def parse_pod(obj: JSON) -> PodFacts:
         namespace=meta["namespace"],
         node=spec.get("nodeName") or "",
         ips=ips,
+        node_ip=status.get("hostIP") or "",
         service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
         capture=labels.get(CAPTURE_LABEL),
         inbound_mode=inbound_mode(meta.get("annotations") or {}, labels),
@@ -562,6 +564,7 @@ class ClusterView:
             inbound_mode=pod.inbound_mode,
             ports=pod.ports,
             ready=pod.ready,
+            node_ip=pod.node_ip,
         )
 
     def service(self, key: str) -> Service | None:

@@ -54,6 +54,7 @@ def lab_model(
     plan = state.plan
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
+    node_ips = {n.name: n.ip for n in plan.nodes}
     for pod in plan.pods:
         try:
             identity = SpiffeId.workload(pod.namespace, pod.service_account, trust_domain)
@@ -77,6 +78,7 @@ def lab_model(
                 inbound_mode=inbound_mode({}, pod.labels),
                 ports=tuple(WorkloadPort(port) for port in pod.ports),
                 ready=True,
+                node_ip=node_ips.get(pod.node, ""),
             )
         )
     services = [

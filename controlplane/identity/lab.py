@@ -1,12 +1,12 @@
-"""Lab sources for the signer: node binding from the lab state file, bootstrap tokens.
+"""Lab bootstrap tokens for the signer, and where a lab keeps its identity files.
 
-The lab has no API server, so its state file (:mod:`weft.lab.state`) says which pods run
-on which node, and ``weft lab up`` writes one bootstrap token per node.  Both files are
-re-read when they change (the lab adds pods and relabels them while running), checked by
-``stat`` on each call — a microsecond, against a signing cost of ~0.3 ms.
+The lab has no API server, so ``weft lab up`` writes one bootstrap token per node.  The
+file is re-read when it changes, checked by ``stat`` on each call — a microsecond, against
+a signing cost of ~0.3 ms.  (Node binding comes from discovery, for the lab as for
+Kubernetes: :mod:`controlplane.identity.binding`.)
 
-On Kubernetes the same two protocols are served by the Pod watch and TokenReview (see
-docs/identity.md); nothing here is used there.
+On Kubernetes the same protocol is served by TokenReview (see docs/identity.md); nothing
+here is used there.
 
 Layout inside a lab's state directory (``/run/weft/lab/<name>/``):
 
@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from controlplane.identity.ca import write_file_atomic
-from weft.identity import IdentityError, SpiffeId
-from weft.lab.state import StateError, load_state
+from weft.lab.state import StateError
 
 log = logging.getLogger("weft.controlplane.identity")
 
@@ -101,34 +100,6 @@ class _Reloading(Generic[T]):
                     log.error("cannot load %s %s (%s); keeping the last one read", self._what,
                               self.path, e)  # fmt: skip
             return self._value
-
-
-class LabNodeBinding:
-    """Node binding from a lab state file: identities of the pods scheduled on each node.
-
-    Every pod counts, captured or not: binding answers "does this node run a pod with
-    that service account", and capture can be switched on for a running pod at any time.
-    """
-
-    def __init__(self, state_file: Path, trust_domain: str) -> None:
-        self.trust_domain = trust_domain
-        self._state: _Reloading[dict[str, frozenset[SpiffeId]]] = _Reloading(
-            state_file, self._load, {}, "lab state"
-        )
-
-    def _load(self, path: Path) -> dict[str, frozenset[SpiffeId]]:
-        by_node: dict[str, set[SpiffeId]] = {}
-        for pod in load_state(path).plan.pods:
-            try:
-                sid = SpiffeId.workload(pod.namespace, pod.service_account, self.trust_domain)
-            except IdentityError as e:
-                log.warning("lab pod %s has no valid identity (%s); skipped", pod.name, e)
-                continue
-            by_node.setdefault(pod.node, set()).add(sid)
-        return {node: frozenset(ids) for node, ids in by_node.items()}
-
-    def identities_on(self, node: str) -> set[SpiffeId]:
-        return set(self._state.get().get(node, ()))
 
 
 class LabBootstrapTokens:

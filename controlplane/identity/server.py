@@ -48,6 +48,10 @@ from typing import Any, TypeVar
 from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from controlplane.discovery import Source
+from controlplane.discovery.model import DiscoveryStore
+from controlplane.discovery.stream import DiscoveryStream, StreamConfig
+from controlplane.identity.binding import StoreNodeBinding
 from controlplane.identity.ca import CaError, load_ca
 from controlplane.identity.signer import (
     BootstrapTokens,
@@ -65,6 +69,8 @@ from weft.identity import (
     key_pem,
     spiffe_id_of,
 )
+from weft.meshwire import CONTENT_TYPE as STREAM_CONTENT_TYPE
+from weft.meshwire import DISCOVERY_PATH, MeshWireError, Subscribe
 from weft.wire import (
     ADMIN_PORT,
     API_PORT,
@@ -169,7 +175,7 @@ def parse_head(raw: bytes) -> RequestHead:
 
 def check_api_head(head: RequestHead) -> int:
     """Route checks for the agent API; returns the body length to read."""
-    if head.target not in (BOOTSTRAP_PATH, CERTIFICATES_PATH):
+    if head.target not in (BOOTSTRAP_PATH, CERTIFICATES_PATH, DISCOVERY_PATH):
         raise HttpError(404, f"no such endpoint {head.target[:100]!r}")
     if head.method != "POST":
         raise HttpError(405, f"{head.target} accepts POST only")
@@ -179,6 +185,13 @@ def check_api_head(head: RequestHead) -> int:
     if length > MAX_BODY:
         raise HttpError(413, f"body of {length} bytes exceeds the {MAX_BODY}-byte limit")
     return length
+
+
+STREAM_HEAD = (
+    f"HTTP/1.1 200 OK\r\nContent-Type: {STREAM_CONTENT_TYPE}\r\n"
+    "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+).encode("ascii")
+"""Head of a discovery stream response: no length, frames until either side closes."""
 
 
 def render_response(
@@ -528,6 +541,14 @@ class ServingIdentity:
 # --------------------------------------------------------------------------- API server
 
 
+@dataclass(frozen=True)
+class _StreamRequest:
+    """An authenticated, decoded discovery subscription, to hand to the stream."""
+
+    node: str
+    subscribe: Subscribe
+
+
 class _Unauthenticated(Exception):
     pass
 
@@ -563,8 +584,11 @@ class ApiServer:
         readiness: Readiness | None = None,
         offload: bool = True,
         on_failure: Callable[[BaseException], None] = lambda e: None,
+        stream: DiscoveryStream | None = None,
     ) -> None:
         self.signer = signer
+        self.stream = stream
+        """Serves /v1/discovery; None answers it 404 (a signing-only control plane)."""
         self.config = config
         self.readiness = readiness or Readiness()
         self.offload = offload
@@ -611,6 +635,8 @@ class ApiServer:
         self.readiness.block("api", "shutting down")
         if self._server is not None:
             self._server.close()
+        if self.stream is not None:
+            self.stream.close()  # streams never finish on their own: end them now
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
@@ -662,7 +688,14 @@ class ApiServer:
         self._connections.add(task)
         peer = _peer(writer)
         try:
-            endpoint, status, body = await self._respond(reader, writer, peer)
+            answer = await self._respond(reader, writer, peer)
+            if isinstance(answer, _StreamRequest):
+                assert self.stream is not None
+                self.requests.labels(DISCOVERY_PATH, "200").inc()
+                writer.write(STREAM_HEAD)
+                await self.stream.serve(answer.node, answer.subscribe, writer, reader)
+                return
+            endpoint, status, body = answer
             if status:
                 self.requests.labels(endpoint, str(status)).inc()
                 writer.write(render_response(status, body))
@@ -676,8 +709,9 @@ class ApiServer:
 
     async def _respond(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> tuple[str, int, bytes]:
-        """(endpoint label, status, body); status 0 means: say nothing, just close."""
+    ) -> tuple[str, int, bytes] | _StreamRequest:
+        """(endpoint label, status, body); status 0 means: say nothing, just close.
+        A valid discovery subscription comes back as a :class:`_StreamRequest`."""
         endpoint = "other"
         node: str | None = None
         try:
@@ -693,7 +727,9 @@ class ApiServer:
                 head = parse_head(raw)
                 length = check_api_head(head)
                 endpoint = head.target
-                if endpoint == CERTIFICATES_PATH:
+                if endpoint == DISCOVERY_PATH and self.stream is None:
+                    raise HttpError(404, "this control plane serves no discovery stream")
+                if endpoint in (CERTIFICATES_PATH, DISCOVERY_PATH):
                     # Authenticate before reading the body: strangers get no more service.
                     node = self._node_of(writer)
                 try:
@@ -713,6 +749,12 @@ class ApiServer:
         except _Unauthenticated as e:
             return self._refusal(endpoint, 401, RefusalCode.UNAUTHENTICATED, str(e), peer)
 
+        if endpoint == DISCOVERY_PATH:
+            assert node is not None
+            try:
+                return _StreamRequest(node, Subscribe.decode(body))
+            except MeshWireError as e:
+                return self._refusal(endpoint, 400, RefusalCode.MALFORMED_REQUEST, str(e), peer)
         try:
             result: CertificateResponse | Refusal
             if node is None:
@@ -780,6 +822,10 @@ class ControlPlane:
         config: ControlPlaneConfig,
         signer: Signer,
         registry: CollectorRegistry,
+        *,
+        store: DiscoveryStore | None = None,
+        source: Source | None = None,
+        stream_config: StreamConfig | None = None,
     ) -> None:
         self.config = config
         self.signer = signer
@@ -788,12 +834,22 @@ class ControlPlane:
         self.readiness.add_check("issuer", lambda: signer.issuer.problem())
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
+        self.store = store
+        self.source = source
+        self._source_task: asyncio.Task[None] | None = None
+        self.stream = DiscoveryStream(store, stream_config, registry) if store is not None else None
+        if store is not None:
+            self.readiness.add_check(
+                "discovery",
+                lambda: None if store.synced else "discovery has no complete view yet",
+            )
         self.api = ApiServer(
             signer,
             config.server,
             registry=registry,
             readiness=self.readiness,
             on_failure=self._fail,
+            stream=self.stream,
         )
         self.admin = AdminServer(
             registry, self.readiness, config.server.listen_address, config.server.admin_port
@@ -808,10 +864,27 @@ class ControlPlane:
 
     async def start(self) -> None:
         await self.admin.start()
+        if self.source is not None:
+            self._source_task = asyncio.create_task(self.source.run(), name="discovery-source")
+            guard(self._source_task, self._fail)
+        if self.store is not None and not self.store.synced:
+            # Node binding answers from discovery: signing before the first complete view
+            # would refuse every workload.  Agents retry until the API is up.
+            log.info("waiting for the first complete discovery view before serving agents")
+            synced = asyncio.ensure_future(self.store.wait_synced())
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({synced, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            synced.cancel()
+            stopped.cancel()
+            if self._stop.is_set():
+                return
         await self.api.start()
 
     async def stop(self) -> None:
         await self.api.stop()
+        if self._source_task is not None:
+            self._source_task.cancel()
+            await asyncio.gather(self._source_task, return_exceptions=True)
         await self.admin.stop()
 
     async def run(self, started: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -835,24 +908,22 @@ class ControlPlane:
 def build_signer(
     config: ControlPlaneConfig,
     registry: CollectorRegistry,
-    binding: NodeBinding | None = None,
+    binding: NodeBinding,
     tokens: BootstrapTokens | None = None,
 ) -> Signer:
     """Load and validate the CA (:class:`~.ca.CaError` names every problem) and wire the
-    sources: the lab's files, or injected ones."""
+    bootstrap credentials: the lab's token file, or injected ones."""
     issuer = load_ca(config.identity.ca_dir)
-    if binding is None or tokens is None:
+    if tokens is None:
         if config.lab is None:
             raise ConfigError(
                 "Kubernetes sources (Pod watch, TokenReview) are not implemented yet: run "
                 "with lab sources (weft controlplane --lab NAME)"
             )
-        # Imported here: the lab sources read lab files that a Kubernetes deployment
-        # does not have.
-        from controlplane.identity.lab import LabBootstrapTokens, LabNodeBinding
+        # Imported here: a Kubernetes deployment has no lab token file.
+        from controlplane.identity.lab import LabBootstrapTokens
 
-        binding = binding or LabNodeBinding(config.lab.state_file, config.identity.trust_domain)
-        tokens = tokens or LabBootstrapTokens(config.lab.tokens_file)
+        tokens = LabBootstrapTokens(config.lab.tokens_file)
     ident = config.identity
     return Signer(
         issuer,
@@ -867,23 +938,34 @@ def build_signer(
 
 
 def run_controlplane(config: ControlPlaneConfig) -> None:
-    """Validate the CA, start the agent API and admin ports, serve until signalled.
+    """Validate the CA, start discovery, the agent API and admin ports, serve until
+    signalled.
 
     Raises :class:`~.ca.CaError` or :class:`ConfigError` before binding anything if the
     CA or the configuration is unusable.
     """
     log.info("control plane: %s", config.describe())
+    if config.lab is None:
+        raise ConfigError(
+            "Kubernetes sources (Pod watch, TokenReview) are not wired into the control "
+            "plane process yet: run with lab sources (weft controlplane --lab NAME)"
+        )
     registry = CollectorRegistry()
-    signer = build_signer(config, registry)
-    issuer = signer.issuer
-    log.info(
-        "issuer %s valid until %s; %d trust anchor(s)",
-        issuer.cert.subject.rfc4514_string(),
-        issuer.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        len(issuer.anchors),
-    )
 
     async def main() -> None:
-        await ControlPlane(config, signer, registry).run()
+        from controlplane.discovery.lab import LabSource
+
+        store = DiscoveryStore()
+        signer = build_signer(config, registry, StoreNodeBinding(store))
+        issuer = signer.issuer
+        log.info(
+            "issuer %s valid until %s; %d trust anchor(s)",
+            issuer.cert.subject.rfc4514_string(),
+            issuer.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            len(issuer.anchors),
+        )
+        assert config.lab is not None
+        source = LabSource(config.lab.state_file, store, trust_domain=config.identity.trust_domain)
+        await ControlPlane(config, signer, registry, store=store, source=source).run()
 
     asyncio.run(main())

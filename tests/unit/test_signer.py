@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from controlplane.identity.binding import StoreNodeBinding
 from controlplane.identity.ca import init_ca, key_fingerprint, validate_ca
-from controlplane.identity.lab import LabBootstrapTokens, LabNodeBinding, write_lab_tokens
+from controlplane.identity.lab import LabBootstrapTokens, write_lab_tokens
 from controlplane.identity.signer import Signer, controlplane_identity
 from weft.identity import SpiffeId, build_csr, cert_pem, generate_key, key_pem, spiffe_id_of
 from weft.lab.plan import plan_lab
@@ -351,9 +352,21 @@ def _lab_state(tmp_path, plan):
     return state
 
 
-def test_lab_binding_follows_the_state_file(tmp_path):
+def _lab_store(state):
+    from controlplane.discovery.lab import lab_model
+    from controlplane.discovery.model import DiscoveryStore
+
+    store = DiscoveryStore()
+    store.replace(*lab_model(state, TD))
+    return store
+
+
+def test_store_binding_follows_discovery(tmp_path):
+    from controlplane.discovery.lab import lab_model
+
     state = _lab_state(tmp_path, plan_lab("t", nodes=2, demo=True))
-    binding = LabNodeBinding(tmp_path / "state.json", TD)
+    store = _lab_store(state)
+    binding = StoreNodeBinding(store)
     on_1 = binding.identities_on("node-1")
     expected = {
         SpiffeId.workload(p.namespace, p.service_account, TD)
@@ -362,19 +375,34 @@ def test_lab_binding_follows_the_state_file(tmp_path):
     }
     assert on_1 == expected and on_1
     assert binding.identities_on("node-9") == set()
-    # The lab grows: a bigger plan on disk is picked up without a restart.
-    _lab_state(tmp_path, plan_lab("t", nodes=3, demo=True))
+    # The lab grows: the new node's pods bind through the store's deltas.
+    bigger = _lab_state(tmp_path, plan_lab("t", nodes=3, demo=True))
+    store.replace(*lab_model(bigger, TD))
     assert binding.identities_on("node-3")
+    # ... and shrinks again: a node whose last pod left binds nothing.
+    store.replace(*lab_model(state, TD))
+    assert binding.identities_on("node-3") == set()
+    assert binding.identities_on("node-1") == expected
 
 
-def test_lab_binding_keeps_the_last_good_state(tmp_path, caplog):
-    _lab_state(tmp_path, plan_lab("t", nodes=1, demo=True))
-    binding = LabNodeBinding(tmp_path / "state.json", TD)
-    before = binding.identities_on("node-1")
-    (tmp_path / "state.json").write_text("{broken")
-    assert binding.identities_on("node-1") == before
-    assert "cannot load lab state" in caplog.text
-    assert LabNodeBinding(tmp_path / "missing.json", TD).identities_on("node-1") == set()
+def test_store_binding_moves_a_rescheduled_pod(tmp_path):
+    import dataclasses
+
+    state = _lab_state(tmp_path, plan_lab("t", nodes=2, demo=True))
+    store = _lab_store(state)
+    binding = StoreNodeBinding(store)
+    only_1 = {w.identity for w in store.snapshot().workloads.values() if w.node == "node-1"} - {
+        w.identity for w in store.snapshot().workloads.values() if w.node == "node-2"
+    }
+    assert only_1, "the demo plan has an identity only on node-1"
+    moved = [
+        dataclasses.replace(w, node="node-2")
+        for w in store.snapshot().workloads.values()
+        if w.node == "node-1"
+    ]
+    store.update(moved)
+    assert binding.identities_on("node-1") == set()
+    assert only_1 <= binding.identities_on("node-2")
 
 
 def test_lab_tokens_are_stored_hashed_and_private(tmp_path):
@@ -410,7 +438,7 @@ def test_signer_with_lab_sources_end_to_end(tmp_path, issuer):
     tokens = write_lab_tokens(tmp_path / "tok.json", ["node-1", "node-2"])
     signer = Signer(
         issuer,
-        LabNodeBinding(tmp_path / "state.json", TD),
+        StoreNodeBinding(_lab_store(state)),
         LabBootstrapTokens(tmp_path / "tok.json"),
         TD,
     )
