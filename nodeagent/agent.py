@@ -29,15 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nodeagent.admin import AdminServer, Readiness
-from nodeagent.capture import CaptureManager
+from nodeagent.capture import CaptureManager, LocalPod
 from nodeagent.certs import CertConfig, WorkloadCertManager
 from nodeagent.cgroups import own_cgroup
 from nodeagent.cpclient import ControlPlaneClient, ControlPlaneError
+from nodeagent.discovery import DiscoveryClient
 from nodeagent.ebpf import bpfsys
 from nodeagent.ebpf.loader import (
     CaptureConfig,
@@ -46,19 +47,24 @@ from nodeagent.ebpf.loader import (
     detach_all,
     remove_pins,
 )
-from nodeagent.podsource import LabDirectory, LabPodSource
-from nodeagent.proxy.outbound import OutboundProxy, connect_plaintext
+from nodeagent.meshstate import MeshState
+from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
+from nodeagent.podsource import LabPodSource
+from nodeagent.proxy.balance import Balancer
+from nodeagent.proxy.outbound import Address, OutboundProxy, Upstream, connect_plaintext
 from nodeagent.proxy.tls import TlsContexts
 from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
     NotLocal,
     TunnelClient,
-    TunnelRoute,
+    TunnelError,
     TunnelServer,
 )
+from nodeagent.router import Hop, NoRoute, resolve, workload_name
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.lab.plan import CONTROLPLANE_IP
 from weft.lab.state import StateError, lab_paths, load_state
+from weft.mesh import Workload
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
 
 log = logging.getLogger("weft.agent")
@@ -102,6 +108,12 @@ class AgentConfig:
     cert_dir: Path | None = None
     """Where workload keys and certificates live (tmpfs, 0700)."""
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cgroup_root: Path | None = None
+    """Lab: where pod cgroups live (``<root>/<node>/<pod>``); None on Kubernetes."""
+    connect_attempts: int = 3
+    """Endpoints tried for one connection to a service before the app is reset."""
+    attempt_timeout: float = 1.5
+    """Seconds for one endpoint to accept (connect, and the tunnel's answer)."""
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
@@ -132,6 +144,7 @@ class AgentConfig:
             pin_dir=paths.bpffs_dir / node,
             state_dir=paths.state_dir / "agents" / node,
             cgroup2=cgroup2,
+            cgroup_root=paths.cgroup_root,
             **overrides,
         )
 
@@ -186,12 +199,30 @@ class Agent:
         self.proxy_cgroup: Path | None = None
         self.certs: WorkloadCertManager | None = None
         self.cp_client: ControlPlaneClient | None = None
-        self.directory = LabDirectory(cfg.state_file, cfg.trust_domain)
+        self.mesh = MeshState()
+        self.cp_client_bootstrapped = asyncio.Event()
+        self.discovery: DiscoveryClient | None = None
+        self.balancer: Balancer[Address] = Balancer()
         self.tunnel_server: TunnelServer | None = None
         self.tunnel_client: TunnelClient | None = None
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
+        self.tcp = TcpMetrics()
+        self.registry.register(self.tcp)
+        self.m_connect_failures = Counter(
+            "weft_outbound_endpoint_failures",
+            "Outbound connect attempts that failed, by service (empty: a direct address) "
+            "and whether another endpoint was tried.",
+            ["service", "retried"],
+            registry=self.registry,
+        )
+        self.m_ejections = Counter(
+            "weft_outbound_endpoint_ejections",
+            "Endpoints ejected after consecutive connect failures, by service.",
+            ["service"],
+            registry=self.registry,
+        )
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
         assert self.progs is not None
@@ -230,6 +261,17 @@ class Agent:
             },
             "capture": self.manager.snapshot() if self.manager else None,
             "certificates": self.certs.snapshot() if self.certs else None,
+            "discovery": self.discovery.snapshot() if self.discovery else None,
+            "endpoints": {
+                f"{a[0]}:{a[1]}": {
+                    "state": self.balancer.state(a),
+                    "outstanding": h.outstanding,
+                    "failures": h.failures,
+                    "ejections": h.ejections,
+                }
+                for a, h in sorted(self.balancer.health.items())
+            },
+            "metrics_series": self.tcp.series,
             "tunnel": {
                 "server": vars(self.tunnel_server.stats) if self.tunnel_server else None,
                 "client": vars(self.tunnel_client.stats) if self.tunnel_client else None,
@@ -273,19 +315,43 @@ class Agent:
         self.readiness.done("ebpf")
 
     async def _capture_loop(self) -> None:
+        """Capture-only mode (no control plane): the local pods from the lab state file."""
         assert self.manager is not None
         source = LabPodSource(self.cfg.state_file, self.cfg.node)
         async for pods in source.snapshots():
-            self.directory.reload()
             self.manager.apply(pods)
-            if self.certs is not None:
-                # One workload identity per service account with a captured pod here; the
-                # first call must carry the whole snapshot (it prunes stale key dirs).
-                self.certs.set_identities(
-                    SpiffeId.workload(p.namespace, p.service_account, self.cfg.trust_domain)
-                    for p in pods
-                    if p.captured
-                )
+            self.readiness.done("pods")
+
+    def local_pod(self, w: Workload) -> LocalPod:
+        root = self.cfg.cgroup_root
+        return LocalPod(
+            name=w.name,
+            namespace=w.namespace,
+            ip=w.ips[0] if w.ips else "",
+            service_account=w.service_account,
+            cgroup=root / w.node / w.name if root is not None else None,
+            captured=w.captured,
+            strict=w.strict,
+        )
+
+    async def _mesh_loop(self) -> None:
+        """Mesh mode: capture, certificates and housekeeping follow the discovery state."""
+        assert self.manager is not None and self.certs is not None
+        seen = 0
+        while True:
+            seen = await self.mesh.wait_change(seen)
+            local = self.mesh.on_node(self.cfg.node)
+            self.manager.apply([self.local_pod(w) for w in local])
+            # One workload identity per service account with a captured pod here; the
+            # first call carries the whole set (it prunes stale key directories).
+            self.certs.set_identities(w.identity for w in local if w.captured)
+            self.balancer.retain(
+                (ep.address, port)
+                for svc in self.mesh.services.values()
+                for ep in svc.endpoints
+                for port in {p for p in (_numeric(svc, ep)) if p}
+            )
+            self.tcp.prune(_known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()}))
             self.readiness.done("pods")
 
     def _open_tunnel(self, outbound: socket.socket) -> socket.socket:
@@ -305,7 +371,10 @@ class Agent:
             trust_bundle_pem=cfg.trust_bundle.read_bytes(),
         )
         contexts = TlsContexts(self.certs, trust_domain=cfg.trust_domain)
-        self.tunnel_server = TunnelServer(contexts=contexts, locate_target=self.locate_target)
+        self.tunnel_server = TunnelServer(
+            contexts=contexts, locate_target=self.locate_target, meter=self._inbound_meter
+        )
+        self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         self.tunnel_client = TunnelClient(contexts)
         node_ip = cfg.node_addrs[0]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -331,38 +400,119 @@ class Agent:
 
     def locate_target(self, target: tuple[str, int]) -> SpiffeId | NotLocal:
         """For the tunnel server: the identity of the local pod at ``target``."""
-        entry = self.directory.get(target[0])
-        if entry is None:
+        w = self.mesh.workload_at(target[0])
+        if w is None:
             return NotLocal.UNKNOWN
-        if entry.node != self.cfg.node:
+        if w.node != self.cfg.node:
             return NotLocal.ELSEWHERE
-        return entry.identity
+        return w.identity
 
-    def route(self, app: tuple[str, int], destination: tuple[str, int]) -> TunnelRoute | None:
-        """For the outbound proxy: tunnel to a captured destination's node, else None."""
-        source = self.directory.get(app[0])
-        dest = self.directory.get(destination[0])
-        if source is None or dest is None or not dest.captured:
-            return None
-        return TunnelRoute(
-            source=source.identity, node=(dest.node_ip, TUNNEL_PORT), expected=dest.identity
-        )
+    def _inbound_meter(
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address
+    ) -> ConnMeter:
+        dst = self.mesh.workload_at(target[0])
+        src_ns = client.namespace or "unknown"
+        return self.tcp.open(
+            ConnLabels(
+                "inbound", client.service_account or "unknown", src_ns,
+                *workload_name(dst), "true", str(client), str(presented or ""),
+            )
+        )  # fmt: skip
 
     async def connect_upstream(
         self,
-        app: tuple[str, int],
-        destination: tuple[str, int],
+        app: Address,
+        destination: Address,
         protocol_factory: Callable[[], asyncio.Protocol],
-    ) -> asyncio.BaseTransport:
-        """Captured destination: mTLS tunnel as the source workload, verifying the
-        destination's identity.  Anything else: plaintext passthrough (permissive)."""
-        found = self.route(app, destination) if self.tunnel_client else None
-        if found is None:
-            return await connect_plaintext(app, destination, protocol_factory)
-        assert self.tunnel_client is not None
-        return await self.tunnel_client.connect(
-            found.source, found.node, destination, found.expected, protocol_factory
-        )
+    ) -> asyncio.BaseTransport | Upstream:
+        """Resolve (service VIP -> endpoints), pick with P2C, connect; a failed connect
+        tries another endpoint (bounded), and failures feed ejection.
+
+        Captured destination: mTLS tunnel as the source workload, verifying the
+        destination's identity.  Uncaptured: plaintext, unless the source is strict."""
+        source = self.mesh.workload_at(app[0])
+        resolved = resolve(self.mesh, destination)
+        service = resolved.service.key if resolved.service else ""
+        hops = {h.address: h for h in resolved.hops}
+        tried: list[Address] = []
+        error: BaseException | None = None
+        for _ in range(max(1, self.cfg.connect_attempts)):
+            pick = self.balancer.choose(list(hops), exclude=tried)
+            if pick is None:
+                break
+            hop = hops[pick.key]
+            tried.append(pick.key)
+            self.balancer.started(pick.key)
+            try:
+                async with asyncio.timeout(self.cfg.attempt_timeout):
+                    transport, labels = await self._open_hop(source, hop, protocol_factory)
+            except Exception as e:
+                self.balancer.finished(pick.key)
+                error = e
+                if not _retryable(e):
+                    raise
+                more = len(tried) < min(len(hops), self.cfg.connect_attempts)
+                self.m_connect_failures.labels(service, "true" if more else "false").inc()
+                if self.balancer.failed(pick.key):
+                    self.m_ejections.labels(service).inc()
+                log.info(
+                    "outbound %s:%d -> %s:%d%s: endpoint %s:%d failed (%s)%s",
+                    *app, *destination, f" ({service})" if service else "", *pick.key,
+                    _why(e), "; trying another" if more else "",
+                )  # fmt: skip
+                continue
+            self.balancer.succeeded(pick.key)
+            meter = self.tcp.open(labels)
+            key = pick.key
+
+            def done(key: Address = key, meter: ConnMeter = meter) -> None:
+                self.balancer.finished(key)
+                meter.close()
+
+            return Upstream(transport, meter, done)
+        assert error is not None
+        raise error
+
+    async def _open_hop(
+        self,
+        source: Workload | None,
+        hop: Hop,
+        protocol_factory: Callable[[], asyncio.Protocol],
+    ) -> tuple[asyncio.BaseTransport, ConnLabels]:
+        dest = hop.workload
+        src_name = workload_name(source)
+        if dest is not None and dest.captured and self.tunnel_client is not None:
+            if source is None:
+                raise NoRoute(
+                    f"source {hop.address[0]} is not in discovery yet: cannot present its "
+                    "identity to a captured destination"
+                )
+            if not dest.node_ip:
+                raise NoRoute(f"destination pod {dest.namespace}/{dest.name} has no node address")
+            transport = await self.tunnel_client.connect(
+                source.identity,
+                (dest.node_ip, TUNNEL_PORT),
+                hop.address,
+                dest.identity,
+                protocol_factory,
+            )
+            labels = ConnLabels(
+                "outbound", *src_name, *workload_name(dest), "true",
+                str(source.identity), str(dest.identity),
+            )  # fmt: skip
+            return transport, labels
+        if source is not None and source.strict and self.tunnel_client is not None:
+            where = f"{dest.namespace}/{dest.name}" if dest else "outside the mesh"
+            raise NoRoute(
+                f"{source.namespace}/{source.name} is strict: refusing plaintext to "
+                f"{hop.address[0]}:{hop.address[1]} ({where}, not captured)"
+            )
+        transport = await connect_plaintext(hop.address, hop.address, protocol_factory)
+        labels = ConnLabels(
+            "outbound", *src_name, *workload_name(dest), "false",
+            str(source.identity) if source else "", "",
+        )  # fmt: skip
+        return transport, labels
 
     async def _bootstrap(self) -> None:
         """Get the node certificate; until it works, certificate requests retry it."""
@@ -376,6 +526,15 @@ class Agent:
         except ControlPlaneError as e:
             log.warning("bootstrap with %s failed (%s); will retry with the first certificate "
                         "request", cfg.controlplane, e)  # fmt: skip
+        finally:
+            self.cp_client_bootstrapped.set()
+
+    async def _discover(self) -> None:
+        """The discovery stream, once the bootstrap has been tried (it needs the node
+        certificate; open_stream bootstraps again by itself when that failed)."""
+        assert self.discovery is not None
+        await self.cp_client_bootstrapped.wait()
+        await self.discovery.run()
 
     async def _certificates_ready(self) -> None:
         """Readiness: every identity of a captured local pod has a certificate."""
@@ -450,7 +609,10 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         tasks = {
             asyncio.create_task(self.proxy.serve(listener), name="outbound-listener"),
-            asyncio.create_task(self._capture_loop(), name="capture-manager"),
+            asyncio.create_task(
+                self._mesh_loop() if cfg.controlplane else self._capture_loop(),
+                name="capture-manager",
+            ),
             asyncio.create_task(stop.wait(), name="shutdown-signal"),
         }
         helpers: set[asyncio.Task[None]] = set()
@@ -462,6 +624,8 @@ class Agent:
                 )
             )
             tasks.add(self._start_certificates())
+            assert self.discovery is not None
+            tasks.add(asyncio.create_task(self._discover(), name="discovery"))
             helpers.add(asyncio.create_task(self._bootstrap(), name="bootstrap"))
             helpers.add(asyncio.create_task(self._certificates_ready(), name="cert-readiness"))
         code = 0
@@ -492,6 +656,32 @@ class Agent:
                 self.progs.close()
             log.info("agent stopped; eBPF attachments and pins left in place for the next start")
         return code
+
+
+def _numeric(svc: Any, ep: Any) -> set[int]:
+    """The target port numbers ``ep`` serves for ``svc`` (balancer keys)."""
+    return {n for p in svc.ports if (n := svc.target_port(ep, p)) is not None}
+
+
+def _known_in(names: set[tuple[str, str]]) -> Callable[[str, str], bool]:
+    return lambda ns, name: (ns, name) in names or name == "unknown"
+
+
+def _retryable(e: BaseException) -> bool:
+    """Whether another endpoint may be tried: nothing of the app's reached anyone yet
+    (the relay only starts after this returns), so any connect-level failure is, except
+    a refusal that another endpoint would repeat (policy, identity)."""
+    if isinstance(e, NoRoute):
+        return False
+    if isinstance(e, TunnelError):
+        return e.retryable
+    return isinstance(e, (OSError, TimeoutError))
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "no answer in time"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def tcp_port_listening(port: int, proc_net_tcp: Path = Path("/proc/net/tcp")) -> bool:

@@ -78,6 +78,7 @@ from weft.identity import (
     load_certs,
     spiffe_id_of,
 )
+from weft.meshwire import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from weft.wire import (
     API_PORT,
     BOOTSTRAP_PATH,
@@ -170,6 +171,18 @@ class HttpProtocolError(ValueError):
     """The response is not the strict HTTP/1.1 this client accepts."""
 
 
+@dataclass
+class Stream:
+    """A kept connection carrying a streamed answer; the caller reads and closes it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    where: str
+
+    async def close(self) -> None:
+        await _close(self.writer)
+
+
 @dataclass(frozen=True)
 class ResponseHead:
     status: int
@@ -199,12 +212,16 @@ def encode_request(method: str, path: str, host: str, body: bytes) -> bytes:
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
 
 
-def parse_response_head(raw: bytes, *, max_headers: int = 64) -> ResponseHead:
+def parse_response_head(
+    raw: bytes, *, max_headers: int = 64, streamed: bool = False
+) -> ResponseHead:
     """Parse a status line and headers ending with an empty line (``\\r\\n\\r\\n``).
 
     Strict on purpose: HTTP/1.1 only, CRLF line endings, no obsolete line folding, a
     ``Content-Length`` (digits only) and no ``Transfer-Encoding``.  Anything else is an
-    `HttpProtocolError`: the peer is not the control plane we expect.
+    `HttpProtocolError`: the peer is not the control plane we expect.  With
+    ``streamed``, a 200 answer must instead be the discovery stream: its content type and
+    no length (``content_length`` is then 0).
     """
     if not raw.endswith(b"\r\n\r\n"):
         raise HttpProtocolError("response head does not end with an empty line")
@@ -234,6 +251,13 @@ def parse_response_head(raw: bytes, *, max_headers: int = 64) -> ResponseHead:
         headers[name] = value
     if "transfer-encoding" in headers:
         raise HttpProtocolError("Transfer-Encoding is not supported; send Content-Length")
+    if streamed and code == "200":
+        if headers.get("content-type") != STREAM_CONTENT_TYPE or "content-length" in headers:
+            raise HttpProtocolError(
+                f"expected a {STREAM_CONTENT_TYPE} stream, got content type "
+                f"{headers.get('content-type')!r}"
+            )
+        return ResponseHead(200, reason, headers, 0)
     length = headers.get("content-length")
     if length is None or not length.isdigit() or len(length) > 12:
         raise HttpProtocolError(f"missing or invalid Content-Length {length!r}")
@@ -660,6 +684,33 @@ class ControlPlaneClient:
 
     async def _post(self, path: str, body: bytes, *, mtls: bool, what: str) -> bytes:
         """One request on a fresh connection; returns the body of a 200 answer."""
+        answer = await self._exchange(path, body, mtls=mtls, what=what, stream=False)
+        assert isinstance(answer, bytes)
+        return answer
+
+    async def open_stream(self, path: str, body: bytes, *, what: str) -> Stream:
+        """POST over mTLS with the node certificate and keep the connection for a
+        streamed 200 answer (the discovery stream).  Refusals raise as for requests;
+        an UNAUTHENTICATED refusal bootstraps again first, once."""
+        if self._token is None:
+            raise RuntimeError("call bootstrap(node, token) before open_stream()")
+        await self.ensure_node_certificate()
+        try:
+            answer = await self._exchange(path, body, mtls=True, what=what, stream=True)
+        except (RefusedError, _ClientCertRejected) as e:
+            if isinstance(e, RefusedError) and e.code != RefusalCode.UNAUTHENTICATED:
+                raise
+            rejected = self._node
+            async with self._node_lock:
+                if self._node is rejected:
+                    await self._bootstrap_locked()
+            answer = await self._exchange(path, body, mtls=True, what=what, stream=True)
+        assert isinstance(answer, Stream)
+        return answer
+
+    async def _exchange(
+        self, path: str, body: bytes, *, mtls: bool, what: str, stream: bool
+    ) -> bytes | Stream:
         cfg = self.config
         try:
             ctx = self._context(mtls)
@@ -687,6 +738,7 @@ class ControlPlaneClient:
         except (ssl.SSLError, OSError) as e:
             raise ControlPlaneUnavailable(f"{what}: {where}: cannot connect: {e}") from None
         answered = False
+        kept: Stream | None = None
         try:
             self._check_server_identity(writer)
             async with asyncio.timeout(cfg.request_timeout):
@@ -695,7 +747,10 @@ class ControlPlaneClient:
                 await writer.drain()
                 raw_head = await reader.readuntil(b"\r\n\r\n")
                 answered = True
-                head = parse_response_head(raw_head)
+                head = parse_response_head(raw_head, streamed=stream)
+                if stream and head.status == 200:
+                    kept = Stream(reader, writer, where)
+                    return kept
                 if head.content_length > cfg.max_body_bytes:
                     raise HttpProtocolError(
                         f"response body of {head.content_length} bytes exceeds the "
@@ -738,7 +793,8 @@ class ControlPlaneClient:
                 ) from None
             raise ControlPlaneUnavailable(f"{what}: {where}: connection failed: {e}") from None
         finally:
-            await _close(writer)
+            if kept is None:
+                await _close(writer)
         if head.status == 200:
             return payload
         try:

@@ -1,9 +1,10 @@
 """Where the agent learns which pods live on its node.
 
-Now: the lab's state file (``weft lab`` writes it; ``weft lab label`` changes it), polled
-for changes.  Later: a Kubernetes pod watch, and the control plane's discovery stream.
-Each source yields full snapshots of this node's pods, which is what the capture manager
-reconciles against.
+With a control plane, the pods come from the discovery stream (see
+``Agent._mesh_loop``).  Without one (capture-only mode, ``weft agent`` with no CA in the
+lab), they come from here: the lab's state file (``weft lab`` writes it; ``weft lab
+label`` changes it), polled for changes.  Each snapshot holds this node's pods, which is
+what the capture manager reconciles against.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.capture import LocalPod
-from weft.identity import SpiffeId
 from weft.lab.state import StateError, load_state
 
 log = logging.getLogger("weft.pods")
@@ -63,50 +62,3 @@ class LabPodSource:
                     last = stamp
                     yield pods
             await asyncio.sleep(self.interval)
-
-
-@dataclass(frozen=True)
-class PodEntry:
-    """Where a pod lives and who it is, as the data path needs it."""
-
-    name: str
-    namespace: str
-    node: str
-    node_ip: str
-    identity: SpiffeId
-    captured: bool
-
-
-class LabDirectory:
-    """Every pod of the lab by address (all nodes), from the lab's state file.
-
-    Stands in for the control plane's discovery stream (mesh issue) so the tunnel can
-    already be wired: which node hosts an address, and which identity it must prove.
-    """
-
-    def __init__(self, state_file: Path, trust_domain: str) -> None:
-        self.state_file = state_file
-        self.trust_domain = trust_domain
-        self.by_ip: dict[str, PodEntry] = {}
-
-    def reload(self) -> None:
-        try:
-            state = load_state(self.state_file)
-        except StateError as e:
-            log.warning("lab state unreadable, keeping the last directory: %s", e)
-            return
-        nodes = {n.name: n.ip for n in state.plan.nodes}
-        self.by_ip = {
-            p.ip: PodEntry(
-                name=p.name,
-                namespace=p.namespace,
-                node=p.node,
-                node_ip=nodes[p.node],
-                identity=SpiffeId.workload(p.namespace, p.service_account, self.trust_domain),
-                captured=p.captured,
-            )
-            for p in state.plan.pods
-        }
-
-    def get(self, ip: str) -> PodEntry | None:
-        return self.by_ip.get(ip)

@@ -121,7 +121,7 @@ class _Fields:
             raise MeshWireError(f"{self.where}.{key}: unexpected {type(value).__name__}")
         return value
 
-    def str(self, key: str, default: Any = ...) -> str:
+    def text(self, key: str, default: Any = ...) -> str:
         return str(self.get(key, str, default))
 
     def port(self, value: Any, what: str) -> int:
@@ -140,11 +140,11 @@ def _tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
 def decode_workload(obj: Any, where: str = "workload") -> Workload:
     f = _Fields(obj, where)
     try:
-        identity = SpiffeId.parse(f.str("identity"))
+        identity = SpiffeId.parse(f.text("identity"))
     except IdentityError as e:
         raise MeshWireError(f"{where}.identity: {e}") from None
     try:
-        mode = InboundMode(f.str("inbound_mode"))
+        mode = InboundMode(f.text("inbound_mode"))
     except ValueError:
         raise MeshWireError(f"{where}.inbound_mode: {obj.get('inbound_mode')!r}") from None
     ports = []
@@ -156,13 +156,13 @@ def decode_workload(obj: Any, where: str = "workload") -> Workload:
     if not all(isinstance(ip, str) for ip in ips):
         raise MeshWireError(f"{where}.ips: expected strings")
     return Workload(
-        uid=f.str("uid"),
-        name=f.str("name"),
-        namespace=f.str("namespace"),
-        node=f.str("node"),
-        node_ip=f.str("node_ip", ""),
+        uid=f.text("uid"),
+        name=f.text("name"),
+        namespace=f.text("namespace"),
+        node=f.text("node"),
+        node_ip=f.text("node_ip", ""),
         ips=tuple(ips),
-        service_account=f.str("service_account"),
+        service_account=f.text("service_account"),
         identity=identity,
         captured=bool(f.get("captured", bool)),
         inbound_mode=mode,
@@ -193,15 +193,15 @@ def decode_service(obj: Any, where: str = "service") -> Service:
             targets.append((t[0], ef.port(t[1], "target_ports")))
         endpoints.append(
             Endpoint(
-                address=ef.str("address"),
+                address=ef.text("address"),
                 workload_uid=ef.get("workload_uid", (str, type(None))),
                 ready=bool(ef.get("ready", bool)),
                 target_ports=tuple(targets),
             )
         )
     return Service(
-        name=f.str("name"),
-        namespace=f.str("namespace"),
+        name=f.text("name"),
+        namespace=f.text("namespace"),
         vips=tuple(vips),
         ports=tuple(ports),
         endpoints=tuple(endpoints),
@@ -313,8 +313,8 @@ def decode_message(payload: bytes) -> Message:
     except (ValueError, UnicodeDecodeError) as e:
         raise MeshWireError(f"frame is not JSON: {e}") from None
     f = _Fields(obj, "message")
-    kind = f.str("type")
-    epoch = f.str("epoch")
+    kind = f.text("type")
+    epoch = f.text("epoch")
     if kind == "heartbeat":
         return HeartbeatMsg(epoch, _revision(f.get("revision", int), "heartbeat.revision"))
     if kind == "snapshot":
@@ -336,7 +336,7 @@ def decode_message(payload: bytes) -> Message:
             if deltas and revision != deltas[-1].revision + 1:
                 raise MeshWireError(f"deltas[{i}].revision {revision} does not follow")
             try:
-                item_kind = Kind(df.str("kind"))
+                item_kind = Kind(df.text("kind"))
             except ValueError:
                 raise MeshWireError(f"deltas[{i}].kind: {d.get('kind')!r}") from None
             value = df.get("value", (dict, type(None)))
@@ -348,9 +348,9 @@ def decode_message(payload: bytes) -> Message:
                     if item_kind is Kind.WORKLOAD
                     else decode_service(value, where)
                 )
-                if item.key != df.str("key"):
+                if item.key != df.text("key"):
                     raise MeshWireError(f"deltas[{i}]: key does not match the value")
-            deltas.append(Delta(revision, item_kind, df.str("key"), item))
+            deltas.append(Delta(revision, item_kind, df.text("key"), item))
         if not deltas:
             raise MeshWireError("deltas: empty")
         return DeltasMsg(epoch, tuple(deltas))

@@ -44,7 +44,7 @@ from nodeagent.proxy.listener import (
     set_nodelay,
 )
 from nodeagent.proxy.listener import format_address as format_address
-from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.relay import ByteMeter, Relay
 
 log = logging.getLogger("weft.proxy")
 
@@ -56,12 +56,23 @@ IsSelf = Callable[[str, int], bool]
 """Whether (ip, port) is one of this proxy's own listeners (inbound, admin, ...)."""
 
 
+@dataclass
+class Upstream:
+    """What a connector may return instead of a bare transport: the transport plus a
+    per-connection byte meter and a callback for when the relay has ended."""
+
+    transport: asyncio.BaseTransport
+    meter: ByteMeter | None = None
+    done: Callable[[], None] | None = None
+
+
 class UpstreamConnector(Protocol):
     """Opens the upstream leg of one outbound connection.
 
     Connect to ``destination`` (for ``client``), attach a protocol made by
-    ``protocol_factory`` to the new transport, and return that transport once the
-    protocol's ``connection_made`` has run; raise on failure. The proxy applies
+    ``protocol_factory`` to the new transport, and return that transport (or an
+    `Upstream` around it) once the protocol's ``connection_made`` has run; raise on
+    failure. The proxy applies
     `OutboundConfig.connect_timeout` around the call and cancels it on timeout or shutdown.
     ``loop.create_connection(protocol_factory, *destination)`` is the plaintext version.
     """
@@ -72,7 +83,7 @@ class UpstreamConnector(Protocol):
         destination: Address,
         protocol_factory: Callable[[], asyncio.Protocol],
         /,
-    ) -> Awaitable[asyncio.BaseTransport]: ...
+    ) -> Awaitable[asyncio.BaseTransport | Upstream]: ...
 
 
 async def connect_plaintext(
@@ -255,7 +266,7 @@ class OutboundProxy(Listener):
         timeout = self.config.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._connect(client, destination, lambda: relay.upstream)
+                opened = await self._connect(client, destination, lambda: relay.upstream)
             if not relay.connected:
                 raise RuntimeError(
                     "the upstream connector returned without attaching the relay's protocol"
@@ -278,7 +289,16 @@ class OutboundProxy(Listener):
             await relay.wait_closed()
             return
         log.debug("%s: relaying", relay.label)
-        await relay.wait_closed()
+        done = None
+        if isinstance(opened, Upstream):
+            if opened.meter is not None:
+                relay.add_meter(opened.meter)
+            done = opened.done
+        try:
+            await relay.wait_closed()
+        finally:
+            if done is not None:
+                done()
         log.debug(
             "%s: closed (%s); %d bytes out, %d bytes in",
             relay.label,

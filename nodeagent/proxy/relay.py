@@ -136,7 +136,7 @@ class Relay:
         self._high_water = high_water
         self._low_water = low_water
         self._idle_timeout = idle_timeout
-        self._meter = meter
+        self._meters: tuple[ByteMeter, ...] = (meter,) if meter is not None else ()
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -166,6 +166,13 @@ class Relay:
         """Return once every transport the relay had is closed."""
         # Shielded: a cancelled waiter must not cancel the relay's own completion.
         await asyncio.shield(self._closed)
+
+    def add_meter(self, meter: ByteMeter) -> None:
+        """Also count this connection's bytes into ``meter`` (per-connection metrics),
+        including those already relayed or held while the upstream connected."""
+        meter.bytes_out += self.client.received
+        meter.bytes_in += self.upstream.received
+        self._meters += (meter,)
 
     def abort(self, reason: str) -> None:
         """Reset both legs now (a connect failure, or shutdown past its deadline)."""
@@ -200,11 +207,11 @@ class Relay:
         if self._closing:
             return  # tearing down: nothing more is delivered
         side.received += len(data)
-        if self._meter is not None:
+        for meter in self._meters:
             if side is self.client:
-                self._meter.bytes_out += len(data)
+                meter.bytes_out += len(data)
             else:
-                self._meter.bytes_in += len(data)
+                meter.bytes_in += len(data)
         self._last_activity = self._loop.time()
         if side.peer.transport is None:
             # Pausing here (not in connection_made) is what works on every loop, so at

@@ -90,7 +90,7 @@ from nodeagent.proxy.listener import (
     set_nodelay,
 )
 from nodeagent.proxy.outbound import UpstreamConnector
-from nodeagent.proxy.relay import Relay, reset_transport
+from nodeagent.proxy.relay import ByteMeter, Relay, reset_transport
 from nodeagent.proxy.tunnel_header import (
     MAX_HEADER_SIZE,
     Answer,
@@ -824,6 +824,17 @@ class _Conn:
     stage: str = "handshaking"
 
 
+class ConnectionMeter(ByteMeter, Protocol):
+    """A per-connection byte meter that is told when its connection has closed."""
+
+    def close(self) -> None: ...
+
+
+MeterFactory = Callable[[SpiffeId, "SpiffeId | None", Address], ConnectionMeter]
+"""(client identity, identity the server presented, target) -> a meter for one relayed
+tunnel (the agent's golden metrics)."""
+
+
 class TunnelServer(Listener):
     """Accepts tunnels, checks them, and relays them to local pods.
 
@@ -840,8 +851,10 @@ class TunnelServer(Listener):
         authorize: Authorize | None = None,
         connect_target: TargetConnector = connect_target_plaintext,
         config: TunnelServerConfig | None = None,
+        meter: MeterFactory | None = None,
     ) -> None:
         super().__init__("tunnel")
+        self._meter = meter
         self.config = config or TunnelServerConfig()
         self.stats = TunnelServerStats()
         self.trust_domain = contexts.trust_domain
@@ -996,7 +1009,14 @@ class TunnelServer(Listener):
         stage.switch(relay.client)
         self.stats.established += 1
         log.debug("%s: relaying", label)
-        await relay.wait_closed()
+        conn_meter = self._meter(client, presented, target) if self._meter else None
+        if conn_meter is not None:
+            relay.add_meter(conn_meter)
+        try:
+            await relay.wait_closed()
+        finally:
+            if conn_meter is not None:
+                conn_meter.close()
         log.debug(
             "%s: closed (%s); %d bytes out, %d bytes in",
             label,

@@ -1,0 +1,61 @@
+"""Where an outbound connection goes: a service VIP becomes its ready endpoints, a pod
+address itself; each hop says whether it needs the tunnel.  Pure functions of the
+agent's :class:`~nodeagent.meshstate.MeshState`; the agent does the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodeagent.meshstate import MeshState
+from nodeagent.proxy.listener import Address
+from weft.mesh import Service, Workload
+
+
+class NoRoute(ConnectionRefusedError):
+    """The connection must not or cannot be made; the message says why.  The outbound
+    proxy resets the application's connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    address: Address
+    """Where to connect: endpoint address and the resolved target port."""
+    workload: Workload | None
+    """The pod behind it, None when discovery does not know it (outside the mesh)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    service: Service | None
+    """The service whose VIP was dialled, or None for a direct address."""
+    hops: tuple[Hop, ...]
+
+
+def resolve(state: MeshState, destination: Address) -> Resolved:
+    """The candidate hops for ``destination`` (raises :class:`NoRoute` for a service
+    with no ready endpoint serving that port)."""
+    target = state.vip(*destination)
+    if target is None:
+        return Resolved(None, (Hop(destination, state.workload_at(destination[0])),))
+    svc, port = target.service, target.port
+    hops = []
+    for ep in svc.endpoints:
+        if not ep.ready:
+            continue
+        number = svc.target_port(ep, port)
+        if number is None:
+            continue
+        workload = state.workloads.get(ep.workload_uid) if ep.workload_uid else None
+        hops.append(Hop((ep.address, number), workload or state.workload_at(ep.address)))
+    if not hops:
+        raise NoRoute(
+            f"service {svc.key} has no ready endpoint for port {port.port} "
+            f"({len(svc.endpoints)} endpoint(s) known)"
+        )
+    return Resolved(svc, tuple(hops))
+
+
+def workload_name(w: Workload | None) -> tuple[str, str]:
+    """(name, namespace) for metric labels and logs."""
+    return (w.name, w.namespace) if w is not None else ("unknown", "unknown")
