@@ -7,8 +7,9 @@ import socket
 import ssl
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,109 @@ def test_independent_scanner_sees_only_tls13_and_a_required_client_certificate(
         assert results[f"{old}_cipher_suites"]["status"] == "COMPLETED", old
         assert results[f"{old}_cipher_suites"]["result"]["accepted_cipher_suites"] == [], old
     assert results["tls_1_3_cipher_suites"]["result"]["accepted_cipher_suites"]
+
+
+# --------------------------------------------------------------------------- L4 mesh
+
+
+def _answered_by(mesh: LabRunner, n: int, path: str = "/") -> list[str]:
+    pods = []
+    for _ in range(n):
+        out = mesh.exec("client-1", "curl", "-sS", "-m", "5", f"http://echo{path}").stdout
+        pods.append(json.loads(out)["pod"])
+    return pods
+
+
+def _metrics(mesh: LabRunner, node: str) -> str:
+    status = _status(mesh)
+    ip = next(n["ip"] for n in status["nodes"] if n["name"] == node)
+    answer = admin_get(f"{mesh.name}-{node}", ip, 15020, "/metrics")
+    assert answer is not None and answer[0] == 200
+    return answer[1]
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def _eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(0.5)
+
+
+def test_service_requests_reach_replicas_on_both_nodes(mesh: LabRunner):
+    pods = _answered_by(mesh, 20)
+    assert set(pods) == {"echo-1", "echo-2"}, pods
+
+
+def test_metrics_show_tls_connections_with_both_identities(mesh: LabRunner):
+    _answered_by(mesh, 4)
+    text = _metrics(mesh, "node-1")
+    client = str(SpiffeId.workload("default", "client"))
+    echo = str(SpiffeId.workload("default", "echo"))
+    assert (
+        _sample(
+            text,
+            "tcp_open_total",
+            direction="outbound",
+            tls="true",
+            src_workload="client-1",
+            client_id=client,
+            server_id=echo,
+        )  # fmt: skip
+        >= 4
+    )
+    assert _sample(text, "tcp_read_bytes_total", direction="outbound", src_workload="client-1") > 0
+    # The receiving side counts the same connections inbound, naming the client identity.
+    inbound = _sample(_metrics(mesh, "node-2"), "tcp_open_total", direction="inbound",
+                      client_id=client, server_id=echo)  # fmt: skip
+    assert inbound >= 1
+
+
+def test_stopped_replica_is_retried_then_ejected(mesh: LabRunner):
+    before = _sample(_metrics(mesh, "node-1"), "weft_outbound_endpoint_failures_total")
+    mesh.weft("lab", "stop", "echo-2")
+    try:
+        # Every new connection still succeeds: a refused endpoint is retried elsewhere.
+        assert set(_answered_by(mesh, 12)) == {"echo-1"}
+        text = _metrics(mesh, "node-1")
+        assert _sample(text, "weft_outbound_endpoint_failures_total", service="default/echo") > (
+            before
+        )
+        assert _sample(text, "weft_outbound_endpoint_ejections_total", service="default/echo") >= 1
+    finally:
+        mesh.weft("lab", "start", "echo-2")
+    # Probation lets it back in once it answers again.
+    _eventually(lambda: "echo-2" in _answered_by(mesh, 4), 60, "echo-2 serves again")
+
+
+def test_controlplane_outage_keeps_traffic_and_agents_resync(mesh: LabRunner):
+    mesh.weft("lab", "stop", "controlplane")
+    restarted = False
+    try:
+        # New connections keep working on the agents' last state.
+        assert set(_answered_by(mesh, 10)) == {"echo-1", "echo-2"}
+        # A change made while the control plane is away ...
+        mesh.weft("lab", "label", "echo-2", "app-")
+        mesh.weft("lab", "start", "controlplane")
+        restarted = True
+        # ... reaches the agents once it is back: echo-2 leaves the service.
+        _eventually(
+            lambda: set(_answered_by(mesh, 6)) == {"echo-1"}, 40, "agents resync the change"
+        )
+    finally:
+        if not restarted:
+            mesh.weft("lab", "start", "controlplane", check=False)
+        mesh.weft("lab", "label", "echo-2", "app=echo", check=False)
+    _eventually(lambda: "echo-2" in _answered_by(mesh, 6), 40, "echo-2 back in the service")

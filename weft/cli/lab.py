@@ -237,6 +237,35 @@ def restart_agent(ctx: click.Context, node: str, agent_args: tuple[str, ...]) ->
         _fail(e)
 
 
+@lab.command("stop")
+@click.argument("name")
+@click.pass_context
+def stop_cmd(ctx: click.Context, name: str) -> None:
+    """Stop one process of the lab: an echo replica, the control plane or an agent.
+
+    \b
+    For failure drills, e.g.:
+      weft lab stop echo-2          # the mesh ejects it; requests go to echo-1
+      weft lab stop controlplane    # agents keep serving with their last state
+    Start it again with `weft lab start NAME`.
+    """
+    try:
+        _lab(ctx).stop_process(name)
+    except (LabError, OSError) as e:
+        _fail(e)
+
+
+@lab.command("start")
+@click.argument("name")
+@click.pass_context
+def start_cmd(ctx: click.Context, name: str) -> None:
+    """Start again a process stopped with `weft lab stop` (echo replica, controlplane)."""
+    try:
+        _lab(ctx).start_process(name)
+    except (LabError, OSError) as e:
+        _fail(e)
+
+
 @lab.command()
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (tail -f).")

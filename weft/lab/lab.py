@@ -246,6 +246,10 @@ class Lab:
                 f.write(token)
         self.report(f"control plane: CA and bootstrap tokens for {len(tokens)} nodes")
         net.build_controlplane_host(state.plan)
+        self._spawn_controlplane(state)
+
+    def _spawn_controlplane(self, state: LabState) -> ProcessRecord:
+        assert self.paths.cgroup_root is not None
         cgroup = self.paths.cgroup_root / "weft-controlplane"
         cgroup.mkdir(exist_ok=True)
         netns = state.plan.netns(net.CONTROLPLANE)
@@ -263,8 +267,45 @@ class Lab:
             answer = admin_get(netns, "127.0.0.1", CONTROLPLANE_ADMIN_PORT, "/ready")
             if answer is not None and answer[0] == 200:
                 self.report(f"control plane: ready on {CONTROLPLANE_IP}:15010 (pid {rec.pid})")
-                return
+                return rec
             _still_starting(rec, deadline, "not ready")
+
+    # -- stopping and starting one process (failure drills) ---------------------------
+
+    def stop_process(self, name: str) -> bool:
+        """Stop a process the lab started (an echo replica, the control plane, an
+        agent), by its recorded PID; False if it was not running."""
+        require_root()
+        state = self.load()
+        recs = [r for r in state.processes if r.name == name]
+        if not recs:
+            known = ", ".join(sorted({r.name for r in state.processes}))
+            raise LabError(f"no process {name!r} in lab {self.name!r} (known: {known})")
+        stopped = any([procs.stop(r, grace=10.0) for r in recs])
+        state.processes = [r for r in state.processes if r.name != name]
+        state.save()
+        self.report(f"{name}: {'stopped' if stopped else 'was not running'}")
+        return stopped
+
+    def start_process(self, name: str) -> None:
+        """Start again a process stopped with :meth:`stop_process`: an echo pod's app or
+        the control plane (agents: ``restart_agent``)."""
+        require_root()
+        state = self.load()
+        if any(r.name == name and procs.is_alive(r) for r in state.processes):
+            raise LabError(f"{name} is already running")
+        state.processes = [r for r in state.processes if r.name != name]
+        if name == "controlplane":
+            if self.identity_setup is None:
+                raise LabError("this lab runs without a control plane")
+            self._spawn_controlplane(state)
+            return
+        pod = next((p for p in state.plan.pods if p.name == name), None)
+        if pod is None or pod.app != "echo":
+            raise LabError(f"{name!r} is neither the control plane nor an echo pod")
+        self._start_echo(state, pod)
+        self._wait_listening(state, pod, pod.ports[0])
+        self.report(f"{name}: started")
 
     def agent_dir(self, node: str) -> Path:
         return self.paths.state_dir / "agents" / node
