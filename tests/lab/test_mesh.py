@@ -230,18 +230,9 @@ def test_metrics_show_tls_connections_with_both_identities(mesh: LabRunner):
     text = _metrics(mesh, "node-1")
     client = str(SpiffeId.workload("default", "client"))
     echo = str(SpiffeId.workload("default", "echo"))
-    assert (
-        _sample(
-            text,
-            "tcp_open_total",
-            direction="outbound",
-            tls="true",
-            src_workload="client-1",
-            client_id=client,
-            server_id=echo,
-        )  # fmt: skip
-        >= 4
-    )
+    labels = {"src_workload": "client-1", "client_id": client, "server_id": echo}
+    opened = _sample(text, "tcp_open_total", direction="outbound", tls="true", **labels)
+    assert opened >= 4
     assert _sample(text, "tcp_read_bytes_total", direction="outbound", src_workload="client-1") > 0
     # The receiving side counts the same connections inbound, naming the client identity.
     inbound = _sample(_metrics(mesh, "node-2"), "tcp_open_total", direction="inbound",
