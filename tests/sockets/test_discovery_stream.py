@@ -144,9 +144,10 @@ class Agent:
         )
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``check`` (state of other tasks and sockets, with no event to wait on)."""
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 
@@ -217,7 +218,7 @@ async def test_a_restarted_control_plane_sends_a_fresh_snapshot(env: Env):
         store.replace([workload(0), workload(2)], [service(1)])
         store.mark_synced()
         await env.start(store)
-        await eventually(lambda: agent.state.epoch == store.epoch, timeout=10)
+        await eventually(lambda: agent.state.epoch == store.epoch, within=10)
         assert agent.state.epoch != old_epoch
         assert set(agent.state.workloads) == {"uid-0", "uid-2"}
     finally:
@@ -242,10 +243,8 @@ async def _raw_subscriber(env: Env, *, cert: bool, body: bytes, rcvbuf: int = 0)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", env.port))
     reader, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="cp")
-    writer.write(
-        f"POST {DISCOVERY_PATH} HTTP/1.1\r\nHost: cp\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    head = f"POST {DISCOVERY_PATH} HTTP/1.1\r\nHost: cp\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
     await writer.drain()
     return reader, writer
 
@@ -295,7 +294,7 @@ async def test_a_slow_agent_does_not_stall_the_others(env: Env):
         for round_ in range(200):
             env.store.update([workload(i, pad=f"-{round_}-" + "x" * 200) for i in range(40)])
             await asyncio.sleep(0)
-        await eventually(lambda: fast.state.revision == env.store.revision, timeout=10)
+        await eventually(lambda: fast.state.revision == env.store.revision, within=10)
         assert fast.state.workloads["uid-5"].name.startswith("pod-5-199-")
         await eventually(
             lambda: (
@@ -303,7 +302,7 @@ async def test_a_slow_agent_does_not_stall_the_others(env: Env):
                 + env.metric("weft_discovery_slow_disconnects_total")
                 >= 1
             ),
-            timeout=10,
+            within=10,
         )
     finally:
         await fast.stop()
