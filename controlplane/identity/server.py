@@ -683,6 +683,15 @@ class ApiServer:
                 break
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            # Only stop() cancels these, past its drain deadline.  Returning instead of
+            # re-raising keeps Python 3.11's start_server callback from logging every
+            # cancelled handler as an "exception in callback".
+            writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
