@@ -49,8 +49,10 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo
 	@echo "Lab is up. Try:"
 	@echo "  $(WEFT) lab status"
-	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo-2:8080/    # captured: mTLS tunnel between nodes"
+	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo/           # the echo service: balanced over both nodes, mTLS between them"
 	@echo "  $(WEFT) lab exec plain-1 -- curl -s http://echo-2:8080/     # uncaptured: direct"
+	@echo "  $(WEFT) lab exec client-1 -- curl -s http://10.240.0.11:15020/metrics | grep ^tcp_open   # golden metrics with both identities"
+	@echo "  $(WEFT) lab stop echo-2 / lab start echo-2                  # failure drill: retries, then ejection"
 	@echo "  $(WEFT) lab exec node-1 -- curl -s localhost:15020/debug/state   # the node agent"
 	@echo "  $(WEFT) lab exec client-1 -- sh                              # a shell inside a pod"
 	@echo "  $(WEFT) lab logs echo-1"
