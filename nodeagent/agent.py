@@ -446,11 +446,14 @@ class Agent:
             try:
                 async with asyncio.timeout(self.cfg.attempt_timeout):
                     transport, labels = await self._open_hop(source, hop, protocol_factory)
-            except Exception as e:
+            except BaseException as e:
                 self.balancer.finished(pick.key)
-                error = e
-                if not _retryable(e):
+                if not isinstance(e, Exception) or not _retryable(e):
+                    # Cancelled, or refused for a reason another endpoint would repeat:
+                    # no verdict on this endpoint's health.
+                    self.balancer.abandoned(pick.key)
                     raise
+                error = e
                 more = len(tried) < min(len(hops), self.cfg.connect_attempts)
                 self.m_connect_failures.labels(service, "true" if more else "false").inc()
                 if self.balancer.failed(pick.key):

@@ -112,6 +112,8 @@ _HINTS = {
     "valid or not loaded): renew the issuer (`weft identity init`, or your own CA)",
     RefusalCode.FOREIGN_TRUST_DOMAIN: "the agent's trust domain is not the control plane's: "
     "configure the same trust domain on both",
+    RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE: "the control plane could not check the node's "
+    "credential (is the Kubernetes API server reachable from it?); retrying",
 }
 _BUG_HINT = "agent and control plane disagree about the API (version skew?); report this"
 

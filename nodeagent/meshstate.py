@@ -41,6 +41,8 @@ class MeshState:
         self.services: dict[str, Service] = {}
         self._by_ip: dict[str, Workload] = {}
         self._by_vip: dict[tuple[str, int], VipTarget] = {}
+        self._vip_ips: dict[str, int] = {}
+        """VIP address -> number of (vip, port) entries: "is this a service address"."""
         self.version = 0
         """Bumped on every applied change; watchers compare it."""
         self._changed = asyncio.Event()
@@ -58,7 +60,7 @@ class MeshState:
         return self._by_vip.get((ip, port))
 
     def is_vip(self, ip: str) -> bool:
-        return any(k[0] == ip for k in self._by_vip)
+        return self._vip_ips.get(ip, 0) > 0
 
     def on_node(self, node: str) -> list[Workload]:
         return [w for w in self.workloads.values() if w.node == node]
@@ -110,6 +112,7 @@ class MeshState:
         for w in self.workloads.values():
             self._index_workload(w)
         self._by_vip = {}
+        self._vip_ips = {}
         for s in self.services.values():
             self._index_service(s)
         self.epoch, self.revision = msg.epoch, msg.revision
@@ -154,6 +157,8 @@ class MeshState:
     def _index_service(self, s: Service) -> None:
         for vip in s.vips:
             for p in s.ports:
+                if (vip, p.port) not in self._by_vip:
+                    self._vip_ips[vip] = self._vip_ips.get(vip, 0) + 1
                 self._by_vip[(vip, p.port)] = VipTarget(s, p)
 
     def _unindex_service(self, s: Service) -> None:
@@ -162,6 +167,11 @@ class MeshState:
                 t = self._by_vip.get((vip, p.port))
                 if t is not None and t.service.key == s.key:
                     del self._by_vip[(vip, p.port)]
+                    left = self._vip_ips.get(vip, 1) - 1
+                    if left > 0:
+                        self._vip_ips[vip] = left
+                    else:
+                        self._vip_ips.pop(vip, None)
 
     def _bump(self) -> None:
         self.version += 1

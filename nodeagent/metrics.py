@@ -91,7 +91,8 @@ class TcpMetrics(Collector):
         self.overflowed = 0
 
     def open(self, labels: ConnLabels) -> ConnMeter:
-        if labels not in self._series and len(self._series) >= self.max_series:
+        real = len(self._series) - (OVERFLOW in self._series)
+        if labels not in self._series and real >= self.max_series:
             self.overflowed += 1
             labels = OVERFLOW
         series = self._series.get(labels)

@@ -37,6 +37,11 @@ def resolve(state: MeshState, destination: Address) -> Resolved:
     with no ready endpoint serving that port)."""
     target = state.vip(*destination)
     if target is None:
+        if state.is_vip(destination[0]):
+            raise NoRoute(
+                f"{destination[0]} is a service address, but no service serves port "
+                f"{destination[1]} on it"
+            )
         return Resolved(None, (Hop(destination, state.workload_at(destination[0])),))
     svc, port = target.service, target.port
     hops = []

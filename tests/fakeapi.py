@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -70,6 +71,8 @@ RESOURCES = {
     )
 }
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
+_SINGLE_POD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,12 @@ class FakeKubeAPI:
         """Called with the resource name after each list page is sent (to expire a
         continue token between pages, say)."""
         self.requests: list[Request] = []
+        self.token_reviews: dict[str, JSON] = {}
+        """token -> the TokenReview ``status`` to answer (unknown tokens: not
+        authenticated).  The answer's ``audiences`` is intersected with the request's, as
+        the API server does."""
+        self.token_review_failure: int | None = None
+        """Answer every TokenReview with this HTTP status instead (an outage)."""
         self._cond = threading.Condition()
         self._rv = 1000
         self._compacted = self._rv
@@ -329,6 +338,15 @@ class FakeKubeAPI:
         if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
+        single = _SINGLE_POD.match(url.path)
+        if single is not None:
+            with self._cond:
+                obj = self._objects["pods"].get(_key(single["ns"], single["name"]))
+            if obj is None:
+                h.send_json(404, status(404, "NotFound", f'pods "{single["name"]}" not found'))
+            else:
+                h.send_json(200, obj)
+            return
         r = _BY_PATH.get(url.path)
         if r is None:
             h.send_json(
@@ -339,6 +357,40 @@ class FakeKubeAPI:
             self._serve_watch(h, r, query)
         else:
             self._serve_list(h, r, query)
+
+    def _serve_post(self, h: _Handler) -> None:
+        url = urlsplit(h.path)
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        self.requests.append(Request(url.path, {}, headers))
+        body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"{}")
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        if url.path != TOKEN_REVIEWS:
+            h.send_json(405, status(405, "MethodNotAllowed", "the server does not allow this"))
+            return
+        if self.token_review_failure is not None:
+            code = self.token_review_failure
+            h.send_json(code, status(code, "InternalError", "token review failed"))
+            return
+        spec = body.get("spec") or {}
+        review = dict(self.token_reviews.get(spec.get("token", ""), {"authenticated": False,
+                      "error": "invalid bearer token"}))  # fmt: skip
+        if review.get("authenticated"):
+            wanted = spec.get("audiences") or []
+            matched = [a for a in review.get("audiences", []) if not wanted or a in wanted]
+            if wanted and not matched:
+                review = {"authenticated": False, "error": "token audiences is invalid"}
+            else:
+                review["audiences"] = matched
+        answer = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": review,
+        }
+        h.send_json(201, answer)
 
     def _serve_list(self, h: _Handler, r: ResourceType, query: dict[str, str]) -> None:
         limit = int(query["limit"]) if query.get("limit") else None
@@ -483,6 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.fake._serve(self)
+
+    def do_POST(self) -> None:
+        self.server.fake._serve_post(self)
 
     def send_json(self, code: int, body: JSON) -> None:
         data = json.dumps(body).encode()

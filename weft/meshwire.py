@@ -143,6 +143,16 @@ def decode_workload(obj: Any, where: str = "workload") -> Workload:
         identity = SpiffeId.parse(f.text("identity"))
     except IdentityError as e:
         raise MeshWireError(f"{where}.identity: {e}") from None
+    # The data path trusts this identity as what the pod must prove: it must be the
+    # workload identity of the pod's own namespace and service account.
+    if (identity.namespace, identity.service_account) != (
+        f.text("namespace"),
+        f.text("service_account"),
+    ):
+        raise MeshWireError(
+            f"{where}.identity: {identity} is not the identity of namespace "
+            f"{obj.get('namespace')!r}, service account {obj.get('service_account')!r}"
+        )
     try:
         mode = InboundMode(f.text("inbound_mode"))
     except ValueError:
@@ -225,7 +235,7 @@ class Subscribe:
     def decode(cls, body: bytes) -> Subscribe:
         try:
             obj = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise MeshWireError(f"subscribe: not JSON: {e}") from None
         f = _Fields(obj, "subscribe")
         epoch = f.get("epoch", (str, type(None)), None)
@@ -310,7 +320,7 @@ def heartbeat_frame(epoch: str, revision: int) -> bytes:
 def decode_message(payload: bytes) -> Message:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MeshWireError(f"frame is not JSON: {e}") from None
     f = _Fields(obj, "message")
     kind = f.text("type")

@@ -54,6 +54,9 @@ class RefusalCode(StrEnum):
     """No pod with that namespace and service account is scheduled on the asking node."""
     ISSUER_UNAVAILABLE = "ISSUER_UNAVAILABLE"
     """The issuer is expired, not yet valid, or not loaded: nothing can be signed."""
+    CREDENTIAL_CHECK_UNAVAILABLE = "CREDENTIAL_CHECK_UNAVAILABLE"
+    """The node credential could not be checked now (the API server did not answer the
+    TokenReview); agents back off and retry.  Not a verdict on the credential."""
     INTERNAL = "INTERNAL"
     """A bug on the control plane's side; agents back off and retry."""
 
@@ -62,6 +65,7 @@ HTTP_STATUS = {
     RefusalCode.UNAUTHENTICATED: 401,
     RefusalCode.NODE_NOT_BOUND: 403,
     RefusalCode.ISSUER_UNAVAILABLE: 503,
+    RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE: 503,
     RefusalCode.INTERNAL: 500,
 }
 """Everything else is a 400."""

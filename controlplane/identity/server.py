@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -84,6 +84,9 @@ from weft.wire import (
     RefusalCode,
     WireError,
 )
+
+if TYPE_CHECKING:
+    from controlplane.discovery.kube import KubeConfig
 
 log = logging.getLogger("weft.controlplane")
 
@@ -386,7 +389,7 @@ class ControlPlaneConfig:
     identity: IdentityConfig
     server: ServerConfig = field(default_factory=ServerConfig)
     lab: LabSourceConfig | None = None
-    """Lab sources; None means Kubernetes, which is not implemented yet."""
+    """Lab sources; None means Kubernetes (see :class:`KubeSettings`)."""
 
     def __post_init__(self) -> None:
         ident, srv = self.identity, self.server
@@ -921,14 +924,11 @@ def build_signer(
     tokens: BootstrapTokens | None = None,
 ) -> Signer:
     """Load and validate the CA (:class:`~.ca.CaError` names every problem) and wire the
-    bootstrap credentials: the lab's token file, or injected ones."""
+    bootstrap credentials: the lab's token file, or injected ones (TokenReview)."""
     issuer = load_ca(config.identity.ca_dir)
     if tokens is None:
         if config.lab is None:
-            raise ConfigError(
-                "Kubernetes sources (Pod watch, TokenReview) are not implemented yet: run "
-                "with lab sources (weft controlplane --lab NAME)"
-            )
+            raise ConfigError("no bootstrap credentials: lab tokens or TokenReview are needed")
         # Imported here: a Kubernetes deployment has no lab token file.
         from controlplane.identity.lab import LabBootstrapTokens
 
@@ -946,26 +946,61 @@ def build_signer(
     )
 
 
-def run_controlplane(config: ControlPlaneConfig) -> None:
+@dataclass(frozen=True)
+class KubeSettings:
+    """The Kubernetes side of a control plane that is not a lab's."""
+
+    api: KubeConfig
+    """How to reach the API server (``controlplane.discovery.kube.KubeConfig``)."""
+    audience: str = "weft-controlplane"
+    """Audience the agents' projected tokens must carry."""
+    agent: tuple[str, str] = ("weft-system", "weft-agent")
+    """Namespace and service account of the agent DaemonSet."""
+
+
+def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = None) -> None:
     """Validate the CA, start discovery, the agent API and admin ports, serve until
-    signalled.
+    signalled.  Sources: the lab's (``config.lab``) or Kubernetes (``kube``).
 
     Raises :class:`~.ca.CaError` or :class:`ConfigError` before binding anything if the
     CA or the configuration is unusable.
     """
     log.info("control plane: %s", config.describe())
-    if config.lab is None:
-        raise ConfigError(
-            "Kubernetes sources (Pod watch, TokenReview) are not wired into the control "
-            "plane process yet: run with lab sources (weft controlplane --lab NAME)"
-        )
+    if config.lab is None and kube is None:
+        raise ConfigError("no sources: give lab sources or Kubernetes settings")
     registry = CollectorRegistry()
 
     async def main() -> None:
-        from controlplane.discovery.lab import LabSource
-
         store = DiscoveryStore()
-        signer = build_signer(config, registry, StoreNodeBinding(store))
+        source: Source
+        tokens: BootstrapTokens | None = None
+        if config.lab is not None:
+            from controlplane.discovery.lab import LabSource
+
+            source = LabSource(
+                config.lab.state_file, store, trust_domain=config.identity.trust_domain
+            )
+        else:
+            assert kube is not None
+            # Imported here: the kubernetes client takes seconds to import and a lab
+            # control plane never needs it.
+            from controlplane.discovery.kube import KubeSource, make_api_client
+            from controlplane.identity.kube import TokenReviewBootstrap
+
+            if kube.api.trust_domain != config.identity.trust_domain:
+                raise ConfigError(
+                    f"trust domain {kube.api.trust_domain!r} of the Kubernetes source differs "
+                    f"from the CA's {config.identity.trust_domain!r}"
+                )
+            api = make_api_client(kube.api)
+            source = KubeSource(kube.api, store, api)
+            tokens = TokenReviewBootstrap(api, audience=kube.audience, agent=kube.agent)
+            log.info(
+                "Kubernetes sources: API server %s; agents bootstrap with projected tokens "
+                "for audience %r as %s/%s",
+                kube.api.server, kube.audience, *kube.agent,
+            )  # fmt: skip
+        signer = build_signer(config, registry, StoreNodeBinding(store), tokens)
         issuer = signer.issuer
         log.info(
             "issuer %s valid until %s; %d trust anchor(s)",
@@ -973,8 +1008,6 @@ def run_controlplane(config: ControlPlaneConfig) -> None:
             issuer.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
             len(issuer.anchors),
         )
-        assert config.lab is not None
-        source = LabSource(config.lab.state_file, store, trust_domain=config.identity.trust_domain)
         await ControlPlane(config, signer, registry, store=store, source=source).run()
 
     asyncio.run(main())

@@ -78,9 +78,14 @@ class NodeBinding(Protocol):
 
 
 class BootstrapTokens(Protocol):
-    """Maps a node bootstrap credential to the node it belongs to, or None."""
+    """Maps a node bootstrap credential to the node it belongs to, or None.  Raises
+    :class:`CredentialCheckUnavailable` when it cannot decide now."""
 
     def node_for(self, token: str) -> str | None: ...
+
+
+class CredentialCheckUnavailable(Exception):
+    """The credential could not be checked now (its authority did not answer)."""
 
 
 def _now() -> dt.datetime:
@@ -169,7 +174,13 @@ class Signer:
                 expected = SpiffeId.node(node, self.trust_domain)
             except IdentityError as e:
                 raise _Refused(RefusalCode.MALFORMED_REQUEST, f"bad node name: {e}") from None
-            owner = self.tokens.node_for(req.token)
+            try:
+                owner = self.tokens.node_for(req.token)
+            except CredentialCheckUnavailable as e:
+                raise _Refused(
+                    RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE,
+                    f"cannot check the bootstrap credential now ({e}); retry later",
+                ) from None
             if owner is None:
                 raise _Refused(
                     RefusalCode.UNAUTHENTICATED,

@@ -152,7 +152,9 @@ class Balancer(Generic[K]):
             h.ejected_until is None and h.consecutive_failures >= self.config.threshold
         ):
             cfg = self.config
-            seconds = min(cfg.max_ejection, cfg.base_ejection * 2**h.ejections_in_a_row)
+            # The exponent is capped: 2**1024 overflows a float, and 2**32 s is forever.
+            doubling = 2 ** min(h.ejections_in_a_row, 32)
+            seconds = min(cfg.max_ejection, cfg.base_ejection * doubling)
             h.ejections_in_a_row += 1
             h.ejections += 1
             h.ejected_until = self.clock() + seconds
@@ -163,6 +165,13 @@ class Balancer(Generic[K]):
             )  # fmt: skip
             return True
         return False
+
+    def abandoned(self, key: K) -> None:
+        """The connection ended with no verdict on the endpoint (cancelled, or refused by
+        policy): a probation slot it held is given back, so another connection can probe."""
+        h = self.health.get(key)
+        if h is not None:
+            h.probing = False
 
     def retain(self, keys: Iterable[K]) -> None:
         """Forget endpoints no longer in discovery (those with connections stay)."""

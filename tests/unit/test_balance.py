@@ -350,12 +350,6 @@ def test_state_names(clock: FakeClock) -> None:
     assert b.state("a") == "healthy"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="balance.py failed(): base_ejection * 2**ejections_in_a_row overflows a float "
-    "after 1024 ejections in a row, although max_ejection caps the result",
-)
 def test_a_long_dead_endpoint_keeps_being_ejected_for_max(clock: FakeClock) -> None:
     # With the defaults, 1024 ejections in a row is about 8.5 hours of a dead endpoint.
     b = balancer(clock, threshold=1, base=1.0, top=30.0)

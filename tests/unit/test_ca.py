@@ -489,15 +489,21 @@ def test_cli_secret_manifest_and_issuer_renewal_under_a_kept_anchor(tmp_path):
     )
 
 
-def test_cli_controlplane_needs_lab_sources_and_a_valid_ca(tmp_path, monkeypatch):
+def test_cli_controlplane_needs_sources_and_a_valid_ca(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from weft.cli.controlplane import controlplane
 
-    monkeypatch.delenv("WEFT_LAB", raising=False)
+    for var in ("WEFT_LAB", "WEFT_KUBE_SERVER", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
     runner = CliRunner()
     result = runner.invoke(controlplane, [])
-    assert result.exit_code == 2 and "Kubernetes sources" in result.output
+    assert result.exit_code == 2 and "--ca-dir is required without --lab" in result.output
+    # Kubernetes mode outside a pod, without an API server: say how to give one.
+    result = runner.invoke(controlplane, ["--ca-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "KUBERNETES_SERVICE_HOST" in result.output
+    result = runner.invoke(controlplane, ["--ca-dir", str(tmp_path), "--agent-identity", "x"])
+    assert result.exit_code == 2 and "NAMESPACE/SERVICEACCOUNT" in result.output
     result = runner.invoke(controlplane, ["--lab", "t", "--ca-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "weft identity init" in result.output and "did not start" in result.output

@@ -263,6 +263,15 @@ def test_deleting_the_indexed_claimant_hands_the_address_to_the_other() -> None:
     assert s.workload_at("10.244.1.3") is None
 
 
+def test_deleting_a_claimant_that_is_not_indexed_keeps_the_current_one() -> None:
+    a, b, c = (workload(n, "10.244.1.2") for n in "abc")
+    s = MeshState()
+    s.apply(SnapshotMsg("e1", 1, (a, b, c), ()))
+    assert s.workload_at("10.244.1.2") is c
+    s.apply(DeltasMsg("e1", (wdelta(2, a.key, None),)))
+    assert s.workload_at("10.244.1.2") is c  # not handed to b on the way
+
+
 def test_an_update_that_drops_a_shared_address_hands_it_over() -> None:
     a = workload("a", "10.244.1.2")
     b = workload("b", "10.244.1.2")

@@ -1,14 +1,20 @@
-"""``weft controlplane``: run the control plane's certificate API (see docs/identity.md)."""
+"""``weft controlplane``: run the control plane (certificates and discovery for agents).
+
+See docs/identity.md and docs/discovery.md."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from weft.identity import DEFAULT_TRUST_DOMAIN
+
+if TYPE_CHECKING:
+    from controlplane.identity.server import KubeSettings
 from weft.wire import ADMIN_PORT, API_PORT
 
 log = logging.getLogger("weft.controlplane")
@@ -19,8 +25,27 @@ log = logging.getLogger("weft.controlplane")
     "--lab",
     "lab_name",
     envvar="WEFT_LAB",
-    help="Take node binding and bootstrap tokens from this lab ($WEFT_LAB). Kubernetes "
-    "sources (Pod watch, TokenReview) are not implemented yet, so this is required today.",
+    help="Serve this lab ($WEFT_LAB): discovery from its state file, bootstrap with its "
+    "tokens. Without it: Kubernetes (watch the API server, TokenReview for bootstrap).",
+)
+@click.option(
+    "--kube-server",
+    envvar="WEFT_KUBE_SERVER",
+    help="API server URL. Default: in-cluster (KUBERNETES_SERVICE_HOST, the pod's token and CA).",
+)
+@click.option("--kube-token-file", type=click.Path(dir_okay=False), help="Bearer token file.")
+@click.option("--kube-ca-file", type=click.Path(dir_okay=False), help="API server CA bundle.")
+@click.option(
+    "--audience",
+    default="weft-controlplane",
+    show_default=True,
+    help="Audience the agents' projected ServiceAccount tokens must carry.",
+)
+@click.option(
+    "--agent-identity",
+    default="weft-system/weft-agent",
+    show_default=True,
+    help="NAMESPACE/SERVICEACCOUNT of the node agents (only their tokens bootstrap).",
 )
 @click.option(
     "--ca-dir",
@@ -49,10 +74,21 @@ def controlplane(
     leaf_lifetime: str,
     node_lifetime: str,
     sign_workers: int,
+    kube_server: str | None,
+    kube_token_file: str | None,
+    kube_ca_file: str | None,
+    audience: str,
+    agent_identity: str,
 ) -> None:
-    """Run the control plane: CSR signing for node agents on :15010, admin on :15014.
+    """Run the control plane: the agent API on :15010 (node bootstrap, workload
+    certificates, the discovery stream) and admin (/metrics, /ready) on :15014.
 
     Validates the CA first and refuses to start, naming the problem, if it is unusable.
+
+    \b
+    Lab:         weft controlplane --lab NAME        (weft lab up does this)
+    Kubernetes:  weft controlplane --ca-dir /etc/weft/ca
+                 (in a pod; outside one add --kube-server URL --kube-token-file F)
     """
     from controlplane.identity.ca import CaError
     from controlplane.identity.lab import lab_identity_paths
@@ -69,24 +105,28 @@ def controlplane(
         "node_lifetime": node_lifetime,
         "sign_workers": str(sign_workers),
     }
+    kube = None
     if lab_name is None:
-        raise click.UsageError(
-            "--lab NAME is required: Kubernetes sources (Pod watch, TokenReview) are not "
-            "implemented yet"
+        if ca_dir is None:
+            raise click.UsageError("--ca-dir is required without --lab")
+        settings["ca_dir"] = str(ca_dir)
+        kube = _kube_settings(
+            kube_server, kube_token_file, kube_ca_file, trust_domain, audience, agent_identity
         )
-    try:
-        validate_lab_name(lab_name)
-    except PlanError as e:
-        raise click.UsageError(str(e)) from None
-    paths = lab_identity_paths(lab_paths(lab_name, None).state_dir)
-    settings |= {
-        "state_file": str(paths.state_file),
-        "tokens_file": str(paths.tokens_file),
-        "ca_dir": str(ca_dir or paths.ca_dir),
-    }
+    else:
+        try:
+            validate_lab_name(lab_name)
+        except PlanError as e:
+            raise click.UsageError(str(e)) from None
+        paths = lab_identity_paths(lab_paths(lab_name, None).state_dir)
+        settings |= {
+            "state_file": str(paths.state_file),
+            "tokens_file": str(paths.tokens_file),
+            "ca_dir": str(ca_dir or paths.ca_dir),
+        }
     try:
         config = ControlPlaneConfig.from_mapping(settings)
-        run_controlplane(config)
+        run_controlplane(config, kube)
     except (CaError, ConfigError) as e:
         problems = e.problems if isinstance(e, CaError) else [str(e)]
         for problem in problems:
@@ -95,3 +135,38 @@ def controlplane(
         sys.exit(2)
     except KeyboardInterrupt:
         pass
+
+
+def _kube_settings(
+    server: str | None,
+    token_file: str | None,
+    ca_file: str | None,
+    trust_domain: str,
+    audience: str,
+    agent_identity: str,
+) -> KubeSettings:
+    import os
+
+    from controlplane.discovery.kube import KubeConfig, KubeConfigError
+
+    ns, sep, sa = agent_identity.partition("/")
+    if not sep or not ns or not sa:
+        raise click.UsageError(
+            f"--agent-identity must be NAMESPACE/SERVICEACCOUNT, got {agent_identity!r}"
+        )
+    values = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+    }
+    values["trust_domain"] = trust_domain
+    for key, value in (("server", server), ("token_file", token_file), ("ca_file", ca_file)):
+        if value:
+            values[key] = value
+    try:
+        api = KubeConfig.from_mapping(values)
+    except KubeConfigError as e:
+        raise click.UsageError(f"{e} (or use --lab NAME for a lab)") from None
+    from controlplane.identity.server import KubeSettings
+
+    return KubeSettings(api=api, audience=audience, agent=(ns, sa))
