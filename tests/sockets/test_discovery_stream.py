@@ -168,7 +168,8 @@ async def test_snapshot_then_deltas_reach_the_agent(env: Env):
         env.store.update([workload(7, node="node-2")])
         env.store.update([service(2)])
         await eventually(lambda: agent.state.revision == env.store.revision)
-        assert agent.state.workload_at(workload(7).ips[0]).node == "node-2"
+        moved = agent.state.workload_at(workload(7).ips[0])
+        assert moved is not None and moved.node == "node-2"
         target = agent.state.vip("10.96.0.10", 80)
         assert target is not None and len(target.service.endpoints) == 2
         assert env.metric("weft_discovery_snapshots_sent_total", reason="new") == 1

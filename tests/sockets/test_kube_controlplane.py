@@ -49,7 +49,10 @@ AGENT_USER = "system:serviceaccount:weft-system:weft-agent"
 AUD = "weft-controlplane"
 
 
-def review(user: str = AGENT_USER, audiences: tuple[str, ...] = (AUD,), **extra: str) -> dict:
+def review(
+    user: str = AGENT_USER, audiences: tuple[str, ...] = (AUD,), extra: dict[str, str] | None = None
+) -> dict:
+    extra = extra or {}
     return {
         "authenticated": True,
         "audiences": list(audiences),
@@ -75,14 +78,14 @@ def fake() -> Iterator[FakeKubeAPI]:
         )
         api.token_reviews = {
             # Kubernetes < 1.30: only the pod the token is bound to.
-            "pod-bound": review(**{POD_NAME: "weft-agent-abcde", POD_UID: "agent-uid-1"}),
+            "pod-bound": review(extra={POD_NAME: "weft-agent-abcde", POD_UID: "agent-uid-1"}),
             # 1.30+: the node name too.
-            "node-bound": review(**{NODE_NAME: "node-2", POD_NAME: "weft-agent-x"}),
-            "stale-pod": review(**{POD_NAME: "weft-agent-abcde", POD_UID: "older-uid"}),
-            "gone-pod": review(**{POD_NAME: "weft-agent-gone", POD_UID: "x"}),
+            "node-bound": review(extra={NODE_NAME: "node-2", POD_NAME: "weft-agent-x"}),
+            "stale-pod": review(extra={POD_NAME: "weft-agent-abcde", POD_UID: "older-uid"}),
+            "gone-pod": review(extra={POD_NAME: "weft-agent-gone", POD_UID: "x"}),
             "legacy-secret": review(),
             "other-audience": review(audiences=("https://kubernetes.default.svc",)),
-            "other-sa": review("system:serviceaccount:default:echo", **{NODE_NAME: "node-1"}),
+            "other-sa": review("system:serviceaccount:default:echo", extra={NODE_NAME: "node-1"}),
         }
         yield api
 
