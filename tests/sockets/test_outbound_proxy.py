@@ -30,7 +30,7 @@ from nodeagent.proxy.outbound import (
     Address,
     OutboundConfig,
     OutboundProxy,
-    Upstream,
+    Upstream as UpstreamResult,
     UpstreamConnector,
     connect_plaintext,
 )
@@ -204,7 +204,7 @@ async def running_proxy(
 
     async def recording_connect(
         client: Address, destination: Address, factory: Callable[[], asyncio.Protocol]
-    ) -> asyncio.BaseTransport | Upstream:
+    ) -> asyncio.BaseTransport | UpstreamResult:
         connects.append(destination)
         transport = await connect(client, destination, factory)
         transports.append(cast(asyncio.Transport, transport))
