@@ -30,9 +30,11 @@ from nodeagent.proxy.outbound import (
     Address,
     OutboundConfig,
     OutboundProxy,
-    Upstream as UpstreamResult,
     UpstreamConnector,
     connect_plaintext,
+)
+from nodeagent.proxy.outbound import (
+    Upstream as UpstreamResult,
 )
 
 pytestmark = pytest.mark.sockets
