@@ -104,6 +104,12 @@ def lab(ctx: click.Context, lab_name: str) -> None:
     show_default=True,
     help="Start a Weft node agent per node (eBPF capture + node proxy).",
 )
+@click.option(
+    "--leaf-lifetime",
+    default=None,
+    help="Workload certificate lifetime for the control plane (e.g. 30s to watch rotation; "
+    "default 24h).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -113,6 +119,7 @@ def up(
     replace: bool,
     keep_on_failure: bool,
     agents: bool,
+    leaf_lifetime: str | None,
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
@@ -128,6 +135,7 @@ def up(
             replace=replace,
             keep_on_failure=keep_on_failure,
             agents=agents,
+            controlplane_args=["--leaf-lifetime", leaf_lifetime] if leaf_lifetime else [],
         )
     except (LabError, PlanError, OSError) as e:
         _fail(e)

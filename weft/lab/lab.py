@@ -142,6 +142,7 @@ class Lab:
         replace: bool = False,
         keep_on_failure: bool = False,
         agents: bool = True,
+        controlplane_args: Sequence[str] = (),
     ) -> LabState:
         require_root()
         if self.paths.cgroup_root is None:
@@ -161,7 +162,9 @@ class Lab:
             self.report(f"replacing existing lab {self.name!r}")
             self.down()
         plan = plan_lab(self.name, nodes, pods_per_node, demo)
-        state = LabState(plan=plan, phase="creating", paths=self.paths)
+        state = LabState(
+            plan=plan, phase="creating", paths=self.paths, controlplane_args=list(controlplane_args)
+        )
         started = time.monotonic()
         try:
             with _step("writing the state file"):
@@ -253,9 +256,10 @@ class Lab:
         cgroup = self.paths.cgroup_root / "weft-controlplane"
         cgroup.mkdir(exist_ok=True)
         netns = state.plan.netns(net.CONTROLPLANE)
+        argv = [sys.executable, "-m", "weft.cli", "controlplane", "--lab", self.name]
         rec = procs.spawn(
             name="controlplane",
-            argv=[sys.executable, "-m", "weft.cli", "controlplane", "--lab", self.name],
+            argv=[*argv, *state.controlplane_args],
             log_path=self.paths.log_dir / "controlplane.log",
             where=net.CONTROLPLANE,
             preexec=lambda: enter_pod(netns, cgroup, None),

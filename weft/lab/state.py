@@ -76,6 +76,8 @@ class LabState:
     paths: LabPaths
     created_at: float = field(default_factory=time.time)
     processes: list[ProcessRecord] = field(default_factory=list)
+    controlplane_args: list[str] = field(default_factory=list)
+    """Extra ``weft controlplane`` flags (``--leaf-lifetime 30s``), kept for restarts."""
 
     def pod(self, name: str) -> PodPlan:
         for p in self.plan.pods:
@@ -132,6 +134,7 @@ class LabState:
                 for s in plan.services
             ],
             "processes": [asdict(p) for p in self.processes],
+            "controlplane_args": list(self.controlplane_args),
         }
 
     @classmethod
@@ -190,6 +193,7 @@ class LabState:
             ),
             created_at=data["created_at"],
             processes=[ProcessRecord(**p) for p in data["processes"]],
+            controlplane_args=[str(a) for a in data.get("controlplane_args", [])],
         )
 
     def save(self) -> None:
