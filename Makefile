@@ -28,9 +28,9 @@ $(PY):
 	@$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	@echo "==> venv: installing weft (editable) and dev tools"
+	@echo "==> venv: installing weft (editable), dev tools and bench plots"
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $@
 
 # Only bcc's package directory goes into the venv: adding all of Debian's dist-packages

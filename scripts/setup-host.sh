@@ -13,7 +13,9 @@ arch=$(dpkg --print-architecture)
 # python3-bpfcc: bcc's Python bindings over libbcc (the only way we compile eBPF);
 # linux-headers-$arch: headers bcc compiles against; bpftool: inspect programs and maps;
 # iproute2/curl/procps: lab plumbing and the demo client; python3-venv: Debian's venv.
-packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv)
+# haproxy + nftables: the sidecar baseline of `weft bench` (HAProxy sidecars with nftables
+# redirects, as a sidecar mesh's init container would install them).
+packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv haproxy nftables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

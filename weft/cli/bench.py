@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -12,9 +13,86 @@ from rich.table import Table
 err = Console(stderr=True)
 
 
-@click.group()
-def bench() -> None:
-    """Measure Weft in the lab; every comparison runs in one run, reported as ratios."""
+@click.group(invoke_without_command=True)
+@click.option("--quick", is_flag=True, help="About 3 minutes: fewer rates, shorter samples.")
+@click.option("--seconds", type=float, help="Length of each sample (default 8, quick 2).")
+@click.option("--rounds", type=int, help="Rounds over all setups; medians (default 3, quick 1).")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="Write every figure here; PNG plots go next to it (FILE-latency.png, ...).",
+)  # fmt: skip
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    quick: bool,
+    seconds: float | None,
+    rounds: int | None,
+    json_path: Path | None,
+) -> None:
+    """Measure Weft in the lab; every comparison runs in one run, reported as ratios.
+
+    \b
+    Without a subcommand: the side-by-side benchmark (docs/benchmarks.md) —
+    direct pod-to-pod, Weft (cross-node and same-node) and HAProxy sidecars with mTLS:
+    open-loop latency at fixed rates, saturation, new connections, bulk throughput,
+    and node agent memory against summed sidecar memory for 10/50/100 pods.
+    Needs root (it builds labs named wbench and wbenchm, replacing any such lab).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import dataclasses
+
+    from weft.bench.mesh import FULL, QUICK, plot, run
+
+    profile = QUICK if quick else FULL
+    if seconds is not None:
+        profile = dataclasses.replace(profile, seconds=seconds)
+    if rounds is not None:
+        profile = dataclasses.replace(profile, rounds=rounds)
+
+    def say(message: str) -> None:
+        err.print(f"[dim]·[/dim] {message}", highlight=False)
+
+    result = run(profile, report=say)
+    _print_mesh(result)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+        for png in plot(result, json_path.with_suffix("")):
+            err.print(f"wrote {png}")
+
+
+def _print_mesh(result: dict[str, Any]) -> None:
+    s = result["summary"]
+    rates = result["profile"]["rates"]
+    table = Table("setup", *[f"{r}/s p50 / p99 / p99.9 ms" for r in rates], "sat. req/s",
+                  "conn/s", "bulk MB/s")  # fmt: skip
+    for setup, by in s.items():
+        table.add_row(
+            setup,
+            *[
+                f"{by[f'rate-{r}']['p50_us'] / 1000:.2f} / {by[f'rate-{r}']['p99_us'] / 1000:.2f}"
+                f" / {by[f'rate-{r}']['p999_us'] / 1000:.2f}"
+                for r in rates
+            ],
+            f"{by['saturate']['per_second']:.0f}",
+            f"{by['conn']['per_second']:.0f}",
+            f"{by['bulk']['mb_per_second']:.0f}",
+        )
+    console = Console()
+    console.print(table)
+    mem = result["memory"]
+    mt = Table("captured pods", "weft agent RSS / PSS MiB", "haproxy sidecars RSS / PSS MiB")
+    for k in mem["pods"]:
+        a, h = mem["weft_agent"][str(k)], mem["haproxy"][str(k)]
+        mt.add_row(
+            str(k),
+            f"{a['rss'] / 2**20:.1f} / {a['pss'] / 2**20:.1f}",
+            f"{h['rss'] / 2**20:.1f} / {h['pss'] / 2**20:.1f}",
+        )
+    console.print(mt)
+    for name, t in result["targets"].items():
+        console.print(f"{name}: measured {t['measured']} (target {t['target']})")
 
 
 @bench.command()

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 from weft.lab import net, procs
 from weft.lab.plan import (
     CONTROLPLANE_IP,
+    LabPlan,
     PodPlan,
     endpoints,
     hosts_file,
@@ -143,7 +144,9 @@ class Lab:
         keep_on_failure: bool = False,
         agents: bool = True,
         controlplane_args: Sequence[str] = (),
+        plan: LabPlan | None = None,
     ) -> LabState:
+        """Create the lab; ``plan`` replaces the standard layout (benchmarks use it)."""
         require_root()
         if self.paths.cgroup_root is None:
             raise LabError(
@@ -161,7 +164,10 @@ class Lab:
                 )
             self.report(f"replacing existing lab {self.name!r}")
             self.down()
-        plan = plan_lab(self.name, nodes, pods_per_node, demo)
+        if plan is None:
+            plan = plan_lab(self.name, nodes, pods_per_node, demo)
+        elif plan.name != self.name:
+            raise LabError(f"plan is for lab {plan.name!r}, not {self.name!r}")
         state = LabState(
             plan=plan, phase="creating", paths=self.paths, controlplane_args=list(controlplane_args)
         )

@@ -1,0 +1,175 @@
+"""Open-loop HTTP/1.1 load at a fixed rate, run inside a lab pod; prints one JSON object.
+
+Why open loop: a closed-loop client (send, wait, send) slows down when the server does,
+so a stall of 50 ms delays the requests that *would* have been sent meanwhile and they
+never get measured — coordinated omission.  Here request ``i`` is due at
+``start + i / rate`` no matter what; its latency is measured from that *intended* time to
+the end of its response, so time spent queued behind a slow request counts.
+
+Shape: ``connections`` keep-alive connections (HTTP/1.1, one request in flight each).  A
+dispatcher releases requests on schedule into a queue (in batches when the event loop
+wakes late, so the schedule holds on average); each connection takes the next due
+request when it is free.  If all connections are busy, due requests wait in the queue —
+and that wait is part of their latency, as it would be for a real client.
+
+Modes:
+  rate HOST PORT RATE SECONDS [CONNECTIONS]   fixed-rate latency (p50..p99.9, max)
+  saturate HOST PORT SECONDS [CONNECTIONS]    closed loop, as fast as it goes: max req/s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+class _Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def request(self) -> None:
+        self.writer.write(REQUEST)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length:
+            await self.reader.readexactly(length)
+
+
+async def _connect(host: str, port: int, n: int) -> list[_Conn]:
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(host, port)
+        conns.append(_Conn(reader, writer))
+    return conns
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _summary(latencies_us: list[float], elapsed: float, errors: int) -> dict[str, Any]:
+    latencies_us.sort()
+    return {
+        "count": len(latencies_us),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "per_second": round(len(latencies_us) / elapsed, 1) if elapsed else 0.0,
+        "p50_us": round(_pct(latencies_us, 0.50), 1),
+        "p90_us": round(_pct(latencies_us, 0.90), 1),
+        "p99_us": round(_pct(latencies_us, 0.99), 1),
+        "p999_us": round(_pct(latencies_us, 0.999), 1),
+        "max_us": round(latencies_us[-1], 1) if latencies_us else 0.0,
+    }
+
+
+async def fixed_rate(
+    host: str, port: int, rate: float, seconds: float, connections: int = 16
+) -> dict[str, Any]:
+    conns = await _connect(host, port, connections)
+    for c in conns:  # warm each connection (and the proxies' paths) once, unmeasured
+        await c.request()
+    total = int(rate * seconds)
+    due: asyncio.Queue[float | None] = asyncio.Queue()
+    latencies: list[float] = []
+    errors = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    interval = 1.0 / rate
+
+    async def dispatch() -> None:
+        i = 0
+        while i < total:
+            now = loop.time()
+            while i < total and start + i * interval <= now:
+                due.put_nowait(start + i * interval)
+                i += 1
+            if i < total:
+                await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
+        for _ in conns:
+            due.put_nowait(None)
+
+    async def work(conn: _Conn) -> None:
+        nonlocal errors
+        while (intended := await due.get()) is not None:
+            try:
+                await conn.request()
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                errors += 1
+                continue
+            latencies.append((loop.time() - intended) * 1e6)
+
+    await asyncio.gather(dispatch(), *(work(c) for c in conns))
+    elapsed = loop.time() - start
+    for c in conns:
+        c.writer.close()
+    out = _summary(latencies, elapsed, errors)
+    out |= {"mode": "rate", "target_rate": rate, "connections": connections}
+    return out
+
+
+async def saturate(host: str, port: int, seconds: float, connections: int = 16) -> dict[str, Any]:
+    conns = await _connect(host, port, connections)
+    for c in conns:
+        await c.request()
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors = 0
+    start = loop.time()
+    deadline = start + seconds
+
+    async def work(conn: _Conn) -> None:
+        nonlocal errors
+        while loop.time() < deadline:
+            t0 = loop.time()
+            try:
+                await conn.request()
+            except (OSError, asyncio.IncompleteReadError):
+                errors += 1
+                return
+            latencies.append((loop.time() - t0) * 1e6)
+
+    await asyncio.gather(*(work(c) for c in conns))
+    elapsed = loop.time() - start
+    for c in conns:
+        c.writer.close()
+    out = _summary(latencies, elapsed, errors)
+    out |= {"mode": "saturate", "connections": connections}
+    return out
+
+
+def main(argv: list[str]) -> None:
+    try:
+        import uvloop
+
+        run: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        run = asyncio.run
+    mode = argv[0]
+    if mode == "rate":
+        host, port, rate, seconds = argv[1], int(argv[2]), float(argv[3]), float(argv[4])
+        conns = int(argv[5]) if len(argv) > 5 else 16
+        result = run(fixed_rate(host, port, rate, seconds, conns))
+    elif mode == "saturate":
+        host, port, seconds = argv[1], int(argv[2]), float(argv[3])
+        conns = int(argv[4]) if len(argv) > 4 else 16
+        result = run(saturate(host, port, seconds, conns))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: rate or saturate")
+    result["started_at"] = time.time()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
