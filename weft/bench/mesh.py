@@ -197,7 +197,7 @@ def sidecar_config(directory: Path, upstream: str | None) -> str:
         f"    uid {SIDECAR_UID}",
         f"    gid {SIDECAR_UID}",
         "    nbthread 1",
-        "    maxconn 20000",
+        "    maxconn 4096",
         "    ssl-default-bind-options ssl-min-ver TLSv1.3",
         "    ssl-default-server-options ssl-min-ver TLSv1.3",
         "defaults",
@@ -343,7 +343,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def run(profile: Profile, report: Report = print, name: str = "wbench") -> dict[str, Any]:
+IdentitySetup = Callable[[Path, list[str]], dict[str, str]]
+"""Makes a lab's CA and bootstrap tokens (control plane code, so the CLI passes it in)."""
+
+
+def run(
+    profile: Profile, identity_setup: IdentitySetup, report: Report = print, name: str = "wbench"
+) -> dict[str, Any]:
+    """Both labs, every scenario; the result is JSON-ready.  Labs are removed at the end."""
     started = time.monotonic()
     result: dict[str, Any] = {
         "machine": machine_info(),
@@ -355,15 +362,17 @@ def run(profile: Profile, report: Report = print, name: str = "wbench") -> dict[
             "memory_pods": list(profile.memory_pods),
         },
     }
-    result |= _traffic(profile, report, name)
-    result["memory"] = _memory(profile, report, f"{name}m")
+    result |= _traffic(profile, identity_setup, report, name)
+    result["memory"] = _memory(profile, identity_setup, report, f"{name}m")
     result["ratios"], result["targets"] = _ratios(result, profile)
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     return result
 
 
-def _traffic(profile: Profile, report: Report, name: str) -> dict[str, Any]:
-    lab = Lab(name, report=lambda m: None)
+def _traffic(
+    profile: Profile, identity_setup: IdentitySetup, report: Report, name: str
+) -> dict[str, Any]:
+    lab = Lab(name, report=lambda m: None, identity_setup=identity_setup)
     report(f"lab {name!r}: 2 nodes, direct / weft / haproxy-sidecar pod pairs")
     lab.up(plan=bench_plan(name), replace=True)
     try:
@@ -444,9 +453,11 @@ def _fmt(res: dict[str, Any]) -> str:
     )
 
 
-def _memory(profile: Profile, report: Report, name: str) -> dict[str, Any]:
+def _memory(
+    profile: Profile, identity_setup: IdentitySetup, report: Report, name: str
+) -> dict[str, Any]:
     most = max(profile.memory_pods)
-    lab = Lab(name, report=lambda m: None)
+    lab = Lab(name, report=lambda m: None, identity_setup=identity_setup)
     report(f"lab {name!r}: 1 node, {most} idle pods, each with its own identity")
     lab.up(plan=memory_plan(name, most), replace=True)
     out: dict[str, Any] = {"pods": list(profile.memory_pods), "weft_agent": {}, "haproxy": {}}

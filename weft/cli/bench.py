@@ -43,6 +43,7 @@ def bench(
     import dataclasses
 
     from weft.bench.mesh import FULL, QUICK, plot, run
+    from weft.cli.lab import lab_identity_setup
 
     profile = QUICK if quick else FULL
     if seconds is not None:
@@ -53,7 +54,7 @@ def bench(
     def say(message: str) -> None:
         err.print(f"[dim]·[/dim] {message}", highlight=False)
 
-    result = run(profile, report=say)
+    result = run(profile, lab_identity_setup, report=say)
     _print_mesh(result)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
