@@ -125,3 +125,65 @@ def detach_by_id(target_fd: int, attach_type: int, prog_id: int) -> None:
         prog_detach(fd, target_fd, attach_type)
     finally:
         os.close(fd)
+
+
+# -- pinned objects and map elements (the agent's side, without bcc) ---------------------
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a program or map fd at ``path`` on bpffs (the path must not exist)."""
+    name = ctypes.create_string_buffer(path.encode())
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("QI", attr, 0, ctypes.addressof(name), fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned program or map; returns a new fd (the caller closes it)."""
+    name = ctypes.create_string_buffer(path.encode())
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("QI", attr, 0, ctypes.addressof(name), 0)
+    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value under ``key``, or None if absent."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("IIQQ", attr, 0, map_fd, 0, ctypes.addressof(k), ctypes.addressof(v))
+    ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_LOOKUP_ELEM, attr, _ATTR_SIZE)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == 2:  # ENOENT
+            return None
+        raise BpfError(err, f"map lookup: {os.strerror(err)}")
+    return v.raw
+
+
+def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> int:
+    """How many keys the map holds (walks GET_NEXT_KEY; for /debug/state)."""
+    cur = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    count = 0
+    first = True
+    while count < limit:
+        struct.pack_into(
+            "IIQQ", attr, 0, map_fd, 0, 0 if first else ctypes.addressof(cur), ctypes.addressof(nxt)
+        )
+        ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_GET_NEXT_KEY, attr, _ATTR_SIZE)
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == 2:  # ENOENT: no more keys
+                break
+            raise BpfError(err, f"map walk: {os.strerror(err)}")
+        ctypes.memmove(cur, nxt, key_size)
+        first = False
+        count += 1
+    return count

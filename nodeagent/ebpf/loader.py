@@ -1,4 +1,8 @@
-"""Load Weft's capture programs (capture.c) with bcc and attach them to cgroups.
+"""Load Weft's capture programs (capture.c) and attach them to cgroups.
+
+Compiling happens in a child process (:mod:`.compile`, which imports bcc): it loads and
+pins the programs and maps and exits, and this module opens the pins with bpf(2) — so
+the agent never maps clang/LLVM (about 130 MB of RSS it would otherwise keep).
 
 One :class:`CapturePrograms` per node agent.  Its maps are pinned under the agent's
 bpffs directory, so a restarted agent compiles the programs again but binds them to the
@@ -15,19 +19,18 @@ programs (systemd's, a CNI's), and are recognised by their name prefix ``weft_``
 
 from __future__ import annotations
 
-import ctypes
+import json
 import logging
 import os
 import shutil
 import socket
-import time
+import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from bcc import BPF, BPFAttachType
 
 from nodeagent.ebpf import bpfsys
 
@@ -84,6 +87,11 @@ def _ip_str(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
 
 
+_ADDR = struct.Struct("<II")
+"""``struct addr_key`` and ``struct orig_dst``: (ip as network-order u32, port)."""
+COMPILE_TIMEOUT = 120.0
+
+
 @contextmanager
 def _open_dir(path: Path) -> Iterator[int]:
     try:
@@ -99,84 +107,69 @@ def _open_dir(path: Path) -> Iterator[int]:
 @dataclass
 class CapturePrograms:
     config: CaptureConfig
-    bpf: Any
     fds: dict[int, int]
     """Program fd per hook (attach type)."""
     ids: dict[int, int]
     compile_seconds: float
-    sk_msg_fd: int
-    sockhash_fd: int
+    map_fds: dict[str, int]
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, config: CaptureConfig) -> CapturePrograms:
-        config.pin_dir.mkdir(parents=True, exist_ok=True)
-        text = SOURCE.read_text().replace("__PIN_DIR__", str(config.pin_dir))
-        started = time.monotonic()
-        try:
-            bpf = BPF(text=text, cflags=["-w"])
-        except Exception as e:
-            raise CaptureError(
-                f"compiling {SOURCE.name} with bcc failed ({e}); run `weft check` for the cause "
-                "(kernel headers, capabilities, bpffs)"
-            ) from e
-        compile_seconds = time.monotonic() - started
-        connect4 = bpf.load_func(
-            "weft_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
-        )
-        connect6 = bpf.load_func(
-            "weft_connect6", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET6_CONNECT
-        )
-        sockops = bpf.load_func("weft_sockops", BPF.SOCK_OPS)
-        ingress = bpf.load_func("weft_ingress", BPF.CGROUP_SKB)
-        sk_msg = bpf.load_func("weft_sk_msg", BPF.SK_MSG)
-        fds = {
-            HOOK_CONNECT4: connect4.fd,
-            HOOK_CONNECT6: connect6.fd,
-            HOOK_SOCKOPS: sockops.fd,
-            HOOK_INGRESS: ingress.fd,
+        """Compile, load and pin in a child (:mod:`.compile`), then open the pins."""
+        request = {
+            "pin_dir": str(config.pin_dir),
+            "proxy_ip": config.proxy_ip,
+            "proxy_port": config.proxy_port,
+            "node_addrs": list(config.node_addrs),
+            "skip_ports": list(config.skip_ports),
+            "sockmap": config.sockmap,
         }
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "nodeagent.ebpf.compile"],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=COMPILE_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise CaptureError(
+                f"compiling {SOURCE.name} took more than {COMPILE_TIMEOUT:.0f}s"
+            ) from None
+        try:
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result = {"error": out.stderr.strip()[-800:] or f"exit status {out.returncode}"}
+        if out.returncode != 0 or "error" in result:
+            raise CaptureError(
+                f"compiling {SOURCE.name} with bcc failed ({result.get('error')}); run "
+                "`weft check` for the cause (kernel headers, capabilities, bpffs)"
+            )
+        fds: dict[int, int] = {}
+        map_fds: dict[str, int] = {}
+        try:
+            for name, hook in (
+                ("weft_connect4", HOOK_CONNECT4),
+                ("weft_connect6", HOOK_CONNECT6),
+                ("weft_sockops", HOOK_SOCKOPS),
+                ("weft_ingress", HOOK_INGRESS),
+            ):
+                fds[hook] = bpfsys.obj_get(str(config.pin_dir / f"prog_{name}"))
+            for name in ("weft_orig_dst", "weft_cookie_dst", "weft_stats"):
+                map_fds[name] = bpfsys.obj_get(str(config.pin_dir / name))
+        except bpfsys.BpfError as e:
+            for fd in (*fds.values(), *map_fds.values()):
+                os.close(fd)
+            raise CaptureError(f"opening the pinned programs and maps failed: {e}") from e
         ids = {hook: bpfsys.prog_info(fd).id for hook, fd in fds.items()}
-        # bcc's table wrapper cannot open SOCKHASH maps; ask libbcc for the fd directly.
-        import bcc.libbcc
-
-        sockhash_fd = bcc.libbcc.lib.bpf_table_fd(bpf.module, b"weft_socks")
-        if sockhash_fd < 0:
-            raise CaptureError("sockhash map weft_socks not found after load")
-        progs = cls(
+        return cls(
             config=config,
-            bpf=bpf,
             fds=fds,
             ids=ids,
-            compile_seconds=compile_seconds,
-            sk_msg_fd=sk_msg.fd,
-            sockhash_fd=sockhash_fd,
+            compile_seconds=float(result["compile_seconds"]),
+            map_fds=map_fds,
         )
-        progs.configure()
-        # sk_msg attaches to the map, not a cgroup; attaching replaces a previous agent's.
-        bpfsys.prog_attach(sk_msg.fd, sockhash_fd, bpfsys.SK_MSG_VERDICT)
-        return progs
-
-    def configure(self) -> None:
-        cfg = self.config
-        table = self.bpf["weft_config"]
-        leaf = table.Leaf(
-            _ip_key(cfg.proxy_ip), socket.htons(cfg.proxy_port), 1 if cfg.sockmap else 0, 0
-        )
-        table[ctypes.c_uint32(0)] = leaf
-        addrs = self.bpf["weft_node_addr"]
-        wanted = {_ip_key(a) for a in (cfg.proxy_ip, *cfg.node_addrs)}
-        for key in list(addrs.keys()):
-            if key.value not in wanted:
-                del addrs[key]
-        for a in wanted:
-            addrs[ctypes.c_uint32(a)] = ctypes.c_uint32(1)
-        ports = self.bpf["weft_skip_port"]
-        for key in list(ports.keys()):
-            if key.value not in cfg.skip_ports:
-                del ports[key]
-        for p in cfg.skip_ports:
-            ports[ctypes.c_uint32(p)] = ctypes.c_uint32(1)
 
     # -- attachments -------------------------------------------------------------------
 
@@ -226,23 +219,32 @@ class CapturePrograms:
     # -- the proxy's questions ---------------------------------------------------------
 
     def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
-        table = self.bpf["weft_orig_dst"]
-        try:
-            val = table[table.Key(_ip_key(peer_ip), peer_port)]
-        except KeyError:
+        value = bpfsys.map_lookup(
+            self.map_fds["weft_orig_dst"], _ADDR.pack(_ip_key(peer_ip), peer_port), _ADDR.size
+        )
+        if value is None:
             return None
-        return _ip_str(val.ip), int(val.port)
+        ip, port = _ADDR.unpack(value)
+        return _ip_str(ip), port
 
     def stats(self) -> dict[str, int]:
-        table = self.bpf["weft_stats"]
-        return {name: int(table[ctypes.c_uint32(i)].value) for i, name in enumerate(STATS)}
+        fd = self.map_fds["weft_stats"]
+        out = {}
+        for i, name in enumerate(STATS):
+            value = bpfsys.map_lookup(fd, struct.pack("<I", i), 8)
+            out[name] = struct.unpack("<Q", value)[0] if value else 0
+        return out
 
     def map_entries(self, name: str) -> int:
-        return sum(1 for _ in self.bpf[name])
+        key_size = {"weft_orig_dst": _ADDR.size, "weft_cookie_dst": 8}[name]
+        return bpfsys.map_keys(self.map_fds[name], key_size)
 
     def close(self) -> None:
         """Release our references; attachments and pins stay (that is the point)."""
-        self.bpf.cleanup()
+        for fd in (*self.fds.values(), *self.map_fds.values()):
+            os.close(fd)
+        self.fds.clear()
+        self.map_fds.clear()
 
 
 def detach_all(cgroup: Path) -> list[str]:
