@@ -57,6 +57,7 @@ from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
     NotLocal,
     TunnelClient,
+    TunnelClientConfig,
     TunnelError,
     TunnelServer,
 )
@@ -114,6 +115,9 @@ class AgentConfig:
     """Endpoints tried for one connection to a service before the app is reset."""
     attempt_timeout: float = 1.5
     """Seconds for one endpoint to accept (connect, and the tunnel's answer)."""
+    warm_tunnels: int = 1
+    """Spare handshaken tunnels per recently used (source, node, destination identity);
+    0 makes every connection pay its TLS handshake."""
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
@@ -275,6 +279,7 @@ class Agent:
             "tunnel": {
                 "server": vars(self.tunnel_server.stats) if self.tunnel_server else None,
                 "client": vars(self.tunnel_client.stats) if self.tunnel_client else None,
+                "warm_tunnels": self.tunnel_client.warm_tunnels if self.tunnel_client else None,
             },
         }
 
@@ -375,7 +380,9 @@ class Agent:
             contexts=contexts, locate_target=self.locate_target, meter=self._inbound_meter
         )
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
-        self.tunnel_client = TunnelClient(contexts)
+        self.tunnel_client = TunnelClient(
+            contexts, config=TunnelClientConfig(warm=cfg.warm_tunnels)
+        )
         node_ip = cfg.node_addrs[0]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -648,6 +655,8 @@ class Agent:
             await self.proxy.close(cfg.drain_seconds)
             if self.tunnel_server is not None:
                 await self.tunnel_server.close(cfg.drain_seconds)
+            if self.tunnel_client is not None:
+                await self.tunnel_client.close()
             if self.certs is not None:
                 await self.certs.close()
             for t in tasks | helpers:

@@ -276,13 +276,24 @@ class TunnelClientConfig:
     close_timeout: float = 5.0
     """Seconds TLS's closing handshake may take before the connection is reset."""
 
+    warm: int = 0
+    """Handshaken, idle tunnels kept ready per (source identity, node, destination
+    identity) that was used in the last ``warm_ttl`` seconds; 0 (the library default)
+    turns the pool off; the node agent uses 1."""
+
+    warm_ttl: float = 2.5
+    """Seconds an idle warm tunnel is kept; below the server's header timeout (5 s)."""
+
     def __post_init__(self) -> None:
         _check_positive(
             connect_timeout=self.connect_timeout,
             handshake_timeout=self.handshake_timeout,
             answer_timeout=self.answer_timeout,
             close_timeout=self.close_timeout,
+            warm_ttl=self.warm_ttl,
         )
+        if self.warm < 0:
+            raise ValueError(f"warm must be >= 0, got {self.warm}")
 
 
 class Failure(enum.Enum):
@@ -415,6 +426,8 @@ class TunnelServerStats:
     """Connections in any stage right now, relaying included."""
     established: int = 0
     """Tunnels answered OK and relayed."""
+    idle_closed: int = 0
+    """Clients' spare (warm) tunnels closed unused before any header byte: not failures."""
     handshake_timeout: int = 0
     """No complete TLS handshake within ``handshake_timeout``."""
     handshake_aborted: int = 0
@@ -485,6 +498,12 @@ class TunnelClientStats:
     impersonation: int = 0
     refused: int = 0
     protocol_errors: int = 0
+    warm_opened: int = 0
+    """Tunnels handshaken ahead of need."""
+    warm_used: int = 0
+    """Connections that took a warm tunnel (no handshake on their path)."""
+    warm_expired: int = 0
+    """Warm tunnels closed unused after ``warm_ttl``."""
 
 
 # --- client errors -------------------------------------------------------------------
@@ -950,6 +969,12 @@ class TunnelServer(Listener):
             )
             await self._refuse(stage, Status.HEADER_TIMEOUT, label, detail)
             return
+        if isinstance(event, _Closed) and stage.decoder.received == 0 and event.exc is None:
+            # A client's spare (warm) tunnel closed unused: normal, not a failure.
+            self.stats.idle_closed += 1
+            log.debug("%s: closed before sending a header (an unused warm tunnel)", label)
+            tls_transport.close()
+            return
         if isinstance(event, _Closed):
             how = f" ({_describe(event.exc)})" if event.exc else ""
             self._fail(
@@ -1109,11 +1134,31 @@ RouteLookup = Callable[[Address, Address], TunnelRoute | None]
 """(app client address, original destination) -> the tunnel to use, None if none."""
 
 
+@dataclass
+class _Warm:
+    transport: asyncio.Transport
+    stage: _Stage
+    expiry: asyncio.TimerHandle | None = None
+
+
+_PoolKey = tuple[SpiffeId, Address, SpiffeId]
+
+
 class TunnelClient:
     """Opens tunnels to other nodes' tunnel servers.
 
     `connect` is usable as the outbound proxy's `UpstreamConnector` through
     `tunnel_connector`, which adds the lookup of source and destination identities.
+
+    **Warm tunnels.**  A tunnel carries one connection, and its TLS handshake (two P-256
+    signatures and verifications, ~3 ms in Python) is most of the cost of a new
+    connection.  After each use of a (source identity, node, destination identity), the
+    client handshakes ``warm`` spare tunnels for it in the background; the next
+    connection takes one and only sends its header.  Spares that stay unused for
+    ``warm_ttl`` seconds are closed (before the server's header timeout), so idle pairs
+    hold nothing.  A spare is verified exactly like a fresh tunnel (chain, SPIFFE ID of
+    the server) and presents the certificate current when it was made, at most
+    ``warm_ttl`` old.
     """
 
     def __init__(
@@ -1122,6 +1167,13 @@ class TunnelClient:
         self.config = config or TunnelClientConfig()
         self.stats = TunnelClientStats()
         self._tls = contexts
+        self._warm: dict[_PoolKey, list[_Warm]] = {}
+        self._refills: dict[_PoolKey, asyncio.Task[None]] = {}
+        self._closed = False
+
+    @property
+    def warm_tunnels(self) -> int:
+        return sum(len(v) for v in self._warm.values())
 
     async def connect(
         self,
@@ -1137,33 +1189,111 @@ class TunnelClient:
         ``protocol_factory``, has seen ``connection_made``. Raises a `TunnelError`
         subclass naming the failure; cancelling it closes whatever it opened."""
         self.stats.attempts += 1
+        what = (
+            f"tunnel from {source} to {format_address(target)} ({expected}) via "
+            f"{format_address(dest_node)}"
+        )
+        key = (source, dest_node, expected)
         try:
-            transport = await self._connect(source, dest_node, target, expected, protocol_factory)
+            try:
+                header = encode_connect(target)
+            except HeaderError as exc:
+                raise TunnelSetupError(f"{what}: {exc}") from None
+            warm = self._take(key)
+            self._refill(key)
+            transport: asyncio.BaseTransport | None = None
+            if warm is not None:
+                try:
+                    transport = await self._request(
+                        warm.transport, warm.stage, header, what, source, protocol_factory
+                    )
+                    self.stats.warm_used += 1
+                except TunnelHandshakeError:
+                    # The spare died idle (the server restarted, say): open a fresh one.
+                    transport = None
+            if transport is None:
+                tls_transport, stage = await self._open(source, dest_node, expected, what)
+                transport = await self._request(
+                    tls_transport, stage, header, what, source, protocol_factory
+                )
         except TunnelError as exc:
             setattr(self.stats, exc.stat, getattr(self.stats, exc.stat) + 1)
             raise
         self.stats.opened += 1
         return transport
 
-    async def _connect(
-        self,
-        source: SpiffeId,
-        dest_node: Address,
-        target: Address,
-        expected: SpiffeId,
-        protocol_factory: Callable[[], asyncio.Protocol],
-    ) -> asyncio.BaseTransport:
+    # -- the warm pool ---------------------------------------------------------------
+
+    def _take(self, key: _PoolKey) -> _Warm | None:
+        spares = self._warm.get(key)
+        while spares:
+            w = spares.pop()
+            if w.expiry is not None:
+                w.expiry.cancel()
+            if not w.stage.lost and not w.transport.is_closing():
+                return w
+        return None
+
+    def _refill(self, key: _PoolKey) -> None:
+        if self.config.warm == 0 or self._closed or key in self._refills:
+            return
+        if len(self._warm.get(key, ())) >= self.config.warm:
+            return
+        task = asyncio.create_task(self._fill(key), name="tunnel-warm")
+        self._refills[key] = task
+        task.add_done_callback(lambda t: self._refills.pop(key, None))
+
+    async def _fill(self, key: _PoolKey) -> None:
+        source, dest_node, expected = key
+        what = f"warm tunnel from {source} ({expected}) via {format_address(dest_node)}"
+        loop = asyncio.get_running_loop()
+        while len(self._warm.get(key, ())) < self.config.warm and not self._closed:
+            try:
+                tls_transport, stage = await self._open(source, dest_node, expected, what)
+            except TunnelError as exc:
+                log.debug("%s: not opened (%s)", what, exc)
+                return
+            except asyncio.CancelledError:
+                raise
+            w = _Warm(tls_transport, stage)
+            w.expiry = loop.call_later(self.config.warm_ttl, self._expire, key, w)
+            self._warm.setdefault(key, []).append(w)
+            self.stats.warm_opened += 1
+
+    def _expire(self, key: _PoolKey, w: _Warm) -> None:
+        spares = self._warm.get(key)
+        if spares is not None and w in spares:
+            spares.remove(w)
+            if not spares:
+                del self._warm[key]
+            self.stats.warm_expired += 1
+            w.transport.close()
+
+    async def close(self) -> None:
+        """Close spare tunnels and stop refilling (shutdown)."""
+        self._closed = True
+        for task in list(self._refills.values()):
+            task.cancel()
+        await asyncio.gather(*self._refills.values(), return_exceptions=True)
+        for spares in self._warm.values():
+            for w in spares:
+                if w.expiry is not None:
+                    w.expiry.cancel()
+                w.transport.close()
+        self._warm.clear()
+
+    # -- one tunnel ------------------------------------------------------------------
+
+    async def _open(
+        self, source: SpiffeId, dest_node: Address, expected: SpiffeId, what: str
+    ) -> tuple[asyncio.Transport, _Stage]:
+        """TCP + TLS 1.3 to the node's tunnel port, server identity checked."""
         loop = asyncio.get_running_loop()
         config = self.config
-        what = (
-            f"tunnel from {source} to {format_address(target)} ({expected}) via "
-            f"{format_address(dest_node)}"
-        )
         try:
             context = self._tls.client_context(source)
             server_name = tls.sni_for(expected)
-            header = encode_connect(target)
-        except (tls.TlsMaterialError, tls.SniError, HeaderError) as exc:
+        except (tls.TlsMaterialError, tls.SniError) as exc:
             raise TunnelSetupError(f"{what}: {exc}") from None
         if context is None:
             raise TunnelSetupError(
@@ -1226,16 +1356,32 @@ class TunnelClient:
         except BaseException:
             sock.close()
             raise
+        try:
+            tls.check_server_identity(transport.get_extra_info("ssl_object"), expected)
+        except tls.ImpersonationError as exc:
+            reset_transport(transport)
+            raise TunnelImpersonation(f"{what}: {exc}", exc.expected, exc.actual) from None
+        except tls.PeerIdentityError as exc:
+            reset_transport(transport)
+            raise TunnelHandshakeError(f"{what}: {exc}") from None
+        except BaseException:
+            reset_transport(transport)
+            raise
+        return transport, stage
 
-        tls_transport = transport
+    async def _request(
+        self,
+        tls_transport: asyncio.Transport,
+        stage: _Stage,
+        header: bytes,
+        what: str,
+        source: SpiffeId,
+        protocol_factory: Callable[[], asyncio.Protocol],
+    ) -> asyncio.BaseTransport:
+        """Send the CONNECT header on an open tunnel and wait for the server's answer."""
+        config = self.config
         refused = False
         try:
-            try:
-                tls.check_server_identity(tls_transport.get_extra_info("ssl_object"), expected)
-            except tls.ImpersonationError as exc:
-                raise TunnelImpersonation(f"{what}: {exc}", exc.expected, exc.actual) from None
-            except tls.PeerIdentityError as exc:
-                raise TunnelHandshakeError(f"{what}: {exc}") from None
             tls_transport.write(header)
             try:
                 async with asyncio.timeout(config.answer_timeout):

@@ -329,6 +329,10 @@ class App(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    def itself(self) -> App:
+        """As a protocol factory."""
+        return self
+
     async def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -1053,5 +1057,78 @@ def test_cancelling_a_client_connect_leaves_nothing_open(
         finally:
             await server.close(grace=0)
             await wait(serving)
+
+    run(body)
+
+
+# --- warm tunnels ----------------------------------------------------------------------
+
+
+def test_warm_tunnels_skip_the_handshake_and_expire_unused(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        server_config = TunnelServerConfig(handshake_timeout=SHORT, header_timeout=5.0)
+        async with (
+            Target(echo=True) as target,
+            tunnel_server(certs, {}, config=server_config) as node,
+        ):
+            node.pods[target.address] = DEST
+            client = TunnelClient(
+                client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=0.3)
+            )
+            apps = []
+            for i in range(3):
+                app = App()
+                await wait(
+                    client.connect(SOURCE, node.address, target.address, DEST, lambda a=app: a)
+                )
+                app.write(b"n%d" % i)
+                assert await wait(app.reader.readexactly(2)) == b"n%d" % i
+                apps.append(app)
+                # The spare for the next connection is made in the background.
+                for _ in range(100):
+                    if client.warm_tunnels:
+                        break
+                    await asyncio.sleep(0.01)
+                assert client.warm_tunnels == 1
+            # The first connection handshook; the next two took spares.
+            assert client.stats.warm_used == 2 and client.stats.opened == 3
+            for app in apps:
+                await app.close()
+            # Unused, the last spare is closed after warm_ttl; the server counts it as an
+            # idle close, not a failure.
+            await asyncio.sleep(0.6)
+            assert client.warm_tunnels == 0 and client.stats.warm_expired == 1
+            for _ in range(100):
+                if node.server.stats.idle_closed:
+                    break
+                await asyncio.sleep(0.01)
+            stats = vars(node.server.stats)
+            assert stats["idle_closed"] == 1 and stats["established"] == 3
+            await client.close()
+
+    run(body)
+
+
+def test_a_dead_spare_falls_back_to_a_fresh_tunnel(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            # The server's header timeout (SHORT) kills spares before the client's TTL.
+            client = TunnelClient(client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=30))
+            first = App()
+            await wait(client.connect(SOURCE, node.address, target.address, DEST, lambda: first))
+            await asyncio.sleep(SHORT * 3)  # the spare was closed by the server meanwhile
+            second = App()
+            await wait(client.connect(SOURCE, node.address, target.address, DEST, lambda: second))
+            second.write(b"ok")
+            assert await wait(second.reader.readexactly(2)) == b"ok"
+            assert client.stats.opened == 2
+            await first.close()
+            await second.close()
+            await client.close()
 
     run(body)
