@@ -1080,9 +1080,7 @@ def test_warm_tunnels_skip_the_handshake_and_expire_unused(
             apps = []
             for i in range(3):
                 app = App()
-                await wait(
-                    client.connect(SOURCE, node.address, target.address, DEST, lambda a=app: a)
-                )
+                await wait(client.connect(SOURCE, node.address, target.address, DEST, app.itself))
                 app.write(b"n%d" % i)
                 assert await wait(app.reader.readexactly(2)) == b"n%d" % i
                 apps.append(app)
