@@ -43,6 +43,12 @@ def _ports(value: str) -> tuple[int, ...]:
     show_default=True,
     help="Shortcut same-node pod<->proxy bytes with sk_msg.",
 )
+@click.option(
+    "--warm-tunnels",
+    default=1,
+    show_default=True,
+    help="Spare handshaken tunnels per recently used (source, node, destination); 0: none.",
+)
 @click.option("--drain", default=5.0, show_default=True, help="Seconds to drain on shutdown.")
 @click.option(
     "--uninstall",
@@ -57,6 +63,7 @@ def agent(
     admin_port: int,
     exclude_ports: str,
     sockmap: bool,
+    warm_tunnels: int,
     drain: float,
     do_uninstall: bool,
 ) -> None:
@@ -76,6 +83,7 @@ def agent(
             admin_port=admin_port,
             skip_ports=_ports(exclude_ports),
             sockmap=sockmap,
+            warm_tunnels=warm_tunnels,
             drain_seconds=drain,
         )
         if do_uninstall:
