@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 WEFT   := $(VENV)/bin/weft
 
 .DEFAULT_GOAL := help
-.PHONY: help setup host venv lab lab-down test test-unit lint fmt clean
+.PHONY: help setup host venv lab lab-down bench test test-unit lint fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab logs echo-1"
 	@echo "  $(WEFT) check"
 	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
+
+bench: setup ## the side-by-side benchmark (about 15 min); results in docs/results/bench.json
+	@$(WEFT) bench --json docs/results/bench.json
 
 lab-down: ## tear the demo lab down
 	@$(WEFT) lab down

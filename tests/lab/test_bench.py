@@ -1,0 +1,51 @@
+"""`weft bench --quick` runs end to end: every setup, scenario and figure is produced.
+
+This proves the harness works on a fresh machine (HAProxy, nftables, both labs, plots);
+it asserts no timing — the figures are for docs/benchmarks.md, not for a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from weft.lab import net
+
+SETUPS = {"direct", "weft", "weft-same-node", "haproxy-sidecars"}
+SCENARIOS = {"rate-500", "rate-1000", "saturate", "conn", "bulk"}
+
+
+def test_quick_bench_writes_every_figure(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "weft.cli", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == SETUPS
+    for setup, by in result["summary"].items():
+        assert set(by) == SCENARIOS, setup
+        for scenario, figures in by.items():
+            assert figures.get("errors", 0) == 0, (setup, scenario, figures)
+            rate = figures.get("mb_per_second") if scenario == "bulk" else figures["per_second"]
+            assert rate > 0, (setup, scenario, figures)
+    # The weft setups really went through the mesh: both agents relayed connections.
+    assert result["agents"]["agent-node-1"]["cpu_seconds"] > 0
+    mem = result["memory"]
+    for k in mem["pods"]:
+        assert mem["weft_agent"][str(k)]["rss"] > 0
+        assert mem["haproxy"][str(k)]["processes"] == k
+    assert set(result["targets"]) == {
+        "added_p99_ms_at_1000rps_cross_node",
+        "saturation_vs_haproxy",
+        "agent_memory_vs_sidecars",
+    }
+    for suffix in ("latency", "throughput", "memory"):
+        assert (tmp_path / f"bench-{suffix}.png").stat().st_size > 1000
+    # Both labs are gone.
+    assert not net.list_netns("wbench-") and not net.list_netns("wbenchm-")
