@@ -329,7 +329,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "haproxy": haproxy.splitlines()[0] if haproxy else None,
+        "haproxy": haproxy.splitlines()[0].split(" - ")[0] if haproxy else None,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
