@@ -51,7 +51,13 @@ from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
 from nodeagent.podsource import LabPodSource
 from nodeagent.proxy.balance import Balancer
-from nodeagent.proxy.outbound import Address, OutboundProxy, Upstream, connect_plaintext
+from nodeagent.proxy.outbound import (
+    Address,
+    OutboundConfig,
+    OutboundProxy,
+    Upstream,
+    connect_plaintext,
+)
 from nodeagent.proxy.tls import TlsContexts
 from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
@@ -115,9 +121,20 @@ class AgentConfig:
     """Endpoints tried for one connection to a service before the app is reset."""
     attempt_timeout: float = 1.5
     """Seconds for one endpoint to accept (connect, and the tunnel's answer)."""
+    idle_timeout: float = 3600.0
+    """Seconds without a byte either way after which a proxied connection is closed."""
     warm_tunnels: int = 1
     """Spare handshaken tunnels per recently used (source, node, destination identity);
     0 makes every connection pay its TLS handshake."""
+
+    def __post_init__(self) -> None:
+        if self.connect_attempts < 1:
+            raise AgentError(f"connect attempts must be at least 1, got {self.connect_attempts}")
+        for name in ("attempt_timeout", "idle_timeout", "drain_seconds"):
+            if getattr(self, name) <= 0:
+                raise AgentError(f"{name.replace('_', ' ')} must be positive")
+        if self.warm_tunnels < 0:
+            raise AgentError(f"warm tunnels must be >= 0, got {self.warm_tunnels}")
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
@@ -602,6 +619,11 @@ class Agent:
             original_destination=self.original_destination,
             is_self=self.is_self,
             connect=self.connect_upstream,
+            config=OutboundConfig(
+                # Every attempt has its own timeout; this bounds them all together.
+                connect_timeout=cfg.attempt_timeout * max(1, cfg.connect_attempts) + 1.0,
+                idle_timeout=cfg.idle_timeout,
+            ),
         )
         admin = AdminServer(self.readiness, self.state, self.registry)
         admin_server = await asyncio.start_server(

@@ -44,6 +44,24 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Shortcut same-node pod<->proxy bytes with sk_msg.",
 )
 @click.option(
+    "--connect-timeout",
+    default=1.5,
+    show_default=True,
+    help="Seconds one endpoint may take to accept a connection (then another is tried).",
+)
+@click.option(
+    "--connect-attempts",
+    default=3,
+    show_default=True,
+    help="Endpoints tried for one connection to a service before the app's is reset.",
+)
+@click.option(
+    "--idle-timeout",
+    default=3600.0,
+    show_default=True,
+    help="Seconds without a byte either way after which a connection is closed.",
+)
+@click.option(
     "--warm-tunnels",
     default=1,
     show_default=True,
@@ -63,6 +81,9 @@ def agent(
     admin_port: int,
     exclude_ports: str,
     sockmap: bool,
+    connect_timeout: float,
+    connect_attempts: int,
+    idle_timeout: float,
     warm_tunnels: int,
     drain: float,
     do_uninstall: bool,
@@ -83,6 +104,9 @@ def agent(
             admin_port=admin_port,
             skip_ports=_ports(exclude_ports),
             sockmap=sockmap,
+            attempt_timeout=connect_timeout,
+            connect_attempts=connect_attempts,
+            idle_timeout=idle_timeout,
             warm_tunnels=warm_tunnels,
             drain_seconds=drain,
         )
