@@ -1,8 +1,8 @@
 """The agent's admin endpoint (port 15020): /live, /ready, /debug/state, /metrics.
 
-A deliberately tiny HTTP/1.1 responder: one request per connection, GET only, bounded
-request size.  It must keep answering when the data path is in trouble, so it shares
-nothing with the proxy but the event loop.
+A deliberately tiny HTTP/1.1 responder (:func:`weft.http.answer_one`): one request per
+connection, GET only, bounded request size.  It must keep answering when the data path
+is in trouble, so it shares nothing with the proxy but the event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from weft.http import TEXT, RequestHead, answer_one
 
 log = logging.getLogger("weft.admin")
 
@@ -45,41 +47,25 @@ class AdminServer:
         self.state = state
         self.registry = registry
 
-    def route(self, path: str) -> tuple[int, str, bytes]:
+    def route(self, head: RequestHead) -> tuple[int, bytes, str]:
+        """Sans-I/O: a GET request head in, (status, body, content type) out."""
+        path = head.target.split("?", 1)[0]
         if path == "/live":
-            return 200, "text/plain", b"live\n"
+            return 200, b"live\n", TEXT
         if path == "/ready":
             if self.readiness.ready:
-                return 200, "text/plain", b"ready\n"
+                return 200, b"ready\n", TEXT
             waiting = ", ".join(sorted(self.readiness.blockers))
-            return 503, "text/plain", f"not ready: waiting for {waiting}\n".encode()
+            return 503, f"not ready: waiting for {waiting}\n".encode(), TEXT
         if path == "/debug/state":
-            return 200, "application/json", json.dumps(self.state(), indent=2).encode()
+            try:
+                return 200, json.dumps(self.state(), indent=2).encode(), "application/json"
+            except Exception:
+                log.exception("building /debug/state failed")
+                return 500, b"internal error; see the agent's log\n", TEXT
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", generate_latest(self.registry)
-        return 404, "text/plain", b"not found: try /live /ready /debug/state /metrics\n"
+            return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return 404, b"not found: try /live /ready /debug/state /metrics\n", TEXT
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-            parts = head.split(b"\r\n", 1)[0].split(b" ")
-            if len(parts) != 3 or parts[0] != b"GET":
-                status, ctype, body = 405, "text/plain", b"GET only\n"
-            else:
-                status, ctype, body = self.route(parts[1].decode("latin-1").split("?", 1)[0])
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            writer.close()
-            return
-        except Exception:
-            log.exception("admin request failed")
-            status, ctype, body = 500, "text/plain", b"internal error\n"
-        writer.write(
-            f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n".encode()
-            + body
-        )
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
+        await answer_one(reader, writer, self.route, within=10.0)

@@ -55,7 +55,6 @@ import itertools
 import logging
 import os
 import ssl
-import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from weft.files import write_atomic
+from weft.http import HttpProtocolError, encode_request, parse_response_head
 from weft.identity import (
     DEFAULT_TRUST_DOMAIN,
     IdentityError,
@@ -167,10 +167,6 @@ class _ClientCertRejected(ControlPlaneUnavailable):
 # --- sans-I/O HTTP/1.1 --------------------------------------------------------------------
 
 
-class HttpProtocolError(ValueError):
-    """The response is not the strict HTTP/1.1 this client accepts."""
-
-
 @dataclass
 class Stream:
     """A kept connection carrying a streamed answer; the caller reads and closes it."""
@@ -181,87 +177,6 @@ class Stream:
 
     async def close(self) -> None:
         await _close(self.writer)
-
-
-@dataclass(frozen=True)
-class ResponseHead:
-    status: int
-    reason: str
-    headers: dict[str, str]
-    """Lower-cased names; a repeated header is an error, except identical Content-Length."""
-    content_length: int
-
-
-def encode_request(method: str, path: str, host: str, body: bytes) -> bytes:
-    """One HTTP/1.1 request with a JSON body; the connection closes after the answer."""
-    for part in (method, path, host):
-        if not part or any(c in part for c in "\r\n \t"):
-            raise ValueError(f"invalid request line component {part!r}")
-    head = (
-        f"{method} {path} HTTP/1.1\r\n"
-        f"Host: {host}\r\n"
-        "Content-Type: application/json\r\n"
-        "Accept: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n"
-        "\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
-
-
-def parse_response_head(
-    raw: bytes, *, max_headers: int = 64, streamed: bool = False
-) -> ResponseHead:
-    """Parse a status line and headers ending with an empty line (``\\r\\n\\r\\n``).
-
-    Strict on purpose: HTTP/1.1 only, CRLF line endings, no obsolete line folding, a
-    ``Content-Length`` (digits only) and no ``Transfer-Encoding``.  Anything else is an
-    `HttpProtocolError`: the peer is not the control plane we expect.  With
-    ``streamed``, a 200 answer must instead be the discovery stream: its content type and
-    no length (``content_length`` is then 0).
-    """
-    if not raw.endswith(b"\r\n\r\n"):
-        raise HttpProtocolError("response head does not end with an empty line")
-    try:
-        text = raw[:-4].decode("ascii")
-    except UnicodeDecodeError:
-        raise HttpProtocolError("response head is not ASCII") from None
-    lines = text.split("\r\n")
-    if any("\n" in line or "\r" in line for line in lines):
-        raise HttpProtocolError("bare CR or LF in the response head")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if version != "HTTP/1.1":
-        raise HttpProtocolError(f"expected HTTP/1.1, got status line {lines[0][:80]!r}")
-    if len(code) != 3 or not code.isdigit() or not 200 <= int(code) <= 599:
-        raise HttpProtocolError(f"bad status code in {lines[0][:80]!r}")
-    if len(lines) - 1 > max_headers:
-        raise HttpProtocolError(f"more than {max_headers} headers")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
-            raise HttpProtocolError(f"malformed header line {line[:80]!r}")
-        name, value = name.lower(), value.strip(" \t")
-        if name in headers and not (name == "content-length" and headers[name] == value):
-            raise HttpProtocolError(f"repeated header {name!r}")
-        headers[name] = value
-    if "transfer-encoding" in headers:
-        raise HttpProtocolError("Transfer-Encoding is not supported; send Content-Length")
-    if streamed and code == "200":
-        if headers.get("content-type") != STREAM_CONTENT_TYPE or "content-length" in headers:
-            raise HttpProtocolError(
-                f"expected a {STREAM_CONTENT_TYPE} stream, got content type "
-                f"{headers.get('content-type')!r}"
-            )
-        return ResponseHead(200, reason, headers, 0)
-    length = headers.get("content-length")
-    if length is None or not length.isdigit() or len(length) > 12:
-        raise HttpProtocolError(f"missing or invalid Content-Length {length!r}")
-    return ResponseHead(int(code), reason, headers, int(length))
 
 
 # --- certificate checks and files ---------------------------------------------------------
@@ -747,7 +662,9 @@ class ControlPlaneClient:
                 await writer.drain()
                 raw_head = await reader.readuntil(b"\r\n\r\n")
                 answered = True
-                head = parse_response_head(raw_head, streamed=stream)
+                head = parse_response_head(
+                    raw_head, stream_type=STREAM_CONTENT_TYPE if stream else None
+                )
                 if stream and head.status == 200:
                     kept = Stream(reader, writer, where)
                     return kept

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import http
 import logging
 import os
 import re
@@ -58,6 +57,15 @@ from controlplane.identity.signer import (
     NodeBinding,
     Signer,
     controlplane_identity,
+)
+from weft.http import (
+    MAX_HEAD,
+    TEXT,
+    HttpError,
+    RequestHead,
+    answer_one,
+    parse_head,
+    render_response,
 )
 from weft.identity import (
     DEFAULT_TRUST_DOMAIN,
@@ -90,9 +98,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("weft.controlplane")
 
-MAX_HEAD = 8 * 1024
-"""Request line + headers.  A legitimate request's head is ~150 bytes."""
-MAX_HEADERS = 32
 REFRESH_FRACTION = 0.7
 """Renew the serving certificate at 70 % of its lifetime, as agents do with theirs."""
 RENEW_RETRY_SECONDS = 30.0
@@ -102,78 +107,6 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- sans-I/O HTTP
-
-
-class HttpError(Exception):
-    """The request is not acceptable HTTP; ``status`` is what to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class RequestHead:
-    method: str
-    target: str
-    headers: dict[str, str]
-    """Lower-cased names."""
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        return None if value is None else int(value)
-
-
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_TARGET = re.compile(rb"^/[\x21-\x7e]*$")
-_DIGITS = re.compile(r"^[0-9]{1,10}$")
-_SINGLETON = {"content-length", "transfer-encoding", "host"}
-
-
-def parse_head(raw: bytes) -> RequestHead:
-    """Parse a request head that ends with the blank line (``\\r\\n\\r\\n``).
-
-    Strict on purpose: no obsolete line folding, no bare LF, no duplicate
-    Content-Length, no Transfer-Encoding — the ambiguities request smuggling lives on.
-    """
-    if len(raw) > MAX_HEAD:
-        raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
-    if not raw.endswith(b"\r\n\r\n"):
-        raise HttpError(400, "request head does not end with CRLF CRLF")
-    lines = raw[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise HttpError(400, "malformed request line: expected 'METHOD /path HTTP/1.1'")
-    method, target, version = parts
-    if version != b"HTTP/1.1":
-        raise HttpError(505, "only HTTP/1.1 is served")
-    if not _TOKEN.match(method) or not _TARGET.match(target):
-        raise HttpError(400, "malformed request line: bad method or target")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HttpError(431, f"more than {MAX_HEADERS} header fields")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise HttpError(400, "malformed header field (line folding and bare LF are refused)")
-        value = value.strip(b" \t")
-        if b"\n" in value or b"\r" in value or b"\x00" in value:
-            raise HttpError(400, "control characters in a header value")
-        key = name.decode("ascii").lower()
-        text = value.decode("latin-1")
-        if key in headers:
-            if key in _SINGLETON:
-                raise HttpError(400, f"duplicate {key} header")
-            text = f"{headers[key]}, {text}"
-        headers[key] = text
-    if "transfer-encoding" in headers:
-        raise HttpError(501, "Transfer-Encoding is not supported: send Content-Length")
-    length = headers.get("content-length")
-    if length is not None and not _DIGITS.match(length):
-        raise HttpError(400, "Content-Length must be a decimal number")
-    return RequestHead(method.decode("ascii"), target.decode("ascii"), headers)
 
 
 def check_api_head(head: RequestHead) -> int:
@@ -195,26 +128,6 @@ STREAM_HEAD = (
     "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
 ).encode("ascii")
 """Head of a discovery stream response: no length, frames until either side closes."""
-
-
-def render_response(
-    status: int,
-    body: bytes,
-    content_type: str = "application/json",
-    extra: Mapping[str, str] | None = None,
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in (extra or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-# --------------------------------------------------------------------------- admin port
 
 
 class Readiness:
@@ -247,9 +160,6 @@ class Readiness:
         return out
 
 
-_TEXT = "text/plain; charset=utf-8"
-
-
 class AdminServer:
     """``/metrics`` and ``/ready`` over plain HTTP: Prometheus and the kubelet's probe
     scrape it, and it carries nothing secret."""
@@ -276,39 +186,21 @@ class AdminServer:
             self._server.close()
             await self._server.wait_closed()
 
-    def respond(self, raw_head: bytes) -> tuple[int, bytes, str]:
-        """Sans-I/O: a request head in, (status, body, content type) out."""
-        try:
-            head = parse_head(raw_head)
-        except HttpError as e:
-            return e.status, f"{e.message}\n".encode(), _TEXT
-        if head.method != "GET":
-            return 405, b"GET only\n", _TEXT
+    def respond(self, head: RequestHead) -> tuple[int, bytes, str]:
+        """Sans-I/O: a GET request head in, (status, body, content type) out."""
         path = head.target.split("?", 1)[0]
         if path == "/metrics":
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path == "/ready":
             blockers = self.readiness.blockers()
             if not blockers:
-                return 200, b"ready\n", _TEXT
+                return 200, b"ready\n", TEXT
             text = "".join(f"not ready: {k}: {v}\n" for k, v in sorted(blockers.items()))
-            return 503, text.encode(), _TEXT
-        return 404, b"try /metrics or /ready\n", _TEXT
+            return 503, text.encode(), TEXT
+        return 404, b"try /metrics or /ready\n", TEXT
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(ADMIN_REQUEST_TIMEOUT):
-                try:
-                    raw = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:
-                    raw = b"oversized"  # parse_head answers 400
-                status, body, ctype = self.respond(raw)
-                writer.write(render_response(status, body, ctype))
-                await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            await _close(writer)
+        await answer_one(reader, writer, self.respond, within=ADMIN_REQUEST_TIMEOUT)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
