@@ -36,14 +36,13 @@ from nodeagent.cpclient import (
     ControlPlaneClient,
     ControlPlaneError,
     ControlPlaneUnavailable,
-    HttpProtocolError,
     InvalidResponse,
     RefusedError,
     ServerIdentityError,
     controlplane_id,
-    parse_response_head,
 )
 from tests.pki import Pki
+from weft.http import HttpProtocolError, parse_response_head
 from weft.identity import SpiffeId, build_csr, cert_pem, generate_key, load_certs, spiffe_id_of
 from weft.wire import (
     BOOTSTRAP_PATH,
