@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -257,11 +259,54 @@ def test_stopped_replica_is_retried_then_ejected(mesh: LabRunner):
     _eventually(lambda: "echo-2" in _answered_by(mesh, 4), 60, "echo-2 serves again")
 
 
-def test_controlplane_outage_keeps_traffic_and_agents_resync(mesh: LabRunner):
-    mesh.weft("lab", "stop", "controlplane")
+# Runs in client-1: a request on a keep-alive connection, then (once GO exists) another.
+KEPT = r"""
+import json, os, socket, sys, time
+
+def request(sock):
+    sock.sendall(b"GET /kept HTTP/1.1\r\nHost: echo\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
+                  if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return json.loads(body)["pod"]
+
+kept = socket.create_connection(("echo", 80), timeout=10)
+print(request(kept), flush=True)
+deadline = time.time() + 60
+while not os.path.exists(sys.argv[1]) and time.time() < deadline:
+    time.sleep(0.1)
+print(request(kept), flush=True)
+"""
+
+
+def test_controlplane_outage_keeps_traffic_and_agents_resync(mesh: LabRunner, tmp_path: Path):
+    go = tmp_path / "go"
+    env = {**os.environ, "WEFT_LAB": mesh.name}
+    kept = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--",
+         sys.executable, "-c", KEPT, str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert kept.stdout is not None
+        first = kept.stdout.readline().strip()
+        assert first in ("echo-1", "echo-2"), kept.stderr.read() if kept.stderr else ""
+        mesh.weft("lab", "stop", "controlplane")
+        # The connection opened before the outage keeps working through it ...
+        go.touch()
+        out, err = kept.communicate(timeout=30)
+        assert out.strip() == first, err
+    finally:
+        if kept.poll() is None:
+            kept.kill()
     restarted = False
     try:
-        # New connections keep working on the agents' last state.
+        # ... and new connections keep working on the agents' last state.
         assert set(_answered_by(mesh, 10)) == {"echo-1", "echo-2"}
         # A change made while the control plane is away ...
         mesh.weft("lab", "label", "echo-2", "app-")
