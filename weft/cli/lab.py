@@ -267,7 +267,8 @@ def stop_cmd(ctx: click.Context, name: str) -> None:
 @click.argument("name")
 @click.pass_context
 def start_cmd(ctx: click.Context, name: str) -> None:
-    """Start again a process stopped with `weft lab stop` (echo replica, controlplane)."""
+    """Start again a process stopped with `weft lab stop` (echo replica, controlplane,
+    agent-node-N)."""
     try:
         _lab(ctx).start_process(name)
     except (LabError, OSError) as e:

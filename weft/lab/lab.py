@@ -298,8 +298,8 @@ class Lab:
         return stopped
 
     def start_process(self, name: str) -> None:
-        """Start again a process stopped with :meth:`stop_process`: an echo pod's app or
-        the control plane (agents: ``restart_agent``)."""
+        """Start again a process stopped with :meth:`stop_process`: an echo pod's app,
+        the control plane or a node's agent."""
         require_root()
         state = self.load()
         if any(r.name == name and procs.is_alive(r) for r in state.processes):
@@ -310,9 +310,14 @@ class Lab:
                 raise LabError("this lab runs without a control plane")
             self._spawn_controlplane(state)
             return
+        node = name.removeprefix("agent-")
+        if name.startswith("agent-") and node in {n.name for n in state.plan.nodes}:
+            rec = self._start_agent(state, node)
+            self._wait_agent_ready(state, node, rec)
+            return
         pod = next((p for p in state.plan.pods if p.name == name), None)
         if pod is None or pod.app != "echo":
-            raise LabError(f"{name!r} is neither the control plane nor an echo pod")
+            raise LabError(f"{name!r} is not the control plane, an agent or an echo pod")
         self._start_echo(state, pod)
         self._wait_listening(state, pod, pod.ports[0])
         self.report(f"{name}: started")
