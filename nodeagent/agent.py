@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from nodeagent.admin import AdminServer, Readiness
 from nodeagent.capture import CaptureManager, LocalPod
 from nodeagent.certs import CertConfig, WorkloadCertManager
-from nodeagent.cgroups import own_cgroup
+from nodeagent.cgroups import CgroupError, find_pod_cgroup, own_cgroup
 from nodeagent.cpclient import ControlPlaneClient, ControlPlaneError
 from nodeagent.discovery import DiscoveryClient
 from nodeagent.ebpf import bpfsys
@@ -85,8 +85,8 @@ class AgentError(RuntimeError):
 class AgentConfig:
     node: str
     """Name of the node this agent serves."""
-    state_file: Path
-    """Lab state file the pods of this node are read from."""
+    state_file: Path | None
+    """Lab state file (capture-only mode reads pods from it); None on Kubernetes."""
     proxy_ip: str
     """Address captured connects are rewritten to (the node as pods see it)."""
     node_addrs: tuple[str, ...]
@@ -126,6 +126,9 @@ class AgentConfig:
     warm_tunnels: int = 1
     """Spare handshaken tunnels per recently used (source, node, destination identity);
     0 makes every connection pay its TLS handshake."""
+    pod_uid: str | None = None
+    """Kubernetes: the agent's own pod UID, to find its cgroup (the container's
+    /proc/self/cgroup is namespaced and says only "/")."""
 
     def __post_init__(self) -> None:
         if self.connect_attempts < 1:
@@ -166,6 +169,50 @@ class AgentConfig:
             state_dir=paths.state_dir / "agents" / node,
             cgroup2=cgroup2,
             cgroup_root=paths.cgroup_root,
+            **overrides,
+        )
+
+    @classmethod
+    def for_kubernetes(cls, env: Mapping[str, str], **overrides: Any) -> AgentConfig:
+        """The DaemonSet's agent, configured from its environment (see
+        deploy/kubernetes/weft.yaml, which sets each of these).
+
+        ``NODE_NAME``, ``NODE_IP`` (``status.hostIP``) and ``POD_UID`` come from the
+        downward API; ``WEFT_CONTROLPLANE`` names the control plane's service.  Paths
+        default to the manifest's mounts: the host's cgroup2 at ``/host/cgroup``, bpffs at
+        ``/sys/fs/bpf``, the projected token, the trust bundle ConfigMap, a memory-backed
+        certificate directory and a host directory for the agent's small state.
+        """
+
+        def need(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise AgentError(
+                    f"${name} is not set: the DaemonSet sets it (see deploy/kubernetes)"
+                )
+            return value
+
+        node, node_ip = need("NODE_NAME"), need("NODE_IP")
+        cgroup2 = Path(env.get("WEFT_CGROUP2", "/host/cgroup"))
+        bpffs = Path(env.get("WEFT_BPFFS", "/sys/fs/bpf"))
+        for path, what in ((cgroup2, "cgroup v2 (host)"), (bpffs, "bpffs")):
+            if not path.is_dir():
+                raise AgentError(f"{what} is not mounted at {path}: see deploy/kubernetes")
+        extra = tuple(a for a in env.get("WEFT_NODE_ADDRS", "").split(",") if a.strip())
+        return cls(
+            node=node,
+            state_file=None,
+            proxy_ip=node_ip,
+            node_addrs=(node_ip, *extra),
+            pin_dir=bpffs / "weft" / node,
+            state_dir=Path(env.get("WEFT_STATE_DIR", "/var/run/weft/agent")),
+            cgroup2=cgroup2,
+            controlplane=need("WEFT_CONTROLPLANE"),
+            token_file=Path(env.get("WEFT_TOKEN_FILE", "/var/run/secrets/weft/token")),
+            trust_bundle=Path(env.get("WEFT_TRUST_BUNDLE", "/etc/weft/trust/ca.crt")),
+            cert_dir=Path(env.get("WEFT_CERT_DIR", "/run/weft/certs")),
+            trust_domain=env.get("WEFT_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
+            pod_uid=need("POD_UID"),
             **overrides,
         )
 
@@ -221,6 +268,7 @@ class Agent:
         self.certs: WorkloadCertManager | None = None
         self.cp_client: ControlPlaneClient | None = None
         self.mesh = MeshState()
+        self._cgroups: dict[str, Path] = {}
         self.cp_client_bootstrapped = asyncio.Event()
         self.discovery: DiscoveryClient | None = None
         self.balancer: Balancer[Address] = Balancer()
@@ -300,9 +348,21 @@ class Agent:
             },
         }
 
+    def _own_cgroup(self) -> Path:
+        cfg = self.cfg
+        if cfg.pod_uid is None:
+            return own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2)
+        found = find_pod_cgroup(cfg.cgroup2, cfg.pod_uid)
+        if found is None:
+            raise AgentError(
+                f"cannot find the agent's own pod cgroup (pod {cfg.pod_uid}) under "
+                f"{cfg.cgroup2}: is the host's cgroup2 mounted there?"
+            )
+        return found
+
     def _load_ebpf(self) -> None:
         cfg = self.cfg
-        self.proxy_cgroup = own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2)
+        self.proxy_cgroup = self._own_cgroup()
         sockmap = cfg.sockmap
         if sockmap and self.proxy_cgroup.resolve() == cfg.cgroup2.resolve():
             log.warning(
@@ -338,20 +398,37 @@ class Agent:
 
     async def _capture_loop(self) -> None:
         """Capture-only mode (no control plane): the local pods from the lab state file."""
-        assert self.manager is not None
+        assert self.manager is not None and self.cfg.state_file is not None
         source = LabPodSource(self.cfg.state_file, self.cfg.node)
         async for pods in source.snapshots():
             self.manager.apply(pods)
             self.readiness.done("pods")
 
-    def local_pod(self, w: Workload) -> LocalPod:
+    def pod_cgroup(self, w: Workload) -> Path | None:
+        """The pod's cgroup: the lab's layout, or kubelet's found by pod UID (cached;
+        None until kubelet has made it)."""
         root = self.cfg.cgroup_root
+        if root is not None:
+            return root / w.node / w.name
+        cached = self._cgroups.get(w.uid)
+        if cached is not None and cached.is_dir():
+            return cached
+        try:
+            found = find_pod_cgroup(self.cfg.cgroup2, w.uid)
+        except (ValueError, CgroupError) as e:
+            log.warning("pod %s/%s (uid %s): no cgroup: %s", w.namespace, w.name, w.uid, e)
+            return None
+        if found is not None:
+            self._cgroups[w.uid] = found
+        return found
+
+    def local_pod(self, w: Workload) -> LocalPod:
         return LocalPod(
             name=w.name,
             namespace=w.namespace,
             ip=w.ips[0] if w.ips else "",
             service_account=w.service_account,
-            cgroup=root / w.node / w.name if root is not None else None,
+            cgroup=self.pod_cgroup(w),
             captured=w.captured,
             strict=w.strict,
         )
@@ -360,10 +437,22 @@ class Agent:
         """Mesh mode: capture, certificates and housekeeping follow the discovery state."""
         assert self.manager is not None and self.certs is not None
         seen = 0
+        pending = False
         while True:
-            seen = await self.mesh.wait_change(seen)
+            try:
+                # A captured pod whose cgroup kubelet has not made yet is looked for again
+                # every second, not only at the next discovery change.
+                async with asyncio.timeout(1.0 if pending else None):
+                    seen = await self.mesh.wait_change(seen)
+            except TimeoutError:
+                pass
             local = self.mesh.on_node(self.cfg.node)
-            self.manager.apply([self.local_pod(w) for w in local])
+            pods = [self.local_pod(w) for w in local]
+            pending = any(p.captured and p.cgroup is None for p in pods)
+            self.manager.apply(pods)
+            self._cgroups = {
+                uid: path for uid, path in self._cgroups.items() if uid in self.mesh.workloads
+            }
             # One workload identity per service account with a captured pod here; the
             # first call carries the whole set (it prunes stale key directories).
             self.certs.set_identities(w.identity for w in local if w.captured)
@@ -735,14 +824,21 @@ def uninstall(cfg: AgentConfig) -> list[str]:
     """Detach Weft programs from every pod of this node and the agent's cgroup, unpin maps."""
     done: list[str] = []
     cgroups: set[Path] = set()
-    try:
-        cgroups |= {p.cgroup for p in LabPodSource(cfg.state_file, cfg.node).read() if p.cgroup}
-    except StateError as e:
-        log.warning("cannot read pods (%s); detaching only recorded cgroups", e)
+    if cfg.state_file is not None:
+        try:
+            pods = LabPodSource(cfg.state_file, cfg.node).read()
+            cgroups |= {p.cgroup for p in pods if p.cgroup}
+        except StateError as e:
+            log.warning("cannot read pods (%s); detaching only recorded cgroups", e)
     record = cfg.state_dir / "attached.json"
     if record.exists():
         cgroups |= {Path(c) for c in json.loads(record.read_text()).get("cgroups", [])}
-    cgroups.add(own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2))
+    if cfg.pod_uid is None:
+        cgroups.add(own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2))
+    else:
+        own = find_pod_cgroup(cfg.cgroup2, cfg.pod_uid)
+        if own is not None:
+            cgroups.add(own)
     for cg in sorted(cgroups):
         done.extend(detach_all(cg))
     if remove_pins(cfg.pin_dir):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any
 
 import click
 
@@ -22,13 +24,18 @@ def _ports(value: str) -> tuple[int, ...]:
 
 
 @click.command()
-@click.option("--node", required=True, help="The node this agent serves (e.g. node-1).")
+@click.option("--node", help="The node this agent serves (lab: e.g. node-1).")
 @click.option(
     "--lab",
     "lab_name",
     envvar="WEFT_LAB",
-    required=True,
-    help="Read pods from this lab's state ($WEFT_LAB). Kubernetes mode comes with discovery.",
+    help="Serve a node of this lab ($WEFT_LAB).",
+)
+@click.option(
+    "--kubernetes",
+    is_flag=True,
+    help="Run as the DaemonSet's agent: node, addresses and mounts from the environment "
+    "(NODE_NAME, NODE_IP, POD_UID, WEFT_CONTROLPLANE; see deploy/kubernetes).",
 )
 @click.option("--outbound-port", default=15001, show_default=True)
 @click.option("--admin-port", default=15020, show_default=True)
@@ -75,8 +82,9 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Detach every Weft program of this node and remove its pinned maps, then exit.",
 )
 def agent(
-    node: str,
-    lab_name: str,
+    node: str | None,
+    lab_name: str | None,
+    kubernetes: bool,
     outbound_port: int,
     admin_port: int,
     exclude_ports: str,
@@ -96,10 +104,12 @@ def agent(
     # Imported here so that other commands (and --help) do not load bcc.
     from nodeagent.agent import AgentConfig, AgentError, run, uninstall
 
+    if kubernetes == (lab_name is not None):
+        raise click.UsageError("give exactly one of --lab NAME (with --node) or --kubernetes")
+    if lab_name is not None and not node:
+        raise click.UsageError("--node is required with --lab")
     try:
-        cfg = AgentConfig.for_lab(
-            lab_name,
-            node,
+        settings: dict[str, Any] = dict(
             outbound_port=outbound_port,
             admin_port=admin_port,
             skip_ports=_ports(exclude_ports),
@@ -110,6 +120,11 @@ def agent(
             warm_tunnels=warm_tunnels,
             drain_seconds=drain,
         )
+        if kubernetes:
+            cfg = AgentConfig.for_kubernetes(os.environ, **settings)
+        else:
+            assert lab_name is not None and node is not None
+            cfg = AgentConfig.for_lab(lab_name, node, **settings)
         if do_uninstall:
             for line in uninstall(cfg) or ["nothing of Weft was attached"]:
                 click.echo(line)
