@@ -547,39 +547,54 @@ class Agent:
         resolved = resolve(self.mesh, destination)
         service = resolved.service.key if resolved.service else ""
         hops = {h.address: h for h in resolved.hops}
+        # Only service endpoints get health tracking: a direct address has no alternative
+        # to fail over to, and tracking every address an app dials would grow without
+        # bound between discovery changes (which is when the table is pruned).
+        balancer: Balancer[Address] | None = self.balancer if resolved.service else None
         tried: list[Address] = []
         error: BaseException | None = None
         for _ in range(max(1, self.cfg.connect_attempts)):
-            pick = self.balancer.choose(list(hops), exclude=tried)
-            if pick is None:
-                break
-            hop = hops[pick.key]
-            tried.append(pick.key)
-            self.balancer.started(pick.key)
+            if balancer is None:
+                if tried:
+                    break
+                key = destination
+            else:
+                pick = balancer.choose(list(hops), exclude=tried)
+                if pick is None:
+                    break
+                key = pick.key
+                balancer.started(key)
+            hop = hops[key]
+            tried.append(key)
             try:
                 async with asyncio.timeout(self.cfg.attempt_timeout):
                     transport, labels = await self._open_hop(source, hop, protocol_factory)
             except BaseException as e:
-                self.balancer.finished(pick.key)
+                if balancer is not None:
+                    balancer.finished(key)
                 if not isinstance(e, Exception) or not _retryable(e):
                     # Cancelled, or refused for a reason another endpoint would repeat:
                     # no verdict on this endpoint's health.
-                    self.balancer.abandoned(pick.key)
+                    if balancer is not None:
+                        balancer.abandoned(key)
                     raise
                 error = e
-                more = len(tried) < min(len(hops), self.cfg.connect_attempts)
+                more = balancer is not None and len(tried) < min(
+                    len(hops), self.cfg.connect_attempts
+                )
                 self.m_connect_failures.labels(service, "true" if more else "false").inc()
-                if self.balancer.failed(pick.key):
+                if balancer is not None and balancer.failed(key):
                     self.m_ejections.labels(service).inc()
                 log.info(
                     "outbound %s:%d -> %s:%d%s: endpoint %s:%d failed (%s)%s",
-                    *app, *destination, f" ({service})" if service else "", *pick.key,
+                    *app, *destination, f" ({service})" if service else "", *key,
                     _why(e), "; trying another" if more else "",
                 )  # fmt: skip
                 continue
-            self.balancer.succeeded(pick.key)
             meter = self.tcp.open(labels)
-            key = pick.key
+            if balancer is None:
+                return Upstream(transport, meter, meter.close)
+            balancer.succeeded(key)
 
             def done(key: Address = key, meter: ConnMeter = meter) -> None:
                 self.balancer.finished(key)
