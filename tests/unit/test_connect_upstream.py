@@ -53,14 +53,14 @@ class FakeTransport(asyncio.Transport):
 
 
 def _fake_hops(agent: Agent, down: set[str], calls: list[str]) -> None:
-    async def open_hop(source, hop: Hop, factory):  # type: ignore[no-untyped-def]
+    async def open_hop(source, hop: Hop, factory):
         calls.append(hop.address[0])
         if hop.address[0] in down:
             raise ConnectionRefusedError("refused")
         labels = ConnLabels("outbound", "c", "default", "e", "default", "true", "a", "b")
         return FakeTransport(), labels
 
-    agent._open_hop = open_hop  # type: ignore[method-assign]
+    agent._open_hop = open_hop  # type: ignore[method-assign,assignment]
 
 
 def _failures(agent: Agent, service: str) -> float:
@@ -111,7 +111,7 @@ async def test_direct_destinations_are_tried_once_and_not_tracked(agent: Agent):
 async def test_a_policy_refusal_is_not_retried_and_holds_no_probation_slot(agent: Agent):
     calls: list[str] = []
 
-    async def refuse(source, hop, factory):  # type: ignore[no-untyped-def]
+    async def refuse(source, hop, factory):
         calls.append(hop.address[0])
         raise NoRoute("strict source")
 
