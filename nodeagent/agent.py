@@ -198,7 +198,7 @@ class AgentConfig:
         for path, what in ((cgroup2, "cgroup v2 (host)"), (bpffs, "bpffs")):
             if not path.is_dir():
                 raise AgentError(f"{what} is not mounted at {path}: see deploy/kubernetes")
-        extra = tuple(a for a in env.get("WEFT_NODE_ADDRS", "").split(",") if a.strip())
+        extra = tuple(a.strip() for a in env.get("WEFT_NODE_ADDRS", "").split(",") if a.strip())
         return cls(
             node=node,
             state_file=None,
@@ -777,6 +777,12 @@ class Agent:
                 log.error("task %s ended unexpectedly: %r", t.get_name(), exc, exc_info=exc)
                 code = 1
         finally:
+            # Stop reconciling first: during a make-before-break restart the new agent
+            # already owns the pods' attachments, and this one must not put its own
+            # programs back while it drains.
+            for t in tasks:
+                if t.get_name() in ("capture-manager", "discovery"):
+                    t.cancel()
             admin_server.close()
             await self.proxy.close(cfg.drain_seconds)
             if self.tunnel_server is not None:

@@ -91,6 +91,10 @@ class DiscoveryClient:
             registry=reg,
         )
         self.connected = False
+        self._applied = False
+        """Whether the current connection delivered a message we applied: only that resets
+        the backoff (a stream that is accepted and then fails every time must not turn
+        into a reconnect loop across every agent)."""
         self.last_error: str | None = None
 
     async def run(self) -> None:
@@ -108,6 +112,7 @@ class DiscoveryClient:
                     what="discovery stream",
                 )
                 self._up(True)
+                self._applied = False
                 log.info(
                     "discovery stream open to %s (%s)",
                     stream.where,
@@ -131,8 +136,8 @@ class DiscoveryClient:
             finally:
                 if stream is not None:
                     await stream.close()
-            if self.connected:
-                attempt = 0  # it worked for a while: start the backoff over
+            if self._applied:
+                attempt = 0  # the stream delivered state: start the backoff over
             self._up(False)
             self.m_reconnects.labels(reason).inc()
             delay = random.uniform(0, min(cfg.backoff_max, cfg.backoff_initial * 2**attempt))
@@ -162,6 +167,7 @@ class DiscoveryClient:
                 else:
                     msg = decode_message(payload)
                 self.state.apply(msg)
+                self._applied = True
                 self.m_last_update.set(time.time())
                 if self.state.revision is not None:
                     self.m_revision.set(self.state.revision)

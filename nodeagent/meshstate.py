@@ -40,6 +40,9 @@ class MeshState:
         self.workloads: dict[str, Workload] = {}
         self.services: dict[str, Service] = {}
         self._by_ip: dict[str, Workload] = {}
+        self._claims: dict[str, dict[str, None]] = {}
+        """IP -> the uids of every workload claiming it, oldest claim first (a pod that
+        left and the pod that got its address can both be known for a while)."""
         self._by_vip: dict[tuple[str, int], VipTarget] = {}
         self._vip_ips: dict[str, int] = {}
         """VIP address -> number of (vip, port) entries: "is this a service address"."""
@@ -109,6 +112,7 @@ class MeshState:
         self.workloads = {w.key: w for w in msg.workloads}
         self.services = {s.key: s for s in msg.services}
         self._by_ip = {}
+        self._claims = {}
         for w in self.workloads.values():
             self._index_workload(w)
         self._by_vip = {}
@@ -143,15 +147,24 @@ class MeshState:
     def _index_workload(self, w: Workload) -> None:
         for ip in w.ips:
             self._by_ip[ip] = w
+            self._claims.setdefault(ip, {})[w.uid] = None
 
     def _unindex_workload(self, w: Workload) -> None:
+        """O(addresses of ``w``): another claimant of an address (a replacement pod that
+        got it) takes it over, the most recent claim first."""
         for ip in w.ips:
-            if self._by_ip.get(ip) is w:
-                del self._by_ip[ip]
-        # Another workload may still claim the address (a replacement pod that got it).
-        for other in self.workloads.values():
-            for ip in other.ips:
-                if ip in w.ips and ip not in self._by_ip:
+            claims = self._claims.get(ip)
+            if claims is not None:
+                claims.pop(w.uid, None)
+                if not claims:
+                    del self._claims[ip]
+            current = self._by_ip.get(ip)
+            if current is not None and current.uid != w.uid:
+                continue
+            self._by_ip.pop(ip, None)
+            if claims:
+                other = self.workloads.get(next(reversed(claims)))
+                if other is not None:
                     self._by_ip[ip] = other
 
     def _index_service(self, s: Service) -> None:

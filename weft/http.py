@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import http
+import logging
 import re
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger("weft.http")
 
 MAX_HEAD = 8 * 1024
 """Request line + headers.  A legitimate request's head is ~150 bytes."""
@@ -237,7 +240,11 @@ async def answer_one(
                 if head.method != "GET":
                     status, body, ctype = 405, b"GET only\n", TEXT
                 else:
-                    status, body, ctype = respond(head)
+                    try:
+                        status, body, ctype = respond(head)
+                    except Exception:
+                        log.exception("answering %s %s failed", head.method, head.target[:100])
+                        status, body, ctype = 500, b"internal error; see the log\n", TEXT
             writer.write(render_response(status, body, ctype))
             await writer.drain()
     except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):

@@ -183,9 +183,12 @@ class DiscoveryStream:
 
     async def serve(
         self, node: str, request: Subscribe, writer: asyncio.StreamWriter,
-        reader: asyncio.StreamReader,
+        reader: asyncio.StreamReader, until: float | None = None,
     ) -> None:  # fmt: skip
-        """Stream to one agent until it disconnects, is too slow, or the stream closes."""
+        """Stream to one agent until it disconnects, is too slow, the stream closes, or
+        ``until`` (Unix time: when the node certificate that opened it expires) — the
+        agent then reconnects with its renewed certificate, so a node removed from the
+        mesh stops receiving state within one node-certificate lifetime."""
         cfg = self.config
         await self.store.wait_synced()
         sub = _Subscriber(node, cfg.queue_bytes)
@@ -211,10 +214,18 @@ class DiscoveryStream:
             if not await self._send(sub, [first], writer):
                 return
             while True:
+                wait = cfg.heartbeat
+                if until is not None:
+                    left = until - time.time()
+                    if left <= 0:
+                        log.info("agent %s: its node certificate expired; ending its stream",
+                                 node)  # fmt: skip
+                        break
+                    wait = min(wait, left)
                 woken = asyncio.ensure_future(sub.wake.wait())
                 done, _ = await asyncio.wait(
                     {woken, gone, closing},
-                    timeout=cfg.heartbeat,
+                    timeout=wait,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 woken.cancel()

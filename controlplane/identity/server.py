@@ -442,6 +442,16 @@ class _StreamRequest:
 
     node: str
     subscribe: Subscribe
+    until: float | None
+    """When the node certificate that authenticated the stream expires (Unix time)."""
+
+
+def _peer_not_after(writer: asyncio.StreamWriter) -> float | None:
+    sslobj = writer.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der:
+        return None
+    return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 
 class _Unauthenticated(Exception):
@@ -498,6 +508,13 @@ class ApiServer:
         )
         self._executor = ThreadPoolExecutor(config.sign_workers, thread_name_prefix="weft-sign")
         self._pending = asyncio.Semaphore(config.max_pending_signs)
+        # Bootstraps get their own threads: their credential check may wait seconds on
+        # the API server (TokenReview), and anyone can send one — workload certificate
+        # renewals of authenticated nodes must never queue behind them.
+        self._boot_executor = ThreadPoolExecutor(
+            config.sign_workers, thread_name_prefix="weft-bootstrap"
+        )
+        self._boot_pending = asyncio.Semaphore(config.max_pending_signs)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -546,12 +563,15 @@ class ApiServer:
         if self._server is not None:
             await self._server.wait_closed()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._boot_executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._pending:
+    async def _run(self, fn: Callable[..., T], *args: Any, bootstrap: bool = False) -> T:
+        pending = self._boot_pending if bootstrap else self._pending
+        executor = self._boot_executor if bootstrap else self._executor
+        async with pending:
             if not self.offload:
                 return fn(*args)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def _renew_loop(self) -> None:
         while True:
@@ -597,7 +617,9 @@ class ApiServer:
                 assert self.stream is not None
                 self.requests.labels(DISCOVERY_PATH, "200").inc()
                 writer.write(STREAM_HEAD)
-                await self.stream.serve(answer.node, answer.subscribe, writer, reader)
+                await self.stream.serve(
+                    answer.node, answer.subscribe, writer, reader, until=answer.until
+                )
                 return
             endpoint, status, body = answer
             if status:
@@ -656,13 +678,15 @@ class ApiServer:
         if endpoint == DISCOVERY_PATH:
             assert node is not None
             try:
-                return _StreamRequest(node, Subscribe.decode(body))
+                return _StreamRequest(node, Subscribe.decode(body), _peer_not_after(writer))
             except MeshWireError as e:
                 return self._refusal(endpoint, 400, RefusalCode.MALFORMED_REQUEST, str(e), peer)
         try:
             result: CertificateResponse | Refusal
             if node is None:
-                result = await self._run(self.signer.bootstrap, BootstrapRequest.decode(body))
+                result = await self._run(
+                    self.signer.bootstrap, BootstrapRequest.decode(body), bootstrap=True
+                )
             else:
                 result = await self._run(
                     self.signer.certificate, node, CertificateRequest.decode(body)

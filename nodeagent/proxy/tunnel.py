@@ -564,6 +564,12 @@ class TunnelHandshakeError(TunnelError):
 
     stat = "handshake_failed"
 
+    @property
+    def retryable(self) -> bool:
+        # Nothing reached the target, and the cause is usually that node (no certificate
+        # for the identity there, an agent in trouble): another endpoint may well work.
+        return True
+
 
 class TunnelImpersonation(TunnelError):
     """The server proved a valid identity that is not the one discovery expected."""
@@ -574,6 +580,12 @@ class TunnelImpersonation(TunnelError):
         super().__init__(message)
         self.expected = expected
         self.actual = actual
+
+    @property
+    def retryable(self) -> bool:
+        # That endpoint's node is wrong (or compromised): fail over, and let consecutive
+        # failures eject it.  Nothing was sent to it.
+        return True
 
 
 class TunnelRefused(TunnelError):
@@ -1208,8 +1220,11 @@ class TunnelClient:
                         warm.transport, warm.stage, header, what, source, protocol_factory
                     )
                     self.stats.warm_used += 1
-                except TunnelHandshakeError:
-                    # The spare died idle (the server restarted, say): open a fresh one.
+                except (TunnelHandshakeError, TunnelRefused) as exc:
+                    if isinstance(exc, TunnelRefused) and exc.status is not Status.HEADER_TIMEOUT:
+                        raise  # a real answer about the target: a fresh tunnel gets the same
+                    # The spare died idle (the server restarted, or timed it out while this
+                    # loop was busy): open a fresh one.
                     transport = None
             if transport is None:
                 tls_transport, stage = await self._open(source, dest_node, expected, what)
@@ -1226,13 +1241,19 @@ class TunnelClient:
 
     def _take(self, key: _PoolKey) -> _Warm | None:
         spares = self._warm.get(key)
-        while spares:
+        found = None
+        while spares and found is None:
             w = spares.pop()
             if w.expiry is not None:
                 w.expiry.cancel()
-            if not w.stage.lost and not w.transport.is_closing():
-                return w
-        return None
+            # A spare the server already answered (its header timeout) or closed is dead.
+            if not w.stage.lost and not w.transport.is_closing() and not w.stage.result.done():
+                found = w
+            else:
+                w.transport.close()
+        if spares is not None and not spares:
+            del self._warm[key]
+        return found
 
     def _refill(self, key: _PoolKey) -> None:
         if self.config.warm == 0 or self._closed or key in self._refills:
@@ -1252,6 +1273,8 @@ class TunnelClient:
                 tls_transport, stage = await self._open(source, dest_node, expected, what)
             except TunnelError as exc:
                 log.debug("%s: not opened (%s)", what, exc)
+                if not self._warm.get(key):
+                    self._warm.pop(key, None)
                 return
             except asyncio.CancelledError:
                 raise

@@ -8,6 +8,7 @@ others, and refusals of unauthenticated or malformed subscriptions.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -74,13 +75,14 @@ class Tokens:
 
 
 class Env:
-    def __init__(self, tmp_path, stream_config: StreamConfig) -> None:
+    def __init__(self, tmp_path, stream_config: StreamConfig, node_lifetime: float = 3600) -> None:
         b = init_ca(TD)
         self.bundle = tmp_path / "anchor.pem"
         self.bundle.write_bytes(cert_pem(b.anchor))
         self.issuer = validate_ca(cert_pem(b.anchor), cert_pem(b.issuer), key_pem(b.issuer_key))
         self.tmp_path = tmp_path
         self.stream_config = stream_config
+        self.node_lifetime = dt.timedelta(seconds=node_lifetime)
         self.store = DiscoveryStore()
         self.store.replace([workload(i) for i in range(3)], [service(3)])
         self.store.mark_synced()
@@ -99,7 +101,10 @@ class Env:
                 listen_address="127.0.0.1", api_port=self.port, admin_port=0, drain_seconds=0.5
             ),
         )
-        signer = Signer(self.issuer, Binding(), Tokens(), TD, registry=self.registry)
+        signer = Signer(
+            self.issuer, Binding(), Tokens(), TD, registry=self.registry,
+            node_lifetime=self.node_lifetime,
+        )  # fmt: skip
         self.cp = ControlPlane(
             config, signer, self.registry, store=self.store, stream_config=self.stream_config
         )
@@ -309,3 +314,26 @@ async def test_a_slow_agent_does_not_stall_the_others(env: Env):
         await fast.stop()
         slow_writer.transport.abort()
         del slow_reader
+
+
+async def test_a_stream_ends_when_its_node_certificate_expires(tmp_path):
+    env = Env(tmp_path, StreamConfig(heartbeat=0.2), node_lifetime=2.0)
+    await env.start()
+    agent = await env.agent()
+    try:
+        await eventually(lambda: agent.state.synced)
+        first_epoch_streams = env.metric("weft_controlplane_requests_total",
+                                         endpoint="/v1/discovery", status="200")  # fmt: skip
+        # The server ends the stream at the certificate's expiry; the agent renews its
+        # node certificate (at 70 %) and subscribes again, resuming.
+        await eventually(
+            lambda: env.metric("weft_controlplane_requests_total", endpoint="/v1/discovery",
+                               status="200") > first_epoch_streams,
+            within=10,
+        )  # fmt: skip
+        env.store.update([workload(42)])
+        await eventually(lambda: "uid-42" in agent.state.workloads)
+        assert env.metric("weft_discovery_snapshots_sent_total", reason="new") == 1
+    finally:
+        await agent.stop()
+        await env.stop()

@@ -29,7 +29,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_kubernetes_config_from_the_environment(tmp_path: Path):
-    cfg = AgentConfig.for_kubernetes(_env(tmp_path, WEFT_NODE_ADDRS="198.51.100.7"))
+    cfg = AgentConfig.for_kubernetes(_env(tmp_path, WEFT_NODE_ADDRS="198.51.100.7, "))
     assert cfg.node == "worker-3"
     assert cfg.proxy_ip == "192.0.2.13"  # pods reach the hostNetwork agent at the node IP
     assert cfg.node_addrs == ("192.0.2.13", "198.51.100.7")
