@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import struct
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_BPF = 321  # x86_64
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+"""bpf(2)'s syscall number: 321 on x86_64, 280 on arm64 (asm-generic); others unverified."""
 
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
