@@ -269,6 +269,7 @@ class Agent:
         self.cp_client: ControlPlaneClient | None = None
         self.mesh = MeshState()
         self._cgroups: dict[str, Path] = {}
+        self._cgroup_misses: dict[str, tuple[int, float]] = {}
         self.cp_client_bootstrapped = asyncio.Event()
         self.discovery: DiscoveryClient | None = None
         self.balancer: Balancer[Address] = Balancer()
@@ -413,13 +414,22 @@ class Agent:
         cached = self._cgroups.get(w.uid)
         if cached is not None and cached.is_dir():
             return cached
+        misses, retry_at = self._cgroup_misses.get(w.uid, (0, 0.0))
+        now = time.monotonic()
+        if now < retry_at:
+            return None
         try:
             found = find_pod_cgroup(self.cfg.cgroup2, w.uid)
         except (ValueError, CgroupError) as e:
             log.warning("pod %s/%s (uid %s): no cgroup: %s", w.namespace, w.name, w.uid, e)
+            found = None
+        if found is None:
+            # The walk visits much of the cgroup tree: back off per pod, 1 s doubling to
+            # 30 s, so one pod kubelet never set up does not cost a walk every second.
+            self._cgroup_misses[w.uid] = (misses + 1, now + min(30.0, 2.0**misses))
             return None
-        if found is not None:
-            self._cgroups[w.uid] = found
+        self._cgroup_misses.pop(w.uid, None)
+        self._cgroups[w.uid] = found
         return found
 
     def local_pod(self, w: Workload) -> LocalPod:
@@ -450,8 +460,10 @@ class Agent:
             pods = [self.local_pod(w) for w in local]
             pending = any(p.captured and p.cgroup is None for p in pods)
             self.manager.apply(pods)
-            self._cgroups = {
-                uid: path for uid, path in self._cgroups.items() if uid in self.mesh.workloads
+            known = self.mesh.workloads
+            self._cgroups = {uid: path for uid, path in self._cgroups.items() if uid in known}
+            self._cgroup_misses = {
+                uid: miss for uid, miss in self._cgroup_misses.items() if uid in known
             }
             # One workload identity per service account with a captured pod here; the
             # first call carries the whole set (it prunes stale key directories).

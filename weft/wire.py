@@ -57,6 +57,8 @@ class RefusalCode(StrEnum):
     CREDENTIAL_CHECK_UNAVAILABLE = "CREDENTIAL_CHECK_UNAVAILABLE"
     """The node credential could not be checked now (the API server did not answer the
     TokenReview); agents back off and retry.  Not a verdict on the credential."""
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+    """The node already holds the most discovery streams allowed; agents back off."""
     INTERNAL = "INTERNAL"
     """A bug on the control plane's side; agents back off and retry."""
 
@@ -66,6 +68,7 @@ HTTP_STATUS = {
     RefusalCode.NODE_NOT_BOUND: 403,
     RefusalCode.ISSUER_UNAVAILABLE: 503,
     RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE: 503,
+    RefusalCode.TOO_MANY_STREAMS: 429,
     RefusalCode.INTERNAL: 500,
 }
 """Everything else is a 400."""

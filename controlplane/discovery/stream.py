@@ -52,6 +52,9 @@ class StreamConfig:
     """Seconds of silence after which a heartbeat frame is sent."""
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     """An agent that does not take a frame within this is disconnected."""
+    max_per_node: int = 4
+    """Streams one node may hold at once (an agent needs one; a reconnect overlaps the
+    old stream until the server sees it close; more is a bug or abuse)."""
 
     def __post_init__(self) -> None:
         if self.queue_bytes < 1 or self.heartbeat <= 0 or self.write_timeout <= 0:
@@ -140,6 +143,10 @@ class DiscoveryStream:
     @property
     def subscribers(self) -> int:
         return len(self._subs)
+
+    def admits(self, node: str) -> bool:
+        """Whether ``node`` may open one more stream (checked before answering 200)."""
+        return sum(1 for s in self._subs if s.node == node) < self.config.max_per_node
 
     def snapshot_bytes(self) -> tuple[int, bytes]:
         """The current snapshot frame, encoded once per revision."""

@@ -677,6 +677,13 @@ class ApiServer:
 
         if endpoint == DISCOVERY_PATH:
             assert node is not None
+            assert self.stream is not None
+            if not self.stream.admits(node):
+                return self._refusal(
+                    endpoint, 429, RefusalCode.TOO_MANY_STREAMS,
+                    f"node {node} already holds {self.stream.config.max_per_node} discovery "
+                    "streams", peer,
+                )  # fmt: skip
             try:
                 return _StreamRequest(node, Subscribe.decode(body), _peer_not_after(writer))
             except MeshWireError as e:

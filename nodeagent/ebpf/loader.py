@@ -237,7 +237,8 @@ class CapturePrograms:
 
     def map_entries(self, name: str) -> int:
         key_size = {"weft_orig_dst": _ADDR.size, "weft_cookie_dst": 8}[name]
-        return bpfsys.map_keys(self.map_fds[name], key_size)
+        # Bounded by the maps' max_entries (65,536): at most that many syscalls.
+        return bpfsys.map_keys(self.map_fds[name], key_size, limit=65_536)
 
     def close(self) -> None:
         """Release our references; attachments and pins stay (that is the point)."""

@@ -337,3 +337,22 @@ async def test_a_stream_ends_when_its_node_certificate_expires(tmp_path):
     finally:
         await agent.stop()
         await env.stop()
+
+
+async def test_a_node_may_hold_only_a_few_streams(env: Env):
+    held = []
+    try:
+        for _ in range(env.stream_config.max_per_node):
+            held.append(await _raw_subscriber(env, cert=True, body=Subscribe().encode()))
+        await eventually(
+            lambda: env.metric("weft_discovery_subscribers") == env.stream_config.max_per_node
+        )
+        reader, writer = await _raw_subscriber(env, cert=True, body=Subscribe().encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429")
+        assert Refusal.decode(body).code == RefusalCode.TOO_MANY_STREAMS
+    finally:
+        for _, w in held:
+            w.transport.abort()

@@ -61,7 +61,11 @@ def _workload(uid: str) -> Workload:
     )  # fmt: skip
 
 
-def test_pod_cgroups_are_found_by_uid_once_kubelet_makes_them(tmp_path: Path):
+def test_pod_cgroups_are_found_by_uid_once_kubelet_makes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    clock = [1000.0]
+    monkeypatch.setattr("nodeagent.agent.time.monotonic", lambda: clock[0])
     agent = Agent(AgentConfig.for_kubernetes(_env(tmp_path)))
     w = _workload(UID)
     assert agent.pod_cgroup(w) is None  # not created yet: looked for again later
@@ -70,10 +74,27 @@ def test_pod_cgroups_are_found_by_uid_once_kubelet_makes_them(tmp_path: Path):
         / f"kubepods-burstable-pod{UID.replace('-', '_')}.slice"
     )  # fmt: skip
     slice_dir.mkdir(parents=True)
+    # Backed off: no walk of the cgroup tree within the second after a miss ...
+    assert agent.pod_cgroup(w) is None
+    clock[0] += 1.5
+    # ... then found, and cached.
     assert agent.pod_cgroup(w) == slice_dir
     assert agent.local_pod(w).cgroup == slice_dir
     # An unsafe UID is refused (and logged), never turned into a path.
     assert agent.pod_cgroup(_workload("../../etc")) is None
+
+
+def test_cgroup_lookups_back_off_up_to_30_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    clock = [0.0]
+    monkeypatch.setattr("nodeagent.agent.time.monotonic", lambda: clock[0])
+    agent = Agent(AgentConfig.for_kubernetes(_env(tmp_path)))
+    w = _workload(UID)
+    waits = []
+    for _ in range(8):
+        assert agent.pod_cgroup(w) is None
+        waits.append(agent._cgroup_misses[UID][1] - clock[0])
+        clock[0] = agent._cgroup_misses[UID][1]
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
 
 
 def test_agent_config_refuses_nonsense(tmp_path: Path):
