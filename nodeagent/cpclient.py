@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from weft.files import write_atomic
-from weft.http import HttpProtocolError, encode_request, parse_response_head
+from weft.http import HttpProtocolError, close_writer, encode_request, parse_response_head
 from weft.identity import (
     DEFAULT_TRUST_DOMAIN,
     IdentityError,
@@ -176,7 +176,7 @@ class Stream:
     where: str
 
     async def close(self) -> None:
-        await _close(self.writer)
+        await close_writer(self.writer)
 
 
 # --- certificate checks and files ---------------------------------------------------------
@@ -711,7 +711,7 @@ class ControlPlaneClient:
             raise ControlPlaneUnavailable(f"{what}: {where}: connection failed: {e}") from None
         finally:
             if kept is None:
-                await _close(writer)
+                await close_writer(writer)
         if head.status == 200:
             return payload
         try:
@@ -725,16 +725,3 @@ class ControlPlaneClient:
                 f"{what}: {where} answered HTTP {head.status} without a readable refusal ({e})"
             ) from None
         raise RefusedError(refusal, what)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    """Close, waiting briefly for the TLS close_notify; abort a peer that does not answer."""
-    writer.close()
-    try:
-        async with asyncio.timeout(1.0):
-            await writer.wait_closed()
-    except (TimeoutError, OSError):
-        writer.transport.abort()
-    except BaseException:  # cancelled while closing: do not leave the transport behind
-        writer.transport.abort()
-        raise

@@ -250,12 +250,21 @@ async def answer_one(
     except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
-        writer.close()
-        try:
-            async with asyncio.timeout(1.0):
-                await writer.wait_closed()
-        except (TimeoutError, OSError):
-            writer.transport.abort()
+        await close_writer(writer)
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close, waiting briefly for the peer (TLS close_notify); abort a peer that does not
+    answer, and abort when cancelled while closing, so no transport is left behind."""
+    writer.close()
+    try:
+        async with asyncio.timeout(1.0):
+            await writer.wait_closed()
+    except (TimeoutError, OSError):
+        writer.transport.abort()
+    except BaseException:
+        writer.transport.abort()
+        raise
 
 
 TEXT = "text/plain; charset=utf-8"

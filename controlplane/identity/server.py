@@ -64,6 +64,7 @@ from weft.http import (
     HttpError,
     RequestHead,
     answer_one,
+    close_writer,
     parse_head,
     render_response,
 )
@@ -201,16 +202,6 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await answer_one(reader, writer, self.respond, within=ADMIN_REQUEST_TIMEOUT)
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        # A peer that never answers (or never reads) must not hold the task.
-        async with asyncio.timeout(1.0):
-            await writer.wait_closed()
-    except (TimeoutError, ConnectionError, ssl.SSLError):
-        writer.transport.abort()
 
 
 # --------------------------------------------------------------------------- config
@@ -631,7 +622,7 @@ class ApiServer:
             log.debug("connection from %s ended: %r", peer, e)
         finally:
             self._connections.discard(task)
-            await _close(writer)
+            await close_writer(writer)
 
     async def _respond(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
