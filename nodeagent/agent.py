@@ -351,9 +351,7 @@ class Agent:
 
     def _own_cgroup(self) -> Path:
         cfg = self.cfg
-        if cfg.pod_uid is None:
-            return own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2)
-        found = find_pod_cgroup(cfg.cgroup2, cfg.pod_uid)
+        found = agent_cgroup(cfg)
         if found is None:
             raise AgentError(
                 f"cannot find the agent's own pod cgroup (pod {cfg.pod_uid}) under "
@@ -840,6 +838,14 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def agent_cgroup(cfg: AgentConfig) -> Path | None:
+    """The agent's own cgroup: from /proc/self/cgroup (lab), or by its pod UID on
+    Kubernetes, where the container's view is namespaced (None if not found)."""
+    if cfg.pod_uid is None:
+        return own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2)
+    return find_pod_cgroup(cfg.cgroup2, cfg.pod_uid)
+
+
 def tcp_port_listening(port: int, proc_net_tcp: Path = Path("/proc/net/tcp")) -> bool:
     """Whether a TCP socket listens on ``port`` in this network namespace."""
     try:
@@ -866,12 +872,9 @@ def uninstall(cfg: AgentConfig) -> list[str]:
     record = cfg.state_dir / "attached.json"
     if record.exists():
         cgroups |= {Path(c) for c in json.loads(record.read_text()).get("cgroups", [])}
-    if cfg.pod_uid is None:
-        cgroups.add(own_cgroup(Path("/proc/self/cgroup").read_text(), cfg.cgroup2))
-    else:
-        own = find_pod_cgroup(cfg.cgroup2, cfg.pod_uid)
-        if own is not None:
-            cgroups.add(own)
+    own = agent_cgroup(cfg)
+    if own is not None:
+        cgroups.add(own)
     for cg in sorted(cgroups):
         done.extend(detach_all(cg))
     if remove_pins(cfg.pin_dir):
