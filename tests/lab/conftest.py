@@ -90,3 +90,23 @@ def demo_lab() -> Iterator[LabRunner]:
         yield runner
     finally:
         runner.weft("lab", "down", check=False)
+
+
+POD_HTTP = r"""
+import json
+
+def request(sock, path="/"):
+    # One HTTP/1.1 request on a kept socket; returns the echo pod that answered.
+    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: echo\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
+                  if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return json.loads(body)["pod"]
+"""
+"""Python source for scripts run inside a pod (``python -c``): ``request(sock)`` on a
+keep-alive connection to an echo server."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.proxy.tls import sni_for
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 from weft.nsenter import in_netns
@@ -260,21 +260,10 @@ def test_stopped_replica_is_retried_then_ejected(mesh: LabRunner):
 
 
 # Runs in client-1: a request on a keep-alive connection, then (once GO exists) another.
-KEPT = r"""
-import json, os, socket, sys, time
-
-def request(sock):
-    sock.sendall(b"GET /kept HTTP/1.1\r\nHost: echo\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                  if l.lower().startswith(b"content-length")][0])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return json.loads(body)["pod"]
-
+KEPT = (
+    POD_HTTP
+    + r"""
+import os, socket, sys, time
 kept = socket.create_connection(("echo", 80), timeout=10)
 print(request(kept), flush=True)
 deadline = time.time() + 60
@@ -282,6 +271,7 @@ while not os.path.exists(sys.argv[1]) and time.time() < deadline:
     time.sleep(0.1)
 print(request(kept), flush=True)
 """
+)
 
 
 def test_controlplane_outage_keeps_traffic_and_agents_resync(mesh: LabRunner, tmp_path: Path):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 
@@ -24,21 +24,10 @@ ECHO = str(SpiffeId.workload("default", "echo"))
 CLIENT = str(SpiffeId.workload("default", "client"))
 
 # Runs inside client-1: one request, wait, one more on the same connection, one on a new one.
-SCRIPT = r"""
+SCRIPT = (
+    POD_HTTP
+    + r"""
 import json, socket, sys, time
-
-def request(sock):
-    sock.sendall(b"GET /rotation HTTP/1.1\r\nHost: echo-2\r\n\r\n")
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                  if l.lower().startswith(b"content-length")][0])
-    while len(body) < length:
-        body += sock.recv(65536)
-    return json.loads(body)["pod"]
-
 target, wait = (sys.argv[1], 8080), float(sys.argv[2])
 kept = socket.create_connection(target, timeout=10)
 out = {"first": request(kept), "first_at": time.time()}
@@ -49,6 +38,7 @@ out["fresh"] = request(fresh)
 out["fresh_at"] = time.time()
 print(json.dumps(out))
 """
+)
 
 
 @pytest.fixture(scope="module")
