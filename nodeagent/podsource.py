@@ -37,7 +37,7 @@ class LabPodSource:
                 ip=p.ip,
                 service_account=p.service_account,
                 cgroup=state.pod_cgroup(p),
-                captured=p.captured,
+                captured=state.plan.captured(p),
                 strict=p.strict,
             )
             for p in state.plan.pods

@@ -29,8 +29,6 @@ from controlplane.discovery.model import (
     ServicePort,
     Workload,
     WorkloadPort,
-    inbound_mode,
-    is_captured,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
@@ -74,8 +72,8 @@ def lab_model(
                 ips=(pod.ip,),
                 service_account=pod.service_account,
                 identity=identity,
-                captured=is_captured(pod.labels, plan.namespaces.get(pod.namespace, {})),
-                inbound_mode=inbound_mode({}, pod.labels),
+                captured=plan.captured(pod),
+                inbound_mode=pod.inbound_mode,
                 ports=tuple(WorkloadPort(port) for port in pod.ports),
                 ready=True,
                 node_ip=node_ips.get(pod.node, ""),

@@ -1,3 +1,4 @@
+import dataclasses
 import ipaddress
 
 import pytest
@@ -29,8 +30,8 @@ def test_demo_has_an_echo_replica_and_a_client_on_every_node():
         "client-2",
         "client-3",
     ]
-    assert all(p.captured for p in plan.pods if p.name != "plain-1")
-    assert [(p.name, p.node, p.captured) for p in plan.pods if p.labels["app"] == "plain"] == [
+    assert all(plan.captured(p) for p in plan.pods if p.name != "plain-1")
+    assert [(p.name, p.node, plan.captured(p)) for p in plan.pods if p.labels["app"] == "plain"] == [
         ("plain-1", "node-1", False)
     ]
     (svc,) = plan.services
@@ -56,7 +57,7 @@ def test_pod_addresses_are_unique_and_inside_their_node_subnet():
 def test_bare_lab_has_idle_uncaptured_pods():
     plan = plan_lab("weft", nodes=2, pods_per_node=2)
     assert [p.name for p in plan.pods] == ["pod-1", "pod-2", "pod-3", "pod-4"]
-    assert not any(p.captured for p in plan.pods)
+    assert not any(plan.captured(p) for p in plan.pods)
     assert plan.services == ()
 
 
@@ -111,3 +112,59 @@ def test_state_round_trips_through_json(tmp_path):
     pod = again.pod("echo-1")
     assert pod.labels[CAPTURE_LABEL] == "enabled"
     assert str(again.pod_cgroup(pod)) == "/sys/fs/cgroup/unified/weft-lab-weft/node-1/echo-1"
+
+
+@pytest.mark.parametrize(
+    ("value", "strict"),
+    [
+        (None, False),
+        ("permissive", False),
+        ("strict", True),
+        ("stritc", True),  # a typo fails closed, in the status as in the mesh
+        ("Strict", True),
+        ("", True),
+    ],
+)
+def test_lab_status_reports_the_inbound_mode_the_mesh_enforces(value, strict):
+    from controlplane.discovery.lab import lab_model
+    from weft.lab.plan import INBOUND_MODE_LABEL
+
+    plan = plan_lab("weft", nodes=1, pods_per_node=1)
+    (pod,) = plan.pods
+    labels = {**pod.labels} if value is None else {**pod.labels, INBOUND_MODE_LABEL: value}
+    pod = dataclasses.replace(pod, labels=labels)
+    plan = dataclasses.replace(plan, pods=(pod,))
+    state = LabState(plan=plan, phase="ready", paths=lab_paths("weft", None))
+    (shown,) = state.to_json()["pods"]
+    workloads, _ = lab_model(state)
+    assert shown["strict"] is strict
+    assert workloads[0].strict is strict  # what discovery sends to the enforcing agents
+
+
+@pytest.mark.parametrize(
+    ("pod_label", "ns_label", "captured"),
+    [
+        (None, None, False),
+        ("enabled", None, True),
+        (None, "enabled", True),
+        ("disabled", "enabled", False),
+        ("enabeld", "enabled", True),  # not a pod decision: the namespace's counts
+        ("enabeld", None, False),
+    ],
+)
+def test_lab_status_reports_the_capture_the_mesh_applies(pod_label, ns_label, captured):
+    from controlplane.discovery.lab import lab_model
+
+    plan = plan_lab("weft", nodes=1, pods_per_node=1)
+    (pod,) = plan.pods
+    labels = {k: v for k, v in pod.labels.items() if k != CAPTURE_LABEL}
+    if pod_label is not None:
+        labels[CAPTURE_LABEL] = pod_label
+    ns = {} if ns_label is None else {CAPTURE_LABEL: ns_label}
+    pod = dataclasses.replace(pod, labels=labels)
+    plan = dataclasses.replace(plan, pods=(pod,), namespaces={pod.namespace: ns})
+    state = LabState(plan=plan, phase="ready", paths=lab_paths("weft", None))
+    (shown,) = state.to_json()["pods"]
+    workloads, _ = lab_model(state)
+    assert shown["captured"] is captured
+    assert workloads[0].captured is captured

@@ -222,7 +222,8 @@ def label(ctx: click.Context, pod: str, changes: tuple[str, ...]) -> None:
     except LabError as e:
         _fail(e)
     labels = ", ".join(f"{k}={v}" for k, v in sorted(new.labels.items()))
-    err.print(f"{pod}: {labels} (captured: {new.captured}, strict: {new.strict})", highlight=False)
+    captured = lab_.load().plan.captured(new)
+    err.print(f"{pod}: {labels} (captured: {captured}, strict: {new.strict})", highlight=False)
 
 
 @lab.command("restart-agent", context_settings={"ignore_unknown_options": True})

@@ -215,7 +215,7 @@ class Lab:
             k = per_node[pod.node] = per_node.get(pod.node, 0) + 1
             self.report(
                 f"{pod.name}: {pod.ip} on {pod.node} ({pod.namespace}/{pod.service_account}"
-                f"{', captured' if pod.captured else ''})"
+                f"{', captured' if plan.captured(pod) else ''})"
             )
             with _step(f"building pod {pod.name}"):
                 net.build_pod(plan, pod, k)

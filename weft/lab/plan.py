@@ -27,6 +27,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from weft import mesh
+from weft.mesh import InboundMode, inbound_mode, is_captured
+
 NODE_CIDR = ipaddress.IPv4Network("10.240.0.0/24")
 POD_CIDR = ipaddress.IPv4Network("10.244.0.0/16")
 SERVICE_CIDR = ipaddress.IPv4Network("10.96.0.0/16")
@@ -38,9 +41,10 @@ MAX_NODES = 200
 MAX_PODS_PER_NODE = 250
 """A /24 per node minus network, gateway (.1) and broadcast leaves 253 pod addresses."""
 
-CAPTURE_LABEL = "weft.io/capture"
-INBOUND_MODE_LABEL = "weft.io/inbound-mode"
-"""``strict`` or ``permissive`` (the default)."""
+# The lab's pods carry what Kubernetes pods would carry as a label or an annotation.
+CAPTURE_LABEL = mesh.CAPTURE_LABEL
+INBOUND_MODE_LABEL = mesh.INBOUND_MODE_KEY
+"""``strict`` or ``permissive`` (the default); see `weft.mesh.inbound_mode`."""
 TRUST_DOMAIN = "cluster.local"
 ECHO_PORT = 8080
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -72,13 +76,15 @@ class PodPlan:
     ports: tuple[int, ...] = ()
 
     @property
-    def captured(self) -> bool:
-        return self.labels.get(CAPTURE_LABEL) == "enabled"
+    def inbound_mode(self) -> InboundMode:
+        """What the mesh enforces for this pod (`weft.mesh.inbound_mode` decides, for the
+        lab's status and for the agents alike: any value but ``permissive`` is strict)."""
+        return inbound_mode({}, self.labels)
 
     @property
     def strict(self) -> bool:
         """Strict inbound mode: only the node proxy (and node address) may connect in."""
-        return self.labels.get(INBOUND_MODE_LABEL) == "strict"
+        return self.inbound_mode is InboundMode.STRICT
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,11 @@ class LabPlan:
 
     def netns(self, thing: str) -> str:
         return netns_name(self.name, thing)
+
+    def captured(self, pod: PodPlan) -> bool:
+        """Whether the mesh captures ``pod``: its own label, else its namespace's
+        (`weft.mesh.is_captured` decides, as it does for discovery)."""
+        return is_captured(pod.labels, self.namespaces.get(pod.namespace, {}))
 
 
 def netns_name(lab: str, thing: str) -> str:

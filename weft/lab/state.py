@@ -115,7 +115,7 @@ class LabState:
                     "namespace": p.namespace,
                     "service_account": p.service_account,
                     "labels": p.labels,
-                    "captured": p.captured,
+                    "captured": plan.captured(p),
                     "strict": p.strict,
                     "app": p.app,
                     "ports": list(p.ports),
