@@ -31,9 +31,9 @@ def test_demo_has_an_echo_replica_and_a_client_on_every_node():
         "client-3",
     ]
     assert all(plan.captured(p) for p in plan.pods if p.name != "plain-1")
-    assert [(p.name, p.node, plan.captured(p)) for p in plan.pods if p.labels["app"] == "plain"] == [
-        ("plain-1", "node-1", False)
-    ]
+    assert [
+        (p.name, p.node, plan.captured(p)) for p in plan.pods if p.labels["app"] == "plain"
+    ] == [("plain-1", "node-1", False)]
     (svc,) = plan.services
     assert (svc.name, svc.vip, svc.ports[0].port, svc.ports[0].target_port) == (
         "echo",
