@@ -25,15 +25,26 @@ class Readiness:
 
     def __init__(self, *blockers: str) -> None:
         self.blockers = set(blockers)
+        self._changed = asyncio.Event()
 
     def done(self, name: str) -> None:
         if name in self.blockers:
             self.blockers.discard(name)
             log.info("readiness: %s done%s", name, "" if self.blockers else "; ready")
+            self._changed.set()
 
     @property
     def ready(self) -> bool:
         return not self.blockers
+
+    async def wait(self, *besides: str) -> None:
+        """Until every blocker is done, except those named in ``besides``."""
+        allowed = set(besides)
+        while True:
+            self._changed.clear()
+            if self.blockers <= allowed:
+                return
+            await self._changed.wait()
 
 
 class AdminServer:

@@ -1,13 +1,20 @@
 """The node agent: eBPF capture of local pods plus the node proxy, in one process.
 
-Start-up order matters for the restart window.  Pods captured by the previous instance
-stay captured while no agent runs (attachments outlive processes), so their new connects
-are refused until a listener is back on 15001.  The agent therefore binds the outbound
-listener first; connects made while bcc compiles wait in the listen backlog and are
-served once the pinned maps are reopened; only then does the capture manager re-attach
-(replace) programs pod by pod.  `/ready`
-turns 200 once eBPF is loaded, the listener is open and the first pod snapshot has been
-reconciled.
+Start-up order matters for the restart window, and the agent fails closed through it.
+Pods captured by the previous instance stay captured while no agent runs (attachments
+outlive processes), so their new connects are refused until a listener is back on 15001.
+
+* After a crash (nobody listens on 15001), the agent listens first: connects made while
+  bcc compiles wait in the listen backlog.  Once accepting, connections are *held*
+  (`nodeagent.proxy.hold.ReadyHold`) until the agent is ready — eBPF loaded, the first
+  discovery snapshot applied and capture reconciled, a certificate for every local
+  captured identity — and only then judged.  A connection judged against empty
+  discovery would take a captured pod for one outside the mesh and go out in plaintext.
+* In a make-before-break restart (the old agent still listens), the new agent compiles,
+  syncs and gets its certificates while the old one serves everything, and joins the
+  ``SO_REUSEPORT`` groups of 15001 and 15008 only once ready.
+
+`/ready` turns 200 once all of that is done and the listeners are open.
 
 Shutdown (SIGTERM/SIGINT) stops accepting, lets relays finish for ``drain_seconds`` and
 leaves every attachment and pin in place, so pods stay captured across a restart.
@@ -21,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -50,7 +58,10 @@ from nodeagent.ebpf.loader import (
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
 from nodeagent.podsource import LabPodSource
+from nodeagent.proxy.admission import AdmissionStats
 from nodeagent.proxy.balance import Balancer
+from nodeagent.proxy.hold import ReadyHold
+from nodeagent.proxy.listener import Listener
 from nodeagent.proxy.outbound import (
     Address,
     OutboundConfig,
@@ -58,13 +69,13 @@ from nodeagent.proxy.outbound import (
     Upstream,
     connect_plaintext,
 )
+from nodeagent.proxy.retry import RetryBudget, retryable
 from nodeagent.proxy.tls import TlsContexts
 from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
     NotLocal,
     TunnelClient,
     TunnelClientConfig,
-    TunnelError,
     TunnelServer,
 )
 from nodeagent.router import Hop, NoRoute, resolve, workload_name
@@ -75,6 +86,9 @@ from weft.mesh import Workload
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
 
 log = logging.getLogger("weft.agent")
+
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues per listener while the agent is busy or starting."""
 
 
 class AgentError(RuntimeError):
@@ -118,9 +132,21 @@ class AgentConfig:
     cgroup_root: Path | None = None
     """Lab: where pod cgroups live (``<root>/<node>/<pod>``); None on Kubernetes."""
     connect_attempts: int = 3
-    """Endpoints tried for one connection to a service before the app is reset."""
+    """Endpoints tried for one connection to a service before the app is reset (retries
+    beyond the first are also bounded by a retry budget: +20 % of first attempts, plus
+    10 per second)."""
     attempt_timeout: float = 1.5
-    """Seconds for one endpoint to accept (connect, and the tunnel's answer)."""
+    """Seconds each stage of one attempt may take: the TCP connect, the TLS handshake and
+    the tunnel's answer.  Counted only while the attempt runs, not while it waits for a
+    handshake slot, so a queue on this node is never taken for a slow endpoint."""
+    ready_wait: float = 15.0
+    """Seconds a captured connection that arrives before the agent is ready (no
+    certificates or no discovery snapshot yet) is held waiting for it; then it is
+    reset.  It is never judged, let alone sent in plaintext, before that."""
+    max_handshakes: int = 32
+    """Fresh tunnel handshakes in progress at once; more wait their turn."""
+    handshake_queue_timeout: float = 30.0
+    """Seconds a connection may wait for a handshake slot before it is reset."""
     idle_timeout: float = 3600.0
     """Seconds without a byte either way after which a proxied connection is closed."""
     warm_tunnels: int = 1
@@ -133,7 +159,15 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.connect_attempts < 1:
             raise AgentError(f"connect attempts must be at least 1, got {self.connect_attempts}")
-        for name in ("attempt_timeout", "idle_timeout", "drain_seconds"):
+        if self.max_handshakes < 1:
+            raise AgentError(f"max handshakes must be at least 1, got {self.max_handshakes}")
+        for name in (
+            "attempt_timeout",
+            "idle_timeout",
+            "drain_seconds",
+            "ready_wait",
+            "handshake_queue_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
         if self.warm_tunnels < 0:
@@ -246,12 +280,77 @@ class _StatsCollector(Collector):
         g = GaugeMetricFamily("weft_captured_pods", "Local pods captured by this agent")
         g.add_metric([], len(self.agent.manager.captured) if self.agent.manager else 0)
         yield g
+        yield from _hold_metrics(self.agent.holds)
+        client = self.agent.tunnel_client
+        if client is not None:
+            yield from _admission_metrics(client.admission.stats)
+        r = CounterMetricFamily(
+            "weft_outbound_retries_skipped",
+            "Failovers to another endpoint not tried because the retry budget was spent.",
+        )
+        r.add_metric([], self.agent.retry_budget.skipped)
+        yield r
         if self.agent.proxy is not None:
             s = self.agent.proxy.stats
             for name in ("accepted", "refused_unknown", "refused_loop", "upstream_failed"):
                 m = CounterMetricFamily(f"weft_outbound_{name}", f"outbound connections {name}")
                 m.add_metric([], getattr(s, name))
                 yield m
+
+
+def _hold_metrics(holds: Mapping[str, ReadyHold]) -> Any:
+    g = GaugeMetricFamily(
+        "weft_proxy_held_connections",
+        "Connections accepted before the agent was ready, waiting for it, by listener.",
+        labels=["listener"],
+    )
+    c = CounterMetricFamily(
+        "weft_proxy_held",
+        "Connections that arrived before the agent was ready, by listener and outcome "
+        "(served once ready; reset at the deadline, when full, or at shutdown).",
+        labels=["listener", "outcome"],
+    )
+    w = CounterMetricFamily(
+        "weft_proxy_held_wait_seconds",
+        "Time held connections waited for readiness before being served.",
+        labels=["listener"],
+    )
+    for kind, hold in holds.items():
+        st = hold.stats
+        g.add_metric([kind], st.held)
+        w.add_metric([kind], st.wait_seconds)
+        for outcome, n in (
+            ("served", st.served),
+            ("deadline", st.refused_deadline),
+            ("full", st.refused_full),
+            ("shutdown", st.refused_shutdown),
+        ):
+            c.add_metric([kind, outcome], n)
+    yield from (g, c, w)
+
+
+def _admission_metrics(st: AdmissionStats) -> Any:
+    g = GaugeMetricFamily(
+        "weft_tunnel_handshakes", "Fresh tunnel handshakes now, by state.", labels=["state"]
+    )
+    g.add_metric(["in_flight"], st.in_flight)
+    g.add_metric(["queued"], st.queued)
+    c = CounterMetricFamily(
+        "weft_tunnel_handshake_admissions",
+        "Fresh tunnel handshakes by admission outcome (admitted at once, after a wait, or "
+        "refused because this node was overloaded).",
+        labels=["outcome"],
+    )
+    c.add_metric(["immediate"], st.admitted - st.waited)
+    c.add_metric(["waited"], st.waited)
+    c.add_metric(["refused_full"], st.refused_full)
+    c.add_metric(["refused_timeout"], st.refused_timeout)
+    w = CounterMetricFamily(
+        "weft_tunnel_handshake_wait_seconds",
+        "Time fresh tunnels waited for a handshake slot on this node.",
+    )
+    w.add_metric([], st.wait_seconds)
+    yield from (g, c, w)
 
 
 class Agent:
@@ -275,6 +374,11 @@ class Agent:
         self.balancer: Balancer[Address] = Balancer()
         self.tunnel_server: TunnelServer | None = None
         self.tunnel_client: TunnelClient | None = None
+        # Captured connections wait here until the agent is ready (fail closed).
+        self.holds = {
+            kind: ReadyHold(kind, deadline=cfg.ready_wait) for kind in ("outbound", "tunnel")
+        }
+        self.retry_budget = RetryBudget()
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
@@ -346,7 +450,12 @@ class Agent:
                 "server": vars(self.tunnel_server.stats) if self.tunnel_server else None,
                 "client": vars(self.tunnel_client.stats) if self.tunnel_client else None,
                 "warm_tunnels": self.tunnel_client.warm_tunnels if self.tunnel_client else None,
+                "handshakes": vars(self.tunnel_client.admission.stats)
+                if self.tunnel_client
+                else None,
             },
+            "held_until_ready": {kind: vars(h.stats) for kind, h in self.holds.items()},
+            "retries_skipped": self.retry_budget.skipped,
         }
 
     def _own_cgroup(self) -> Path:
@@ -475,7 +584,7 @@ class Agent:
             self.tcp.prune(_known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()}))
             self.readiness.done("pods")
 
-    def _open_tunnel(self, outbound: socket.socket) -> socket.socket:
+    def _open_tunnel(self, outbound: socket.socket, *, listen: bool) -> socket.socket:
         """Certificates, TLS contexts and the tunnel listener on the node address."""
         cfg = self.cfg
         assert cfg.controlplane and cfg.trust_bundle and cfg.cert_dir and cfg.token_file
@@ -493,11 +602,23 @@ class Agent:
         )
         contexts = TlsContexts(self.certs, trust_domain=cfg.trust_domain)
         self.tunnel_server = TunnelServer(
-            contexts=contexts, locate_target=self.locate_target, meter=self._inbound_meter
+            contexts=contexts,
+            locate_target=self.locate_target,
+            meter=self._inbound_meter,
+            hold=self.holds["tunnel"],
         )
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
+        attempt = cfg.attempt_timeout
         self.tunnel_client = TunnelClient(
-            contexts, config=TunnelClientConfig(warm=cfg.warm_tunnels)
+            contexts,
+            config=TunnelClientConfig(
+                warm=cfg.warm_tunnels,
+                connect_timeout=attempt,
+                handshake_timeout=attempt,
+                answer_timeout=attempt,
+                max_handshakes=cfg.max_handshakes,
+                handshake_queue_timeout=cfg.handshake_queue_timeout,
+            ),
         )
         node_ip = cfg.node_addrs[0]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -506,7 +627,8 @@ class Agent:
             # Shared with the previous agent during a make-before-break restart.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((node_ip, TUNNEL_PORT))
-            sock.listen(4096)
+            if listen:
+                sock.listen(LISTEN_BACKLOG)
         except OSError as e:
             sock.close()
             outbound.close()
@@ -563,6 +685,8 @@ class Agent:
         balancer: Balancer[Address] | None = self.balancer if resolved.service else None
         tried: list[Address] = []
         error: BaseException | None = None
+        if balancer is not None:
+            self.retry_budget.attempt()
         for _ in range(max(1, self.cfg.connect_attempts)):
             if balancer is None:
                 if tried:
@@ -577,20 +701,22 @@ class Agent:
             hop = hops[key]
             tried.append(key)
             try:
-                async with asyncio.timeout(self.cfg.attempt_timeout):
-                    transport, labels = await self._open_hop(source, hop, protocol_factory)
+                transport, labels = await self._open_hop(source, hop, protocol_factory)
             except BaseException as e:
                 if balancer is not None:
                     balancer.finished(key)
-                if not isinstance(e, Exception) or not _retryable(e):
-                    # Cancelled, or refused for a reason another endpoint would repeat:
-                    # no verdict on this endpoint's health.
+                if not isinstance(e, Exception) or not retryable(e):
+                    # Cancelled, or refused for a reason another endpoint would repeat
+                    # (policy, identity, this node's own overload): no verdict on this
+                    # endpoint's health.
                     if balancer is not None:
                         balancer.abandoned(key)
                     raise
                 error = e
-                more = balancer is not None and len(tried) < min(
-                    len(hops), self.cfg.connect_attempts
+                more = (
+                    balancer is not None
+                    and len(tried) < min(len(hops), self.cfg.connect_attempts)
+                    and self.retry_budget.try_retry()
                 )
                 self.m_connect_failures.labels(service, "true" if more else "false").inc()
                 if balancer is not None and balancer.failed(key):
@@ -600,6 +726,8 @@ class Agent:
                     *app, *destination, f" ({service})" if service else "", *key,
                     _why(e), "; trying another" if more else "",
                 )  # fmt: skip
+                if not more:
+                    break
                 continue
             meter = self.tcp.open(labels)
             if balancer is None:
@@ -648,7 +776,10 @@ class Agent:
                 f"{source.namespace}/{source.name} is strict: refusing plaintext to "
                 f"{hop.address[0]}:{hop.address[1]} ({where}, not captured)"
             )
-        transport = await connect_plaintext(hop.address, hop.address, protocol_factory)
+        # The tunnel client times its own stages once it has a handshake slot; a plain
+        # connect has one stage and no queue.
+        async with asyncio.timeout(self.cfg.attempt_timeout):
+            transport = await connect_plaintext(hop.address, hop.address, protocol_factory)
         labels = ConnLabels(
             "outbound", *src_name, *workload_name(dest), "false",
             str(source.identity) if source else "", "",
@@ -695,16 +826,37 @@ class Agent:
         except (CaptureError, OSError) as e:
             raise AgentError(str(e)) from e
 
+    async def _become_ready(
+        self, sockets: list[socket.socket], listening: asyncio.Event, listen_early: bool
+    ) -> None:
+        """Once certificates, discovery and capture are in place: serve what was held
+        (crash restart) or join the listening groups (make-before-break)."""
+        await self.readiness.wait("listener")
+        for hold in self.holds.values():
+            hold.open()
+        if not listen_early:
+            for sock in sockets:
+                sock.listen(LISTEN_BACKLOG)
+            listening.set()
+            self.readiness.done("listener")
+        log.info("node %s: ready; serving captured connections", self.cfg.node)
+
+    @staticmethod
+    async def _serve(server: Listener, sock: socket.socket, listening: asyncio.Event) -> None:
+        await listening.wait()
+        await server.serve(sock)
+
     async def run(self) -> int:
         cfg = self.cfg
         # Nobody listening (first start, or the previous agent died): listen before
         # compiling, so connects made while bcc compiles (~1-2 s) wait in the backlog
-        # instead of being refused.  A previous agent still serving (make-before-break):
-        # compile first, so that SO_REUSEPORT does not spread connects to a listener that
-        # cannot serve them yet.
+        # instead of being refused; they are then held (see ReadyHold) until this agent
+        # has its certificates and discovery, never judged against empty state.  A
+        # previous agent still serving (make-before-break): compile first and join the
+        # SO_REUSEPORT groups only once ready, so the old agent serves everything meanwhile.
         listen_early = not tcp_port_listening(cfg.outbound_port)
         if not listen_early:
-            log.info("another agent serves :%d; taking over once loaded", cfg.outbound_port)
+            log.info("another agent serves :%d; taking over once ready", cfg.outbound_port)
             self._load_ebpf_or_fail()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -718,9 +870,9 @@ class Agent:
                 f"cannot listen on {cfg.listen_ip}:{cfg.outbound_port}: {e} "
                 "(another program holds the port without SO_REUSEPORT)"
             ) from e
-        listener.listen(4096)
         listener.setblocking(False)
         if listen_early:
+            listener.listen(LISTEN_BACKLOG)
             try:
                 self._load_ebpf_or_fail()
             except AgentError:
@@ -728,45 +880,60 @@ class Agent:
                 raise
         tunnel_listener_sock: socket.socket | None = None
         if cfg.controlplane:
-            tunnel_listener_sock = self._open_tunnel(listener)
+            tunnel_listener_sock = self._open_tunnel(listener, listen=listen_early)
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,
             is_self=self.is_self,
             connect=self.connect_upstream,
             config=OutboundConfig(
-                # Every attempt has its own timeout; this bounds them all together.
-                connect_timeout=cfg.attempt_timeout * max(1, cfg.connect_attempts) + 1.0,
+                # A safety net: every stage of every attempt has its own timeout, and the
+                # wait for a handshake slot its own bound.
+                connect_timeout=cfg.handshake_queue_timeout
+                + 3 * cfg.attempt_timeout * max(1, cfg.connect_attempts)
+                + 1.0,
                 idle_timeout=cfg.idle_timeout,
             ),
+            hold=self.holds["outbound"],
         )
         admin = AdminServer(self.readiness, self.state, self.registry)
         admin_server = await asyncio.start_server(
             admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024, reuse_port=True
         )
-        self.readiness.done("listener")
+        sockets = [s for s in (listener, tunnel_listener_sock) if s is not None]
+        listening = asyncio.Event()
+        if listen_early:
+            listening.set()
+            self.readiness.done("listener")
         log.info(
-            "node %s: outbound on %s:%d (captured connects go to %s), admin on %s:%d",
+            "node %s: outbound on %s:%d (captured connects go to %s), admin on %s:%d%s",
             cfg.node, cfg.listen_ip, cfg.outbound_port, cfg.proxy_ip, cfg.listen_ip,
-            cfg.admin_port,
+            cfg.admin_port, "" if listen_early else "; listening once ready",
         )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         tasks = {
-            asyncio.create_task(self.proxy.serve(listener), name="outbound-listener"),
+            asyncio.create_task(
+                self._serve(self.proxy, listener, listening), name="outbound-listener"
+            ),
             asyncio.create_task(
                 self._mesh_loop() if cfg.controlplane else self._capture_loop(),
                 name="capture-manager",
             ),
             asyncio.create_task(stop.wait(), name="shutdown-signal"),
         }
-        helpers: set[asyncio.Task[None]] = set()
+        helpers: set[asyncio.Task[None]] = {
+            asyncio.create_task(
+                self._become_ready(sockets, listening, listen_early), name="readiness"
+            )
+        }
         if cfg.controlplane:
             assert self.tunnel_server is not None and tunnel_listener_sock is not None
             tasks.add(
                 asyncio.create_task(
-                    self.tunnel_server.serve(tunnel_listener_sock), name="tunnel-listener"
+                    self._serve(self.tunnel_server, tunnel_listener_sock, listening),
+                    name="tunnel-listener",
                 )
             )
             tasks.add(self._start_certificates())
@@ -806,6 +973,8 @@ class Agent:
             for t in tasks | helpers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            for sock in sockets:
+                sock.close()  # still ours if the agent stopped before it was ready
             if self.progs is not None:
                 self.progs.close()
             log.info("agent stopped; eBPF attachments and pins left in place for the next start")
@@ -819,17 +988,6 @@ def _numeric(svc: Any, ep: Any) -> set[int]:
 
 def _known_in(names: set[tuple[str, str]]) -> Callable[[str, str], bool]:
     return lambda ns, name: (ns, name) in names or name == "unknown"
-
-
-def _retryable(e: BaseException) -> bool:
-    """Whether another endpoint may be tried: nothing of the app's reached anyone yet
-    (the relay only starts after this returns), so any connect-level failure is, except
-    a refusal that another endpoint would repeat (policy, identity)."""
-    if isinstance(e, NoRoute):
-        return False
-    if isinstance(e, TunnelError):
-        return e.retryable
-    return isinstance(e, (OSError, TimeoutError))
 
 
 def _why(e: BaseException) -> str:
@@ -883,7 +1041,23 @@ def uninstall(cfg: AgentConfig) -> list[str]:
     return done
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one: every proxied connection costs
+    the node proxy two descriptors (more with the tunnel), and the common soft default
+    of 1,024 would cap a whole node at ~500 connections.  Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
 def run(cfg: AgentConfig) -> int:
+    log.info("descriptor limit: %d", raise_fd_limit())
     try:
         import uvloop
 

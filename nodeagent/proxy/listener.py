@@ -21,7 +21,10 @@ import logging
 import socket
 import struct
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.hold import ReadyHold
 
 log = logging.getLogger("weft.proxy")
 
@@ -77,9 +80,11 @@ def reset_socket(sock: socket.socket) -> None:
 class Listener:
     """Accepts on one listening socket and tracks one task per admitted connection."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, hold: ReadyHold | None = None) -> None:
         self._kind = kind
         """``outbound`` or ``tunnel``: the prefix of every log line."""
+        self.hold = hold
+        """Parks accepted connections until the agent is ready (None: admit at once)."""
         self._listener: socket.socket | None = None
         self._listen_address: Address | None = None
         self._serving: asyncio.Future[None] | None = None
@@ -152,6 +157,8 @@ class Listener:
 
     def _stop_accepting(self, error: OSError | None = None) -> None:
         self._closing = True
+        if self.hold is not None:
+            self.hold.close()
         if self._accept_backoff is not None:
             self._accept_backoff.cancel()
             self._accept_backoff = None
@@ -179,7 +186,10 @@ class Listener:
                 self._accept_failed(exc)
                 return
             try:
-                self._admit(conn, peer)
+                if self.hold is None:
+                    self._admit(conn, peer)
+                else:
+                    self.hold.take(conn, peer, self._admit)
             except Exception:
                 # A bug here must cost one connection, not the listener.
                 log.exception("%s: handling a connection from %s failed", self._kind, peer)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.listener import Address as Address  # re-exported for callers
 from nodeagent.proxy.listener import (
     Listener,
@@ -157,7 +158,8 @@ class OutboundProxy(Listener):
 
     ``original_destination`` is called with each accepted socket; ``is_self`` says which
     addresses are this proxy's other listeners (the outbound listener itself is always
-    recognised); ``connect`` opens upstream legs (default: plaintext TCP).
+    recognised); ``connect`` opens upstream legs (default: plaintext TCP); ``hold``
+    parks accepted connections until the agent is ready (see `ReadyHold`).
     """
 
     def __init__(
@@ -167,8 +169,9 @@ class OutboundProxy(Listener):
         is_self: IsSelf,
         connect: UpstreamConnector = connect_plaintext,
         config: OutboundConfig | None = None,
+        hold: ReadyHold | None = None,
     ) -> None:
-        super().__init__("outbound")
+        super().__init__("outbound", hold)
         self.config = config or OutboundConfig()
         self.stats = ProxyStats()
         self._original_destination = original_destination

@@ -82,6 +82,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
 from nodeagent.proxy import tls
+from nodeagent.proxy.admission import Admission, Overloaded
+from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.listener import (
     Address,
     Listener,
@@ -284,6 +286,17 @@ class TunnelClientConfig:
     warm_ttl: float = 2.5
     """Seconds an idle warm tunnel is kept; below the server's header timeout (5 s)."""
 
+    max_handshakes: int = 32
+    """Fresh tunnels (TCP connect + TLS handshake) in progress at once; more wait their
+    turn (see `nodeagent.proxy.admission`).  ``connect_timeout`` and
+    ``handshake_timeout`` start only once a tunnel has its turn."""
+
+    handshake_queue: int = 10_000
+    """Fresh tunnels that may wait for a turn; beyond, they fail at once (overloaded)."""
+
+    handshake_queue_timeout: float = 30.0
+    """Seconds a fresh tunnel may wait for its turn before it fails (overloaded)."""
+
     def __post_init__(self) -> None:
         _check_positive(
             connect_timeout=self.connect_timeout,
@@ -291,9 +304,15 @@ class TunnelClientConfig:
             answer_timeout=self.answer_timeout,
             close_timeout=self.close_timeout,
             warm_ttl=self.warm_ttl,
+            handshake_queue_timeout=self.handshake_queue_timeout,
         )
         if self.warm < 0:
             raise ValueError(f"warm must be >= 0, got {self.warm}")
+        if self.max_handshakes < 1 or self.handshake_queue < 0:
+            raise ValueError(
+                f"need max_handshakes >= 1 and handshake_queue >= 0, got "
+                f"{self.max_handshakes}, {self.handshake_queue}"
+            )
 
 
 class Failure(enum.Enum):
@@ -504,6 +523,9 @@ class TunnelClientStats:
     """Connections that took a warm tunnel (no handshake on their path)."""
     warm_expired: int = 0
     """Warm tunnels closed unused after ``warm_ttl``."""
+    overloaded: int = 0
+    """Connects refused by this node's own handshake admission (queue full or too long
+    a wait): not a failure of the destination."""
 
 
 # --- client errors -------------------------------------------------------------------
@@ -525,6 +547,14 @@ class TunnelError(ConnectionError):
 class TunnelSetupError(TunnelError):
     """This node cannot even try: no certificate for the source identity, or an
     identity or target that cannot be encoded."""
+
+
+class TunnelOverloaded(TunnelError):
+    """This node had too many handshakes waiting, or this one waited too long for its
+    turn.  Says nothing about the destination: not retried elsewhere (another endpoint
+    would wait in the same queue) and not counted against the endpoint."""
+
+    stat = "overloaded"
 
 
 class TunnelNoRoute(TunnelError):
@@ -883,8 +913,9 @@ class TunnelServer(Listener):
         connect_target: TargetConnector = connect_target_plaintext,
         config: TunnelServerConfig | None = None,
         meter: MeterFactory | None = None,
+        hold: ReadyHold | None = None,
     ) -> None:
-        super().__init__("tunnel")
+        super().__init__("tunnel", hold)
         self._meter = meter
         self.config = config or TunnelServerConfig()
         self.stats = TunnelServerStats()
@@ -1178,6 +1209,11 @@ class TunnelClient:
     ) -> None:
         self.config = config or TunnelClientConfig()
         self.stats = TunnelClientStats()
+        self.admission = Admission(
+            self.config.max_handshakes,
+            max_queued=self.config.handshake_queue,
+            queue_timeout=self.config.handshake_queue_timeout,
+        )
         self._tls = contexts
         self._warm: dict[_PoolKey, list[_Warm]] = {}
         self._refills: dict[_PoolKey, asyncio.Task[None]] = {}
@@ -1310,9 +1346,9 @@ class TunnelClient:
     async def _open(
         self, source: SpiffeId, dest_node: Address, expected: SpiffeId, what: str
     ) -> tuple[asyncio.Transport, _Stage]:
-        """TCP + TLS 1.3 to the node's tunnel port, server identity checked."""
-        loop = asyncio.get_running_loop()
-        config = self.config
+        """TCP + TLS 1.3 to the node's tunnel port, server identity checked.  Waits for a
+        turn first (`Admission`): the stage timeouts measure the remote end, not the
+        handshakes queued on this node's own event loop."""
         try:
             context = self._tls.client_context(source)
             server_name = tls.sni_for(expected)
@@ -1323,7 +1359,36 @@ class TunnelClient:
                 f"{what}: this node has no certificate for {source} (not issued yet, or no "
                 "pod of that identity here)"
             )
+        try:
+            async with self.admission.slot():
+                transport, stage = await self._handshake(
+                    context, server_name, dest_node, expected, what
+                )
+        except Overloaded as exc:
+            raise TunnelOverloaded(f"{what}: {exc}") from None
+        try:
+            tls.check_server_identity(transport.get_extra_info("ssl_object"), expected)
+        except tls.ImpersonationError as exc:
+            reset_transport(transport)
+            raise TunnelImpersonation(f"{what}: {exc}", exc.expected, exc.actual) from None
+        except tls.PeerIdentityError as exc:
+            reset_transport(transport)
+            raise TunnelHandshakeError(f"{what}: {exc}") from None
+        except BaseException:
+            reset_transport(transport)
+            raise
+        return transport, stage
 
+    async def _handshake(
+        self,
+        context: ssl.SSLContext,
+        server_name: str,
+        dest_node: Address,
+        expected: SpiffeId,
+        what: str,
+    ) -> tuple[asyncio.Transport, _Stage]:
+        loop = asyncio.get_running_loop()
+        config = self.config
         family = socket.AF_INET6 if ":" in dest_node[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -1348,6 +1413,11 @@ class TunnelClient:
             sock.close()
             raise
 
+        # From here the event loop owns ``sock``: when the handshake fails or is cancelled,
+        # create_connection closes its transport (uvloop: and detaches the socket object).
+        # Closing ``sock`` again would close a descriptor number that, under load, may
+        # already belong to another connection — and, mid-handshake, makes the TLS layer
+        # write to a closed transport ("Fatal error on SSL protocol").
         stage = _Stage(HeaderDecoder(Kind.ANSWER))
         try:
             async with asyncio.timeout(config.handshake_timeout):
@@ -1359,37 +1429,20 @@ class TunnelClient:
                     ssl_shutdown_timeout=config.close_timeout,
                 )
         except TimeoutError:
-            sock.close()
             raise TunnelTimeout(
                 f"{what}: TLS handshake did not complete within {config.handshake_timeout:g}s",
                 "handshake",
             ) from None
         except ssl.SSLCertVerificationError as exc:
-            sock.close()
             raise TunnelHandshakeError(
                 f"{what}: the node's certificate did not verify ({exc.verify_message}); is it "
                 "from another mesh, expired, or is this node's trust bundle out of date?"
             ) from None
         except (ssl.SSLError, OSError) as exc:
-            sock.close()
             raise TunnelHandshakeError(
                 f"{what}: TLS handshake failed ({_describe(exc)}); the node refused it (no "
                 f"certificate for {expected} there, or TLS settings) and its log says why"
             ) from None
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            tls.check_server_identity(transport.get_extra_info("ssl_object"), expected)
-        except tls.ImpersonationError as exc:
-            reset_transport(transport)
-            raise TunnelImpersonation(f"{what}: {exc}", exc.expected, exc.actual) from None
-        except tls.PeerIdentityError as exc:
-            reset_transport(transport)
-            raise TunnelHandshakeError(f"{what}: {exc}") from None
-        except BaseException:
-            reset_transport(transport)
-            raise
         return transport, stage
 
     async def _request(

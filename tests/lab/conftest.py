@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from weft.nsenter import in_netns
+
 NETNS_DIR = Path("/run/netns")
+ETH_P_ALL = 0x0003
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -110,3 +115,30 @@ def request(sock, path="/"):
 """
 """Python source for scripts run inside a pod (``python -c``): ``request(sock)`` on a
 keep-alive connection to an echo server."""
+
+
+class Sniffer:
+    """Raw frames on one fabric port (the wire between a node and the switch)."""
+
+    def __init__(self, netns: str, ifname: str) -> None:
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.2)
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.frames.append(self.sock.recv(65535))
+            except TimeoutError:
+                continue
+
+    def stop(self) -> bytes:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        return b"".join(self.frames)

@@ -8,7 +8,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,12 +16,10 @@ from pathlib import Path
 import pytest
 
 from nodeagent.proxy.tls import sni_for
-from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, Sniffer, unique_name
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 from weft.nsenter import in_netns
-
-ETH_P_ALL = 0x0003
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +30,6 @@ def mesh() -> Iterator[LabRunner]:
         yield runner
     finally:
         runner.weft("lab", "down", check=False)
-
-
-class Sniffer:
-    """Raw frames on one fabric port (the wire between a node and the switch)."""
-
-    def __init__(self, netns: str, ifname: str) -> None:
-        with in_netns(netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-        self.sock.settimeout(0.2)
-        self.frames: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.frames.append(self.sock.recv(65535))
-            except TimeoutError:
-                continue
-
-    def stop(self) -> bytes:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-        return b"".join(self.frames)
 
 
 def _status(lab: LabRunner) -> dict:

@@ -54,7 +54,9 @@ def _ports(value: str) -> tuple[int, ...]:
     "--connect-timeout",
     default=1.5,
     show_default=True,
-    help="Seconds one endpoint may take to accept a connection (then another is tried).",
+    help="Seconds each stage of one connect attempt may take (TCP connect, TLS handshake, "
+    "the tunnel's answer; then another endpoint is tried). Time spent waiting for a "
+    "handshake slot does not count.",
 )
 @click.option(
     "--connect-attempts",
@@ -73,6 +75,26 @@ def _ports(value: str) -> tuple[int, ...]:
     default=1,
     show_default=True,
     help="Spare handshaken tunnels per recently used (source, node, destination); 0: none.",
+)
+@click.option(
+    "--ready-wait",
+    default=15.0,
+    show_default=True,
+    help="Seconds a captured connection that arrives before the agent is ready "
+    "(certificates, discovery) waits for it before it is reset; it is never served "
+    "before.",
+)
+@click.option(
+    "--max-handshakes",
+    default=32,
+    show_default=True,
+    help="Tunnel TLS handshakes in progress at once; more wait their turn.",
+)
+@click.option(
+    "--handshake-queue-timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds a connection may wait for a handshake slot before it is reset.",
 )
 @click.option("--drain", default=5.0, show_default=True, help="Seconds to drain on shutdown.")
 @click.option(
@@ -93,6 +115,9 @@ def agent(
     connect_attempts: int,
     idle_timeout: float,
     warm_tunnels: int,
+    ready_wait: float,
+    max_handshakes: int,
+    handshake_queue_timeout: float,
     drain: float,
     do_uninstall: bool,
 ) -> None:
@@ -118,6 +143,9 @@ def agent(
             connect_attempts=connect_attempts,
             idle_timeout=idle_timeout,
             warm_tunnels=warm_tunnels,
+            ready_wait=ready_wait,
+            max_handshakes=max_handshakes,
+            handshake_queue_timeout=handshake_queue_timeout,
             drain_seconds=drain,
         )
         if kubernetes:
