@@ -689,6 +689,11 @@ class _Stage(asyncio.Protocol):
         self._lost = False
         self._lost_exc: Exception | None = None
         self._write_paused = False
+        self._switched: _Framed | None = None
+        """Once `switch` ran: where late events go.  The TLS layer may have scheduled a
+        call into this protocol (``call_soon(protocol.connection_lost)``) before the
+        switch; without forwarding, the new protocol would never hear of the loss and
+        its relay would wait for it forever."""
 
     @property
     def lost(self) -> bool:
@@ -698,6 +703,9 @@ class _Stage(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._switched is not None:
+            self._switched.data_received(data)
+            return
         if self.result.done():
             if isinstance(self.result.result(), (ConnectRequest, Answer)):
                 self._extra += data  # at most what was decrypted before the pause
@@ -712,12 +720,18 @@ class _Stage(asyncio.Protocol):
         self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
+        if self._switched is not None:
+            return self._switched.eof_received()
         self._eof = True
         if not self.result.done():
             self.result.set_result(_Closed(None))
         return None  # TLS closes the transport after EOF whatever we answer
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._switched is not None and not self._lost:
+            self._lost = True
+            self._switched.connection_lost(exc)
+            return
         self._lost = True
         self._lost_exc = exc
         if not self.result.done():
@@ -735,7 +749,7 @@ class _Stage(asyncio.Protocol):
         """Hand the transport, framed, to ``inner`` and replay what arrived."""
         transport = self.transport
         assert transport is not None
-        framed = _Framed(inner)
+        framed = self._switched = _Framed(inner)
         wrapper = FramedTransport(transport, framed)
         transport.set_protocol(framed)
         if not self._lost and not transport.is_closing():

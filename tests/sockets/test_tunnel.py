@@ -46,6 +46,7 @@ from nodeagent.proxy.tunnel import (
     TunnelHandshakeError,
     TunnelImpersonation,
     TunnelNoRoute,
+    TunnelOverloaded,
     TunnelRefused,
     TunnelRoute,
     TunnelServer,
@@ -1142,5 +1143,128 @@ def test_a_dead_spare_falls_back_to_a_fresh_tunnel(
             await first.close()
             await second.close()
             await client.close()
+
+    run(body)
+
+
+# --- handshake admission -----------------------------------------------------------------
+
+
+def test_a_burst_waits_for_handshake_turns_and_queueing_never_times_out(
+    run: Callable[[Body], None], certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 connects at once, one handshake at a time, each made slow (50 ms more): the
+    queue takes ~2 s, four times the handshake timeout, yet every tunnel opens, because
+    the timeout starts only when a tunnel has its turn."""
+    real = TunnelClient._handshake
+    running = 0
+    most = 0
+
+    async def slow_handshake(self: TunnelClient, *args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)
+            return await real(self, *args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(TunnelClient, "_handshake", slow_handshake)
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            client = TunnelClient(
+                client_tls(certs),
+                config=TunnelClientConfig(max_handshakes=1, handshake_timeout=0.5),
+            )
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            transports = await wait(
+                asyncio.gather(
+                    *(
+                        client.connect(SOURCE, node.address, target.address, DEST, App)
+                        for _ in range(40)
+                    )
+                )
+            )
+            elapsed = loop.time() - started
+            assert len(transports) == 40 and client.stats.opened == 40
+            assert elapsed > 4 * 0.5  # the queue outlasted the timeout several times
+            assert most == 1
+            adm = client.admission.stats
+            assert (adm.admitted, adm.waited, adm.queued_peak) == (40, 39, 39)
+            assert adm.refused_full == adm.refused_timeout == 0
+            for t in transports:
+                t.close()
+            await node.server.close(grace=WAIT)
+
+    run(body)
+
+
+def test_a_full_handshake_queue_fails_fast_as_overloaded(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        # A port that completes TCP handshakes (the kernel's backlog) and never answers
+        # a ClientHello: the one handshake slot stays taken.
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        address = silent.getsockname()[:2]
+        client = TunnelClient(
+            client_tls(certs),
+            config=TunnelClientConfig(max_handshakes=1, handshake_queue=1, handshake_timeout=WAIT),
+        )
+        target = ("127.0.0.1", 1)
+        first = asyncio.create_task(client.connect(SOURCE, address, target, DEST, App))
+        second = asyncio.create_task(client.connect(SOURCE, address, target, DEST, App))
+        try:
+            await asyncio.sleep(0.05)
+            assert client.admission.stats.queued == 1
+            with pytest.raises(TunnelOverloaded, match="already wait"):
+                await client.connect(SOURCE, address, target, DEST, App)
+            assert client.stats.overloaded == 1
+        finally:
+            for t in (first, second):
+                t.cancel()
+            await asyncio.gather(first, second, return_exceptions=True)
+            silent.close()
+
+
+def test_cancelled_handshakes_close_cleanly(
+    run: Callable[[Body], None], certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connects cancelled mid-handshake (shutdown, or the proxy's overall deadline) leave
+    no descriptor behind and no "Fatal error on SSL protocol" in the log."""
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            client = TunnelClient(client_tls(certs), config=TunnelClientConfig(max_handshakes=64))
+            fds_before = len(os.listdir("/proc/self/fd"))
+            for delay in [i / 1000 for i in range(0, 40, 2)]:
+                tasks = [
+                    asyncio.create_task(
+                        client.connect(SOURCE, node.address, target.address, DEST, App)
+                    )
+                    for _ in range(30)
+                ]
+                await asyncio.sleep(delay)
+                for t in tasks:
+                    t.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                for r in results:
+                    if isinstance(r, asyncio.BaseTransport):
+                        r.close()
+            await node.server.close(grace=WAIT)
+            for _ in range(100):  # closing handshakes finish on the loop
+                await asyncio.sleep(0.02)
+                if len(os.listdir("/proc/self/fd")) <= fds_before:
+                    break
+            assert len(os.listdir("/proc/self/fd")) <= fds_before
+        assert not [r for r in caplog.records if "Fatal error" in r.getMessage()]
 
     run(body)

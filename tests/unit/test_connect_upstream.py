@@ -12,6 +12,8 @@ import pytest
 from nodeagent.agent import Agent, AgentConfig
 from nodeagent.metrics import ConnLabels
 from nodeagent.proxy.outbound import Upstream
+from nodeagent.proxy.retry import RetryBudget
+from nodeagent.proxy.tunnel import TunnelOverloaded
 from nodeagent.router import Hop, NoRoute
 from weft.identity import SpiffeId
 from weft.mesh import Endpoint, InboundMode, Service, ServicePort, Workload
@@ -120,3 +122,34 @@ async def test_a_policy_refusal_is_not_retried_and_holds_no_probation_slot(agent
         await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     assert len(calls) == 1
     assert all(not h.probing and h.outstanding == 0 for h in agent.balancer.health.values())
+
+
+async def test_local_overload_is_neither_retried_nor_held_against_the_endpoint(agent: Agent):
+    calls: list[str] = []
+
+    async def overloaded(source, hop, factory):
+        calls.append(hop.address[0])
+        raise TunnelOverloaded("waited 30s for one of 32 handshake slots on this node")
+
+    agent._open_hop = overloaded  # type: ignore[method-assign]
+    for _ in range(5):  # more than the ejection threshold
+        with pytest.raises(TunnelOverloaded):
+            await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+    assert len(calls) == 5  # one attempt each: another endpoint would queue the same
+    assert all(h.failures == 0 and h.ejections == 0 for h in agent.balancer.health.values())
+    assert all(h.outstanding == 0 for h in agent.balancer.health.values())
+    assert _failures(agent, "default/echo") == 0
+
+
+async def test_failovers_stop_when_the_retry_budget_is_spent(agent: Agent):
+    agent.retry_budget = RetryBudget(ratio=0.0, min_per_second=0.2, ttl=10)  # 2 retries
+    calls: list[str] = []
+    _fake_hops(agent, {"10.244.1.2", "10.244.1.3", "10.244.1.4"}, calls)
+    for _ in range(3):
+        with pytest.raises(ConnectionRefusedError):
+            await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+    # The first connection fails over twice (the whole budget); the next two get their
+    # first attempt only: 5 attempts, not 3 x 3.
+    assert len(calls) == 5
+    assert agent.retry_budget.skipped == 2
+    assert all(h.outstanding == 0 for h in agent.balancer.health.values())
