@@ -62,43 +62,9 @@ def _agent_log(lab: LabRunner, node: str) -> str:
     return lab.weft("lab", "logs", f"agent-{node}").stdout
 
 
-# A captured client connecting in a tight loop until a stop file appears; one request
-# per connection, each with its own marker in the path.  Prints a JSON summary.
-LOOP = r"""
-import json, os, socket, sys, time
-target, port, marker, stop_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-ok = failed = 0
-peers, errors = {}, []
-i = 0
-while not os.path.exists(stop_file):
-    i += 1
-    try:
-        s = socket.create_connection((target, port), timeout=30)
-        s.settimeout(30)
-        s.sendall(f"GET /{marker}-{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        s.close()
-        body = json.loads(data.partition(b"\r\n\r\n")[2])
-        assert body["path"] == f"/{marker}-{i}", body
-        peer = body["peer"].rsplit(":", 1)[0]
-        peers[peer] = peers.get(peer, 0) + 1
-        ok += 1
-    except (OSError, ValueError, AssertionError) as e:
-        failed += 1
-        if len(errors) < 20:
-            errors.append(f"{time.time():.3f} {e!r}")
-    time.sleep(0.005)
-print(json.dumps({"ok": ok, "failed": failed, "peers": peers, "errors": errors}))
-"""
-
-
 class ClientLoop:
-    """LOOP in client-1 towards ``target``, with node-1's cable sniffed meanwhile."""
+    """`weft.bench.connloop` in client-1 towards ``target`` (a tight loop of one request
+    per connection, each with its own marker), with node-1's cable sniffed meanwhile."""
 
     def __init__(self, lab: LabRunner, target: str, port: int, tmp: Path) -> None:
         self.marker = f"fc-{uuid.uuid4().hex}"
@@ -107,7 +73,8 @@ class ClientLoop:
         env = {**os.environ, "WEFT_LAB": lab.name}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--",
-             sys.executable, "-c", LOOP, target, str(port), self.marker, str(self.stop_file)],
+             sys.executable, "-m", "weft.bench.connloop", target, str(port), self.marker,
+             str(self.stop_file)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
@@ -186,45 +153,6 @@ def test_make_before_break_restart_refuses_nothing_and_never_plaintext(
     assert held["served"] == held["refused_deadline"] == 0, held
 
 
-# 2,000 connections opened at once; each sends one keep-alive request and holds its
-# connection open until every one has answered (so all 2,000 are open together).
-BURST = r"""
-import asyncio, json, resource, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-async def one(all_done, results):
-    t0 = time.monotonic()
-    try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 60)
-        w.write(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
-        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 60)
-        length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                      if l.lower().startswith(b"content-length")][0])
-        body = json.loads(await asyncio.wait_for(r.readexactly(length), 60))
-        results.append(("ok", time.monotonic() - t0, body["pod"]))
-        await all_done.wait()
-        w.close()
-    except Exception as e:
-        results.append(("failed", time.monotonic() - t0, repr(e)))
-async def main():
-    all_done, results = asyncio.Event(), []
-    tasks = [asyncio.create_task(one(all_done, results)) for _ in range(n)]
-    while len(results) < n:
-        await asyncio.sleep(0.05)
-    all_done.set()
-    await asyncio.gather(*tasks)
-    ok = [r for r in results if r[0] == "ok"]
-    failed = [r[2] for r in results if r[0] == "failed"]
-    pods = {}
-    for r in ok:
-        pods[r[2]] = pods.get(r[2], 0) + 1
-    print(json.dumps({"ok": len(ok), "failed": len(failed), "errors": failed[:10],
-                      "slowest_s": max((r[1] for r in ok), default=0), "pods": pods}))
-asyncio.run(main())
-"""
-
-
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -235,9 +163,11 @@ def _peak_rss_mib(pid: int) -> float:
 def test_a_burst_of_2000_connections_all_complete(mesh: LabRunner):
     before = _agent_state(mesh, "node-1")
     ejections_before = {k: v["ejections"] for k, v in before["endpoints"].items()}
+    # 2,000 connections opened at once, each holding its connection open until all
+    # have answered (weft.bench.burst).
     proc = mesh.weft(
-        "lab", "exec", "client-1", "--", sys.executable, "-c", BURST, "echo", "80", "2000",
-        timeout=240,
+        "lab", "exec", "client-1", "--", sys.executable, "-m", "weft.bench.burst",
+        "echo", "80", "2000", timeout=240,
     )  # fmt: skip
     result = json.loads(proc.stdout)
     state = _agent_state(mesh, "node-1")

@@ -127,6 +127,59 @@ def sockmap(seconds: float, rounds: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--rounds", default=3, show_default=True, help="Restarts of each kind, and bursts.")
+@click.option(
+    "--connections", default=2000, show_default=True, help="Connections opened at once per burst."
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def resilience(rounds: int, connections: int, json_path: Path | None) -> None:
+    """The restart window (make-before-break and kill -9) and connection bursts, in a lab.
+
+    Counts failed connects, answers that crossed in plaintext (there must be none),
+    connections held until the new agent was ready, burst completion, the agent's peak
+    RSS and endpoint ejections (docs/benchmarks.md).
+    """
+    from weft.bench.resilience import run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(
+        lab_identity_setup,
+        rounds,
+        connections,
+        report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False),
+    )
+    s = result["summary"]
+    table = Table(
+        "restart", "failed connects", "failure window s", "plaintext", "held", "slowest s"
+    )
+    for how, name in (("mbb", "make-before-break"), ("kill", "kill -9 + start")):
+        by = s[how]
+        table.add_row(
+            name,
+            _span(by["failed"], "{:.0f}"),
+            _span(by["failure_window_s"], "{:.2f}"),
+            str(by["plaintext_total"]),
+            _span(by["held_served"], "{:.0f}"),
+            _span(by["slowest_ok_s"], "{:.2f}"),
+        )
+    Console().print(table)
+    b = s["burst"]
+    Console().print(
+        f"burst of {connections}: completed {_span(b['completed'], '{:.0f}')}, slowest "
+        f"{_span(b['slowest_s'], '{:.2f}')} s, agent peak RSS "
+        f"{_span(b['agent_rss_peak_mib'], '{:.0f}')} MiB, ejections {b['ejections_total']}"
+    )
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+def _span(v: dict[str, float], fmt: str) -> str:
+    """median (min-max)"""
+    return f"{fmt.format(v['median'])} ({fmt.format(v['min'])}-{fmt.format(v['max'])})"
+
+
+@bench.command()
 @click.option("-n", "count", default=2000, show_default=True, help="CSRs to sign.")
 @click.option("--workloads", default=10_000, show_default=True, help="Discovery: pods.")
 @click.option("--agents", default=1_000, show_default=True, help="Discovery: subscribed agents.")
