@@ -75,13 +75,14 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one slot for the body; raises `Overloaded` instead of entering it."""
-        await self._acquire()
+        await self.acquire()
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self) -> None:
+    async def acquire(self) -> None:
+        """Wait for a slot (raises `Overloaded`); every success needs one `release`."""
         stats = self.stats
         if stats.in_flight < self.limit and not self._waiters:
             stats.in_flight += 1
@@ -122,7 +123,7 @@ class Admission:
         stats.admitted += 1
         stats.wait_seconds += time.monotonic() - started
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self.stats.in_flight -= 1
         self._wake()
 

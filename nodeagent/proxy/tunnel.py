@@ -71,13 +71,14 @@ That is version 2 of the header, when numbers say it pays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
 import ssl
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
@@ -1277,10 +1278,14 @@ class TunnelClient:
                     # loop was busy): open a fresh one.
                     transport = None
             if transport is None:
-                tls_transport, stage = await self._open(source, dest_node, expected, what)
-                transport = await self._request(
-                    tls_transport, stage, header, what, source, protocol_factory
-                )
+                # The whole set-up of a fresh tunnel holds a turn: the answer comes after
+                # the server reached the pod, and under a burst it must not wait behind
+                # thousands of handshakes on this loop either.
+                async with self._turn(what):
+                    tls_transport, stage = await self._open(source, dest_node, expected, what)
+                    transport = await self._request(
+                        tls_transport, stage, header, what, source, protocol_factory
+                    )
         except TunnelError as exc:
             setattr(self.stats, exc.stat, getattr(self.stats, exc.stat) + 1)
             raise
@@ -1320,7 +1325,8 @@ class TunnelClient:
         loop = asyncio.get_running_loop()
         while len(self._warm.get(key, ())) < self.config.warm and not self._closed:
             try:
-                tls_transport, stage = await self._open(source, dest_node, expected, what)
+                async with self._turn(what):
+                    tls_transport, stage = await self._open(source, dest_node, expected, what)
             except TunnelError as exc:
                 log.debug("%s: not opened (%s)", what, exc)
                 if not self._warm.get(key):
@@ -1357,12 +1363,24 @@ class TunnelClient:
 
     # -- one tunnel ------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, what: str) -> AsyncIterator[None]:
+        """A handshake slot (`Admission`) for the body; `TunnelOverloaded` instead."""
+        try:
+            await self.admission.acquire()
+        except Overloaded as exc:
+            raise TunnelOverloaded(f"{what}: {exc}") from None
+        try:
+            yield
+        finally:
+            self.admission.release()
+
     async def _open(
         self, source: SpiffeId, dest_node: Address, expected: SpiffeId, what: str
     ) -> tuple[asyncio.Transport, _Stage]:
-        """TCP + TLS 1.3 to the node's tunnel port, server identity checked.  Waits for a
-        turn first (`Admission`): the stage timeouts measure the remote end, not the
-        handshakes queued on this node's own event loop."""
+        """TCP + TLS 1.3 to the node's tunnel port, server identity checked.  Callers
+        hold a `_turn`, so the stage timeouts measure the remote end, not handshakes
+        queued on this node's own event loop."""
         try:
             context = self._tls.client_context(source)
             server_name = tls.sni_for(expected)
@@ -1373,13 +1391,7 @@ class TunnelClient:
                 f"{what}: this node has no certificate for {source} (not issued yet, or no "
                 "pod of that identity here)"
             )
-        try:
-            async with self.admission.slot():
-                transport, stage = await self._handshake(
-                    context, server_name, dest_node, expected, what
-                )
-        except Overloaded as exc:
-            raise TunnelOverloaded(f"{what}: {exc}") from None
+        transport, stage = await self._handshake(context, server_name, dest_node, expected, what)
         try:
             tls.check_server_identity(transport.get_extra_info("ssl_object"), expected)
         except tls.ImpersonationError as exc:
