@@ -830,8 +830,32 @@ class Agent:
         self, sockets: list[socket.socket], listening: asyncio.Event, listen_early: bool
     ) -> None:
         """Once certificates, discovery and capture are in place: serve what was held
-        (crash restart) or join the listening groups (make-before-break)."""
-        await self.readiness.wait("listener")
+        (crash restart) or join the listening groups (make-before-break).
+
+        After a crash nobody else serves the node, and one identity whose certificate
+        cannot be had (the control plane refuses it, say) must not keep every pod's
+        connections held until they are reset.  So once discovery and capture are in
+        place, certificates get half of ``ready_wait``; then the held connections are
+        served with the certificates there are: a connection whose source has none is
+        refused by the tunnel, still never sent in plaintext.  In make-before-break the
+        old agent serves meanwhile, so the new one waits for everything."""
+        if listen_early and self.certs is not None:
+            await self.readiness.wait("listener", "certificates")
+            try:
+                async with asyncio.timeout(self.cfg.ready_wait / 2):
+                    await self.readiness.wait("listener")
+            except TimeoutError:
+                missing = sorted(
+                    str(i) for i in self.certs.identities if self.certs.material(i) is None
+                )
+                log.warning(
+                    "node %s: no certificate yet for %s after %gs; serving held connections "
+                    "with the certificates there are (connections of those identities are "
+                    "refused until theirs arrive)",
+                    self.cfg.node, ", ".join(missing) or "?", self.cfg.ready_wait / 2,
+                )  # fmt: skip
+        else:
+            await self.readiness.wait("listener")
         for hold in self.holds.values():
             hold.open()
         if not listen_early:
