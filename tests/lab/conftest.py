@@ -142,3 +142,17 @@ class Sniffer:
         self._thread.join()
         self.sock.close()
         return b"".join(self.frames)
+
+    def tcp_ports(self) -> set[int]:
+        """Source and destination ports of the IPv4 TCP segments captured, read from
+        their headers (not searched for in the payload, where any two bytes turn up by
+        chance)."""
+        ports: set[int] = set()
+        for frame in self.frames:
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue  # not IPv4, or not TCP
+            tcp = 14 + (frame[14] & 0x0F) * 4
+            if len(frame) >= tcp + 4:
+                ports.add(int.from_bytes(frame[tcp : tcp + 2], "big"))
+                ports.add(int.from_bytes(frame[tcp + 2 : tcp + 4], "big"))
+        return ports

@@ -196,42 +196,36 @@ def test_removing_capture_restores_the_direct_path(mesh: LabRunner):
     assert body["peer"].split(":")[0] != pod["ip"]
 
 
-def test_agent_restart_keeps_capture_and_serves_new_connections(mesh: LabRunner):
+def test_agent_restart_keeps_capture_and_serves_new_connections(mesh: LabRunner, tmp_path: Path):
     status = _status(mesh)
     client = _pod(status, "client-1")
     netns_inode = os.stat(f"/run/netns/{client['netns']}").st_ino
     old_ids = agent_state(mesh, "node-1")["ebpf"]["program_ids"]
     target = _pod(status, "echo-2")["ip"]
     # A captured pod keeps connecting while its agent is replaced (make-before-break):
-    # none of those connections may fail.
-    loop = (
-        "import socket, sys, time\n"
-        "ok = failed = 0\n"
-        "end = time.time() + float(sys.argv[1])\n"
-        "while time.time() < end:\n"
-        "    try:\n"
-        f"        s = socket.create_connection(('{target}', 8080), timeout=10)\n"
-        "        s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
-        "        ok += b'200 OK' in s.recv(100)\n"
-        "        s.close()\n"
-        "    except OSError as e:\n"
-        "        failed += 1\n"
-        "        print(repr(e), file=sys.stderr)\n"
-        "    time.sleep(0.01)\n"
-        "print(ok, failed)\n"
-    )
+    # none of those connections may fail.  The loop runs until told to stop, after the
+    # new agent has served connections of its own, so the swap happens inside it.
+    stop_file = tmp_path / "stop"
     env = {**os.environ, "WEFT_LAB": mesh.name}
     clients = subprocess.Popen(
         [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--",
-         sys.executable, "-c", loop, "6"],
+         sys.executable, "-m", "weft.bench.connloop", target, "8080", "restart",
+         str(stop_file)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1)
-    mesh.weft("lab", "restart-agent", "node-1")
-    out, err = clients.communicate(timeout=60)
-    ok, failed = map(int, out.split())
-    assert failed == 0, err
-    assert ok > 0
+    try:
+        wait_for(lambda: agent_state(mesh, "node-1")["proxy"]["stats"]["accepted"] >= 10,
+                 "the loop's connections through the old agent", 30)  # fmt: skip
+        mesh.weft("lab", "restart-agent", "node-1")
+        wait_for(lambda: agent_state(mesh, "node-1")["proxy"]["stats"]["accepted"] >= 10,
+                 "the loop's connections through the new agent", 30)  # fmt: skip
+    finally:
+        stop_file.touch()
+        out, err = clients.communicate(timeout=60)
+    assert clients.returncode == 0, err
+    result = json.loads(out)
+    assert result["failed"] == 0, result
+    assert result["ok"] > 0
     new_state = agent_state(mesh, "node-1")
     assert new_state["ebpf"]["program_ids"] != old_ids
     progs = subprocess.run(

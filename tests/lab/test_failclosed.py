@@ -78,14 +78,14 @@ class ClientLoop:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
-    def finish(self) -> tuple[dict, bytes]:
+    def finish(self) -> tuple[dict, bytes, set[int]]:
         self.stop_file.touch()
         try:
             out, err = self.proc.communicate(timeout=90)
         finally:
             wire = self.sniffer.stop()
         assert self.proc.returncode == 0, err
-        return json.loads(out), wire
+        return json.loads(out), wire, self.sniffer.tcp_ports()
 
 
 def _wait_requests(lab: LabRunner, node: str, at_least: int, timeout: float = 30.0) -> None:
@@ -101,14 +101,16 @@ def _wait_requests(lab: LabRunner, node: str, at_least: int, timeout: float = 30
     raise AssertionError(f"the client loop made no {at_least} connections in {timeout}s")
 
 
-def _assert_never_plaintext(result: dict, wire: bytes, marker: str, node2_gateway: str) -> None:
+def _assert_never_plaintext(
+    result: dict, wire: bytes, ports: set[int], marker: str, node2_gateway: str
+) -> None:
     # Every answer came through node-2's tunnel server (it connects from node-2's own
     # address); a plaintext hop from node-1 would show node-1's address.
     assert result["ok"] > 0, result
     assert set(result["peers"]) == {node2_gateway}, result
     # And no request ever crossed node-1's cable in the clear.
     assert marker.encode() not in wire
-    assert (15008).to_bytes(2, "big") in wire
+    assert 15008 in ports and 8080 not in ports  # tunnels only: no segment to the pod port
 
 
 def test_no_plaintext_across_a_crash_and_restart_of_the_agent(mesh: LabRunner, tmp_path: Path):
@@ -125,8 +127,8 @@ def test_no_plaintext_across_a_crash_and_restart_of_the_agent(mesh: LabRunner, t
         _wait_requests(mesh, "node-1", 20)
         held = _agent_state(mesh, "node-1")["held_until_ready"]["outbound"]
     finally:
-        result, wire = loop.finish()
-    _assert_never_plaintext(result, wire, loop.marker, _node(status, "node-2")["gateway"])
+        result, wire, ports = loop.finish()
+    _assert_never_plaintext(result, wire, ports, loop.marker, _node(status, "node-2")["gateway"])
     assert held["served"] >= 1, held  # the window was exercised, not missed
     assert held["refused_deadline"] == 0, held
 
@@ -144,10 +146,10 @@ def test_make_before_break_restart_refuses_nothing_and_never_plaintext(
         new_pid = _agent_pid(mesh, "node-1")
         _wait_requests(mesh, "node-1", 20)
     finally:
-        result, wire = loop.finish()
+        result, wire, ports = loop.finish()
     assert new_pid != old_pid
     assert result["failed"] == 0, result
-    _assert_never_plaintext(result, wire, loop.marker, _node(status, "node-2")["gateway"])
+    _assert_never_plaintext(result, wire, ports, loop.marker, _node(status, "node-2")["gateway"])
     # The new agent joined the listening group only once ready: it held nothing.
     held = _agent_state(mesh, "node-1")["held_until_ready"]["outbound"]
     assert held["served"] == held["refused_deadline"] == 0, held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import ssl
@@ -126,6 +127,36 @@ async def roundtrip(port, ctx, raw: bytes, *, check_server=True):
     return int(head.split(b" ", 2)[1]), body
 
 
+async def exchange(port, ctx, raw: bytes) -> bytes | BaseException:
+    """Handshake, send ``raw``, read to EOF: the bytes answered, or the TLS/connection
+    error that ended it (nothing is swallowed as a parse error)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    except (ssl.SSLError, ConnectionError) as e:
+        return e
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    except (ssl.SSLError, ConnectionError) as e:
+        return e
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+def requests_counted(registry: CollectorRegistry) -> float:
+    """Agent API requests the server handled, whatever their endpoint and status."""
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "weft_controlplane_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def refusal(body: bytes) -> Refusal:
     return Refusal.decode(body)
 
@@ -228,7 +259,7 @@ async def test_workload_cert_is_not_a_node_credential(server, ca, tmp_path):
     assert status == 401 and "not a node identity" in refusal(body).message
 
 
-async def test_client_cert_from_another_ca_fails_the_handshake(server, ca, tmp_path):
+async def test_client_cert_from_another_ca_fails_the_handshake(server, ca, tmp_path, registry):
     other = init_ca(TD)
     other_issuer = validate_ca(
         cert_pem(other.anchor), cert_pem(other.issuer), key_pem(other.issuer_key)
@@ -239,10 +270,13 @@ async def test_client_cert_from_another_ca_fails_the_handshake(server, ca, tmp_p
     )
     ctx = client_context(ca, tmp_path, cert_pem(fake) + cert_pem(other.issuer), key_pem(key))
     # TLS 1.3: the client finishes first; the server's alert arrives on the first read.
-    with pytest.raises((ssl.SSLError, ConnectionError, IndexError, ValueError)):
-        await roundtrip(server.port, ctx, certificate_request())
+    outcome = await exchange(server.port, ctx, certificate_request())
+    assert isinstance(outcome, (ssl.SSLError, ConnectionError)) or outcome == b"", outcome
+    # Refused at the handshake, not answered and closed: no request reached the API.
+    assert requests_counted(registry) == 0
     status, _, _ = await bootstrap(server.port, ca)
     assert status == 200  # and the listener keeps serving
+    assert requests_counted(registry) == 1  # (the count does see handled requests)
 
 
 async def test_tls12_client_is_refused_at_the_handshake(server, ca):
@@ -312,24 +346,25 @@ async def test_garbage_before_tls_is_dropped_while_others_are_served(server, ca)
 
 
 async def test_handshake_that_never_finishes_times_out(server, ca):
+    start = time.monotonic()  # before the connect: the server's clock starts later
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    start = time.monotonic()
     status, _, _ = await bootstrap(server.port, ca)
     assert status == 200
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    assert time.monotonic() - start < CONFIG.handshake_timeout + 2
+    assert await asyncio.wait_for(reader.read(), CONFIG.handshake_timeout + 10) == b""
+    # Closed by the handshake timeout, not by anything sooner.
+    assert time.monotonic() - start >= CONFIG.handshake_timeout
     writer.close()
 
 
 async def test_slow_client_gets_408_while_another_is_served(server, ca):
+    start = time.monotonic()  # before the connect: the server's request clock starts later
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client_context(ca))
     writer.write(b"POST /v1/bootstrap HTTP/1.1\r\nContent-Le")  # ... and then nothing
-    start = time.monotonic()
     status, _, _ = await bootstrap(server.port, ca)
     assert status == 200
-    data = await asyncio.wait_for(reader.read(), 5)
+    data = await asyncio.wait_for(reader.read(), CONFIG.request_timeout + 10)
     assert data.startswith(b"HTTP/1.1 408 ")
-    assert CONFIG.request_timeout <= time.monotonic() - start < CONFIG.request_timeout + 2
+    assert time.monotonic() - start >= CONFIG.request_timeout  # not cut short
     writer.close()
     try:
         await writer.wait_closed()
@@ -368,39 +403,44 @@ async def test_signing_does_not_block_the_loop(ca, registry, offload):
         slow = [asyncio.create_task(bootstrap(srv.port, ca)) for _ in range(16)]
         if offload:
             await asyncio.sleep(0.15)  # 16 x 100 ms on 2 threads: signing until ~0.8 s
-            start = time.monotonic()
             status, _ = await roundtrip(srv.port, client_context(ca), certificate_request())
-            waited = time.monotonic() - start
             assert status == 401
-            assert sum(not t.done() for t in slow) > 0  # answered in the middle of the burst
-            assert waited < 0.25, f"trivial request waited {waited:.3f} s behind signing"
+            # Answered in the middle of the burst, not behind it: signing is off the loop.
+            # (How long it took is a benchmark's business; on a loaded machine it varies.)
+            assert sum(not t.done() for t in slow) > 0
         statuses = [s for s, _, _ in await asyncio.gather(*slow)]
     finally:
         stop.set()
         worst = await stall
         await srv.stop()
     assert statuses == [200] * 16
-    if offload:
-        assert worst < 0.08, f"event loop stalled {worst:.3f} s"
-    else:
-        # Signing on the loop stalls it for a whole request: what the executor buys, and
-        # proof that this test measures the right thing.
+    if not offload:
+        # Signing on the loop stalls it for a whole request (at least 100 ms, however
+        # loaded the machine): what the executor buys, and proof that the burst above
+        # would have been answered behind the signing if it ran on the loop.
         assert worst >= 0.09
 
 
 async def test_real_signing_burst_leaves_the_loop_responsive(server, ca, tmp_path):
     ctx = await node_context(server.port, ca, tmp_path)
     bodies = [certificate_request() for _ in range(200)]
-    burst = [asyncio.create_task(roundtrip(server.port, ctx, b)) for b in bodies]
+    done_at: list[float] = []
+
+    async def timed(body: bytes) -> tuple[int, bytes]:
+        result = await roundtrip(server.port, ctx, body)
+        done_at.append(time.monotonic())
+        return result
+
+    burst = [asyncio.create_task(timed(b)) for b in bodies]
     await asyncio.sleep(0.05)
-    start = time.monotonic()
     status, _ = await roundtrip(server.port, client_context(ca), certificate_request())
-    waited = time.monotonic() - start
+    answered = time.monotonic()
     results = await asyncio.gather(*burst)
     assert status == 401
     assert [s for s, _ in results] == [200] * 200
-    # Generous: on a loaded 2-CPU CI machine the 200 handshakes on this same loop dominate.
-    assert waited < 2.0
+    # Answered before the burst was through, not queued behind 200 signings (how long it
+    # took is a benchmark's business: on a loaded machine it varies).
+    assert answered < max(done_at)
 
 
 # --------------------------------------------------------------------------- renewal, admin

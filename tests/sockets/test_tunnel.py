@@ -122,6 +122,13 @@ async def wait(aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, WAIT)
 
 
+async def _until(check: Callable[[], bool]) -> None:
+    """Poll ``check`` (state a background task changes) for up to ``WAIT`` seconds."""
+    async with asyncio.timeout(WAIT):
+        while not check():  # noqa: ASYNC110 (no event to wait on: the check is the state)
+            await asyncio.sleep(0.01)
+
+
 # --- certificates --------------------------------------------------------------------
 
 
@@ -1086,8 +1093,10 @@ def test_warm_tunnels_skip_the_handshake_and_expire_unused(
             tunnel_server(certs, {}, config=server_config) as node,
         ):
             node.pods[target.address] = DEST
+            # warm_ttl long enough that a spare never expires between being made and
+            # being taken, however slow the machine (both are awaited as events below).
             client = TunnelClient(
-                client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=0.3)
+                client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=1.0)
             )
             apps = []
             for i in range(3):
@@ -1097,23 +1106,16 @@ def test_warm_tunnels_skip_the_handshake_and_expire_unused(
                 assert await wait(app.reader.readexactly(2)) == b"n%d" % i
                 apps.append(app)
                 # The spare for the next connection is made in the background.
-                for _ in range(100):
-                    if client.warm_tunnels:
-                        break
-                    await asyncio.sleep(0.01)
-                assert client.warm_tunnels == 1
+                await _until(lambda: client.warm_tunnels == 1)
             # The first connection handshook; the next two took spares.
             assert client.stats.warm_used == 2 and client.stats.opened == 3
             for app in apps:
                 await app.close()
             # Unused, the last spare is closed after warm_ttl; the server counts it as an
             # idle close, not a failure.
-            await asyncio.sleep(0.6)
-            assert client.warm_tunnels == 0 and client.stats.warm_expired == 1
-            for _ in range(100):
-                if node.server.stats.idle_closed:
-                    break
-                await asyncio.sleep(0.01)
+            await _until(lambda: client.stats.warm_expired == 1)
+            assert client.warm_tunnels == 0
+            await _until(lambda: node.server.stats.idle_closed == 1)
             stats = vars(node.server.stats)
             assert stats["idle_closed"] == 1 and stats["established"] == 3
             await client.close()

@@ -138,7 +138,10 @@ async def test_running_source_follows_the_file_and_keeps_state_when_it_breaks(
 
         with caplog.at_level(logging.WARNING, "weft.discovery.lab"):
             state_file.write_text("{torn")
-            await asyncio.sleep(0.1)
+            async with asyncio.timeout(5):
+                while "unreadable" not in caplog.text:  # noqa: ASYNC110 (polling a log)
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # ten more polls of the same torn file
         assert "unreadable" in caplog.text
         assert caplog.text.count("unreadable") == 1  # once per change, not once per poll
         assert store.workload(lab_uid("t", "default", "echo-2")) == w  # last state kept

@@ -337,6 +337,13 @@ _VALID = _csr(ECHO)
 def test_any_input_gets_an_answer_not_an_exception(signer, identity, csr):
     result = signer.certificate("node-1", CertificateRequest(identity, csr))
     assert isinstance(result, CertificateResponse | Refusal)
+    if isinstance(result, CertificateResponse):
+        # Only ever for the identity bound to node-1, and for the key the CSR holds.
+        assert identity == str(ECHO)
+        leaf = x509.load_pem_x509_certificate(result.certificate_pem.encode())
+        assert spiffe_id_of(leaf) == ECHO
+        request = x509.load_pem_x509_csr(csr.encode())
+        assert leaf.public_key() == request.public_key()
 
 
 # --------------------------------------------------------------------------- lab sources

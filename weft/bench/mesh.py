@@ -421,11 +421,30 @@ def _traffic(
                     report(f"round {rnd + 1}/{profile.rounds} {scenario:9} {s.name:17} "
                            f"{_fmt(res)}")  # fmt: skip
         agent_cpu = _agent_stats(lab)
+        tunnels = _tunnel_counts(lab)
     finally:
         report(f"removing lab {name!r}")
         lab.down()
     summary = {s: {sc: _median(v) for sc, v in by.items()} for s, by in samples.items()}
-    return {"summary": summary, "samples": samples, "agents": agent_cpu}
+    return {"summary": summary, "samples": samples, "agents": agent_cpu, "tunnels": tunnels}
+
+
+def _tunnel_counts(lab: Lab) -> dict[str, dict[str, int]]:
+    """Per node agent: connections its outbound listener accepted, tunnels it opened and
+    tunnels its server established — the proof that the weft setups' traffic crossed the
+    mesh (cross node: node-1 opens, node-2 establishes; same node: node-1 both)."""
+    out = {}
+    for node in lab.load().plan.nodes:
+        answer = admin_get(f"{lab.name}-{node.name}", "127.0.0.1", 15020, "/debug/state")
+        if answer is None or answer[0] != 200:
+            raise RuntimeError(f"the agent of {node.name} did not answer: {answer}")
+        state = json.loads(answer[1])
+        out[node.name] = {
+            "outbound_accepted": state["proxy"]["stats"]["accepted"],
+            "tunnels_opened": state["tunnel"]["client"]["opened"],
+            "tunnels_established": state["tunnel"]["server"]["established"],
+        }
+    return out
 
 
 def _agent_stats(lab: Lab) -> dict[str, Any]:
