@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.conftest import LabRunner, Sniffer, unique_name
-from weft.lab.lab import admin_get
+from weft.bench.resilience import agent_state, wait_accepted
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,6 @@ def _node(status: dict, name: str) -> dict:
 def _agent_pid(lab: LabRunner, node: str) -> int:
     status = lab.status()
     return next(p["pid"] for p in status["processes"] if p["name"] == f"agent-{node}")
-
-
-def _agent_state(lab: LabRunner, node: str) -> dict:
-    answer = admin_get(f"{lab.name}-{node}", "127.0.0.1", 15020, "/debug/state")
-    assert answer is not None and answer[0] == 200, answer
-    return json.loads(answer[1])
 
 
 def _agent_log(lab: LabRunner, node: str) -> str:
@@ -88,19 +82,6 @@ class ClientLoop:
         return json.loads(out), wire, self.sniffer.tcp_ports()
 
 
-def _wait_requests(lab: LabRunner, node: str, at_least: int, timeout: float = 30.0) -> None:
-    """Until the node's agent has proxied ``at_least`` connections (the loop is running)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if _agent_state(lab, node)["proxy"]["stats"]["accepted"] >= at_least:
-                return
-        except AssertionError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the client loop made no {at_least} connections in {timeout}s")
-
-
 def _assert_never_plaintext(
     result: dict, wire: bytes, ports: set[int], marker: str, node2_gateway: str
 ) -> None:
@@ -118,14 +99,14 @@ def test_no_plaintext_across_a_crash_and_restart_of_the_agent(mesh: LabRunner, t
     echo2 = _pod(status, "echo-2")["ip"]
     loop = ClientLoop(mesh, echo2, 8080, tmp_path)
     try:
-        _wait_requests(mesh, "node-1", 20)
+        wait_accepted(mesh.name, "node-1", 20)
         os.kill(_agent_pid(mesh, "node-1"), signal.SIGKILL)
         time.sleep(0.5)  # connects now are refused: nobody listens on 15001
         mesh.weft("lab", "start", "agent-node-1")
         # The new agent listened before compiling; the loop's connections arriving
         # before it was ready were held, then served.
-        _wait_requests(mesh, "node-1", 20)
-        held = _agent_state(mesh, "node-1")["held_until_ready"]["outbound"]
+        wait_accepted(mesh.name, "node-1", 20)
+        held = agent_state(mesh.name, "node-1")["held_until_ready"]["outbound"]
     finally:
         result, wire, ports = loop.finish()
     _assert_never_plaintext(result, wire, ports, loop.marker, _node(status, "node-2")["gateway"])
@@ -141,17 +122,17 @@ def test_make_before_break_restart_refuses_nothing_and_never_plaintext(
     old_pid = _agent_pid(mesh, "node-1")
     loop = ClientLoop(mesh, echo2, 8080, tmp_path)
     try:
-        _wait_requests(mesh, "node-1", 20)
+        wait_accepted(mesh.name, "node-1", 20)
         mesh.weft("lab", "restart-agent", "node-1")
         new_pid = _agent_pid(mesh, "node-1")
-        _wait_requests(mesh, "node-1", 20)
+        wait_accepted(mesh.name, "node-1", 20)
     finally:
         result, wire, ports = loop.finish()
     assert new_pid != old_pid
     assert result["failed"] == 0, result
     _assert_never_plaintext(result, wire, ports, loop.marker, _node(status, "node-2")["gateway"])
     # The new agent joined the listening group only once ready: it held nothing.
-    held = _agent_state(mesh, "node-1")["held_until_ready"]["outbound"]
+    held = agent_state(mesh.name, "node-1")["held_until_ready"]["outbound"]
     assert held["served"] == held["refused_deadline"] == 0, held
 
 
@@ -163,7 +144,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def test_a_burst_of_2000_connections_all_complete(mesh: LabRunner):
-    before = _agent_state(mesh, "node-1")
+    before = agent_state(mesh.name, "node-1")
     ejections_before = {k: v["ejections"] for k, v in before["endpoints"].items()}
     # 2,000 connections opened at once, each holding its connection open until all
     # have answered (weft.bench.burst).
@@ -172,7 +153,7 @@ def test_a_burst_of_2000_connections_all_complete(mesh: LabRunner):
         "echo", "80", "2000", timeout=240,
     )  # fmt: skip
     result = json.loads(proc.stdout)
-    state = _agent_state(mesh, "node-1")
+    state = agent_state(mesh.name, "node-1")
     rss = _peak_rss_mib(_agent_pid(mesh, "node-1"))
     handshakes = state["tunnel"]["handshakes"]
     print(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.agent import Agent, AgentConfig, AgentError
+from tests.agentenv import kube_env
 from weft.identity import SpiffeId
 from weft.mesh import InboundMode, Workload
 
@@ -15,17 +16,7 @@ UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    (tmp_path / "cgroup").mkdir(exist_ok=True)
-    (tmp_path / "bpf").mkdir(exist_ok=True)
-    return {
-        "NODE_NAME": "worker-3",
-        "NODE_IP": "192.0.2.13",
-        "POD_UID": "agent-uid",
-        "WEFT_CONTROLPLANE": "weft-controlplane.weft-system.svc",
-        "WEFT_CGROUP2": str(tmp_path / "cgroup"),
-        "WEFT_BPFFS": str(tmp_path / "bpf"),
-        **extra,
-    }
+    return kube_env(tmp_path, "worker-3", "192.0.2.13", **extra)
 
 
 def test_kubernetes_config_from_the_environment(tmp_path: Path):

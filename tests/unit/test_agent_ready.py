@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.agent import Agent, AgentConfig
+from tests.agentenv import kube_env
 from weft.identity import SpiffeId
 
 ECHO = SpiffeId.workload("default", "echo")
@@ -25,13 +26,7 @@ class NoCerts:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
-    for d in ("cgroup", "bpf"):
-        (tmp_path / d).mkdir()
-    env = {
-        "NODE_NAME": "worker-1", "NODE_IP": "192.0.2.1", "POD_UID": "u",
-        "WEFT_CONTROLPLANE": "cp", "WEFT_CGROUP2": str(tmp_path / "cgroup"),
-        "WEFT_BPFFS": str(tmp_path / "bpf"),
-    }  # fmt: skip
+    env = kube_env(tmp_path)
     a = Agent(AgentConfig.for_kubernetes(env, ready_wait=0.4))
     a.certs = NoCerts()  # type: ignore[assignment]
     return a

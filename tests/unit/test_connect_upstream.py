@@ -15,6 +15,7 @@ from nodeagent.proxy.outbound import Upstream
 from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import TunnelOverloaded
 from nodeagent.router import Hop, NoRoute
+from tests.agentenv import kube_env
 from weft.identity import SpiffeId
 from weft.mesh import Endpoint, InboundMode, Service, ServicePort, Workload
 from weft.meshwire import SnapshotMsg
@@ -33,13 +34,7 @@ def _workload(i: int) -> Workload:
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
-    for d in ("cgroup", "bpf"):
-        (tmp_path / d).mkdir()
-    env = {
-        "NODE_NAME": "worker-1", "NODE_IP": "192.0.2.1", "POD_UID": "u",
-        "WEFT_CONTROLPLANE": "cp", "WEFT_CGROUP2": str(tmp_path / "cgroup"),
-        "WEFT_BPFFS": str(tmp_path / "bpf"),
-    }  # fmt: skip
+    env = kube_env(tmp_path)
     a = Agent(AgentConfig.for_kubernetes(env))
     pods = [_workload(i) for i in (2, 3, 4)]
     svc = Service(

@@ -40,8 +40,9 @@ from weft.lab.lab import Lab, admin_get
 LAB = "wres"
 
 
-def _state(lab: Lab, node: str) -> dict[str, Any]:
-    answer = admin_get(f"{lab.name}-{node}", "127.0.0.1", 15020, "/debug/state")
+def agent_state(lab: str, node: str) -> dict[str, Any]:
+    """``/debug/state`` of the agent of ``node`` in lab ``lab``."""
+    answer = admin_get(f"{lab}-{node}", "127.0.0.1", 15020, "/debug/state")
     if answer is None or answer[0] != 200:
         raise RuntimeError(f"the agent of {node} did not answer /debug/state: {answer}")
     data: dict[str, Any] = json.loads(answer[1])
@@ -56,11 +57,13 @@ def _in_pod(lab: Lab, pod: str, *argv: str) -> list[str]:
     return [sys.executable, "-m", "weft.cli", "lab", "--lab", lab.name, "exec", pod, "--", *argv]
 
 
-def _wait_accepted(lab: Lab, node: str, at_least: int, timeout: float = 30.0) -> None:
+def wait_accepted(lab: str, node: str, at_least: int, timeout: float = 30.0) -> None:
+    """Until the agent of ``node`` has accepted ``at_least`` connections (the agent
+    process counts from its start, so after a restart this is the new one's count)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if _state(lab, node)["proxy"]["stats"]["accepted"] >= at_least:
+            if agent_state(lab, node)["proxy"]["stats"]["accepted"] >= at_least:
                 return
         except RuntimeError:
             pass
@@ -83,7 +86,7 @@ def restart_round(lab: Lab, how: str) -> dict[str, Any]:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            _wait_accepted(lab, "node-1", 20)
+            wait_accepted(lab.name, "node-1", 20)
             started = time.monotonic()
             if how == "mbb":
                 lab.restart_agent("node-1")
@@ -92,8 +95,8 @@ def restart_round(lab: Lab, how: str) -> dict[str, Any]:
                 time.sleep(0.2)
                 lab.start_process("agent-node-1")
             took = time.monotonic() - started
-            _wait_accepted(lab, "node-1", 20)
-            held = _state(lab, "node-1")["held_until_ready"]["outbound"]
+            wait_accepted(lab.name, "node-1", 20)
+            held = agent_state(lab.name, "node-1")["held_until_ready"]["outbound"]
         finally:
             stop_file.touch()
             out, err = loop.communicate(timeout=90)
@@ -146,7 +149,7 @@ class _RssSampler:
 
 
 def burst_round(lab: Lab, connections: int) -> dict[str, Any]:
-    before = _state(lab, "node-1")
+    before = agent_state(lab.name, "node-1")
     pid = _agent_pid(lab, "node-1")
     idle = _RssSampler(pid)
     time.sleep(0.1)
@@ -161,7 +164,7 @@ def burst_round(lab: Lab, connections: int) -> dict[str, Any]:
     finally:
         peak_mib = sampler.stop()
     result: dict[str, Any] = json.loads(out)
-    after = _state(lab, "node-1")
+    after = agent_state(lab.name, "node-1")
     hs_before, hs_after = before["tunnel"]["handshakes"], after["tunnel"]["handshakes"]
     ejections = sum(e["ejections"] for e in after["endpoints"].values()) - sum(
         e["ejections"] for e in before["endpoints"].values()
