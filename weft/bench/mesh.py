@@ -334,9 +334,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+ERROR_THRESHOLD = 0.001
+"""A scenario whose requests failed more often than this (across all its rounds) is
+marked invalid: it gets no figure, only its error count."""
+
+
 def _median(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, v in samples[0].items() if isinstance(v, (int, float))]
-    return {k: round(statistics.median(s[k] for s in samples), 1) for k in keys}
+    """The median of each figure across rounds — except errors, which are summed: one
+    bad round must not disappear into a median."""
+    keys = [k for k, v in samples[0].items() if isinstance(v, (int, float)) and k != "errors"]
+    out: dict[str, Any] = {k: round(statistics.median(s[k] for s in samples), 1) for k in keys}
+    if "errors" in samples[0]:
+        errors = sum(int(s["errors"]) for s in samples)
+        requests = sum(int(s.get("count", 0)) for s in samples)
+        out["errors"] = errors
+        out["requests"] = requests
+        out["valid"] = requests > 0 and errors <= ERROR_THRESHOLD * requests
+    return out
+
+
+def _valid(figures: dict[str, Any]) -> bool:
+    return bool(figures.get("valid", True))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -542,6 +560,9 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
         r: dict[str, Any] = {}
         for scenario in s["weft"]:
             w, o = s["weft"][scenario], s[other].get(scenario, {})
+            if not (_valid(w) and _valid(o)):
+                r[scenario] = {"invalid": True}  # errors above the threshold: no ratio
+                continue
             key = "mb_per_second" if scenario == "bulk" else "per_second"
             entry = {"throughput": _ratio(w.get(key), o.get(key))}
             if "p99_us" in w:
@@ -549,25 +570,25 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
                 entry["p99_latency"] = _ratio(w.get("p99_us"), o.get("p99_us"))
             r[scenario] = entry
         ratios[f"weft_over_{other.replace('-', '_')}"] = r
-    added = {
-        f"rate-{rate}": {
-            q: round(
-                s["weft"][f"rate-{rate}"][f"{q}_us"] - s["direct"][f"rate-{rate}"][f"{q}_us"], 1
-            )
+    added: dict[str, dict[str, float | None]] = {}
+    for each in profile.rates:
+        w, d = s["weft"][f"rate-{each}"], s["direct"][f"rate-{each}"]
+        added[f"rate-{each}"] = {
+            q: round(w[f"{q}_us"] - d[f"{q}_us"], 1) if _valid(w) and _valid(d) else None
             for q in ("p50", "p90", "p99", "p999")
         }
-        for rate in profile.rates
-    }
     ratios["weft_added_latency_us"] = added
     mem = result["memory"]
     most = str(max(profile.memory_pods))
     rate = "rate-1000" if 1000 in profile.rates else f"rate-{profile.rates[-1]}"
     targets = {
         "added_p99_ms_at_1000rps_cross_node": {
-            "measured": round(added[rate]["p99"] / 1000, 3), "target": 1.0, "at": rate,
+            "measured": round(p99 / 1000, 3) if (p99 := added[rate]["p99"]) is not None
+            else None,
+            "target": 1.0, "at": rate,
         },
         "saturation_vs_haproxy": {
-            "measured": ratios["weft_over_haproxy_sidecars"]["saturate"]["throughput"],
+            "measured": ratios["weft_over_haproxy_sidecars"]["saturate"].get("throughput"),
             "target": 0.8,
         },
         "agent_memory_vs_sidecars": {

@@ -12,6 +12,11 @@ wakes late, so the schedule holds on average); each connection takes the next du
 request when it is free.  If all connections are busy, due requests wait in the queue —
 and that wait is part of their latency, as it would be for a real client.
 
+Failures are results: a request that fails (reset, closed, no answer within
+``REQUEST_TIMEOUT``) is counted in ``errors`` *and* in the latency percentiles, charged as
+a timeout (its latency is at least ``REQUEST_TIMEOUT``), so a setup cannot look fast by
+dropping its slow requests.  The connection is then replaced and the run goes on.
+
 Modes:
   rate HOST PORT RATE SECONDS [CONNECTIONS]   fixed-rate latency (p50..p99.9, max)
   saturate HOST PORT SECONDS [CONNECTIONS]    closed loop, as fast as it goes: max req/s
@@ -31,30 +36,65 @@ measure."""
 
 REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
 
+REQUEST_TIMEOUT = 2.0
+"""Seconds a request may take before it counts as failed (and is charged this long)."""
+
+_FAILURES = (OSError, EOFError, ValueError, asyncio.LimitOverrunError, TimeoutError)
+"""What a failed request raises: resets, closes mid-response (IncompleteReadError is an
+EOFError), a malformed head, no answer in time."""
+
 
 class _Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.close()
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
 
     async def request(self) -> None:
-        self.writer.write(REQUEST)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if length:
-            await self.reader.readexactly(length)
+        """One request; raises one of ``_FAILURES`` (the connection is then closed)."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                if self.writer is None:
+                    await self.open()
+                assert self.reader is not None and self.writer is not None
+                self.writer.write(REQUEST)
+                head = await self.reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200 "):
+                    raise ValueError(f"not a 200 answer: {head[:40]!r}")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await self.reader.readexactly(length)
+        except _FAILURES:
+            self.close()  # the next request opens a new one
+            raise
 
 
 async def _connect(host: str, port: int, n: int) -> list[_Conn]:
     conns = []
     for _ in range(n):
-        reader, writer = await asyncio.open_connection(host, port)
-        conns.append(_Conn(reader, writer))
+        conn = _Conn(host, port)
+        await conn.open()
+        conns.append(conn)
     return conns
+
+
+def _charged(started: float) -> float:
+    """A failed request's latency in µs: at least the timeout, whatever failed first."""
+    return max(clock() - started, REQUEST_TIMEOUT) * 1e6
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -64,12 +104,15 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _summary(latencies_us: list[float], elapsed: float, errors: int) -> dict[str, Any]:
+    """Percentiles over every request, failed ones included (charged as timeouts);
+    ``per_second`` counts answered requests only."""
     latencies_us.sort()
+    answered = len(latencies_us) - errors
     return {
         "count": len(latencies_us),
         "errors": errors,
         "seconds": round(elapsed, 3),
-        "per_second": round(len(latencies_us) / elapsed, 1) if elapsed else 0.0,
+        "per_second": round(answered / elapsed, 1) if elapsed else 0.0,
         "p50_us": round(_pct(latencies_us, 0.50), 1),
         "p90_us": round(_pct(latencies_us, 0.90), 1),
         "p99_us": round(_pct(latencies_us, 0.99), 1),
@@ -118,8 +161,9 @@ async def fixed_rate(
         while (intended := await due.get()) is not None:
             try:
                 await conn.request()
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            except _FAILURES:
                 errors += 1
+                latencies.append(_charged(intended))
                 continue
             latencies.append((clock() - intended) * 1e6)
 
@@ -128,7 +172,7 @@ async def fixed_rate(
     await asyncio.gather(dispatcher, *(work(c) for c in conns))
     elapsed = clock() - start
     for c in conns:
-        c.writer.close()
+        c.close()
     out = _summary(latencies, elapsed, errors)
     out |= {"mode": "rate", "target_rate": rate, "connections": connections}
     return out
@@ -149,15 +193,16 @@ async def saturate(host: str, port: int, seconds: float, connections: int = 16) 
             t0 = clock()
             try:
                 await conn.request()
-            except (OSError, asyncio.IncompleteReadError):
+            except _FAILURES:
                 errors += 1
-                return
+                latencies.append(_charged(t0))
+                continue
             latencies.append((clock() - t0) * 1e6)
 
     await asyncio.gather(*(work(c) for c in conns))
     elapsed = clock() - start
     for c in conns:
-        c.writer.close()
+        c.close()
     out = _summary(latencies, elapsed, errors)
     out |= {"mode": "saturate", "connections": connections}
     return out

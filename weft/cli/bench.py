@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,28 @@ def _print_mesh(result: dict[str, Any]) -> None:
     rates = result["profile"]["rates"]
     table = Table("setup", *[f"{r}/s p50 / p99 / p99.9 ms" for r in rates], "sat. req/s",
                   "conn/s", "bulk MB/s")  # fmt: skip
+
+    def cell(by: dict[str, Any], scenario: str, text: Callable[[dict[str, Any]], str]) -> str:
+        f = by[scenario]
+        if not f.get("valid", True):
+            return f"invalid: {f['errors']} of {f['requests']} failed"
+        return text(f)
+
     for setup, by in s.items():
         table.add_row(
             setup,
             *[
-                f"{by[f'rate-{r}']['p50_us'] / 1000:.2f} / {by[f'rate-{r}']['p99_us'] / 1000:.2f}"
-                f" / {by[f'rate-{r}']['p999_us'] / 1000:.2f}"
+                cell(
+                    by,
+                    f"rate-{r}",
+                    lambda f: (
+                        f"{f['p50_us'] / 1000:.2f} / {f['p99_us'] / 1000:.2f}"
+                        f" / {f['p999_us'] / 1000:.2f}"
+                    ),
+                )
                 for r in rates
             ],
-            f"{by['saturate']['per_second']:.0f}",
+            cell(by, "saturate", lambda f: f"{f['per_second']:.0f}"),
             f"{by['conn']['per_second']:.0f}",
             f"{by['bulk']['mb_per_second']:.0f}",
         )
