@@ -731,6 +731,8 @@ class _Stage(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._switched is not None and not self._lost:
             self._lost = True
+            if not self.closed.done():
+                self.closed.set_result(None)
             self._switched.connection_lost(exc)
             return
         self._lost = True
