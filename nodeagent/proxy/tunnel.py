@@ -90,6 +90,7 @@ from nodeagent.proxy.listener import (
     Listener,
     endpoint,
     format_address,
+    reset_socket,
     set_nodelay,
 )
 from nodeagent.proxy.outbound import UpstreamConnector
@@ -241,7 +242,20 @@ class TunnelServerConfig:
     max_header_size: int = MAX_HEADER_SIZE
     """Largest CONNECT header accepted; larger ones are refused HEADER_TOO_LARGE."""
 
+    max_handshakes: int = 64
+    """TLS handshakes served at once; more wait their turn (within ``handshake_timeout``,
+    which counts from accept), so that many client nodes bursting at once cannot put
+    thousands of handshakes on this loop together (each client node bounds its own)."""
+
+    handshake_queue: int = 10_000
+    """Connections that may wait for a handshake turn; beyond, they are reset at once."""
+
     def __post_init__(self) -> None:
+        if self.max_handshakes < 1 or self.handshake_queue < 0:
+            raise ValueError(
+                f"need max_handshakes >= 1 and handshake_queue >= 0, got "
+                f"{self.max_handshakes}, {self.handshake_queue}"
+            )
         _check_positive(
             handshake_timeout=self.handshake_timeout,
             header_timeout=self.header_timeout,
@@ -322,6 +336,7 @@ class Failure(enum.Enum):
 
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     HANDSHAKE_ABORTED = "handshake_aborted"
+    OVERLOADED = "overloaded"
     NOT_TLS = "not_tls"
     TLS_VERSION = "tls_version"
     UNKNOWN_SNI = "unknown_sni"
@@ -351,7 +366,14 @@ class Failure(enum.Enum):
 
 
 HANDSHAKE_HINTS: dict[Failure, str] = {
-    Failure.HANDSHAKE_TIMEOUT: "a stalled client, a scanner, or a network dropping packets",
+    Failure.HANDSHAKE_TIMEOUT: (
+        "a stalled client, a scanner, a network dropping packets, or more handshakes "
+        "waiting for a turn than this node serves in that time"
+    ),
+    Failure.OVERLOADED: (
+        "too many handshakes were already waiting for a turn on this node "
+        "(TunnelServerConfig.handshake_queue); the client fails over"
+    ),
     Failure.HANDSHAKE_ABORTED: (
         "the client gave up; if it is a Weft node, it probably does not trust this node's "
         "certificate (see its log)"
@@ -405,6 +427,8 @@ def _describe(exc: BaseException) -> str:
 
 def _classify_handshake(exc: BaseException, notes: tls.HandshakeNotes) -> tuple[Failure, str]:
     """The failure kind of a server-side handshake exception, and what to log."""
+    if isinstance(exc, Overloaded):  # the queue was full (a wait ends as a timeout)
+        return Failure.OVERLOADED, str(exc)
     if isinstance(exc, TimeoutError):
         return Failure.HANDSHAKE_TIMEOUT, "it did not complete in time"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -452,6 +476,8 @@ class TunnelServerStats:
     """No complete TLS handshake within ``handshake_timeout``."""
     handshake_aborted: int = 0
     """The client closed or reset the connection during the handshake."""
+    overloaded: int = 0
+    """Reset before the handshake: ``handshake_queue`` connections already waited."""
     not_tls: int = 0
     """The client's first bytes were not a TLS ClientHello."""
     tls_version: int = 0
@@ -941,6 +967,13 @@ class TunnelServer(Listener):
         self._locate = locate_target
         self._authorize = authorize or allow_trust_domain(contexts.trust_domain)
         self._connect_target = connect_target
+        self.admission = Admission(
+            self.config.max_handshakes,
+            max_queued=self.config.handshake_queue,
+            # Longer than the handshake timeout around it, so a wait that is too long
+            # ends as that timeout (HANDSHAKE_TIMEOUT), not as "overloaded".
+            queue_timeout=self.config.handshake_timeout + 1.0,
+        )
 
     def _before_accepting(self) -> str:
         self._tls.server_context()  # built now, so a broken setup fails at start
@@ -987,8 +1020,12 @@ class TunnelServer(Listener):
         config = self.config
         notes = tls.begin_handshake_notes()  # read by the SNI callback of this handshake
         stage = _Stage(HeaderDecoder(Kind.CONNECT, max_size=config.max_header_size))
+        handed = False  # once connect_accepted_socket has it, the loop closes ``conn``
         try:
-            async with asyncio.timeout(config.handshake_timeout):
+            # The wait for a turn counts towards the handshake timeout: a connection may
+            # hold this node for that long in all, whatever it waits for.
+            async with asyncio.timeout(config.handshake_timeout), self.admission.slot():
+                handed = True
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: stage,
                     conn,
@@ -996,6 +1033,8 @@ class TunnelServer(Listener):
                     ssl_shutdown_timeout=config.close_timeout,
                 )
         except Exception as exc:
+            if not handed:
+                reset_socket(conn)
             failure, detail = _classify_handshake(exc, notes)
             if failure is Failure.HANDSHAKE_TIMEOUT:
                 detail = f"no complete TLS handshake within {config.handshake_timeout:g}s"
@@ -1442,10 +1481,10 @@ class TunnelClient:
             raise
 
         # From here the event loop owns ``sock``: when the handshake fails or is cancelled,
-        # create_connection closes its transport (uvloop: and detaches the socket object).
-        # Closing ``sock`` again would close a descriptor number that, under load, may
-        # already belong to another connection — and, mid-handshake, makes the TLS layer
-        # write to a closed transport ("Fatal error on SSL protocol").
+        # create_connection closes its transport.  Closing ``sock`` ourselves would close
+        # a descriptor number that, under load, may already belong to another connection
+        # — and, mid-handshake, makes the TLS layer write to a closed transport ("Fatal
+        # error on SSL protocol").  See `_disown` for the one thing left to do.
         stage = _Stage(HeaderDecoder(Kind.ANSWER))
         try:
             async with asyncio.timeout(config.handshake_timeout):
@@ -1456,21 +1495,26 @@ class TunnelClient:
                     server_hostname=server_name,
                     ssl_shutdown_timeout=config.close_timeout,
                 )
-        except TimeoutError:
-            raise TunnelTimeout(
-                f"{what}: TLS handshake did not complete within {config.handshake_timeout:g}s",
-                "handshake",
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise TunnelHandshakeError(
-                f"{what}: the node's certificate did not verify ({exc.verify_message}); is it "
-                "from another mesh, expired, or is this node's trust bundle out of date?"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            raise TunnelHandshakeError(
-                f"{what}: TLS handshake failed ({_describe(exc)}); the node refused it (no "
-                f"certificate for {expected} there, or TLS settings) and its log says why"
-            ) from None
+        except BaseException as exc:
+            _disown(loop, sock)
+            if isinstance(exc, TimeoutError):
+                raise TunnelTimeout(
+                    f"{what}: TLS handshake did not complete within {config.handshake_timeout:g}s",
+                    "handshake",
+                ) from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise TunnelHandshakeError(
+                    f"{what}: the node's certificate did not verify ({exc.verify_message}); "
+                    "is it from another mesh, expired, or is this node's trust bundle out "
+                    "of date?"
+                ) from None
+            if isinstance(exc, (ssl.SSLError, OSError)):
+                raise TunnelHandshakeError(
+                    f"{what}: TLS handshake failed ({_describe(exc)}); the node refused it "
+                    f"(no certificate for {expected} there, or TLS settings) and its log "
+                    "says why"
+                ) from None
+            raise
         return transport, stage
 
     async def _request(
@@ -1526,6 +1570,17 @@ class TunnelClient:
         except BaseException:
             reset_transport(tls_transport)
             raise
+
+
+def _disown(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """After a failed ``create_connection(sock=sock)``: the loop owns the descriptor.
+    asyncio's own loops keep and close this very socket object.  uvloop takes the
+    descriptor by number and, when the TLS handshake fails, closes it without detaching
+    our object (seen with uvloop 0.23: ``sock.fileno()`` still names the closed number),
+    which would close that number again when collected — by then, possibly another
+    connection's.  So for any other loop, let go of the number."""
+    if not isinstance(loop, asyncio.BaseEventLoop) and sock.fileno() != -1:
+        sock.detach()
 
 
 def tunnel_connector(client: TunnelClient, route: RouteLookup) -> UpstreamConnector:

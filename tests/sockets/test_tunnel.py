@@ -1270,3 +1270,35 @@ def test_cancelled_handshakes_close_cleanly(
         assert not [r for r in caplog.records if "Fatal error" in r.getMessage()]
 
     run(body)
+
+
+def test_the_server_bounds_its_handshakes_and_refuses_past_its_queue(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    """One handshake at a time and no queue: while a silent client holds the turn, a
+    second client is reset at once (and fails over, as a remote failure); once the
+    silent one times out, handshakes are served again."""
+
+    async def body() -> None:
+        config = TunnelServerConfig(
+            handshake_timeout=1.0, header_timeout=STEADY, max_handshakes=1, handshake_queue=0
+        )
+        async with Target(echo=True) as target, tunnel_server(certs, {}, config=config) as node:
+            node.pods[target.address] = DEST
+            silent = socket.create_connection(node.address)  # takes the one turn
+            try:
+                await _until(lambda: node.server.admission.stats.in_flight == 1)
+                client = TunnelClient(client_tls(certs))
+                with pytest.raises(TunnelHandshakeError):
+                    await wait(client.connect(SOURCE, node.address, target.address, DEST, App))
+                assert node.server.stats.overloaded == 1
+                await _until(lambda: node.server.stats.handshake_timeout == 1)
+                transport = await wait(
+                    client.connect(SOURCE, node.address, target.address, DEST, App)
+                )
+                transport.close()
+            finally:
+                silent.close()
+            await node.server.close(grace=WAIT)
+
+    run(body)
