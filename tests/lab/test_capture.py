@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.conftest import LabRunner, unique_name
-from weft.lab.lab import admin_get
+from weft.lab.lab import agent_state as lab_agent_state
 
 WEFT_PROGS = {"weft_connect4", "weft_connect6", "weft_sockops", "weft_ingress"}
 
@@ -41,9 +41,7 @@ def _node(status: dict, name: str) -> dict:
 
 
 def agent_state(lab: LabRunner, node: str) -> dict:
-    answer = admin_get(f"{lab.name}-{node}", "127.0.0.1", 15020, "/debug/state")
-    assert answer is not None and answer[0] == 200, answer
-    return json.loads(answer[1])
+    return lab_agent_state(lab.name, node)
 
 
 def curl_json(lab: LabRunner, pod: str, url: str) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.lab.conftest import LabRunner, Sniffer, unique_name
-from weft.bench.resilience import agent_state, wait_accepted
+from weft.bench.resilience import wait_accepted
+from weft.lab.lab import agent_state
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from weft.identity import SpiffeId, cert_pem, generate_key, key_pem
 from weft.lab import procs
-from weft.lab.lab import Lab, LabError, admin_get
+from weft.lab.lab import Lab, LabError, admin_get, agent_state
 from weft.lab.plan import CAPTURE_LABEL, ECHO_PORT, LabPlan, PodPlan, node_plan
 from weft.lab.state import LabState, ProcessRecord
 from weft.nsenter import enter_pod
@@ -453,10 +453,7 @@ def _tunnel_counts(lab: Lab) -> dict[str, dict[str, int]]:
     mesh (cross node: node-1 opens, node-2 establishes; same node: node-1 both)."""
     out = {}
     for node in lab.load().plan.nodes:
-        answer = admin_get(f"{lab.name}-{node.name}", "127.0.0.1", 15020, "/debug/state")
-        if answer is None or answer[0] != 200:
-            raise RuntimeError(f"the agent of {node.name} did not answer: {answer}")
-        state = json.loads(answer[1])
+        state = agent_state(lab.name, node.name)
         out[node.name] = {
             "outbound_accepted": state["proxy"]["stats"]["accepted"],
             "tunnels_opened": state["tunnel"]["client"]["opened"],

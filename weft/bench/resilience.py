@@ -35,18 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from weft.bench.mesh import IdentitySetup
-from weft.lab.lab import Lab, admin_get
+from weft.lab.lab import Lab, LabError, agent_state
 
 LAB = "wres"
-
-
-def agent_state(lab: str, node: str) -> dict[str, Any]:
-    """``/debug/state`` of the agent of ``node`` in lab ``lab``."""
-    answer = admin_get(f"{lab}-{node}", "127.0.0.1", 15020, "/debug/state")
-    if answer is None or answer[0] != 200:
-        raise RuntimeError(f"the agent of {node} did not answer /debug/state: {answer}")
-    data: dict[str, Any] = json.loads(answer[1])
-    return data
 
 
 def _agent_pid(lab: Lab, node: str) -> int:
@@ -65,8 +56,8 @@ def wait_accepted(lab: str, node: str, at_least: int, timeout: float = 30.0) -> 
         try:
             if agent_state(lab, node)["proxy"]["stats"]["accepted"] >= at_least:
                 return
-        except RuntimeError:
-            pass
+        except LabError:
+            pass  # between two agents, or still starting
         time.sleep(0.1)
     raise RuntimeError(f"the client loop made no {at_least} connections in {timeout:g}s")
 
@@ -128,16 +119,10 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_kib = max(self.peak_kib, self._sample())
+                self.peak_kib = max(self.peak_kib, _rss_kib(self.pid))
             except OSError:
                 return
             time.sleep(0.02)
@@ -148,12 +133,17 @@ class _RssSampler:
         return round(self.peak_kib / 1024, 1)
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def burst_round(lab: Lab, connections: int) -> dict[str, Any]:
     before = agent_state(lab.name, "node-1")
     pid = _agent_pid(lab, "node-1")
-    idle = _RssSampler(pid)
-    time.sleep(0.1)
-    idle_mib = idle.stop()
+    idle_mib = round(_rss_kib(pid) / 1024, 1)
     sampler = _RssSampler(pid)
     try:
         out = subprocess.run(

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from weft.lab.lab import Lab, admin_get
+from weft.lab.lab import Lab, agent_state
 
 SCENARIOS = ("rr", "conn", "bulk")
 CONFIGS = ("sockmap", "no-sockmap")
@@ -32,10 +32,7 @@ def _loadgen(lab: Lab, pod: str, mode: str, target: str, seconds: float) -> dict
 
 
 def _ebpf_stats(lab: Lab) -> dict[str, int]:
-    answer = admin_get(f"{lab.name}-node-1", "127.0.0.1", 15020, "/debug/state")
-    if answer is None or answer[0] != 200:
-        raise RuntimeError(f"agent of node-1 did not answer /debug/state: {answer}")
-    stats: dict[str, int] = json.loads(answer[1])["ebpf"]["stats"]
+    stats: dict[str, int] = agent_state(lab.name, "node-1")["ebpf"]["stats"]
     return stats
 
 

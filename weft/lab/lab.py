@@ -35,6 +35,7 @@ from weft.lab.plan import (
     PodPlan,
     endpoints,
     hosts_file,
+    netns_name,
     plan_lab,
     validate_lab_name,
 )
@@ -605,6 +606,16 @@ def admin_get(netns: str, host: str, port: int, path: str) -> tuple[int, str] | 
         return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
     except (IndexError, ValueError):
         return None
+
+
+def agent_state(lab: str, node: str) -> dict[str, Any]:
+    """``/debug/state`` of the agent of ``node`` in lab ``lab``; `LabError` if it does
+    not answer 200."""
+    answer = admin_get(netns_name(lab, node), "127.0.0.1", ADMIN_PORT, "/debug/state")
+    if answer is None or answer[0] != 200:
+        raise LabError(f"the agent of {node} did not answer /debug/state: {answer}")
+    data: dict[str, Any] = json.loads(answer[1])
+    return data
 
 
 def _tail(path: Path, lines: int = 20) -> str:
