@@ -149,9 +149,11 @@ class AgentConfig:
     """Seconds a connection may wait for a handshake slot before it is reset."""
     idle_timeout: float = 3600.0
     """Seconds without a byte either way after which a proxied connection is closed."""
-    warm_tunnels: int = 1
-    """Spare handshaken tunnels per recently used (source, node, destination identity);
-    0 makes every connection pay its TLS handshake."""
+    tunnel_idle_timeout: float = 60.0
+    """Seconds a pooled tunnel connection to another node stays open without a stream."""
+    tunnel_max_streams: int = 100
+    """Proxied connections multiplexed on one tunnel connection at most; past it another
+    connection to the same (source, node, destination identity) opens."""
     pod_uid: str | None = None
     """Kubernetes: the agent's own pod UID, to find its cgroup (the container's
     /proc/self/cgroup is namespaced and says only "/")."""
@@ -167,11 +169,14 @@ class AgentConfig:
             "drain_seconds",
             "ready_wait",
             "handshake_queue_timeout",
+            "tunnel_idle_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
-        if self.warm_tunnels < 0:
-            raise AgentError(f"warm tunnels must be >= 0, got {self.warm_tunnels}")
+        if not 1 <= self.tunnel_max_streams <= 65_536:
+            raise AgentError(
+                f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}"
+            )
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
@@ -284,6 +289,7 @@ class _StatsCollector(Collector):
         client = self.agent.tunnel_client
         if client is not None:
             yield from _admission_metrics(client.admission.stats)
+        yield from _pool_metrics(client, self.agent.tunnel_server)
         r = CounterMetricFamily(
             "weft_outbound_retries_skipped",
             "Failovers to another endpoint not tried because the retry budget was spent.",
@@ -327,6 +333,36 @@ def _hold_metrics(holds: Mapping[str, ReadyHold]) -> Any:
         ):
             c.add_metric([kind, outcome], n)
     yield from (g, c, w)
+
+
+def _pool_metrics(client: TunnelClient | None, server: TunnelServer | None) -> Any:
+    """Pooled tunnel connections and the streams on them, both directions."""
+    conns = GaugeMetricFamily(
+        "weft_tunnel_connections",
+        "Tunnel (mTLS) connections open now: outbound = this node's pool to other nodes, "
+        "inbound = other nodes' connections to this one.",
+        labels=["direction"],
+    )
+    streams = GaugeMetricFamily(
+        "weft_tunnel_streams",
+        "Proxied connections multiplexed on tunnel connections now, by direction.",
+        labels=["direction"],
+    )
+    if client is not None:
+        conns.add_metric(["outbound"], client.connections)
+        streams.add_metric(["outbound"], client.open_streams)
+    if server is not None:
+        conns.add_metric(["inbound"], server.stats.sessions_active)
+        streams.add_metric(["inbound"], server.stats.streams_active)
+    yield conns
+    yield streams
+    if client is not None:
+        made = CounterMetricFamily(
+            "weft_tunnel_connections_opened",
+            "Tunnel connections this node made (each one TLS handshake).",
+        )
+        made.add_metric([], client.stats.connections)
+        yield made
 
 
 def _admission_metrics(st: AdmissionStats) -> Any:
@@ -449,7 +485,9 @@ class Agent:
             "tunnel": {
                 "server": vars(self.tunnel_server.stats) if self.tunnel_server else None,
                 "client": vars(self.tunnel_client.stats) if self.tunnel_client else None,
-                "warm_tunnels": self.tunnel_client.warm_tunnels if self.tunnel_client else None,
+                "connections": self.tunnel_client.connections if self.tunnel_client else None,
+                "streams": self.tunnel_client.open_streams if self.tunnel_client else None,
+                "pool": self.tunnel_client.pool_state() if self.tunnel_client else None,
                 "handshakes": vars(self.tunnel_client.admission.stats)
                 if self.tunnel_client
                 else None,
@@ -612,7 +650,8 @@ class Agent:
         self.tunnel_client = TunnelClient(
             contexts,
             config=TunnelClientConfig(
-                warm=cfg.warm_tunnels,
+                idle_timeout=cfg.tunnel_idle_timeout,
+                max_streams=cfg.tunnel_max_streams,
                 connect_timeout=attempt,
                 handshake_timeout=attempt,
                 answer_timeout=attempt,
@@ -758,7 +797,7 @@ class Agent:
                 )
             if not dest.node_ip:
                 raise NoRoute(f"destination pod {dest.namespace}/{dest.name} has no node address")
-            transport = await self.tunnel_client.connect(
+            stream = await self.tunnel_client.connect(
                 source.identity,
                 (dest.node_ip, TUNNEL_PORT),
                 hop.address,
@@ -769,7 +808,7 @@ class Agent:
                 "outbound", *src_name, *workload_name(dest), "true",
                 str(source.identity), str(dest.identity),
             )  # fmt: skip
-            return transport, labels
+            return stream, labels
         if source is not None and source.strict and self.tunnel_client is not None:
             where = f"{dest.namespace}/{dest.name}" if dest else "outside the mesh"
             raise NoRoute(

@@ -53,18 +53,18 @@ from nodeagent.proxy.tunnel import (
     TunnelServerConfig,
     TunnelSetupError,
     TunnelUnreachable,
-    bench_handshakes,
     tunnel_connector,
     tunnel_listener,
 )
-from nodeagent.proxy.tunnel_header import (
+from nodeagent.proxy.tunnel.bench import bench_handshakes
+from nodeagent.proxy.tunnel.wire import (
     FIXED_SIZE,
     MAGIC,
     VERSION,
     Kind,
+    Settings,
     Status,
-    decode_answer,
-    encode_connect,
+    encode_preface,
 )
 from tests.pki import NOW, Pki
 from weft.identity import SpiffeId
@@ -430,14 +430,16 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
+NOT_FAILURES = {
+    "accepted", "active", "established", "bytes_in", "bytes_out", "sessions",
+    "sessions_active", "streams_active", "goaways",
+}  # fmt: skip
+
+
 def only_failure(node: Node, name: str) -> None:
     """Exactly one failure counter is set, and it is ``name``."""
     stats = vars(node.server.stats)
-    counters = {
-        k: v
-        for k, v in stats.items()
-        if v and k not in {"accepted", "active", "established", "bytes_in", "bytes_out"}
-    }
+    counters = {k: v for k, v in stats.items() if v and k not in NOT_FAILURES}
     assert counters == {name: 1}
 
 
@@ -755,7 +757,7 @@ def test_no_client_certificate_is_refused(
     async def body() -> None:
         async with tunnel_server(certs, {}) as node:
             reader, writer = await raw_tls(node, raw_context(None, pki=certs.pki))
-            writer.write(encode_connect(("127.0.0.1", 80)))
+            writer.write(GOOD_PREFACE)
             assert await read_to_end(reader) == b""
             await close_writer(writer)
             await assert_serves(node, certs)
@@ -791,10 +793,8 @@ def test_the_server_must_be_the_expected_identity(
             assert target.conns == []  # the header (the target) was never sent
             # The client resets right after its side of the handshake: the server sees
             # that before or after its own side completed, depending on timing.
-            failures = {k for k, v in vars(node.server.stats).items() if v} - {
-                "accepted", "established", "active", "bytes_in", "bytes_out"
-            }  # fmt: skip
-            assert failures in ({"header_truncated"}, {"handshake_aborted"})
+            failures = {k for k, v in vars(node.server.stats).items() if v} - NOT_FAILURES
+            assert failures in ({"preface_truncated"}, {"handshake_aborted"})
 
     run(body)
 
@@ -855,7 +855,7 @@ def test_client_identities_that_may_not_use_tunnels(
         async with tunnel_server(certs, {}) as node:
             context = raw_context(certs.issue(identity), pki=certs.pki)
             reader, writer = await raw_tls(node, context)
-            writer.write(encode_connect(("127.0.0.1", 80)))
+            writer.write(GOOD_PREFACE)
             assert await read_to_end(reader) == b""
             await close_writer(writer)
             await assert_serves(node, certs)
@@ -865,10 +865,10 @@ def test_client_identities_that_may_not_use_tunnels(
     run(body)
 
 
-# --- bad input: the header -------------------------------------------------------------
+# --- bad input: the preface ------------------------------------------------------------
 
 
-async def send_header(node: Node, certs: Certs, data: bytes, *, then_close: bool = False) -> bytes:
+async def send_preface(node: Node, certs: Certs, data: bytes, *, then_close: bool = False) -> bytes:
     """Send ``data`` after a good handshake; return everything the server sent back."""
     reader, writer = await raw_tls(node, raw_context(certs.issue(SOURCE), pki=certs.pki))
     writer.write(data)
@@ -882,34 +882,42 @@ async def send_header(node: Node, certs: Certs, data: bytes, *, then_close: bool
     return answer
 
 
-BAD_HEADERS = [
-        ("garbage", b"\x00garbage", Status.BAD_HEADER, "not a Weft tunnel header"),
-        ("wrong kind", MAGIC + bytes((VERSION, Kind.ANSWER, 0, 0)), Status.BAD_HEADER,
-         "expected a CONNECT header"),
-        ("future version", MAGIC + bytes((9, Kind.CONNECT, 0, 0)),
-         Status.UNSUPPORTED_VERSION, "header version 9"),
-        ("oversized", MAGIC + bytes((VERSION, Kind.CONNECT)) + (60000).to_bytes(2, "big"),
-         Status.HEADER_TOO_LARGE, "header declares 60008 bytes"),
-        ("no target", MAGIC + bytes((VERSION, Kind.CONNECT, 0, 0)), Status.BAD_HEADER,
-         "a CONNECT header needs exactly one target field"),
-        ("incomplete", encode_connect(("127.0.0.1", 80))[:-3], Status.HEADER_TIMEOUT,
-         f"no complete header within {SHORT:g}s"),
+V1_CONNECT = MAGIC + bytes((1, Kind.CONNECT, 0, 8, 1, 6, 127, 0, 0, 1, 0, 80))
+GOOD_PREFACE = encode_preface(Settings())
+
+BAD_PREFACES = [
+        ("garbage", b"\x00garbage", "bad_header", "not a Weft tunnel"),
+        ("wrong kind", MAGIC + bytes((VERSION, Kind.CONNECT, 0, 0)), "bad_header",
+         "expected a SETTINGS preface"),
+        ("future version", MAGIC + bytes((9, Kind.SETTINGS, 0, 0)), "unsupported_version",
+         "tunnel version 9"),
+        ("version 1 client", V1_CONNECT, "unsupported_version", "a version 1 tunnel client"),
+        ("oversized", MAGIC + bytes((VERSION, Kind.SETTINGS)) + (60000).to_bytes(2, "big"),
+         "header_too_large", "preface declares 60008 bytes"),
+        ("no settings", MAGIC + bytes((VERSION, Kind.SETTINGS, 0, 0)), "bad_header",
+         "preface lacks MAX_FRAME, MAX_STREAMS, WINDOW"),
+        ("settings out of range",
+         MAGIC + bytes((VERSION, Kind.SETTINGS, 0, 18, 4, 4, 0, 0, 0, 0, 5, 4, 0, 1, 0, 0,
+                        6, 4, 0, 1, 0, 0)),
+         "bad_header", "max_streams must be 1..65536, got 0"),
+        ("incomplete", GOOD_PREFACE[:-3], "header_timeout",
+         f"no complete preface within {SHORT:g}s"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("case", "data", "status", "log"), BAD_HEADERS, ids=[c[0] for c in BAD_HEADERS]
+    ("case", "data", "failure", "log"), BAD_PREFACES, ids=[c[0] for c in BAD_PREFACES]
 )
-def test_bad_headers_get_their_answer(
+def test_bad_prefaces_close_the_connection_with_their_reason(
     run: Callable[[Body], None],
     certs: Certs,
     logs: pytest.LogCaptureFixture,
     case: str,
     data: bytes,
-    status: Status,
+    failure: str,
     log: str,
 ) -> None:
-    # Only the incomplete header waits for the server's header timeout.
+    # Only the incomplete preface waits for the server's header timeout.
     config = (
         TunnelServerConfig(handshake_timeout=STEADY, header_timeout=SHORT)
         if case == "incomplete"
@@ -918,27 +926,27 @@ def test_bad_headers_get_their_answer(
 
     async def body() -> None:
         async with tunnel_server(certs, {}, config=config) as node:
-            answer = await send_header(node, certs, data)
-            assert decode_answer(answer).status is status
+            answer = await send_preface(node, certs, data)
+            # The server's own preface, then the close: no stream was ever served.
+            assert answer == encode_preface(node.server.config.settings())
             await assert_serves(node, certs)
-            only_failure(node, status.name.lower())
-            assert logged(logs, f"({SOURCE}): refused {status.name}: {log}")
+            only_failure(node, failure)
+            assert logged(logs, f"({SOURCE}): ", log, f"[{failure}]")
 
     run(body)
 
 
-def test_truncated_header(
+def test_truncated_preface(
     run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
 ) -> None:
     async def body() -> None:
         async with tunnel_server(certs, {}) as node:
-            header = encode_connect(("127.0.0.1", 80))
-            await send_header(node, certs, header[: FIXED_SIZE + 2], then_close=True)
+            await send_preface(node, certs, GOOD_PREFACE[: FIXED_SIZE + 2], then_close=True)
             await assert_serves(node, certs)
-            only_failure(node, "header_truncated")
+            only_failure(node, "preface_truncated")
             assert logged(
                 logs, f"({SOURCE}): the client closed the connection after {FIXED_SIZE + 2} "
-                "bytes of header", "[header_truncated]",
+                "bytes of its preface", "[preface_truncated]",
             )  # fmt: skip
 
     run(body)
@@ -1033,7 +1041,7 @@ def test_close_resets_tunnels_still_relaying(
             await node.server.close(grace=0.05)
             assert isinstance(await wait(app.lost), ConnectionResetError)
             assert node.server.stats.active == 0
-            assert logged(logs, "still relaying at the shutdown deadline")
+            assert logged(logs, "still serving streams at the shutdown deadline")
 
     run(body)
 
@@ -1080,70 +1088,270 @@ def test_cancelling_a_client_connect_leaves_nothing_open(
     run(body)
 
 
-# --- warm tunnels ----------------------------------------------------------------------
+# --- pooling and multiplexing ---------------------------------------------------------------
 
 
-def test_warm_tunnels_skip_the_handshake_and_expire_unused(
+async def open_many(client: TunnelClient, node: Node, target: Target, n: int) -> list[App]:
+    apps = [App() for _ in range(n)]
+    await wait(
+        asyncio.gather(
+            *(client.connect(SOURCE, node.address, target.address, DEST, a.itself) for a in apps)
+        )
+    )
+    return apps
+
+
+async def echo_each(apps: list[App]) -> None:
+    for i, app in enumerate(apps):
+        app.write(b"%05d" % i)
+    for i, app in enumerate(apps):
+        assert await wait(app.reader.readexactly(5)) == b"%05d" % i
+
+
+def test_concurrent_connections_share_one_tls_connection(
     run: Callable[[Body], None], certs: Certs
 ) -> None:
     async def body() -> None:
-        server_config = TunnelServerConfig(handshake_timeout=STEADY, header_timeout=5.0)
-        async with (
-            Target(echo=True) as target,
-            tunnel_server(certs, {}, config=server_config) as node,
-        ):
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
             node.pods[target.address] = DEST
-            # warm_ttl long enough that a spare never expires between being made and
-            # being taken, however slow the machine (both are awaited as events below).
-            client = TunnelClient(
-                client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=1.0)
-            )
-            apps = []
-            for i in range(3):
-                app = App()
-                await wait(client.connect(SOURCE, node.address, target.address, DEST, app.itself))
-                app.write(b"n%d" % i)
-                assert await wait(app.reader.readexactly(2)) == b"n%d" % i
-                apps.append(app)
-                # The spare for the next connection is made in the background.
-                await _until(lambda: client.warm_tunnels == 1)
-            # The first connection handshook; the next two took spares.
-            assert client.stats.warm_used == 2 and client.stats.opened == 3
+            client = TunnelClient(client_tls(certs))
+            apps = await open_many(client, node, target, 60)
+            await echo_each(apps)
+            assert client.connections == 1 and client.open_streams == 60
+            assert client.stats.connections == 1 and client.stats.reused == 59
+            assert node.server.stats.sessions == 1 and node.server.stats.streams_active == 60
+            assert node.server.stats.established == 60
             for app in apps:
                 await app.close()
-            # Unused, the last spare is closed after warm_ttl; the server counts it as an
-            # idle close, not a failure.
-            await _until(lambda: client.stats.warm_expired == 1)
-            assert client.warm_tunnels == 0
-            await _until(lambda: node.server.stats.idle_closed == 1)
-            stats = vars(node.server.stats)
-            assert stats["idle_closed"] == 1 and stats["established"] == 3
+            await _until(lambda: node.server.stats.streams_active == 0)
+            # Sequential connections reuse it too: no handshake on their path.
+            again = await open_many(client, node, target, 1)
+            await echo_each(again)
+            assert client.stats.connections == 1
+            await again[0].close()
             await client.close()
 
     run(body)
 
 
-def test_a_dead_spare_falls_back_to_a_fresh_tunnel(
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_past_the_stream_limit_another_connection_opens(
+    run: Callable[[Body], None], certs: Certs, side: str
+) -> None:
+    """The client's own limit, or the server's (from its preface), whichever is lower."""
+    client_config = TunnelClientConfig(max_streams=10 if side == "client" else 100)
+    server_config = TunnelServerConfig(
+        handshake_timeout=STEADY, header_timeout=STEADY, max_streams=10 if side == "server" else 100
+    )
+
+    async def body() -> None:
+        async with (
+            Target(echo=True) as target,
+            tunnel_server(certs, {}, config=server_config) as node,
+        ):
+            node.pods[target.address] = DEST
+            client = TunnelClient(client_tls(certs), config=client_config)
+            apps = await open_many(client, node, target, 25)
+            await echo_each(apps)
+            assert client.connections == 3 and node.server.stats.sessions == 3
+            assert sorted(c["streams"] for c in client.pool_state()[0]["connections"]) == [
+                5,
+                10,
+                10,
+            ]
+            assert node.server.stats.streams_refused == 0  # the client never asked for more
+            for app in apps:
+                await app.close()
+            await client.close()
+
+    run(body)
+
+
+def test_a_reset_stream_leaves_its_siblings_alone(
     run: Callable[[Body], None], certs: Certs
 ) -> None:
     async def body() -> None:
         async with (
-            Target(echo=True) as target,
-            tunnel_server(certs, {}, config=SHORT_TIMEOUTS) as node,
+            Target(echo=True) as echo,
+            Target(reset_on_data=True) as resetting,
+            tunnel_server(certs, {}) as node,
         ):
+            node.pods[echo.address] = node.pods[resetting.address] = DEST
+            client = TunnelClient(client_tls(certs))
+            healthy = await open_many(client, node, echo, 3)
+            doomed = App()
+            await wait(client.connect(SOURCE, node.address, resetting.address, DEST, doomed.itself))
+            assert client.connections == 1
+            doomed.write(b"boom")
+            assert isinstance(await wait(doomed.lost), ConnectionResetError)
+            # And the app's own reset crosses the tunnel as a reset, too.
+            healthy[2].transport.abort()  # type: ignore[union-attr]
+            await _until(lambda: len(echo.conns) == 3 and echo.conns[2].lost.is_set())
+            await echo_each(healthy[:2])
+            assert client.connections == 1 and client.open_streams == 2
+            for app in healthy[:2]:
+                await app.close()
+            await client.close()
+
+    run(body)
+
+
+def test_a_stream_whose_reader_stalls_does_not_stall_its_siblings(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    """One app stops reading while its pod sends 8 MiB; the stream's window stops the
+    pod's side after one window, the node buffers a bounded amount, and another stream
+    on the same connection keeps its round trips."""
+    window = 256 * 1024
+
+    async def body() -> None:
+        async with (
+            Target(banner=b"z" * (8 << 20)) as flood,
+            Target(echo=True) as echo,
+            tunnel_server(certs, {}) as node,
+        ):
+            node.pods[flood.address] = node.pods[echo.address] = DEST
+            client = TunnelClient(client_tls(certs))
+            stalled = App()
+            stalled.reader = asyncio.StreamReader(limit=1)
+            await wait(client.connect(SOURCE, node.address, flood.address, DEST, stalled.itself))
+            assert stalled.transport is not None
+            stalled.transport.pause_reading()
+            (busy,) = await open_many(client, node, echo, 1)
+            for i in range(50):
+                busy.write(b"%05d" % i)
+                assert await wait(busy.reader.readexactly(5)) == b"%05d" % i
+            assert client.connections == 1
+            # Bounded: the client holds at most a window for the stalled stream, and the
+            # server side at most its window of credit plus the relay's high-water mark.
+            (session,) = [s for p in client._peers.values() for s in p.sessions]
+            stream = session.streams[1]
+            assert sum(map(len, stream._inbox)) <= window
+            (server_session,) = node.server.sessions
+            server_stream = server_session.streams[1]
+            assert server_stream.get_write_buffer_size() <= 2 * window
+            stalled.transport.resume_reading()
+            got = 0
+            while got < 8 << 20:
+                got += len(await wait(stalled.reader.read(1 << 20)))
+            await stalled.close()
+            await busy.close()
+            await client.close()
+
+    run(body)
+
+
+def test_idle_pooled_connections_close(run: Callable[[Body], None], certs: Certs) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
             node.pods[target.address] = DEST
-            # The server's header timeout (SHORT) kills spares before the client's TTL.
-            client = TunnelClient(client_tls(certs), config=TunnelClientConfig(warm=1, warm_ttl=30))
-            first = App()
-            await wait(client.connect(SOURCE, node.address, target.address, DEST, lambda: first))
-            await asyncio.sleep(SHORT * 3)  # the spare was closed by the server meanwhile
-            second = App()
-            await wait(client.connect(SOURCE, node.address, target.address, DEST, lambda: second))
-            second.write(b"ok")
-            assert await wait(second.reader.readexactly(2)) == b"ok"
-            assert client.stats.opened == 2
-            await first.close()
-            await second.close()
+            client = TunnelClient(client_tls(certs), config=TunnelClientConfig(idle_timeout=SHORT))
+            (app,) = await open_many(client, node, target, 1)
+            await echo_each([app])
+            await app.close()
+            await _until(lambda: client.connections == 0)
+            await _until(lambda: node.server.stats.sessions_active == 0)
+            assert node.server.stats.protocol_violation == 0
+            # The next connection dials again.
+            (app,) = await open_many(client, node, target, 1)
+            await echo_each([app])
+            assert client.stats.connections == 2
+            await app.close()
+            await client.close()
+
+    run(body)
+
+
+def test_drain_lets_open_streams_finish_and_refuses_new_ones(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    """GOAWAY on shutdown: the open stream keeps working within the grace period; the
+    client opens nothing more on that connection (a new one would go to the new agent in
+    a make-before-break restart; here there is none, so the connect fails to dial)."""
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            client = TunnelClient(client_tls(certs))
+            (app,) = await open_many(client, node, target, 1)
+            closing = asyncio.create_task(node.server.close(grace=WAIT))
+            (session,) = [s for p in client._peers.values() for s in p.sessions]
+            await _until(lambda: session.draining)
+            await echo_each([app])  # still served
+            with pytest.raises(TunnelUnreachable):
+                await wait(client.connect(SOURCE, node.address, target.address, DEST, App))
+            await app.close()
+            await wait(closing)  # returns as soon as the last stream ended, not at WAIT
+            assert node.server.stats.goaways == 1
+            await _until(lambda: client.connections == 0)
+            await client.close()
+
+    run(body)
+
+
+def test_a_rotated_client_certificate_gets_a_new_connection(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            source = certs.source(certs.issue(SOURCE))
+            client = TunnelClient(TlsContexts(source))
+            (old,) = await open_many(client, node, target, 1)
+            source.materials[SOURCE] = certs.issue(SOURCE, generation=2)
+            (new,) = await open_many(client, node, target, 1)
+            await echo_each([old, new])
+            assert client.stats.connections == 2 and client.stats.drained == 1
+            # The old connection carries its stream to the end, then closes.
+            assert client.connections == 2
+            await old.close()
+            await _until(lambda: client.connections == 1)
+            await new.close()
+            await client.close()
+
+    run(body)
+
+
+def test_a_rotated_server_certificate_sends_clients_to_a_new_connection(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        server_source = certs.source(certs.issue(DEST))
+        server_tls = TlsContexts(server_source)
+        async with Target(echo=True) as target, tunnel_server(certs, {}, tls=server_tls) as node:
+            node.pods[target.address] = DEST
+            client = TunnelClient(client_tls(certs))
+            (first,) = await open_many(client, node, target, 1)
+            server_source.materials[DEST] = certs.issue(DEST, generation=2)
+            # Served on the old connection, which is then told to go away...
+            (second,) = await open_many(client, node, target, 1)
+            (session,) = [s for p in client._peers.values() for s in p.sessions]
+            await _until(lambda: session.draining)
+            # ... so the next one gets a connection with the new certificate.
+            (third,) = await open_many(client, node, target, 1)
+            await echo_each([first, second, third])
+            assert client.stats.connections == 2 and node.server.stats.goaways == 1
+            assert peer_serial(first) == peer_serial(second) != peer_serial(third)
+            for app in (first, second, third):
+                await app.close()
+            await client.close()
+
+    run(body)
+
+
+def test_certificate_expiry_closes_the_connection(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    async def body() -> None:
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+        server_tls = TlsContexts(certs.source(certs.issue(DEST, not_after=soon)))
+        async with Target(echo=True) as target, tunnel_server(certs, {}, tls=server_tls) as node:
+            node.pods[target.address] = DEST
+            client = TunnelClient(client_tls(certs))
+            (app,) = await open_many(client, node, target, 1)
+            await echo_each([app])
+            assert isinstance(await wait(app.lost), ConnectionResetError)
+            assert client.connections == 0
             await client.close()
 
     run(body)
@@ -1155,9 +1363,10 @@ def test_a_dead_spare_falls_back_to_a_fresh_tunnel(
 def test_a_burst_waits_for_handshake_turns_and_queueing_never_times_out(
     run: Callable[[Body], None], certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """40 connects at once, one handshake at a time, each made slow (50 ms more): the
-    queue takes ~2 s, four times the handshake timeout, yet every tunnel opens, because
-    the timeout starts only when a tunnel has its turn."""
+    """40 connects at once from 40 source identities (so 40 connections: one pool key
+    each), one handshake at a time, each made slow (50 ms more): the queue takes ~2 s,
+    four times the handshake timeout, yet every tunnel opens, because the timeout starts
+    only when a connection has its turn."""
     real = TunnelClient._handshake
     running = 0
     most = 0
@@ -1177,8 +1386,9 @@ def test_a_burst_waits_for_handshake_turns_and_queueing_never_times_out(
     async def body() -> None:
         async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
             node.pods[target.address] = DEST
+            sources = [SpiffeId.workload("shop", f"client-{i}") for i in range(40)]
             client = TunnelClient(
-                client_tls(certs),
+                TlsContexts(certs.source(*(certs.issue(s) for s in sources))),
                 config=TunnelClientConfig(max_handshakes=1, handshake_timeout=0.5),
             )
             loop = asyncio.get_running_loop()
@@ -1186,8 +1396,8 @@ def test_a_burst_waits_for_handshake_turns_and_queueing_never_times_out(
             transports = await wait(
                 asyncio.gather(
                     *(
-                        client.connect(SOURCE, node.address, target.address, DEST, App)
-                        for _ in range(40)
+                        client.connect(source, node.address, target.address, DEST, App)
+                        for source in sources
                     )
                 )
             )

@@ -7,7 +7,7 @@ import pytest
 from nodeagent.proxy.admission import Overloaded
 from nodeagent.proxy.retry import RetryBudget, retryable
 from nodeagent.proxy.tunnel import TunnelOverloaded, TunnelRefused, TunnelTimeout
-from nodeagent.proxy.tunnel_header import Status
+from nodeagent.proxy.tunnel.wire import Status
 from nodeagent.router import NoRoute
 
 

@@ -71,10 +71,16 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Seconds without a byte either way after which a connection is closed.",
 )
 @click.option(
-    "--warm-tunnels",
-    default=1,
+    "--tunnel-idle-timeout",
+    default=60.0,
     show_default=True,
-    help="Spare handshaken tunnels per recently used (source, node, destination); 0: none.",
+    help="Seconds a pooled tunnel connection to another node stays open without a stream.",
+)
+@click.option(
+    "--tunnel-max-streams",
+    default=100,
+    show_default=True,
+    help="Connections multiplexed on one tunnel connection at most; past it another opens.",
 )
 @click.option(
     "--ready-wait",
@@ -114,7 +120,8 @@ def agent(
     connect_timeout: float,
     connect_attempts: int,
     idle_timeout: float,
-    warm_tunnels: int,
+    tunnel_idle_timeout: float,
+    tunnel_max_streams: int,
     ready_wait: float,
     max_handshakes: int,
     handshake_queue_timeout: float,
@@ -142,7 +149,8 @@ def agent(
             attempt_timeout=connect_timeout,
             connect_attempts=connect_attempts,
             idle_timeout=idle_timeout,
-            warm_tunnels=warm_tunnels,
+            tunnel_idle_timeout=tunnel_idle_timeout,
+            tunnel_max_streams=tunnel_max_streams,
             ready_wait=ready_wait,
             max_handshakes=max_handshakes,
             handshake_queue_timeout=handshake_queue_timeout,
