@@ -61,10 +61,24 @@ from nodeagent.proxy.tunnel.wire import (
     FIXED_SIZE,
     MAGIC,
     VERSION,
+    Answered,
+    Data,
+    FrameDecoder,
+    FrameType,
+    GoAway,
     Kind,
+    Preface,
+    PrefaceDecoder,
+    Reset,
     Settings,
     Status,
+    StreamReset,
+    data_frames,
+    encode_answer_payload,
+    encode_open_payload,
     encode_preface,
+    frame,
+    reset_frame,
 )
 from tests.pki import NOW, Pki
 from weft.identity import SpiffeId
@@ -948,6 +962,166 @@ def test_truncated_preface(
                 logs, f"({SOURCE}): the client closed the connection after {FIXED_SIZE + 2} "
                 "bytes of its preface", "[preface_truncated]",
             )  # fmt: skip
+
+    run(body)
+
+
+# --- bad input: frames from an authenticated peer -------------------------------------------
+
+
+class Raw:
+    """A hand-driven tunnel client speaking frames, for what TunnelClient never sends."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = FrameDecoder(1 << 20)
+        self.events: list[Any] = []
+        self.settings: Settings | None = None
+
+    @classmethod
+    async def connect(cls, node: Node, certs: Certs) -> Raw:
+        raw = cls(*await raw_tls(node, raw_context(certs.issue(SOURCE), pki=certs.pki)))
+        raw.writer.write(GOOD_PREFACE)
+        preface = PrefaceDecoder()
+        while not preface.done:
+            preface.feed(await wait(raw.reader.read(1)))
+        got = preface.feed(b"")
+        assert isinstance(got, Preface)
+        raw.settings = got.settings
+        return raw
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    async def until(self, check: Callable[[list[Any]], bool]) -> list[Any]:
+        """Read frames until ``check(events)`` holds or the server closes."""
+        while not check(self.events):
+            try:
+                data = await wait(self.reader.read(65536))
+            except (ConnectionError, ssl.SSLError):
+                data = b""
+            if not data:
+                break
+            self.events += self.decoder.feed(data)
+        return self.events
+
+    async def closed_with(self, reason: Reset) -> None:
+        events = await self.until(lambda e: False)  # to the end
+        assert isinstance(events[-1], GoAway) and events[-1].reason == reason, events[-3:]
+        await close_writer(self.writer)
+
+
+def opening(stream: int, target: Address) -> bytes:
+    return frame(FrameType.OPEN, stream, encode_open_payload(target))
+
+
+VIOLATIONS = [
+    ("oversized frame", struct.pack("!II", (64 * 1024) + 1, 1) + b"x" * 65537,
+     "a 65537-byte frame; at most 65536"),
+    ("data for a stream never opened", data_frames(7, b"x", 1024),
+     "DATA for stream 7, never opened"),
+    ("an answer from the client", frame(FrameType.ANSWER, 1, encode_answer_payload(Status.OK)),
+     "ANSWER for stream 1 sent to the server"),
+    ("unknown frame type", frame(0x33, 1, b""), "unknown frame type 0x33"),
+    ("stream IDs going back", opening(5, ("127.0.0.1", 9)) + opening(3, ("127.0.0.1", 9)),
+     "OPEN for stream 3, not above the last (5)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "wire", "log"), VIOLATIONS, ids=[v[0] for v in VIOLATIONS])
+def test_framing_violations_close_that_connection_only(
+    run: Callable[[Body], None],
+    certs: Certs,
+    logs: pytest.LogCaptureFixture,
+    case: str,
+    wire: bytes,
+    log: str,
+) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            bystander = await open_tunnel(node, target.address, tls=client_tls(certs))
+            raw = await Raw.connect(node, certs)
+            raw.send(wire)
+            await raw.closed_with(Reset.PROTOCOL)
+            await _until(lambda: node.server.stats.protocol_violation == 1)
+            assert logged(logs, f"({SOURCE}): closed: {log}", "[protocol_violation]")
+            # Another client's connection on the same node never noticed.
+            bystander.write(b"fine")
+            assert await wait(bystander.reader.readexactly(4)) == b"fine"
+            await bystander.close()
+            await assert_serves(node, certs)
+
+    run(body)
+
+
+def test_a_bad_open_is_refused_and_the_connection_goes_on(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}) as node:
+            node.pods[target.address] = DEST
+            raw = await Raw.connect(node, certs)
+            raw.send(frame(FrameType.OPEN, 1, b"\x01\x03ab"), opening(2, target.address))
+            events = await raw.until(lambda e: len(e) >= 2)
+            answers = {e.stream: e.answer.status for e in events if isinstance(e, Answered)}
+            assert answers == {1: Status.BAD_HEADER, 2: Status.OK}
+            raw.send(data_frames(2, b"ping", 1024))
+            events = await raw.until(lambda e: any(isinstance(x, Data) for x in e))
+            assert [e.data for e in events if isinstance(e, Data)] == [b"ping"]
+            assert node.server.stats.bad_header == 1
+            assert logged(logs, f"({SOURCE}): stream 1: refused BAD_HEADER: field 0x01 declares 3")
+            await close_writer(raw.writer)
+
+    run(body)
+
+
+def test_a_stream_flood_is_refused_past_the_limit(
+    run: Callable[[Body], None], certs: Certs
+) -> None:
+    config = TunnelServerConfig(handshake_timeout=STEADY, header_timeout=STEADY, max_streams=5)
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}, config=config) as node:
+            node.pods[target.address] = DEST
+            raw = await Raw.connect(node, certs)
+            assert raw.settings is not None and raw.settings.max_streams == 5
+            raw.send(*(opening(i, target.address) for i in range(1, 9)))
+            events = await raw.until(lambda e: len(e) >= 8)
+            ok = {e.stream for e in events if isinstance(e, Answered) and e.answer.ok}
+            refused = {e.stream for e in events if isinstance(e, StreamReset)}
+            assert ok == {1, 2, 3, 4, 5} and refused == {6, 7, 8}
+            assert all(r.reason == Reset.REFUSED for r in events if isinstance(r, StreamReset))
+            assert node.server.stats.streams_refused == 3
+            # The five are served; ending one makes room for another.
+            raw.send(reset_frame(1, Reset.CANCEL), opening(9, target.address))
+            events = await raw.until(lambda e: any(getattr(x, "stream", 0) == 9 for x in e))
+            assert [e.answer.ok for e in events if isinstance(e, Answered) and e.stream == 9] == [
+                True
+            ]
+            await close_writer(raw.writer)
+
+    run(body)
+
+
+def test_rapid_reset_closes_the_connection(
+    run: Callable[[Body], None], certs: Certs, logs: pytest.LogCaptureFixture
+) -> None:
+    """Opening streams and cancelling them before their answer, without end (the HTTP/2
+    rapid reset attack), costs the attacker its connection after a bounded burst."""
+    config = TunnelServerConfig(handshake_timeout=STEADY, header_timeout=STEADY, rapid_resets=20)
+
+    async def body() -> None:
+        async with Target(echo=True) as target, tunnel_server(certs, {}, config=config) as node:
+            node.pods[target.address] = DEST
+            raw = await Raw.connect(node, certs)
+            raw.send(
+                *(opening(i, target.address) + reset_frame(i, Reset.CANCEL) for i in range(1, 200))
+            )
+            await raw.closed_with(Reset.RAPID_RESET)
+            await _until(lambda: node.server.stats.protocol_violation == 1)
+            assert logged(logs, "streams cancelled before their answer (rapid reset)")
+            await assert_serves(node, certs)
 
     run(body)
 

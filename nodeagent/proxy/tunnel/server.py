@@ -215,6 +215,7 @@ class TunnelServer(Listener):
             on_open=lambda stream, request: self._on_open(state, stream, request),
             held=True,
             rapid_resets=config.rapid_resets,
+            on_refused=self._refused_stream,
         )
         handed = False  # once connect_accepted_socket has it, the loop closes ``conn``
         try:
@@ -289,6 +290,9 @@ class TunnelServer(Listener):
             self._fail(Failure.PROTOCOL_VIOLATION, f"{state.label}: closed: {session.violation}")
         else:
             log.debug("%s: closed (%s)", state.label, session.close_reason)
+
+    def _refused_stream(self) -> None:
+        self.stats.streams_refused += 1
 
     def _preface_failed(self, session: Session, state: _Conn) -> None:
         decoder = session.preface_decoder

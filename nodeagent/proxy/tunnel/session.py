@@ -423,6 +423,7 @@ class Session(asyncio.Protocol):
         on_idle: Callable[[Session], None] | None = None,
         held: bool = False,
         rapid_resets: int = 200,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self.label = label
         """Names the connection in log lines: peer address and identity."""
@@ -433,6 +434,7 @@ class Session(asyncio.Protocol):
         self.is_server = on_open is not None
         self._on_open = on_open
         self._on_idle = on_idle
+        self._on_refused = on_refused
         self.max_backlog = max_backlog
         """Bytes the TLS transport may hold unsent beyond its high-water mark (control
         frames a peer that does not read provokes) before the connection is dropped."""
@@ -655,6 +657,8 @@ class Session(asyncio.Protocol):
         self._last_stream = event.stream
         if self.draining or len(self.streams) >= self.local.max_streams:
             self.streams_refused += 1
+            if self._on_refused is not None:
+                self._on_refused()
             self._send_control(reset_frame(event.stream, Reset.REFUSED))
             return
         stream = Stream(self, event.stream)
