@@ -174,9 +174,7 @@ class AgentConfig:
             if getattr(self, name) <= 0:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
         if not 1 <= self.tunnel_max_streams <= 65_536:
-            raise AgentError(
-                f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}"
-            )
+            raise AgentError(f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}")
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:

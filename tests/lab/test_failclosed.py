@@ -7,7 +7,8 @@
     in plaintext it would be the source node's), and node-1's cable on the fabric,
     which must never carry a request's marker.  Make-before-break refuses nothing.
 (b) 2,000 connections opened at once from one captured pod to a service all complete;
-    the agent's peak RSS is reported.
+    the agent's peak RSS is reported.  200 connections open at once from one pod to a
+    remote pod share a handful of pooled TLS connections (counted from /metrics).
 (c) The inbound-mode label matrix: what `weft lab status` says is what is enforced.
 """
 
@@ -27,7 +28,7 @@ import pytest
 
 from tests.lab.conftest import LabRunner, Sniffer, unique_name
 from weft.bench.resilience import wait_accepted
-from weft.lab.lab import agent_state
+from weft.lab.lab import ADMIN_PORT, admin_get, agent_state, netns_name
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,37 @@ def test_inbound_mode_shown_is_inbound_mode_enforced(mesh: LabRunner, value, str
         assert seen == ("refused" if strict else "accepted")
     finally:
         mesh.weft("lab", "label", "echo-1", f"{key}-")
+
+
+def _metric(lab: LabRunner, node: str, name: str, labels: str = "") -> float:
+    answer = admin_get(netns_name(lab.name, node), "127.0.0.1", ADMIN_PORT, "/metrics")
+    assert answer is not None and answer[0] == 200, answer
+    series = f"{name}{{{labels}}}" if labels else name
+    for line in answer[1].splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {series} in node {node}'s /metrics")
+
+
+def test_200_concurrent_connections_share_a_handful_of_tls_connections(mesh: LabRunner):
+    """All open at once, from client-1 (node-1) to echo-2 (node-2) by its pod address:
+    one (source, node, destination) key, so the pool's limit of 100 streams per
+    connection makes it two connections, not two hundred handshakes."""
+    echo2 = _pod(mesh.status(), "echo-2")["ip"]
+    opened = "weft_tunnel_connections_opened_total"
+    before = _metric(mesh, "node-1", opened)
+    inbound_before = agent_state(mesh.name, "node-2")["tunnel"]["server"]["established"]
+    proc = mesh.weft(
+        "lab", "exec", "client-1", "--", sys.executable, "-m", "weft.bench.burst",
+        echo2, "8080", "200", timeout=120,
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    made = _metric(mesh, "node-1", opened) - before
+    pooled = _metric(mesh, "node-1", "weft_tunnel_connections", 'direction="outbound"')
+    served = agent_state(mesh.name, "node-2")["tunnel"]["server"]["established"] - inbound_before
+    print(f"200 concurrent connections: {result['ok']} ok; {made:.0f} TLS connections made, "
+          f"{pooled:.0f} pooled now; node-2 served {served} streams")  # fmt: skip
+    assert result["ok"] == 200, result
+    assert served >= 200
+    assert made <= 3, f"{made} TLS connections for 200 streams"
+    assert pooled <= 6

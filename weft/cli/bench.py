@@ -188,6 +188,25 @@ def resilience(rounds: int, connections: int, json_path: Path | None) -> None:
         err.print(f"wrote {json_path}")
 
 
+@bench.command()
+@click.option("--rounds", default=20_000, show_default=True, help="Round trips per protocol.")
+@click.option("--size", default=1024, show_default=True, help="Bytes each way per round trip.")
+def framing(rounds: int, size: int) -> None:
+    """The tunnel's framing against HTTP/2's (h2, HBONE's), in memory: CPU per round trip.
+
+    Both ends on this thread, no sockets or TLS: what each protocol layer alone costs
+    per request/response on an open stream (docs/architecture.md, "Tunnel framing").
+    """
+    import asyncio
+
+    from nodeagent.proxy.tunnel.bench import bench_framing
+
+    result = asyncio.run(bench_framing(rounds, size))
+    if result["h2_us"] is None:
+        err.print("h2 is not installed (pip install h2); measured Weft's framing only")
+    Console().print(json.dumps(result, indent=2))
+
+
 def _span(v: dict[str, float], fmt: str) -> str:
     """median (min-max)"""
     return f"{fmt.format(v['median'])} ({fmt.format(v['min'])}-{fmt.format(v['max'])})"

@@ -1,6 +1,7 @@
-"""`bench_handshakes`: what a fresh tunnel connection costs against a pooled stream and
-plain TCP, both ends on one loop (a measurement tool; tests and `weft bench` use it, the
-data path does not)."""
+"""Measurement tools (tests and `weft bench` use them; the data path does not):
+`bench_handshakes`, what a fresh tunnel connection costs against a pooled stream and
+plain TCP, both ends on one loop; `bench_framing`, the framing layer alone against
+HTTP/2's (`h2`), in memory."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from nodeagent.proxy import tls
 from nodeagent.proxy.listener import Address
 from nodeagent.proxy.tunnel.client import TunnelClient
 from nodeagent.proxy.tunnel.hooks import NotLocal
 from nodeagent.proxy.tunnel.server import TunnelServer, tunnel_listener
+from nodeagent.proxy.tunnel.session import Session, Stream
+from nodeagent.proxy.tunnel.wire import Settings, Status, encode_answer_payload, encode_open_payload
 from weft.identity import SpiffeId
 
 
@@ -174,3 +177,147 @@ async def bench_handshakes(
     return HandshakeBench(
         n, concurrency, seconds, pooled_seconds, plain, tuple(open_ms), connections
     )
+
+
+# --- framing: this protocol against HTTP/2 (h2), in memory ------------------------------
+
+
+class _Pipe(asyncio.Transport):
+    """One direction of an in-memory connection: writes queue up for the peer."""
+
+    def __init__(self, queue: list[bytes]) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def write(self, data: Any) -> None:
+        self.queue.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 1 << 20)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self, echo: bool) -> None:
+        self.echo = echo
+        self.got = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+        if self.echo:
+            assert self.transport is not None
+            self.transport.write(data)
+
+
+async def _weft_round_trip_us(rounds: int, size: int) -> float:
+    to_server: list[bytes] = []
+    to_client: list[bytes] = []
+    echo = _Sink(echo=True)
+
+    def on_open(stream: Stream, request: Any) -> None:
+        server.answer(stream, encode_answer_payload(Status.OK))
+        stream.attach(echo)
+
+    settings = Settings()
+    client = Session(label="bench client", local=settings)
+    server = Session(label="bench server", local=settings, on_open=on_open)
+    client.connection_made(_Pipe(to_server))
+    server.connection_made(_Pipe(to_client))
+
+    def pump() -> None:
+        while to_server or to_client:
+            while to_server:
+                server.data_received(to_server.pop(0))
+            while to_client:
+                client.data_received(to_client.pop(0))
+
+    pump()
+    stream = client.open(encode_open_payload(("10.0.0.1", 80)))
+    pump()
+    sink = _Sink(echo=False)
+    stream.attach(sink)
+    message = b"x" * size
+    start = time.perf_counter()
+    for _ in range(rounds):
+        stream.write(message)
+        pump()
+    elapsed = time.perf_counter() - start
+    assert sink.got == rounds * size
+    return 1e6 * elapsed / rounds
+
+
+def _h2_round_trip_us(rounds: int, size: int) -> float | None:
+    """The same exchange over HTTP/2 with the `h2` library (HBONE's framing): a CONNECT
+    stream, DATA both ways, flow-control credit returned as data is consumed."""
+    try:
+        import h2.config
+        import h2.connection
+        import h2.events
+    except ImportError:
+        return None
+
+    def side(client: bool) -> Any:
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None)
+        conn = h2.connection.H2Connection(config)
+        conn.initiate_connection()
+        return conn
+
+    c, s = side(True), side(False)
+    for _ in range(2):
+        s.receive_data(c.data_to_send())
+        c.receive_data(s.data_to_send())
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")])
+    s.receive_data(c.data_to_send())
+    s.send_headers(sid, [(b":status", b"200")])
+    c.receive_data(s.data_to_send())
+    message = b"x" * size
+    got = 0
+    start = time.perf_counter()
+    for _ in range(rounds):
+        c.send_data(sid, message)
+        for event in s.receive_data(c.data_to_send()):
+            if isinstance(event, h2.events.DataReceived):
+                s.acknowledge_received_data(event.flow_controlled_length, sid)
+                s.send_data(sid, event.data)
+        for event in c.receive_data(s.data_to_send()):
+            if isinstance(event, h2.events.DataReceived):
+                c.acknowledge_received_data(event.flow_controlled_length, sid)
+                got += len(event.data)
+        s.receive_data(c.data_to_send())
+    elapsed = time.perf_counter() - start
+    assert got == rounds * size
+    return 1e6 * elapsed / rounds
+
+
+async def bench_framing(rounds: int = 20_000, size: int = 1024) -> dict[str, Any]:
+    """CPU per request/response round trip over an open stream, both ends on this
+    thread, no sockets, no TLS: the framing layers alone. Returns µs per round trip
+    for this protocol and for HTTP/2 (`h2`, if installed)."""
+    weft_us = await _weft_round_trip_us(rounds, size)
+    h2_us = _h2_round_trip_us(rounds, size)
+    version = None
+    if h2_us is not None:
+        import h2
+
+        version = h2.__version__
+    return {
+        "rounds": rounds,
+        "message_bytes": size,
+        "weft_us": round(weft_us, 2),
+        "h2_us": round(h2_us, 2) if h2_us is not None else None,
+        "h2_version": version,
+        "h2_over_weft": round(h2_us / weft_us, 1) if h2_us is not None else None,
+    }
