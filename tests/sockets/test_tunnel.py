@@ -1376,7 +1376,7 @@ def test_a_stream_whose_reader_stalls_does_not_stall_its_siblings(
     """One app stops reading while its pod sends 8 MiB; the stream's window stops the
     pod's side after one window, the node buffers a bounded amount, and another stream
     on the same connection keeps its round trips."""
-    window = 256 * 1024
+    window = Settings().window
 
     async def body() -> None:
         async with (

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weft.bench.mesh import SIDECAR_IN, SIDECAR_OUT, Profile, _median, _ratios, sidecar_config
+from weft.bench.mesh import (
+    SETUPS as BENCH_SETUPS,
+    SIDECAR_IN,
+    SIDECAR_OUT,
+    Profile,
+    _charge_cpu,
+    _median,
+    _ratios,
+    per_round_ratios,
+    rotation,
+    sidecar_config,
+)
 
 SETUPS = ("direct", "weft", "weft-same-node", "haproxy-sidecars")
 
@@ -31,7 +42,48 @@ def test_a_few_errors_keep_a_scenario_valid():
 
 def test_closed_loop_samples_without_error_counts_stay_as_they_were():
     m = _median([{"per_second": 300.0, "p50_us": 3000.0}, {"per_second": 310.0, "p50_us": 2900.0}])
-    assert m == {"per_second": 305.0, "p50_us": 2950.0}
+    assert m == {
+        "per_second": 305.0, "per_second_min": 300.0, "per_second_max": 310.0,
+        "p50_us": 2950.0, "p50_us_min": 2900.0, "p50_us_max": 3000.0,
+    }  # fmt: skip
+
+
+def test_p999_only_from_rounds_with_enough_samples():
+    assert _median([_rate(400, 600, count=9_999)])["p999_us"] is None
+    m = _median([_rate(400, 600, count=5_000), {**_rate(400, 600, count=20_000), "p999_us": 900}])
+    assert m["p999_us"] == 900  # the small round does not count
+
+
+def test_every_setup_runs_first_once_per_scenario_over_as_many_rounds():
+    full = [s for s in BENCH_SETUPS if not s.only]
+    firsts = [rotation(BENCH_SETUPS, "saturate", r)[0].name for r in range(len(full))]
+    assert sorted(firsts) == sorted(s.name for s in full)
+    # A setup limited to some scenarios only runs there.
+    assert all(s.name != "haproxy-resumption" for s in rotation(BENCH_SETUPS, "bulk", 0))
+    assert "haproxy-resumption" in {s.name for s in rotation(BENCH_SETUPS, "conn", 0)}
+
+
+def test_ratios_are_computed_within_rounds_and_errored_rounds_give_none():
+    weft = [{"per_second": 100.0, "errors": 0}, {"per_second": 90.0, "errors": 0},
+            {"per_second": 80.0, "errors": 3}]  # fmt: skip
+    haproxy = [{"per_second": 100.0, "errors": 0}, {"per_second": 60.0, "errors": 0},
+               {"per_second": 80.0, "errors": 0}]  # fmt: skip
+    r = per_round_ratios({"weft": {"saturate": weft}, "haproxy-sidecars": {"saturate": haproxy}})
+    got = r["weft_over_haproxy_sidecars"]["saturate"]
+    assert got["per_round"] == [1.0, 1.5]  # round 3 had errors
+    assert (got["median"], got["min"], got["max"]) == (1.25, 1.0, 1.5)
+
+
+def test_cpu_is_charged_per_request_and_per_mb():
+    res = {"mode": "rate", "count": 4000}
+    _charge_cpu(res, 0.2, True)
+    assert res["cpu_us_per_request"] == 50.0
+    bulk = {"mode": "bulk", "mb_per_second": 500.0, "seconds": 2.0}
+    _charge_cpu(bulk, 1.0, True)
+    assert bulk["cpu_ms_per_mb"] == 1.0
+    direct = {"mode": "rate", "count": 10}
+    _charge_cpu(direct, 0.0, False)
+    assert "cpu_us_per_request" not in direct
 
 
 def _summary(weft_errors: int = 0) -> dict:
@@ -70,6 +122,16 @@ def test_an_invalid_scenario_gets_no_ratio_and_no_target():
     assert targets["added_p99_ms_at_1000rps_cross_node"]["measured"] is None
     # Other scenarios still get theirs.
     assert ratios["weft_over_direct"]["saturate"]["throughput"] == 1.0
+
+
+def test_the_sidecar_config_is_tuned_and_resumption_is_off_unless_asked(tmp_path: Path):
+    off = sidecar_config(tmp_path, "10.244.2.5")
+    on = sidecar_config(tmp_path, "10.244.2.5", resumption=True)
+    for cfg in (off, on):
+        assert "    tune.bufsize 262144" in cfg.splitlines()
+        assert "    tune.ssl.cachesize 1000" in cfg.splitlines()
+    assert "no-tls-tickets" in off and "no-ssl-reuse" in off
+    assert "no-tls-tickets" not in on and "no-ssl-reuse" not in on
 
 
 def test_the_sidecar_config_is_one_thread_tls13_with_verified_peers(tmp_path: Path):

@@ -3,7 +3,10 @@ once, each sending one keep-alive HTTP/1.1 request and holding its connection op
 until every one has its answer, so that all ``N`` are open together.  Prints one JSON
 object: how many completed, the failures' reasons, the slowest, which replicas answered.
 
-Run: ``python -m weft.bench.burst HOST PORT N``.
+Run: ``python -m weft.bench.burst HOST PORT N [HOLD]``.  With ``HOLD`` seconds, once
+every connection has answered it prints ``{"held": K}`` (K answered), keeps them all
+open and idle for ``HOLD`` seconds, then closes and prints the result: what
+``weft bench`` measures the proxies' memory with 1,000 idle connections on.
 """
 
 from __future__ import annotations
@@ -38,13 +41,16 @@ async def _one(host: str, port: int, all_done: asyncio.Event, results: list[Any]
         results.append(("failed", time.monotonic() - started, repr(e)))
 
 
-async def burst(host: str, port: int, n: int) -> dict[str, Any]:
+async def burst(host: str, port: int, n: int, hold: float = 0.0) -> dict[str, Any]:
     all_done = asyncio.Event()
     results: list[Any] = []
     tasks = [asyncio.create_task(_one(host, port, all_done, results)) for _ in range(n)]
     # Until every connection has answered or failed; answered ones stay open meanwhile.
     while len(results) < n:  # noqa: ASYNC110 (results, not tasks, say when)
         await asyncio.sleep(0.05)
+    if hold > 0:
+        print(json.dumps({"held": sum(1 for r in results if r[0] == "ok")}), flush=True)
+        await asyncio.sleep(hold)
     all_done.set()
     await asyncio.gather(*tasks)
     ok = [r for r in results if r[0] == "ok"]
@@ -66,10 +72,11 @@ async def burst(host: str, port: int, n: int) -> dict[str, Any]:
 
 def main() -> None:
     host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < n + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print(json.dumps(asyncio.run(burst(host, port, n))))
+    print(json.dumps(asyncio.run(burst(host, port, n, hold))))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ It is deliberately simple: the sockmap comparison needs the same client on both 
 the A/B, not a realistic traffic mix (the fixed-rate, open-loop latency runs belong to
 ``weft bench`` proper).  Prints one JSON object.
 
+Errors (refused, reset, timed out) are counted in ``errors``, not raised, so a run with
+failures still reports, and ``weft bench`` can mark it invalid.
+
 Modes:
   rr    one keep-alive connection, one small request at a time: latency percentiles
   conn  a new connection per request: connections per second
@@ -18,6 +21,8 @@ import sys
 import time
 
 BODY = b"x" * (1024 * 1024)
+TIMEOUT = 5.0
+"""Seconds a connect or a response may take before it counts as an error."""
 
 
 def _read_response(sock: socket.socket, buf: bytearray) -> None:
@@ -52,29 +57,44 @@ def run(mode: str, host: str, port: int, seconds: float) -> dict[str, object]:
     sent_bytes = 0
     deadline = time.perf_counter() + seconds
     started = time.perf_counter()
+    errors = 0
     if mode in ("rr", "bulk"):
-        sock = socket.create_connection((host, port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = bytearray()
         post = (
             f"POST /bench HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(BODY)}\r\n\r\n".encode()
             + BODY
         )
+        sock: socket.socket | None = None
+        buf = bytearray()
         while time.perf_counter() < deadline:
             t0 = time.perf_counter_ns()
-            sock.sendall(request if mode == "rr" else post)
-            _read_response(sock, buf)
+            try:
+                if sock is None:  # (re)connect: a failed request costs its connection
+                    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    buf = bytearray()
+                sock.sendall(request if mode == "rr" else post)
+                _read_response(sock, buf)
+            except OSError:
+                errors += 1
+                if sock is not None:
+                    sock.close()
+                sock = None
+                continue
             latencies.append(time.perf_counter_ns() - t0)
             sent_bytes += len(post) if mode == "bulk" else len(request)
-        sock.close()
+        if sock is not None:
+            sock.close()
     elif mode == "conn":
         close_req = f"GET /bench HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
         while time.perf_counter() < deadline:
             t0 = time.perf_counter_ns()
-            sock = socket.create_connection((host, port))
-            sock.sendall(close_req)
-            _read_response(sock, bytearray())
-            sock.close()
+            try:
+                with socket.create_connection((host, port), timeout=TIMEOUT) as conn:
+                    conn.sendall(close_req)
+                    _read_response(conn, bytearray())
+            except OSError:  # refused, reset, timed out: a result, counted
+                errors += 1
+                continue
             latencies.append(time.perf_counter_ns() - t0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
@@ -83,6 +103,7 @@ def run(mode: str, host: str, port: int, seconds: float) -> dict[str, object]:
     return {
         "mode": mode,
         "count": len(latencies),
+        "errors": errors,
         "seconds": round(elapsed, 3),
         "per_second": round(len(latencies) / elapsed, 1),
         "mb_per_second": round(sent_bytes / elapsed / 1e6, 1),

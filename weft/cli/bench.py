@@ -68,44 +68,63 @@ def _print_mesh(result: dict[str, Any]) -> None:
     s = result["summary"]
     rates = result["profile"]["rates"]
     table = Table("setup", *[f"{r}/s p50 / p99 / p99.9 ms" for r in rates], "sat. req/s",
-                  "conn/s", "bulk MB/s")  # fmt: skip
+                  "conn/s", "bulk MB/s", "CPU µs/req (sat.)")  # fmt: skip
+
+    def spread(f: dict[str, Any], key: str) -> str:
+        if f"{key}_min" not in f:
+            return f"{f[key]:.0f}"
+        return f"{f[key]:.0f} ({f[key + '_min']:.0f}-{f[key + '_max']:.0f})"
 
     def cell(by: dict[str, Any], scenario: str, text: Callable[[dict[str, Any]], str]) -> str:
-        f = by[scenario]
+        f = by.get(scenario)
+        if f is None:
+            return "-"
         if not f.get("valid", True):
             return f"invalid: {f['errors']} of {f['requests']} failed"
         return text(f)
 
+    def quantiles(f: dict[str, Any]) -> str:
+        p999 = f"{f['p999_us'] / 1000:.2f}" if f.get("p999_us") is not None else "n/a"
+        return f"{f['p50_us'] / 1000:.2f} / {f['p99_us'] / 1000:.2f} / {p999}"
+
     for setup, by in s.items():
         table.add_row(
             setup,
-            *[
-                cell(
-                    by,
-                    f"rate-{r}",
-                    lambda f: (
-                        f"{f['p50_us'] / 1000:.2f} / {f['p99_us'] / 1000:.2f}"
-                        f" / {f['p999_us'] / 1000:.2f}"
-                    ),
-                )
-                for r in rates
-            ],
-            cell(by, "saturate", lambda f: f"{f['per_second']:.0f}"),
-            f"{by['conn']['per_second']:.0f}",
-            f"{by['bulk']['mb_per_second']:.0f}",
+            *[cell(by, f"rate-{r}", quantiles) for r in rates],
+            cell(by, "saturate", lambda f: spread(f, "per_second")),
+            cell(by, "conn", lambda f: spread(f, "per_second")),
+            cell(by, "bulk", lambda f: spread(f, "mb_per_second")),
+            cell(by, "saturate", lambda f: f"{f.get('cpu_us_per_request') or 0:.0f}"),
         )
     console = Console()
     console.print(table)
+    for name, ratios in result.get("per_round_ratios", {}).items():
+        parts = [
+            f"{sc} {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+            for sc, r in ratios.items()
+            if sc in ("saturate", "conn", "bulk")
+        ]
+        console.print(f"{name} (per round): " + ", ".join(parts))
     mem = result["memory"]
-    mt = Table("captured pods", "weft agent RSS / PSS MiB", "haproxy sidecars RSS / PSS MiB")
+    mt = Table("captured pods", "weft agent RSS / PSS MiB (+ eBPF maps)",
+               "haproxy sidecars RSS / PSS MiB")  # fmt: skip
     for k in mem["pods"]:
         a, h = mem["weft_agent"][str(k)], mem["haproxy"][str(k)]
+        maps = mem.get("bpf_map_memlock", {}).get(str(k), 0)
         mt.add_row(
             str(k),
-            f"{a['rss'] / 2**20:.1f} / {a['pss'] / 2**20:.1f}",
+            f"{a['rss'] / 2**20:.1f} / {a['pss'] / 2**20:.1f} (+{maps / 2**20:.1f})",
             f"{h['rss'] / 2**20:.1f} / {h['pss'] / 2**20:.1f}",
         )
     console.print(mt)
+    load = result.get("memory_under_load", {})
+    for setup, m in load.get("idle_connections", {}).items():
+        console.print(
+            f"{m['connections']} idle connections, {setup}: proxies RSS "
+            f"{m['before']['rss'] / 2**20:.1f} -> {m['held']['rss'] / 2**20:.1f} MiB"
+        )
+    for setup, m in load.get("saturation_peak", {}).items():
+        console.print(f"saturation peak, {setup}: proxies RSS {m['rss'] / 2**20:.1f} MiB")
     for name, t in result["targets"].items():
         console.print(f"{name}: measured {t['measured']} (target {t['target']})")
 

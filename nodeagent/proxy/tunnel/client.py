@@ -149,6 +149,8 @@ class TunnelClient:
                         else 0.0,
                         "bytes_sent": s.sent_bytes,
                         "bytes_received": s.received_bytes,
+                        "tls_version": _tls(s, "version"),
+                        "cipher": _tls(s, "cipher"),
                     }
                     for s in peer.sessions
                 ],
@@ -501,6 +503,16 @@ class TunnelClient:
         left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
         loop = asyncio.get_running_loop()
         session.expire_at(loop.time() + max(left, 0.0), "the server's certificate expired")
+
+
+def _tls(session: Session, what: str) -> str | None:
+    ssl_object = session.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    if what == "version":
+        return str(ssl_object.version())
+    cipher = ssl_object.cipher()
+    return str(cipher[0]) if cipher else None
 
 
 def _retrieve(task: asyncio.Task[Session]) -> None:

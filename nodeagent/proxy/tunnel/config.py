@@ -55,8 +55,9 @@ class TunnelServerConfig:
     """Streams a client may have open at once on one connection (announced in the
     preface); more are refused unprocessed and the client opens another connection."""
 
-    window: int = 256 * 1024
-    """Bytes a client may send on a stream before this server returns credit."""
+    window: int = 1024 * 1024
+    """Bytes a client may send on a stream before this server returns credit (1 MiB:
+    256 KiB halved bulk throughput, measured with both ends on loopback)."""
 
     max_frame: int = 64 * 1024
     """Largest frame payload accepted."""
@@ -119,7 +120,7 @@ class TunnelClientConfig:
     """Streams this client puts on one connection at most (the server's own limit, from
     its preface, applies too); past it, another connection to the same peer opens."""
 
-    window: int = 256 * 1024
+    window: int = 1024 * 1024
     """Bytes the server may send on a stream before this client returns credit."""
 
     max_frame: int = 64 * 1024

@@ -350,7 +350,7 @@ class Settings:
     max_streams: int = 100
     """Streams this side accepts open at once (only the server's value limits anything:
     clients do not accept streams)."""
-    window: int = 256 * 1024
+    window: int = 1024 * 1024
     """Bytes of DATA this side buffers per stream before the peer must wait for credit."""
     max_frame: int = 64 * 1024
     """Largest frame payload this side accepts."""
