@@ -7,6 +7,8 @@ from pathlib import Path
 
 from weft.bench.mesh import (
     SETUPS as BENCH_SETUPS,
+)
+from weft.bench.mesh import (
     SIDECAR_IN,
     SIDECAR_OUT,
     Profile,
