@@ -59,7 +59,7 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) check"
 	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
 
-bench: setup ## the side-by-side benchmark (about 15 min); results in docs/results/bench.json
+bench: setup ## the side-by-side benchmark (about 30 min); results in docs/results/bench.json
 	@$(WEFT) bench --json docs/results/bench.json
 
 lab-down: ## tear the demo lab down
