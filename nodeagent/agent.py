@@ -55,21 +55,22 @@ from nodeagent.ebpf.loader import (
     detach_all,
     remove_pins,
 )
+from nodeagent.labadapter import LabPodSource, LabUnavailable, lab_pod_cgroups, lab_settings
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
-from nodeagent.podsource import LabPodSource
 from nodeagent.proxy.admission import AdmissionStats
 from nodeagent.proxy.balance import Balancer
+from nodeagent.proxy.dial import Dialer
+from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.listener import Listener
 from nodeagent.proxy.outbound import (
     Address,
     OutboundConfig,
     OutboundProxy,
-    Upstream,
-    connect_plaintext,
 )
-from nodeagent.proxy.retry import RetryBudget, retryable
+from nodeagent.proxy.resolve import Resolved, workload_name
+from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tls import TlsContexts
 from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
@@ -78,10 +79,8 @@ from nodeagent.proxy.tunnel import (
     TunnelClientConfig,
     TunnelServer,
 )
-from nodeagent.router import Hop, NoRoute, resolve, workload_name
+from nodeagent.proxy.upstream import MeshUpstreams
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
-from weft.lab.plan import CONTROLPLANE_IP
-from weft.lab.state import StateError, lab_paths, load_state
 from weft.mesh import Workload
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
 
@@ -178,36 +177,12 @@ class AgentConfig:
 
     @classmethod
     def for_lab(cls, lab: str, node: str, **overrides: Any) -> AgentConfig:
-        cgroup2 = _cgroup2()
-        paths = lab_paths(lab, str(cgroup2))
         try:
-            state = load_state(paths.state_file)
-        except StateError as e:
+            settings = lab_settings(lab, node, _cgroup2())
+        except LabUnavailable as e:
             raise AgentError(str(e)) from None
-        try:
-            n = state.plan.node(node)
-        except KeyError:
-            known = ", ".join(x.name for x in state.plan.nodes)
-            raise AgentError(f"no node {node!r} in lab {lab!r} (nodes: {known})") from None
-        agent_dir = paths.state_dir / "agents" / node
-        anchor = paths.state_dir / "ca" / "anchor.pem"
-        token = agent_dir / "bootstrap.token"
-        if anchor.exists() and token.exists():
-            overrides.setdefault("controlplane", CONTROLPLANE_IP)
-            overrides.setdefault("token_file", token)
-            overrides.setdefault("trust_bundle", anchor)
-            overrides.setdefault("cert_dir", agent_dir / "certs")
-        return cls(
-            node=node,
-            state_file=paths.state_file,
-            proxy_ip=n.gateway,
-            node_addrs=(n.ip, n.gateway),
-            pin_dir=paths.bpffs_dir / node,
-            state_dir=paths.state_dir / "agents" / node,
-            cgroup2=cgroup2,
-            cgroup_root=paths.cgroup_root,
-            **overrides,
-        )
+        # Explicit overrides win over what the lab says.
+        return cls(**(settings | overrides))
 
     @classmethod
     def for_kubernetes(cls, env: Mapping[str, str], **overrides: Any) -> AgentConfig:
@@ -413,6 +388,20 @@ class Agent:
             kind: ReadyHold(kind, deadline=cfg.ready_wait) for kind in ("outbound", "tunnel")
         }
         self.retry_budget = RetryBudget()
+        # The outbound data path, stage by stage: accept (OutboundProxy) -> protocol
+        # switch -> TCP forward -> resolve -> balance + failover -> dial (MeshUpstreams).
+        self.dialer = Dialer(tunnel=None, attempt_timeout=cfg.attempt_timeout)
+        self.upstreams = MeshUpstreams(
+            mesh=self.mesh,
+            failover=Failover(
+                attempts=max(1, cfg.connect_attempts),
+                budget=self.retry_budget,
+                balancer=self.balancer,
+            ),
+            dialer=self.dialer,
+            meter=lambda labels: self.tcp.open(labels),
+            observer=self._failure_observer,
+        )
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
@@ -645,7 +634,7 @@ class Agent:
         )
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         attempt = cfg.attempt_timeout
-        self.tunnel_client = TunnelClient(
+        self.tunnel_client = self.dialer.tunnel = TunnelClient(
             contexts,
             config=TunnelClientConfig(
                 idle_timeout=cfg.tunnel_idle_timeout,
@@ -701,127 +690,11 @@ class Agent:
             )
         )  # fmt: skip
 
-    async def connect_upstream(
-        self,
-        app: Address,
-        destination: Address,
-        protocol_factory: Callable[[], asyncio.Protocol],
-    ) -> asyncio.BaseTransport | Upstream:
-        """Resolve (service VIP -> endpoints), pick with P2C, connect; a failed connect
-        tries another endpoint (bounded), and failures feed ejection.
-
-        Captured destination: mTLS tunnel as the source workload, verifying the
-        destination's identity.  Uncaptured: plaintext, unless the source is strict."""
-        source = self.mesh.workload_at(app[0])
-        resolved = resolve(self.mesh, destination)
-        service = resolved.service.key if resolved.service else ""
-        hops = {h.address: h for h in resolved.hops}
-        # Only service endpoints get health tracking: a direct address has no alternative
-        # to fail over to, and tracking every address an app dials would grow without
-        # bound between discovery changes (which is when the table is pruned).
-        balancer: Balancer[Address] | None = self.balancer if resolved.service else None
-        tried: list[Address] = []
-        error: BaseException | None = None
-        if balancer is not None:
-            self.retry_budget.attempt()
-        for _ in range(max(1, self.cfg.connect_attempts)):
-            if balancer is None:
-                if tried:
-                    break
-                key = destination
-            else:
-                pick = balancer.choose(list(hops), exclude=tried)
-                if pick is None:
-                    break
-                key = pick.key
-                balancer.started(key)
-            hop = hops[key]
-            tried.append(key)
-            try:
-                transport, labels = await self._open_hop(source, hop, protocol_factory)
-            except BaseException as e:
-                if balancer is not None:
-                    balancer.finished(key)
-                if not isinstance(e, Exception) or not retryable(e):
-                    # Cancelled, or refused for a reason another endpoint would repeat
-                    # (policy, identity, this node's own overload): no verdict on this
-                    # endpoint's health.
-                    if balancer is not None:
-                        balancer.abandoned(key)
-                    raise
-                error = e
-                more = (
-                    balancer is not None
-                    and len(tried) < min(len(hops), self.cfg.connect_attempts)
-                    and self.retry_budget.try_retry()
-                )
-                self.m_connect_failures.labels(service, "true" if more else "false").inc()
-                if balancer is not None and balancer.failed(key):
-                    self.m_ejections.labels(service).inc()
-                log.info(
-                    "outbound %s:%d -> %s:%d%s: endpoint %s:%d failed (%s)%s",
-                    *app, *destination, f" ({service})" if service else "", *key,
-                    _why(e), "; trying another" if more else "",
-                )  # fmt: skip
-                if not more:
-                    break
-                continue
-            meter = self.tcp.open(labels)
-            if balancer is None:
-                return Upstream(transport, meter, meter.close)
-            balancer.succeeded(key)
-
-            def done(key: Address = key, meter: ConnMeter = meter) -> None:
-                self.balancer.finished(key)
-                meter.close()
-
-            return Upstream(transport, meter, done)
-        assert error is not None
-        raise error
-
-    async def _open_hop(
-        self,
-        source: Workload | None,
-        hop: Hop,
-        protocol_factory: Callable[[], asyncio.Protocol],
-    ) -> tuple[asyncio.BaseTransport, ConnLabels]:
-        dest = hop.workload
-        src_name = workload_name(source)
-        if dest is not None and dest.captured and self.tunnel_client is not None:
-            if source is None:
-                raise NoRoute(
-                    f"source {hop.address[0]} is not in discovery yet: cannot present its "
-                    "identity to a captured destination"
-                )
-            if not dest.node_ip:
-                raise NoRoute(f"destination pod {dest.namespace}/{dest.name} has no node address")
-            stream = await self.tunnel_client.connect(
-                source.identity,
-                (dest.node_ip, TUNNEL_PORT),
-                hop.address,
-                dest.identity,
-                protocol_factory,
-            )
-            labels = ConnLabels(
-                "outbound", *src_name, *workload_name(dest), "true",
-                str(source.identity), str(dest.identity),
-            )  # fmt: skip
-            return stream, labels
-        if source is not None and source.strict and self.tunnel_client is not None:
-            where = f"{dest.namespace}/{dest.name}" if dest else "outside the mesh"
-            raise NoRoute(
-                f"{source.namespace}/{source.name} is strict: refusing plaintext to "
-                f"{hop.address[0]}:{hop.address[1]} ({where}, not captured)"
-            )
-        # The tunnel client times its own stages once it has a handshake slot; a plain
-        # connect has one stage and no queue.
-        async with asyncio.timeout(self.cfg.attempt_timeout):
-            transport = await connect_plaintext(hop.address, hop.address, protocol_factory)
-        labels = ConnLabels(
-            "outbound", *src_name, *workload_name(dest), "false",
-            str(source.identity) if source else "", "",
-        )  # fmt: skip
-        return transport, labels
+    def _failure_observer(
+        self, app: Address, destination: Address, resolved: Resolved
+    ) -> FailoverObserver:
+        """Metrics and a log line for each failed attempt of one outbound connect."""
+        return _AttemptLog(self, app, destination, resolved.service.key if resolved.service else "")
 
     async def _bootstrap(self) -> None:
         """Get the node certificate; until it works, certificate requests retry it."""
@@ -945,7 +818,7 @@ class Agent:
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,
             is_self=self.is_self,
-            connect=self.connect_upstream,
+            connect=self.upstreams,
             config=OutboundConfig(
                 # A safety net: every stage of every attempt has its own timeout, and the
                 # wait for a handshake slot its own bound.
@@ -1051,6 +924,28 @@ def _known_in(names: set[tuple[str, str]]) -> Callable[[str, str], bool]:
     return lambda ns, name: (ns, name) in names or name == "unknown"
 
 
+class _AttemptLog:
+    """The agent's `FailoverObserver` for one connect: counts, ejections, a log line."""
+
+    def __init__(self, agent: Agent, app: Address, destination: Address, service: str) -> None:
+        self.agent = agent
+        self.app = app
+        self.destination = destination
+        self.service = service
+
+    def failed(
+        self, endpoint: Address, error: BaseException, *, retrying: bool, ejected: bool
+    ) -> None:
+        self.agent.m_connect_failures.labels(self.service, "true" if retrying else "false").inc()
+        if ejected:
+            self.agent.m_ejections.labels(self.service).inc()
+        log.info(
+            "outbound %s:%d -> %s:%d%s: endpoint %s:%d failed (%s)%s",
+            *self.app, *self.destination, f" ({self.service})" if self.service else "",
+            *endpoint, _why(error), "; trying another" if retrying else "",
+        )  # fmt: skip
+
+
 def _why(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "no answer in time"
@@ -1084,9 +979,8 @@ def uninstall(cfg: AgentConfig) -> list[str]:
     cgroups: set[Path] = set()
     if cfg.state_file is not None:
         try:
-            pods = LabPodSource(cfg.state_file, cfg.node).read()
-            cgroups |= {p.cgroup for p in pods if p.cgroup}
-        except StateError as e:
+            cgroups |= lab_pod_cgroups(cfg.state_file, cfg.node)
+        except LabUnavailable as e:
             log.warning("cannot read pods (%s); detaching only recorded cgroups", e)
     record = cfg.state_dir / "attached.json"
     if record.exists():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from weft.lab.state import write_json_atomic
+from weft.files import write_json_atomic
 
 log = logging.getLogger("weft.capture")
 

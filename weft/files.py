@@ -9,9 +9,11 @@ mode, written, fsynced, renamed over the target.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -28,3 +30,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as indented JSON, written atomically (readers never see half a file)."""
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

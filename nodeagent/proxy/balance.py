@@ -64,6 +64,43 @@ class Pick(Generic[K]):
     panic: bool = False
 
 
+class Lease(Generic[K]):
+    """One connection's hold on the endpoint it was given (`Balancer.lease`): counted as
+    outstanding from the pick until `release`; the outcome of its connect is reported
+    once, with `succeed`, `fail` or `abandon`. Replaces the scattered started/finished/
+    succeeded/failed calls, so that no path can forget one."""
+
+    __slots__ = ("_balancer", "_released", "key", "pick")
+
+    def __init__(self, balancer: Balancer[K], pick: Pick[K]) -> None:
+        self._balancer = balancer
+        self.pick = pick
+        self.key = pick.key
+        self._released = False
+        balancer.started(self.key)
+
+    def succeed(self) -> None:
+        """The connect worked; the lease stays held until `release`."""
+        self._balancer.succeeded(self.key)
+
+    def fail(self) -> bool:
+        """The connect failed: released, and counted; True if it ejected the endpoint."""
+        self.release()
+        return self._balancer.failed(self.key)
+
+    def abandon(self) -> None:
+        """No verdict (cancelled, or refused for a reason every endpoint would repeat):
+        released, and a probation slot it held is given back."""
+        self.release()
+        self._balancer.abandoned(self.key)
+
+    def release(self) -> None:
+        """The connection has ended (idempotent)."""
+        if not self._released:
+            self._released = True
+            self._balancer.finished(self.key)
+
+
 @dataclass
 class Balancer(Generic[K]):
     config: AccrualConfig = field(default_factory=AccrualConfig)
@@ -112,6 +149,14 @@ class Balancer(Generic[K]):
         if healthy:
             return Pick(self._p2c(healthy, weights))
         return Pick(self._p2c(left, weights), panic=True)
+
+    def lease(
+        self, candidates: Sequence[K], weights: Callable[[K], float] | None = None,
+        exclude: Iterable[K] = (),
+    ) -> Lease[K] | None:  # fmt: skip
+        """`choose`, held as a `Lease`; None if no candidate is left."""
+        pick = self.choose(candidates, weights, exclude)
+        return Lease(self, pick) if pick is not None else None
 
     def _p2c(self, keys: Sequence[K], weights: Callable[[K], float] | None) -> K:
         if len(keys) == 1:

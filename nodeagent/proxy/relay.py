@@ -43,6 +43,8 @@ import socket
 import struct
 from typing import Protocol, cast
 
+from nodeagent.proxy.flow import CLOSING, HELD_BYTES, PEER_BLOCKED, PEER_CONNECTING, FlowControl
+
 log = logging.getLogger("weft.proxy")
 
 # l_onoff=1, l_linger=0: close() discards unsent data and sends RST instead of FIN.
@@ -78,6 +80,7 @@ class _Side(asyncio.Protocol):
         self._relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
         self.peer: _Side = self  # wired by Relay.__init__
         self.received = 0
         # Bytes read before the other leg existed: at most one read, see Relay._data.
@@ -182,6 +185,7 @@ class Relay:
 
     def _connected(self, side: _Side, transport: asyncio.Transport) -> None:
         side.transport = transport
+        side.flow = FlowControl(transport)
         transport.set_write_buffer_limits(high=self._high_water, low=self._low_water)
         if self._closing:
             # The relay ended while this leg was still connecting (shutdown, or a connect
@@ -191,7 +195,7 @@ class Relay:
         if not self.connected:
             # Hold the first leg until the second exists. asyncio honours this pause;
             # uvloop starts reading after connection_made regardless, which _data covers.
-            transport.pause_reading()
+            side.flow.hold(PEER_CONNECTING)
             return
         # Both legs up: deliver whatever the first leg sent while we were connecting.
         for s in (self.client, self.upstream):
@@ -257,15 +261,22 @@ class Relay:
 
     def _sync_reading(self, side: _Side) -> None:
         """Read from ``side`` only when its bytes have somewhere to go without piling up."""
-        transport = side.transport
-        if transport is None or side.lost or side.eof or transport.is_closing():
-            # After EOF, asyncio's resume_reading() would re-arm the reader on a finished
-            # socket and deliver EOF again, so a finished side is never touched.
+        flow = side.flow
+        if flow is None:
             return
-        if self._closing or side.pending or side.peer.transport is None or side.peer.write_blocked:
-            transport.pause_reading()
-        else:
-            transport.resume_reading()
+        if side.lost or side.eof:
+            flow.finish()
+            return
+        holds = []
+        if self._closing:
+            holds.append(CLOSING)
+        if side.pending:
+            holds.append(HELD_BYTES)
+        if side.peer.transport is None:
+            holds.append(PEER_CONNECTING)
+        elif side.peer.write_blocked:
+            holds.append(PEER_BLOCKED)
+        flow.update(holds)
 
     def _lost(self, side: _Side, exc: Exception | None) -> None:
         side.lost = True

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 
 from nodeagent.proxy.admission import Overloaded
+from nodeagent.proxy.resolve import NoRoute
 from nodeagent.proxy.tunnel import TunnelError
-from nodeagent.router import NoRoute
 
 
 def retryable(exc: BaseException) -> bool:

@@ -28,7 +28,8 @@ import pytest
 
 from tests.lab.conftest import LabRunner, Sniffer, unique_name
 from weft.bench.resilience import wait_accepted
-from weft.lab.lab import ADMIN_PORT, admin_get, agent_state, netns_name
+from weft.lab.lab import ADMIN_PORT, admin_get, agent_state
+from weft.lab.plan import netns_name
 
 
 @pytest.fixture(scope="module")

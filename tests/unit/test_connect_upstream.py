@@ -1,5 +1,6 @@
-"""The agent's outbound connect: endpoint choice, retry on connect failure, ejection and
-health bookkeeping — with the hop itself faked (no sockets)."""
+"""The outbound connect as the agent composes it (`MeshUpstreams`: resolve -> balance +
+failover -> dial): endpoint choice, retry on connect failure, ejection, the retry
+budget and health bookkeeping — with the dial stage faked (no sockets)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 
 from nodeagent.agent import Agent, AgentConfig
 from nodeagent.metrics import ConnLabels
+from nodeagent.proxy.dial import Dialed
 from nodeagent.proxy.outbound import Upstream
+from nodeagent.proxy.resolve import Hop, NoRoute
 from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import TunnelOverloaded
-from nodeagent.router import Hop, NoRoute
 from tests.agentenv import kube_env
 from weft.identity import SpiffeId
 from weft.mesh import Endpoint, InboundMode, Service, ServicePort, Workload
@@ -50,14 +52,14 @@ class FakeTransport(asyncio.Transport):
 
 
 def _fake_hops(agent: Agent, down: set[str], calls: list[str]) -> None:
-    async def open_hop(source, hop: Hop, factory):
+    async def dial(source, hop: Hop, factory):
         calls.append(hop.address[0])
         if hop.address[0] in down:
             raise ConnectionRefusedError("refused")
         labels = ConnLabels("outbound", "c", "default", "e", "default", "true", "a", "b")
-        return FakeTransport(), labels
+        return Dialed(FakeTransport(), labels)
 
-    agent._open_hop = open_hop  # type: ignore[method-assign,assignment]
+    agent.dialer.dial = dial  # type: ignore[method-assign,assignment]
 
 
 def _failures(agent: Agent, service: str) -> float:
@@ -73,7 +75,7 @@ async def test_a_refused_endpoint_is_retried_on_another_then_ejected(agent: Agen
     down = {"10.244.1.2", "10.244.1.3"}
     _fake_hops(agent, down, calls)
     for _ in range(20):  # every connection succeeds, on the one healthy endpoint
-        up = await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+        up = await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
         assert isinstance(up, Upstream) and up.done is not None
         up.done()
     assert calls.count("10.244.1.4") == 20
@@ -91,7 +93,7 @@ async def test_all_endpoints_down_fails_after_bounded_attempts(agent: Agent):
     calls: list[str] = []
     _fake_hops(agent, {"10.244.1.2", "10.244.1.3", "10.244.1.4"}, calls)
     with pytest.raises(ConnectionRefusedError):
-        await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+        await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     assert len(calls) == 3 and len(set(calls)) == 3  # each endpoint once, no more
     assert all(h.outstanding == 0 for h in agent.balancer.health.values())
 
@@ -100,7 +102,7 @@ async def test_direct_destinations_are_tried_once_and_not_tracked(agent: Agent):
     calls: list[str] = []
     _fake_hops(agent, {"203.0.113.5"}, calls)
     with pytest.raises(ConnectionRefusedError):
-        await agent.connect_upstream(("10.244.1.9", 5000), ("203.0.113.5", 443), asyncio.Protocol)
+        await agent.upstreams(("10.244.1.9", 5000), ("203.0.113.5", 443), asyncio.Protocol)
     assert calls == ["203.0.113.5"]
     assert agent.balancer.health == {}  # no entry per address an app dials
 
@@ -112,9 +114,9 @@ async def test_a_policy_refusal_is_not_retried_and_holds_no_probation_slot(agent
         calls.append(hop.address[0])
         raise NoRoute("strict source")
 
-    agent._open_hop = refuse  # type: ignore[method-assign]
+    agent.dialer.dial = refuse  # type: ignore[method-assign]
     with pytest.raises(NoRoute):
-        await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+        await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     assert len(calls) == 1
     assert all(not h.probing and h.outstanding == 0 for h in agent.balancer.health.values())
 
@@ -126,10 +128,10 @@ async def test_local_overload_is_neither_retried_nor_held_against_the_endpoint(a
         calls.append(hop.address[0])
         raise TunnelOverloaded("waited 30s for one of 32 handshake slots on this node")
 
-    agent._open_hop = overloaded  # type: ignore[method-assign]
+    agent.dialer.dial = overloaded  # type: ignore[method-assign]
     for _ in range(5):  # more than the ejection threshold
         with pytest.raises(TunnelOverloaded):
-            await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+            await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     assert len(calls) == 5  # one attempt each: another endpoint would queue the same
     assert all(h.failures == 0 and h.ejections == 0 for h in agent.balancer.health.values())
     assert all(h.outstanding == 0 for h in agent.balancer.health.values())
@@ -137,12 +139,13 @@ async def test_local_overload_is_neither_retried_nor_held_against_the_endpoint(a
 
 
 async def test_failovers_stop_when_the_retry_budget_is_spent(agent: Agent):
-    agent.retry_budget = RetryBudget(ratio=0.0, min_per_second=0.2, ttl=10)  # 2 retries
+    budget = RetryBudget(ratio=0.0, min_per_second=0.2, ttl=10)  # 2 retries
+    agent.retry_budget = agent.upstreams.failover.budget = budget
     calls: list[str] = []
     _fake_hops(agent, {"10.244.1.2", "10.244.1.3", "10.244.1.4"}, calls)
     for _ in range(3):
         with pytest.raises(ConnectionRefusedError):
-            await agent.connect_upstream(("10.244.1.9", 5000), VIP, asyncio.Protocol)
+            await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     # The first connection fails over twice (the whole budget); the next two get their
     # first attempt only: 5 attempts, not 3 x 3.
     assert len(calls) == 5

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.proxy.admission import Overloaded
+from nodeagent.proxy.resolve import NoRoute
 from nodeagent.proxy.retry import RetryBudget, retryable
 from nodeagent.proxy.tunnel import TunnelOverloaded, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
-from nodeagent.router import NoRoute
 
 
 class Clock:

@@ -241,7 +241,7 @@ async def test_resuming_delivers_what_was_held_then_credits_it() -> None:
     stream, app = open_stream(session, transport, opened)
     stream.pause_reading()
     session.data_received(data_frames(1, b"q" * 1000, 4096) + end_frame(1))
-    assert not app.eof
+    assert [app.eof] == [False]
     stream.resume_reading()
     assert app.data == b"q" * 1000 and app.eof
     assert transport.take() == [WindowUpdate(1, 1000)]
@@ -371,7 +371,7 @@ async def test_rapid_resets_end_the_connection() -> None:
     for sid in range(1, 5):
         session.data_received(frame(FrameType.OPEN, sid, encode_open_payload(TARGET)))
         session.data_received(reset_frame(sid, Reset.CANCEL))
-    assert session.violation is None  # within the budget
+    assert [session.violation] == [None]  # within the budget
     for sid in range(5, 12):
         session.data_received(frame(FrameType.OPEN, sid, encode_open_payload(TARGET)))
         session.data_received(reset_frame(sid, Reset.CANCEL))

@@ -121,11 +121,12 @@ def test_preface_round_trips_however_split(
     event: object = NeedMore()
     rest = b""
     for chunk in split(data, cuts):
-        if decoder.done:
+        finished = decoder.done
+        if finished:
             rest += chunk
             continue
         event = decoder.feed(chunk)
-        if decoder.done:
+        if event != NeedMore():
             rest += decoder.trailing
     assert event == Preface(settings_, tuple(ext))
     assert rest == trailing

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weft.files import write_atomic
+from weft.files import write_json_atomic as write_json_atomic
 from weft.lab.plan import LabPlan, NodePlan, PodPlan, ServicePlan, ServicePort
 
 SCHEMA_VERSION = 1
@@ -198,11 +198,6 @@ class LabState:
 
     def save(self) -> None:
         write_json_atomic(self.paths.state_file, self.to_json())
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers never see a half-written file (see :mod:`weft.files`)."""
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_state(state_file: Path) -> LabState:

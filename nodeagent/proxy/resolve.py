@@ -1,6 +1,12 @@
-"""Where an outbound connection goes: a service VIP becomes its ready endpoints, a pod
-address itself; each hop says whether it needs the tunnel.  Pure functions of the
-agent's :class:`~nodeagent.meshstate.MeshState`; the agent does the I/O.
+"""The resolve stage: where an outbound connection goes.
+
+The *logical* destination (what the app dialled: a service VIP and port, or an
+address) becomes its *concrete* candidates: a service's ready endpoints with the target
+port resolved (named ports included), or the address itself; each candidate (`Hop`)
+carries the pod behind it, which says whether it needs the tunnel.  Pure functions of
+the agent's :class:`~nodeagent.meshstate.MeshState`; the stages after it do the I/O.
+HTTP routes (the request-aware proxy) slot in here: a route picks the service, this
+picks its endpoints.
 """
 
 from __future__ import annotations

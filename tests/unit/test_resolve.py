@@ -1,4 +1,4 @@
-"""Outbound routing (nodeagent.router) over a MeshState built from a snapshot.
+"""Outbound routing (nodeagent.proxy.resolve) over a MeshState built from a snapshot.
 
 A service VIP becomes its ready endpoints at their target ports (numeric, or named and
 resolved per endpoint); any other address is a single direct hop, with its workload when
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.meshstate import MeshState
-from nodeagent.router import Hop, NoRoute, Resolved, resolve, workload_name
+from nodeagent.proxy.resolve import Hop, NoRoute, Resolved, resolve, workload_name
 from weft.identity import SpiffeId
 from weft.mesh import Endpoint, InboundMode, Service, ServicePort, Workload
 from weft.meshwire import SnapshotMsg
