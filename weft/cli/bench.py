@@ -208,6 +208,31 @@ def resilience(rounds: int, connections: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--seconds", default=20.0, show_default=True, help="Sampling time.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def profile(seconds: float, json_path: Path | None) -> None:
+    """Both node agents under saturation, sampled with py-spy: their top frames.
+
+    A cross-node closed-loop saturation (client-1 -> echo-2) in a two-node lab; prints
+    each agent's top frames by self and by total time (docs/benchmarks.md).
+    """
+    from weft.bench.profile import run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, seconds, report=lambda m: err.print(f"[dim]·[/dim] {m}"))
+    console = Console()
+    console.print(f"load: {result['load'].get('per_second')} req/s")
+    for name, prof in result["agents"].items():
+        table = Table(f"{name}: self %", "frame", "total %", "frame")
+        for a, b in zip(prof["self"], prof["total"], strict=False):
+            table.add_row(f"{a['percent']:.1f}", a["frame"], f"{b['percent']:.1f}", b["frame"])
+        console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--rounds", default=20_000, show_default=True, help="Round trips per protocol.")
 @click.option("--size", default=1024, show_default=True, help="Bytes each way per round trip.")
 def framing(rounds: int, size: int) -> None:
