@@ -103,7 +103,7 @@ def run(
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     text=True,
-                )  # fmt: skip
+                )
                 for name, pid in agents.items()
             }
             profiles = {}
