@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
 import logging
 import socket
@@ -389,7 +388,7 @@ class TunnelClient:
             session.start()
             await self._preface(session, what, source)
         self.stats.connections += 1
-        self._watch_expiry(session, ssl_object)
+        session.expire_with_peer_certificate("the server's")
         log.debug("%s: tunnel connection up", session.label)
         return session
 
@@ -494,15 +493,6 @@ class TunnelClient:
             f"certificate for {source} (untrusted, expired, not yet valid) or our identity "
             "— its log names the reason"
         )
-
-    def _watch_expiry(self, session: Session, ssl_object: Any) -> None:
-        try:
-            expires = tls.peer_certificate(ssl_object).not_valid_after_utc
-        except Exception:  # the handshake verified it; this cannot fail in practice
-            return
-        left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
-        loop = asyncio.get_running_loop()
-        session.expire_at(loop.time() + max(left, 0.0), "the server's certificate expired")
 
 
 def _tls(session: Session, what: str) -> str | None:

@@ -31,7 +31,6 @@ unprocessed). The client certificate's expiry closes the connection.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import socket
 from collections.abc import Callable
@@ -278,7 +277,7 @@ class TunnelServer(Listener):
         self.stats.sessions += 1
         self.stats.sessions_active += 1
         self._sessions.add(session)
-        self._watch_expiry(session, ssl_object)
+        session.expire_with_peer_certificate("the client's")
         state.stage = "serving streams"
         log.debug("%s: tunnel connection up (as %s)", state.label, state.presented)
         try:
@@ -346,15 +345,6 @@ class TunnelServer(Listener):
                     await asyncio.shield(session.closed)
             except TimeoutError:
                 continue
-
-    def _watch_expiry(self, session: Session, ssl_object: Any) -> None:
-        try:
-            expires = tls.peer_certificate(ssl_object).not_valid_after_utc
-        except Exception:  # the handshake verified it; this cannot fail in practice
-            return
-        left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
-        loop = asyncio.get_running_loop()
-        session.expire_at(loop.time() + max(left, 0.0), "the client's certificate expired")
 
     # --- one stream -------------------------------------------------------------------
 

@@ -44,11 +44,13 @@ never touches its siblings.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from nodeagent.proxy import tls
 from nodeagent.proxy.tunnel.wire import (
     Answer,
     Answered,
@@ -609,6 +611,16 @@ class Session(asyncio.Protocol):
         if self._expiry is not None:
             self._expiry.cancel()
         self._expiry = self._loop.call_at(when, self._expire, why)
+
+    def expire_with_peer_certificate(self, whose: str) -> None:
+        """Reset the connection when the certificate the peer proved expires (``whose``
+        names it in the log line: "the client's", "the server's")."""
+        try:
+            expires = tls.peer_certificate(self.get_extra_info("ssl_object")).not_valid_after_utc
+        except Exception:  # the handshake verified it; this cannot fail in practice
+            return
+        left = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
+        self.expire_at(self._loop.time() + max(left, 0.0), f"{whose} certificate expired")
 
     def _expire(self, why: str) -> None:
         log.info("%s: %s; closing the connection and its %d streams", self.label, why,
