@@ -58,8 +58,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
     assert tunnels["node-1"]["streams_opened"] >= 100, tunnels
     assert tunnels["node-2"]["streams_established"] >= 50, tunnels
     assert tunnels["node-1"]["streams_established"] >= 50, tunnels
-    # Over pooled connections: a handful of TLS handshakes for all those streams.
-    assert tunnels["node-1"]["tls_connections_made"] <= 10, tunnels
+    # Over pooled connections: a handful of TLS handshakes for all those streams (the
+    # 1,000 idle connections held at once take 10 at 100 streams each, plus same node).
+    assert tunnels["node-1"]["tls_connections_made"] <= 16, tunnels
     # CPU per request is charged to the proxies of each setup, during its runs only.
     for setup in ("weft", "haproxy-sidecars"):
         assert result["summary"][setup]["saturate"]["cpu_us_per_request"] > 0, setup
