@@ -15,12 +15,23 @@ Failure accrual, per endpoint address (shared by every service that has it):
 * when every endpoint of a service is ejected, choice ignores ejections (a guess beats a
   certain refusal: the "panic" mode of Envoy), and says so in the returned pick.
 
+Latency-aware choice (requests, `PeakEwma`): the load of an endpoint is its *peak EWMA*
+round-trip estimate times (outstanding + 1) / weight — Linkerd's and tower's cost —
+and of the two sampled endpoints each is taken with probability proportional to the
+*other's* cost (tower takes the cheaper one; see `_p2c` for why). The
+estimate jumps to any observation above it (a slowdown shows at once) and otherwise
+moves towards observations with time constant ``decay``; an endpoint not chosen decays
+towards zero, so it is tried again before long (a recovered replica is not starved). A
+new endpoint starts at ``default_rtt``. Connection balancing uses outstanding counts
+only (a connection's lifetime says nothing about the endpoint's speed).
+
 Nothing here awaits or reads clocks directly: the clock and randomness are injected.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -44,6 +55,23 @@ class AccrualConfig:
             raise ValueError("threshold >= 1 and 0 < base_ejection <= max_ejection are needed")
 
 
+@dataclass(frozen=True)
+class PeakEwma:
+    default_rtt: float = 0.001
+    """Seconds assumed for an endpoint not yet observed. Lower than Linkerd's 30 ms: the
+    first response replaces it anyway (a peak), and a high default would make every new
+    endpoint look slow until the estimate had decayed down to its real latency."""
+    decay: float = 10.0
+    """Seconds: the time constant of the moving average (Linkerd's default)."""
+
+    def __post_init__(self) -> None:
+        if self.default_rtt <= 0 or self.decay <= 0:
+            raise ValueError("default_rtt and decay must be positive")
+
+
+_MIN_RTT = 1e-6  # so that an idle endpoint's estimate never hides its outstanding count
+
+
 @dataclass
 class Health:
     outstanding: int = 0
@@ -55,6 +83,10 @@ class Health:
     """The single probation connection is in flight."""
     failures: int = 0
     ejections: int = 0
+    rtt: float | None = None
+    """Peak-EWMA round-trip estimate, seconds (latency-aware balancers only)."""
+    rtt_at: float = 0.0
+    requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +126,11 @@ class Lease(Generic[K]):
         self.release()
         self._balancer.abandoned(self.key)
 
+    def observe(self, seconds: float) -> None:
+        """A request on this lease took ``seconds`` to its response (latency-aware
+        balancers use it; others ignore it)."""
+        self._balancer.observed(self.key, seconds)
+
     def release(self) -> None:
         """The connection has ended (idempotent)."""
         if not self._released:
@@ -107,11 +144,18 @@ class Balancer(Generic[K]):
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
     health: dict[K, Health] = field(default_factory=dict)
+    latency: PeakEwma | None = None
+    """Set for request balancing: cost is peak-EWMA latency times (outstanding + 1)."""
 
     def _h(self, key: K) -> Health:
         h = self.health.get(key)
         if h is None:
             h = self.health[key] = Health()
+            if self.latency is not None:
+                # Starts at the default, decaying from first sight like any estimate: an
+                # endpoint never chosen becomes the cheapest before long.
+                h.rtt = self.latency.default_rtt
+                h.rtt_at = self.clock()
         return h
 
     def state(self, key: K) -> str:
@@ -163,13 +207,50 @@ class Balancer(Generic[K]):
             return keys[0]
         a, b = self.rng.sample(keys, 2)
 
+        latency = self.latency
+        now = self.clock() if latency is not None else 0.0
+
         def load(k: K) -> float:
-            h = self.health.get(k)
-            n = (h.outstanding if h else 0) + 1
+            h = self.health.get(k) if latency is None else self._h(k)
+            n: float = (h.outstanding if h else 0) + 1
+            if latency is not None:
+                n *= self._estimate(h, latency, now)
             w = weights(k) if weights else 1.0
             return n / w if w > 0 else float("inf")
 
-        return a if load(a) <= load(b) else b
+        la, lb = load(a), load(b)
+        if latency is not None and la < float("inf") and lb < float("inf"):
+            # Between the two, a pick weighted by the other's cost rather than the
+            # cheaper always: with two endpoints P2C always compares the same pair, and
+            # a deterministic choice would hand one endpoint every request until a
+            # spike on it decays (seconds): equal replicas would split by noise. A
+            # replica 20x slower still gets ~5 % (1/21).
+            return a if self.rng.random() * (la + lb) < lb else b
+        return a if la <= lb else b
+
+    @staticmethod
+    def _estimate(h: Health | None, latency: PeakEwma, now: float) -> float:
+        """The estimate decayed to ``now`` (towards zero: no observation since)."""
+        if h is None or h.rtt is None:
+            return latency.default_rtt  # not reached: `_h` starts every estimate
+        if h.outstanding:
+            return max(h.rtt, _MIN_RTT)  # in flight: no news is not good news yet
+        elapsed = max(0.0, now - h.rtt_at)
+        return max(h.rtt * math.exp(-elapsed / latency.decay), _MIN_RTT)
+
+    def observed(self, key: K, seconds: float) -> None:
+        latency = self.latency
+        if latency is None:
+            return
+        h = self._h(key)
+        now = self.clock()
+        h.requests += 1
+        if h.rtt is None or seconds >= h.rtt:
+            h.rtt = seconds  # a peak: believed at once (a lower one only with time)
+        else:
+            w = math.exp(-max(0.0, now - h.rtt_at) / latency.decay)
+            h.rtt = h.rtt * w + seconds * (1.0 - w)
+        h.rtt_at = now
 
     def started(self, key: K) -> None:
         self._h(key).outstanding += 1

@@ -18,6 +18,7 @@ from nodeagent.proxy.listener import Address
 from nodeagent.proxy.resolve import Hop, NoRoute, workload_name
 from nodeagent.proxy.stage import UpstreamConnector, connect_plaintext
 from nodeagent.proxy.tunnel import TUNNEL_PORT, TunnelClient
+from nodeagent.proxy.tunnel.wire import protocol_extension
 from weft.mesh import Workload
 
 
@@ -47,7 +48,11 @@ class Dialer:
         source: Workload | None,
         hop: Hop,
         protocol_factory: Callable[[], asyncio.Protocol],
+        *,
+        protocol: str | None = None,
     ) -> Dialed:
+        """``protocol`` (``http/1.1``, ``h2``) tells the destination node's proxy how to
+        serve a tunnel stream; None is opaque bytes."""
         dest = hop.workload
         src_name = workload_name(source)
         if dest is not None and dest.captured and self.tunnel is not None:
@@ -65,6 +70,7 @@ class Dialer:
                 hop.address,
                 dest.identity,
                 protocol_factory,
+                protocol_extension(protocol) if protocol else (),
             )
             labels = ConnLabels(
                 "outbound", *src_name, *workload_name(dest), "true",

@@ -110,11 +110,11 @@ async def test_direct_destinations_are_tried_once_and_not_tracked(agent: Agent):
 async def test_a_policy_refusal_is_not_retried_and_holds_no_probation_slot(agent: Agent):
     calls: list[str] = []
 
-    async def refuse(source, hop, factory):
+    async def refuse(source, hop, factory, **_):
         calls.append(hop.address[0])
         raise NoRoute("strict source")
 
-    agent.dialer.dial = refuse  # type: ignore[method-assign]
+    agent.dialer.dial = refuse  # type: ignore[method-assign,assignment]
     with pytest.raises(NoRoute):
         await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)
     assert len(calls) == 1
@@ -124,11 +124,11 @@ async def test_a_policy_refusal_is_not_retried_and_holds_no_probation_slot(agent
 async def test_local_overload_is_neither_retried_nor_held_against_the_endpoint(agent: Agent):
     calls: list[str] = []
 
-    async def overloaded(source, hop, factory):
+    async def overloaded(source, hop, factory, **_):
         calls.append(hop.address[0])
         raise TunnelOverloaded("waited 30s for one of 32 handshake slots on this node")
 
-    agent.dialer.dial = overloaded  # type: ignore[method-assign]
+    agent.dialer.dial = overloaded  # type: ignore[method-assign,assignment]
     for _ in range(5):  # more than the ejection threshold
         with pytest.raises(TunnelOverloaded):
             await agent.upstreams(("10.244.1.9", 5000), VIP, asyncio.Protocol)

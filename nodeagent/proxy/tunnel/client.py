@@ -61,7 +61,14 @@ from nodeagent.proxy.tunnel.errors import (
     describe,
 )
 from nodeagent.proxy.tunnel.session import Session, Stream, StreamLost
-from nodeagent.proxy.tunnel.wire import HeaderError, Invalid, Reset, Status, encode_open_payload
+from nodeagent.proxy.tunnel.wire import (
+    Extensions,
+    HeaderError,
+    Invalid,
+    Reset,
+    Status,
+    encode_open_payload,
+)
 from weft.identity import SpiffeId
 
 log = logging.getLogger("weft.proxy.tunnel")
@@ -166,12 +173,14 @@ class TunnelClient:
         target: Address,
         expected: SpiffeId,
         protocol_factory: Callable[[], asyncio.Protocol],
+        extensions: Extensions = (),
     ) -> Stream:
         """Open a stream to ``target`` via the tunnel server at ``dest_node``,
         presenting ``source``'s certificate and requiring the server to be
-        ``expected``. Returns the `Stream`, whose protocol, made by
-        ``protocol_factory``, has seen ``connection_made``. Raises a `TunnelError`
-        subclass naming the failure; cancelling it resets the stream it opened."""
+        ``expected``; ``extensions`` go into the OPEN (the protocol hint). Returns
+        the `Stream`, whose protocol, made by ``protocol_factory``, has seen
+        ``connection_made``. Raises a `TunnelError` subclass naming the failure;
+        cancelling it resets the stream it opened."""
         self.stats.attempts += 1
         what = (
             f"tunnel from {source} to {format_address(target)} ({expected}) via "
@@ -179,7 +188,7 @@ class TunnelClient:
         )
         try:
             try:
-                payload = encode_open_payload(target)
+                payload = encode_open_payload(target, extensions)
             except HeaderError as exc:
                 raise TunnelSetupError(f"{what}: {exc}") from None
             key = (source, dest_node, expected)

@@ -63,6 +63,21 @@ def allow_trust_domain(trust_domain: str) -> Authorize:
     return authorize
 
 
+class ServedStream(Protocol):
+    """A protocol that serves a whole tunnel stream itself (the HTTP server), and says
+    when it is done."""
+
+    closed: asyncio.Future[None]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+
+StreamServer = Callable[[SpiffeId, "SpiffeId | None", Address, str], ServedStream]
+"""(client identity, identity presented, target, label) -> the protocol for a stream
+whose OPEN named an application protocol (``http/1.1``): the stream is attached to it
+instead of being relayed to the target as bytes."""
+
+
 class TargetConnector(Protocol):
     """Opens the connection to the local pod: attach a protocol made by
     ``protocol_factory`` and return the transport once ``connection_made`` has run."""

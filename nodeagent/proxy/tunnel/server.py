@@ -33,9 +33,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from nodeagent.proxy import tls
 from nodeagent.proxy.admission import Admission
@@ -55,6 +55,7 @@ from nodeagent.proxy.tunnel.hooks import (
     Authorize,
     LocateTarget,
     NotLocal,
+    StreamServer,
     TargetConnector,
     allow_trust_domain,
     connect_target_plaintext,
@@ -66,6 +67,7 @@ from nodeagent.proxy.tunnel.wire import (
     Reset,
     Status,
     encode_answer_payload,
+    requested_protocol,
 )
 from weft.identity import SpiffeId
 
@@ -131,8 +133,12 @@ class TunnelServer(Listener):
         config: TunnelServerConfig | None = None,
         meter: MeterFactory | None = None,
         hold: ReadyHold | None = None,
+        protocols: Mapping[str, StreamServer] | None = None,
     ) -> None:
         super().__init__("tunnel", hold)
+        self._protocols = dict(protocols or {})
+        self.served: dict[str, int] = {}
+        """Streams served by a protocol server, by protocol (the rest are relayed)."""
         self._meter = meter
         self.config = config or TunnelServerConfig()
         self.stats = TunnelServerStats()
@@ -370,9 +376,15 @@ class TunnelServer(Listener):
                 log.info("%s: certificate of %s rotated; asking the client to reconnect",
                          state.label, state.presented)  # fmt: skip
                 session.goaway(Reset.NO_ERROR, "certificate rotated")
-        task = asyncio.get_running_loop().create_task(
-            self._relay(state, stream, target, label), name=f"weft.proxy.tunnel {label}"
-        )
+        protocol = requested_protocol(request.extensions)
+        server = self._protocols.get(protocol) if protocol is not None else None
+        if server is not None:
+            assert protocol is not None
+            job = self._serve_stream(state, stream, target, label, protocol, server)
+        else:
+            # No hint, or one this node does not serve: bytes, which is still correct.
+            job = self._relay(state, stream, target, label)
+        task = asyncio.get_running_loop().create_task(job, name=f"weft.proxy.tunnel {label}")
         state.streams.add(task)
         task.add_done_callback(state.streams.discard)
 
@@ -444,6 +456,32 @@ class TunnelServer(Listener):
             relay.bytes_out,
             relay.bytes_in,
         )
+
+    async def _serve_stream(
+        self,
+        state: _Conn,
+        stream: Stream,
+        target: Address,
+        label: str,
+        protocol: str,
+        server: StreamServer,
+    ) -> None:
+        """A stream served by a protocol server (HTTP): it connects to the pod per
+        request itself, so the stream is answered at once."""
+        assert state.client is not None
+        served = server(state.client, state.presented, target, f"{label} ({protocol})")
+        stream.session.answer(stream, encode_answer_payload(Status.OK))
+        self.stats.established += 1
+        self.stats.streams_active += 1
+        self.served[protocol] = self.served.get(protocol, 0) + 1
+        try:
+            stream.attach(cast(asyncio.Protocol, served))
+            await asyncio.shield(served.closed)
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        finally:
+            self.stats.streams_active -= 1
 
     def _decide(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address

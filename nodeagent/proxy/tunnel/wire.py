@@ -235,6 +235,24 @@ class HeaderError(ValueError):
 Extensions = tuple[tuple[int, bytes], ...]
 """Optional fields (type >= 0x80, value <= 255 bytes), in order of appearance."""
 
+EXT_PROTOCOL = 0x80
+"""OPEN optional field: the application protocol the client node detected (an ASCII
+token: ``http/1.1``, ``h2``), so the server node serves the stream with its HTTP server
+instead of sniffing again. Optional on purpose: a server that does not know it relays
+the stream as opaque bytes, which is still correct."""
+
+
+def protocol_extension(protocol: str) -> Extensions:
+    return ((EXT_PROTOCOL, protocol.encode("ascii")),)
+
+
+def requested_protocol(extensions: Extensions) -> str | None:
+    """The protocol an OPEN asked for, or None (opaque)."""
+    for kind, value in extensions:
+        if kind == EXT_PROTOCOL:
+            return value.decode("ascii", "replace")
+    return None
+
 
 @dataclass(frozen=True)
 class ConnectRequest:

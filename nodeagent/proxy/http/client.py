@@ -1,0 +1,322 @@
+"""Upstream HTTP/1.1 connections and their pool.
+
+`Http1Client` is the protocol of one upstream connection — a tunnel stream to another
+node's proxy, or plaintext TCP to a pod — carrying one exchange at a time: it writes the
+request head and body (re-chunked when the client sent chunks), parses the response
+(`ResponseCodec`) into the exchange, and goes back to its `Http1Pool` when both messages
+are complete and both ends keep the connection alive. Anything else (a response that
+ended early, ``Connection: close``, a HEAD, a parse error) closes it.
+
+The pool keys connections by ``(source identity, endpoint)``: an upstream connection
+over the tunnel carries one workload's identity, so two workloads never share one. Idle
+connections are reused most-recent-first (the rest age out after ``idle_timeout``), and
+at most ``max_idle`` per key are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING
+
+from nodeagent.proxy.flow import PEER_BLOCKED, FlowControl
+from nodeagent.proxy.http.h1 import (
+    LAST_CHUNK,
+    H1Error,
+    Limits,
+    ResponseCodec,
+    encode_chunk,
+    encode_request_head,
+)
+from nodeagent.proxy.http.message import ResponseHead
+from nodeagent.proxy.relay import reset_transport
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.http.server import Exchange
+
+log = logging.getLogger("weft.proxy.http")
+
+
+class UpstreamLost(ConnectionError):
+    """The upstream connection failed during an exchange."""
+
+    def __init__(self, detail: str, *, response_started: bool, bad_response: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.response_started = response_started
+        self.bad_response = bad_response
+
+
+class Http1Client(asyncio.Protocol):
+    def __init__(self, key: Hashable, *, label: str, limits: Limits | None = None) -> None:
+        self.key = key
+        self.label = label
+        self.codec = ResponseCodec(self, limits)
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl | None = None
+        self._exchange: Exchange | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._chunked = False
+        self._request_sent = False
+        self._response_bytes = False
+        self._upgrade_head: ResponseHead | None = None
+        self._detached = False
+        self.lost = False
+        self.exchanges = 0
+        self.pool: Http1Pool | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._exchange is not None
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+    # --- sending an exchange -------------------------------------------------------------
+
+    def send(self, exchange: Exchange) -> asyncio.Future[None]:
+        """Send ``exchange``'s request; the future resolves when its response is
+        complete, or fails with `UpstreamLost`."""
+        assert self.transport is not None and self._exchange is None
+        loop = asyncio.get_running_loop()
+        self._done = done = loop.create_future()
+        self._exchange = exchange
+        self._chunked = exchange.head.chunked
+        self._request_sent = False
+        self._response_bytes = False
+        self.exchanges += 1
+        self.codec.expect(exchange.head.method)
+        self.transport.write(encode_request_head(exchange.head))
+        exchange.bind(self)
+        return done
+
+    def write_body(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(encode_chunk(data) if self._chunked else data)
+
+    def end_body(self) -> None:
+        self._request_sent = True
+        if self._chunked and self.transport is not None:
+            self.transport.write(LAST_CHUNK)
+
+    def pause_reading(self) -> None:
+        if self.flow is not None:
+            self.flow.hold(PEER_BLOCKED)
+
+    def resume_reading(self) -> None:
+        if self.flow is not None:
+            self.flow.release(PEER_BLOCKED)
+
+    def take_transport(self) -> asyncio.Transport:
+        assert self.transport is not None
+        self._detached = True
+        self._finish(None)
+        return self.transport
+
+    # --- ResponseSink --------------------------------------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            return
+        if head.status == 101 and exchange.head.upgrade is not None:
+            self._upgrade_head = head
+            return
+        exchange.response_head(head)
+
+    def response_body(self, data: bytes) -> None:
+        if self._exchange is not None:
+            self._exchange.response_body(data)
+
+    def response_end(self, head: ResponseHead) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            return
+        exchange.response_end(head)
+        reusable = (
+            self.codec.reusable
+            and head.keep_alive
+            and self._request_sent
+            and exchange.head.keep_alive
+            and exchange.head.upgrade is None
+        )
+        self._finish(None)
+        if reusable and self.pool is not None and self.usable:
+            self.pool.put(self)
+        else:
+            self.close()
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            # Bytes while idle: the server is talking out of turn; this connection
+            # cannot be trusted with another exchange.
+            log.info("%s: %d unexpected bytes from an idle upstream; closing", self.label,
+                     len(data))  # fmt: skip
+            self.lost = True
+            self.close()
+            return
+        self._response_bytes = True
+        try:
+            leftover = self.codec.feed(data)
+        except H1Error as exc:
+            self._fail(f"malformed response: {exc.detail}", bad_response=True)
+            return
+        if leftover is not None and self._upgrade_head is not None and self._exchange is not None:
+            self._exchange.upgrade(self._upgrade_head, leftover)
+
+    def eof_received(self) -> bool:
+        if self._exchange is not None and self.codec.feed_eof():
+            return False
+        if self._exchange is not None:
+            self._fail("the upstream closed the connection before the response was complete")
+        self.lost = True
+        return False
+
+    def pause_writing(self) -> None:
+        if self._exchange is not None:
+            self._exchange._server.flow.hold(PEER_BLOCKED)
+
+    def resume_writing(self) -> None:
+        if self._exchange is not None:
+            self._exchange._server.flow.release(PEER_BLOCKED)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.flow is not None:
+            self.flow.finish()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.pool is not None:
+            self.pool.discard(self)
+        if self._exchange is not None and not self._detached:
+            if exc is None and self.codec.feed_eof():
+                return
+            why = f"reset ({exc})" if exc else "closed"
+            self._fail(f"the upstream connection was {why} before the response was complete")
+
+    # --- ending --------------------------------------------------------------------------
+
+    def _fail(self, detail: str, *, bad_response: bool = False) -> None:
+        exchange = self._exchange
+        started = exchange.response_started if exchange is not None else False
+        if exchange is not None:
+            exchange._server.flow.release(PEER_BLOCKED)
+        self._finish(UpstreamLost(detail, response_started=started, bad_response=bad_response))
+        self.lost = True
+        if self.transport is not None:
+            reset_transport(self.transport)
+
+    def _finish(self, error: BaseException | None) -> None:
+        exchange, done = self._exchange, self._done
+        self._exchange = None
+        self._done = None
+        if exchange is not None:
+            exchange._server.flow.release(PEER_BLOCKED)
+        if done is not None and not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+        if self.flow is not None:
+            self.flow.release(PEER_BLOCKED)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            reset_transport(self.transport)
+
+
+Dial = Callable[[Callable[[], asyncio.Protocol]], Awaitable[object]]
+"""Opens a new upstream connection with the given protocol factory (the dial stage,
+bound to one endpoint and identity)."""
+
+
+class Http1Pool:
+    def __init__(self, *, max_idle: int = 64, idle_timeout: float = 60.0,
+                 limits: Limits | None = None) -> None:  # fmt: skip
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.limits = limits
+        self._idle: dict[Hashable, deque[Http1Client]] = {}
+        self.opened = 0
+        self.reused = 0
+
+    @property
+    def idle(self) -> int:
+        return sum(map(len, self._idle.values()))
+
+    def take(self, key: Hashable) -> Http1Client | None:
+        """An idle connection for ``key`` (most recently used first), or None."""
+        idle = self._idle.get(key)
+        while idle:
+            client = idle.pop()
+            if client._idle_timer is not None:
+                client._idle_timer.cancel()
+                client._idle_timer = None
+            if client.usable:
+                if not idle:
+                    del self._idle[key]
+                self.reused += 1
+                return client
+        self._idle.pop(key, None)
+        return None
+
+    async def open(self, key: Hashable, dial: Dial, label: str) -> Http1Client:
+        client = Http1Client(key, label=label, limits=self.limits)
+        client.pool = self
+        await dial(lambda: client)
+        if client.transport is None:
+            raise RuntimeError("the dial stage returned without attaching the HTTP client")
+        self.opened += 1
+        return client
+
+    def put(self, client: Http1Client) -> None:
+        idle = self._idle.setdefault(client.key, deque())
+        if len(idle) >= self.max_idle:
+            client.close()
+            return
+        idle.append(client)
+        loop = asyncio.get_running_loop()
+        client._idle_timer = loop.call_later(self.idle_timeout, self._expire, client)
+
+    def _expire(self, client: Http1Client) -> None:
+        client._idle_timer = None
+        self.discard(client)
+        client.close()
+
+    def discard(self, client: Http1Client) -> None:
+        idle = self._idle.get(client.key)
+        if idle is not None:
+            try:
+                idle.remove(client)
+            except ValueError:
+                return
+            if not idle:
+                del self._idle[client.key]
+
+    def close(self) -> None:
+        for idle in list(self._idle.values()):
+            for client in list(idle):
+                client.close()
+        self._idle.clear()
+
+    def retain(self, keep: Callable[[Hashable], bool]) -> None:
+        """Close idle connections whose key ``keep`` rejects (endpoints gone)."""
+        for key in [k for k in self._idle if not keep(k)]:
+            for client in self._idle.pop(key):
+                client.close()

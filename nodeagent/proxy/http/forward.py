@@ -1,0 +1,356 @@
+"""Per-request forwarding: the HTTP server's `Forwarder`s, outbound and inbound.
+
+Outbound (the app's node), for each request::
+
+    resolve (the original destination: a service VIP -> its ready endpoints)
+    -> balance (P2C over peak-EWMA latency x outstanding requests, `Balancer.latency`)
+       + failover over connect failures (`Failover`, the TCP path's, with its budget)
+    -> a pooled upstream connection for (source identity, endpoint) (`Http1Pool`), or a
+       new one from the dial stage: a tunnel stream that tells the other node
+       ``http/1.1`` (so it does not sniff again), or plaintext to an uncaptured pod
+    -> send; the response streams back through the `Exchange`
+
+so one keep-alive connection's requests spread over every replica, and a slow replica
+gets fewer of them. A request that failed on a *reused* connection before any response
+byte (the upstream closed it as we sent: the keep-alive race) is sent once more on a
+fresh connection when it has no body. Failures the proxy answers itself are mapped to a
+status and a ``weft-proxy-error`` token (`ProxyError`).
+
+Inbound (the destination node), each request on a tunnel stream goes to the local pod it
+was addressed to, over pooled plaintext connections to that pod, and is recorded with
+the client's verified identity (per-route authorization builds on this).
+
+Both record the golden metrics (`nodeagent.httpmetrics`): the stage that knows the
+facts records them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nodeagent.httpmetrics import HttpLabels, HttpMetrics
+from nodeagent.meshstate import MeshState
+from nodeagent.proxy.admission import Overloaded
+from nodeagent.proxy.dial import Dialer
+from nodeagent.proxy.failover import Failover, FailoverObserver
+from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
+from nodeagent.proxy.http.message import ProxyError
+from nodeagent.proxy.http.server import Exchange, ProxyFailure
+from nodeagent.proxy.listener import Address, format_address
+from nodeagent.proxy.resolve import Hop, NoRoute, resolve, workload_name
+from nodeagent.proxy.tunnel import TunnelImpersonation, TunnelRefused, TunnelTimeout
+from nodeagent.proxy.tunnel.hooks import TargetConnector
+from nodeagent.proxy.tunnel.wire import Status
+from weft.identity import SpiffeId
+from weft.mesh import Workload
+
+log = logging.getLogger("weft.proxy.http")
+
+HTTP1 = "http/1.1"
+
+
+def failure_of(exc: BaseException) -> ProxyFailure:
+    """The answer for a failed attempt to reach an endpoint."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, ProxyFailure):
+        return exc
+    if isinstance(exc, NoRoute):
+        return ProxyFailure(ProxyError.NO_ENDPOINTS, detail)
+    if isinstance(exc, Overloaded):
+        return ProxyFailure(ProxyError.OVERLOADED, detail)
+    if isinstance(exc, TunnelImpersonation) or (
+        isinstance(exc, TunnelRefused) and exc.status is Status.TARGET_IDENTITY_MISMATCH
+    ):
+        return ProxyFailure(ProxyError.IDENTITY_MISMATCH, detail)
+    if isinstance(exc, TunnelRefused) and exc.status is Status.POLICY_DENIED:
+        return ProxyFailure(ProxyError.UNAUTHORIZED, detail)
+    if isinstance(exc, (TimeoutError, TunnelTimeout)):
+        return ProxyFailure(ProxyError.TIMEOUT, f"connecting timed out ({detail})")
+    return ProxyFailure(ProxyError.CONNECT_FAILED, detail)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What one request resolved to."""
+
+    service: str
+    hops: dict[Address, Hop]
+    balanced: bool
+
+
+class _QuietObserver:
+    """Failed connect attempts of requests: logged; counted by the agent's observer."""
+
+    def __init__(self, label: str, inner: FailoverObserver | None) -> None:
+        self.label = label
+        self.inner = inner
+
+    def failed(
+        self, endpoint: Address, error: BaseException, *, retrying: bool, ejected: bool
+    ) -> None:
+        log.warning("%s: connecting to %s failed (%s)%s", self.label, format_address(endpoint),
+                    error, "; trying another endpoint" if retrying else "")  # fmt: skip
+        if self.inner is not None:
+            self.inner.failed(endpoint, error, retrying=retrying, ejected=ejected)
+
+
+ObserverFactory = Callable[[Address, Address, str], FailoverObserver]
+"""(app, original destination, service key or "") -> the agent's failure observer."""
+
+
+class OutboundHttp:
+    """The node-wide part of outbound HTTP: mesh view, balancing, dialing, the pool and
+    the metrics. `forwarder` makes the per-connection `Forwarder` for one app connection."""
+
+    def __init__(
+        self,
+        *,
+        mesh: MeshState,
+        failover: Failover,
+        dialer: Dialer,
+        pool: Http1Pool,
+        metrics: HttpMetrics,
+        observer: ObserverFactory | None = None,
+    ) -> None:
+        self.mesh = mesh
+        self.failover = failover
+        self.dialer = dialer
+        self.pool = pool
+        self.metrics = metrics
+        self._observer = observer
+        self.requests = 0
+        self.replayed = 0
+
+    def forwarder(self, app: Address, destination: Address, label: str) -> OutboundForwarder:
+        return OutboundForwarder(self, app, destination, label)
+
+    def _route(self, destination: Address) -> _Route:
+        resolved = resolve(self.mesh, destination)
+        return _Route(
+            resolved.service.key if resolved.service is not None else "",
+            {h.address: h for h in resolved.hops},
+            resolved.service is not None,
+        )
+
+    async def _connection(
+        self, source: Workload | None, hop: Hop, *, fresh: bool, label: str
+    ) -> tuple[Http1Client, bool]:
+        """A connection to ``hop`` for ``source``: an idle one unless ``fresh``, and
+        whether it was reused."""
+        key = (str(source.identity) if source else "", hop.address)
+        if not fresh:
+            client = self.pool.take(key)
+            if client is not None:
+                return client, True
+
+        async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
+            return await self.dialer.dial(source, hop, factory, protocol=HTTP1)
+
+        client = await self.pool.open(
+            key, dial, f"{label} -> {format_address(hop.address)} (upstream)"
+        )
+        return client, False
+
+
+class OutboundForwarder:
+    """The `Forwarder` of one app connection (its source and original destination)."""
+
+    def __init__(self, http: OutboundHttp, app: Address, destination: Address, label: str) -> None:
+        self.http = http
+        self.app = app
+        self.destination = destination
+        self.label = label
+
+    async def forward(self, exchange: Exchange) -> None:
+        http = self.http
+        http.requests += 1
+        source = http.mesh.workload_at(self.app[0])
+        authority = exchange.head.authority or format_address(self.destination)
+        src_name = workload_name(source)
+        try:
+            route = http._route(self.destination)
+        except NoRoute as exc:
+            self._record(exchange, authority, src_name, None, source, error=ProxyError.NO_ENDPOINTS)
+            raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
+        fresh = False
+        for _ in range(2):
+            try:
+                connected = await http.failover.connect(
+                    list(route.hops),
+                    functools.partial(self._connect, source, route.hops, fresh),
+                    balanced=route.balanced,
+                    observer=_QuietObserver(
+                        self.label,
+                        http._observer(self.app, self.destination, route.service)
+                        if http._observer
+                        else None,
+                    ),
+                )
+            except Exception as exc:
+                failure = failure_of(exc)
+                self._record(exchange, authority, src_name, None, source, error=failure.error)
+                raise failure from None
+            client, reused = connected.value
+            hop = route.hops[connected.endpoint]
+            lease = connected.lease
+            try:
+                await client.send(exchange)
+            except UpstreamLost as lost:
+                if lease is not None:
+                    lease.release()
+                if reused and not lost.response_started and exchange.replayable:
+                    # The keep-alive race: the upstream closed the idle connection as
+                    # we reused it. Nothing was processed; once more, on a new one.
+                    exchange.unbind()
+                    http.replayed += 1
+                    fresh = True
+                    continue
+                error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
+                self._record(exchange, authority, src_name, hop, source, error=error)
+                raise ProxyFailure(error, f"{format_address(hop.address)}: {lost.detail}") from None
+            except BaseException:
+                if lease is not None:
+                    lease.release()
+                client.abort()
+                raise
+            if lease is not None:
+                if exchange.responded is not None and exchange.sent is not None:
+                    lease.observe(exchange.responded - exchange.sent)
+                lease.release()
+            self._record(exchange, authority, src_name, hop, source)
+            return
+
+    def _connect(
+        self, source: Workload | None, hops: dict[Address, Hop], fresh: bool, endpoint: Address
+    ) -> Awaitable[tuple[Http1Client, bool]]:
+        return self.http._connection(source, hops[endpoint], fresh=fresh, label=self.label)
+
+    def _record(
+        self,
+        exchange: Exchange,
+        authority: str,
+        src_name: tuple[str, str],
+        hop: Hop | None,
+        source: Workload | None,
+        *,
+        error: ProxyError | None = None,
+    ) -> None:
+        dest = hop.workload if hop is not None else None
+        tunnel = dest is not None and dest.captured and self.http.dialer.tunnel is not None
+        labels = HttpLabels(
+            "outbound", authority, *src_name,
+            *(workload_name(dest) if hop is not None else ("", "")),
+            "true" if tunnel else "false",
+            str(source.identity) if source is not None else "",
+            str(dest.identity) if tunnel and dest is not None else "",
+        )  # fmt: skip
+        _record(self.http.metrics, labels, exchange, error)
+
+
+def _record(
+    metrics: HttpMetrics, labels: HttpLabels, exchange: Exchange, error: ProxyError | None
+) -> None:
+    response = exchange.response
+    if error is not None:
+        metrics.record(labels, status=error.status, latency=None, error=error.token)
+        return
+    latency = exchange.responded - exchange.started if exchange.responded is not None else None
+    metrics.record(
+        labels,
+        status=response.status if response is not None else None,
+        grpc_status=response.grpc_status if response is not None else "",
+        latency=latency,
+    )
+
+
+class InboundHttp:
+    """The destination node's HTTP: requests of tunnel streams to their local pods."""
+
+    def __init__(
+        self,
+        *,
+        connect: TargetConnector,
+        pool: Http1Pool,
+        metrics: HttpMetrics,
+        workload_at: Callable[[str], Workload | None],
+    ) -> None:
+        self.connect = connect
+        self.pool = pool
+        self.metrics = metrics
+        self.workload_at = workload_at
+        self.requests = 0
+
+    def forwarder(
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+    ) -> InboundForwarder:
+        return InboundForwarder(self, client, presented, target, label)
+
+
+class InboundForwarder:
+    def __init__(
+        self,
+        http: InboundHttp,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        label: str,
+    ) -> None:
+        self.http = http
+        self.client = client
+        self.presented = presented
+        self.target = target
+        self.label = label
+
+    async def forward(self, exchange: Exchange) -> None:
+        http = self.http
+        http.requests += 1
+        key = ("", self.target)
+        for attempt in range(2):
+            client = http.pool.take(key) if attempt == 0 else None
+            reused = client is not None
+            if client is None:
+
+                async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
+                    return await http.connect(self.target, factory)
+
+                try:
+                    client = await http.pool.open(key, dial, f"{self.label} (to the pod)")
+                except Exception as exc:
+                    failure = failure_of(exc)
+                    self._record(exchange, failure.error)
+                    raise ProxyFailure(
+                        failure.error, f"{format_address(self.target)}: {failure.detail}"
+                    ) from None
+            try:
+                await client.send(exchange)
+            except UpstreamLost as lost:
+                if reused and not lost.response_started and exchange.replayable:
+                    exchange.unbind()
+                    continue
+                error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
+                self._record(exchange, error)
+                raise ProxyFailure(error, f"{format_address(self.target)}: {lost.detail}") from None
+            except BaseException:
+                client.abort()
+                raise
+            self._record(exchange, None)
+            return
+
+    def _record(self, exchange: Exchange, error: ProxyError | None) -> None:
+        dest = self.http.workload_at(self.target[0])
+        client = self.client
+        labels = HttpLabels(
+            "inbound",
+            exchange.head.authority or format_address(self.target),
+            client.service_account or "unknown",
+            client.namespace or "unknown",
+            *workload_name(dest),
+            "true",
+            str(client),
+            str(self.presented) if self.presented is not None else "",
+        )
+        _record(self.http.metrics, labels, exchange, error)

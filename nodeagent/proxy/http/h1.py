@@ -1,0 +1,423 @@
+"""HTTP/1.1 codec, sans-I/O: `httptools` (llhttp, the parser of Node.js) parses, these
+classes add a proxy's limits and turn its callbacks into heads and body events, and the
+encoders write heads back out with the proxy's own framing.
+
+llhttp is strict by default, which is what a proxy wants against request smuggling: a
+``Content-Length`` beside ``Transfer-Encoding``, two different lengths, a
+``Transfer-Encoding`` that does not end in ``chunked``, bare LF line ends, whitespace
+before a colon or obsolete line folding are all parse errors (400 and a close), never
+guesses. Limits (`Limits`) bound what a peer can make us hold: the request line, the
+number of headers and the whole head. Bodies are never buffered here: each chunk is
+handed on as it is parsed (chunked bodies decoded; the encoder re-chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import httptools
+
+from nodeagent.proxy.http.message import (
+    Headers,
+    ProxyError,
+    RequestHead,
+    ResponseHead,
+    connection_tokens,
+    end_to_end,
+    header,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_line: int = 8192
+    """Bytes of the request-target (414 beyond)."""
+    max_headers: int = 100
+    """Header fields in a head (431 beyond)."""
+    max_head: int = 64 * 1024
+    """Bytes of a whole head, request line included (431 beyond)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_request_line, self.max_headers, self.max_head) < 1:
+            raise ValueError("HTTP limits must be positive")
+
+
+class H1Error(Exception):
+    """The peer sent something that is not acceptable HTTP/1.1."""
+
+    def __init__(self, error: ProxyError, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing (the reason is kept aside)."""
+
+
+class RequestSink(Protocol):
+    def request_head(self, head: RequestHead) -> None: ...
+    def request_body(self, data: bytes) -> None: ...
+    def request_end(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def response_head(self, head: ResponseHead) -> None:
+        """A final or informational (1xx) response head."""
+
+    def response_body(self, data: bytes) -> None: ...
+    def response_end(self, head: ResponseHead) -> None: ...
+
+
+def _parse_length(headers: Headers) -> int | None:
+    value = header(headers, b"content-length")
+    return int(value) if value is not None else None  # llhttp has validated it
+
+
+class RequestCodec:
+    """Parses the requests of one downstream connection into ``sink`` events.
+
+    `feed` raises `H1Error` for a malformed or over-limit request; after an upgrade
+    request (``Upgrade``, once its head is parsed) it stops parsing and returns the bytes
+    that followed the head, which belong to the upgraded protocol (or, if the server
+    declines, to the next request: `resume`)."""
+
+    __slots__ = (
+        "_error",
+        "_fed_in_head",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_parser",
+        "_url",
+        "limits",
+        "sink",
+        "upgraded",
+    )
+
+    def __init__(self, sink: RequestSink, limits: Limits | None = None) -> None:
+        self.sink = sink
+        self.limits = limits or Limits()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: Headers = []
+        self._in_head = False
+        self._head_bytes = 0
+        self._fed_in_head = 0
+        self._error: H1Error | None = None
+        self.upgraded = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse ``data``; returns the bytes after an upgrade request's head, else None."""
+        if self.upgraded:
+            return data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = True
+            return data[upgrade.args[0] :]
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            _reraise_callback_bug(exc)
+            raise H1Error(ProxyError.BAD_REQUEST, _detail(exc)) from None
+        if self._in_head:
+            # Bytes fed while a head is incomplete bound what httptools accumulates of
+            # a header it has not finished (a name or value without its line end).
+            self._fed_in_head += len(data)
+            if self._fed_in_head > self.limits.max_head:
+                raise H1Error(
+                    ProxyError.HEADERS_TOO_LARGE,
+                    f"request head over {self.limits.max_head} bytes",
+                )
+        else:
+            self._fed_in_head = 0
+        return None
+
+    def resume(self, data: bytes) -> None:
+        """The server declined an upgrade: parse what followed as the next request."""
+        self.upgraded = False
+        self._parser = httptools.HttpRequestParser(self)
+        if data:
+            self.feed(data)
+
+    # --- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_request_line:
+            self._error = H1Error(
+                ProxyError.URI_TOO_LONG,
+                f"request-target over {self.limits.max_request_line} bytes",
+            )
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes + len(self._url) > self.limits.max_head:
+            self._error = H1Error(
+                ProxyError.HEADERS_TOO_LARGE, f"request head over {self.limits.max_head} bytes"
+            )
+            raise _Stop
+        if len(headers) > self.limits.max_headers:
+            self._error = H1Error(
+                ProxyError.HEADERS_TOO_LARGE, f"more than {self.limits.max_headers} headers"
+            )
+            raise _Stop
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        headers = self._headers
+        method = parser.get_method()
+        if method == b"CONNECT":
+            self._error = H1Error(ProxyError.NOT_SUPPORTED, "CONNECT is not proxied")
+            raise _Stop
+        te = header(headers, b"transfer-encoding")
+        upgrade = None
+        if parser.should_upgrade():
+            upgrade = header(headers, b"upgrade")
+        expect = header(headers, b"expect")
+        head = RequestHead(
+            method=method,
+            target=self._url,
+            version=parser.get_http_version().encode(),
+            headers=headers,
+            keep_alive=parser.should_keep_alive(),
+            content_length=_parse_length(headers),
+            chunked=te is not None,
+            upgrade=upgrade,
+            expect_continue=expect is not None and expect.lower() == b"100-continue",
+        )
+        if header(headers, b"host") is None and head.version == b"1.1":
+            self._error = H1Error(ProxyError.BAD_REQUEST, "HTTP/1.1 request without Host")
+            raise _Stop
+        self.sink.request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.request_body(body)
+
+    def on_message_complete(self) -> None:
+        self.sink.request_end()
+
+
+class ResponseCodec:
+    """Parses the responses of one upstream connection into ``sink`` events.
+
+    Call `expect` before each request is sent (a response to HEAD has no body, which the
+    parser cannot know). After a ``101`` the codec stops and `feed` returns the bytes
+    that followed, which belong to the upgraded protocol."""
+
+    __slots__ = (
+        "_error",
+        "_head",
+        "_head_bytes",
+        "_head_request",
+        "_headers",
+        "_in_head",
+        "_parser",
+        "_reason",
+        "_skipped",
+        "limits",
+        "reusable",
+        "sink",
+        "upgraded",
+    )
+
+    def __init__(self, sink: ResponseSink, limits: Limits | None = None) -> None:
+        self.sink = sink
+        self.limits = limits or Limits()
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: ResponseHead | None = None
+        self._headers: Headers = []
+        self._reason = b""
+        self._head_request = False
+        self._skipped = False
+        self._error: H1Error | None = None
+        self._in_head = False
+        self._head_bytes = 0
+        self.upgraded = False
+        self.reusable = True
+        """False once the connection cannot carry another exchange (HEAD's body-less
+        response leaves llhttp in a state only a new parser resets)."""
+
+    def expect(self, method: bytes) -> None:
+        self._head_request = method == b"HEAD"
+
+    def feed(self, data: bytes) -> bytes | None:
+        if self.upgraded:
+            return data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = True
+            return data[upgrade.args[0] :]
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            if self._skipped:
+                self._skipped = False  # a HEAD response ended the parse on purpose
+                return None
+            _reraise_callback_bug(exc)
+            raise H1Error(ProxyError.BAD_RESPONSE, _detail(exc)) from None
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head:
+                raise H1Error(
+                    ProxyError.BAD_RESPONSE, f"response head over {self.limits.max_head} bytes"
+                )
+        return None
+
+    def feed_eof(self) -> bool:
+        """The connection ended: True if that completed a close-delimited response."""
+        head = self._head
+        if head is not None and head.content_length is None and not head.chunked:
+            self._head = None
+            self.sink.response_end(head)
+            return True
+        return False
+
+    @property
+    def in_response(self) -> bool:
+        return self._head is not None or self._in_head
+
+    # --- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head is not None:
+            self._head.trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        if len(self._headers) > self.limits.max_headers:
+            self._error = H1Error(
+                ProxyError.BAD_RESPONSE, f"more than {self.limits.max_headers} headers"
+            )
+            raise _Stop
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        headers = self._headers
+        head = ResponseHead(
+            status=parser.get_status_code(),
+            reason=self._reason,
+            version=parser.get_http_version().encode(),
+            headers=headers,
+            keep_alive=parser.should_keep_alive(),
+            content_length=_parse_length(headers),
+            chunked=header(headers, b"transfer-encoding") is not None,
+        )
+        if head.informational:
+            self.sink.response_head(head)
+            return
+        self._head = head
+        self.sink.response_head(head)
+        if self._head_request:
+            # No body follows, whatever the head says; llhttp would wait for one.
+            self._head = None
+            self.reusable = False
+            self.sink.response_end(head)
+            self._parser = httptools.HttpResponseParser(self)
+            self._skipped = True
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        head = self._head
+        if head is None:
+            return  # the end of a 1xx
+        self._head = None
+        self.sink.response_end(head)
+
+
+def _reraise_callback_bug(exc: Exception) -> None:
+    """A sink raised inside a parser callback: that is our bug, not the peer's bad
+    input; raise it as itself rather than answer 400."""
+    cause = exc.__context__
+    if isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
+        if not isinstance(cause, (_Stop, H1Error)):
+            raise cause
+
+
+def _detail(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def encode_request_head(head: RequestHead) -> bytes:
+    """The head to send upstream: HTTP/1.1, end-to-end headers as received, framing
+    re-declared (a chunked body is re-chunked), an upgrade kept."""
+    out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
+    for k, v in end_to_end(head.headers):
+        out.append(b"%s: %s\r\n" % (k, v))
+    if head.chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif head.content_length is not None:
+        out.append(b"content-length: %d\r\n" % head.content_length)
+    if head.upgrade is not None:
+        out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade)
+    elif b"close" in connection_tokens(head.headers):
+        out.append(b"connection: close\r\n")
+    te = header(head.headers, b"te")
+    if te is not None and b"trailers" in te.lower():
+        out.append(b"te: trailers\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def encode_response_head(
+    head: ResponseHead, *, length: int | None, chunked: bool, close: bool, upgrade: bool
+) -> bytes:
+    """The head to send downstream, with the framing the caller chose: ``length``
+    (Content-Length), ``chunked``, or neither (no body, or close-delimited)."""
+    reason = head.reason or b"-"
+    out = [b"HTTP/1.1 %d %s\r\n" % (head.status, reason)]
+    for k, v in end_to_end(head.headers):
+        out.append(b"%s: %s\r\n" % (k, v))
+    if length is not None:
+        out.append(b"content-length: %d\r\n" % length)
+    elif chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    if upgrade:
+        value = header(head.headers, b"upgrade") or b""
+        out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % value)
+    elif close:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def encode_last_chunk(trailers: Headers) -> bytes:
+    if not trailers:
+        return LAST_CHUNK
+    return b"0\r\n" + b"".join(b"%s: %s\r\n" % kv for kv in trailers) + b"\r\n"

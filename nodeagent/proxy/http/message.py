@@ -1,0 +1,173 @@
+"""What the HTTP stages pass around: request and response heads, the proxy's own error
+responses, and the rules a proxy applies to headers (hop-by-hop, framing).
+
+Heads keep header names as received (case and order): a proxy that rewrites them breaks
+apps that (wrongly, but commonly) depend on either. Lookups are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""Headers that describe one connection, not the message (RFC 9110 §7.6.1): never
+forwarded as received. (``Upgrade`` and ``Connection: upgrade`` are re-added for an
+upgrade request; framing is re-added by the encoder.)"""
+
+PROXY_ERROR_HEADER = b"weft-proxy-error"
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of ``name`` (lower case), or None."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """The lower-cased tokens of every ``Connection`` header."""
+    tokens: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return tokens
+
+
+def end_to_end(headers: Headers) -> Headers:
+    """``headers`` without the hop-by-hop ones, including those ``Connection`` names."""
+    named = connection_tokens(headers)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() != b"content-length"]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    """The request-target as received (origin form ``/path?q``, or absolute form)."""
+    version: bytes
+    """``1.1`` or ``1.0``."""
+    headers: Headers
+    keep_alive: bool
+    """Whether the client keeps the connection open after this exchange."""
+    content_length: int | None = None
+    chunked: bool = False
+    upgrade: bytes | None = None
+    """The ``Upgrade`` protocol asked for (``websocket``), or None."""
+    expect_continue: bool = False
+
+    @property
+    def authority(self) -> str:
+        host = header(self.headers, b"host")
+        return host.decode("latin-1") if host is not None else ""
+
+    @property
+    def path(self) -> str:
+        target = self.target
+        if target.startswith((b"http://", b"https://")):
+            slash = target.find(b"/", target.find(b"//") + 2)
+            target = target[slash:] if slash >= 0 else b"/"
+        return target.split(b"?", 1)[0].decode("latin-1")
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def idempotent(self) -> bool:
+        """Safe to send again on a fresh connection if a reused one failed before any
+        response byte (RFC 9110 §9.2.2), provided it has no body."""
+        return self.method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE")
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: Headers
+    keep_alive: bool
+    """Whether the server keeps the connection open after this response."""
+    content_length: int | None = None
+    chunked: bool = False
+    trailers: Headers = field(default_factory=list)
+
+    @property
+    def informational(self) -> bool:
+        return 100 <= self.status < 200
+
+    @property
+    def grpc_status(self) -> str:
+        value = header(self.headers, b"grpc-status") or header(self.trailers, b"grpc-status")
+        return value.decode("latin-1") if value is not None else ""
+
+
+class ProxyError(enum.Enum):
+    """Why the proxy itself answered a request; the value is (status, token) and the
+    token goes into the ``weft-proxy-error`` header, so a client (and a person reading a
+    curl -v) can tell the mesh's failures from the app's."""
+
+    BAD_REQUEST = (400, "bad-request")
+    HEADERS_TOO_LARGE = (431, "headers-too-large")
+    URI_TOO_LONG = (414, "uri-too-long")
+    NOT_SUPPORTED = (501, "not-supported")
+    NO_ENDPOINTS = (503, "no-endpoints")
+    CONNECT_FAILED = (502, "connect-failed")
+    IDENTITY_MISMATCH = (502, "identity-mismatch")
+    UPSTREAM_RESET = (502, "upstream-reset")
+    BAD_RESPONSE = (502, "bad-response")
+    UNAUTHORIZED = (403, "unauthorized")
+    TIMEOUT = (504, "timeout")
+    OVERLOADED = (503, "overloaded")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+    @property
+    def token(self) -> str:
+        return self.value[1]
+
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def error_response(error: ProxyError, detail: str, *, close: bool) -> bytes:
+    """A complete HTTP/1.1 response for a request the proxy could not serve."""
+    body = f"{error.token}: {detail}\n".encode("utf-8", "replace")
+    status = error.status
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error")),
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(body),
+        PROXY_ERROR_HEADER + b": " + error.token.encode(),
+    ]
+    if close:
+        lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -1,0 +1,535 @@
+"""The HTTP/1.1 server stage: one per downstream connection (an app's connection on the
+outbound side, a tunnel stream on the inbound side).
+
+It parses requests (`RequestCodec`), and for each one makes an `Exchange` and hands it
+to its `Forwarder` (outbound: resolve -> balance -> pooled upstream; inbound: the local
+pod), which binds it to an upstream connection; the response streams back through the
+exchange. The server owns what is per connection:
+
+* **order** — exchanges run one at a time in arrival order, so pipelined requests get
+  their responses in order and are never merged; requests parsed while one is in flight
+  wait in the queue (and reading stops, so at most one read of them is held);
+* **framing** of responses towards the client: a known length is kept, an unknown one
+  is re-chunked for an HTTP/1.1 client (so close-delimited upstream responses do not
+  cost the client its connection), a HEAD/1xx/204/304 response has no body;
+* **flow control** — reading the client stops while the upstream's buffer is full or
+  request-body bytes wait for an upstream; the upstream's reading stops while the
+  client's buffer is full (`FlowControl` holds, both directions);
+* **the proxy's own answers** — a malformed request gets 400 (431/414 over limits) and a
+  close; a request the forwarder could not serve gets 502/503/504 with a
+  ``weft-proxy-error`` header (`ProxyFailure`); an upstream that fails after the
+  response started resets the client (a truncated body must not look complete);
+* **upgrades** — after ``101 Switching Protocols`` both connections are joined by a
+  `Relay` and the bytes are opaque from then on (WebSocket);
+* **timeouts** — a request head must arrive within ``head_timeout`` of its first byte
+  (a client that sends half a request and stalls gets 408), and a connection with no
+  exchange for ``idle_timeout`` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nodeagent.proxy.flow import CLOSING, HELD_BYTES, FlowControl
+from nodeagent.proxy.http.h1 import (
+    H1Error,
+    Limits,
+    RequestCodec,
+    encode_chunk,
+    encode_last_chunk,
+    encode_response_head,
+)
+from nodeagent.proxy.http.message import (
+    ProxyError,
+    RequestHead,
+    ResponseHead,
+    error_response,
+)
+from nodeagent.proxy.relay import Relay, reset_transport
+
+log = logging.getLogger("weft.proxy.http")
+
+PIPELINED = "pipelined request waiting"
+
+
+@dataclass(frozen=True)
+class HttpServerConfig:
+    limits: Limits = field(default_factory=Limits)
+    head_timeout: float = 30.0
+    """Seconds from a request's first byte to the end of its head."""
+    idle_timeout: float = 600.0
+    """Seconds a keep-alive connection may sit with no exchange."""
+    high_water: int = 256 * 1024
+    low_water: int = 64 * 1024
+    relay_idle_timeout: float = 3600.0
+    """Idle timeout of an upgraded (opaque) connection."""
+
+
+class ProxyFailure(Exception):
+    """A forwarder could not serve an exchange: answered with ``error`` (status and
+    ``weft-proxy-error`` token) if no response byte has been sent yet."""
+
+    def __init__(self, error: ProxyError, detail: str) -> None:
+        super().__init__(f"{error.token}: {detail}")
+        self.error = error
+        self.detail = detail
+
+
+class Upstream(Protocol):
+    """What an exchange is bound to: the upstream connection carrying its request."""
+
+    def write_body(self, data: bytes) -> None: ...
+    def end_body(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def take_transport(self) -> asyncio.Transport:
+        """For an upgrade: the transport, detached from the upstream connection."""
+
+
+class Forwarder(Protocol):
+    async def forward(self, exchange: Exchange) -> None:
+        """Serve ``exchange``: bind it to an upstream (`Exchange.bind`), which sends the
+        request and streams the response into it; return when the response is complete.
+        Raise `ProxyFailure` when it cannot be served."""
+
+
+class Exchange:
+    """One request and its response on a downstream connection: per-request state (the
+    head, body progress, response framing, timing) lives here, not on the server."""
+
+    __slots__ = (
+        "_body_held",
+        "_chunked_out",
+        "_done",
+        "_server",
+        "_upstream",
+        "close_after",
+        "head",
+        "request_complete",
+        "responded",
+        "sent",
+        "response",
+        "response_complete",
+        "response_started",
+        "started",
+        "upgrade_leftover",
+    )
+
+    def __init__(self, server: Http1Server, head: RequestHead, started: float) -> None:
+        self._server = server
+        self.head = head
+        self.started = started
+        self._upstream: Upstream | None = None
+        self._body_held: list[bytes] = []
+        self.request_complete = False
+        self.response: ResponseHead | None = None
+        self.response_started = False
+        self.sent: float | None = None
+        """When the request head went to the upstream that answered (after any dial:
+        the balancer's latency is the endpoint's, not the connect's)."""
+        self.responded: float | None = None
+        """When the response head arrived (the latency metrics' end point)."""
+        self.response_complete = False
+        self._chunked_out = False
+        self.close_after = not head.keep_alive
+        self.upgrade_leftover: bytes | None = None
+        self._done: asyncio.Future[None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self._server.label
+
+    @property
+    def body_held(self) -> int:
+        return sum(map(len, self._body_held))
+
+    # --- request side (from the server) --------------------------------------------------
+
+    def _request_body(self, data: bytes) -> None:
+        if self._upstream is not None:
+            self._upstream.write_body(data)
+        else:
+            self._body_held.append(data)
+            if self.body_held > self._server.config.high_water:
+                self._server.flow.hold(HELD_BYTES)
+
+    def _request_end(self) -> None:
+        self.request_complete = True
+        if self._upstream is not None:
+            self._upstream.end_body()
+
+    def bind(self, upstream: Upstream) -> None:
+        """The forwarder has an upstream for this exchange (its head has been sent):
+        request body bytes go there from now on."""
+        self._upstream = upstream
+        self.sent = self._server._clock()
+        held, self._body_held = self._body_held, []
+        for chunk in held:
+            upstream.write_body(chunk)
+        self._server.flow.release(HELD_BYTES)
+        if self.request_complete:
+            upstream.end_body()
+        if self._server.write_paused:
+            upstream.pause_reading()
+
+    def unbind(self) -> None:
+        """The upstream attempt failed before any response byte; the forwarder may
+        bind another (a retry) if no request body has been sent yet."""
+        self._upstream = None
+
+    @property
+    def replayable(self) -> bool:
+        """No body byte has left for an upstream: the request can be sent again."""
+        return not self.head.has_body
+
+    # --- response side (from the upstream) ------------------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        server = self._server
+        if head.informational:
+            if head.status == 101 and self.head.upgrade is not None:
+                return  # written by `upgrade` with the switch
+            server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"-"))
+            return
+        self.response = head
+        self.response_started = True
+        self.responded = server._clock()
+        bodyless = self.head.method == b"HEAD" or head.status in (204, 304)
+        length = head.content_length
+        self._chunked_out = False
+        if bodyless:
+            pass
+        elif length is None:
+            if self.head.version == b"1.1":
+                self._chunked_out = True
+            else:
+                self.close_after = True  # an HTTP/1.0 client: close-delimited
+        if self.head.upgrade is not None:
+            self.close_after = True  # declined upgrade: the request parser has stopped
+        server.write(
+            encode_response_head(
+                head,
+                length=length,
+                chunked=self._chunked_out,
+                close=self.close_after,
+                upgrade=False,
+            )
+        )
+
+    def response_body(self, data: bytes) -> None:
+        if self._chunked_out:
+            self._server.write(encode_chunk(data))
+        else:
+            self._server.write(data)
+
+    def response_end(self, head: ResponseHead) -> None:
+        if self._chunked_out:
+            self._server.write(encode_last_chunk(head.trailers))
+        self.response_complete = True
+        if not self.request_complete:
+            self.close_after = True  # the rest of the request body will not be read
+
+    def upgrade(self, head: ResponseHead, leftover: bytes) -> None:
+        """``101``: join the two connections as opaque bytes."""
+        assert self._upstream is not None
+        self.response = head
+        self.response_started = True
+        self.responded = self._server._clock()
+        self.response_complete = True
+        self._server.switch_to_relay(self, head, self._upstream.take_transport(), leftover)
+
+
+class Http1Server(asyncio.Protocol):
+    """The protocol of one downstream connection. ``closed`` resolves when it is gone
+    (for the stage that accepted it)."""
+
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        *,
+        label: str,
+        config: HttpServerConfig | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.forwarder = forwarder
+        self.label = label
+        self.config = config or HttpServerConfig()
+        self.codec = RequestCodec(self, self.config.limits)
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock or self._loop.time
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl
+        self.queue: deque[Exchange] = deque()
+        self._parsing: Exchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.write_paused = False
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._closing = False
+        self._relay: Relay | None = None
+        self._head_started: float | None = None
+        self._last_activity = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self.requests = 0
+        self.close_reason: str | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.flow = FlowControl(transport)
+        transport.set_write_buffer_limits(high=self.config.high_water, low=self.config.low_water)
+        self._arm_timer(self.config.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_activity = self._loop.time()
+        if self._head_started is None and self._parsing is None:
+            self._head_started = self._last_activity
+        try:
+            leftover = self.codec.feed(data)
+        except H1Error as exc:
+            self._bad_request(exc)
+            return
+        if leftover is not None:
+            self._upgrade_requested(leftover)
+
+    def eof_received(self) -> bool:
+        self.flow.finish()
+        if self.queue:
+            # A half-close after a complete request is legal (the client waits for the
+            # response); answer, then close.
+            self.queue[-1].close_after = True
+            if self._parsing is not None:
+                self._close("client closed mid-request", abort=True)
+            return True
+        self._close("client closed")
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self._active_upstream()
+        if up is not None:
+            up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self._active_upstream()
+        if up is not None:
+            up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.finish()
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.close_reason is None:
+            self.close_reason = "client reset" if exc else "client closed"
+        if self._relay is None and not self.closed.done():
+            self.closed.set_result(None)
+
+    # --- RequestSink (from the codec) ----------------------------------------------------
+
+    def request_head(self, head: RequestHead) -> None:
+        self._head_started = None
+        self.requests += 1
+        exchange = Exchange(self, head, self._clock())
+        self._parsing = exchange
+        self.queue.append(exchange)
+        if len(self.queue) == 1:
+            self._start(exchange)
+        else:
+            self.flow.hold(PIPELINED)
+
+    def request_body(self, data: bytes) -> None:
+        assert self._parsing is not None
+        self._parsing._request_body(data)
+
+    def request_end(self) -> None:
+        exchange = self._parsing
+        assert exchange is not None
+        self._parsing = None
+        exchange._request_end()
+
+    # --- exchanges -----------------------------------------------------------------------
+
+    def _active_upstream(self) -> Upstream | None:
+        return self.queue[0]._upstream if self.queue else None
+
+    def _start(self, exchange: Exchange) -> None:
+        self._task = self._loop.create_task(self._run(exchange))
+
+    async def _run(self, exchange: Exchange) -> None:
+        try:
+            await self.forwarder.forward(exchange)
+        except ProxyFailure as failure:
+            self._failed(exchange, failure)
+            return
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._close("shut down", abort=True)
+            raise
+        except Exception as exc:
+            head = exchange.head
+            target = head.target[:200].decode("latin-1")
+            log.exception("%s: forwarding %s %s failed", self.label, head.method.decode(), target)
+            self._failed(exchange, ProxyFailure(ProxyError.BAD_RESPONSE, f"internal error ({exc})"))
+            return
+        if self._relay is not None:
+            return
+        self._finished(exchange)
+
+    def _failed(self, exchange: Exchange, failure: ProxyFailure) -> None:
+        if self._closing:
+            return
+        if exchange.response_started:
+            # Part of the response is out: a reset, so the client does not take a
+            # truncated body for a complete one.
+            log.info("%s: upstream failed mid-response (%s); resetting the client",
+                     self.label, failure)  # fmt: skip
+            self._close(f"upstream failed mid-response ({failure.error.token})", abort=True)
+            return
+        close = exchange.close_after or not exchange.request_complete
+        self.write(error_response(failure.error, failure.detail, close=close))
+        exchange.close_after = close
+        exchange.response_complete = True
+        self._finished(exchange)
+
+    def _finished(self, exchange: Exchange) -> None:
+        if self.queue and self.queue[0] is exchange:
+            self.queue.popleft()
+        if exchange.close_after or self._closing:
+            self._close("connection: close" if not exchange.close_after else "exchange closed")
+            return
+        self._last_activity = self._loop.time()
+        if len(self.queue) <= 1:
+            self.flow.release(PIPELINED)
+        if self.queue:
+            self._start(self.queue[0])
+
+    # --- writing and closing -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(data)
+
+    def _bad_request(self, exc: H1Error) -> None:
+        log.info("%s: %s (%s); closing", self.label, exc.error.status, exc.detail)
+        if self.queue and self.queue[0].response_started:
+            # Mid-response of an earlier request: an answer cannot be slotted in.
+            self._close(f"malformed request ({exc.detail})", abort=True)
+            return
+        if self._task is not None:
+            self._task.cancel()
+        self.write(error_response(exc.error, exc.detail, close=True))
+        self._close(f"malformed request ({exc.detail})")
+
+    def _close(self, reason: str, *, abort: bool = False) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self.flow.hold(CLOSING)
+        for exchange in self.queue:
+            up = exchange._upstream
+            if up is not None and not exchange.response_complete:
+                up.pause_reading()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            reset_transport(transport)
+        else:
+            transport.close()
+
+    def _arm_timer(self, delay: float) -> None:
+        # Never later than a head deadline could fall: a head may start at any time.
+        delay = min(delay, self.config.head_timeout)
+        self._timer = self._loop.call_later(max(delay, 0.05), self._check_timers)
+
+    def _check_timers(self) -> None:
+        if self._closing:
+            return
+        now = self._loop.time()
+        cfg = self.config
+        if self._head_started is not None and now - self._head_started >= cfg.head_timeout:
+            log.info("%s: no complete request head within %gs; closing", self.label,
+                     cfg.head_timeout)  # fmt: skip
+            self.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n"
+                b"weft-proxy-error: head-timeout\r\n\r\n"
+            )
+            self._close("request head timeout")
+            return
+        if not self.queue and self._head_started is None:
+            idle = now - self._last_activity
+            if idle >= cfg.idle_timeout:
+                self._close("idle")
+                return
+            delay = cfg.idle_timeout - idle
+        else:
+            delay = cfg.idle_timeout
+        if self._head_started is not None:
+            delay = min(delay, self._head_started + cfg.head_timeout - now)
+        self._arm_timer(delay)
+
+    # --- upgrades ------------------------------------------------------------------------
+
+    def _upgrade_requested(self, leftover: bytes) -> None:
+        """The codec stopped after an upgrade request's head: hold what followed until
+        the server answers (101: opaque; anything else: closed after the response)."""
+        exchange = self.queue[-1] if self.queue else None
+        if exchange is None or exchange.head.upgrade is None:
+            self._close("unexpected upgrade state", abort=True)
+            return
+        exchange.upgrade_leftover = leftover
+        exchange.request_complete = True
+        self._parsing = None
+        self.flow.hold(PIPELINED)
+
+    def switch_to_relay(
+        self, exchange: Exchange, head: ResponseHead, upstream: asyncio.Transport, leftover: bytes
+    ) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(
+            encode_response_head(head, length=None, chunked=False, close=False, upgrade=True)
+        )
+        cfg = self.config
+        relay = Relay(
+            label=f"{self.label} (upgraded: {(exchange.head.upgrade or b'').decode('latin-1')})",
+            high_water=cfg.high_water,
+            low_water=cfg.low_water,
+            idle_timeout=cfg.relay_idle_timeout,
+        )
+        self._relay = relay
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flow.finish()  # FlowControl of this protocol; the relay has its own
+        transport.set_protocol(relay.client)
+        upstream.set_protocol(relay.upstream)
+        relay.client.connection_made(transport)
+        relay.upstream.connection_made(upstream)
+        if exchange.upgrade_leftover:
+            relay.client.data_received(exchange.upgrade_leftover)
+        if leftover:
+            relay.upstream.data_received(leftover)
+        transport.resume_reading()
+        upstream.resume_reading()
+
+        def relayed(_: asyncio.Future[None]) -> None:
+            self.close_reason = f"upgraded connection ended ({relay.close_reason})"
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+        asyncio.ensure_future(relay.wait_closed()).add_done_callback(relayed)
