@@ -354,9 +354,9 @@ def _reraise_callback_bug(exc: Exception) -> None:
     """A sink raised inside a parser callback: that is our bug, not the peer's bad
     input; raise it as itself rather than answer 400."""
     cause = exc.__context__
-    if isinstance(exc, httptools.HttpParserCallbackError) and cause is not None:
-        if not isinstance(cause, (_Stop, H1Error)):
-            raise cause
+    callback = isinstance(exc, httptools.HttpParserCallbackError)
+    if callback and cause is not None and not isinstance(cause, (_Stop, H1Error)):
+        raise cause
 
 
 def _detail(exc: Exception) -> str:

@@ -112,10 +112,10 @@ class Exchange:
         "head",
         "request_complete",
         "responded",
-        "sent",
         "response",
         "response_complete",
         "response_started",
+        "sent",
         "started",
         "upgrade_leftover",
     )
