@@ -55,22 +55,30 @@ from nodeagent.ebpf.loader import (
     detach_all,
     remove_pins,
 )
+from nodeagent.httpmetrics import HttpMetrics
 from nodeagent.labadapter import LabPodSource, LabUnavailable, lab_pod_cgroups, lab_settings
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
 from nodeagent.proxy.admission import AdmissionStats
-from nodeagent.proxy.balance import Balancer
+from nodeagent.proxy.balance import Balancer, PeakEwma
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.hold import ReadyHold
+from nodeagent.proxy.http.client import Http1Pool
+from nodeagent.proxy.http.forward import HTTP1, InboundHttp, OutboundHttp
+from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
+from nodeagent.proxy.http.stage import HttpForward
 from nodeagent.proxy.listener import Listener
 from nodeagent.proxy.outbound import (
     Address,
     OutboundConfig,
     OutboundProxy,
+    ProxyStats,
 )
 from nodeagent.proxy.resolve import Resolved, workload_name
 from nodeagent.proxy.retry import RetryBudget
+from nodeagent.proxy.switch import ProtocolSwitch
+from nodeagent.proxy.tcp import TcpForward
 from nodeagent.proxy.tls import TlsContexts
 from nodeagent.proxy.tunnel import (
     TUNNEL_PORT,
@@ -78,6 +86,7 @@ from nodeagent.proxy.tunnel import (
     TunnelClient,
     TunnelClientConfig,
     TunnelServer,
+    connect_target_plaintext,
 )
 from nodeagent.proxy.upstream import MeshUpstreams
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
@@ -153,6 +162,12 @@ class AgentConfig:
     tunnel_max_streams: int = 100
     """Proxied connections multiplexed on one tunnel connection at most; past it another
     connection to the same (source, node, destination identity) opens."""
+    http: bool = True
+    """Detect HTTP/1.1 and serve it per request (balancing, golden metrics); off: every
+    connection is opaque TCP, as before."""
+    detect_timeout: float = 1.0
+    """Seconds protocol detection waits for the client's first bytes before serving the
+    connection as opaque TCP (server-first protocols on ports not marked opaque)."""
     pod_uid: str | None = None
     """Kubernetes: the agent's own pod UID, to find its cgroup (the container's
     /proc/self/cgroup is namespaced and says only "/")."""
@@ -172,6 +187,8 @@ class AgentConfig:
         ):
             if getattr(self, name) <= 0:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
+        if self.detect_timeout <= 0:
+            raise AgentError(f"detect timeout must be positive, got {self.detect_timeout}")
         if not 1 <= self.tunnel_max_streams <= 65_536:
             raise AgentError(f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}")
 
@@ -269,6 +286,17 @@ class _StatsCollector(Collector):
         )
         r.add_metric([], self.agent.retry_budget.skipped)
         yield r
+        switch = self.agent.switch
+        if switch is not None:
+            d = CounterMetricFamily(
+                "weft_protocol_detect",
+                "Outbound connections by what protocol detection found (http1, h2, tls, "
+                "opaque, opaque_port, timeout, closed).",
+                labels=["result"],
+            )
+            for result, n in sorted(switch.decisions.items()):
+                d.add_metric([result], n)
+            yield d
         if self.agent.proxy is not None:
             s = self.agent.proxy.stats
             for name in ("accepted", "refused_unknown", "refused_loop", "upstream_failed"):
@@ -402,11 +430,35 @@ class Agent:
             meter=lambda labels: self.tcp.open(labels),
             observer=self._failure_observer,
         )
+        # Requests (HTTP/1.1): the same stages per request, with a latency-aware balancer
+        # (P2C over peak EWMA x outstanding) and pooled upstream connections.
+        self.http_balancer: Balancer[Address] = Balancer(latency=PeakEwma())
+        self.http_metrics = HttpMetrics()
+        self.outbound_http = OutboundHttp(
+            mesh=self.mesh,
+            failover=Failover(
+                attempts=max(1, cfg.connect_attempts),
+                budget=self.retry_budget,
+                balancer=self.http_balancer,
+            ),
+            dialer=self.dialer,
+            pool=Http1Pool(),
+            metrics=self.http_metrics,
+            observer=lambda app, dest, service: _AttemptLog(self, app, dest, service),
+        )
+        self.inbound_http = InboundHttp(
+            connect=connect_target_plaintext,
+            pool=Http1Pool(),
+            metrics=self.http_metrics,
+            workload_at=self.mesh.workload_at,
+        )
+        self.switch: ProtocolSwitch | None = None
         self.started = time.time()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
         self.tcp = TcpMetrics()
         self.registry.register(self.tcp)
+        self.registry.register(self.http_metrics)
         self.m_connect_failures = Counter(
             "weft_outbound_endpoint_failures",
             "Outbound connect attempts that failed, by service (empty: a direct address) "
@@ -606,7 +658,10 @@ class Agent:
                 for ep in svc.endpoints
                 for port in {p for p in (_numeric(svc, ep)) if p}
             )
-            self.tcp.prune(_known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()}))
+            known_pods = _known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()})
+            self.tcp.prune(known_pods)
+            self.http_metrics.prune(known_pods)
+            self.http_balancer.retain(self.balancer.health)  # what discovery still has
             self.readiness.done("pods")
 
     def _open_tunnel(self, outbound: socket.socket, *, listen: bool) -> socket.socket:
@@ -631,6 +686,7 @@ class Agent:
             locate_target=self.locate_target,
             meter=self._inbound_meter,
             hold=self.holds["tunnel"],
+            protocols={HTTP1: self._inbound_http_stream} if cfg.http else None,
         )
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         attempt = cfg.attempt_timeout
@@ -677,6 +733,13 @@ class Agent:
         if w.node != self.cfg.node:
             return NotLocal.ELSEWHERE
         return w.identity
+
+    def _inbound_http_stream(
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+    ) -> Http1Server:
+        """The HTTP server of one tunnel stream whose client node detected HTTP/1.1."""
+        forwarder = self.inbound_http.forwarder(client, presented, target, label)
+        return Http1Server(forwarder, label=label, config=HttpServerConfig(idle_timeout=600.0))
 
     def _inbound_meter(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address
@@ -815,19 +878,31 @@ class Agent:
         tunnel_listener_sock: socket.socket | None = None
         if cfg.controlplane:
             tunnel_listener_sock = self._open_tunnel(listener, listen=listen_early)
+        outbound_config = OutboundConfig(
+            # A safety net: every stage of every attempt has its own timeout, and the
+            # wait for a handshake slot its own bound.
+            connect_timeout=cfg.handshake_queue_timeout
+            + 3 * cfg.attempt_timeout * max(1, cfg.connect_attempts)
+            + 1.0,
+            idle_timeout=cfg.idle_timeout,
+        )
+        stats = ProxyStats()
+        self.switch = ProtocolSwitch(
+            opaque=TcpForward(self.upstreams, outbound_config, stats),
+            http1=HttpForward(
+                self.outbound_http, HttpServerConfig(idle_timeout=cfg.idle_timeout), stats
+            )
+            if cfg.http
+            else None,
+            detect_timeout=cfg.detect_timeout,
+        )
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,
             is_self=self.is_self,
-            connect=self.upstreams,
-            config=OutboundConfig(
-                # A safety net: every stage of every attempt has its own timeout, and the
-                # wait for a handshake slot its own bound.
-                connect_timeout=cfg.handshake_queue_timeout
-                + 3 * cfg.attempt_timeout * max(1, cfg.connect_attempts)
-                + 1.0,
-                idle_timeout=cfg.idle_timeout,
-            ),
+            config=outbound_config,
+            stats=stats,
             hold=self.holds["outbound"],
+            serve=self.switch,
         )
         admin = AdminServer(self.readiness, self.state, self.registry)
         admin_server = await asyncio.start_server(

@@ -86,10 +86,11 @@ class OutboundProxy(Listener):
         config: OutboundConfig | None = None,
         hold: ReadyHold | None = None,
         serve: ConnectionServer | None = None,
+        stats: ProxyStats | None = None,
     ) -> None:
         super().__init__("outbound", hold)
         self.config = config or OutboundConfig()
-        self.stats = ProxyStats()
+        self.stats = stats or ProxyStats()
         self._original_destination = original_destination
         self._is_self = is_self
         if serve is None:

@@ -83,6 +83,20 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Connections multiplexed on one tunnel connection at most; past it another opens.",
 )
 @click.option(
+    "--http/--no-http",
+    default=True,
+    show_default=True,
+    help="Detect HTTP/1.1 and serve it per request (balancing each request, HTTP golden "
+    "metrics); --no-http serves every connection as opaque TCP.",
+)
+@click.option(
+    "--detect-timeout",
+    default=1.0,
+    show_default=True,
+    help="Seconds protocol detection waits for a client's first bytes before serving the "
+    "connection as opaque TCP (server-first protocols on ports not known to be opaque).",
+)
+@click.option(
     "--ready-wait",
     default=15.0,
     show_default=True,
@@ -122,6 +136,8 @@ def agent(
     idle_timeout: float,
     tunnel_idle_timeout: float,
     tunnel_max_streams: int,
+    http: bool,
+    detect_timeout: float,
     ready_wait: float,
     max_handshakes: int,
     handshake_queue_timeout: float,
@@ -151,6 +167,8 @@ def agent(
             idle_timeout=idle_timeout,
             tunnel_idle_timeout=tunnel_idle_timeout,
             tunnel_max_streams=tunnel_max_streams,
+            http=http,
+            detect_timeout=detect_timeout,
             ready_wait=ready_wait,
             max_handshakes=max_handshakes,
             handshake_queue_timeout=handshake_queue_timeout,
