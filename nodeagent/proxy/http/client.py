@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nodeagent.proxy.flow import PEER_BLOCKED, FlowControl
 from nodeagent.proxy.http.h1 import (
@@ -153,7 +153,8 @@ class Http1Client(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.flow = FlowControl(transport)
 

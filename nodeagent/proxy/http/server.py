@@ -33,7 +33,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from nodeagent.proxy.flow import CLOSING, HELD_BYTES, FlowControl
 from nodeagent.proxy.http.h1 import (
@@ -280,7 +280,8 @@ class Http1Server(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.flow = FlowControl(transport)
         transport.set_write_buffer_limits(high=self.config.high_water, low=self.config.low_water)

@@ -1,0 +1,202 @@
+"""Protocol detection (sans-I/O) and the HTTP/1.1 codec's limits, without sockets;
+with hypothesis for the codec: arbitrary bytes never crash it or leak past its limits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodeagent.proxy.balance import Balancer, PeakEwma
+from nodeagent.proxy.http.detect import H2_PREFACE, Detected, detect
+from nodeagent.proxy.http.h1 import H1Error, Limits, RequestCodec, ResponseCodec
+from nodeagent.proxy.http.message import RequestHead, ResponseHead, end_to_end
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Detected.HTTP1),
+        (b"POST /a?b=c HTTP/1.0\r\n", Detected.HTTP1),
+        (b"GET / HTTP/1.1\n", Detected.HTTP1),
+        (b"GE", Detected.NEED_MORE),
+        (b"GET /partial", Detected.NEED_MORE),
+        (b"GET / HTTP/1.", Detected.NEED_MORE),
+        (b"GET / HTTP/1.1\r", Detected.NEED_MORE),
+        (b"GET / HTTP/2.0\r\n", Detected.OPAQUE),
+        (b"get / HTTP/1.1\r\n", Detected.OPAQUE),
+        (b"GET  / HTTP/1.1\r\n", Detected.OPAQUE),
+        (H2_PREFACE, Detected.H2),
+        (H2_PREFACE + b"\x00\x00\x00\x04", Detected.H2),
+        (H2_PREFACE[:10], Detected.NEED_MORE),
+        (b"PRI * HTTP/1.1\r\n", Detected.HTTP1),  # a method named PRI, not the preface
+        (b"\x16\x03\x01\x02\x00\x01", Detected.TLS),
+        (b"\x16", Detected.NEED_MORE),
+        (b"\x16\x01", Detected.OPAQUE),
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Detected.OPAQUE),  # PostgreSQL SSLRequest
+        (b"EHLO mail.example\r\n", Detected.OPAQUE),
+        (b"*1\r\n$4\r\nPING\r\n", Detected.OPAQUE),  # Redis
+        (b"A" * 9000, Detected.OPAQUE),
+        (b"GET /" + b"a" * 9000, Detected.OPAQUE),
+    ],
+)
+def test_detect(data: bytes, expected: Detected):
+    assert detect(data) is expected
+
+
+@given(st.binary(max_size=200))
+def test_detect_never_raises_and_a_prefix_of_http_needs_more(data: bytes):
+    assert detect(data) in Detected
+    line = b"GET /x HTTP/1.1\r\n"
+    for i in range(1, len(line)):
+        assert detect(line[:i]) is Detected.NEED_MORE
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.heads: list[RequestHead] = []
+        self.body = b""
+        self.ends = 0
+
+    def request_head(self, head: RequestHead) -> None:
+        self.heads.append(head)
+
+    def request_body(self, data: bytes) -> None:
+        self.body += data
+
+    def request_end(self) -> None:
+        self.ends += 1
+
+
+def test_request_codec_splits_a_request_fed_byte_by_byte():
+    sink = Sink()
+    codec = RequestCodec(sink)
+    raw = b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    for i in range(len(raw)):
+        codec.feed(raw[i : i + 1])
+    assert sink.ends == 1 and sink.body == b"abc"
+    head = sink.heads[0]
+    assert head.chunked and head.authority == "h" and head.path == "/p" and head.keep_alive
+
+
+def test_a_header_sent_forever_is_cut_at_the_head_limit():
+    codec = RequestCodec(Sink(), Limits(max_head=4096))
+    codec.feed(b"GET / HTTP/1.1\r\nX-Long: ")
+    with pytest.raises(H1Error) as err:
+        for _ in range(100):
+            codec.feed(b"a" * 1000)
+    assert err.value.error.status == 431
+
+
+def test_too_many_headers_is_431():
+    codec = RequestCodec(Sink(), Limits(max_headers=10))
+    raw = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(20))
+    with pytest.raises(H1Error) as err:
+        codec.feed(raw + b"\r\n")
+    assert err.value.error.status == 431
+
+
+def test_hop_by_hop_headers_are_not_forwarded():
+    headers = [
+        (b"Host", b"h"), (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"1"),
+        (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"), (b"X-Kept", b"yes"),
+        (b"Content-Length", b"3"),
+    ]  # fmt: skip
+    assert end_to_end(headers) == [(b"Host", b"h"), (b"X-Kept", b"yes")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=20))
+def test_request_codec_fuzz_raises_only_h1error_and_holds_limits(chunks: list[bytes]):
+    sink = Sink()
+    codec = RequestCodec(sink, Limits(max_head=2048, max_headers=20, max_request_line=512))
+    prefix = [b"GET / HTTP/1.1\r\nHost: a\r\n"] if random.random() < 0.5 else []
+    for chunk in prefix + chunks:
+        try:
+            if codec.feed(chunk) is not None:
+                break
+        except H1Error:
+            break
+    for head in sink.heads:
+        assert len(head.target) <= 512 and len(head.headers) <= 20
+
+
+class RSink:
+    def __init__(self) -> None:
+        self.heads: list[ResponseHead] = []
+        self.ended = 0
+
+    def response_head(self, head: ResponseHead) -> None:
+        self.heads.append(head)
+
+    def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_end(self, head: ResponseHead) -> None:
+        self.ended += 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=20))
+def test_response_codec_fuzz_raises_only_h1error(chunks: list[bytes]):
+    codec = ResponseCodec(RSink(), Limits(max_head=2048, max_headers=20))
+    for chunk in [b"HTTP/1.1 200 OK\r\n", *chunks]:
+        try:
+            codec.feed(chunk)
+        except H1Error:
+            break
+
+
+def test_response_to_head_ends_without_a_body_and_1xx_are_passed_on():
+    sink = RSink()
+    codec = ResponseCodec(sink)
+    codec.expect(b"HEAD")
+    codec.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    assert sink.ended == 1 and not codec.reusable
+    sink2 = RSink()
+    codec2 = ResponseCodec(sink2)
+    codec2.expect(b"POST")
+    codec2.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert [h.status for h in sink2.heads] == [100, 200] and sink2.ended == 1
+
+
+# --- the latency-aware balancer -----------------------------------------------------------
+
+
+def _run(balancer: Balancer[str], rtt: dict[str, float], n: int) -> dict[str, int]:
+    now = 0.0
+    balancer.clock = lambda: now
+    counts = dict.fromkeys(rtt, 0)
+    for _ in range(n):
+        lease = balancer.lease(list(rtt))
+        assert lease is not None
+        lease.succeed()
+        now += rtt[lease.key]
+        lease.observe(rtt[lease.key])
+        lease.release()
+        counts[lease.key] += 1
+    return counts
+
+
+def test_equal_endpoints_split_evenly_and_a_slow_one_is_avoided():
+    even = _run(Balancer(latency=PeakEwma(), rng=random.Random(1)), {"a": 0.001, "b": 0.001}, 1000)
+    assert 450 <= even["a"] <= 550, even
+    slow = _run(Balancer(latency=PeakEwma(), rng=random.Random(2)), {"a": 0.001, "b": 0.021}, 1000)
+    assert slow["b"] < 100, slow
+
+
+def test_outstanding_requests_count_against_an_endpoint():
+    b: Balancer[str] = Balancer(latency=PeakEwma(), rng=random.Random(3), clock=lambda: 0.0)
+    held = [b.lease(["a"]) for _ in range(20)]  # 20 in flight on a
+    to_b = 0
+    for _ in range(200):
+        pick = b.lease(["a", "b"])
+        assert pick is not None
+        to_b += pick.key == "b"
+        pick.release()
+    assert to_b > 170, to_b  # a costs 21 times b: ~1 pick in 22 goes to a
+    for lease in held:
+        assert lease is not None
+        lease.release()
