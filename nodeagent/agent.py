@@ -162,10 +162,9 @@ class AgentConfig:
     tunnel_max_streams: int = 100
     """Proxied connections multiplexed on one tunnel connection at most; past it another
     connection to the same (source, node, destination identity) opens."""
-    http: bool = False
-    """Detect HTTP/1.1 and serve it per request (balancing, golden metrics); off (the
-    default until the lab tests are moved to per-request semantics): every connection is
-    opaque TCP, as before."""
+    http: bool = True
+    """Detect HTTP/1.1 and serve it per request (balancing, golden metrics); off: every
+    connection is opaque TCP, as before."""
     detect_timeout: float = 1.0
     """Seconds protocol detection waits for the client's first bytes before serving the
     connection as opaque TCP (server-first protocols on ports not marked opaque)."""
@@ -735,11 +734,13 @@ class Agent:
             return NotLocal.ELSEWHERE
         return w.identity
 
-    def _inbound_http_stream(
+    async def _inbound_http_stream(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
     ) -> Http1Server:
-        """The HTTP server of one tunnel stream whose client node detected HTTP/1.1."""
+        """The HTTP server of one tunnel stream whose client node detected HTTP/1.1,
+        with one connection to the pod ready (or the OSError that refuses the stream)."""
         forwarder = self.inbound_http.forwarder(client, presented, target, label)
+        await forwarder.prepare()
         return Http1Server(forwarder, label=label, config=HttpServerConfig(idle_timeout=600.0))
 
     def _inbound_meter(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nodeagent.metrics import ConnLabels
 from nodeagent.proxy.listener import Address
-from nodeagent.proxy.resolve import Hop, NoRoute, workload_name
+from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, workload_name
 from nodeagent.proxy.stage import UpstreamConnector, connect_plaintext
 from nodeagent.proxy.tunnel import TUNNEL_PORT, TunnelClient
 from nodeagent.proxy.tunnel.wire import protocol_extension
@@ -79,7 +79,7 @@ class Dialer:
             return Dialed(stream, labels)
         if source is not None and source.strict and self.tunnel is not None:
             where = f"{dest.namespace}/{dest.name}" if dest else "outside the mesh"
-            raise NoRoute(
+            raise PlaintextRefused(
                 f"{source.namespace}/{source.name} is strict: refusing plaintext to "
                 f"{hop.address[0]}:{hop.address[1]} ({where}, not captured)"
             )

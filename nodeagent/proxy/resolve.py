@@ -23,6 +23,10 @@ class NoRoute(ConnectionRefusedError):
     proxy resets the application's connection."""
 
 
+class PlaintextRefused(NoRoute):
+    """A strict source may not reach a destination outside the mesh in plaintext."""
+
+
 @dataclass(frozen=True, slots=True)
 class Hop:
     address: Address

@@ -55,3 +55,14 @@ def test_response_framing():
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
         b"Connection: keep-alive\r\n\r\n{}"
     )
+
+
+def test_failure_injection_by_query_and_pod():
+    from weft.lab.echo import injected
+
+    assert injected("/", "echo-1") == (0.0, 200)
+    assert injected("/?delay_ms=20&status=503", "echo-1") == (0.02, 503)
+    assert injected("/?delay_ms=echo-2:20", "echo-1") == (0.0, 200)
+    assert injected("/?delay_ms=echo-2:20", "echo-2") == (0.02, 200)
+    assert injected("/?status=echo-2:500&fail=echo-1:1", "echo-1") == (0.0, 503)
+    assert injected("/?status=99&delay_ms=x", "echo-1") == (0.0, 200)  # ignored, not an error

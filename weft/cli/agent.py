@@ -84,10 +84,10 @@ def _ports(value: str) -> tuple[int, ...]:
 )
 @click.option(
     "--http/--no-http",
-    default=False,
+    default=True,
     show_default=True,
     help="Detect HTTP/1.1 and serve it per request (balancing each request, HTTP golden "
-    "metrics). Off by default for now (new; every connection is opaque TCP).",
+    "metrics); --no-http serves every connection as opaque TCP.",
 )
 @click.option(
     "--detect-timeout",

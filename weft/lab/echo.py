@@ -6,6 +6,15 @@ line and headers.  Keep-alive, ``Content-Length`` and chunked bodies are support
 load generators (wrk, h2load, hey) can drive it; anything malformed gets a 4xx and the
 connection is closed, and nothing one client sends can hurt another.
 
+Failure injection, per request, for drills (query parameters; ``POD:`` limits one to
+the named pod, so one replica can be made slow or failing while the others are not):
+
+* ``delay_ms=20`` or ``delay_ms=echo-2:20`` — answer after that long;
+* ``status=503`` or ``status=echo-2:503`` — answer with that status;
+* ``fail=0.5`` or ``fail=echo-2:0.5`` — answer 503 to that fraction of requests.
+
+``curl 'http://echo/?delay_ms=echo-2:20'`` makes echo-2 20 ms slower than echo-1.
+
 Run: ``python -m weft.lab.echo --pod echo-1 --node node-1 --port 8080``.
 """
 
@@ -15,8 +24,10 @@ import argparse
 import asyncio
 import json
 import logging
+import random
 import signal
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 log = logging.getLogger("weft.echo")
 
@@ -115,6 +126,10 @@ async def read_body(reader: asyncio.StreamReader, req: Request) -> bytes:
 
 
 REASONS = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
     200: "OK",
     400: "Bad Request",
     413: "Content Too Large",
@@ -132,6 +147,25 @@ def response(status: int, body: bytes, keep_alive: bool) -> bytes:
         f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def injected(target: str, pod: str) -> tuple[float, int]:
+    """(delay seconds, status) that the query of ``target`` asks of pod ``pod``."""
+    delay, status = 0.0, 200
+    for key, value in parse_qsl(urlsplit(target).query):
+        who, sep, what = value.rpartition(":")
+        if sep and who != pod:
+            continue
+        try:
+            if key == "delay_ms":
+                delay = max(0.0, min(float(what), 60_000.0)) / 1000.0
+            elif key == "status":
+                status = int(what) if 200 <= int(what) <= 599 else status
+            elif key == "fail" and random.random() < float(what):
+                status = 503
+        except ValueError:
+            continue
+    return delay, status
 
 
 class EchoServer:
@@ -175,7 +209,10 @@ class EchoServer:
                         "body_bytes": len(body),
                     }
                 ).encode()
-                writer.write(response(200, payload, req.keep_alive))
+                delay, status = injected(req.target, self.pod)
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(response(status, payload, req.keep_alive))
                 await writer.drain()
                 if not req.keep_alive:
                     return

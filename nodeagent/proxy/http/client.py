@@ -261,6 +261,9 @@ class Http1Pool:
     def idle(self) -> int:
         return sum(map(len, self._idle.values()))
 
+    def has_idle(self, key: Hashable) -> bool:
+        return any(c.usable for c in self._idle.get(key, ()))
+
     def take(self, key: Hashable) -> Http1Client | None:
         """An idle connection for ``key`` (most recently used first), or None."""
         idle = self._idle.get(key)

@@ -41,8 +41,8 @@ from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
 from nodeagent.proxy.http.message import ProxyError
 from nodeagent.proxy.http.server import Exchange, ProxyFailure
 from nodeagent.proxy.listener import Address, format_address
-from nodeagent.proxy.resolve import Hop, NoRoute, resolve, workload_name
-from nodeagent.proxy.tunnel import TunnelImpersonation, TunnelRefused, TunnelTimeout
+from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, resolve, workload_name
+from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.hooks import TargetConnector
 from nodeagent.proxy.tunnel.wire import Status
 from weft.identity import SpiffeId
@@ -58,6 +58,8 @@ def failure_of(exc: BaseException) -> ProxyFailure:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, ProxyFailure):
         return exc
+    if isinstance(exc, PlaintextRefused):
+        return ProxyFailure(ProxyError.PLAINTEXT_REFUSED, detail)
     if isinstance(exc, NoRoute):
         return ProxyFailure(ProxyError.NO_ENDPOINTS, detail)
     if isinstance(exc, Overloaded):
@@ -141,11 +143,22 @@ class OutboundHttp:
     ) -> tuple[Http1Client, bool]:
         """A connection to ``hop`` for ``source``: an idle one unless ``fresh``, and
         whether it was reused."""
-        key = (str(source.identity) if source else "", hop.address)
-        if not fresh:
+        key = (source.identity if source else None, hop.address)
+        while not fresh:
             client = self.pool.take(key)
-            if client is not None:
-                return client, True
+            if client is None:
+                break
+            transport = client.transport
+            tunnel = self.dialer.tunnel
+            if (
+                isinstance(transport, Stream)
+                and tunnel is not None
+                and source is not None
+                and not tunnel.current(transport, source.identity)
+            ):
+                client.close()  # its tunnel connection is going away: not for new requests
+                continue
+            return client, True
 
         async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
             return await self.dialer.dial(source, hop, factory, protocol=HTTP1)
@@ -305,6 +318,19 @@ class InboundForwarder:
         self.target = target
         self.label = label
 
+    async def prepare(self) -> None:
+        """Open a connection to the pod now and pool it: raises if the pod cannot be
+        reached, which refuses the tunnel stream before any request is sent on it."""
+        if self.http.pool.has_idle(("", self.target)):
+            return
+        client = await self.http.pool.open(
+            ("", self.target), self._dial, f"{self.label} (to the pod)"
+        )
+        self.http.pool.put(client)
+
+    async def _dial(self, factory: Callable[[], asyncio.Protocol]) -> object:
+        return await self.http.connect(self.target, factory)
+
     async def forward(self, exchange: Exchange) -> None:
         http = self.http
         http.requests += 1
@@ -313,17 +339,17 @@ class InboundForwarder:
             client = http.pool.take(key) if attempt == 0 else None
             reused = client is not None
             if client is None:
-
-                async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
-                    return await http.connect(self.target, factory)
-
                 try:
-                    client = await http.pool.open(key, dial, f"{self.label} (to the pod)")
+                    client = await http.pool.open(key, self._dial, f"{self.label} (to the pod)")
                 except Exception as exc:
                     failure = failure_of(exc)
                     self._record(exchange, failure.error)
+                    # Nothing reached the pod: a request the client node may send again
+                    # gets a reset, which it takes for a lost connection and fails over.
                     raise ProxyFailure(
-                        failure.error, f"{format_address(self.target)}: {failure.detail}"
+                        failure.error,
+                        f"{format_address(self.target)}: {failure.detail}",
+                        reset=exchange.replayable,
                     ) from None
             try:
                 await client.send(exchange)

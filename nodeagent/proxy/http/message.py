@@ -126,6 +126,7 @@ class ProxyError(enum.Enum):
     URI_TOO_LONG = (414, "uri-too-long")
     NOT_SUPPORTED = (501, "not-supported")
     NO_ENDPOINTS = (503, "no-endpoints")
+    PLAINTEXT_REFUSED = (502, "plaintext-refused")
     CONNECT_FAILED = (502, "connect-failed")
     IDENTITY_MISMATCH = (502, "identity-mismatch")
     UPSTREAM_RESET = (502, "upstream-reset")

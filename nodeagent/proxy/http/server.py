@@ -74,10 +74,13 @@ class ProxyFailure(Exception):
     """A forwarder could not serve an exchange: answered with ``error`` (status and
     ``weft-proxy-error`` token) if no response byte has been sent yet."""
 
-    def __init__(self, error: ProxyError, detail: str) -> None:
+    def __init__(self, error: ProxyError, detail: str, *, reset: bool = False) -> None:
         super().__init__(f"{error.token}: {detail}")
         self.error = error
         self.detail = detail
+        self.reset = reset
+        """Reset the downstream connection instead of answering (the inbound proxy
+        tells the client node "not processed, try elsewhere" this way)."""
 
 
 class Upstream(Protocol):
@@ -391,7 +394,7 @@ class Http1Server(asyncio.Protocol):
     def _failed(self, exchange: Exchange, failure: ProxyFailure) -> None:
         if self._closing:
             return
-        if exchange.response_started:
+        if exchange.response_started or failure.reset:
             # Part of the response is out: a reset, so the client does not take a
             # truncated body for a complete one.
             log.info("%s: upstream failed mid-response (%s); resetting the client",

@@ -256,6 +256,25 @@ class TunnelClient:
             )
         return context
 
+    def current(self, stream: Stream, source: SpiffeId) -> bool:
+        """Whether a new request may still go over an open ``stream`` (a pooled HTTP
+        connection): its tunnel connection is not draining (GOAWAY, or retired) and was
+        made with ``source``'s current certificate. A connection made with a rotated
+        certificate is retired here as `connect` would, so requests move to a new one
+        while the old one's streams finish."""
+        session = stream.session
+        if session.draining or session.closed.done() or stream.finished:
+            return False
+        try:
+            context = self._tls.client_context(source)
+        except tls.TlsMaterialError:
+            return False
+        if session.context is not context:
+            session.draining = True
+            self.stats.drained += 1
+            return False
+        return True
+
     async def _session(
         self, key: PoolKey, context: ssl.SSLContext, what: str
     ) -> tuple[Session, bool]:

@@ -72,10 +72,12 @@ class ServedStream(Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
 
 
-StreamServer = Callable[[SpiffeId, "SpiffeId | None", Address, str], ServedStream]
+StreamServer = Callable[[SpiffeId, "SpiffeId | None", Address, str], Awaitable[ServedStream]]
 """(client identity, identity presented, target, label) -> the protocol for a stream
 whose OPEN named an application protocol (``http/1.1``): the stream is attached to it
-instead of being relayed to the target as bytes."""
+instead of being relayed to the target as bytes. It connects to the target before it
+returns (raising ``OSError`` if it cannot), so that a pod that is down is refused at
+OPEN (TARGET_UNREACHABLE) and the client node fails over, as for a relayed stream."""
 
 
 class TargetConnector(Protocol):

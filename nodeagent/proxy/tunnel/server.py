@@ -469,7 +469,29 @@ class TunnelServer(Listener):
         """A stream served by a protocol server (HTTP): it connects to the pod per
         request itself, so the stream is answered at once."""
         assert state.client is not None
-        served = server(state.client, state.presented, target, f"{label} ({protocol})")
+        config = self.config
+        try:
+            async with asyncio.timeout(config.target_connect_timeout):
+                served = await server(
+                    state.client, state.presented, target, f"{label} ({protocol})"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            expected = isinstance(exc, OSError)
+            why = (
+                f"connecting timed out after {config.target_connect_timeout:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"connecting failed ({describe(exc)})"
+            )
+            self._refuse(
+                stream,
+                Status.TARGET_UNREACHABLE if expected else Status.INTERNAL_ERROR,
+                label, why, exc=None if expected else exc,
+            )  # fmt: skip
+            return
+        if stream.finished:
+            return
         stream.session.answer(stream, encode_answer_payload(Status.OK))
         self.stats.established += 1
         self.stats.streams_active += 1

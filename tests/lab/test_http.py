@@ -1,0 +1,114 @@
+"""HTTP/1.1 in the node proxy, end to end in the lab: per-request balancing of one
+keep-alive connection over both echo replicas (one per node), a slow replica avoided,
+and a server-first protocol not stalled by protocol detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
+
+# In client-1: N requests on one kept connection to the echo service; prints the pods.
+SPREAD = (
+    POD_HTTP
+    + r"""
+import json, socket, sys
+sock = socket.create_connection(("echo", 80), timeout=10)
+pods = [request(sock, sys.argv[2]) for _ in range(int(sys.argv[1]))]
+print(json.dumps(pods))
+"""
+)
+
+# In echo-2: a server-first "SMTP" greeting on PORT, until killed.
+GREETER = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(16)
+print("listening", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"220 echo-2 ESMTP ready\r\n")
+    if conn.recv(100).startswith(b"QUIT"):
+        conn.sendall(b"221 bye\r\n")
+    conn.close()
+"""
+
+# In client-1: connect, wait for the greeting without sending; prints the seconds it took.
+GREETED = r"""
+import json, socket, sys, time
+t = time.monotonic()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+greeting = s.recv(100)
+waited = time.monotonic() - t
+s.sendall(b"QUIT\r\n")
+bye = s.recv(100)
+print(json.dumps({"greeting": greeting.decode(), "bye": bye.decode(), "seconds": waited}))
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabRunner]:
+    runner = LabRunner(unique_name("wh"))
+    try:
+        runner.weft("lab", "up", "--demo", "--nodes", "2")
+        yield runner
+    finally:
+        runner.weft("lab", "down", check=False)
+
+
+def _spread(lab: LabRunner, n: int, path: str = "/") -> list[str]:
+    out = lab.exec("client-1", sys.executable, "-c", SPREAD, str(n), path).stdout
+    return list(json.loads(out))
+
+
+def test_one_keep_alive_connection_is_balanced_per_request(lab: LabRunner):
+    pods = _spread(lab, 400)
+    share = pods.count("echo-2") / len(pods)
+    print(f"400 requests on one connection: echo-1 {pods.count('echo-1')}, "
+          f"echo-2 {pods.count('echo-2')}")  # fmt: skip
+    assert 0.30 <= share <= 0.70, share
+
+
+def test_a_slower_replica_gets_few_requests(lab: LabRunner):
+    pods = _spread(lab, 300, "/?delay_ms=echo-2:20")
+    print(f"echo-2 20 ms slower: echo-1 {pods.count('echo-1')}, echo-2 {pods.count('echo-2')}")
+    assert pods.count("echo-2") / len(pods) < 0.10
+
+
+@pytest.mark.parametrize(("port", "fast"), [(25, True), (2525, False)])
+def test_a_server_first_protocol_is_not_stalled(lab: LabRunner, port: int, fast: bool):
+    """Port 25 is opaque by default: no wait at all. 2525 is not: detection waits for the
+    client's first bytes until its deadline (1 s), then relays, and the greeting (and
+    every byte after it) arrives intact."""
+    echo2 = next(p["ip"] for p in lab.status()["pods"] if p["name"] == "echo-2")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "exec", "echo-2", "--",
+         sys.executable, "-c", GREETER, str(port)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "WEFT_LAB": lab.name},
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        out = lab.exec("client-1", sys.executable, "-c", GREETED, echo2, str(port))
+        got = json.loads(out.stdout)
+        print(f"port {port}: greeting after {got['seconds']:.3f}s")
+        assert got["greeting"] == "220 echo-2 ESMTP ready\r\n" and got["bye"] == "221 bye\r\n"
+        assert got["seconds"] < (0.5 if fast else 3.0)
+        if not fast:
+            assert got["seconds"] >= 0.5  # it did wait for the detection deadline
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        time.sleep(0.2)
