@@ -111,4 +111,7 @@ def test_a_server_first_protocol_is_not_stalled(lab: LabRunner, port: int, fast:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait(timeout=10)
+        if server.stdout is not None:
+            server.stdout.close()
         time.sleep(0.2)
