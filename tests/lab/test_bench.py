@@ -16,7 +16,7 @@ from weft.lab import net
 
 SETUPS = {
     "direct", "direct-same-node", "weft", "weft-same-node", "haproxy-sidecars",
-    "haproxy-same-node", "haproxy-resumption",
+    "haproxy-same-node", "haproxy-resumption", "haproxy-http",
 }  # fmt: skip
 SCENARIOS = {"rate-500", "rate-1000", "saturate", "conn", "bulk"}
 ONLY = {"haproxy-resumption": {"conn"}}
@@ -84,6 +84,7 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
     assert set(result["targets"]) == {
         "added_p99_ms_at_1000rps_cross_node",
         "saturation_vs_haproxy",
+        "saturation_vs_haproxy_http",
         "new_connections_vs_haproxy",
         "bulk_vs_haproxy",
         "agent_memory_vs_sidecars",

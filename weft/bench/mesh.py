@@ -16,6 +16,10 @@ Setups (all in one two-node lab, so they share the machine's mood):
   requires and verifies the client certificate and forwards to the app on the pod's
   loopback.  Verification is chain-only (HAProxy does not check SPIFFE IDs), which is
   less work than Weft does.
+* ``haproxy-http`` — the same pair with both sidecars in ``mode http`` (per-request
+  proxying, keep-alive on both sides, idle server connections reused across client
+  connections): the like-for-like comparison for Weft's HTTP/1.1 path, since the bench
+  load speaks HTTP/1.1 and Weft detects it.
 
 Scenarios, each run for every setup in turn (rounds rotate the order; medians reported):
 
@@ -101,13 +105,17 @@ SETUPS = (
     # connection (a new app connection costs one stream, no handshake, in every row).
     Setup("haproxy-resumption", "bc-haproxy-r", "bs-haproxy-r",
           _pair("bc-haproxy-r", "bs-haproxy-r"), only=("conn",)),
+    # HAProxy sidecars in `mode http`: per-request proxying with pooled, reused server
+    # connections — the like-for-like comparison for Weft's HTTP/1.1 path.
+    Setup("haproxy-http", "bc-haproxy-h", "bs-haproxy-h", _pair("bc-haproxy-h", "bs-haproxy-h")),
 )  # fmt: skip
 SIDECAR_PAIRS = (
-    ("bs-haproxy", "bc-haproxy", False),
-    ("bs-haproxy-l", "bc-haproxy-l", False),
-    ("bs-haproxy-r", "bc-haproxy-r", True),
+    ("bs-haproxy", "bc-haproxy", False, "tcp"),
+    ("bs-haproxy-l", "bc-haproxy-l", False, "tcp"),
+    ("bs-haproxy-r", "bc-haproxy-r", True, "tcp"),
+    ("bs-haproxy-h", "bc-haproxy-h", False, "http"),
 )
-"""(server pod, client pod, resumption) of each HAProxy sidecar pair."""
+"""(server pod, client pod, resumption, mode) of each HAProxy sidecar pair."""
 P999_MIN_SAMPLES = 10_000
 """p99.9 is reported only from rounds with at least this many requests (10 beyond it)."""
 
@@ -157,6 +165,7 @@ def bench_plan(name: str) -> LabPlan:
             ("bc-haproxy-l", "bench-client-ha", {}, None),
             ("bs-haproxy-l", "bench-server-ha", {}, "echo"),
             ("bc-haproxy-r", "bench-client-ha", {}, None),
+            ("bc-haproxy-h", "bench-client-ha", {}, None),
         ],
     ) + _pods(
         2,
@@ -165,6 +174,7 @@ def bench_plan(name: str) -> LabPlan:
             ("bs-weft", "bench-server", dict(CAPTURED), "echo"),
             ("bs-haproxy", "bench-server-ha", {}, "echo"),
             ("bs-haproxy-r", "bench-server-ha", {}, "echo"),
+            ("bs-haproxy-h", "bench-server-ha", {}, "echo"),
         ],
     )
     return LabPlan(name, (node_plan(1), node_plan(2)), tuple(pods), (), {"default": {}})
@@ -224,10 +234,13 @@ class SidecarPki:
         return cert_pem(cert) + key_pem(key)
 
 
-def sidecar_config(directory: Path, upstream: str | None, *, resumption: bool = False) -> str:
+def sidecar_config(
+    directory: Path, upstream: str | None, *, resumption: bool = False, mode: str = "tcp"
+) -> str:
     """An HAProxy sidecar: outbound (to ``upstream`` over mTLS) and inbound (mTLS -> app),
     configured as a sidecar mesh operator would run it (docs/benchmarks.md explains each
-    setting). ``resumption`` turns TLS session resumption on (HAProxy's default)."""
+    setting). ``resumption`` turns TLS session resumption on (HAProxy's default);
+    ``mode`` ``http`` proxies per request, reusing server connections."""
     tls = f"crt {directory}/sidecar.pem ca-file {directory}/ca.pem verify required"
     bind_options = "ssl-min-ver TLSv1.3" + ("" if resumption else " no-tls-tickets")
     lines = [
@@ -246,10 +259,22 @@ def sidecar_config(directory: Path, upstream: str | None, *, resumption: bool = 
         f"    ssl-default-bind-options {bind_options}",
         "    ssl-default-server-options ssl-min-ver TLSv1.3",
         "defaults",
-        "    mode tcp",
+        f"    mode {mode}",
         "    timeout connect 5s",
         "    timeout client 1h",
         "    timeout server 1h",
+        *(
+            [
+                "    option http-keep-alive",
+                "    timeout http-keep-alive 1h",
+                "    timeout http-request 10s",
+                # Idle server connections are shared between client connections, as
+                # Weft's pool shares its upstream connections.
+                "    http-reuse always",
+            ]
+            if mode == "http"
+            else []
+        ),
         "frontend inbound",
         f"    bind :{SIDECAR_IN} ssl {tls}",
         "    default_backend app",
@@ -291,7 +316,7 @@ def nft_rules(outbound_to: str | None) -> str:
 
 def start_sidecar(
     lab: Lab, state: LabState, pod: PodPlan, pki: SidecarPki, upstream: str | None,
-    redirect: bool = True, resumption: bool = False,
+    redirect: bool = True, resumption: bool = False, mode: str = "tcp",
 ) -> ProcessRecord:  # fmt: skip
     directory = lab.paths.pod_dir(pod.name) / "sidecar"
     directory.mkdir(parents=True, exist_ok=True)
@@ -301,7 +326,7 @@ def start_sidecar(
     os.chmod(leaf, 0o640)
     os.chown(leaf, 0, SIDECAR_UID)
     (directory / "haproxy.cfg").write_text(
-        sidecar_config(directory, upstream, resumption=resumption)
+        sidecar_config(directory, upstream, resumption=resumption, mode=mode)
     )
     if redirect:
         (directory / "rules.nft").write_text(nft_rules(upstream))
@@ -547,9 +572,10 @@ def _traffic(
         state = lab.load()
         ip = {p.name: p.ip for p in state.plan.pods}
         pki = SidecarPki()
-        for server, client, resumption in SIDECAR_PAIRS:
-            start_sidecar(lab, state, state.pod(server), pki, None)
-            start_sidecar(lab, state, state.pod(client), pki, ip[server], resumption=resumption)
+        for server, client, resumption, mode in SIDECAR_PAIRS:
+            start_sidecar(lab, state, state.pod(server), pki, None, mode=mode)
+            start_sidecar(lab, state, state.pod(client), pki, ip[server],
+                          resumption=resumption, mode=mode)  # fmt: skip
         for s in SETUPS:
             _wait_reachable(lab, s, ip[s.server])
         report(f"all {len(SETUPS)} paths answer; measuring")
@@ -642,6 +668,7 @@ def _charge_cpu(res: dict[str, Any], cpu_seconds: float, has_proxies: bool) -> N
 
 RATIO_PAIRS = (
     ("weft", "haproxy-sidecars"),
+    ("weft", "haproxy-http"),
     ("weft-same-node", "haproxy-same-node"),
     ("weft", "direct"),
     ("weft-same-node", "direct-same-node"),
@@ -829,7 +856,9 @@ def _wait_captured(lab: Lab, k: int, timeout: float = 120.0) -> None:
 def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
     s = result["summary"]
     ratios: dict[str, Any] = {}
-    for other in ("direct", "haproxy-sidecars"):
+    for other in ("direct", "haproxy-sidecars", "haproxy-http"):
+        if other not in s:
+            continue
         r: dict[str, Any] = {}
         for scenario in s["weft"]:
             w, o = s["weft"][scenario], s[other].get(scenario, {})
@@ -862,10 +891,10 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
     mem = result["memory"]
     most = str(max(profile.memory_pods))
     rate = "rate-1000" if 1000 in profile.rates else f"rate-{profile.rates[-1]}"
-    per_round = result.get("per_round_ratios", {}).get("weft_over_haproxy_sidecars", {})
+    rounds = result.get("per_round_ratios", {})
 
-    def vs_haproxy(scenario: str, target: float) -> dict[str, Any]:
-        r = per_round.get(scenario)
+    def vs_haproxy(scenario: str, target: float, of: str = "haproxy_sidecars") -> dict[str, Any]:
+        r = rounds.get(f"weft_over_{of}", {}).get(scenario)
         if r is None or not _valid(s["weft"].get(scenario, {})):
             return {"measured": None, "target": target, "basis": "no valid rounds"}
         return {"measured": r["median"], "min": r["min"], "max": r["max"], "target": target,
@@ -879,6 +908,7 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
             "target": 0.5, "at": rate,
         },
         "saturation_vs_haproxy": vs_haproxy("saturate", 1.0),
+        "saturation_vs_haproxy_http": vs_haproxy("saturate", 1.0, "haproxy_http"),
         "new_connections_vs_haproxy": vs_haproxy("conn", 1.5),
         "bulk_vs_haproxy": vs_haproxy("bulk", 1.0),
         "agent_memory_vs_sidecars": {
