@@ -743,6 +743,15 @@ class Agent:
         await forwarder.prepare()
         return Http1Server(forwarder, label=label, config=HttpServerConfig(idle_timeout=600.0))
 
+    def _opaque_destination(self, dest: Address) -> bool:
+        """Whether ``weft.io/opaque-ports`` marks the destination opaque: a service
+        port (for a VIP) or a pod port (for a pod address)."""
+        target = self.mesh.vip(*dest)
+        if target is not None:
+            return dest[1] in target.service.opaque_ports
+        pod = self.mesh.workload_at(dest[0])
+        return pod is not None and dest[1] in pod.opaque_ports
+
     def _inbound_meter(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address
     ) -> ConnMeter:
@@ -897,6 +906,7 @@ class Agent:
             if cfg.http
             else None,
             detect_timeout=cfg.detect_timeout,
+            opaque_ports=self._opaque_destination,
         )
         self.proxy = OutboundProxy(
             original_destination=self.original_destination,

@@ -21,6 +21,12 @@ CAPTURE_LABEL = "weft.io/capture"
 """``enabled`` on a namespace or pod captures it; ``disabled`` on a pod opts it out."""
 INBOUND_MODE_KEY = "weft.io/inbound-mode"
 """Pod annotation (Kubernetes) or label (the lab): ``strict`` or ``permissive``."""
+OPAQUE_PORTS_KEY = "weft.io/opaque-ports"
+"""Service or pod annotation: ports (``25,2525,8000-8010``) whose connections are opaque
+TCP, without protocol detection (server-first or binary protocols). Linkerd's
+``config.linkerd.io/opaque-ports`` is read too, so existing annotations carry over."""
+LINKERD_OPAQUE_PORTS_KEY = "config.linkerd.io/opaque-ports"
+MAX_OPAQUE_PORTS = 1024
 CAPTURE_ENABLED = "enabled"
 CAPTURE_DISABLED = "disabled"
 
@@ -63,6 +69,32 @@ def inbound_mode(annotations: Mapping[str, str], labels: Mapping[str, str]) -> I
     return InboundMode.STRICT
 
 
+def opaque_ports(annotations: Mapping[str, str]) -> tuple[int, ...]:
+    """The ports an object's ``weft.io/opaque-ports`` (or Linkerd's) annotation lists,
+    sorted. Entries that are not a port or a ``low-high`` range are skipped with a log
+    line: a typo must not stop the object from being served, it just stays detected."""
+    value = annotations.get(OPAQUE_PORTS_KEY, annotations.get(LINKERD_OPAQUE_PORTS_KEY))
+    if not value:
+        return ()
+    ports: set[int] = set()
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        low, sep, high = item.partition("-")
+        try:
+            a, b = int(low), int(high if sep else low)
+        except ValueError:
+            log.warning("%s: %r is not a port or a range; ignored", OPAQUE_PORTS_KEY, item)
+            continue
+        if not 1 <= a <= b <= 65535 or b - a + len(ports) > MAX_OPAQUE_PORTS:
+            log.warning("%s: %r is out of range (or too many ports); ignored",
+                        OPAQUE_PORTS_KEY, item)  # fmt: skip
+            continue
+        ports.update(range(a, b + 1))
+    return tuple(sorted(ports))
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadPort:
     """A port a workload's containers declare (informational: capture is by address)."""
@@ -94,6 +126,8 @@ class Workload:
     node_ip: str = ""
     """The node's address (``status.hostIP``): where its agent's tunnel listens; empty
     until the pod is scheduled and the kubelet has reported it."""
+    opaque_ports: tuple[int, ...] = ()
+    """Ports of this pod served as opaque TCP (``weft.io/opaque-ports``)."""
 
     @property
     def key(self) -> str:
@@ -137,6 +171,8 @@ class Service:
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
     """Sorted by address, so the same endpoint set always compares equal."""
+    opaque_ports: tuple[int, ...] = ()
+    """Service ports served as opaque TCP (``weft.io/opaque-ports``)."""
 
     @property
     def key(self) -> str:

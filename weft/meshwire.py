@@ -76,6 +76,7 @@ def encode_workload(w: Workload) -> dict[str, Any]:
         "inbound_mode": w.inbound_mode.value,
         "ports": [[p.port, p.protocol, p.name] for p in w.ports],
         "ready": w.ready,
+        "opaque_ports": list(w.opaque_ports),
     }
 
 
@@ -94,6 +95,7 @@ def encode_service(s: Service) -> dict[str, Any]:
             }
             for e in s.endpoints
         ],
+        "opaque_ports": list(s.opaque_ports),
     }
 
 
@@ -137,6 +139,12 @@ def _tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
     return typ if isinstance(typ, tuple) else (typ,)
 
 
+def _ports_list(f: _Fields, name: str) -> tuple[int, ...]:
+    """An optional list of ports (absent from an older control plane: none)."""
+    raw = f.get(name, list, [])
+    return tuple(sorted({f.port(p, name) for p in raw}))
+
+
 def decode_workload(obj: Any, where: str = "workload") -> Workload:
     f = _Fields(obj, where)
     try:
@@ -178,6 +186,7 @@ def decode_workload(obj: Any, where: str = "workload") -> Workload:
         inbound_mode=mode,
         ports=tuple(ports),
         ready=bool(f.get("ready", bool, True)),
+        opaque_ports=_ports_list(f, "opaque_ports"),
     )
 
 
@@ -215,6 +224,7 @@ def decode_service(obj: Any, where: str = "service") -> Service:
         vips=tuple(vips),
         ports=tuple(ports),
         endpoints=tuple(endpoints),
+        opaque_ports=_ports_list(f, "opaque_ports"),
     )
 
 

@@ -77,6 +77,7 @@ from controlplane.discovery.model import (
     WorkloadPort,
     inbound_mode,
     is_captured,
+    opaque_ports,
     service_key,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
@@ -266,6 +267,7 @@ class PodFacts:
     terminal: bool
     """Succeeded or Failed: its IP may already belong to a new pod."""
     host_network: bool
+    opaque_ports: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -279,6 +281,7 @@ class ServiceFacts:
     vips: tuple[str, ...]
     ports: tuple[ServicePort, ...]
     external_name: bool
+    opaque_ports: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -352,6 +355,7 @@ def parse_pod(obj: JSON) -> PodFacts:
         ),
         terminal=status.get("phase") in ("Succeeded", "Failed"),
         host_network=bool(spec.get("hostNetwork")),
+        opaque_ports=opaque_ports(meta.get("annotations") or {}),
     )
 
 
@@ -374,6 +378,7 @@ def parse_service(obj: JSON) -> ServiceFacts:
             for p in spec.get("ports") or ()
         ),
         external_name=spec.get("type") == "ExternalName",
+        opaque_ports=opaque_ports(meta.get("annotations") or {}),
     )
 
 
@@ -565,6 +570,7 @@ class ClusterView:
             ports=pod.ports,
             ready=pod.ready,
             node_ip=pod.node_ip,
+            opaque_ports=pod.opaque_ports,
         )
 
     def service(self, key: str) -> Service | None:
@@ -606,6 +612,7 @@ class ClusterView:
             vips=svc.vips,
             ports=svc.ports,
             endpoints=tuple(by_address[a] for a in sorted(by_address)),
+            opaque_ports=svc.opaque_ports,
         )
 
 

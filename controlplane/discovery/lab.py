@@ -29,6 +29,7 @@ from controlplane.discovery.model import (
     ServicePort,
     Workload,
     WorkloadPort,
+    opaque_ports,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
@@ -77,6 +78,8 @@ def lab_model(
                 ports=tuple(WorkloadPort(port) for port in pod.ports),
                 ready=True,
                 node_ip=node_ips.get(pod.node, ""),
+                # The lab has no annotations: its labels stand in (as for inbound mode).
+                opaque_ports=opaque_ports(pod.labels),
             )
         )
     services = [

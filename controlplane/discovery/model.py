@@ -53,6 +53,7 @@ from weft.mesh import (
     inbound_mode,
     is_captured,
     kind_of,
+    opaque_ports,
     service_key,
 )
 
@@ -77,6 +78,7 @@ __all__ = [  # the value types are re-exported: sources build them from here
     "inbound_mode",
     "is_captured",
     "kind_of",
+    "opaque_ports",
     "service_key",
 ]
 

@@ -84,12 +84,16 @@ def test_a_slower_replica_gets_few_requests(lab: LabRunner):
     assert pods.count("echo-2") / len(pods) < 0.10
 
 
-@pytest.mark.parametrize(("port", "fast"), [(25, True), (2525, False)])
+@pytest.mark.parametrize(("port", "fast"), [(25, True), (2525, False), (2526, True)])
 def test_a_server_first_protocol_is_not_stalled(lab: LabRunner, port: int, fast: bool):
     """Port 25 is opaque by default: no wait at all. 2525 is not: detection waits for the
     client's first bytes until its deadline (1 s), then relays, and the greeting (and
-    every byte after it) arrives intact."""
+    every byte after it) arrives intact. 2526 is marked opaque on the pod
+    (``weft.io/opaque-ports``, a label in the lab): no wait either."""
     echo2 = next(p["ip"] for p in lab.status()["pods"] if p["name"] == "echo-2")
+    if port == 2526:
+        lab.weft("lab", "label", "echo-2", "weft.io/opaque-ports=2526")
+        time.sleep(2.0)  # discovery reaches node-1's agent
     server = subprocess.Popen(
         [sys.executable, "-m", "weft.cli", "lab", "exec", "echo-2", "--",
          sys.executable, "-c", GREETER, str(port)],
@@ -106,6 +110,8 @@ def test_a_server_first_protocol_is_not_stalled(lab: LabRunner, port: int, fast:
         if not fast:
             assert got["seconds"] >= 0.5  # it did wait for the detection deadline
     finally:
+        if port == 2526:
+            lab.weft("lab", "label", "echo-2", "weft.io/opaque-ports-", check=False)
         server.terminate()
         try:
             server.wait(timeout=10)

@@ -597,3 +597,21 @@ def test_deeply_nested_json_is_refused_as_a_wire_error(decode: Callable[[bytes],
     body = b"[" * 50_000 + b"]" * 50_000  # under the server's 64 KiB body limit
     with pytest.raises(MeshWireError):
         decode(body)
+
+
+def test_opaque_ports_round_trip_and_are_optional_on_the_wire() -> None:
+    from weft.identity import SpiffeId
+    from weft.mesh import InboundMode, Service, ServicePort, Workload
+    from weft.meshwire import decode_service, decode_workload, encode_service, encode_workload
+
+    w = Workload(
+        uid="u", name="db", namespace="default", node="n", ips=("10.0.0.5",),
+        service_account="db", identity=SpiffeId.workload("default", "db"), captured=True,
+        inbound_mode=InboundMode.PERMISSIVE, opaque_ports=(2525, 3307),
+    )  # fmt: skip
+    s = Service("db", "default", ("10.96.0.9",), (ServicePort(25, 2525),), (), opaque_ports=(25,))
+    assert decode_workload(encode_workload(w)) == w
+    assert decode_service(encode_service(s)) == s
+    older = encode_service(s)
+    del older["opaque_ports"]  # a control plane of the previous release
+    assert decode_service(older).opaque_ports == ()
