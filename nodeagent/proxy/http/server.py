@@ -396,9 +396,11 @@ class Http1Server(asyncio.Protocol):
             return
         if exchange.response_started or failure.reset:
             # Part of the response is out: a reset, so the client does not take a
-            # truncated body for a complete one.
-            log.info("%s: upstream failed mid-response (%s); resetting the client",
-                     self.label, failure)  # fmt: skip
+            # truncated body for a complete one. (Or the failure asks for a reset: the
+            # client node then tries another endpoint.)
+            when = "mid-response" if exchange.response_started else "before the request"
+            log.info("%s: upstream failed %s (%s); resetting the client",
+                     self.label, when, failure)  # fmt: skip
             self._close(f"upstream failed mid-response ({failure.error.token})", abort=True)
             return
         close = exchange.close_after or not exchange.request_complete
