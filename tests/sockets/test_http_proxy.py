@@ -440,3 +440,13 @@ async def test_a_slow_reader_is_not_buffered_without_bound(mesh: Mesh):
     buffered = server.transport.get_write_buffer_size()
     assert buffered <= 2 * 1024 * 1024, buffered
     sock.close()
+
+
+async def test_idle_upstream_connections_age_out(mesh: Mesh):
+    mesh.http.pool.idle_timeout = 0.2
+    await asyncio.to_thread(_requests, mesh.proxy_port, ["/", "/"])
+    assert mesh.http.pool.idle >= 1
+    await asyncio.sleep(0.6)
+    assert mesh.http.pool.idle == 0
+    results = await asyncio.to_thread(_requests, mesh.proxy_port, ["/"])
+    assert results[0][0] == 200  # a new upstream connection, no error

@@ -66,7 +66,9 @@ class Http1Client(asyncio.Protocol):
         self.lost = False
         self.exchanges = 0
         self.pool: Http1Pool | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        self._corked = 0
+        self._out: list[bytes] = []
 
     @property
     def busy(self) -> bool:
@@ -90,18 +92,39 @@ class Http1Client(asyncio.Protocol):
         self._response_bytes = False
         self.exchanges += 1
         self.codec.expect(exchange.head.method)
-        self.transport.write(encode_request_head(exchange.head))
-        exchange.bind(self)
+        self.cork()  # the head and any body already read leave as one write
+        try:
+            self._write(encode_request_head(exchange.head))
+            exchange.bind(self)
+        finally:
+            self.uncork()
         return done
 
+    def _write(self, data: bytes) -> None:
+        if self._corked:
+            self._out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        out = self._out
+        if not self._corked and out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if self.transport is not None:
+                self.transport.write(data)
+
     def write_body(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(encode_chunk(data) if self._chunked else data)
+        self._write(encode_chunk(data) if self._chunked else data)
 
     def end_body(self) -> None:
         self._request_sent = True
-        if self._chunked and self.transport is not None:
-            self.transport.write(LAST_CHUNK)
+        if self._chunked:
+            self._write(LAST_CHUNK)
 
     def pause_reading(self) -> None:
         if self.flow is not None:
@@ -169,11 +192,15 @@ class Http1Client(asyncio.Protocol):
             self.close()
             return
         self._response_bytes = True
+        server = exchange._server
+        server.cork()  # what this read completes of the response leaves as one write
         try:
             leftover = self.codec.feed(data)
         except H1Error as exc:
             self._fail(f"malformed response: {exc.detail}", bad_response=True)
             return
+        finally:
+            server.uncork()
         if leftover is not None and self._upgrade_head is not None and self._exchange is not None:
             self._exchange.upgrade(self._upgrade_head, leftover)
 
@@ -197,8 +224,6 @@ class Http1Client(asyncio.Protocol):
         self.lost = True
         if self.flow is not None:
             self.flow.finish()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
         if self.pool is not None:
             self.pool.discard(self)
         if self._exchange is not None and not self._detached:
@@ -254,6 +279,7 @@ class Http1Pool:
         self.idle_timeout = idle_timeout
         self.limits = limits
         self._idle: dict[Hashable, deque[Http1Client]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self.opened = 0
         self.reused = 0
 
@@ -269,9 +295,6 @@ class Http1Pool:
         idle = self._idle.get(key)
         while idle:
             client = idle.pop()
-            if client._idle_timer is not None:
-                client._idle_timer.cancel()
-                client._idle_timer = None
             if client.usable:
                 if not idle:
                     del self._idle[key]
@@ -294,14 +317,27 @@ class Http1Pool:
         if len(idle) >= self.max_idle:
             client.close()
             return
-        idle.append(client)
         loop = asyncio.get_running_loop()
-        client._idle_timer = loop.call_later(self.idle_timeout, self._expire, client)
+        client.idle_since = loop.time()
+        idle.append(client)
+        # One sweep for the whole pool, not a timer per idle connection (a timer per
+        # request is measurable at saturation: the heap push and the cancel).
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.idle_timeout / 4, self._expire)
 
-    def _expire(self, client: Http1Client) -> None:
-        client._idle_timer = None
-        self.discard(client)
-        client.close()
+    def _expire(self) -> None:
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.idle_timeout
+        for key in list(self._idle):
+            idle = self._idle[key]
+            # Oldest first: connections are appended as they go idle.
+            while idle and idle[0].idle_since <= cutoff:
+                idle.popleft().close()
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            self._sweep = loop.call_later(self.idle_timeout / 4, self._expire)
 
     def discard(self, client: Http1Client) -> None:
         idle = self._idle.get(client.key)
@@ -314,6 +350,9 @@ class Http1Pool:
                 del self._idle[client.key]
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in list(self._idle.values()):
             for client in list(idle):
                 client.close()

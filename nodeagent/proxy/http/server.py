@@ -90,6 +90,8 @@ class Upstream(Protocol):
     def end_body(self) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def take_transport(self) -> asyncio.Transport:
         """For an upgrade: the transport, detached from the upstream connection."""
 
@@ -279,6 +281,8 @@ class Http1Server(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.requests = 0
         self.close_reason: str | None = None
+        self._corked = 0
+        self._out: list[bytes] = []
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -296,11 +300,17 @@ class Http1Server(asyncio.Protocol):
         self._last_activity = self._loop.time()
         if self._head_started is None and self._parsing is None:
             self._head_started = self._last_activity
+        up = self._active_upstream()
+        if up is not None:
+            up.cork()
         try:
             leftover = self.codec.feed(data)
         except H1Error as exc:
             self._bad_request(exc)
             return
+        finally:
+            if up is not None:
+                up.uncork()
         if leftover is not None:
             self._upgrade_requested(leftover)
 
@@ -424,8 +434,31 @@ class Http1Server(asyncio.Protocol):
     # --- writing and closing -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closing:
+        if self.transport is None or self._closing:
+            return
+        if self._corked:
+            self._out.append(data)
+        else:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes until `uncork`: what one read of the upstream produced (head,
+        body, chunk frames) leaves as one write — one syscall, or one tunnel frame and
+        TLS record, instead of one per piece."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None and not self._closing:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self.transport.write(data)
+        out.clear()
 
     def _bad_request(self, exc: H1Error) -> None:
         log.info("%s: %s (%s); closing", self.label, exc.error.status, exc.detail)
@@ -441,6 +474,8 @@ class Http1Server(asyncio.Protocol):
     def _close(self, reason: str, *, abort: bool = False) -> None:
         if self._closing:
             return
+        if not abort:
+            self._flush()
         self._closing = True
         self.close_reason = reason
         self.flow.hold(CLOSING)
@@ -508,6 +543,7 @@ class Http1Server(asyncio.Protocol):
     ) -> None:
         transport = self.transport
         assert transport is not None
+        self._flush()
         transport.write(
             encode_response_head(head, length=None, chunked=False, close=False, upgrade=True)
         )
