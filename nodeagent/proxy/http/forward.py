@@ -77,11 +77,15 @@ def failure_of(exc: BaseException) -> ProxyFailure:
 
 @dataclass(frozen=True)
 class _Route:
-    """What one request resolved to."""
+    """What a destination resolved to, at one version of the mesh state."""
 
     service: str
     hops: dict[Address, Hop]
     balanced: bool
+
+    @property
+    def candidates(self) -> list[Address]:
+        return list(self.hops)
 
 
 class _QuietObserver:
@@ -177,6 +181,27 @@ class OutboundForwarder:
         self.app = app
         self.destination = destination
         self.label = label
+        # Per connection, recomputed when the mesh state changes (version): what the
+        # destination resolves to, its failure observer and the requests' labels.
+        self._version = -1
+        self._route: _Route | None = None
+        self._observer: _QuietObserver | None = None
+        self._labels: dict[tuple[Address | None, str], HttpLabels] = {}
+
+    def _resolve(self) -> tuple[_Route, _QuietObserver]:
+        http = self.http
+        if self._version != http.mesh.version or self._route is None or self._observer is None:
+            route = http._route(self.destination)  # raises NoRoute (not cached)
+            self._version = http.mesh.version
+            self._route = route
+            inner = (
+                http._observer(self.app, self.destination, route.service)
+                if http._observer
+                else None
+            )
+            self._observer = _QuietObserver(self.label, inner)
+            self._labels.clear()
+        return self._route, self._observer
 
     async def forward(self, exchange: Exchange) -> None:
         http = self.http
@@ -185,23 +210,19 @@ class OutboundForwarder:
         authority = exchange.head.authority or format_address(self.destination)
         src_name = workload_name(source)
         try:
-            route = http._route(self.destination)
+            route, observer = self._resolve()
         except NoRoute as exc:
+            self._version = -1
             self._record(exchange, authority, src_name, None, source, error=ProxyError.NO_ENDPOINTS)
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
         fresh = False
         for _ in range(2):
             try:
                 connected = await http.failover.connect(
-                    list(route.hops),
+                    route.candidates,
                     functools.partial(self._connect, source, route.hops, fresh),
                     balanced=route.balanced,
-                    observer=_QuietObserver(
-                        self.label,
-                        http._observer(self.app, self.destination, route.service)
-                        if http._observer
-                        else None,
-                    ),
+                    observer=observer,
                 )
             except Exception as exc:
                 failure = failure_of(exc)
@@ -252,15 +273,20 @@ class OutboundForwarder:
         *,
         error: ProxyError | None = None,
     ) -> None:
-        dest = hop.workload if hop is not None else None
-        tunnel = dest is not None and dest.captured and self.http.dialer.tunnel is not None
-        labels = HttpLabels(
-            "outbound", authority, *src_name,
-            *(workload_name(dest) if hop is not None else ("", "")),
-            "true" if tunnel else "false",
-            str(source.identity) if source is not None else "",
-            str(dest.identity) if tunnel and dest is not None else "",
-        )  # fmt: skip
+        key = (hop.address if hop is not None else None, authority)
+        labels = self._labels.get(key)
+        if labels is None:
+            dest = hop.workload if hop is not None else None
+            tunnel = dest is not None and dest.captured and self.http.dialer.tunnel is not None
+            labels = HttpLabels(
+                "outbound", authority, *src_name,
+                *(workload_name(dest) if hop is not None else ("", "")),
+                "true" if tunnel else "false",
+                str(source.identity) if source is not None else "",
+                str(dest.identity) if tunnel and dest is not None else "",
+            )  # fmt: skip
+            if len(self._labels) < 64:  # the authority comes from the client
+                self._labels[key] = labels
         _record(self.http.metrics, labels, exchange, error)
 
 
