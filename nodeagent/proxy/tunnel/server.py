@@ -415,19 +415,7 @@ class TunnelServer(Listener):
         except Exception as exc:
             relay.abort("target connect failed")
             await relay.wait_closed()
-            expected = isinstance(exc, OSError)
-            why = (
-                f"connecting timed out after {config.target_connect_timeout:g}s"
-                if isinstance(exc, TimeoutError)
-                else f"connecting failed ({describe(exc)})"
-            )
-            self._refuse(
-                stream,
-                Status.TARGET_UNREACHABLE if expected else Status.INTERNAL_ERROR,
-                label,
-                why,
-                exc=None if expected else exc,
-            )
+            self._refuse_connect(stream, label, exc)
             return
         if stream.finished:
             log.debug("%s: the client cancelled the stream while the pod was connecting", label)
@@ -478,17 +466,7 @@ class TunnelServer(Listener):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            expected = isinstance(exc, OSError)
-            why = (
-                f"connecting timed out after {config.target_connect_timeout:g}s"
-                if isinstance(exc, TimeoutError)
-                else f"connecting failed ({describe(exc)})"
-            )
-            self._refuse(
-                stream,
-                Status.TARGET_UNREACHABLE if expected else Status.INTERNAL_ERROR,
-                label, why, exc=None if expected else exc,
-            )  # fmt: skip
+            self._refuse_connect(stream, label, exc)
             return
         if stream.finished:
             return
@@ -504,6 +482,18 @@ class TunnelServer(Listener):
             raise
         finally:
             self.stats.streams_active -= 1
+
+    def _refuse_connect(self, stream: Stream, label: str, exc: Exception) -> None:
+        """Connecting to the target pod failed: TARGET_UNREACHABLE (the client node
+        tries another endpoint), or INTERNAL_ERROR for what is not a network error."""
+        expected = isinstance(exc, OSError)
+        why = (
+            f"connecting timed out after {self.config.target_connect_timeout:g}s"
+            if isinstance(exc, TimeoutError)
+            else f"connecting failed ({describe(exc)})"
+        )
+        status = Status.TARGET_UNREACHABLE if expected else Status.INTERNAL_ERROR
+        self._refuse(stream, status, label, why, exc=None if expected else exc)
 
     def _decide(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address
