@@ -511,6 +511,20 @@ class Agent:
             "capture": self.manager.snapshot() if self.manager else None,
             "certificates": self.certs.snapshot() if self.certs else None,
             "discovery": self.discovery.snapshot() if self.discovery else None,
+            "http": {
+                "enabled": self.cfg.http,
+                "detected": dict(self.switch.decisions) if self.switch else {},
+                "outbound_requests": self.outbound_http.requests,
+                "replayed": self.outbound_http.replayed,
+                "inbound_requests": self.inbound_http.requests,
+                "pools": {
+                    side: {"idle": pool.idle, "opened": pool.opened, "reused": pool.reused}
+                    for side, pool in (
+                        ("outbound", self.outbound_http.pool),
+                        ("inbound", self.inbound_http.pool),
+                    )
+                },
+            },
             "endpoints": {
                 f"{a[0]}:{a[1]}": {
                     "state": self.balancer.state(a),

@@ -60,7 +60,6 @@ class Http1Client(asyncio.Protocol):
         self._done: asyncio.Future[None] | None = None
         self._chunked = False
         self._request_sent = False
-        self._response_bytes = False
         self._upgrade_head: ResponseHead | None = None
         self._detached = False
         self.lost = False
@@ -89,7 +88,6 @@ class Http1Client(asyncio.Protocol):
         self._exchange = exchange
         self._chunked = exchange.head.chunked
         self._request_sent = False
-        self._response_bytes = False
         self.exchanges += 1
         self.codec.expect(exchange.head.method)
         self.cork()  # the head and any body already read leave as one write
@@ -191,16 +189,14 @@ class Http1Client(asyncio.Protocol):
             self.lost = True
             self.close()
             return
-        self._response_bytes = True
-        server = exchange._server
-        server.cork()  # what this read completes of the response leaves as one write
+        exchange.cork()  # what this read completes of the response leaves as one write
         try:
             leftover = self.codec.feed(data)
         except H1Error as exc:
             self._fail(f"malformed response: {exc.detail}", bad_response=True)
             return
         finally:
-            server.uncork()
+            exchange.uncork()
         if leftover is not None and self._upgrade_head is not None and self._exchange is not None:
             self._exchange.upgrade(self._upgrade_head, leftover)
 
@@ -214,11 +210,11 @@ class Http1Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._exchange is not None:
-            self._exchange._server.flow.hold(PEER_BLOCKED)
+            self._exchange.upstream_blocked(True)
 
     def resume_writing(self) -> None:
         if self._exchange is not None:
-            self._exchange._server.flow.release(PEER_BLOCKED)
+            self._exchange.upstream_blocked(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -238,7 +234,7 @@ class Http1Client(asyncio.Protocol):
         exchange = self._exchange
         started = exchange.response_started if exchange is not None else False
         if exchange is not None:
-            exchange._server.flow.release(PEER_BLOCKED)
+            exchange.upstream_blocked(False)
         self._finish(UpstreamLost(detail, response_started=started, bad_response=bad_response))
         self.lost = True
         if self.transport is not None:
@@ -249,7 +245,7 @@ class Http1Client(asyncio.Protocol):
         self._exchange = None
         self._done = None
         if exchange is not None:
-            exchange._server.flow.release(PEER_BLOCKED)
+            exchange.upstream_blocked(False)
         if done is not None and not done.done():
             if error is None:
                 done.set_result(None)

@@ -82,10 +82,7 @@ class _Route:
     service: str
     hops: dict[Address, Hop]
     balanced: bool
-
-    @property
-    def candidates(self) -> list[Address]:
-        return list(self.hops)
+    candidates: tuple[Address, ...]
 
 
 class _QuietObserver:
@@ -136,10 +133,12 @@ class OutboundHttp:
 
     def _route(self, destination: Address) -> _Route:
         resolved = resolve(self.mesh, destination)
+        hops = {h.address: h for h in resolved.hops}
         return _Route(
             resolved.service.key if resolved.service is not None else "",
-            {h.address: h for h in resolved.hops},
+            hops,
             resolved.service is not None,
+            tuple(hops),
         )
 
     async def _connection(

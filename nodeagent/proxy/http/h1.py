@@ -286,10 +286,6 @@ class ResponseCodec:
             return True
         return False
 
-    @property
-    def in_response(self) -> bool:
-        return self._head is not None or self._in_head
-
     # --- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:

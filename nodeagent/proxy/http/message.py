@@ -77,6 +77,7 @@ class RequestHead:
 
     @property
     def path(self) -> str:
+        """The path, without the query (what routes match on)."""
         target = self.target
         if target.startswith((b"http://", b"https://")):
             slash = target.find(b"/", target.find(b"//") + 2)
@@ -86,12 +87,6 @@ class RequestHead:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
-
-    @property
-    def idempotent(self) -> bool:
-        """Safe to send again on a fresh connection if a reused one failed before any
-        response byte (RFC 9110 §9.2.2), provided it has no body."""
-        return self.method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE")
 
 
 @dataclass(slots=True)

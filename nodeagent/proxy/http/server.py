@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from nodeagent.proxy.flow import CLOSING, HELD_BYTES, FlowControl
+from nodeagent.proxy.flow import CLOSING, HELD_BYTES, PEER_BLOCKED, FlowControl
 from nodeagent.proxy.http.h1 import (
     H1Error,
     Limits,
@@ -109,8 +109,8 @@ class Exchange:
 
     __slots__ = (
         "_body_held",
+        "_body_held_bytes",
         "_chunked_out",
-        "_done",
         "_server",
         "_upstream",
         "close_after",
@@ -131,6 +131,7 @@ class Exchange:
         self.started = started
         self._upstream: Upstream | None = None
         self._body_held: list[bytes] = []
+        self._body_held_bytes = 0
         self.request_complete = False
         self.response: ResponseHead | None = None
         self.response_started = False
@@ -143,15 +144,6 @@ class Exchange:
         self._chunked_out = False
         self.close_after = not head.keep_alive
         self.upgrade_leftover: bytes | None = None
-        self._done: asyncio.Future[None] | None = None
-
-    @property
-    def label(self) -> str:
-        return self._server.label
-
-    @property
-    def body_held(self) -> int:
-        return sum(map(len, self._body_held))
 
     # --- request side (from the server) --------------------------------------------------
 
@@ -160,7 +152,8 @@ class Exchange:
             self._upstream.write_body(data)
         else:
             self._body_held.append(data)
-            if self.body_held > self._server.config.high_water:
+            self._body_held_bytes += len(data)
+            if self._body_held_bytes > self._server.config.high_water:
                 self._server.flow.hold(HELD_BYTES)
 
     def _request_end(self) -> None:
@@ -168,12 +161,28 @@ class Exchange:
         if self._upstream is not None:
             self._upstream.end_body()
 
+    def upstream_blocked(self, blocked: bool) -> None:
+        """The upstream's write buffer is full (or has drained): stop (resume) reading
+        the client, whose bytes would only pile up in front of it."""
+        if blocked:
+            self._server.flow.hold(PEER_BLOCKED)
+        else:
+            self._server.flow.release(PEER_BLOCKED)
+
+    def cork(self) -> None:
+        """Hold what the response writes until `uncork` (see `Http1Server.cork`)."""
+        self._server.cork()
+
+    def uncork(self) -> None:
+        self._server.uncork()
+
     def bind(self, upstream: Upstream) -> None:
         """The forwarder has an upstream for this exchange (its head has been sent):
         request body bytes go there from now on."""
         self._upstream = upstream
         self.sent = self._server._clock()
         held, self._body_held = self._body_held, []
+        self._body_held_bytes = 0
         for chunk in held:
             upstream.write_body(chunk)
         self._server.flow.release(HELD_BYTES)
