@@ -432,7 +432,7 @@ class Http1Server(asyncio.Protocol):
         if self.queue and self.queue[0] is exchange:
             self.queue.popleft()
         if exchange.close_after or self._closing:
-            self._close("connection: close" if not exchange.close_after else "exchange closed")
+            self._close("closed after the exchange (connection: close, or its end was cut)")
             return
         self._last_activity = self._loop.time()
         if len(self.queue) <= 1:

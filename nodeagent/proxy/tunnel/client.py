@@ -269,10 +269,17 @@ class TunnelClient:
             context = self._tls.client_context(source)
         except tls.TlsMaterialError:
             return False
-        if session.context is not context:
-            session.draining = True
-            self.stats.drained += 1
-            return False
+        return not self._retire_if_rotated(session, context)
+
+    def _retire_if_rotated(self, session: Session, context: ssl.SSLContext | None) -> bool:
+        """Retire ``session`` (draining: its streams finish, no new ones) if it was made
+        with a certificate other than ``context``'s; True if it is retired now."""
+        if session.context is context or session.draining:
+            return session.draining
+        session.draining = True
+        self.stats.drained += 1
+        if not session.streams:
+            session.close("certificate rotated")
         return True
 
     async def _session(
@@ -283,12 +290,8 @@ class TunnelClient:
         peer = self._peers.setdefault(key, _Peer())
         while True:
             for session in peer.sessions:
-                if session.context is not context and not session.draining:
-                    # Made with a certificate that has since been rotated: retire it.
-                    session.draining = True
-                    self.stats.drained += 1
-                    if not session.streams:
-                        session.close("certificate rotated")
+                # Made with a certificate that has since been rotated: retired.
+                self._retire_if_rotated(session, context)
                 if session.usable:
                     return session, False
             if self._closed:
