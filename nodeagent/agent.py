@@ -65,7 +65,9 @@ from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.http.client import Http1Pool
-from nodeagent.proxy.http.forward import HTTP1, InboundHttp, OutboundHttp
+from nodeagent.proxy.http.forward import H2, HTTP1, InboundHttp, OutboundHttp
+from nodeagent.proxy.http.h2conn import H2Config
+from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
 from nodeagent.proxy.http.stage import HttpForward
 from nodeagent.proxy.listener import Listener
@@ -430,8 +432,9 @@ class Agent:
             meter=lambda labels: self.tcp.open(labels),
             observer=self._failure_observer,
         )
-        # Requests (HTTP/1.1): the same stages per request, with a latency-aware balancer
-        # (P2C over peak EWMA x outstanding) and pooled upstream connections.
+        # Requests (HTTP/1.1, HTTP/2 streams): the same stages per request, with a
+        # latency-aware balancer (P2C over peak EWMA x outstanding) and pooled upstream
+        # connections.
         self.http_balancer: Balancer[Address] = Balancer(latency=PeakEwma())
         self.http_metrics = HttpMetrics()
         self.outbound_http = OutboundHttp(
@@ -522,6 +525,18 @@ class Agent:
                     for side, pool in (
                         ("outbound", self.outbound_http.pool),
                         ("inbound", self.inbound_http.pool),
+                    )
+                },
+                "h2_pools": {
+                    side: {
+                        "connections": pool.connections,
+                        "idle": pool.idle,
+                        "opened": pool.opened,
+                        "reused": pool.reused,
+                    }
+                    for side, pool in (
+                        ("outbound", self.outbound_http.h2_pool),
+                        ("inbound", self.inbound_http.h2_pool),
                     )
                 },
             },
@@ -700,7 +715,9 @@ class Agent:
             locate_target=self.locate_target,
             meter=self._inbound_meter,
             hold=self.holds["tunnel"],
-            protocols={HTTP1: self._inbound_http_stream} if cfg.http else None,
+            protocols={HTTP1: self._inbound_http_stream, H2: self._inbound_h2_stream}
+            if cfg.http
+            else None,
         )
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         attempt = cfg.attempt_timeout
@@ -756,6 +773,14 @@ class Agent:
         forwarder = self.inbound_http.forwarder(client, presented, target, label)
         await forwarder.prepare()
         return Http1Server(forwarder, label=label, config=HttpServerConfig(idle_timeout=600.0))
+
+    async def _inbound_h2_stream(
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+    ) -> H2Server:
+        """The HTTP/2 server of one tunnel stream whose client node detected h2."""
+        forwarder = self.inbound_http.forwarder(client, presented, target, label, H2)
+        await forwarder.prepare()
+        return H2Server(forwarder, label=label, config=H2Config(idle_timeout=600.0))
 
     def _opaque_destination(self, dest: Address) -> bool:
         """Whether ``weft.io/opaque-ports`` marks the destination opaque: a service
@@ -917,6 +942,9 @@ class Agent:
             http1=HttpForward(
                 self.outbound_http, HttpServerConfig(idle_timeout=cfg.idle_timeout), stats
             )
+            if cfg.http
+            else None,
+            h2=HttpForward(self.outbound_http, H2Config(idle_timeout=cfg.idle_timeout), stats)
             if cfg.http
             else None,
             detect_timeout=cfg.detect_timeout,

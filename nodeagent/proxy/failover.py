@@ -58,10 +58,13 @@ class Failover:
         *,
         balanced: bool,
         observer: FailoverObserver,
+        avoid: Sequence[Address] = (),
     ) -> Connected[T]:
         """Dial ``candidates`` as described above; raise the last failure when no attempt
         is left. ``balanced`` is false for a direct address (one candidate, no health
-        tracking: tracking every address an app dials would grow without bound)."""
+        tracking: tracking every address an app dials would grow without bound).
+        ``avoid``: endpoints not to pick while another candidate is left (a request
+        sent again after an endpoint refused it)."""
         if not balanced:
             return Connected(await dial(candidates[0]), candidates[0], None)
         self.budget.attempt()
@@ -69,7 +72,9 @@ class Failover:
         error: BaseException | None = None
         limit = min(len(candidates), self.attempts)
         while len(tried) < limit:
-            lease = self.balancer.lease(candidates, exclude=tried)
+            lease = self.balancer.lease(candidates, exclude=[*avoid, *tried])
+            if lease is None and avoid:
+                lease = self.balancer.lease(candidates, exclude=tried)
             if lease is None:
                 break
             tried.append(lease.key)

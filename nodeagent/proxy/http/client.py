@@ -40,13 +40,35 @@ log = logging.getLogger("weft.proxy.http")
 
 
 class UpstreamLost(ConnectionError):
-    """The upstream connection failed during an exchange."""
+    """The upstream connection (HTTP/2: the stream) failed during an exchange."""
 
-    def __init__(self, detail: str, *, response_started: bool, bad_response: bool = False) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        response_started: bool,
+        bad_response: bool = False,
+        refused: bool = False,
+        code: int | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.response_started = response_started
         self.bad_response = bad_response
+        self.refused = refused
+        """Known not to have been processed (HTTP/2 REFUSED_STREAM, or a stream above a
+        GOAWAY's last stream id): safe to send again whatever the method."""
+        self.code = code
+        """HTTP/2: the RST_STREAM error code."""
+
+    def retryable(self, exchange_idempotent: bool, reused: bool) -> bool:
+        """Whether a body-less request lost this way may be sent once more: refused
+        streams always; a request lost on a *reused* connection before any response
+        byte (the keep-alive race) only if its method is idempotent, since the first
+        attempt may have been processed (RFC 9110 §9.2.2)."""
+        if self.response_started:
+            return False
+        return self.refused or (reused and exchange_idempotent)
 
 
 class Http1Client(asyncio.Protocol):
@@ -261,6 +283,10 @@ class Http1Client(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             reset_transport(self.transport)
+
+    def cancel(self, exchange: object) -> None:
+        """The exchange is abandoned mid-flight: this connection cannot be reused."""
+        self.abort()
 
 
 Dial = Callable[[Callable[[], asyncio.Protocol]], Awaitable[object]]

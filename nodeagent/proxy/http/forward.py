@@ -38,6 +38,7 @@ from nodeagent.proxy.admission import Overloaded
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
+from nodeagent.proxy.http.h2client import H2Client, H2Pool
 from nodeagent.proxy.http.message import ProxyError
 from nodeagent.proxy.http.server import Exchange, ProxyFailure
 from nodeagent.proxy.listener import Address, format_address
@@ -51,6 +52,11 @@ from weft.mesh import Workload
 log = logging.getLogger("weft.proxy.http")
 
 HTTP1 = "http/1.1"
+H2 = "h2"
+"""The protocols a forwarder speaks upstream (the tunnel's OPEN names them, as ALPN
+would): the one its downstream connection speaks."""
+
+Upstream = Http1Client | H2Client
 
 
 def failure_of(exc: BaseException) -> ProxyFailure:
@@ -118,18 +124,22 @@ class OutboundHttp:
         pool: Http1Pool,
         metrics: HttpMetrics,
         observer: ObserverFactory | None = None,
+        h2_pool: H2Pool | None = None,
     ) -> None:
         self.mesh = mesh
         self.failover = failover
         self.dialer = dialer
         self.pool = pool
+        self.h2_pool = h2_pool or H2Pool()
         self.metrics = metrics
         self._observer = observer
         self.requests = 0
         self.replayed = 0
 
-    def forwarder(self, app: Address, destination: Address, label: str) -> OutboundForwarder:
-        return OutboundForwarder(self, app, destination, label)
+    def forwarder(
+        self, app: Address, destination: Address, label: str, protocol: str = HTTP1
+    ) -> OutboundForwarder:
+        return OutboundForwarder(self, app, destination, label, protocol)
 
     def _route(self, destination: Address) -> _Route:
         resolved = resolve(self.mesh, destination)
@@ -141,45 +151,59 @@ class OutboundHttp:
             tuple(hops),
         )
 
+    def _current(self, client: Upstream, source: Workload | None) -> bool:
+        """Whether a pooled connection may take new requests: not if its tunnel
+        connection is going away (draining, or made with a rotated certificate)."""
+        transport = client.transport
+        tunnel = self.dialer.tunnel
+        return not (
+            isinstance(transport, Stream)
+            and tunnel is not None
+            and source is not None
+            and not tunnel.current(transport, source.identity)
+        )
+
     async def _connection(
-        self, source: Workload | None, hop: Hop, *, fresh: bool, label: str
-    ) -> tuple[Http1Client, bool]:
-        """A connection to ``hop`` for ``source``: an idle one unless ``fresh``, and
-        whether it was reused."""
+        self, source: Workload | None, hop: Hop, *, fresh: bool, label: str, protocol: str
+    ) -> tuple[Upstream, bool]:
+        """A connection to ``hop`` for ``source`` speaking ``protocol``: a pooled one
+        unless ``fresh``, and whether it was reused."""
         key = (source.identity if source else None, hop.address)
+
+        async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
+            return await self.dialer.dial(source, hop, factory, protocol=protocol)
+
+        label = f"{label} -> {format_address(hop.address)} (upstream)"
+        if protocol == H2:
+            if fresh:
+                return await self.h2_pool.open(key, dial, label), False
+            while True:
+                h2 = await self.h2_pool.connection(key, dial, label)
+                if self._current(h2[0], source):
+                    return h2
+                h2[0].drain()
         while not fresh:
             client = self.pool.take(key)
             if client is None:
                 break
-            transport = client.transport
-            tunnel = self.dialer.tunnel
-            if (
-                isinstance(transport, Stream)
-                and tunnel is not None
-                and source is not None
-                and not tunnel.current(transport, source.identity)
-            ):
+            if not self._current(client, source):
                 client.close()  # its tunnel connection is going away: not for new requests
                 continue
             return client, True
-
-        async def dial(factory: Callable[[], asyncio.Protocol]) -> object:
-            return await self.dialer.dial(source, hop, factory, protocol=HTTP1)
-
-        client = await self.pool.open(
-            key, dial, f"{label} -> {format_address(hop.address)} (upstream)"
-        )
-        return client, False
+        return await self.pool.open(key, dial, label), False
 
 
 class OutboundForwarder:
     """The `Forwarder` of one app connection (its source and original destination)."""
 
-    def __init__(self, http: OutboundHttp, app: Address, destination: Address, label: str) -> None:
+    def __init__(
+        self, http: OutboundHttp, app: Address, destination: Address, label: str, protocol: str
+    ) -> None:
         self.http = http
         self.app = app
         self.destination = destination
         self.label = label
+        self.protocol = protocol
         # Per connection, recomputed when the mesh state changes (version): what the
         # destination resolves to, its failure observer and the requests' labels.
         self._version = -1
@@ -215,13 +239,15 @@ class OutboundForwarder:
             self._record(exchange, authority, src_name, None, source, error=ProxyError.NO_ENDPOINTS)
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
         fresh = False
-        for _ in range(2):
+        avoid: tuple[Address, ...] = ()
+        for attempt in range(2):
             try:
                 connected = await http.failover.connect(
                     route.candidates,
                     functools.partial(self._connect, source, route.hops, fresh),
                     balanced=route.balanced,
                     observer=observer,
+                    avoid=avoid,
                 )
             except Exception as exc:
                 failure = failure_of(exc)
@@ -231,24 +257,28 @@ class OutboundForwarder:
             hop = route.hops[connected.endpoint]
             lease = connected.lease
             try:
-                await client.send(exchange)
+                await client.send(exchange)  # type: ignore[arg-type]
             except UpstreamLost as lost:
                 if lease is not None:
                     lease.release()
-                if reused and not lost.response_started and exchange.replayable:
-                    # The keep-alive race: the upstream closed the idle connection as
-                    # we reused it. Nothing was processed; once more, on a new one.
+                if (
+                    attempt == 0
+                    and exchange.replayable
+                    and lost.retryable(exchange.head.idempotent, reused)
+                ):
+                    # The keep-alive race (the upstream closed the idle connection as we
+                    # reused it), or a stream the upstream refused: once more, on a new
+                    # connection (a refused stream: to another endpoint if there is one).
                     exchange.unbind()
                     http.replayed += 1
                     fresh = True
+                    avoid = (connected.endpoint,) if lost.refused else ()
                     continue
-                error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
-                self._record(exchange, authority, src_name, hop, source, error=error)
-                raise ProxyFailure(error, f"{format_address(hop.address)}: {lost.detail}") from None
+                raise self._lost(exchange, authority, src_name, hop, source, lost) from None
             except BaseException:
                 if lease is not None:
                     lease.release()
-                client.abort()
+                client.cancel(exchange)  # type: ignore[arg-type]
                 raise
             if lease is not None:
                 if exchange.responded is not None and exchange.sent is not None:
@@ -259,8 +289,24 @@ class OutboundForwarder:
 
     def _connect(
         self, source: Workload | None, hops: dict[Address, Hop], fresh: bool, endpoint: Address
-    ) -> Awaitable[tuple[Http1Client, bool]]:
-        return self.http._connection(source, hops[endpoint], fresh=fresh, label=self.label)
+    ) -> Awaitable[tuple[Upstream, bool]]:
+        return self.http._connection(
+            source, hops[endpoint], fresh=fresh, label=self.label, protocol=self.protocol
+        )
+
+    def _lost(
+        self,
+        exchange: Exchange,
+        authority: str,
+        src_name: tuple[str, str],
+        hop: Hop,
+        source: Workload | None,
+        lost: UpstreamLost,
+    ) -> ProxyFailure:
+        error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
+        self._record(exchange, authority, src_name, hop, source, error=error)
+        detail = f"{format_address(hop.address)}: {lost.detail}"
+        return ProxyFailure(error, detail, code=lost.code)
 
     def _record(
         self,
@@ -315,17 +361,24 @@ class InboundHttp:
         pool: Http1Pool,
         metrics: HttpMetrics,
         workload_at: Callable[[str], Workload | None],
+        h2_pool: H2Pool | None = None,
     ) -> None:
         self.connect = connect
         self.pool = pool
+        self.h2_pool = h2_pool or H2Pool()
         self.metrics = metrics
         self.workload_at = workload_at
         self.requests = 0
 
     def forwarder(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+        self,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        label: str,
+        protocol: str = HTTP1,
     ) -> InboundForwarder:
-        return InboundForwarder(self, client, presented, target, label)
+        return InboundForwarder(self, client, presented, target, label, protocol)
 
 
 class InboundForwarder:
@@ -336,22 +389,38 @@ class InboundForwarder:
         presented: SpiffeId | None,
         target: Address,
         label: str,
+        protocol: str,
     ) -> None:
         self.http = http
         self.client = client
         self.presented = presented
         self.target = target
         self.label = label
+        self.protocol = protocol
 
     async def prepare(self) -> None:
         """Open a connection to the pod now and pool it: raises if the pod cannot be
         reached, which refuses the tunnel stream before any request is sent on it."""
-        if self.http.pool.has_idle(("", self.target)):
+        key = ("", self.target)
+        label = f"{self.label} (to the pod)"
+        if self.protocol == H2:
+            await self.http.h2_pool.connection(key, self._dial, label)
             return
-        client = await self.http.pool.open(
-            ("", self.target), self._dial, f"{self.label} (to the pod)"
-        )
-        self.http.pool.put(client)
+        if self.http.pool.has_idle(key):
+            return
+        self.http.pool.put(await self.http.pool.open(key, self._dial, label))
+
+    async def _upstream(self, fresh: bool) -> tuple[Upstream, bool]:
+        key = ("", self.target)
+        label = f"{self.label} (to the pod)"
+        if self.protocol == H2:
+            if fresh:
+                return await self.http.h2_pool.open(key, self._dial, label), False
+            return await self.http.h2_pool.connection(key, self._dial, label)
+        client = self.http.pool.take(key) if not fresh else None
+        if client is not None:
+            return client, True
+        return await self.http.pool.open(key, self._dial, label), False
 
     async def _dial(self, factory: Callable[[], asyncio.Protocol]) -> object:
         return await self.http.connect(self.target, factory)
@@ -359,34 +428,36 @@ class InboundForwarder:
     async def forward(self, exchange: Exchange) -> None:
         http = self.http
         http.requests += 1
-        key = ("", self.target)
         for attempt in range(2):
-            client = http.pool.take(key) if attempt == 0 else None
-            reused = client is not None
-            if client is None:
-                try:
-                    client = await http.pool.open(key, self._dial, f"{self.label} (to the pod)")
-                except Exception as exc:
-                    failure = failure_of(exc)
-                    self._record(exchange, failure.error)
-                    # Nothing reached the pod: a request the client node may send again
-                    # gets a reset, which it takes for a lost connection and fails over.
-                    raise ProxyFailure(
-                        failure.error,
-                        f"{format_address(self.target)}: {failure.detail}",
-                        reset=exchange.replayable,
-                    ) from None
             try:
-                await client.send(exchange)
+                client, reused = await self._upstream(fresh=attempt > 0)
+            except Exception as exc:
+                failure = failure_of(exc)
+                self._record(exchange, failure.error)
+                # Nothing reached the pod: a request the client node may send again
+                # gets a reset (HTTP/2: REFUSED_STREAM), which it takes for a lost
+                # connection (a refused stream) and fails over.
+                raise ProxyFailure(
+                    failure.error,
+                    f"{format_address(self.target)}: {failure.detail}",
+                    reset=exchange.replayable,
+                ) from None
+            try:
+                await client.send(exchange)  # type: ignore[arg-type]
             except UpstreamLost as lost:
-                if reused and not lost.response_started and exchange.replayable:
+                if (
+                    attempt == 0
+                    and exchange.replayable
+                    and lost.retryable(exchange.head.idempotent, reused)
+                ):
                     exchange.unbind()
                     continue
                 error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
                 self._record(exchange, error)
-                raise ProxyFailure(error, f"{format_address(self.target)}: {lost.detail}") from None
+                detail = f"{format_address(self.target)}: {lost.detail}"
+                raise ProxyFailure(error, detail, code=lost.code) from None
             except BaseException:
-                client.abort()
+                client.cancel(exchange)  # type: ignore[arg-type]
                 raise
             self._record(exchange, None)
             return

@@ -29,6 +29,10 @@ upgrade request; framing is re-added by the encoder.)"""
 
 PROXY_ERROR_HEADER = b"weft-proxy-error"
 
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+"""Methods a proxy may send again after a connection failure left it unknown whether
+the first attempt was processed (RFC 9110 §9.2.2)."""
+
 
 def header(headers: Headers, name: bytes) -> bytes | None:
     """The first value of ``name`` (lower case), or None."""
@@ -69,10 +73,16 @@ class RequestHead:
     upgrade: bytes | None = None
     """The ``Upgrade`` protocol asked for (``websocket``), or None."""
     expect_continue: bool = False
+    pseudo_authority: bytes | None = None
+    """HTTP/2: ``:authority`` (the headers hold no pseudo-headers)."""
+    scheme: bytes = b"http"
+    """HTTP/2: ``:scheme``."""
 
     @property
     def authority(self) -> str:
-        host = header(self.headers, b"host")
+        host = self.pseudo_authority
+        if host is None:
+            host = header(self.headers, b"host")
         return host.decode("latin-1") if host is not None else ""
 
     @property
@@ -86,7 +96,13 @@ class RequestHead:
 
     @property
     def has_body(self) -> bool:
+        """HTTP/1.1: chunked or a non-zero length; HTTP/2: the HEADERS frame did not end
+        the stream (``chunked`` is set: a body whose length is not known in advance)."""
         return self.chunked or bool(self.content_length)
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT
 
 
 @dataclass(slots=True)
@@ -135,9 +151,24 @@ class ProxyError(enum.Enum):
         return self.value[0]
 
     @property
+    def grpc_code(self) -> int:
+        """The gRPC status a gRPC client gets instead (as Linkerd answers them)."""
+        return _GRPC_CODES.get(self, 14)  # UNAVAILABLE
+
+    @property
     def token(self) -> str:
         return self.value[1]
 
+
+_GRPC_CODES = {
+    ProxyError.BAD_REQUEST: 13,  # INTERNAL
+    ProxyError.HEADERS_TOO_LARGE: 8,  # RESOURCE_EXHAUSTED
+    ProxyError.NOT_SUPPORTED: 12,  # UNIMPLEMENTED
+    ProxyError.BAD_RESPONSE: 13,
+    ProxyError.UNAUTHORIZED: 7,  # PERMISSION_DENIED
+    ProxyError.TIMEOUT: 4,  # DEADLINE_EXCEEDED
+    ProxyError.OVERLOADED: 8,
+}
 
 REASONS = {
     100: b"Continue",

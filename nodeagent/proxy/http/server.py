@@ -74,13 +74,18 @@ class ProxyFailure(Exception):
     """A forwarder could not serve an exchange: answered with ``error`` (status and
     ``weft-proxy-error`` token) if no response byte has been sent yet."""
 
-    def __init__(self, error: ProxyError, detail: str, *, reset: bool = False) -> None:
+    def __init__(
+        self, error: ProxyError, detail: str, *, reset: bool = False, code: int | None = None
+    ) -> None:
         super().__init__(f"{error.token}: {detail}")
         self.error = error
         self.detail = detail
         self.reset = reset
-        """Reset the downstream connection instead of answering (the inbound proxy
-        tells the client node "not processed, try elsewhere" this way)."""
+        """Reset the downstream connection (HTTP/2: the stream, REFUSED_STREAM) instead
+        of answering: the inbound proxy tells the client node "not processed, try
+        elsewhere" this way."""
+        self.code = code
+        """HTTP/2: the RST_STREAM error code the upstream sent, passed on downstream."""
 
 
 class Upstream(Protocol):
@@ -198,7 +203,8 @@ class Exchange:
 
     @property
     def replayable(self) -> bool:
-        """No body byte has left for an upstream: the request can be sent again."""
+        """No body byte has left for an upstream: the request can be sent again (when
+        the forwarder knows that is safe: see `UpstreamLost.retryable`)."""
         return not self.head.has_body
 
     # --- response side (from the upstream) ------------------------------------------------

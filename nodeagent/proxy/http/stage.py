@@ -1,14 +1,17 @@
-"""The HTTP/1.1 stage of the outbound path: what the protocol switch hands an accepted
-connection to when it found an HTTP/1.x request line. It wraps the socket in an
-`Http1Server` whose forwarder resolves, balances and dials per request
-(`nodeagent.proxy.http.forward`), and serves it until it closes."""
+"""The HTTP stages of the outbound path: what the protocol switch hands an accepted
+connection to when it found an HTTP/1.x request line (`HttpForward`) or the HTTP/2
+preface (`H2Forward`). Each wraps the socket in its server (`Http1Server`, `H2Server`)
+whose forwarder resolves, balances and dials per request (HTTP/2: per stream;
+`nodeagent.proxy.http.forward`), and serves it until it closes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from nodeagent.proxy.http.forward import OutboundHttp
+from nodeagent.proxy.http.forward import H2, HTTP1, OutboundHttp
+from nodeagent.proxy.http.h2conn import H2Config
+from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
 from nodeagent.proxy.relay import reset_transport
 from nodeagent.proxy.stage import Accepted, ProxyStats
@@ -17,15 +20,27 @@ log = logging.getLogger("weft.proxy.http")
 
 
 class HttpForward:
-    def __init__(self, http: OutboundHttp, config: HttpServerConfig, stats: ProxyStats) -> None:
+    """HTTP/1.1 (``config`` an `HttpServerConfig`) or HTTP/2 (an `H2Config`)."""
+
+    def __init__(
+        self, http: OutboundHttp, config: HttpServerConfig | H2Config, stats: ProxyStats
+    ) -> None:
         self.http = http
         self.config = config
         self.stats = stats
+        self.protocol = H2 if isinstance(config, H2Config) else HTTP1
+
+    def _server(self, accepted: Accepted, label: str) -> Http1Server | H2Server:
+        forwarder = self.http.forwarder(
+            accepted.client, accepted.original_destination, label, self.protocol
+        )
+        if isinstance(self.config, H2Config):
+            return H2Server(forwarder, label=label, config=self.config)
+        return Http1Server(forwarder, label=label, config=self.config)
 
     async def __call__(self, accepted: Accepted) -> None:
-        label = f"outbound {accepted.label}"
-        forwarder = self.http.forwarder(accepted.client, accepted.original_destination, label)
-        server = Http1Server(forwarder, label=label, config=self.config)
+        label = f"outbound {accepted.label}" + (" (h2)" if self.protocol == H2 else "")
+        server = self._server(accepted, label)
         loop = asyncio.get_running_loop()
         self.stats.active += 1
         try:

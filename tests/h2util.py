@@ -1,0 +1,323 @@
+"""HTTP/2 peers for the tests, on the `h2` library: a small h2c client that runs many
+streams at once over one connection, and a replica server with failure injection by
+path. Independent of the proxy's own HTTP/2 code (only the library is shared), so the
+tests judge the proxy from the outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass
+class Response:
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
+    reset: ErrorCodes | int | None = None
+
+
+class H2TestClient(asyncio.Protocol):
+    """``await H2TestClient.connect(port)``; ``await client.request("GET", "/")``."""
+
+    def __init__(self, *, window: int | None = None, read: bool = True) -> None:
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.window = window
+        self.read = read
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, tuple[Response, asyncio.Future[Response]]] = {}
+        self.terminated: ConnectionTerminated | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.received = 0
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1", **kw: object) -> H2TestClient:
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: cls(**kw), host, port)  # type: ignore[arg-type]
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.window is not None:
+            from h2.settings import SettingCodes
+
+            self.conn.local_settings.update({SettingCodes.INITIAL_WINDOW_SIZE: self.window})
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError:
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for ev in events:
+            if isinstance(ev, ResponseReceived):
+                if ev.stream_id in self.streams:
+                    r = self.streams[ev.stream_id][0]
+                    hs = dict(ev.headers)
+                    r.status = int(hs.pop(b":status"))
+                    r.headers = hs
+            elif isinstance(ev, DataReceived):
+                self.received += len(ev.data)
+                if ev.stream_id in self.streams:
+                    self.streams[ev.stream_id][0].body += ev.data
+                if self.read:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, TrailersReceived):
+                if ev.stream_id in self.streams:
+                    self.streams[ev.stream_id][0].trailers = dict(ev.headers)
+            elif isinstance(ev, StreamEnded):
+                self._done(ev.stream_id)
+            elif isinstance(ev, StreamReset):
+                if ev.stream_id in self.streams:
+                    self.streams[ev.stream_id][0].reset = ev.error_code
+                self._done(ev.stream_id)
+            elif isinstance(ev, ConnectionTerminated):
+                self.terminated = ev
+                for sid in [s for s in self.streams if s > (ev.last_stream_id or 0)]:
+                    self.streams[sid][0].reset = ErrorCodes.REFUSED_STREAM
+                    self._done(sid)
+        self.flush()
+
+    def _done(self, stream_id: int) -> None:
+        got = self.streams.pop(stream_id, None)
+        if got is not None and not got[1].done():
+            got[1].set_result(got[0])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for sid in list(self.streams):
+            r = self.streams[sid][0]
+            r.reset = r.reset if r.reset is not None else -1
+            self._done(sid)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def start(
+        self, method: str, path: str, *, body: bytes = b"", headers: Headers = (),
+        authority: str = "echo.default", end: bool = True,
+    ) -> tuple[int, asyncio.Future[Response]]:  # fmt: skip
+        sid = self.conn.get_next_available_stream_id()
+        block = [
+            (b":method", method.encode()), (b":scheme", b"http"),
+            (b":authority", authority.encode()), (b":path", path.encode()), *headers,
+        ]  # fmt: skip
+        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.streams[sid] = (Response(), fut)
+        self.conn.send_headers(sid, block, end_stream=not body and end)
+        if body:
+            self._send_body(sid, body, end)
+        self.flush()
+        return sid, fut
+
+    def _send_body(self, sid: int, body: bytes, end: bool) -> None:
+        # Respects flow control: what does not fit waits for WINDOW_UPDATE (polled).
+        async def pump() -> None:
+            view = memoryview(body)
+            while view:
+                room = min(self.conn.local_flow_control_window(sid), 16384)
+                if room <= 0:
+                    await asyncio.sleep(0.005)
+                    continue
+                self.conn.send_data(sid, bytes(view[:room]))
+                view = view[room:]
+                self.flush()
+            if end:
+                self.conn.end_stream(sid)
+                self.flush()
+
+        asyncio.get_running_loop().create_task(pump())
+
+    async def request(self, method: str, path: str, **kw: object) -> Response:
+        _, fut = self.start(method, path, **kw)  # type: ignore[arg-type]
+        return await asyncio.wait_for(fut, 30)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass
+class H2Replica:
+    """A replica that speaks h2c. Paths: ``/`` (its name), ``/grpc-ok``, ``/grpc-fail``
+    (gRPC trailers), ``/delay/MS``, ``/reset`` (RST after the head), ``/refuse-NAME``
+    (REFUSED_STREAM when NAME is this replica), ``/big/N`` (N bytes), ``/echo`` (the
+    request body back, after reading it all), ``/stall`` (never reads the body)."""
+
+    name: str
+    delay: float = 0.0
+    """Seconds before answering ``/``."""
+    served: int = 0
+    refused: int = 0
+    resets_seen: int = 0
+    sent: int = 0
+    paths: list[str] = field(default_factory=list)
+    headers_seen: list[dict[bytes, bytes]] = field(default_factory=list)
+    conns: list[_ReplicaConn] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _ReplicaConn(self), host, port,
+                                               reuse_address=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for c in self.conns:
+            if c.transport is not None:
+                c.transport.abort()
+
+
+class _ReplicaConn(asyncio.Protocol):
+    def __init__(self, replica: H2Replica) -> None:
+        self.replica = replica
+        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.bodies: dict[int, bytes] = {}
+        self.paths: dict[int, str] = {}
+        self.pending: dict[int, bytes] = {}
+        replica.conns.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError:
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                hs = dict(ev.headers)
+                path = hs[b":path"].decode()
+                self.paths[ev.stream_id] = path
+                self.bodies[ev.stream_id] = b""
+                self.replica.paths.append(path)
+                self.replica.headers_seen.append(hs)
+                if path.startswith("/refuse-") and path.endswith(self.replica.name):
+                    self.replica.refused += 1
+                    self.conn.reset_stream(ev.stream_id, ErrorCodes.REFUSED_STREAM)
+                    self.paths.pop(ev.stream_id)
+                elif ev.stream_ended is not None or path not in ("/echo", "/stall"):
+                    self._respond(ev.stream_id)
+            elif isinstance(ev, DataReceived):
+                if ev.stream_id in self.bodies:
+                    self.bodies[ev.stream_id] += ev.data
+                if self.paths.get(ev.stream_id) != "/stall":
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, StreamEnded):
+                if self.paths.get(ev.stream_id) == "/echo":
+                    self._respond(ev.stream_id)
+            elif isinstance(ev, StreamReset):
+                self.replica.resets_seen += 1
+                self.pending.pop(ev.stream_id, None)
+            elif isinstance(ev, WindowUpdated):
+                for sid in list(self.pending):
+                    self._pump(sid)
+        self.flush()
+
+    def _respond(self, sid: int) -> None:
+        path = self.paths.get(sid, "/")
+        r = self.replica
+        r.served += 1
+        me = r.name.encode()
+        if path.startswith("/delay/"):
+            ms = int(path.rsplit("/", 1)[1])
+            asyncio.get_running_loop().call_later(ms / 1000, self._plain, sid, me)
+            return
+        if path in ("/grpc-ok", "/grpc-fail"):
+            grpc = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+            self.conn.send_headers(sid, grpc)
+            self.conn.send_data(sid, b"\x00\x00\x00\x00\x02hi")
+            status = b"0" if path == "/grpc-ok" else b"14"
+            self.conn.send_headers(sid, [(b"grpc-status", status), (b"grpc-message", me)],
+                                   end_stream=True)  # fmt: skip
+            return
+        if path == "/reset":
+            self.conn.send_headers(sid, [(b":status", b"200")])
+            self.conn.send_data(sid, b"partial")
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+            return
+        if path.startswith("/big/"):
+            self.conn.send_headers(sid, [(b":status", b"200")])
+            self.pending[sid] = b"x" * int(path.rsplit("/", 1)[1])
+            self._pump(sid)
+            return
+        if path == "/echo":
+            body = self.bodies.get(sid, b"")
+            self.conn.send_headers(sid, [(b":status", b"200"), (b"x-replica", me)])
+            self.pending[sid] = body
+            self._pump(sid)
+            return
+        if r.delay:
+            asyncio.get_running_loop().call_later(r.delay, self._plain, sid, me)
+            return
+        self._plain(sid, me)
+
+    def _plain(self, sid: int, me: bytes) -> None:
+        body = json.dumps({"replica": me.decode(), "path": self.paths.get(sid)}).encode()
+        try:
+            self.conn.send_headers(sid, [(b":status", b"200"), (b"x-replica", me),
+                                         (b"content-length", b"%d" % len(body))])  # fmt: skip
+            self.conn.send_data(sid, body, end_stream=True)
+        except (StreamClosedError, ProtocolError):
+            pass
+        self.flush()
+
+    def _pump(self, sid: int) -> None:
+        data = self.pending.get(sid)
+        if data is None:
+            return
+        try:
+            while data:
+                room = min(self.conn.local_flow_control_window(sid), 16384)
+                if room <= 0:
+                    break
+                self.conn.send_data(sid, data[:room])
+                self.replica.sent += room if room < len(data) else len(data)
+                data = data[room:]
+            if not data:
+                self.conn.end_stream(sid)
+                del self.pending[sid]
+            else:
+                self.pending[sid] = data
+        except (StreamClosedError, ProtocolError):
+            self.pending.pop(sid, None)
+        self.flush()
