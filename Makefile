@@ -28,9 +28,9 @@ $(PY):
 	@$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	@echo "==> venv: installing weft (editable), dev tools and bench plots"
+	@echo "==> venv: installing weft (editable), dev tools, bench plots, the lab's gRPC"
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev,bench]'
+	@$(PY) -m pip install -q -e '.[dev,bench,lab]'
 	@touch $@
 
 # Only bcc's package directory goes into the venv: adding all of Debian's dist-packages

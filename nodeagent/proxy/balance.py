@@ -220,12 +220,15 @@ class Balancer(Generic[K]):
 
         la, lb = load(a), load(b)
         if latency is not None and la < float("inf") and lb < float("inf"):
-            # Between the two, a pick weighted by the other's cost rather than the
-            # cheaper always: with two endpoints P2C always compares the same pair, and
-            # a deterministic choice would hand one endpoint every request until a
-            # spike on it decays (seconds): equal replicas would split by noise. A
-            # replica 20x slower still gets ~5 % (1/21).
-            return a if self.rng.random() * (la + lb) < lb else b
+            # Between the two, a pick weighted by the other's cost squared rather than
+            # the cheaper always: with two endpoints P2C always compares the same pair,
+            # and a deterministic choice would hand one endpoint every request until a
+            # spike on it decays (seconds): equal replicas would split by noise. Squared,
+            # so that a clearly slower replica is nearly avoided whatever the base
+            # latency: 20 ms slower than a 2.5 ms path (gRPC across nodes) gets ~1 %
+            # (linear weights would give it 10 %); 20x slower gets 1/401.
+            la2, lb2 = la * la, lb * lb
+            return a if self.rng.random() * (la2 + lb2) < lb2 else b
         return a if la <= lb else b
 
     @staticmethod

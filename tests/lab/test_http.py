@@ -1,6 +1,7 @@
-"""HTTP/1.1 in the node proxy, end to end in the lab: per-request balancing of one
-keep-alive connection over both echo replicas (one per node), a slow replica avoided,
-and a server-first protocol not stalled by protocol detection."""
+"""HTTP in the node proxy, end to end in the lab: per-request balancing of one HTTP/1.1
+keep-alive connection, one h2c connection's streams and one gRPC channel (grpcio) over
+both echo replicas (one per node), a slow replica avoided, golden metrics with both
+identities on both nodes, and a server-first protocol not stalled by detection."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
+from weft.identity import SpiffeId
+from weft.lab.lab import admin_get
 
 # In client-1: N requests on one kept connection to the echo service; prints the pods.
 SPREAD = (
@@ -82,6 +85,74 @@ def test_a_slower_replica_gets_few_requests(lab: LabRunner):
     pods = _spread(lab, 300, "/?delay_ms=echo-2:20")
     print(f"echo-2 20 ms slower: echo-1 {pods.count('echo-1')}, echo-2 {pods.count('echo-2')}")
     assert pods.count("echo-2") / len(pods) < 0.10
+
+
+def _echoclient(lab: LabRunner, *args: str) -> dict:
+    """Its JSON; it exits 1 when some requests failed (the failure drills want that)."""
+    proc = lab.exec("client-1", sys.executable, "-m", "weft.lab.echoclient", *args, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_one_h2c_connection_is_balanced_per_stream(lab: LabRunner):
+    got = _echoclient(lab, "h2", "echo:80", "-n", "400", "--concurrency", "8")
+    print(f"400 streams on one h2c connection: {got}")
+    assert got["errors"] == {}
+    pods = got["pods"]
+    assert sum(pods.values()) == 400
+    assert 0.30 <= pods.get("echo-2", 0) / 400 <= 0.70, pods
+
+
+def test_one_grpc_channel_is_balanced_per_call(lab: LabRunner):
+    got = _echoclient(lab, "grpc", "echo:9090", "-n", "300")
+    print(f"300 calls on one gRPC channel: {got}")
+    assert got["errors"] == {}
+    pods = got["pods"]
+    assert sum(pods.values()) == 300
+    assert 0.30 <= pods.get("echo-2", 0) / 300 <= 0.70, pods
+
+
+def _metrics(lab: LabRunner, node: str) -> str:
+    ip = next(n["ip"] for n in lab.status()["nodes"] if n["name"] == node)
+    answer = admin_get(f"{lab.name}-{node}", ip, 15020, "/metrics")
+    assert answer is not None and answer[0] == 200
+    return answer[1]
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        head, _, value = line.rpartition(" ")
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_grpc_status_is_counted_on_both_nodes_with_both_identities(lab: LabRunner):
+    """gRPC failures are HTTP 200s: the classification comes from ``grpc-status`` (here
+    UNAVAILABLE, injected on echo-2), counted by the client's node and by echo-2's node,
+    which names the client identity it verified."""
+    got = _echoclient(lab, "grpc", "echo:9090", "-n", "60", "--metadata", "status=echo-2:503")
+    assert got["errors"].get("UNAVAILABLE", 0) >= 5 and got["pods"].get("echo-1", 0) >= 5, got
+    client = str(SpiffeId.workload("default", "client"))
+    echo = str(SpiffeId.workload("default", "echo"))
+    ids = {"client_id": client, "server_id": echo}
+    out = _metrics(lab, "node-1")
+    assert _sample(out, "response_total", direction="outbound", classification="failure",
+                   grpc_status="14", dst_workload="echo-2", **ids) >= 5  # fmt: skip
+    assert _sample(out, "response_total", direction="outbound", classification="success",
+                   grpc_status="0", dst_workload="echo-1", **ids) >= 5  # fmt: skip
+    assert _sample(out, "weft_protocol_detect_total", result="h2") >= 1
+    inbound = _metrics(lab, "node-2")
+    assert _sample(inbound, "response_total", direction="inbound", classification="failure",
+                   grpc_status="14", dst_workload="echo-2", **ids) >= 5  # fmt: skip
+
+
+def test_a_slower_replica_gets_few_grpc_calls(lab: LabRunner):
+    got = _echoclient(lab, "grpc", "echo:9090", "-n", "300", "--metadata", "delay_ms=echo-2:20")
+    print(f"echo-2 20 ms slower, one gRPC channel: {got}")
+    assert got["errors"] == {}
+    assert got["pods"].get("echo-2", 0) / 300 < 0.10, got
 
 
 @pytest.mark.parametrize(("port", "fast"), [(25, True), (2525, False), (2526, True)])

@@ -63,12 +63,15 @@ def test_lab_state_becomes_workloads_and_services(tmp_path: Path) -> None:
     assert str(echo1.identity) == "spiffe://lab.test/ns/default/sa/echo"
     assert echo1.captured and not by_name["plain-1"].captured
     assert echo1.inbound_mode is InboundMode.PERMISSIVE
-    assert echo1.ports == (WorkloadPort(8080),)
+    assert echo1.ports == (WorkloadPort(8080), WorkloadPort(9090))
     assert echo1.ready
 
     (echo,) = services
     assert (echo.key, echo.vips) == ("default/echo", ("10.96.0.10",))
-    assert echo.ports == (ServicePort(port=80, target_port=8080, protocol="TCP", name="http"),)
+    assert echo.ports == (
+        ServicePort(port=80, target_port=8080, protocol="TCP", name="http"),
+        ServicePort(port=9090, target_port=9090, protocol="TCP", name="grpc"),
+    )
     assert echo.endpoints == tuple(
         sorted(
             (Endpoint(state.pod(n).ip, by_name[n].uid) for n in ("echo-1", "echo-2")),

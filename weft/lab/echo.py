@@ -1,10 +1,16 @@
-"""The lab's demo workload: an HTTP/1.1 echo server.
+"""The lab's demo workload: an HTTP/1.1 and h2c echo server, and a gRPC echo service.
 
 Every request gets a JSON answer naming the pod and node that served it, the peer
 address the server saw (which shows whether a proxy sat in the path) and the request
-line and headers.  Keep-alive, ``Content-Length`` and chunked bodies are supported, so
-load generators (wrk, h2load, hey) can drive it; anything malformed gets a 4xx and the
-connection is closed, and nothing one client sends can hurt another.
+line and headers.  Keep-alive, ``Content-Length`` and chunked bodies are supported, and
+HTTP/2 with prior knowledge (h2c) on the same port, so load generators (wrk, h2load,
+hey) can drive it; anything malformed gets a 4xx (HTTP/2: GOAWAY) and the connection is
+closed, and nothing one client sends can hurt another.
+
+With ``--grpc-port`` it also serves gRPC (grpcio): ``weft.lab.Echo/Echo``, a unary method
+whose request and response are raw bytes (no generated code needed): the response is
+the same JSON, and metadata ``delay_ms``, ``status`` (an HTTP status: 503 becomes
+UNAVAILABLE) and ``fail`` inject failures as the query parameters below do.
 
 Failure injection, per request, for drills (query parameters; ``POD:`` limits one to
 the named pod, so one replica can be made slow or failing while the others are not):
@@ -15,7 +21,7 @@ the named pod, so one replica can be made slow or failing while the others are n
 
 ``curl 'http://echo/?delay_ms=echo-2:20'`` makes echo-2 20 ms slower than echo-1.
 
-Run: ``python -m weft.lab.echo --pod echo-1 --node node-1 --port 8080``.
+Run: ``python -m weft.lab.echo --pod echo-1 --node node-1 --port 8080 --grpc-port 9090``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from urllib.parse import parse_qsl, urlsplit
 log = logging.getLogger("weft.echo")
 
 MAX_HEAD = 64 * 1024
+H2_PREFACE_HEAD = b"PRI * HTTP/2.0\r\n\r\n"
+"""What ``readuntil(CRLFCRLF)`` returns of the HTTP/2 preface (``SM\r\n\r\n`` follows)."""
 MAX_BODY = 1024 * 1024
 TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -151,8 +159,13 @@ def response(status: int, body: bytes, keep_alive: bool) -> bytes:
 
 def injected(target: str, pod: str) -> tuple[float, int]:
     """(delay seconds, status) that the query of ``target`` asks of pod ``pod``."""
+    return injected_by(parse_qsl(urlsplit(target).query), pod)
+
+
+def injected_by(params: list[tuple[str, str]], pod: str) -> tuple[float, int]:
+    """(delay seconds, status) that ``params`` (query parameters, gRPC metadata) ask."""
     delay, status = 0.0, 200
-    for key, value in parse_qsl(urlsplit(target).query):
+    for key, value in params:
         who, sep, what = value.rpartition(":")
         if sep and who != pod:
             continue
@@ -174,6 +187,22 @@ class EchoServer:
         self.node = node
         self.namespace = namespace
 
+    def payload(self, peer: str, local: str | None, req: Request, body_bytes: int) -> bytes:
+        return json.dumps(
+            {
+                "pod": self.pod,
+                "node": self.node,
+                "namespace": self.namespace,
+                "peer": peer,
+                "local": local,
+                "method": req.method,
+                "path": req.target,
+                "version": req.version,
+                "headers": dict(req.headers),
+                "body_bytes": body_bytes,
+            }
+        ).encode()
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
@@ -187,6 +216,11 @@ class EchoServer:
                 except asyncio.LimitOverrunError:
                     writer.write(response(431, b'{"error":"request head too large"}', False))
                     return
+                if head == H2_PREFACE_HEAD:
+                    from weft.lab.echo_h2 import serve_h2
+
+                    await serve_h2(self, reader, writer, peer_s, local)
+                    return
                 try:
                     req = parse_head(head)
                     body = await read_body(reader, req)
@@ -195,20 +229,8 @@ class EchoServer:
                     payload = json.dumps({"error": e.reason}).encode()
                     writer.write(response(e.status, payload, False))
                     return
-                payload = json.dumps(
-                    {
-                        "pod": self.pod,
-                        "node": self.node,
-                        "namespace": self.namespace,
-                        "peer": peer_s,
-                        "local": f"{local[0]}:{local[1]}" if local else None,
-                        "method": req.method,
-                        "path": req.target,
-                        "version": req.version,
-                        "headers": dict(req.headers),
-                        "body_bytes": len(body),
-                    }
-                ).encode()
+                local_s = f"{local[0]}:{local[1]}" if local else None
+                payload = self.payload(peer_s, local_s, req, len(body))
                 delay, status = injected(req.target, self.pod)
                 if delay:
                     await asyncio.sleep(delay)
@@ -222,9 +244,16 @@ class EchoServer:
             writer.close()
 
 
-async def serve(pod: str, node: str, namespace: str, host: str, port: int) -> None:
+async def serve(
+    pod: str, node: str, namespace: str, host: str, port: int, grpc_port: int | None = None
+) -> None:
     app = EchoServer(pod, node, namespace)
     server = await asyncio.start_server(app.handle, host, port, limit=MAX_HEAD, backlog=1024)
+    grpc_server = None
+    if grpc_port:
+        from weft.lab.echo_grpc import start_grpc
+
+        grpc_server = start_grpc(app, host, grpc_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -233,6 +262,8 @@ async def serve(pod: str, node: str, namespace: str, host: str, port: int) -> No
     async with server:
         await stop.wait()
     log.info("echo %s stopping", pod)
+    if grpc_server is not None:
+        grpc_server.stop(1).wait()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,14 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--namespace", default="default")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main = serve(args.pod, args.node, args.namespace, args.host, args.port, args.grpc_port)
     try:
         import uvloop
-
-        uvloop.run(serve(args.pod, args.node, args.namespace, args.host, args.port))
     except ImportError:  # pragma: no cover — uvloop is a dependency; stay usable without it
-        asyncio.run(serve(args.pod, args.node, args.namespace, args.host, args.port))
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -428,6 +428,7 @@ class Lab:
             sys.executable, "-m", "weft.lab.echo",
             "--pod", pod.name, "--node", pod.node, "--namespace", pod.namespace,
             "--port", str(pod.ports[0]),
+            *(("--grpc-port", str(pod.ports[1])) if len(pod.ports) > 1 else ()),
         ]  # fmt: skip
         rec = procs.spawn(
             name=pod.name,

@@ -47,6 +47,8 @@ INBOUND_MODE_LABEL = mesh.INBOUND_MODE_KEY
 """``strict`` or ``permissive`` (the default); see `weft.mesh.inbound_mode`."""
 TRUST_DOMAIN = "cluster.local"
 ECHO_PORT = 8080
+ECHO_GRPC_PORT = 9090
+"""The echo pods' gRPC port (service port 9090 too)."""
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 
 
@@ -197,7 +199,7 @@ def plan_lab(
     services: list[ServicePlan] = []
 
     def add(name: str, node: NodePlan, sa: str, labels: dict[str, str], app: str | None) -> None:
-        ports = (ECHO_PORT,) if app == "echo" else ()
+        ports = (ECHO_PORT, ECHO_GRPC_PORT) if app == "echo" else ()
         pods.append(PodPlan(name, node.name, pod_ip(node), "default", sa, labels, app, ports))
 
     if demo:
@@ -213,7 +215,10 @@ def plan_lab(
                 name="echo",
                 namespace="default",
                 vip=str(SERVICE_CIDR.network_address + 10),
-                ports=(ServicePort(port=80, target_port=ECHO_PORT),),
+                ports=(
+                    ServicePort(port=80, target_port=ECHO_PORT),
+                    ServicePort(port=ECHO_GRPC_PORT, target_port=ECHO_GRPC_PORT, name="grpc"),
+                ),
                 selector={"app": "echo"},
             )
         )

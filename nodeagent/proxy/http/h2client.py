@@ -146,7 +146,8 @@ class H2Client(H2Endpoint):
             assert isinstance(event, ResponseReceived)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.exchange.response_head(response_head(list(event.headers or ())))
+                head = response_head(list(event.headers or ()))
+                stream.exchange.response_head(head, ends=event.stream_ended is not None)
         elif kind is DataReceived:
             assert isinstance(event, DataReceived)
             data = event.data or b""

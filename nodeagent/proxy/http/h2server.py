@@ -195,18 +195,26 @@ class H2Exchange:
 
     # --- response side (from the upstream) ------------------------------------------------
 
-    def response_head(self, head: ResponseHead) -> None:
+    def response_head(self, head: ResponseHead, *, ends: bool = False) -> None:
+        """``ends``: the head ended the stream (gRPC's trailers-only responses carry
+        ``grpc-status`` so, and must arrive so)."""
         if head.informational:
             return  # 100-continue and the like are for the hop they came on
         self.response = head
         self.response_started = True
         self.responded = self._server._loop.time()
-        self._server.send_head(self.stream_id, head.status, head.headers)
+        server = self._server
+        server.send_head(self.stream_id, head.status, head.headers, end=ends)
+        if ends:
+            self.response_complete = True
+            server.outboxes.pop(self.stream_id, None)
 
     def response_body(self, data: bytes) -> None:
         self._server.send_data(self.stream_id, data)
 
     def response_end(self, head: ResponseHead) -> None:
+        if self.response_complete:
+            return
         self.response_complete = True
         self._server.end_stream(self.stream_id, head.trailers)
 

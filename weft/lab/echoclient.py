@@ -1,0 +1,135 @@
+"""Clients for the lab's echo service that show per-request balancing: many requests on
+**one** connection (HTTP/1.1 keep-alive, h2c streams) or one gRPC channel, counting
+which pod answered each.
+
+    python -m weft.lab.echoclient http1 echo:80 -n 100
+    python -m weft.lab.echoclient h2 echo:80 -n 100 --concurrency 10
+    python -m weft.lab.echoclient grpc echo:9090 -n 100
+
+Prints ``{"pods": {"echo-1": 52, "echo-2": 48}, "errors": {}, "connections": 1}`` (with
+``--list``: also every answer's pod in order). Run it in a captured pod
+(``weft lab exec client-1 -- …``) to see the node proxy spread one connection's requests
+over the replicas; in ``plain-1`` (not captured) every request goes to the one pod the
+connection reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import socket
+import sys
+from collections import Counter
+from typing import Any
+
+
+def _split(target: str, default_port: int) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host:
+        return target, default_port
+    return host, int(port)
+
+
+def run_http1(target: str, n: int, path: str) -> tuple[list[str], Counter[str]]:
+    host, port = _split(target, 80)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    pods: list[str] = []
+    errors: Counter[str] = Counter()
+    try:
+        for _ in range(n):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 200:
+                pods.append(json.loads(body)["pod"])
+            else:
+                errors[str(resp.status)] += 1
+    finally:
+        conn.close()
+    return pods, errors
+
+
+async def run_h2(
+    target: str, n: int, path: str, concurrency: int
+) -> tuple[list[str], Counter[str]]:
+    from weft.lab.h2peer import H2Peer
+
+    host, port = _split(target, 80)
+    addr = socket.gethostbyname(host)
+    peer = await H2Peer.connect(port, addr)
+    pods: list[str] = []
+    errors: Counter[str] = Counter()
+    try:
+        done = 0
+        while done < n:
+            batch = min(concurrency, n - done)
+            answers = await asyncio.gather(
+                *(peer.request("GET", path, authority=target) for _ in range(batch))
+            )
+            for r in answers:
+                if r.reset is not None:
+                    errors[f"reset {r.reset}"] += 1
+                elif r.status == 200:
+                    pods.append(json.loads(r.body)["pod"])
+                else:
+                    errors[str(r.status)] += 1
+            done += batch
+    finally:
+        peer.close()
+    return pods, errors
+
+
+def run_grpc(
+    target: str, n: int, metadata: list[tuple[str, str]]
+) -> tuple[list[str], Counter[str]]:
+    import grpc
+
+    from weft.lab.echo_grpc import FULL_METHOD
+
+    pods: list[str] = []
+    errors: Counter[str] = Counter()
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(FULL_METHOD)
+        for _ in range(n):
+            try:
+                answer = call(b"ping", timeout=30, metadata=metadata or None)
+            except grpc.RpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            pods.append(json.loads(answer)["pod"])
+    return pods, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("protocol", choices=("http1", "h2", "grpc"))
+    p.add_argument("target", help="HOST:PORT (echo:80, echo:9090)")
+    p.add_argument("-n", type=int, default=100, help="requests (default 100)")
+    p.add_argument("--path", default="/", help="HTTP path and query (failure injection)")
+    p.add_argument("--concurrency", type=int, default=10, help="h2: streams at once")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="gRPC metadata (delay_ms=echo-2:20)")  # fmt: skip
+    p.add_argument("--list", action="store_true", help="also print every answer's pod")
+    args = p.parse_args(argv)
+    if args.protocol == "http1":
+        pods, errors = run_http1(args.target, args.n, args.path)
+    elif args.protocol == "h2":
+        pods, errors = asyncio.run(run_h2(args.target, args.n, args.path, args.concurrency))
+    else:
+        meta = [(k, v) for k, _, v in (m.partition("=") for m in args.metadata)]
+        pods, errors = run_grpc(args.target, args.n, meta)
+    out: dict[str, Any] = {
+        "pods": dict(sorted(Counter(pods).items())),
+        "errors": dict(errors),
+        "connections": 1,
+    }
+    if args.list:
+        out["answers"] = pods
+    print(json.dumps(out))
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
