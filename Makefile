@@ -52,6 +52,8 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo/           # the echo service: balanced over both nodes, mTLS between them"
 	@echo "  $(WEFT) lab exec plain-1 -- curl -s http://echo-2:8080/     # uncaptured: direct"
 	@echo "  $(WEFT) lab exec client-1 -- curl -s http://echo/ http://echo/ http://echo/ http://echo/ | grep -o '\"pod\": \"echo-.\"'   # ONE keep-alive connection, its requests spread over both replicas"
+	@echo "  $(WEFT) lab exec client-1 -- $(CURDIR)/$(PY) -m weft.lab.echoclient h2 echo:80 -n 100       # ONE h2c connection: its streams spread over both replicas"
+	@echo "  $(WEFT) lab exec client-1 -- $(CURDIR)/$(PY) -m weft.lab.echoclient grpc echo:9090 -n 100   # ONE gRPC channel (grpcio): its calls spread over both replicas"
 	@echo "  $(WEFT) lab exec client-1 -- curl -s 'http://echo/?delay_ms=echo-2:20' ...   # make echo-2 slower (also status=503, fail=0.5): requests avoid it"
 	@echo "  $(WEFT) lab exec client-1 -- curl -s http://10.240.0.11:15020/metrics | grep -E '^(request|response)_total'   # HTTP golden metrics with both identities"
 	@echo "  $(WEFT) lab stop echo-2 / lab start echo-2                  # failure drill: retries, then ejection"

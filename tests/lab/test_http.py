@@ -112,6 +112,19 @@ def test_one_grpc_channel_is_balanced_per_call(lab: LabRunner):
     assert 0.30 <= pods.get("echo-2", 0) / 300 <= 0.70, pods
 
 
+def test_a_websocket_upgrade_becomes_an_opaque_connection(lab: LabRunner):
+    """The request is balanced like any other; after 101 the connection is opaque bytes
+    between client-1 and the pod that accepted it, through both nodes' proxies."""
+    seen = set()
+    for _ in range(6):
+        got = _echoclient(lab, "websocket", "echo:80", "-n", "20")
+        assert got["errors"] == {}, got
+        ((pod, count),) = got["pods"].items()
+        assert count == 20
+        seen.add(pod)
+    assert seen <= {"echo-1", "echo-2"}
+
+
 def _metrics(lab: LabRunner, node: str) -> str:
     ip = next(n["ip"] for n in lab.status()["nodes"] if n["name"] == node)
     answer = admin_get(f"{lab.name}-{node}", ip, 15020, "/metrics")

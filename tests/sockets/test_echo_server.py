@@ -77,3 +77,55 @@ async def test_oversized_head_gets_431(echo):
     status, _ = await _read_response(reader)
     assert status == 431
     writer.close()
+
+
+async def test_h2c_on_the_same_port_with_injection(echo):
+    from weft.lab.h2peer import H2Peer
+
+    peer = await H2Peer.connect(echo)
+    try:
+        ok, failed = await asyncio.gather(
+            peer.request("GET", "/a"), peer.request("POST", "/b?status=503", body=b"x" * 70000)
+        )
+    finally:
+        peer.close()
+    assert ok.status == 200 and json.loads(ok.body)["version"] == "HTTP/2"
+    assert failed.status == 503 and json.loads(failed.body)["body_bytes"] == 70000
+
+
+async def test_websocket_messages_are_echoed(echo):
+    from weft.lab.echo_ws import client_handshake, client_message
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo)
+    try:
+        headers = await client_handshake(reader, writer, "echo")
+        assert headers["x-echo-pod"] == "echo-1"
+        for text in ("one", "two" * 1000):
+            assert await client_message(reader, writer, text) == text
+    finally:
+        writer.close()
+
+
+async def test_grpc_echo_and_injected_status(unused_tcp_port):
+    import grpc
+
+    from weft.lab.echo_grpc import FULL_METHOD, start_grpc
+
+    server = start_grpc(EchoServer("echo-1", "node-1", "default"), "127.0.0.1", unused_tcp_port)
+
+    def call() -> tuple[dict, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
+            echo = channel.unary_unary(FULL_METHOD)
+            answer = json.loads(echo(b"ping", timeout=10))
+            try:
+                echo(b"ping", timeout=10, metadata=(("status", "echo-1:503"),))
+            except grpc.RpcError as exc:
+                return answer, exc.code().name
+            return answer, "OK"
+
+    try:
+        answer, code = await asyncio.to_thread(call)
+    finally:
+        server.stop(0)
+    assert answer["pod"] == "echo-1" and answer["body_bytes"] == 4
+    assert code == "UNAVAILABLE"

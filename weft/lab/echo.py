@@ -21,6 +21,9 @@ the named pod, so one replica can be made slow or failing while the others are n
 
 ``curl 'http://echo/?delay_ms=echo-2:20'`` makes echo-2 20 ms slower than echo-1.
 
+A WebSocket upgrade (``Upgrade: websocket``) is accepted (101, ``x-echo-pod`` naming the
+pod) and every text or binary message is echoed back (`weft.lab.echo_ws`).
+
 Run: ``python -m weft.lab.echo --pod echo-1 --node node-1 --port 8080 --grpc-port 9090``.
 """
 
@@ -228,6 +231,11 @@ class EchoServer:
                     log.info("bad request from %s: %s", peer_s, e.reason)
                     payload = json.dumps({"error": e.reason}).encode()
                     writer.write(response(e.status, payload, False))
+                    return
+                if (req.header("upgrade") or "").lower() == "websocket":
+                    from weft.lab.echo_ws import serve_websocket
+
+                    await serve_websocket(self.pod, req, reader, writer)
                     return
                 local_s = f"{local[0]}:{local[1]}" if local else None
                 payload = self.payload(peer_s, local_s, req, len(body))

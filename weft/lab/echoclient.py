@@ -5,6 +5,7 @@ which pod answered each.
     python -m weft.lab.echoclient http1 echo:80 -n 100
     python -m weft.lab.echoclient h2 echo:80 -n 100 --concurrency 10
     python -m weft.lab.echoclient grpc echo:9090 -n 100
+    python -m weft.lab.echoclient websocket echo:80 -n 10
 
 Prints ``{"pods": {"echo-1": 52, "echo-2": 48}, "errors": {}, "connections": 1}`` (with
 ``--list``: also every answer's pod in order). Run it in a captured pod
@@ -81,6 +82,29 @@ async def run_h2(
     return pods, errors
 
 
+async def run_websocket(target: str, n: int) -> tuple[list[str], Counter[str]]:
+    """One upgraded connection, ``n`` messages echoed: the pod is the one that took the
+    upgrade (an upgraded connection is opaque: it stays on that pod)."""
+    from weft.lab.echo_ws import client_handshake, client_message
+
+    host, port = _split(target, 80)
+    reader, writer = await asyncio.open_connection(host, port)
+    pods: list[str] = []
+    errors: Counter[str] = Counter()
+    try:
+        headers = await client_handshake(reader, writer, host)
+        pod = headers.get("x-echo-pod", "?")
+        for i in range(n):
+            text = f"message {i}"
+            if await asyncio.wait_for(client_message(reader, writer, text), 30) == text:
+                pods.append(pod)
+            else:
+                errors["wrong echo"] += 1
+    finally:
+        writer.close()
+    return pods, errors
+
+
 def run_grpc(
     target: str, n: int, metadata: list[tuple[str, str]]
 ) -> tuple[list[str], Counter[str]]:
@@ -104,7 +128,7 @@ def run_grpc(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("protocol", choices=("http1", "h2", "grpc"))
+    p.add_argument("protocol", choices=("http1", "h2", "grpc", "websocket"))
     p.add_argument("target", help="HOST:PORT (echo:80, echo:9090)")
     p.add_argument("-n", type=int, default=100, help="requests (default 100)")
     p.add_argument("--path", default="/", help="HTTP path and query (failure injection)")
@@ -117,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         pods, errors = run_http1(args.target, args.n, args.path)
     elif args.protocol == "h2":
         pods, errors = asyncio.run(run_h2(args.target, args.n, args.path, args.concurrency))
+    elif args.protocol == "websocket":
+        pods, errors = asyncio.run(run_websocket(args.target, args.n))
     else:
         meta = [(k, v) for k, _, v in (m.partition("=") for m in args.metadata)]
         pods, errors = run_grpc(args.target, args.n, meta)
