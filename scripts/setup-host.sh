@@ -14,8 +14,9 @@ arch=$(dpkg --print-architecture)
 # linux-headers-$arch: headers bcc compiles against; bpftool: inspect programs and maps;
 # iproute2/curl/procps: lab plumbing and the demo client; python3-venv: Debian's venv.
 # haproxy + nftables: the sidecar baseline of `weft bench` (HAProxy sidecars with nftables
-# redirects, as a sidecar mesh's init container would install them).
-packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv haproxy nftables)
+# redirects, as a sidecar mesh's init container would install them); nghttp2-client: h2load,
+# the HTTP/2 and gRPC load of `weft bench`.
+packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv haproxy nftables nghttp2-client)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

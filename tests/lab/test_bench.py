@@ -18,8 +18,16 @@ SETUPS = {
     "direct", "direct-same-node", "weft", "weft-same-node", "haproxy-sidecars",
     "haproxy-same-node", "haproxy-resumption", "haproxy-http",
 }  # fmt: skip
-SCENARIOS = {"rate-500", "rate-1000", "saturate", "conn", "bulk"}
-ONLY = {"haproxy-resumption": {"conn"}}
+SCENARIOS = {"rate-500", "rate-1000", "saturate", "conn", "bulk", "h2", "grpc"}
+H1 = SCENARIOS - {"h2", "grpc"}
+ONLY = {
+    "haproxy-resumption": {"conn"},
+    "direct-same-node": H1,
+    "weft-same-node": H1,
+    "haproxy-sidecars": H1,
+    "haproxy-same-node": H1,
+    "haproxy-http": SCENARIOS - {"grpc"},
+}
 
 
 def test_quick_bench_writes_every_figure(tmp_path: Path):
@@ -29,9 +37,9 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
             [sys.executable, "-m", "weft.cli", "bench", "--quick", "--json", str(out)],
             capture_output=True,
             text=True,
-            # ~100 s here. Below pytest-timeout's 300 s, so that a hung run ends here and
+            # ~130 s here. Below pytest-timeout's 300 s, so that a hung run ends here and
             # its labs are removed below, not in a pytest kill that leaves them behind.
-            timeout=240,
+            timeout=270,
         )
     except subprocess.TimeoutExpired:
         for lab in ("wbench", "wbenchm"):  # the killed bench could not remove them
@@ -53,6 +61,11 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
     # client's connections and opened tunnels; node-2's tunnel server established the
     # cross-node ones, node-1's own the same-node ones. Each conn sample alone opens
     # hundreds of connections.
+    # Per-request balancing over the two-replica service, all three protocols.
+    balance = result["balance"]
+    for run in ("http1_split", "h2_split", "grpc_split", "http1_slow", "grpc_slow"):
+        assert balance[run]["errors"] == {} and balance[run]["share"] is not None, balance
+    assert 0.2 <= balance["http1_split"]["share"] <= 0.8, balance
     tunnels = result["tunnels"]
     assert tunnels["node-1"]["outbound_accepted"] >= 100, tunnels
     assert tunnels["node-1"]["streams_opened"] >= 100, tunnels

@@ -102,10 +102,11 @@ class H2Client(H2Endpoint):
         complete, or fails with `UpstreamLost`."""
         head = exchange.head
         stream_id = self.h2.get_next_available_stream_id()
+        authority = head.pseudo_authority
         headers: Headers = [
             (b":method", head.method),
             (b":scheme", head.scheme),
-            (b":authority", head.authority.encode("latin-1")),
+            *(((b":authority", authority),) if authority else ()),
             (b":path", head.target),
             *head.headers,
         ]
