@@ -108,9 +108,7 @@ _flags = st.one_of(
     st.just({"valid", "END_HEADERS", "END_STREAM"}),
     st.sets(st.sampled_from(["END_STREAM", "END_HEADERS", "valid"])),
 )
-frames = st.lists(
-    st.tuples(_kinds, st.integers(0, 5), st.binary(max_size=64), _flags), max_size=40
-)
+frames = st.lists(st.tuples(_kinds, st.integers(0, 5), st.binary(max_size=64), _flags), max_size=40)
 
 
 def _run(chunks: list[bytes]) -> tuple[H2Server, Transport]:

@@ -51,9 +51,13 @@ class FakeTransport(asyncio.Transport):
         self.closed = False
         self.aborted = False
         self.buffered = 0
+        self.session: Session | None = None
 
     def write(self, data: Any) -> None:
         self.out += data
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.session = protocol
 
     def close(self) -> None:
         self.closed = True
@@ -71,7 +75,11 @@ class FakeTransport(asyncio.Transport):
         return (16 * 1024, 64 * 1024)
 
     def take(self) -> list[FrameEvent]:
-        """The frames written since the last call (after the preface)."""
+        """The frames written since the last call (after the preface). The session
+        sends what it queued at the end of a loop iteration; these tests run none, so
+        that end is now."""
+        if self.session is not None:
+            self.session._write_out()
         data = bytes(self.out)
         self.out.clear()
         preface = encode_preface(SETTINGS)
@@ -116,6 +124,7 @@ def pair(**kw: Any) -> tuple[Session, FakeTransport, list[tuple[Stream, Any]]]:
         label="test", local=SETTINGS, on_open=lambda s, r: opened.append((s, r)), **kw
     )
     transport = FakeTransport()
+    transport.session = session
     session.connection_made(transport)
     peer_preface(session)
     transport.take()
@@ -125,6 +134,7 @@ def pair(**kw: Any) -> tuple[Session, FakeTransport, list[tuple[Stream, Any]]]:
 def client(**kw: Any) -> tuple[Session, FakeTransport]:
     session = Session(label="test client", local=SETTINGS, **kw)
     transport = FakeTransport()
+    transport.session = session
     session.connection_made(transport)
     peer_preface(session)
     transport.take()
@@ -338,18 +348,21 @@ async def test_a_held_session_sends_and_acts_on_nothing_before_start() -> None:
     opened: list[Any] = []
     session = Session(label="t", local=SETTINGS, on_open=lambda s, r: opened.append(r), held=True)
     transport = FakeTransport()
+    transport.session = session
     session.connection_made(transport)
     session.data_received(
         encode_preface(SETTINGS) + frame(FrameType.OPEN, 1, encode_open_payload(TARGET))
     )
     assert transport.out == b"" and opened == []
     session.start()
+    session._write_out()  # the end of the loop iteration
     assert transport.out.startswith(encode_preface(SETTINGS)) and len(opened) == 1
 
 
 async def test_a_held_session_refuses_a_flood_before_start() -> None:
     session = Session(label="t", local=SETTINGS, on_open=lambda s, r: None, held=True)
     transport = FakeTransport()
+    transport.session = session
     session.connection_made(transport)
     session.data_received(b"\0" * (300 * 1024))
     assert session.violation is not None and transport.closed

@@ -80,6 +80,8 @@ from nodeagent.proxy.tunnel.wire import (
 log = logging.getLogger("weft.proxy.tunnel")
 
 _DEFAULT_HIGH = 64 * 1024
+OUT_BATCH = 64 * 1024
+"""Bytes of queued frames that are written at once rather than at the iteration's end."""
 _MAX_HELD = 256 * 1024
 _RESET_REFILL_SECONDS = 10.0
 
@@ -447,6 +449,9 @@ class Session(asyncio.Protocol):
         self._decoder = FrameDecoder(local.max_frame)
         self._flushing: dict[Stream, None] = {}  # streams with bytes waiting, in turn order
         self._flush_scheduled = False
+        self._out: list[bytes] = []  # frames written this loop iteration, sent as one
+        self._out_size = 0
+        self._out_scheduled = False
         self.write_blocked = False
         self.draining = False
         """No new streams: a GOAWAY was sent or received."""
@@ -716,6 +721,7 @@ class Session(asyncio.Protocol):
         if self.close_reason is None:
             self.close_reason = why
         if self.transport is not None and not self.transport.is_closing():
+            self._write_out()
             self.transport.close()
 
     def abort(self, why: str) -> None:
@@ -747,6 +753,7 @@ class Session(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"{self.label}: {self.violation}"))
             self.ready.exception()
         assert self.transport is not None
+        self._write_out()
         self.transport.close()
 
     def _violation(self, detail: str, reason: Reset = Reset.PROTOCOL) -> None:
@@ -757,22 +764,44 @@ class Session(asyncio.Protocol):
         log.warning("%s: the peer broke the tunnel protocol (%s); closing the connection and "
                     "its %d streams", self.label, detail, len(self.streams))  # fmt: skip
         self.transport_write(goaway_frame(self._last_stream, reason))
+        self._write_out()
         self.transport.close()
 
     def transport_write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
+        """Queue frames for the TLS connection: what the streams write in one loop
+        iteration leaves as one write (one TLS record and syscall for many frames under
+        load, instead of one each), at the end of the iteration or at once past
+        `OUT_BATCH` bytes (so the transport's high-water mark still stops the flush)."""
+        if self.transport is None:
             return
-        transport.write(data)
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= OUT_BATCH:
+            self._write_out()
+        elif not self._out_scheduled:
+            self._out_scheduled = True
+            self._loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        self._out_scheduled = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def _send_control(self, data: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
-        transport.write(data)
+        self.transport_write(data)
         if self.write_blocked:
             high = transport.get_write_buffer_limits()[1]
-            if transport.get_write_buffer_size() > high + self.max_backlog:
+            if transport.get_write_buffer_size() + self._out_size > high + self.max_backlog:
                 log.warning("%s: the peer does not read what it asks for (%d bytes unsent); "
                             "dropping the connection", self.label,
                             transport.get_write_buffer_size())  # fmt: skip
