@@ -63,7 +63,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
     # hundreds of connections.
     # Per-request balancing over the two-replica service, all three protocols.
     balance = result["balance"]
-    for run in ("http1_split", "h2_split", "grpc_split", "http1_slow", "grpc_slow"):
+    for run in ("http1_split", "h2_split", "grpc_split", "http1_slow", "http1_recovery",
+                "grpc_slow"):  # fmt: skip
         assert balance[run]["errors"] == {} and balance[run]["share"] is not None, balance
     assert 0.2 <= balance["http1_split"]["share"] <= 0.8, balance
     tunnels = result["tunnels"]

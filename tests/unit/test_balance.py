@@ -389,3 +389,30 @@ def test_retain_accepts_a_generator(clock: FakeClock) -> None:
     b.failed("b")
     b.retain(k for k in ["a"])
     assert set(b.health) == {"a"}
+
+
+def test_a_spike_is_believed_at_once_and_undone_by_a_few_fast_responses(clock: FakeClock) -> None:
+    from nodeagent.proxy.balance import PeakEwma
+
+    b: Balancer[str] = Balancer(latency=PeakEwma(), clock=clock, rng=random.Random(1))
+    for _ in range(10):
+        clock.now += 0.001
+        b.observed("a", 0.001)
+    clock.now += 0.001
+    b.observed("a", 0.015)  # one slow response (a GC pause, a noisy neighbour)
+    assert b.health["a"].rtt == pytest.approx(0.015)
+    for _ in range(16):  # responses every millisecond: time-based weights alone would
+        clock.now += 0.001  # keep ~99.8 % of the spike per response
+        b.observed("a", 0.001)
+    assert b.health["a"].rtt < 0.003
+
+
+def test_between_a_pair_a_much_slower_endpoint_is_nearly_avoided(clock: FakeClock) -> None:
+    from nodeagent.proxy.balance import PeakEwma
+
+    b: Balancer[str] = Balancer(latency=PeakEwma(), clock=clock, rng=random.Random(3))
+    b.observed("fast", 0.002)
+    b.observed("slow", 0.022)
+    picks = Counter(b.choose(["fast", "slow"]).key for _ in range(10_000))  # type: ignore[union-attr]
+    assert picks["slow"] < 0.02 * 10_000  # squared weights: (2/22)^2 ~ 0.8 %
+    assert picks["slow"] > 0  # but not never: its estimate must be able to recover

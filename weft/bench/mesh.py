@@ -162,12 +162,20 @@ PodSpec = tuple[str, str, dict[str, str], str | None]
 """(name, service account, labels, app)."""
 
 
+GRPC_SERVERS = frozenset({"bs-direct", "bs-weft", "bs-pair-1", "bs-pair-2"})
+"""The echo pods that also serve gRPC: only those the gRPC loads reach (grpcio's idle
+threads cost ~0.7 % of a CPU per process, which a dozen idle servers would add to every
+measurement on this 2-vCPU machine)."""
+
+
 def _pods(node_index: int, specs: list[PodSpec]) -> list[PodPlan]:
     node = node_plan(node_index)
     base = ipaddress.IPv4Network(node.pod_cidr).network_address
     pods = []
     for i, (name, sa, labels, app) in enumerate(specs):
-        ports = (ECHO_PORT, ECHO_GRPC_PORT) if app == "echo" else ()
+        ports: tuple[int, ...] = ()
+        if app == "echo":
+            ports = (ECHO_PORT, ECHO_GRPC_PORT) if name in GRPC_SERVERS else (ECHO_PORT,)
         pods.append(PodPlan(name, node.name, str(base + 2 + i), "default", sa, labels, app, ports))
     return pods
 
@@ -198,21 +206,59 @@ def bench_plan(name: str) -> LabPlan:
             ("bs-pair-2", "bench-server", {**CAPTURED, "bench": "pair"}, "echo"),
         ],
     )
-    # Two equal replicas on node-2 behind one service: the per-request balancing figures.
-    pair = ServicePlan(
-        name="bench-pair",
-        namespace="default",
-        vip=PAIR_VIP,
-        ports=(
-            ServicePort(port=80, target_port=ECHO_PORT),
-            ServicePort(port=ECHO_GRPC_PORT, target_port=ECHO_GRPC_PORT, name="grpc"),
-        ),
-        selector={"bench": "pair"},
-    )
-    return LabPlan(name, (node_plan(1), node_plan(2)), tuple(pods), (pair,), {"default": {}})
+    return LabPlan(name, (node_plan(1), node_plan(2)), tuple(pods), (PAIR,), {"default": {}})
 
 
 PAIR_VIP = str(SERVICE_CIDR.network_address + 20)
+PAIR = ServicePlan(
+    name="bench-pair",
+    namespace="default",
+    vip=PAIR_VIP,
+    ports=(
+        ServicePort(port=80, target_port=ECHO_PORT),
+        ServicePort(port=ECHO_GRPC_PORT, target_port=ECHO_GRPC_PORT, name="grpc"),
+    ),
+    selector={"bench": "pair"},
+)
+"""Two equal replicas on node-2 behind one service: the per-request balancing figures."""
+
+
+def balance_plan(name: str) -> LabPlan:
+    """Only what `run_balance` needs: the captured client and the pair."""
+    pods = _pods(1, [("bc-weft", "bench-client", dict(CAPTURED), None)]) + _pods(
+        2,
+        [
+            ("bs-pair-1", "bench-server", {**CAPTURED, "bench": "pair"}, "echo"),
+            ("bs-pair-2", "bench-server", {**CAPTURED, "bench": "pair"}, "echo"),
+        ],
+    )
+    return LabPlan(name, (node_plan(1), node_plan(2)), tuple(pods), (PAIR,), {"default": {}})
+
+
+def run_balance(
+    identity_setup: IdentitySetup, rounds: int = 3, report: Report = print, name: str = "wbal"
+) -> dict[str, Any]:
+    """`_balance` alone, ``rounds`` times, in a small lab: the balancing figures without
+    the half hour of the full run. Each run's share of bs-pair-2, and their median."""
+    lab = Lab(name, report=lambda m: None, identity_setup=identity_setup)
+    report(f"lab {name!r}: bc-weft (node-1) -> service bench-pair (bs-pair-1, bs-pair-2 on node-2)")
+    lab.up(plan=balance_plan(name), replace=True)
+    try:
+        for ip in (p.ip for p in lab.load().plan.pods if p.name.startswith("bs-")):
+            _wait_reachable(lab, Setup("pair", "bc-weft", ""), ip)
+        runs = [_balance(lab, report) for _ in range(rounds)]
+    finally:
+        report(f"removing lab {name!r}")
+        lab.down()
+    out: dict[str, Any] = {}
+    for run, _ in BALANCE_RUNS:
+        shares = [r[run]["share"] for r in runs if r[run]["share"] is not None]
+        out[run] = {
+            "shares": shares,
+            "median": round(statistics.median(shares), 3) if shares else None,
+            "errors": sum(sum(r[run]["errors"].values()) for r in runs),
+        }
+    return out
 
 
 def memory_plan(name: str, pods: int) -> LabPlan:
@@ -753,17 +799,26 @@ BALANCE_RUNS = (
     ("h2_split", ["h2", f"{PAIR_VIP}:80", "-n", "1000", "--concurrency", "8"]),
     ("grpc_split", ["grpc", f"{PAIR_VIP}:{ECHO_GRPC_PORT}", "-n", "1000"]),
     ("http1_slow", ["http1", f"{PAIR_VIP}:80", "-n", "500", "--path", "/?delay_ms=bs-pair-2:20"]),
+    # Right after: bs-pair-2 is fast again; how soon does it get its share back?
+    ("http1_recovery", ["http1", f"{PAIR_VIP}:80", "-n", "1000"]),
     ("grpc_slow", ["grpc", f"{PAIR_VIP}:{ECHO_GRPC_PORT}", "-n", "500",
                    "--metadata", "delay_ms=bs-pair-2:20"]),
 )  # fmt: skip
+FORGET_SECONDS = 10.0
+"""Pause before a round's split runs, so that the previous round's slow replica is
+forgotten (5 time constants of `PeakEwma.decay`): the splits measure equal replicas,
+``http1_recovery`` measures the return of one that was slow."""
 
 
 def _balance(lab: Lab, report: Report) -> dict[str, Any]:
     """Per-request balancing over two equal replicas (bs-pair-1/2, both on node-2), from
     one keep-alive connection, one h2c connection and one gRPC channel in bc-weft; then
-    with bs-pair-2 made 20 ms slower (``*_slow``). ``share`` is bs-pair-2's."""
+    with bs-pair-2 made 20 ms slower (``*_slow``), and right after it is fast again
+    (``http1_recovery``). ``share`` is bs-pair-2's."""
     out: dict[str, Any] = {}
     for name, args in BALANCE_RUNS:
+        if name == "http1_split":
+            time.sleep(FORGET_SECONDS)
         argv = [sys.executable, "-m", "weft.lab.echoclient", *args]
         got = json.loads(_in_pod(lab, "bc-weft", argv, timeout=300, check=False))
         total = sum(got["pods"].values())

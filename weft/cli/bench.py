@@ -208,6 +208,35 @@ def resilience(rounds: int, connections: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--rounds", default=3, show_default=True, help="Runs of each balancing figure.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def balance(rounds: int, json_path: Path | None) -> None:
+    """Per-request balancing over two equal replicas, from one connection or channel.
+
+    A small two-node lab: bc-weft (node-1) sends 1,000 requests on one HTTP/1.1
+    keep-alive connection, 1,000 streams on one h2c connection and 1,000 calls on one
+    gRPC channel to a two-replica service on node-2, then 500 with bs-pair-2 made 20 ms
+    slower, then 1,000 more right after it is fast again; prints bs-pair-2's share of
+    each (the full `weft bench` runs this once).
+    """
+    from weft.bench.mesh import run_balance
+    from weft.cli.lab import lab_identity_setup
+
+    def say(message: str) -> None:
+        err.print(f"[dim]·[/dim] {message}")
+
+    result = run_balance(lab_identity_setup, rounds, report=say)
+    table = Table("run", "bs-pair-2 share, per round", "median", "errors")
+    for run, got in result.items():
+        table.add_row(run, ", ".join(f"{x:.3f}" for x in got["shares"]),
+                      f"{got['median']}", str(got["errors"]))  # fmt: skip
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--seconds", default=20.0, show_default=True, help="Sampling time.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
 def profile(seconds: float, json_path: Path | None) -> None:

@@ -325,10 +325,11 @@ class H2Endpoint(asyncio.Protocol):
         if self.closing:
             return
         idle = self._loop.time() - self._last_active
-        if not self.outboxes and idle >= self.config.idle_timeout:
+        busy = self.streams_open > 0
+        if not busy and idle >= self.config.idle_timeout:
             self._close("idle")
             return
-        wait = self.config.idle_timeout - idle if not self.outboxes else self.config.idle_timeout
+        wait = self.config.idle_timeout if busy else self.config.idle_timeout - idle
         self._timer = self._loop.call_later(max(wait, 0.05), self._check_idle)
 
     def _close(self, reason: str, *, goaway: bool = True) -> None:
