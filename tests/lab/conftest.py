@@ -62,10 +62,31 @@ class LabRunner:
     def status(self) -> dict:
         return json.loads(self.weft("lab", "status", "--json").stdout)
 
+    def metrics(self, node: str) -> str:
+        """The Prometheus text of ``node``'s agent (its admin port, inside the node)."""
+        from weft.lab.lab import admin_get
+
+        ip = next(n["ip"] for n in self.status()["nodes"] if n["name"] == node)
+        answer = admin_get(f"{self.name}-{node}", ip, 15020, "/metrics")
+        assert answer is not None and answer[0] == 200
+        return answer[1]
+
     def netns(self) -> list[str]:
         if not NETNS_DIR.exists():
             return []
         return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(f"{self.name}-"))
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def unique_name(prefix: str) -> str:

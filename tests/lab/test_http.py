@@ -14,9 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, sample, unique_name
 from weft.identity import SpiffeId
-from weft.lab.lab import admin_get
 
 # In client-1: N requests on one kept connection to the echo service; prints the pods.
 SPREAD = (
@@ -125,22 +124,6 @@ def test_a_websocket_upgrade_becomes_an_opaque_connection(lab: LabRunner):
     assert seen <= {"echo-1", "echo-2"}
 
 
-def _metrics(lab: LabRunner, node: str) -> str:
-    ip = next(n["ip"] for n in lab.status()["nodes"] if n["name"] == node)
-    answer = admin_get(f"{lab.name}-{node}", ip, 15020, "/metrics")
-    assert answer is not None and answer[0] == 200
-    return answer[1]
-
-
-def _sample(metrics: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in metrics.splitlines():
-        head, _, value = line.rpartition(" ")
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def test_grpc_status_is_counted_on_both_nodes_with_both_identities(lab: LabRunner):
     """gRPC failures are HTTP 200s: the classification comes from ``grpc-status`` (here
     UNAVAILABLE, injected on echo-2), counted by the client's node and by echo-2's node,
@@ -150,14 +133,14 @@ def test_grpc_status_is_counted_on_both_nodes_with_both_identities(lab: LabRunne
     client = str(SpiffeId.workload("default", "client"))
     echo = str(SpiffeId.workload("default", "echo"))
     ids = {"client_id": client, "server_id": echo}
-    out = _metrics(lab, "node-1")
-    assert _sample(out, "response_total", direction="outbound", classification="failure",
+    out = lab.metrics("node-1")
+    assert sample(out, "response_total", direction="outbound", classification="failure",
                    grpc_status="14", dst_workload="echo-2", **ids) >= 5  # fmt: skip
-    assert _sample(out, "response_total", direction="outbound", classification="success",
+    assert sample(out, "response_total", direction="outbound", classification="success",
                    grpc_status="0", dst_workload="echo-1", **ids) >= 5  # fmt: skip
-    assert _sample(out, "weft_protocol_detect_total", result="h2") >= 1
-    inbound = _metrics(lab, "node-2")
-    assert _sample(inbound, "response_total", direction="inbound", classification="failure",
+    assert sample(out, "weft_protocol_detect_total", result="h2") >= 1
+    inbound = lab.metrics("node-2")
+    assert sample(inbound, "response_total", direction="inbound", classification="failure",
                    grpc_status="14", dst_workload="echo-2", **ids) >= 5  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.proxy.tls import sni_for
-from tests.lab.conftest import POD_HTTP, LabRunner, Sniffer, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, Sniffer, sample, unique_name
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 from weft.nsenter import in_netns
@@ -177,26 +177,6 @@ def _answered_by(mesh: LabRunner, n: int, path: str = "/") -> list[str]:
     return pods
 
 
-def _metrics(mesh: LabRunner, node: str) -> str:
-    status = _status(mesh)
-    ip = next(n["ip"] for n in status["nodes"] if n["name"] == node)
-    answer = admin_get(f"{mesh.name}-{node}", ip, 15020, "/metrics")
-    assert answer is not None and answer[0] == 200
-    return answer[1]
-
-
-def _sample(metrics: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def _eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -217,34 +197,34 @@ def test_metrics_show_http_requests_with_both_identities_on_both_nodes(mesh: Lab
     client = str(SpiffeId.workload("default", "client"))
     echo = str(SpiffeId.workload("default", "echo"))
     labels = {"src_workload": "client-1", "client_id": client, "server_id": echo}
-    before = _sample(_metrics(mesh, "node-1"), "request_total", direction="outbound", **labels)
+    before = sample(mesh.metrics("node-1"), "request_total", direction="outbound", **labels)
     assert _both_replicas_answer(mesh)  # so node-2 has served some
-    text = _metrics(mesh, "node-1")
-    requests = _sample(text, "request_total", direction="outbound", tls="true", **labels)
+    text = mesh.metrics("node-1")
+    requests = sample(text, "request_total", direction="outbound", tls="true", **labels)
     assert requests - before >= 2
-    ok = _sample(text, "response_total", direction="outbound", classification="success",
+    ok = sample(text, "response_total", direction="outbound", classification="success",
                  status_code="200", **labels)  # fmt: skip
     assert ok >= requests - before
-    assert _sample(text, "response_latency_ms_count", direction="outbound", **labels) >= 2
-    assert _sample(text, "request_total", dst_workload="echo-2", **labels) >= 1
-    assert _sample(text, "weft_protocol_detect_total", result="http1") >= 2
+    assert sample(text, "response_latency_ms_count", direction="outbound", **labels) >= 2
+    assert sample(text, "request_total", dst_workload="echo-2", **labels) >= 1
+    assert sample(text, "weft_protocol_detect_total", result="http1") >= 2
     # The receiving side counts them inbound, naming the client identity it verified.
-    inbound = _sample(_metrics(mesh, "node-2"), "request_total", direction="inbound",
+    inbound = sample(mesh.metrics("node-2"), "request_total", direction="inbound",
                       client_id=client, server_id=echo, dst_workload="echo-2")  # fmt: skip
     assert inbound >= 1
 
 
 def test_stopped_replica_is_retried_then_ejected(mesh: LabRunner):
-    before = _sample(_metrics(mesh, "node-1"), "weft_outbound_endpoint_failures_total")
+    before = sample(mesh.metrics("node-1"), "weft_outbound_endpoint_failures_total")
     mesh.weft("lab", "stop", "echo-2")
     try:
         # Every new connection still succeeds: a refused endpoint is retried elsewhere.
         assert set(_answered_by(mesh, 12)) == {"echo-1"}
-        text = _metrics(mesh, "node-1")
-        assert _sample(text, "weft_outbound_endpoint_failures_total", service="default/echo") > (
+        text = mesh.metrics("node-1")
+        assert sample(text, "weft_outbound_endpoint_failures_total", service="default/echo") > (
             before
         )
-        assert _sample(text, "weft_outbound_endpoint_ejections_total", service="default/echo") >= 1
+        assert sample(text, "weft_outbound_endpoint_ejections_total", service="default/echo") >= 1
     finally:
         mesh.weft("lab", "start", "echo-2")
     # Probation lets it back in once it answers again.

@@ -19,19 +19,13 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from nodeagent.httpmetrics import HttpMetrics
 from nodeagent.meshstate import MeshState
-from nodeagent.proxy.balance import Balancer, PeakEwma
-from nodeagent.proxy.dial import Dialer
-from nodeagent.proxy.failover import Failover
-from nodeagent.proxy.http.client import Http1Pool
 from nodeagent.proxy.http.forward import H2, OutboundHttp
-from nodeagent.proxy.http.h2client import H2Pool
 from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.h2server import H2Server
-from nodeagent.proxy.retry import RetryBudget
 from tests.h2util import H2Replica
-from tests.sockets.test_http_proxy import REPLICAS, VIP, _pod
+from tests.sockets.test_http_proxy import REPLICAS, VIP, outbound
 from weft.lab.h2peer import H2Peer as H2TestClient
-from weft.mesh import Endpoint, Service, ServicePort
+from weft.mesh import Service
 from weft.meshwire import SnapshotMsg
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,22 +47,7 @@ async def mesh(unused_tcp_port: int) -> AsyncIterator[H2Mesh]:
     replicas = {ip: H2Replica(f"replica-{ip[-1]}") for ip in REPLICAS}
     for ip, r in replicas.items():
         await r.start(ip, port)
-    state = MeshState()
-    pods = [_pod(i, ip) for i, ip in enumerate(REPLICAS)]
-    svc = Service(
-        name="echo", namespace="default", vips=(VIP[0],), ports=(ServicePort(80, port),),
-        endpoints=tuple(Endpoint(p.ips[0], p.uid, True) for p in pods),
-    )  # fmt: skip
-    state.apply(SnapshotMsg("e", 1, tuple(pods), (svc,)))
-    metrics = HttpMetrics()
-    http = OutboundHttp(
-        mesh=state,
-        failover=Failover(attempts=3, budget=RetryBudget(), balancer=Balancer(latency=PeakEwma())),
-        dialer=Dialer(tunnel=None, attempt_timeout=5.0),
-        pool=Http1Pool(),
-        h2_pool=H2Pool(),
-        metrics=metrics,
-    )
+    state, http, metrics = outbound(port)
     servers: list[H2Server] = []
     config = H2Config(stream_window=64 * 1024, connection_window=256 * 1024)
     loop = asyncio.get_running_loop()
@@ -325,33 +304,22 @@ async def test_rapid_reset_flood_gets_goaway(mesh: H2Mesh):
     assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
-async def test_ping_flood_gets_goaway(mesh: H2Mesh):
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(lambda conn, i: conn.ping(i.to_bytes(8, "big")), id="PING"),
+        pytest.param(lambda conn, i: conn.update_settings({0x3: 100 + i % 10}), id="SETTINGS"),
+    ],
+)
+async def test_a_control_frame_flood_gets_goaway(mesh: H2Mesh, frame):
     async def flood(client: H2TestClient) -> None:
         for i in range(5000):
             if client.transport is None or client.transport.is_closing():
                 return
             try:
-                client.conn.ping(i.to_bytes(8, "big"))
+                frame(client.conn, i)
             except ProtocolError:
                 return  # the proxy's GOAWAY arrived
-            client.flush()
-            if i % 50 == 0:
-                await asyncio.sleep(0)
-
-    client = await _goaway_after(mesh, flood)
-    assert client.terminated is not None
-    assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-
-
-async def test_settings_flood_gets_goaway(mesh: H2Mesh):
-    async def flood(client: H2TestClient) -> None:
-        for i in range(3000):
-            if client.transport is None or client.transport.is_closing():
-                return
-            try:
-                client.conn.update_settings({0x3: 100 + i % 10})
-            except ProtocolError:
-                return
             client.flush()
             if i % 50 == 0:
                 await asyncio.sleep(0)
@@ -422,21 +390,7 @@ async def test_one_grpc_channel_spreads_over_both_replicas(unused_tcp_port: int)
     servers = [
         start_grpc(EchoServer(f"echo-{ip[-1]}", "n", "default"), ip, port) for ip in REPLICAS
     ]
-    state = MeshState()
-    pods = [_pod(i, ip) for i, ip in enumerate(REPLICAS)]
-    svc = Service(
-        name="echo", namespace="default", vips=(VIP[0],), ports=(ServicePort(80, port),),
-        endpoints=tuple(Endpoint(p.ips[0], p.uid, True) for p in pods),
-    )  # fmt: skip
-    state.apply(SnapshotMsg("e", 1, tuple(pods), (svc,)))
-    metrics = HttpMetrics()
-    http = OutboundHttp(
-        mesh=state,
-        failover=Failover(attempts=3, budget=RetryBudget(), balancer=Balancer(latency=PeakEwma())),
-        dialer=Dialer(tunnel=None, attempt_timeout=5.0),
-        pool=Http1Pool(),
-        metrics=metrics,
-    )
+    _, http, metrics = outbound(port)
     loop = asyncio.get_running_loop()
     proxy = await loop.create_server(
         lambda: H2Server(http.forwarder(("127.0.0.1", 1), VIP, "grpc", H2), label="grpc"),

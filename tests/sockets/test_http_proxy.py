@@ -165,14 +165,9 @@ def _pod(i: int, ip: str) -> Workload:
     )  # fmt: skip
 
 
-@pytest.fixture
-async def mesh(unused_tcp_port: int) -> AsyncIterator[Mesh]:
-    port = unused_tcp_port
-    replicas = {ip: Replica(f"replica-{ip[-1]}") for ip in REPLICAS}
-    for ip, r in replicas.items():
-        r.server = await asyncio.start_server(
-            functools.partial(_serve, r), ip, port, reuse_address=True
-        )
+def outbound(port: int) -> tuple[MeshState, OutboundHttp, HttpMetrics]:
+    """The mesh state (service ``echo`` at `VIP`, the two replicas on ``port``) and an
+    outbound HTTP stage over it, dialing plaintext: what every proxy test forwards by."""
     state = MeshState()
     pods = [_pod(i, ip) for i, ip in enumerate(REPLICAS)]
     svc = Service(
@@ -183,15 +178,23 @@ async def mesh(unused_tcp_port: int) -> AsyncIterator[Mesh]:
     metrics = HttpMetrics()
     http = OutboundHttp(
         mesh=state,
-        failover=Failover(
-            attempts=3,
-            budget=RetryBudget(),
-            balancer=Balancer(latency=PeakEwma()),
-        ),
+        failover=Failover(attempts=3, budget=RetryBudget(), balancer=Balancer(latency=PeakEwma())),
         dialer=Dialer(tunnel=None, attempt_timeout=5.0),
         pool=Http1Pool(),
         metrics=metrics,
     )
+    return state, http, metrics
+
+
+@pytest.fixture
+async def mesh(unused_tcp_port: int) -> AsyncIterator[Mesh]:
+    port = unused_tcp_port
+    replicas = {ip: Replica(f"replica-{ip[-1]}") for ip in REPLICAS}
+    for ip, r in replicas.items():
+        r.server = await asyncio.start_server(
+            functools.partial(_serve, r), ip, port, reuse_address=True
+        )
+    _, http, metrics = outbound(port)
     servers: list[Http1Server] = []
     config = HttpServerConfig(head_timeout=1.0, limits=Limits(max_head=8192))
     loop = asyncio.get_running_loop()

@@ -176,11 +176,7 @@ class H2Client(H2Endpoint):
             self._reset(event.stream_id, event.error_code)
         elif kind is WindowUpdated:
             assert isinstance(event, WindowUpdated)
-            if event.stream_id:
-                self.pump(event.stream_id)
-            else:
-                for stream_id in list(self.outboxes):
-                    self.pump(stream_id)
+            self.window_opened(event.stream_id or 0)
         elif kind is ConnectionTerminated:
             assert isinstance(event, ConnectionTerminated)
             self._goaway(event.last_stream_id or 0, event.error_code)
@@ -188,8 +184,7 @@ class H2Client(H2Endpoint):
             if self.control_frame(kind.__name__, now):
                 return True
             if kind is RemoteSettingsChanged:
-                for stream_id in list(self.outboxes):
-                    self.pump(stream_id)
+                self.window_opened(0)
         return self.closing
 
     def _ended(self, stream_id: int) -> None:

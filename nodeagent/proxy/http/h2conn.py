@@ -231,6 +231,14 @@ class H2Endpoint(asyncio.Protocol):
 
     # --- sending -----------------------------------------------------------------------
 
+    def window_opened(self, stream_id: int) -> None:
+        """WINDOW_UPDATE (stream 0: the connection's) or new SETTINGS: send what waits."""
+        if stream_id:
+            self.pump(stream_id)
+        else:
+            for waiting in list(self.outboxes):
+                self.pump(waiting)
+
     def send_data(self, stream_id: int, data: bytes) -> None:
         box = self.outboxes.get(stream_id)
         if box is None or box.end:

@@ -271,11 +271,7 @@ class H2Server(H2Endpoint):
                 exchange.request_trailers = list(event.headers)
         elif kind is WindowUpdated:
             assert isinstance(event, WindowUpdated)
-            if event.stream_id:
-                self.pump(event.stream_id)
-            else:
-                for stream_id in list(self.outboxes):
-                    self.pump(stream_id)
+            self.window_opened(event.stream_id or 0)
         elif kind is StreamReset:
             assert isinstance(event, StreamReset)
             if event.remote_reset and self.peer_reset(now):
@@ -289,8 +285,7 @@ class H2Server(H2Endpoint):
             if self.control_frame(_CONTROL[kind], now):
                 return True
             if kind is RemoteSettingsChanged:
-                for stream_id in list(self.outboxes):
-                    self.pump(stream_id)
+                self.window_opened(0)
         return self.closing
 
     def _request(self, event: RequestReceived, now: float) -> None:
