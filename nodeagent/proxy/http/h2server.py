@@ -85,7 +85,7 @@ def request_head(headers: Headers, ended: bool) -> RequestHead:
         headers=regular,
         keep_alive=True,
         content_length=content_length,
-        chunked=not ended and not content_length,
+        chunked=not ended and content_length is None,
         pseudo_authority=authority,
         scheme=scheme,
     )
