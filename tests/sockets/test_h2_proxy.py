@@ -224,6 +224,13 @@ async def test_a_client_reset_cancels_the_upstream_stream(mesh: H2Mesh):
         assert (await client.request("GET", "/")).status == 200  # the connection lives on
     finally:
         client.close()
+    # The abandoned request is counted: a failure without a status, error "cancelled".
+    cancelled = [
+        line for line in _series(mesh.metrics).splitlines()
+        if line.startswith("response_total{") and 'error="cancelled"' in line
+    ]  # fmt: skip
+    assert len(cancelled) == 1 and 'classification="failure"' in cancelled[0], cancelled
+    assert 'status_code=""' in cancelled[0] and cancelled[0].endswith(" 1.0")
 
 
 # --- flow control and bounded memory ----------------------------------------------------

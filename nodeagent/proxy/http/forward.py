@@ -227,6 +227,17 @@ class OutboundForwarder:
         return self._route, self._observer
 
     async def forward(self, exchange: Exchange) -> None:
+        try:
+            await self._forward(exchange)
+        except asyncio.CancelledError:
+            # The client left (reset the stream, closed the connection) or the proxy is
+            # shutting down: counted, as Linkerd counts it, as a failure without status.
+            source = self.http.mesh.workload_at(self.app[0])
+            authority = exchange.head.authority or format_address(self.destination)
+            self._record(exchange, authority, workload_name(source), None, source, cancelled=True)
+            raise
+
+    async def _forward(self, exchange: Exchange) -> None:
         http = self.http
         http.requests += 1
         source = http.mesh.workload_at(self.app[0])
@@ -317,6 +328,7 @@ class OutboundForwarder:
         source: Workload | None,
         *,
         error: ProxyError | None = None,
+        cancelled: bool = False,
     ) -> None:
         key = (hop.address if hop is not None else None, authority)
         labels = self._labels.get(key)
@@ -332,13 +344,25 @@ class OutboundForwarder:
             )  # fmt: skip
             if len(self._labels) < 64:  # the authority comes from the client
                 self._labels[key] = labels
-        _record(self.http.metrics, labels, exchange, error)
+        _record(self.http.metrics, labels, exchange, error, cancelled=cancelled)
+
+
+CANCELLED = "cancelled"
+"""The ``error`` label of a request its client abandoned before the response ended."""
 
 
 def _record(
-    metrics: HttpMetrics, labels: HttpLabels, exchange: Exchange, error: ProxyError | None
+    metrics: HttpMetrics,
+    labels: HttpLabels,
+    exchange: Exchange,
+    error: ProxyError | None,
+    *,
+    cancelled: bool = False,
 ) -> None:
     response = exchange.response
+    if cancelled:
+        metrics.record(labels, status=None, latency=None, error=CANCELLED)
+        return
     if error is not None:
         metrics.record(labels, status=error.status, latency=None, error=error.token)
         return
@@ -426,6 +450,13 @@ class InboundForwarder:
         return await self.http.connect(self.target, factory)
 
     async def forward(self, exchange: Exchange) -> None:
+        try:
+            await self._forward(exchange)
+        except asyncio.CancelledError:
+            self._record(exchange, None, cancelled=True)
+            raise
+
+    async def _forward(self, exchange: Exchange) -> None:
         http = self.http
         http.requests += 1
         for attempt in range(2):
@@ -462,7 +493,9 @@ class InboundForwarder:
             self._record(exchange, None)
             return
 
-    def _record(self, exchange: Exchange, error: ProxyError | None) -> None:
+    def _record(
+        self, exchange: Exchange, error: ProxyError | None, *, cancelled: bool = False
+    ) -> None:
         dest = self.http.workload_at(self.target[0])
         client = self.client
         labels = HttpLabels(
@@ -475,4 +508,4 @@ class InboundForwarder:
             str(client),
             str(self.presented) if self.presented is not None else "",
         )
-        _record(self.http.metrics, labels, exchange, error)
+        _record(self.http.metrics, labels, exchange, error, cancelled=cancelled)
