@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
@@ -20,6 +19,8 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
+
+from weft.lab.h2peer import H2Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -56,34 +57,18 @@ class H2Replica:
                 c.transport.abort()
 
 
-class _ReplicaConn(asyncio.Protocol):
+class _ReplicaConn(H2Protocol):
+    client_side = False
+
     def __init__(self, replica: H2Replica) -> None:
+        super().__init__()
         self.replica = replica
-        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self.transport: asyncio.Transport | None = None
         self.bodies: dict[int, bytes] = {}
         self.paths: dict[int, str] = {}
         self.pending: dict[int, bytes] = {}
         replica.conns.append(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.conn.initiate_connection()
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            events = self.conn.receive_data(data)
-        except ProtocolError:
-            self.flush()
-            if self.transport is not None:
-                self.transport.close()
-            return
+    def events(self, events: Sequence[object]) -> None:
         for ev in events:
             if isinstance(ev, RequestReceived):
                 hs = dict(ev.headers)

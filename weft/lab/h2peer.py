@@ -34,31 +34,19 @@ class Response:
     reset: ErrorCodes | int | None = None
 
 
-class H2Peer(asyncio.Protocol):
-    """``await H2Peer.connect(port)``; ``await peer.request("GET", "/")``. ``window``:
-    the stream window it advertises; ``read=False``: it never acknowledges DATA (a
-    client that stops reading)."""
+class H2Protocol(asyncio.Protocol):
+    """An `h2` connection on asyncio, for a test or lab peer: subclasses handle the
+    events (`events`); a protocol error sends h2's GOAWAY and closes."""
 
-    def __init__(self, *, window: int | None = None, read: bool = True) -> None:
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        self.window = window
-        self.read = read
+    client_side = True
+
+    def __init__(self) -> None:
+        config = H2Configuration(client_side=self.client_side, header_encoding=None)
+        self.conn = H2Connection(config)
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, tuple[Response, asyncio.Future[Response]]] = {}
-        self.terminated: ConnectionTerminated | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.received = 0
-
-    @classmethod
-    async def connect(cls, port: int, host: str = "127.0.0.1", **kw: object) -> H2Peer:
-        loop = asyncio.get_running_loop()
-        _, client = await loop.create_connection(lambda: cls(**kw), host, port)  # type: ignore[arg-type]
-        return client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.window is not None:
-            self.conn.local_settings.update({SettingCodes.INITIAL_WINDOW_SIZE: self.window})
         self.conn.initiate_connection()
         self.flush()
 
@@ -75,6 +63,39 @@ class H2Peer(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        self.events(events)
+        self.flush()
+
+    def events(self, events: Sequence[object]) -> None:
+        raise NotImplementedError
+
+
+class H2Peer(H2Protocol):
+    """``await H2Peer.connect(port)``; ``await peer.request("GET", "/")``. ``window``:
+    the stream window it advertises; ``read=False``: it never acknowledges DATA (a
+    client that stops reading)."""
+
+    def __init__(self, *, window: int | None = None, read: bool = True) -> None:
+        super().__init__()
+        self.window = window
+        self.read = read
+        self.streams: dict[int, tuple[Response, asyncio.Future[Response]]] = {}
+        self.terminated: ConnectionTerminated | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.received = 0
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1", **kw: object) -> H2Peer:
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: cls(**kw), host, port)  # type: ignore[arg-type]
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.window is not None:
+            self.conn.local_settings.update({SettingCodes.INITIAL_WINDOW_SIZE: self.window})
+        super().connection_made(transport)
+
+    def events(self, events: Sequence[object]) -> None:
         for ev in events:
             if isinstance(ev, ResponseReceived):
                 if ev.stream_id in self.streams:
@@ -102,7 +123,6 @@ class H2Peer(asyncio.Protocol):
                 for sid in [s for s in self.streams if s > (ev.last_stream_id or 0)]:
                     self.streams[sid][0].reset = ErrorCodes.REFUSED_STREAM
                     self._done(sid)
-        self.flush()
 
     def _done(self, stream_id: int) -> None:
         got = self.streams.pop(stream_id, None)
