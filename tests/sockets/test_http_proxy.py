@@ -33,6 +33,8 @@ from weft.meshwire import SnapshotMsg
 pytestmark = pytest.mark.timeout(120)
 
 VIP = ("10.96.0.20", 80)
+TRAILERS: list[bytes] = []
+"""Trailer lines of chunked request bodies the replicas received."""
 REPLICAS = ("127.0.0.2", "127.0.0.3")
 
 
@@ -72,7 +74,8 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             if size == 0:
-                await reader.readuntil(b"\r\n")
+                while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    TRAILERS.append(line.strip())
                 return body
             body += await reader.readexactly(size)
             await reader.readexactly(2)
@@ -313,6 +316,22 @@ async def test_request_bodies_chunked_and_sized_reach_the_replica(mesh: Mesh):
 
     a, b = await asyncio.to_thread(post)
     assert a.endswith(b" sized-body") and b.endswith(b" chunk-ed")
+
+
+async def test_request_trailers_reach_the_replica(mesh: Mesh):
+    TRAILERS.clear()
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", mesh.proxy_port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert TRAILERS == [b"x-checksum: 42"]
 
 
 async def test_pipelined_requests_are_answered_in_order(mesh: Mesh):

@@ -59,6 +59,7 @@ class Sink:
         self.heads: list[RequestHead] = []
         self.body = b""
         self.ends = 0
+        self.trailers: list[tuple[bytes, bytes]] = []
 
     def request_head(self, head: RequestHead) -> None:
         self.heads.append(head)
@@ -66,8 +67,21 @@ class Sink:
     def request_body(self, data: bytes) -> None:
         self.body += data
 
-    def request_end(self) -> None:
+    def request_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.ends += 1
+        self.trailers = list(trailers)
+
+
+def test_request_trailers_come_with_the_end_not_into_the_head():
+    sink = Sink()
+    codec = RequestCodec(sink)
+    codec.feed(
+        b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nx-checksum: 42\r\nx-more: y\r\n\r\n"
+    )
+    assert sink.ends == 1 and sink.body == b"abc"
+    assert sink.trailers == [(b"x-checksum", b"42"), (b"x-more", b"y")]
+    assert (b"x-checksum", b"42") not in sink.heads[0].headers
 
 
 def test_request_codec_splits_a_request_fed_byte_by_byte():

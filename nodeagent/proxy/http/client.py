@@ -28,9 +28,10 @@ from nodeagent.proxy.http.h1 import (
     Limits,
     ResponseCodec,
     encode_chunk,
+    encode_last_chunk,
     encode_request_head,
 )
-from nodeagent.proxy.http.message import ResponseHead
+from nodeagent.proxy.http.message import Headers, ResponseHead
 from nodeagent.proxy.relay import reset_transport
 
 if TYPE_CHECKING:
@@ -141,10 +142,10 @@ class Http1Client(asyncio.Protocol):
     def write_body(self, data: bytes) -> None:
         self._write(encode_chunk(data) if self._chunked else data)
 
-    def end_body(self) -> None:
+    def end_body(self, trailers: Headers) -> None:
         self._request_sent = True
         if self._chunked:
-            self._write(LAST_CHUNK)
+            self._write(encode_last_chunk(trailers) if trailers else LAST_CHUNK)
 
     def pause_reading(self) -> None:
         if self.flow is not None:

@@ -59,7 +59,8 @@ class _Stop(Exception):
 class RequestSink(Protocol):
     def request_head(self, head: RequestHead) -> None: ...
     def request_body(self, data: bytes) -> None: ...
-    def request_end(self) -> None: ...
+    def request_end(self, trailers: Headers) -> None:
+        """The request is complete; ``trailers``: a chunked body's trailer fields."""
 
 
 class ResponseSink(Protocol):
@@ -90,6 +91,7 @@ class RequestCodec:
         "_headers",
         "_in_head",
         "_parser",
+        "_trailers",
         "_url",
         "limits",
         "sink",
@@ -102,6 +104,7 @@ class RequestCodec:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: Headers = []
+        self._trailers: Headers = []
         self._in_head = False
         self._head_bytes = 0
         self._fed_in_head = 0
@@ -149,6 +152,7 @@ class RequestCodec:
         self._head_bytes = 0
         self._url = b""
         self._headers = []
+        self._trailers = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -160,7 +164,9 @@ class RequestCodec:
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self._headers
+        # After the head, fields are a chunked body's trailers: the same limits apply
+        # to head and trailers together.
+        headers = self._headers if self._in_head else self._trailers
         headers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes + len(self._url) > self.limits.max_head:
@@ -168,7 +174,7 @@ class RequestCodec:
                 ProxyError.HEADERS_TOO_LARGE, f"request head over {self.limits.max_head} bytes"
             )
             raise _Stop
-        if len(headers) > self.limits.max_headers:
+        if len(self._headers) + len(self._trailers) > self.limits.max_headers:
             self._error = H1Error(
                 ProxyError.HEADERS_TOO_LARGE, f"more than {self.limits.max_headers} headers"
             )
@@ -207,7 +213,7 @@ class RequestCodec:
         self.sink.request_body(body)
 
     def on_message_complete(self) -> None:
-        self.sink.request_end()
+        self.sink.request_end(self._trailers)
 
 
 class ResponseCodec:

@@ -45,6 +45,7 @@ from nodeagent.proxy.http.h1 import (
     encode_response_head,
 )
 from nodeagent.proxy.http.message import (
+    Headers,
     ProxyError,
     RequestHead,
     ResponseHead,
@@ -92,7 +93,7 @@ class Upstream(Protocol):
     """What an exchange is bound to: the upstream connection carrying its request."""
 
     def write_body(self, data: bytes) -> None: ...
-    def end_body(self) -> None: ...
+    def end_body(self, trailers: Headers) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def cork(self) -> None: ...
@@ -121,6 +122,7 @@ class Exchange:
         "close_after",
         "head",
         "request_complete",
+        "request_trailers",
         "responded",
         "response",
         "response_complete",
@@ -138,6 +140,7 @@ class Exchange:
         self._body_held: list[bytes] = []
         self._body_held_bytes = 0
         self.request_complete = False
+        self.request_trailers: Headers = []
         self.response: ResponseHead | None = None
         self.response_started = False
         self.sent: float | None = None
@@ -161,10 +164,11 @@ class Exchange:
             if self._body_held_bytes > self._server.config.high_water:
                 self._server.flow.hold(HELD_BYTES)
 
-    def _request_end(self) -> None:
+    def _request_end(self, trailers: Headers) -> None:
         self.request_complete = True
+        self.request_trailers = trailers
         if self._upstream is not None:
-            self._upstream.end_body()
+            self._upstream.end_body(trailers)
 
     def upstream_blocked(self, blocked: bool) -> None:
         """The upstream's write buffer is full (or has drained): stop (resume) reading
@@ -192,7 +196,7 @@ class Exchange:
             upstream.write_body(chunk)
         self._server.flow.release(HELD_BYTES)
         if self.request_complete:
-            upstream.end_body()
+            upstream.end_body(self.request_trailers)
         if self._server.write_paused:
             upstream.pause_reading()
 
@@ -382,11 +386,11 @@ class Http1Server(asyncio.Protocol):
         assert self._parsing is not None
         self._parsing._request_body(data)
 
-    def request_end(self) -> None:
+    def request_end(self, trailers: Headers) -> None:
         exchange = self._parsing
         assert exchange is not None
         self._parsing = None
-        exchange._request_end()
+        exchange._request_end(trailers)
 
     # --- exchanges -----------------------------------------------------------------------
 
