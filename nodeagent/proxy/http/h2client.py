@@ -135,12 +135,11 @@ class H2Client(H2Endpoint):
     def cancel(self, exchange: H2Exchange) -> None:
         """The exchange is abandoned (its client reset it, or the proxy shuts down):
         reset its stream, not the connection other streams share."""
-        for stream_id, stream in list(self.streams.items()):
-            if stream.exchange is exchange:
-                del self.streams[stream_id]
-                self.reset_stream(stream_id, ErrorCodes.CANCEL)
-                self._settle()
-                return
+        stream = exchange._upstream
+        if isinstance(stream, _Stream) and self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+            self.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
+            self._settle()
 
     # --- events ----------------------------------------------------------------------
 
@@ -295,9 +294,6 @@ class H2Pool:
     def idle(self) -> int:
         return sum(1 for conns in self._conns.values() for c in conns if not c.streams)
 
-    def has_idle(self, key: Hashable) -> bool:
-        return any(c.available for c in self._conns.get(key, ()))
-
     def get(self, key: Hashable) -> H2Client | None:
         """A connection for ``key`` with a free stream: the least busy one."""
         best: H2Client | None = None
@@ -375,9 +371,3 @@ class H2Pool:
             for client in list(conns):
                 client.close()
         self._conns.clear()
-
-    def retain(self, keep: Callable[[Hashable], bool]) -> None:
-        """Drain connections whose key ``keep`` rejects (endpoints gone)."""
-        for key in [k for k in self._conns if not keep(k)]:
-            for client in list(self._conns[key]):
-                client.drain()

@@ -110,6 +110,20 @@ def response_head(headers: Headers) -> ResponseHead:
     )
 
 
+def _reset_code(failure: ProxyFailure, response_started: bool) -> ErrorCodes:
+    """The RST_STREAM code for a failure that cannot be answered with a status: not
+    processed (REFUSED_STREAM, the client node retries), the upstream's own code, or
+    INTERNAL_ERROR."""
+    if failure.reset and not response_started:
+        return ErrorCodes.REFUSED_STREAM
+    if failure.code is not None:
+        try:
+            return ErrorCodes(failure.code)
+        except ValueError:
+            pass
+    return ErrorCodes.INTERNAL_ERROR
+
+
 class H2Exchange:
     """One stream: its request and response. Offers the forwarders what `Exchange`
     offers (head, timing, response, ``replayable``, `bind`/`unbind`)."""
@@ -359,13 +373,7 @@ class H2Server(H2Endpoint):
             return
         exchange.response_complete = True
         if exchange.response_started or failure.reset:
-            code = (
-                ErrorCodes.REFUSED_STREAM
-                if failure.reset and not exchange.response_started
-                else ErrorCodes(failure.code)
-                if failure.code is not None and failure.code in ErrorCodes._value2member_map_
-                else ErrorCodes.INTERNAL_ERROR
-            )
+            code = _reset_code(failure, exchange.response_started)
             log.info("%s: stream %d: %s; resetting it (%s)", self.label, stream_id, failure,
                      code.name)  # fmt: skip
             self.reset_stream(stream_id, code)
@@ -432,12 +440,3 @@ class H2Server(H2Endpoint):
                 exchange.task.cancel()
         self.exchanges.clear()
         self.outboxes.clear()
-
-    def shutdown(self) -> None:
-        """Graceful: GOAWAY now (no new streams), close when the open ones are done."""
-        if self.closing:
-            return
-        self.h2.close_connection()
-        self._goaway = True
-        self._schedule_flush()
-        self._maybe_done()
