@@ -1,26 +1,49 @@
 """The ``weft`` command line.
 
-Subcommands live in their own modules and are imported here; this is the only
-package allowed to compose the node agent, the control plane and the shared core.
+Subcommands live in their own modules; this is the only package allowed to compose the
+node agent, the control plane and the shared core. A subcommand's module is imported
+only when that subcommand runs: the node agent is a long-lived process on every node, and
+importing the lab and the benchmarks (pyroute2, rich, their dependencies) into it cost
+about 7 MiB of its memory for nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
 import click
 
 from weft import __version__
-from weft.cli.agent import agent
-from weft.cli.bench import bench
-from weft.cli.check import check
-from weft.cli.controlplane import controlplane
-from weft.cli.identity import identity
-from weft.cli.lab import lab
+
+SUBCOMMANDS = {
+    "agent": "weft.cli.agent",
+    "bench": "weft.cli.bench",
+    "check": "weft.cli.check",
+    "controlplane": "weft.cli.controlplane",
+    "identity": "weft.cli.identity",
+    "lab": "weft.cli.lab",
+}
+"""Subcommand name -> the module that defines a click command of that name."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use (``weft --help`` imports all)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = SUBCOMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command = getattr(importlib.import_module(module), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="weft")
 @click.option(
     "--log-level",
@@ -39,14 +62,6 @@ def cli(log_level: str) -> None:
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
-
-cli.add_command(agent)
-cli.add_command(bench)
-cli.add_command(check)
-cli.add_command(controlplane)
-cli.add_command(identity)
-cli.add_command(lab)
 
 
 def main() -> None:
