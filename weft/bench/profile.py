@@ -5,7 +5,8 @@ A two-node lab with the echo demo; ``client-1`` (node-1) runs the closed-loop sa
 client (`weft.bench.openloop saturate`, 16 keep-alive connections) against ``echo-2``
 (node-2) by its pod address, so every request crosses node-1's outbound proxy, a tunnel
 stream, and node-2's tunnel server. ``py-spy record`` samples each agent meanwhile
-(100 Hz, raw collapsed stacks); the result is each agent's top frames by *self* time
+(100 Hz, raw collapsed stacks; with ``native`` the C frames too: the TLS library, the
+event loop, the parsers, syscalls); the result is each agent's top frames by *self* time
 (where the CPU is) and by *total* time (which stage it is under), as shares of samples.
 Figures go to docs/results/profile.json and docs/benchmarks.md.
 """
@@ -62,7 +63,10 @@ def top_frames(collapsed: str, n: int = 15) -> dict[str, Any]:
 
 
 def run(
-    identity_setup: IdentitySetup, seconds: float = 20.0, report: Callable[[str], None] = print
+    identity_setup: IdentitySetup,
+    seconds: float = 20.0,
+    report: Callable[[str], None] = print,
+    native: bool = False,
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -96,7 +100,9 @@ def run(
                         "100",
                         "--format",
                         "raw",
-                        "--nonblocking",
+                        # Native frames need the process stopped for each sample; Python
+                        # frames alone can be read without stopping it.
+                        *(["--native"] if native else ["--nonblocking"]),
                         "--output",
                         f"{tmp}/{name}.txt",
                     ],
@@ -118,4 +124,4 @@ def run(
     finally:
         report(f"removing lab {LAB!r}")
         lab.down()
-    return {"seconds": seconds, "load": load, "agents": profiles}
+    return {"seconds": seconds, "native": native, "load": load, "agents": profiles}

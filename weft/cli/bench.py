@@ -238,8 +238,13 @@ def balance(rounds: int, json_path: Path | None) -> None:
 
 @bench.command()
 @click.option("--seconds", default=20.0, show_default=True, help="Sampling time.")
+@click.option(
+    "--native",
+    is_flag=True,
+    help="Sample C frames too (TLS, event loop, parsers); stops the agents per sample.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
-def profile(seconds: float, json_path: Path | None) -> None:
+def profile(seconds: float, native: bool, json_path: Path | None) -> None:
     """Both node agents under saturation, sampled with py-spy: their top frames.
 
     A cross-node closed-loop saturation (client-1 -> echo-2) in a two-node lab; prints
@@ -248,7 +253,9 @@ def profile(seconds: float, json_path: Path | None) -> None:
     from weft.bench.profile import run
     from weft.cli.lab import lab_identity_setup
 
-    result = run(lab_identity_setup, seconds, report=lambda m: err.print(f"[dim]·[/dim] {m}"))
+    result = run(
+        lab_identity_setup, seconds, report=lambda m: err.print(f"[dim]·[/dim] {m}"), native=native
+    )
     console = Console()
     console.print(f"load: {result['load'].get('per_second')} req/s")
     for name, prof in result["agents"].items():
