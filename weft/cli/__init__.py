@@ -4,7 +4,7 @@ Subcommands live in their own modules; this is the only package allowed to compo
 node agent, the control plane and the shared core. A subcommand's module is imported
 only when that subcommand runs: the node agent is a long-lived process on every node, and
 importing the lab and the benchmarks (pyroute2, rich, their dependencies) into it cost
-about 7 MiB of its memory for nothing.
+about 13 MiB of its memory (PSS, measured in the lab) for nothing.
 """
 
 from __future__ import annotations
