@@ -65,10 +65,11 @@ from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.http.client import Http1Pool
-from nodeagent.proxy.http.forward import H2, HTTP1, InboundHttp, OutboundHttp
+from nodeagent.proxy.http.forward import H2, HTTP1, OutboundHttp
 from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.h2server import H2Server
-from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
+from nodeagent.proxy.http.inbound import InboundHttp
+from nodeagent.proxy.http.server import HttpServerConfig
 from nodeagent.proxy.http.stage import HttpForward
 from nodeagent.proxy.listener import Listener
 from nodeagent.proxy.outbound import (
@@ -90,6 +91,7 @@ from nodeagent.proxy.tunnel import (
     TunnelServer,
     connect_target_plaintext,
 )
+from nodeagent.proxy.tunnel.hooks import ServedStream
 from nodeagent.proxy.upstream import MeshUpstreams
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
@@ -451,7 +453,6 @@ class Agent:
         )
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
-            pool=Http1Pool(),
             metrics=self.http_metrics,
             workload_at=self.mesh.workload_at,
         )
@@ -520,12 +521,13 @@ class Agent:
                 "outbound_requests": self.outbound_http.requests,
                 "replayed": self.outbound_http.replayed,
                 "inbound_requests": self.inbound_http.requests,
+                "inbound_h1_streams": self.inbound_http.streams,
                 "pools": {
-                    side: {"idle": pool.idle, "opened": pool.opened, "reused": pool.reused}
-                    for side, pool in (
-                        ("outbound", self.outbound_http.pool),
-                        ("inbound", self.inbound_http.pool),
-                    )
+                    "outbound": {
+                        "idle": self.outbound_http.pool.idle,
+                        "opened": self.outbound_http.pool.opened,
+                        "reused": self.outbound_http.pool.reused,
+                    },
                 },
                 "h2_pools": {
                     side: {
@@ -767,18 +769,17 @@ class Agent:
 
     async def _inbound_http_stream(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
-    ) -> Http1Server:
-        """The HTTP server of one tunnel stream whose client node detected HTTP/1.1,
-        with one connection to the pod ready (or the OSError that refuses the stream)."""
-        forwarder = self.inbound_http.forwarder(client, presented, target, label)
-        await forwarder.prepare()
-        return Http1Server(forwarder, label=label, config=HttpServerConfig(idle_timeout=600.0))
+    ) -> ServedStream:
+        """One tunnel stream whose client node detected HTTP/1.1: relayed to the pod
+        and observed, with the connection to the pod made (or the OSError that refuses
+        the stream)."""
+        return await self.inbound_http.observe(client, presented, target, label)
 
     async def _inbound_h2_stream(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
     ) -> H2Server:
         """The HTTP/2 server of one tunnel stream whose client node detected h2."""
-        forwarder = self.inbound_http.forwarder(client, presented, target, label, H2)
+        forwarder = self.inbound_http.h2_forwarder(client, presented, target, label)
         await forwarder.prepare()
         return H2Server(forwarder, label=label, config=H2Config(idle_timeout=600.0))
 

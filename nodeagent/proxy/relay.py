@@ -31,6 +31,11 @@ Endings:
   timer bounds a graceful close whose buffered bytes the peer never reads: it then
   aborts.
 
+A `Tap` may watch the bytes as they pass (the inbound HTTP/1.1 observer,
+`nodeagent.proxy.http.observe`): it sees each read before it is written on, may forward
+less of it (holding the rest), hold a leg's reading, answer the client itself or abort.
+Without a tap a read costs one ``write`` and a few attribute updates.
+
 The relay never opens or accepts connections; `nodeagent.proxy.outbound` does, and hands
 ``relay.client``/``relay.upstream`` to the loop as the protocols of the two transports.
 """
@@ -49,6 +54,27 @@ log = logging.getLogger("weft.proxy")
 
 # l_onoff=1, l_linger=0: close() discards unsent data and sends RST instead of FIN.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+TAP_HOLD = "held by the tap"
+
+
+class Tap(Protocol):
+    """Watches a relay's bytes (see the module docstring). Its calls happen inside the
+    relay's callbacks; it acts on the relay only through `Relay`'s tap methods."""
+
+    def client_data(self, data: bytes) -> bytes:
+        """Bytes read from the client: return what to write to the upstream now."""
+
+    def upstream_data(self, data: bytes) -> bytes:
+        """Bytes read from the upstream: return what to write to the client now."""
+
+    def upstream_eof(self) -> None:
+        """The upstream half-closed (a close-delimited response ends here)."""
+
+    def ended(self, reason: str, upstream_failed: bool) -> None:
+        """The relay is closing (``upstream_failed``: the upstream leg went first, with
+        an error or mid-exchange)."""
 
 
 class ByteMeter(Protocol):
@@ -88,6 +114,16 @@ class _Side(asyncio.Protocol):
         self.eof = False  # this leg's remote end has shut down its writing
         self.write_blocked = False  # this leg's outgoing buffer is above high water
         self.lost = False
+        self.tap_hold = False  # the tap stopped reading this leg
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Resolves when the whole relay is closed (for a tunnel `ServedStream`)."""
+        return self._relay._closed
+
+    def abandon(self) -> None:
+        """This leg will never be connected: reset the other one."""
+        self._relay.abort(f"{self.name} abandoned")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses but implement it.
@@ -126,6 +162,7 @@ class Relay:
         low_water: int,
         idle_timeout: float,
         meter: ByteMeter | None = None,
+        tap: Tap | None = None,
     ) -> None:
         if not 0 <= low_water <= high_water:
             raise ValueError(f"need 0 <= low_water <= high_water, got {low_water}, {high_water}")
@@ -140,6 +177,7 @@ class Relay:
         self._low_water = low_water
         self._idle_timeout = idle_timeout
         self._meters: tuple[ByteMeter, ...] = (meter,) if meter is not None else ()
+        self._tap = tap
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -180,6 +218,24 @@ class Relay:
     def abort(self, reason: str) -> None:
         """Reset both legs now (a connect failure, or shutdown past its deadline)."""
         self._abort(reason)
+
+    # --- what a tap may do -------------------------------------------------------------
+
+    def hold(self, side: _Side, held: bool) -> None:
+        """Stop (``held``) or resume reading ``side`` on the tap's behalf."""
+        side.tap_hold = held
+        self._sync_reading(side)
+
+    def send(self, side: _Side, data: bytes) -> None:
+        """Write ``data`` to ``side``'s transport (bytes the tap held back)."""
+        transport = side.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def reply(self, data: bytes, reason: str) -> None:
+        """Answer the client with ``data`` and close both legs gracefully."""
+        self.send(self.client, data)
+        self._close(reason)
 
     # --- transitions, driven by the two protocols -------------------------------------
 
@@ -226,6 +282,11 @@ class Relay:
         self._forward(side, data)
 
     def _forward(self, side: _Side, data: bytes) -> None:
+        tap = self._tap
+        if tap is not None:
+            data = tap.client_data(data) if side is self.client else tap.upstream_data(data)
+            if not data or self._closing:
+                return
         peer = side.peer.transport
         if peer is not None and not peer.is_closing():
             peer.write(data)  # may call side.peer.pause_writing() → stops reading `side`
@@ -241,6 +302,10 @@ class Relay:
 
     def _forward_eof(self, side: _Side) -> None:
         log.debug("%s: %s half-closed", self.label, side.name)
+        if self._tap is not None and side is self.upstream:
+            self._tap.upstream_eof()
+            if self._closing:
+                return
         peer = side.peer.transport
         if side.peer.eof:
             # Both directions are done; close() flushes what is buffered, then FINs.
@@ -276,10 +341,15 @@ class Relay:
             holds.append(PEER_CONNECTING)
         elif side.peer.write_blocked:
             holds.append(PEER_BLOCKED)
+        if side.tap_hold:
+            holds.append(TAP_HOLD)
         flow.update(holds)
 
     def _lost(self, side: _Side, exc: Exception | None) -> None:
         side.lost = True
+        if not self._closing and side is self.upstream and self._tap is not None:
+            tap, self._tap = self._tap, None
+            tap.ended(f"upstream {'closed' if exc is None else _describe(exc)}", True)
         if not self._closing:
             if exc is None:
                 self._close(f"{side.name} closed")
@@ -299,6 +369,7 @@ class Relay:
             return
         self._closing = True
         self.close_reason = reason
+        self._tap_ended(reason)
         for side in (self.client, self.upstream):
             if side.transport is not None and not side.lost:
                 side.transport.close()
@@ -309,10 +380,16 @@ class Relay:
         self._closing = True
         if self.close_reason is None:
             self.close_reason = reason
+        self._tap_ended(reason)
         for side in (self.client, self.upstream):
             if side.transport is not None and not side.lost:
                 reset_transport(side.transport)
         self._maybe_finished()
+
+    def _tap_ended(self, reason: str) -> None:
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.ended(reason, False)
 
     def _maybe_finished(self) -> None:
         if not self._closing or self._closed.done():

@@ -1,4 +1,4 @@
-"""Per-request forwarding: the HTTP server's `Forwarder`s, outbound and inbound.
+"""Per-request forwarding on the app's node: the HTTP servers' outbound `Forwarder`.
 
 Outbound (the app's node), for each request::
 
@@ -16,12 +16,8 @@ byte (the upstream closed it as we sent: the keep-alive race) is sent once more 
 fresh connection when it has no body. Failures the proxy answers itself are mapped to a
 status and a ``weft-proxy-error`` token (`ProxyError`).
 
-Inbound (the destination node), each request on a tunnel stream goes to the local pod it
-was addressed to, over pooled plaintext connections to that pod, and is recorded with
-the client's verified identity (per-route authorization builds on this).
-
-Both record the golden metrics (`nodeagent.httpmetrics`): the stage that knows the
-facts records them.
+The destination node's side is `nodeagent.proxy.http.inbound`. Both record the golden
+metrics (`nodeagent.httpmetrics`): the stage that knows the facts records them.
 """
 
 from __future__ import annotations
@@ -40,13 +36,12 @@ from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
 from nodeagent.proxy.http.h2client import H2Client, H2Pool
 from nodeagent.proxy.http.message import ProxyError
+from nodeagent.proxy.http.observe import CANCELLED
 from nodeagent.proxy.http.server import Exchange, ProxyFailure
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, resolve, workload_name
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
-from nodeagent.proxy.tunnel.hooks import TargetConnector
 from nodeagent.proxy.tunnel.wire import Status
-from weft.identity import SpiffeId
 from weft.mesh import Workload
 
 log = logging.getLogger("weft.proxy.http")
@@ -344,14 +339,10 @@ class OutboundForwarder:
             )  # fmt: skip
             if len(self._labels) < 64:  # the authority comes from the client
                 self._labels[key] = labels
-        _record(self.http.metrics, labels, exchange, error, cancelled=cancelled)
+        record_exchange(self.http.metrics, labels, exchange, error, cancelled=cancelled)
 
 
-CANCELLED = "cancelled"
-"""The ``error`` label of a request its client abandoned before the response ended."""
-
-
-def _record(
+def record_exchange(
     metrics: HttpMetrics,
     labels: HttpLabels,
     exchange: Exchange,
@@ -373,139 +364,3 @@ def _record(
         grpc_status=response.grpc_status if response is not None else "",
         latency=latency,
     )
-
-
-class InboundHttp:
-    """The destination node's HTTP: requests of tunnel streams to their local pods."""
-
-    def __init__(
-        self,
-        *,
-        connect: TargetConnector,
-        pool: Http1Pool,
-        metrics: HttpMetrics,
-        workload_at: Callable[[str], Workload | None],
-        h2_pool: H2Pool | None = None,
-    ) -> None:
-        self.connect = connect
-        self.pool = pool
-        self.h2_pool = h2_pool or H2Pool()
-        self.metrics = metrics
-        self.workload_at = workload_at
-        self.requests = 0
-
-    def forwarder(
-        self,
-        client: SpiffeId,
-        presented: SpiffeId | None,
-        target: Address,
-        label: str,
-        protocol: str = HTTP1,
-    ) -> InboundForwarder:
-        return InboundForwarder(self, client, presented, target, label, protocol)
-
-
-class InboundForwarder:
-    def __init__(
-        self,
-        http: InboundHttp,
-        client: SpiffeId,
-        presented: SpiffeId | None,
-        target: Address,
-        label: str,
-        protocol: str,
-    ) -> None:
-        self.http = http
-        self.client = client
-        self.presented = presented
-        self.target = target
-        self.label = label
-        self.protocol = protocol
-
-    async def prepare(self) -> None:
-        """Open a connection to the pod now and pool it: raises if the pod cannot be
-        reached, which refuses the tunnel stream before any request is sent on it."""
-        key = ("", self.target)
-        label = f"{self.label} (to the pod)"
-        if self.protocol == H2:
-            await self.http.h2_pool.connection(key, self._dial, label)
-            return
-        if self.http.pool.has_idle(key):
-            return
-        self.http.pool.put(await self.http.pool.open(key, self._dial, label))
-
-    async def _upstream(self, fresh: bool) -> tuple[Upstream, bool]:
-        key = ("", self.target)
-        label = f"{self.label} (to the pod)"
-        if self.protocol == H2:
-            if fresh:
-                return await self.http.h2_pool.open(key, self._dial, label), False
-            return await self.http.h2_pool.connection(key, self._dial, label)
-        client = self.http.pool.take(key) if not fresh else None
-        if client is not None:
-            return client, True
-        return await self.http.pool.open(key, self._dial, label), False
-
-    async def _dial(self, factory: Callable[[], asyncio.Protocol]) -> object:
-        return await self.http.connect(self.target, factory)
-
-    async def forward(self, exchange: Exchange) -> None:
-        try:
-            await self._forward(exchange)
-        except asyncio.CancelledError:
-            self._record(exchange, None, cancelled=True)
-            raise
-
-    async def _forward(self, exchange: Exchange) -> None:
-        http = self.http
-        http.requests += 1
-        for attempt in range(2):
-            try:
-                client, reused = await self._upstream(fresh=attempt > 0)
-            except Exception as exc:
-                failure = failure_of(exc)
-                self._record(exchange, failure.error)
-                # Nothing reached the pod: a request the client node may send again
-                # gets a reset (HTTP/2: REFUSED_STREAM), which it takes for a lost
-                # connection (a refused stream) and fails over.
-                raise ProxyFailure(
-                    failure.error,
-                    f"{format_address(self.target)}: {failure.detail}",
-                    reset=exchange.replayable,
-                ) from None
-            try:
-                await client.send(exchange)  # type: ignore[arg-type]
-            except UpstreamLost as lost:
-                if (
-                    attempt == 0
-                    and exchange.replayable
-                    and lost.retryable(exchange.head.idempotent, reused)
-                ):
-                    exchange.unbind()
-                    continue
-                error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
-                self._record(exchange, error)
-                detail = f"{format_address(self.target)}: {lost.detail}"
-                raise ProxyFailure(error, detail, code=lost.code) from None
-            except BaseException:
-                client.cancel(exchange)  # type: ignore[arg-type]
-                raise
-            self._record(exchange, None)
-            return
-
-    def _record(
-        self, exchange: Exchange, error: ProxyError | None, *, cancelled: bool = False
-    ) -> None:
-        dest = self.http.workload_at(self.target[0])
-        client = self.client
-        labels = HttpLabels(
-            "inbound",
-            exchange.head.authority or format_address(self.target),
-            client.service_account or "unknown",
-            client.namespace or "unknown",
-            *workload_name(dest),
-            "true",
-            str(client),
-            str(self.presented) if self.presented is not None else "",
-        )
-        _record(self.http.metrics, labels, exchange, error, cancelled=cancelled)

@@ -52,7 +52,7 @@ class H1Error(Exception):
         self.detail = detail
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised inside a parser callback to stop parsing (the reason is kept aside)."""
 
 
@@ -123,8 +123,8 @@ class RequestCodec:
         except httptools.HttpParserError as exc:
             if self._error is not None:
                 raise self._error from None
-            _reraise_callback_bug(exc)
-            raise H1Error(ProxyError.BAD_REQUEST, _detail(exc)) from None
+            reraise_callback_bug(exc)
+            raise H1Error(ProxyError.BAD_REQUEST, parser_error_detail(exc)) from None
         if self._in_head:
             # Bytes fed while a head is incomplete bound what httptools accumulates of
             # a header it has not finished (a name or value without its line end).
@@ -161,7 +161,7 @@ class RequestCodec:
                 ProxyError.URI_TOO_LONG,
                 f"request-target over {self.limits.max_request_line} bytes",
             )
-            raise _Stop
+            raise Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # After the head, fields are a chunked body's trailers: the same limits apply
@@ -173,12 +173,12 @@ class RequestCodec:
             self._error = H1Error(
                 ProxyError.HEADERS_TOO_LARGE, f"request head over {self.limits.max_head} bytes"
             )
-            raise _Stop
+            raise Stop
         if len(self._headers) + len(self._trailers) > self.limits.max_headers:
             self._error = H1Error(
                 ProxyError.HEADERS_TOO_LARGE, f"more than {self.limits.max_headers} headers"
             )
-            raise _Stop
+            raise Stop
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -187,7 +187,7 @@ class RequestCodec:
         method = parser.get_method()
         if method == b"CONNECT":
             self._error = H1Error(ProxyError.NOT_SUPPORTED, "CONNECT is not proxied")
-            raise _Stop
+            raise Stop
         te = header(headers, b"transfer-encoding")
         upgrade = None
         if parser.should_upgrade():
@@ -206,7 +206,7 @@ class RequestCodec:
         )
         if header(headers, b"host") is None and head.version == b"1.1":
             self._error = H1Error(ProxyError.BAD_REQUEST, "HTTP/1.1 request without Host")
-            raise _Stop
+            raise Stop
         self.sink.request_head(head)
 
     def on_body(self, body: bytes) -> None:
@@ -273,8 +273,8 @@ class ResponseCodec:
             if self._skipped:
                 self._skipped = False  # a HEAD response ended the parse on purpose
                 return None
-            _reraise_callback_bug(exc)
-            raise H1Error(ProxyError.BAD_RESPONSE, _detail(exc)) from None
+            reraise_callback_bug(exc)
+            raise H1Error(ProxyError.BAD_RESPONSE, parser_error_detail(exc)) from None
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head:
@@ -312,7 +312,7 @@ class ResponseCodec:
             self._error = H1Error(
                 ProxyError.BAD_RESPONSE, f"more than {self.limits.max_headers} headers"
             )
-            raise _Stop
+            raise Stop
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -339,7 +339,7 @@ class ResponseCodec:
             self.sink.response_end(head)
             self._parser = httptools.HttpResponseParser(self)
             self._skipped = True
-            raise _Stop
+            raise Stop
 
     def on_body(self, body: bytes) -> None:
         self.sink.response_body(body)
@@ -352,16 +352,16 @@ class ResponseCodec:
         self.sink.response_end(head)
 
 
-def _reraise_callback_bug(exc: Exception) -> None:
+def reraise_callback_bug(exc: Exception) -> None:
     """A sink raised inside a parser callback: that is our bug, not the peer's bad
     input; raise it as itself rather than answer 400."""
     cause = exc.__context__
     callback = isinstance(exc, httptools.HttpParserCallbackError)
-    if callback and cause is not None and not isinstance(cause, (_Stop, H1Error)):
+    if callback and cause is not None and not isinstance(cause, (Stop, H1Error)):
         raise cause
 
 
-def _detail(exc: Exception) -> str:
+def parser_error_detail(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return text[:200]
 

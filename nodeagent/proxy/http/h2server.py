@@ -260,6 +260,12 @@ class H2Server(H2Endpoint):
         self.requests = 0
         self._goaway = False
 
+    def abandon(self) -> None:
+        """Never attached (its tunnel stream ended first): the pod's pooled h2c
+        connection is shared, so nothing of its own is open."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
     @property
     def streams_open(self) -> int:
         return len(self.exchanges) + len(self.outboxes)

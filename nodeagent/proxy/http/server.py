@@ -369,6 +369,11 @@ class Http1Server(asyncio.Protocol):
         if self._relay is None and not self.closed.done():
             self.closed.set_result(None)
 
+    def abandon(self) -> None:
+        """Never attached (its tunnel stream ended first): nothing of its own is open."""
+        if not self.closed.done():
+            self.closed.set_result(None)
+
     # --- RequestSink (from the codec) ----------------------------------------------------
 
     def request_head(self, head: RequestHead) -> None:

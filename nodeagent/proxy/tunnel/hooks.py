@@ -64,12 +64,16 @@ def allow_trust_domain(trust_domain: str) -> Authorize:
 
 
 class ServedStream(Protocol):
-    """A protocol that serves a whole tunnel stream itself (the HTTP server), and says
-    when it is done."""
+    """A protocol that serves a whole tunnel stream itself (the HTTP server, the inbound
+    HTTP/1.1 relay), and says when it is done."""
 
-    closed: asyncio.Future[None]
+    @property
+    def closed(self) -> asyncio.Future[None]: ...
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+    def abandon(self) -> None:
+        """The stream ended before it was attached: release what was opened for it."""
 
 
 StreamServer = Callable[[SpiffeId, "SpiffeId | None", Address, str], Awaitable[ServedStream]]

@@ -469,6 +469,7 @@ class TunnelServer(Listener):
             self._refuse_connect(stream, label, exc)
             return
         if stream.finished:
+            served.abandon()
             return
         stream.session.answer(stream, encode_answer_payload(Status.OK))
         self.stats.established += 1
