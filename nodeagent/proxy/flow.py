@@ -44,7 +44,8 @@ class FlowControl:
         self.update(self._holds | {reason})
 
     def release(self, reason: str) -> None:
-        self.update(self._holds - {reason})
+        if reason in self._holds:  # (most releases are of a hold that is not set)
+            self.update(self._holds - {reason})
 
     def update(self, holds: Iterable[str]) -> None:
         """Replace the set of holds, and pause or resume accordingly."""

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from nodeagent.proxy.balance import Balancer, PeakEwma
 from nodeagent.proxy.http.detect import H2_PREFACE, Detected, detect
-from nodeagent.proxy.http.h1 import H1Error, Limits, RequestCodec, ResponseCodec
+from nodeagent.proxy.http.h1 import (
+    H1Error,
+    Limits,
+    RequestCodec,
+    ResponseCodec,
+    encode_request_head,
+    encode_response_head,
+)
 from nodeagent.proxy.http.message import RequestHead, ResponseHead, end_to_end
 
 
@@ -119,6 +126,75 @@ def test_hop_by_hop_headers_are_not_forwarded():
         (b"Content-Length", b"3"),
     ]  # fmt: skip
     assert end_to_end(headers) == [(b"Host", b"h"), (b"X-Kept", b"yes")]
+
+
+def _parsed(raw: bytes) -> RequestHead:
+    sink = Sink()
+    RequestCodec(sink).feed(raw)
+    return sink.heads[0]
+
+
+def test_a_head_without_hop_by_hop_fields_is_forwarded_as_it_came():
+    raw = b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nX-Case: Kept\r\n\r\n"
+    head = _parsed(raw + b"abc")
+    assert head.plain and head.host == b"h" and head.content_length == 3
+    assert encode_request_head(head) == raw  # the length is not declared twice
+
+
+def test_hop_by_hop_fields_are_removed_and_framing_redeclared():
+    head = _parsed(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n"
+        b"TE: trailers\r\nX-Kept: yes\r\n\r\n"
+    )
+    assert not head.plain
+    assert encode_request_head(head) == (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Kept: yes\r\nconnection: close\r\nte: trailers\r\n\r\n"
+    )
+    chunked = _parsed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert chunked.chunked and not chunked.plain
+    assert encode_request_head(chunked) == (
+        b"POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+
+
+def test_a_missing_host_is_empty_not_looked_up_again():
+    head = _parsed(b"GET / HTTP/1.0\r\n\r\n")
+    assert head.host == b"" and head.authority == ""
+
+
+class ResponseSink:
+    def __init__(self) -> None:
+        self.heads: list[ResponseHead] = []
+
+    def response_head(self, head: ResponseHead) -> None:
+        self.heads.append(head)
+
+    def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_end(self, head: ResponseHead) -> None:
+        pass
+
+
+def test_response_heads_are_re_encoded_with_the_framing_chosen():
+    sink = ResponseSink()
+    codec = ResponseCodec(sink)
+    codec.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-A: b\r\n\r\nok")
+    codec.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\ngrpc-status: 3\r\n\r\n0\r\n\r\n")
+    codec.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\ngrpc-status: 5\r\n\r\n")
+    sized, chunked, trailed = sink.heads
+    assert sized.plain and not chunked.plain
+    assert encode_response_head(sized, length=2, chunked=False, close=False, upgrade=False) == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-A: b\r\n\r\n"
+    )
+    assert encode_response_head(sized, length=2, chunked=False, close=True, upgrade=False) == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nX-A: b\r\nconnection: close\r\n\r\n"
+    )
+    assert encode_response_head(chunked, length=None, chunked=True, close=False, upgrade=False) == (
+        b"HTTP/1.1 200 OK\r\ngrpc-status: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    assert chunked.grpc_status == "3" and trailed.grpc_status == "5"
+    assert sized.grpc_status == ""
 
 
 @settings(max_examples=300, deadline=None)

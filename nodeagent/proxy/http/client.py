@@ -81,6 +81,7 @@ class Http1Client(asyncio.Protocol):
         self.flow: FlowControl | None = None
         self._exchange: Exchange | None = None
         self._done: asyncio.Future[None] | None = None
+        self._on_done: Callable[[BaseException | None], None] | None = None
         self._chunked = False
         self._request_sent = False
         self._upgrade_head: ResponseHead | None = None
@@ -105,9 +106,18 @@ class Http1Client(asyncio.Protocol):
     def send(self, exchange: Exchange) -> asyncio.Future[None]:
         """Send ``exchange``'s request; the future resolves when its response is
         complete, or fails with `UpstreamLost`."""
+        self._done = done = asyncio.get_running_loop().create_future()
+        self._send(exchange)
+        return done
+
+    def start(self, exchange: Exchange, on_done: Callable[[BaseException | None], None]) -> None:
+        """`send` without a future (the forwarder's fast path): ``on_done`` is called
+        with None when the response is complete, or with the `UpstreamLost`."""
+        self._on_done = on_done
+        self._send(exchange)
+
+    def _send(self, exchange: Exchange) -> None:
         assert self.transport is not None and self._exchange is None
-        loop = asyncio.get_running_loop()
-        self._done = done = loop.create_future()
         self._exchange = exchange
         self._chunked = exchange.head.chunked
         self._request_sent = False
@@ -119,7 +129,6 @@ class Http1Client(asyncio.Protocol):
             exchange.bind(self)
         finally:
             self.uncork()
-        return done
 
     def _write(self, data: bytes) -> None:
         if self._corked:
@@ -188,11 +197,13 @@ class Http1Client(asyncio.Protocol):
             and exchange.head.keep_alive
             and exchange.head.upgrade is None
         )
-        self._finish(None)
+        notify = self._finish(None, notify=False)
         if reusable and self.pool is not None and self.usable:
-            self.pool.put(self)
+            self.pool.put(self)  # before the caller hears: its next request may take it
         else:
             self.close()
+        if notify is not None:
+            notify(None)
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -263,10 +274,15 @@ class Http1Client(asyncio.Protocol):
         if self.transport is not None:
             reset_transport(self.transport)
 
-    def _finish(self, error: BaseException | None) -> None:
-        exchange, done = self._exchange, self._done
+    def _finish(
+        self, error: BaseException | None, *, notify: bool = True
+    ) -> Callable[[BaseException | None], None] | None:
+        """End the exchange; tell its sender (``notify``), or return the callback for
+        the caller to call once it has settled the connection."""
+        exchange, done, on_done = self._exchange, self._done, self._on_done
         self._exchange = None
         self._done = None
+        self._on_done = None
         if exchange is not None:
             exchange.upstream_blocked(False)
         if done is not None and not done.done():
@@ -276,6 +292,10 @@ class Http1Client(asyncio.Protocol):
                 done.set_exception(error)
         if self.flow is not None:
             self.flow.release(PEER_BLOCKED)
+        if on_done is not None and notify:
+            on_done(error)
+            return None
+        return on_done
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -287,6 +307,7 @@ class Http1Client(asyncio.Protocol):
 
     def cancel(self, exchange: object) -> None:
         """The exchange is abandoned mid-flight: this connection cannot be reused."""
+        self._on_done = None
         self.abort()
 
 

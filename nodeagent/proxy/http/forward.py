@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics
 from nodeagent.meshstate import MeshState
 from nodeagent.proxy.admission import Overloaded
+from nodeagent.proxy.balance import Lease
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
@@ -158,6 +159,16 @@ class OutboundHttp:
             and not tunnel.current(transport, source.identity)
         )
 
+    def idle_connection(self, source: Workload | None, hop: Hop) -> Http1Client | None:
+        """A pooled HTTP/1.1 connection to ``hop`` for ``source`` that may take a new
+        request now, or None (without waiting for anything)."""
+        key = (source.identity if source else None, hop.address)
+        while True:
+            client = self.pool.take(key)
+            if client is None or self._current(client, source):
+                return client
+            client.close()  # its tunnel connection is going away: not for new requests
+
     async def _connection(
         self, source: Workload | None, hop: Hop, *, fresh: bool, label: str, protocol: str
     ) -> tuple[Upstream, bool]:
@@ -177,15 +188,25 @@ class OutboundHttp:
                 if self._current(h2[0], source):
                     return h2
                 h2[0].drain()
-        while not fresh:
-            client = self.pool.take(key)
-            if client is None:
-                break
-            if not self._current(client, source):
-                client.close()  # its tunnel connection is going away: not for new requests
-                continue
-            return client, True
+        if not fresh:
+            client = self.idle_connection(source, hop)
+            if client is not None:
+                return client, True
         return await self.pool.open(key, dial, label), False
+
+
+FastDone = Callable[[Exchange, ProxyFailure | None, bool], None]
+"""(exchange, the failure to answer or None, whether to send it again with `forward`)."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    exchange: Exchange
+    done: FastDone
+    client: Http1Client
+    lease: Lease[Address] | None
+    hop: Hop
+    source: Workload | None
 
 
 class OutboundForwarder:
@@ -205,6 +226,10 @@ class OutboundForwarder:
         self._route: _Route | None = None
         self._observer: _QuietObserver | None = None
         self._labels: dict[tuple[Address | None, str], HttpLabels] = {}
+        self._fast: _InFlight | None = None
+        self._replay: tuple[Address, ...] | None = None
+        """Set when a fast-path exchange is to be sent again on a new connection (the
+        keep-alive race): the endpoints to avoid."""
 
     def _resolve(self) -> tuple[_Route, _QuietObserver]:
         http = self.http
@@ -221,6 +246,87 @@ class OutboundForwarder:
             self._labels.clear()
         return self._route, self._observer
 
+    # --- the fast path: an idle pooled connection, no task --------------------------------
+
+    def start(self, exchange: Exchange, done: FastDone) -> bool:
+        """Send ``exchange`` now if the endpoint the balancer picks has an idle pooled
+        connection (the common case on a keep-alive connection), without a task or a
+        future: ``done`` is called when it ends. False: nothing was done, use `forward`
+        (no route, a direct address, an upgrade, or a connection to dial)."""
+        if exchange.head.upgrade is not None or self.protocol != HTTP1:
+            return False
+        http = self.http
+        try:
+            route, _ = self._resolve()
+        except NoRoute:
+            self._version = -1
+            return False  # `forward` answers it
+        lease = None
+        if route.balanced:
+            lease = http.failover.balancer.lease(route.candidates)
+            if lease is None:
+                return False
+            hop = route.hops[lease.key]
+        else:
+            hop = route.hops[route.candidates[0]]  # a direct address: nothing to balance
+        source = http.mesh.workload_at(self.app[0])
+        client = http.idle_connection(source, hop)
+        if client is None:
+            if lease is not None:
+                lease.abandon()  # no verdict on the endpoint: `forward` picks and dials
+            return False
+        http.requests += 1
+        if lease is not None:
+            http.failover.budget.attempt()
+            lease.succeed()
+        self._fast = _InFlight(exchange, done, client, lease, hop, source)
+        client.start(exchange, self._fast_finished)
+        return True
+
+    def _fast_finished(self, error: BaseException | None) -> None:
+        flight, self._fast = self._fast, None
+        if flight is None:
+            return  # cancelled meanwhile
+        exchange, lease, hop, source = flight.exchange, flight.lease, flight.hop, flight.source
+        authority = exchange.head.authority or format_address(self.destination)
+        src_name = workload_name(source)
+        if lease is not None:
+            if error is None and exchange.responded is not None and exchange.sent is not None:
+                lease.observe(exchange.responded - exchange.sent)
+            lease.release()
+        if error is None:
+            self._record(exchange, authority, src_name, hop, source)
+            flight.done(exchange, None, False)
+            return
+        if isinstance(error, UpstreamLost):
+            if exchange.replayable and error.retryable(exchange.head.idempotent, True):
+                exchange.unbind()
+                self.http.replayed += 1
+                self._replay = (hop.address,) if error.refused else ()
+                flight.done(exchange, None, True)
+                return
+            flight.done(exchange, self._lost(exchange, authority, src_name, hop, source, error),
+                        False)  # fmt: skip
+            return
+        self._record(exchange, authority, src_name, hop, source, error=ProxyError.BAD_RESPONSE)
+        flight.done(exchange, ProxyFailure(ProxyError.BAD_RESPONSE, f"internal error ({error})"),
+                    False)  # fmt: skip
+
+    def cancel(self, exchange: Exchange) -> None:
+        """The client went away (or the proxy is shutting down) during a fast-path
+        exchange: counted as cancelled, the upstream connection reset."""
+        flight, self._fast = self._fast, None
+        if flight is None or flight.exchange is not exchange:
+            return
+        if flight.lease is not None:
+            flight.lease.release()
+        flight.client.cancel(exchange)
+        authority = exchange.head.authority or format_address(self.destination)
+        self._record(exchange, authority, workload_name(flight.source), None, flight.source,
+                     cancelled=True)  # fmt: skip
+
+    # --- the general path ----------------------------------------------------------------
+
     async def forward(self, exchange: Exchange) -> None:
         try:
             await self._forward(exchange)
@@ -234,7 +340,6 @@ class OutboundForwarder:
 
     async def _forward(self, exchange: Exchange) -> None:
         http = self.http
-        http.requests += 1
         source = http.mesh.workload_at(self.app[0])
         authority = exchange.head.authority or format_address(self.destination)
         src_name = workload_name(source)
@@ -246,7 +351,13 @@ class OutboundForwarder:
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
         fresh = False
         avoid: tuple[Address, ...] = ()
-        for attempt in range(2):
+        first = 0
+        if self._replay is not None:  # a fast-path exchange lost in the keep-alive race
+            fresh, avoid, first = True, self._replay, 1
+            self._replay = None
+        else:
+            http.requests += 1
+        for attempt in range(first, 2):
             try:
                 connected = await http.failover.connect(
                     route.candidates,

@@ -19,6 +19,7 @@ from typing import Protocol
 import httptools
 
 from nodeagent.proxy.http.message import (
+    HOP_BY_HOP,
     Headers,
     ProxyError,
     RequestHead,
@@ -71,8 +72,13 @@ class ResponseSink(Protocol):
     def response_end(self, head: ResponseHead) -> None: ...
 
 
-def _parse_length(headers: Headers) -> int | None:
-    value = header(headers, b"content-length")
+_REQUEST_NOTABLE = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+_RESPONSE_NOTABLE = HOP_BY_HOP | {b"content-length", b"grpc-status"}
+"""The fields the codecs look at. Each header name is lower-cased once, as it is parsed,
+and the first value of a notable one kept: no head is scanned again per lookup."""
+
+
+def _length(value: bytes | None) -> int | None:
     return int(value) if value is not None else None  # llhttp has validated it
 
 
@@ -87,6 +93,7 @@ class RequestCodec:
     __slots__ = (
         "_error",
         "_fed_in_head",
+        "_found",
         "_head_bytes",
         "_headers",
         "_in_head",
@@ -103,6 +110,7 @@ class RequestCodec:
         self.limits = limits or Limits()
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
+        self._found: dict[bytes, bytes] = {}
         self._headers: Headers = []
         self._trailers: Headers = []
         self._in_head = False
@@ -151,6 +159,7 @@ class RequestCodec:
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
+        self._found = {}
         self._headers = []
         self._trailers = []
 
@@ -166,8 +175,13 @@ class RequestCodec:
     def on_header(self, name: bytes, value: bytes) -> None:
         # After the head, fields are a chunked body's trailers: the same limits apply
         # to head and trailers together.
-        headers = self._headers if self._in_head else self._trailers
-        headers.append((name, value))
+        if self._in_head:
+            self._headers.append((name, value))
+            lname = name.lower()
+            if lname in _REQUEST_NOTABLE and lname not in self._found:
+                self._found[lname] = value
+        else:
+            self._trailers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes + len(self._url) > self.limits.max_head:
             self._error = H1Error(
@@ -188,23 +202,26 @@ class RequestCodec:
         if method == b"CONNECT":
             self._error = H1Error(ProxyError.NOT_SUPPORTED, "CONNECT is not proxied")
             raise Stop
-        te = header(headers, b"transfer-encoding")
+        found = self._found
         upgrade = None
         if parser.should_upgrade():
-            upgrade = header(headers, b"upgrade")
-        expect = header(headers, b"expect")
+            upgrade = found.get(b"upgrade")
+        expect = found.get(b"expect")
+        host = found.get(b"host")
         head = RequestHead(
             method=method,
             target=self._url,
             version=parser.get_http_version().encode(),
             headers=headers,
             keep_alive=parser.should_keep_alive(),
-            content_length=_parse_length(headers),
-            chunked=te is not None,
+            content_length=_length(found.get(b"content-length")),
+            chunked=b"transfer-encoding" in found,
             upgrade=upgrade,
             expect_continue=expect is not None and expect.lower() == b"100-continue",
+            host=host if host is not None else b"",
+            plain=found.keys().isdisjoint(HOP_BY_HOP),
         )
-        if header(headers, b"host") is None and head.version == b"1.1":
+        if host is None and head.version == b"1.1":
             self._error = H1Error(ProxyError.BAD_REQUEST, "HTTP/1.1 request without Host")
             raise Stop
         self.sink.request_head(head)
@@ -225,6 +242,7 @@ class ResponseCodec:
 
     __slots__ = (
         "_error",
+        "_found",
         "_head",
         "_head_bytes",
         "_head_request",
@@ -244,6 +262,7 @@ class ResponseCodec:
         self.limits = limits or Limits()
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
+        self._found: dict[bytes, bytes] = {}
         self._headers: Headers = []
         self._reason = b""
         self._head_request = False
@@ -296,6 +315,7 @@ class ResponseCodec:
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._found = {}
         self._reason = b""
         self._in_head = True
         self._head_bytes = 0
@@ -304,10 +324,16 @@ class ResponseCodec:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head is not None:
-            self._head.trailers.append((name, value))
+        head = self._head
+        if head is not None:
+            head.trailers.append((name, value))
+            if head.grpc is None and name.lower() == b"grpc-status":
+                head.grpc = value
             return
         self._headers.append((name, value))
+        lname = name.lower()
+        if lname in _RESPONSE_NOTABLE and lname not in self._found:
+            self._found[lname] = value
         if len(self._headers) > self.limits.max_headers:
             self._error = H1Error(
                 ProxyError.BAD_RESPONSE, f"more than {self.limits.max_headers} headers"
@@ -317,15 +343,18 @@ class ResponseCodec:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
-        headers = self._headers
+        found = self._found
         head = ResponseHead(
             status=parser.get_status_code(),
             reason=self._reason,
             version=parser.get_http_version().encode(),
-            headers=headers,
+            headers=self._headers,
             keep_alive=parser.should_keep_alive(),
-            content_length=_parse_length(headers),
-            chunked=header(headers, b"transfer-encoding") is not None,
+            content_length=_length(found.get(b"content-length")),
+            chunked=b"transfer-encoding" in found,
+            plain=found.keys().isdisjoint(HOP_BY_HOP),
+            grpc=found.get(b"grpc-status"),
+            scanned=True,
         )
         if head.informational:
             self.sink.response_head(head)
@@ -373,17 +402,18 @@ def encode_request_head(head: RequestHead) -> bytes:
     """The head to send upstream: HTTP/1.1, end-to-end headers as received, framing
     re-declared (a chunked body is re-chunked), an upgrade kept."""
     out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
-    for k, v in end_to_end(head.headers):
+    plain = head.plain
+    for k, v in head.headers if plain else end_to_end(head.headers):
         out.append(b"%s: %s\r\n" % (k, v))
     if head.chunked:
         out.append(b"transfer-encoding: chunked\r\n")
-    elif head.content_length is not None:
+    elif head.content_length is not None and not plain:
         out.append(b"content-length: %d\r\n" % head.content_length)
     if head.upgrade is not None:
         out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade)
-    elif b"close" in connection_tokens(head.headers):
+    elif not plain and b"close" in connection_tokens(head.headers):
         out.append(b"connection: close\r\n")
-    te = header(head.headers, b"te")
+    te = None if plain else header(head.headers, b"te")
     if te is not None and b"trailers" in te.lower():
         out.append(b"te: trailers\r\n")
     out.append(b"\r\n")
@@ -397,10 +427,12 @@ def encode_response_head(
     (Content-Length), ``chunked``, or neither (no body, or close-delimited)."""
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 %d %s\r\n" % (head.status, reason)]
-    for k, v in end_to_end(head.headers):
+    plain = head.plain
+    for k, v in head.headers if plain else end_to_end(head.headers):
         out.append(b"%s: %s\r\n" % (k, v))
     if length is not None:
-        out.append(b"content-length: %d\r\n" % length)
+        if not (plain and length == head.content_length):  # else: among the headers
+            out.append(b"content-length: %d\r\n" % length)
     elif chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     if upgrade:

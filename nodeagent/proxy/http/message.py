@@ -77,13 +77,21 @@ class RequestHead:
     """HTTP/2: ``:authority`` (the headers hold no pseudo-headers)."""
     scheme: bytes = b"http"
     """HTTP/2: ``:scheme``."""
+    host: bytes | None = None
+    """HTTP/1.1: the Host header as the codec found it (``b""``: none); None: not
+    looked at (look it up)."""
+    plain: bool = False
+    """The codec saw no hop-by-hop field: the headers (with their Content-Length, if
+    any, which is then `content_length`) can be forwarded as they are."""
 
     @property
     def authority(self) -> str:
         host = self.pseudo_authority
         if host is None:
-            host = header(self.headers, b"host")
-        return host.decode("latin-1") if host is not None else ""
+            host = self.host
+            if host is None:
+                host = header(self.headers, b"host")
+        return host.decode("latin-1") if host else ""
 
     @property
     def path(self) -> str:
@@ -116,6 +124,12 @@ class ResponseHead:
     content_length: int | None = None
     chunked: bool = False
     trailers: Headers = field(default_factory=list)
+    plain: bool = False
+    """As `RequestHead.plain`."""
+    grpc: bytes | None = None
+    """``grpc-status`` from the head or the trailers, when `scanned`."""
+    scanned: bool = False
+    """The codec looked for ``grpc-status`` as it parsed (HTTP/1.1): `grpc` is it."""
 
     @property
     def informational(self) -> bool:
@@ -123,7 +137,10 @@ class ResponseHead:
 
     @property
     def grpc_status(self) -> str:
-        value = header(self.headers, b"grpc-status") or header(self.trailers, b"grpc-status")
+        if self.scanned:
+            value = self.grpc
+        else:
+            value = header(self.headers, b"grpc-status") or header(self.trailers, b"grpc-status")
         return value.decode("latin-1") if value is not None else ""
 
 

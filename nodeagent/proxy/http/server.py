@@ -109,6 +109,18 @@ class Forwarder(Protocol):
         Raise `ProxyFailure` when it cannot be served."""
 
 
+FastDone = Callable[["Exchange", "ProxyFailure | None", bool], None]
+
+
+class FastForwarder(Forwarder, Protocol):
+    """A forwarder that can also serve an exchange without a task when an upstream is
+    at hand (`OutboundForwarder.start`): ``done(exchange, failure, again)`` ends it —
+    ``again``: run `forward` for it after all (sent again on a new connection)."""
+
+    def start(self, exchange: Exchange, done: FastDone) -> bool: ...
+    def cancel(self, exchange: Exchange) -> None: ...
+
+
 class Exchange:
     """One request and its response on a downstream connection: per-request state (the
     head, body progress, response framing, timing) lives here, not on the server."""
@@ -281,6 +293,10 @@ class Http1Server(asyncio.Protocol):
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.forwarder = forwarder
+        self._fast: FastForwarder | None = (
+            cast(FastForwarder, forwarder) if hasattr(forwarder, "start") else None
+        )
+        self._fast_exchange: Exchange | None = None
         self.label = label
         self.config = config or HttpServerConfig()
         self.codec = RequestCodec(self, self.config.limits)
@@ -362,8 +378,7 @@ class Http1Server(asyncio.Protocol):
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._stop_forwarding()
         if self.close_reason is None:
             self.close_reason = "client reset" if exc else "client closed"
         if self._relay is None and not self.closed.done():
@@ -403,7 +418,33 @@ class Http1Server(asyncio.Protocol):
         return self.queue[0]._upstream if self.queue else None
 
     def _start(self, exchange: Exchange) -> None:
+        fast = self._fast
+        if fast is not None:
+            self._fast_exchange = exchange
+            if fast.start(exchange, self._fast_done):
+                return
+            self._fast_exchange = None
         self._task = self._loop.create_task(self._run(exchange))
+
+    def _fast_done(self, exchange: Exchange, failure: ProxyFailure | None, again: bool) -> None:
+        if self._fast_exchange is exchange:
+            self._fast_exchange = None
+        if self._closing:
+            return
+        if again:
+            self._task = self._loop.create_task(self._run(exchange))
+        elif failure is not None:
+            self._failed(exchange, failure)
+        elif self._relay is None:
+            self._finished(exchange)
+
+    def _stop_forwarding(self) -> None:
+        """Cancel the exchange being forwarded (the client is gone, or shutting down)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        exchange, self._fast_exchange = self._fast_exchange, None
+        if exchange is not None and self._fast is not None:
+            self._fast.cancel(exchange)
 
     async def _run(self, exchange: Exchange) -> None:
         try:
@@ -490,8 +531,7 @@ class Http1Server(asyncio.Protocol):
             # Mid-response of an earlier request: an answer cannot be slotted in.
             self._close(f"malformed request ({exc.detail})", abort=True)
             return
-        if self._task is not None:
-            self._task.cancel()
+        self._stop_forwarding()
         self.write(error_response(exc.error, exc.detail, close=True))
         self._close(f"malformed request ({exc.detail})")
 
@@ -507,8 +547,7 @@ class Http1Server(asyncio.Protocol):
             up = exchange._upstream
             if up is not None and not exchange.response_complete:
                 up.pause_reading()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._stop_forwarding()
         transport = self.transport
         if transport is None:
             return
