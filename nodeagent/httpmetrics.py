@@ -96,6 +96,7 @@ class HttpMetrics(Collector):
     def __init__(self, max_series: int = DEFAULT_MAX_SERIES) -> None:
         self.max_series = max_series
         self._series: dict[HttpLabels, _Series] = {}
+        self._outcomes: dict[tuple[int | None, str, str], _Outcome] = {}
         self.overflowed = 0
 
     def _get(self, labels: HttpLabels) -> _Series:
@@ -123,9 +124,14 @@ class HttpMetrics(Collector):
         ``latency`` in seconds to the response head (None: none came)."""
         series = self._get(labels)
         series.requests += 1
-        outcome = _Outcome(
-            classify(status, grpc_status), str(status) if status else "", grpc_status, error
-        )
+        key = (status, grpc_status, error)
+        outcome = self._outcomes.get(key)
+        if outcome is None:
+            outcome = _Outcome(
+                classify(status, grpc_status), str(status) if status else "", grpc_status, error
+            )
+            if len(self._outcomes) < 1024:  # grpc_status comes from the upstream
+                self._outcomes[key] = outcome
         series.responses[outcome] = series.responses.get(outcome, 0) + 1
         if latency is not None:
             ms = latency * 1000.0

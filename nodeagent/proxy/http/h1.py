@@ -78,6 +78,13 @@ _RESPONSE_NOTABLE = HOP_BY_HOP | {b"content-length", b"grpc-status"}
 and the first value of a notable one kept: no head is scanned again per lookup."""
 
 
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+def _version(text: str) -> bytes:
+    return _VERSIONS.get(text) or text.encode()
+
+
 def _length(value: bytes | None) -> int | None:
     return int(value) if value is not None else None  # llhttp has validated it
 
@@ -211,7 +218,7 @@ class RequestCodec:
         head = RequestHead(
             method=method,
             target=self._url,
-            version=parser.get_http_version().encode(),
+            version=_version(parser.get_http_version()),
             headers=headers,
             keep_alive=parser.should_keep_alive(),
             content_length=_length(found.get(b"content-length")),
@@ -347,7 +354,7 @@ class ResponseCodec:
         head = ResponseHead(
             status=parser.get_status_code(),
             reason=self._reason,
-            version=parser.get_http_version().encode(),
+            version=_version(parser.get_http_version()),
             headers=self._headers,
             keep_alive=parser.should_keep_alive(),
             content_length=_length(found.get(b"content-length")),

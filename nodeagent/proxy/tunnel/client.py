@@ -75,6 +75,9 @@ log = logging.getLogger("weft.proxy.tunnel")
 
 _STREAM_TRIES = 3
 
+CURRENT_RECHECK = 1.0
+"""Seconds a pooled connection's certificate check (`TunnelClient.current`) holds."""
+
 
 @dataclass(frozen=True)
 class TunnelRoute:
@@ -261,15 +264,23 @@ class TunnelClient:
         connection): its tunnel connection is not draining (GOAWAY, or retired) and was
         made with ``source``'s current certificate. A connection made with a rotated
         certificate is retired here as `connect` would, so requests move to a new one
-        while the old one's streams finish."""
+        while the old one's streams finish. The certificate is looked up at most every
+        `CURRENT_RECHECK` seconds per connection (requests after a rotation move within
+        that time); draining is checked on every call."""
         session = stream.session
         if session.draining or session.closed.done() or stream.finished:
             return False
+        now = asyncio.get_running_loop().time()
+        if now < session.current_until:
+            return True  # checked less than CURRENT_RECHECK ago: a request costs no lookup
         try:
             context = self._tls.client_context(source)
         except tls.TlsMaterialError:
             return False
-        return not self._retire_if_rotated(session, context)
+        if self._retire_if_rotated(session, context):
+            return False
+        session.current_until = now + CURRENT_RECHECK
+        return True
 
     def _retire_if_rotated(self, session: Session, context: ssl.SSLContext | None) -> bool:
         """Retire ``session`` (draining: its streams finish, no new ones) if it was made

@@ -454,6 +454,9 @@ class Session(asyncio.Protocol):
         self._out_scheduled = False
         self.write_blocked = False
         self.draining = False
+        self.current_until = 0.0
+        """Loop time until which the client side need not re-check that this connection
+        was made with its identity's current certificate (`TunnelClient.current`)."""
         """No new streams: a GOAWAY was sent or received."""
         self.close_reason: str | None = None
         self.violation: str | None = None
