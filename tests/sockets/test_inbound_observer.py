@@ -50,7 +50,9 @@ def _length(head: bytes) -> int:
     return 0
 
 
-async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sink: bytearray) -> None:
+async def echo_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sink: bytearray
+) -> None:
     """Answers each request with its request line as the body (keep-alive)."""
     while True:
         try:
@@ -64,7 +66,9 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
         else:
             payload = line + b" " + body
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
         await writer.drain()
     writer.close()
 
@@ -190,7 +194,9 @@ async def test_keep_alive_requests_pass_unchanged_and_are_counted(harness: Harne
     reader, writer = await harness.stream()
     sent = []
     for i in range(5):
-        request = b"POST /item/%d HTTP/1.1\r\nHost: echo.default\r\ncontent-length: 3\r\n\r\nabc" % i
+        request = (
+            b"POST /item/%d HTTP/1.1\r\nHost: echo.default\r\ncontent-length: 3\r\n\r\nabc" % i
+        )
         sent.append(request)
         writer.write(request)
         head, body = await _response(reader)
@@ -199,7 +205,7 @@ async def test_keep_alive_requests_pass_unchanged_and_are_counted(harness: Harne
     writer.close()
     assert bytes(harness.pod.received[0]) == b"".join(sent)  # byte for byte
     assert harness.responses() == {("200", ""): 5}
-    (labels, value), = harness.samples("request")
+    ((labels, value),) = harness.samples("request")
     assert value == 5
     assert labels["direction"] == "inbound"
     assert labels["authority"] == "echo.default"
@@ -319,7 +325,9 @@ async def test_an_accepted_upgrade_becomes_opaque_and_early_bytes_wait_for_it(ha
     assert head.startswith(b"HTTP/1.1 101")
     assert await asyncio.wait_for(reader.readexactly(12), TIMEOUT) == b"server-frame"
     writer.write(b"client-frame-2")
-    assert await asyncio.wait_for(reader.readexactly(28), TIMEOUT) == b"CLIENT-FRAME-1CLIENT-FRAME-2"
+    assert (
+        await asyncio.wait_for(reader.readexactly(28), TIMEOUT) == b"CLIENT-FRAME-1CLIENT-FRAME-2"
+    )
     writer.close()
     assert early == [b""]
     assert harness.responses() == {("101", ""): 1}
@@ -351,7 +359,11 @@ async def test_a_declined_upgrade_closes_and_never_passes_what_followed(harness:
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
-        (b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", b"400"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\ncontent-length: 3\r\n"
+            b"transfer-encoding: chunked\r\n\r\n",
+            b"400",
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\nHost: a\n\n", b"400"),
         (b"GET / HTTP/1.1\r\n\r\n", b"400"),
@@ -440,7 +452,7 @@ async def test_a_client_that_goes_away_mid_request_counts_as_cancelled(harness: 
         writer.close()
 
     harness.pod.handler = stall
-    reader, writer = await harness.stream()
+    _, writer = await harness.stream()
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     await asyncio.sleep(0.2)
     writer.transport.abort()

@@ -72,8 +72,14 @@ class ResponseSink(Protocol):
     def response_end(self, head: ResponseHead) -> None: ...
 
 
-_REQUEST_NOTABLE = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
-_RESPONSE_NOTABLE = HOP_BY_HOP | {b"content-length", b"grpc-status"}
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
+"""Dropped from a forwarded head (framing is re-declared by the encoders)."""
+_REQUEST_NOTABLE = _NOT_FORWARDED | {b"host", b"expect"}
+_RESPONSE_NOTABLE = _NOT_FORWARDED | {b"grpc-status"}
+_SIMPLE_CONNECTION = frozenset({b"keep-alive", b"close"})
+"""``Connection`` values that name no other header: the end-to-end headers are then
+known as the head is parsed. Any other value (``upgrade, x-foo``) sends the head through
+`end_to_end`, which removes the headers it names."""
 """The fields the codecs look at. Each header name is lower-cased once, as it is parsed,
 and the first value of a notable one kept: no head is scanned again per lookup."""
 
@@ -98,8 +104,10 @@ class RequestCodec:
     declines, to the next request: `resume`)."""
 
     __slots__ = (
+        "_complex",
         "_error",
         "_fed_in_head",
+        "_forward",
         "_found",
         "_head_bytes",
         "_headers",
@@ -118,6 +126,8 @@ class RequestCodec:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._found: dict[bytes, bytes] = {}
+        self._forward: Headers = []
+        self._complex = False
         self._headers: Headers = []
         self._trailers: Headers = []
         self._in_head = False
@@ -167,6 +177,8 @@ class RequestCodec:
         self._head_bytes = 0
         self._url = b""
         self._found = {}
+        self._forward = []
+        self._complex = False
         self._headers = []
         self._trailers = []
 
@@ -185,8 +197,15 @@ class RequestCodec:
         if self._in_head:
             self._headers.append((name, value))
             lname = name.lower()
-            if lname in _REQUEST_NOTABLE and lname not in self._found:
-                self._found[lname] = value
+            if lname in _REQUEST_NOTABLE:
+                if lname not in self._found:
+                    self._found[lname] = value
+                if lname == b"connection" and value.lower() not in _SIMPLE_CONNECTION:
+                    self._complex = True
+                if lname not in _NOT_FORWARDED:
+                    self._forward.append((name, value))
+            else:
+                self._forward.append((name, value))
         else:
             self._trailers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
@@ -226,7 +245,8 @@ class RequestCodec:
             upgrade=upgrade,
             expect_continue=expect is not None and expect.lower() == b"100-continue",
             host=host if host is not None else b"",
-            plain=found.keys().isdisjoint(HOP_BY_HOP),
+            forward=None if self._complex else self._forward,
+            te=found.get(b"te"),
         )
         if host is None and head.version == b"1.1":
             self._error = H1Error(ProxyError.BAD_REQUEST, "HTTP/1.1 request without Host")
@@ -248,7 +268,9 @@ class ResponseCodec:
     that followed, which belong to the upgraded protocol."""
 
     __slots__ = (
+        "_complex",
         "_error",
+        "_forward",
         "_found",
         "_head",
         "_head_bytes",
@@ -270,6 +292,8 @@ class ResponseCodec:
         self._parser = httptools.HttpResponseParser(self)
         self._head: ResponseHead | None = None
         self._found: dict[bytes, bytes] = {}
+        self._forward: Headers = []
+        self._complex = False
         self._headers: Headers = []
         self._reason = b""
         self._head_request = False
@@ -323,6 +347,8 @@ class ResponseCodec:
     def on_message_begin(self) -> None:
         self._headers = []
         self._found = {}
+        self._forward = []
+        self._complex = False
         self._reason = b""
         self._in_head = True
         self._head_bytes = 0
@@ -339,8 +365,15 @@ class ResponseCodec:
             return
         self._headers.append((name, value))
         lname = name.lower()
-        if lname in _RESPONSE_NOTABLE and lname not in self._found:
-            self._found[lname] = value
+        if lname in _RESPONSE_NOTABLE:
+            if lname not in self._found:
+                self._found[lname] = value
+            if lname == b"connection" and value.lower() not in _SIMPLE_CONNECTION:
+                self._complex = True
+            if lname not in _NOT_FORWARDED:
+                self._forward.append((name, value))
+        else:
+            self._forward.append((name, value))
         if len(self._headers) > self.limits.max_headers:
             self._error = H1Error(
                 ProxyError.BAD_RESPONSE, f"more than {self.limits.max_headers} headers"
@@ -359,7 +392,7 @@ class ResponseCodec:
             keep_alive=parser.should_keep_alive(),
             content_length=_length(found.get(b"content-length")),
             chunked=b"transfer-encoding" in found,
-            plain=found.keys().isdisjoint(HOP_BY_HOP),
+            forward=None if self._complex else self._forward,
             grpc=found.get(b"grpc-status"),
             scanned=True,
         )
@@ -409,18 +442,22 @@ def encode_request_head(head: RequestHead) -> bytes:
     """The head to send upstream: HTTP/1.1, end-to-end headers as received, framing
     re-declared (a chunked body is re-chunked), an upgrade kept."""
     out = [b"%s %s HTTP/1.1\r\n" % (head.method, head.target)]
-    plain = head.plain
-    for k, v in head.headers if plain else end_to_end(head.headers):
+    forward = head.forward
+    for k, v in forward if forward is not None else end_to_end(head.headers):
         out.append(b"%s: %s\r\n" % (k, v))
     if head.chunked:
         out.append(b"transfer-encoding: chunked\r\n")
-    elif head.content_length is not None and not plain:
+    elif head.content_length is not None:
         out.append(b"content-length: %d\r\n" % head.content_length)
     if head.upgrade is not None:
         out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % head.upgrade)
-    elif not plain and b"close" in connection_tokens(head.headers):
+    elif (
+        (not head.keep_alive and head.version == b"1.1")  # the codec saw Connection: close
+        if forward is not None
+        else b"close" in connection_tokens(head.headers)
+    ):
         out.append(b"connection: close\r\n")
-    te = None if plain else header(head.headers, b"te")
+    te = head.te if forward is not None else header(head.headers, b"te")
     if te is not None and b"trailers" in te.lower():
         out.append(b"te: trailers\r\n")
     out.append(b"\r\n")
@@ -434,12 +471,11 @@ def encode_response_head(
     (Content-Length), ``chunked``, or neither (no body, or close-delimited)."""
     reason = head.reason or b"-"
     out = [b"HTTP/1.1 %d %s\r\n" % (head.status, reason)]
-    plain = head.plain
-    for k, v in head.headers if plain else end_to_end(head.headers):
+    forward = head.forward
+    for k, v in forward if forward is not None else end_to_end(head.headers):
         out.append(b"%s: %s\r\n" % (k, v))
     if length is not None:
-        if not (plain and length == head.content_length):  # else: among the headers
-            out.append(b"content-length: %d\r\n" % length)
+        out.append(b"content-length: %d\r\n" % length)
     elif chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     if upgrade:

@@ -80,9 +80,11 @@ class RequestHead:
     host: bytes | None = None
     """HTTP/1.1: the Host header as the codec found it (``b""``: none); None: not
     looked at (look it up)."""
-    plain: bool = False
-    """The codec saw no hop-by-hop field: the headers (with their Content-Length, if
-    any, which is then `content_length`) can be forwarded as they are."""
+    forward: Headers | None = None
+    """The end-to-end headers (what `end_to_end` returns), collected by the HTTP/1.1
+    codec as it parsed; None: compute them."""
+    te: bytes | None = None
+    """HTTP/1.1: the ``TE`` header the codec found (when `forward` is set)."""
 
     @property
     def authority(self) -> str:
@@ -124,8 +126,8 @@ class ResponseHead:
     content_length: int | None = None
     chunked: bool = False
     trailers: Headers = field(default_factory=list)
-    plain: bool = False
-    """As `RequestHead.plain`."""
+    forward: Headers | None = None
+    """As `RequestHead.forward`."""
     grpc: bytes | None = None
     """``grpc-status`` from the head or the trailers, when `scanned`."""
     scanned: bool = False
