@@ -9,6 +9,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 
@@ -90,7 +91,8 @@ class Harness:
         )
         reader, writer = await asyncio.open_connection(*self.listener.getsockname())
         sock, _ = await loop.sock_accept(self.listener)
-        await loop.connect_accepted_socket(lambda: served, sock)  # type: ignore[arg-type,return-value]
+        protocol = cast(asyncio.Protocol, served)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
         self.clients.append(writer)
         self.served.append(served.closed)
         return reader, writer
