@@ -107,6 +107,7 @@ class RequestCodec:
         "_complex",
         "_error",
         "_fed_in_head",
+        "_fields",
         "_forward",
         "_found",
         "_head_bytes",
@@ -132,6 +133,7 @@ class RequestCodec:
         self._trailers: Headers = []
         self._in_head = False
         self._head_bytes = 0
+        self._fields = 0
         self._fed_in_head = 0
         self._error: H1Error | None = None
         self.upgraded = False
@@ -175,6 +177,7 @@ class RequestCodec:
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._fields = 0
         self._url = b""
         self._found = {}
         self._forward = []
@@ -184,6 +187,7 @@ class RequestCodec:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_bytes += len(url)
         if len(self._url) > self.limits.max_request_line:
             self._error = H1Error(
                 ProxyError.URI_TOO_LONG,
@@ -208,15 +212,17 @@ class RequestCodec:
                 self._forward.append((name, value))
         else:
             self._trailers.append((name, value))
+        self._fields += 1
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes + len(self._url) > self.limits.max_head:
+        limits = self.limits
+        if self._head_bytes > limits.max_head:
             self._error = H1Error(
-                ProxyError.HEADERS_TOO_LARGE, f"request head over {self.limits.max_head} bytes"
+                ProxyError.HEADERS_TOO_LARGE, f"request head over {limits.max_head} bytes"
             )
             raise Stop
-        if len(self._headers) + len(self._trailers) > self.limits.max_headers:
+        if self._fields > limits.max_headers:
             self._error = H1Error(
-                ProxyError.HEADERS_TOO_LARGE, f"more than {self.limits.max_headers} headers"
+                ProxyError.HEADERS_TOO_LARGE, f"more than {limits.max_headers} headers"
             )
             raise Stop
 
