@@ -49,6 +49,7 @@ from nodeagent.cpclient import ControlPlaneClient, ControlPlaneError
 from nodeagent.discovery import DiscoveryClient
 from nodeagent.ebpf import bpfsys
 from nodeagent.ebpf.loader import (
+    DEFAULT_MAP_ENTRIES,
     CaptureConfig,
     CaptureError,
     CapturePrograms,
@@ -130,6 +131,8 @@ class AgentConfig:
     """Destination ports never captured."""
     sockmap: bool = True
     """Shortcut same-node pod<->proxy bytes with sk_msg."""
+    ebpf_map_entries: int = DEFAULT_MAP_ENTRIES
+    """Captured connections the per-connection eBPF maps are sized for."""
     drain_seconds: float = 5.0
     """On shutdown, how long active connections may finish before they are closed."""
     controlplane: str | None = None
@@ -511,6 +514,8 @@ class Agent:
                 "stats": progs.stats() if progs else None,
                 "orig_dst_entries": progs.map_entries("weft_orig_dst") if progs else None,
                 "cookie_entries": progs.map_entries("weft_cookie_dst") if progs else None,
+                "maps": progs.maps() if progs else None,
+                "notes": list(progs.notes) if progs else [],
             },
             "capture": self.manager.snapshot() if self.manager else None,
             "certificates": self.certs.snapshot() if self.certs else None,
@@ -587,6 +592,14 @@ class Agent:
                 cfg.cgroup2,
             )
             sockmap = False
+        if cfg.ebpf_map_entries < 2 * LISTEN_BACKLOG:
+            log.warning(
+                "--ebpf-map-entries %d is below twice the listen backlog (%d): a burst of "
+                "connects waiting for the proxy's accept can evict original destinations "
+                "the proxy still needs, and those connections are refused",
+                cfg.ebpf_map_entries,
+                LISTEN_BACKLOG,
+            )
         self.progs = CapturePrograms.load(
             CaptureConfig(
                 pin_dir=cfg.pin_dir,
@@ -595,6 +608,7 @@ class Agent:
                 node_addrs=cfg.node_addrs,
                 skip_ports=cfg.skip_ports,
                 sockmap=sockmap,
+                map_entries=cfg.ebpf_map_entries,
             )
         )
         log.info(

@@ -189,3 +189,33 @@ def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> int:
         first = False
         count += 1
     return count
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(map_fd: int) -> MapInfo:
+    """``struct bpf_map_info``'s head: type, id, key/value sizes, max_entries, name."""
+    info = ctypes.create_string_buffer(128)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("IIQ", attr, 0, map_fd, len(info), ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
+    map_type, map_id, key_size, value_size, max_entries = struct.unpack_from("5I", info, 0)
+    name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+    return MapInfo(map_id, map_type, key_size, value_size, max_entries, name)
+
+
+def map_memlock(map_fd: int) -> int:
+    """Bytes of kernel memory the map is charged (its ``memlock`` in fdinfo)."""
+    with open(f"/proc/self/fdinfo/{map_fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split(":", 1)[1])
+    return 0

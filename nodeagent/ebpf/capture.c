@@ -18,6 +18,16 @@
 #include <uapi/linux/if_ether.h>
 #include <linux/socket.h>
 
+// Connections the maps are sized for (the agent passes -DWEFT_MAP_ENTRIES, from
+// `weft agent --ebpf-map-entries`): weft_cookie_dst and weft_orig_dst hold one entry per
+// captured connection, the sockhash and its key mirror two (one per socket of a pair).
+// LRU and sockhash entries are preallocated or bucketed by this size, so it is most of
+// the kernel memory the agent costs: docs/ebpf.md "Map sizes".
+#ifndef WEFT_MAP_ENTRIES
+#define WEFT_MAP_ENTRIES 16384
+#endif
+#define WEFT_SOCK_ENTRIES (2 * WEFT_MAP_ENTRIES)
+
 #define AF_INET_ 2
 #define AF_INET6_ 10
 #define SOCK_STREAM_ 1
@@ -67,11 +77,11 @@ BPF_TABLE_PINNED("hash", u32, u32, weft_skip_port, 256, "__PIN_DIR__/weft_skip_p
 BPF_TABLE_PINNED("hash", u32, u32, weft_node_addr, 16, "__PIN_DIR__/weft_node_addr");
 // connect4 -> sockops hand-off, keyed by socket cookie (the source port is not known yet
 // at connect4 time). LRU: a connect that never establishes leaves its entry to be evicted.
-BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, weft_cookie_dst, 65536,
+BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, weft_cookie_dst, WEFT_MAP_ENTRIES,
                  "__PIN_DIR__/weft_cookie_dst");
 // What the proxy reads: the pod socket's (address, port) -> original destination. Removed
 // by sockops when the pod socket closes; LRU as a backstop against missed close events.
-BPF_TABLE_PINNED("lru_hash", struct addr_key, struct orig_dst, weft_orig_dst, 65536,
+BPF_TABLE_PINNED("lru_hash", struct addr_key, struct orig_dst, weft_orig_dst, WEFT_MAP_ENTRIES,
                  "__PIN_DIR__/weft_orig_dst");
 // Sockets of the pod<->proxy pairs on this node, for sk_msg redirects.
 // bcc has no pinned variant of BPF_SOCKHASH; this is its expansion with the pin path in the
@@ -87,10 +97,10 @@ struct weft_socks_table_t {
     u32 max_entries;
 };
 __attribute__((section("maps/sockhash:__PIN_DIR__/weft_socks")))
-struct weft_socks_table_t weft_socks = {.max_entries = 65536};
+struct weft_socks_table_t weft_socks = {.max_entries = WEFT_SOCK_ENTRIES};
 // Which keys are in weft_socks: bpf_msg_redirect_hash drops the message when the peer is
 // missing, so sk_msg checks this mirror first and otherwise lets the stack carry it.
-BPF_TABLE_PINNED("lru_hash", struct sock_key, u32, weft_sock_keys, 65536,
+BPF_TABLE_PINNED("lru_hash", struct sock_key, u32, weft_sock_keys, WEFT_SOCK_ENTRIES,
                  "__PIN_DIR__/weft_sock_keys");
 
 static __always_inline void stat_inc(u32 idx) {

@@ -49,7 +49,8 @@ def compile_and_pin(config: dict[str, Any]) -> dict[str, Any]:
     pin_dir.mkdir(parents=True, exist_ok=True)
     text = SOURCE.read_text().replace("__PIN_DIR__", str(pin_dir))
     started = time.monotonic()
-    bpf = BPF(text=text, cflags=["-w"])
+    entries = int(config["map_entries"])
+    bpf = BPF(text=text, cflags=["-w", f"-DWEFT_MAP_ENTRIES={entries}"])
     compile_seconds = time.monotonic() - started
     loaded = {
         "weft_connect4": bpf.load_func(

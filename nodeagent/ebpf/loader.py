@@ -49,6 +49,20 @@ STATS = (
     "socks_added",
 )
 
+MAPS = (
+    "weft_config",
+    "weft_stats",
+    "weft_skip_port",
+    "weft_node_addr",
+    "weft_cookie_dst",
+    "weft_orig_dst",
+    "weft_socks",
+    "weft_sock_keys",
+)
+DEFAULT_MAP_ENTRIES = 16_384
+"""Captured connections the maps are sized for (``weft agent --ebpf-map-entries``)."""
+MAP_ENTRIES_RANGE = (1_024, 1 << 20)
+
 # Which program goes on which cgroup hook.
 HOOK_CONNECT4 = bpfsys.CGROUP_INET4_CONNECT
 HOOK_CONNECT6 = bpfsys.CGROUP_INET6_CONNECT
@@ -75,6 +89,15 @@ class CaptureConfig:
     """Destination ports never captured (e.g. an API server port)."""
     sockmap: bool = True
     """Shortcut pod<->proxy bytes on this node with sk_msg redirects."""
+    map_entries: int = DEFAULT_MAP_ENTRIES
+    """Size of the per-connection maps: weft_cookie_dst and weft_orig_dst hold this many
+    entries, the sockhash and its key mirror twice as many (docs/ebpf.md "Map sizes")."""
+
+    def map_sizes(self) -> dict[str, int]:
+        """The max_entries each connection-sized map is compiled with."""
+        n = self.map_entries
+        return {"weft_cookie_dst": n, "weft_orig_dst": n, "weft_socks": 2 * n,
+                "weft_sock_keys": 2 * n}  # fmt: skip
 
 
 def _ip_key(ip: str) -> int:
@@ -124,7 +147,13 @@ class CapturePrograms:
             "node_addrs": list(config.node_addrs),
             "skip_ports": list(config.skip_ports),
             "sockmap": config.sockmap,
+            "map_entries": config.map_entries,
         }
+        low, high = MAP_ENTRIES_RANGE
+        if not low <= config.map_entries <= high:
+            raise CaptureError(
+                f"--ebpf-map-entries {config.map_entries} is out of range ({low:,}-{high:,})"
+            )
         try:
             out = subprocess.run(
                 [sys.executable, "-m", "nodeagent.ebpf.compile"],
@@ -156,20 +185,48 @@ class CapturePrograms:
                 ("weft_ingress", HOOK_INGRESS),
             ):
                 fds[hook] = bpfsys.obj_get(str(config.pin_dir / f"prog_{name}"))
-            for name in ("weft_orig_dst", "weft_cookie_dst", "weft_stats"):
+            # Every map, not only those the proxy reads: holding them open is what makes
+            # the agent's /proc/PID/fdinfo show all the kernel memory it costs.
+            for name in MAPS:
                 map_fds[name] = bpfsys.obj_get(str(config.pin_dir / name))
         except bpfsys.BpfError as e:
             for fd in (*fds.values(), *map_fds.values()):
                 os.close(fd)
             raise CaptureError(f"opening the pinned programs and maps failed: {e}") from e
         ids = {hook: bpfsys.prog_info(fd).id for hook, fd in fds.items()}
-        return cls(
+        progs = cls(
             config=config,
             fds=fds,
             ids=ids,
             compile_seconds=float(result["compile_seconds"]),
             map_fds=map_fds,
         )
+        progs._check_sizes()
+        return progs
+
+    def _check_sizes(self) -> None:
+        # bcc binds to a map already pinned at the path whatever size it was made with,
+        # which is what keeps live connections' entries across a restart.  So a changed
+        # size takes effect only once the pins are gone; say so rather than pretend.
+        for name, want in self.config.map_sizes().items():
+            have = bpfsys.map_info(self.map_fds[name]).max_entries
+            if have != want:
+                note = (
+                    f"{name} is pinned with {have:,} entries, not the {want:,} configured: "
+                    f"kept, so live connections keep their state; the new size applies "
+                    f"after the pins under {self.config.pin_dir} are removed (`weft agent "
+                    f"--uninstall`, `weft lab down`, or a node reboot)"
+                )
+                self.notes.append(note)
+                log.warning("%s", note)
+
+    def maps(self) -> dict[str, dict[str, int]]:
+        """Each pinned map's size and the kernel memory it is charged (/debug/state)."""
+        out = {}
+        for name, fd in self.map_fds.items():
+            info = bpfsys.map_info(fd)
+            out[name] = {"max_entries": info.max_entries, "kernel_bytes": bpfsys.map_memlock(fd)}
+        return out
 
     # -- attachments -------------------------------------------------------------------
 
@@ -237,8 +294,9 @@ class CapturePrograms:
 
     def map_entries(self, name: str) -> int:
         key_size = {"weft_orig_dst": _ADDR.size, "weft_cookie_dst": 8}[name]
-        # Bounded by the maps' max_entries (65,536): at most that many syscalls.
-        return bpfsys.map_keys(self.map_fds[name], key_size, limit=65_536)
+        fd = self.map_fds[name]
+        # Bounded by the map's max_entries: at most that many syscalls.
+        return bpfsys.map_keys(fd, key_size, limit=bpfsys.map_info(fd).max_entries)
 
     def close(self) -> None:
         """Release our references; attachments and pins stay (that is the point)."""

@@ -965,6 +965,23 @@ def _memory(
     return out
 
 
+def run_memory(
+    identity_setup: IdentitySetup, report: Report = print, name: str = "wbenchm"
+) -> dict[str, Any]:
+    """The memory step of the full run alone (one node, 10/50/100 captured pods against
+    one HAProxy sidecar per pod), with the ratio the full run reports."""
+    mem = _memory(FULL, identity_setup, report, name)
+    most = str(max(FULL.memory_pods))
+    weft_mem = mem["weft_agent"][most]["pss"] + mem.get("bpf_map_memlock", {}).get(most, 0)
+    mem["agent_memory_vs_sidecars"] = {
+        "measured": _ratio(weft_mem, mem["haproxy"][most]["pss"]),
+        "target": 0.1,
+        "pods": int(most),
+        "basis": "PSS (+ the agent's eBPF map memlock)",
+    }
+    return mem
+
+
 def _wait_captured(lab: Lab, k: int, timeout: float = 120.0) -> None:
     """Until the agent captures ``k`` pods and holds a valid certificate for each."""
     deadline = time.monotonic() + timeout

@@ -51,6 +51,16 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Shortcut same-node pod<->proxy bytes with sk_msg.",
 )
 @click.option(
+    "--ebpf-map-entries",
+    type=click.IntRange(1_024, 1 << 20),
+    default=16_384,
+    show_default=True,
+    help="Captured connections the kernel maps are sized for: connects waiting for the "
+    "proxy's accept, and same-node sk_msg shortcut pairs (twice as many sockets). Past "
+    "it, new connections still work, without the shortcut. About 370 bytes of kernel "
+    "memory each; a change applies once the node's pins are removed (docs/ebpf.md).",
+)
+@click.option(
     "--connect-timeout",
     default=1.5,
     show_default=True,
@@ -131,6 +141,7 @@ def agent(
     admin_port: int,
     exclude_ports: str,
     sockmap: bool,
+    ebpf_map_entries: int,
     connect_timeout: float,
     connect_attempts: int,
     idle_timeout: float,
@@ -162,6 +173,7 @@ def agent(
             admin_port=admin_port,
             skip_ports=_ports(exclude_ports),
             sockmap=sockmap,
+            ebpf_map_entries=ebpf_map_entries,
             attempt_timeout=connect_timeout,
             connect_attempts=connect_attempts,
             idle_timeout=idle_timeout,

@@ -208,6 +208,36 @@ def resilience(rounds: int, connections: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def memory(json_path: Path | None) -> None:
+    """The node agent's memory against one HAProxy sidecar per pod (the full run's step).
+
+    One node with 10, 50 and 100 captured pods, each with its own identity: the agent's
+    PSS plus the kernel memory of its eBPF maps, against the summed PSS of one mTLS
+    HAProxy sidecar per pod. About 3 minutes.
+    """
+    from weft.bench.mesh import run_memory
+    from weft.cli.lab import lab_identity_setup
+
+    def say(message: str) -> None:
+        err.print(f"[dim]·[/dim] {message}")
+
+    result = run_memory(lab_identity_setup, report=say)
+    table = Table("pods", "agent PSS MiB", "eBPF maps MiB", "sidecars PSS MiB", "ratio")
+    for k in result["pods"]:
+        a, h = result["weft_agent"][str(k)], result["haproxy"][str(k)]
+        maps = result.get("bpf_map_memlock", {}).get(str(k), 0)
+        table.add_row(str(k), f"{a['pss'] / 2**20:.1f}", f"{maps / 2**20:.1f}",
+                      f"{h['pss'] / 2**20:.1f}", f"{(a['pss'] + maps) / h['pss']:.3f}")  # fmt: skip
+    Console().print(table)
+    t = result["agent_memory_vs_sidecars"]
+    Console().print(f"at {t['pods']} pods: {t['measured']} of the sidecars (target {t['target']})")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--rounds", default=3, show_default=True, help="Runs of each balancing figure.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
 def balance(rounds: int, json_path: Path | None) -> None:

@@ -110,6 +110,14 @@ def lab(ctx: click.Context, lab_name: str) -> None:
     help="Workload certificate lifetime for the control plane (e.g. 30s to watch rotation; "
     "default 24h).",
 )
+@click.option(
+    "--agent-arg",
+    "agent_args",
+    multiple=True,
+    metavar="FLAG",
+    help="An extra `weft agent` flag for every node's agent, kept for restarts; repeat it "
+    "(e.g. --agent-arg=--ebpf-map-entries=4096).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -120,6 +128,7 @@ def up(
     keep_on_failure: bool,
     agents: bool,
     leaf_lifetime: str | None,
+    agent_args: tuple[str, ...],
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
@@ -136,6 +145,7 @@ def up(
             keep_on_failure=keep_on_failure,
             agents=agents,
             controlplane_args=["--leaf-lifetime", leaf_lifetime] if leaf_lifetime else [],
+            agent_args=list(agent_args),
         )
     except (LabError, PlanError, OSError) as e:
         _fail(e)

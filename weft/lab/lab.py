@@ -145,6 +145,7 @@ class Lab:
         keep_on_failure: bool = False,
         agents: bool = True,
         controlplane_args: Sequence[str] = (),
+        agent_args: Sequence[str] = (),
         plan: LabPlan | None = None,
     ) -> LabState:
         """Create the lab; ``plan`` replaces the standard layout (benchmarks use it)."""
@@ -170,7 +171,11 @@ class Lab:
         elif plan.name != self.name:
             raise LabError(f"plan is for lab {plan.name!r}, not {self.name!r}")
         state = LabState(
-            plan=plan, phase="creating", paths=self.paths, controlplane_args=list(controlplane_args)
+            plan=plan,
+            phase="creating",
+            paths=self.paths,
+            controlplane_args=list(controlplane_args),
+            agent_args=list(agent_args),
         )
         started = time.monotonic()
         try:
@@ -336,7 +341,8 @@ class Lab:
         cgroup.mkdir(exist_ok=True)
         netns = state.plan.netns(node)
         argv = [
-            sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node, *args,
+            sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node,
+            *state.agent_args, *args,
         ]  # fmt: skip
         rec = procs.spawn(
             name=f"agent-{node}",
@@ -401,7 +407,7 @@ class Lab:
         accepting and drains — with ``tcp_migrate_req`` its not-yet-accepted connections
         move to the new listener instead of being reset.  Pods stay captured throughout
         (attachments and pins are shared).  ``args`` are extra ``weft agent`` flags for the
-        new instance (e.g. --no-sockmap).
+        new instance (e.g. --no-sockmap), after the lab's own ``agent_args``.
         """
         require_root()
         state = self.load()

@@ -78,6 +78,8 @@ class LabState:
     processes: list[ProcessRecord] = field(default_factory=list)
     controlplane_args: list[str] = field(default_factory=list)
     """Extra ``weft controlplane`` flags (``--leaf-lifetime 30s``), kept for restarts."""
+    agent_args: list[str] = field(default_factory=list)
+    """Extra ``weft agent`` flags for every node's agent, kept for restarts."""
 
     def pod(self, name: str) -> PodPlan:
         for p in self.plan.pods:
@@ -135,6 +137,7 @@ class LabState:
             ],
             "processes": [asdict(p) for p in self.processes],
             "controlplane_args": list(self.controlplane_args),
+            "agent_args": list(self.agent_args),
         }
 
     @classmethod
@@ -194,6 +197,7 @@ class LabState:
             created_at=data["created_at"],
             processes=[ProcessRecord(**p) for p in data["processes"]],
             controlplane_args=[str(a) for a in data.get("controlplane_args", [])],
+            agent_args=[str(a) for a in data.get("agent_args", [])],
         )
 
     def save(self) -> None:
