@@ -68,7 +68,6 @@ from nodeagent.proxy.hold import ReadyHold
 from nodeagent.proxy.http.client import Http1Pool
 from nodeagent.proxy.http.forward import H2, HTTP1, OutboundHttp
 from nodeagent.proxy.http.h2conn import H2Config
-from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.inbound import InboundHttp
 from nodeagent.proxy.http.server import HttpServerConfig
 from nodeagent.proxy.http.stage import HttpForward
@@ -527,6 +526,7 @@ class Agent:
                 "replayed": self.outbound_http.replayed,
                 "inbound_requests": self.inbound_http.requests,
                 "inbound_h1_streams": self.inbound_http.streams,
+                "inbound_h2_streams": self.inbound_http.h2_streams,
                 "pools": {
                     "outbound": {
                         "idle": self.outbound_http.pool.idle,
@@ -541,10 +541,7 @@ class Agent:
                         "opened": pool.opened,
                         "reused": pool.reused,
                     }
-                    for side, pool in (
-                        ("outbound", self.outbound_http.h2_pool),
-                        ("inbound", self.inbound_http.h2_pool),
-                    )
+                    for side, pool in (("outbound", self.outbound_http.h2_pool),)
                 },
             },
             "endpoints": {
@@ -791,11 +788,10 @@ class Agent:
 
     async def _inbound_h2_stream(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
-    ) -> H2Server:
-        """The HTTP/2 server of one tunnel stream whose client node detected h2."""
-        forwarder = self.inbound_http.h2_forwarder(client, presented, target, label)
-        await forwarder.prepare()
-        return H2Server(forwarder, label=label, config=H2Config(idle_timeout=600.0))
+    ) -> ServedStream:
+        """One tunnel stream whose client node detected h2: relayed to one h2c
+        connection to the pod and observed frame by frame."""
+        return await self.inbound_http.observe_h2(client, presented, target, label)
 
     def _opaque_destination(self, dest: Address) -> bool:
         """Whether ``weft.io/opaque-ports`` marks the destination opaque: a service

@@ -72,6 +72,9 @@ class Tap(Protocol):
     def upstream_eof(self) -> None:
         """The upstream half-closed (a close-delimited response ends here)."""
 
+    def client_eof(self) -> None:
+        """The client half-closed."""
+
     def ended(self, reason: str, upstream_failed: bool) -> None:
         """The relay is closing (``upstream_failed``: the upstream leg went first, with
         an error or mid-exchange)."""
@@ -302,8 +305,11 @@ class Relay:
 
     def _forward_eof(self, side: _Side) -> None:
         log.debug("%s: %s half-closed", self.label, side.name)
-        if self._tap is not None and side is self.upstream:
-            self._tap.upstream_eof()
+        if self._tap is not None:
+            if side is self.upstream:
+                self._tap.upstream_eof()
+            else:
+                self._tap.client_eof()
             if self._closing:
                 return
         peer = side.peer.transport

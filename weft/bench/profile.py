@@ -67,6 +67,7 @@ def run(
     seconds: float = 20.0,
     report: Callable[[str], None] = print,
     native: bool = False,
+    load: str = "h1",
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -78,10 +79,14 @@ def run(
         state = lab.load()
         target = state.pod("echo-2").ip
         agents = {r.name: r.pid for r in state.processes if r.name.startswith("agent-")}
+        loads = {
+            "h1": ["weft.bench.openloop", "saturate", target, "8080", str(seconds + 4), "16"],
+            "h2": ["weft.bench.h2load", "h2", target, "8080", str(seconds + 4), "16", "8"],
+            "grpc": ["weft.bench.h2load", "grpc", target, "9090", str(seconds + 4), "16", "8"],
+        }
         client = subprocess.Popen(
             [sys.executable, "-m", "weft.cli", "lab", "--lab", LAB, "exec", "client-1", "--",
-             sys.executable, "-m", "weft.bench.openloop", "saturate", target, "8080",
-             str(seconds + 4), "16"],
+             sys.executable, "-m", *loads[load]],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(2.0)  # past the client's warm-up
@@ -120,8 +125,9 @@ def run(
                     raise RuntimeError(f"py-spy on {name} failed: {err[-500:]}")
                 profiles[name] = top_frames(path.read_text())
         out, _ = client.communicate(timeout=seconds + 60)
-        load = json.loads(out)
+        result = json.loads(out)
     finally:
         report(f"removing lab {LAB!r}")
         lab.down()
-    return {"seconds": seconds, "native": native, "load": load, "agents": profiles}
+    return {"seconds": seconds, "native": native, "scenario": load, "load": result,
+            "agents": profiles}  # fmt: skip

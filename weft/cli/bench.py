@@ -273,8 +273,16 @@ def balance(rounds: int, json_path: Path | None) -> None:
     is_flag=True,
     help="Sample C frames too (TLS, event loop, parsers); stops the agents per sample.",
 )
+@click.option(
+    "--load",
+    type=click.Choice(["h1", "h2", "grpc"]),
+    default="h1",
+    show_default=True,
+    help="h1: HTTP/1.1 keep-alive (16 connections); h2: h2load h2c GETs; grpc: h2load gRPC "
+    "unary calls (16 connections x 8 streams).",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
-def profile(seconds: float, native: bool, json_path: Path | None) -> None:
+def profile(seconds: float, native: bool, load: str, json_path: Path | None) -> None:
     """Both node agents under saturation, sampled with py-spy: their top frames.
 
     A cross-node closed-loop saturation (client-1 -> echo-2) in a two-node lab; prints
@@ -284,7 +292,11 @@ def profile(seconds: float, native: bool, json_path: Path | None) -> None:
     from weft.cli.lab import lab_identity_setup
 
     result = run(
-        lab_identity_setup, seconds, report=lambda m: err.print(f"[dim]·[/dim] {m}"), native=native
+        lab_identity_setup,
+        seconds,
+        report=lambda m: err.print(f"[dim]·[/dim] {m}"),
+        native=native,
+        load=load,
     )
     console = Console()
     console.print(f"load: {result['load'].get('per_second')} req/s")

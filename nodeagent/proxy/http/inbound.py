@@ -7,11 +7,15 @@ local pod they name.
   stream is answered (a pod that is down refuses it, and the client node fails over),
   and *observes* it (`Http1Observer`): strict parsing and limits, and each exchange
   recorded with the client's verified identity.
-* **HTTP/2** (`InboundForwarder`): an `H2Server` on the stream, whose streams go to the
-  pod over a pooled h2c connection.
+* **HTTP/2** (`InboundHttp.observe_h2`): the same relay, to one h2c connection to the pod
+  per tunnel stream (the client node's `H2Client` talks to the pod end to end: SETTINGS,
+  flow control, GOAWAY), observed frame by frame (`H2Observer`): each stream recorded,
+  HPACK kept in step, floods and malformed frames refused.
 
 Both record the golden metrics with ``direction="inbound"``; the source is named by the
 identity the tunnel proved. (Per-route authorization will decide on the parsed head.)
+Neither rebuilds a message: the client node has done the per-request work, and the
+destination only watches, which is what made both paths about twice as cheap here.
 """
 
 from __future__ import annotations
@@ -20,13 +24,10 @@ import asyncio
 from collections.abc import Callable
 
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics
-from nodeagent.proxy.http.client import UpstreamLost
-from nodeagent.proxy.http.forward import failure_of, record_exchange
 from nodeagent.proxy.http.h1 import Limits
-from nodeagent.proxy.http.h2client import H2Client, H2Pool
-from nodeagent.proxy.http.message import ProxyError
+from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.observe import Http1Observer
-from nodeagent.proxy.http.server import Exchange, ProxyFailure
+from nodeagent.proxy.http.observe_h2 import H2Observer
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.resolve import workload_name
@@ -37,8 +38,8 @@ from weft.mesh import Workload
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 IDLE_TIMEOUT = 600.0
-"""Seconds an inbound HTTP/1.1 stream may carry nothing (the client node's pool ages
-its idle connections out after 60 s)."""
+"""Seconds an inbound HTTP stream may carry nothing (the client node's pools age their
+idle connections out after 60 s)."""
 
 
 class InboundHttp:
@@ -50,17 +51,19 @@ class InboundHttp:
         connect: TargetConnector,
         metrics: HttpMetrics,
         workload_at: Callable[[str], Workload | None],
-        h2_pool: H2Pool | None = None,
         limits: Limits | None = None,
+        h2_config: H2Config | None = None,
     ) -> None:
         self.connect = connect
-        self.h2_pool = h2_pool or H2Pool()
         self.metrics = metrics
         self.workload_at = workload_at
         self.limits = limits or Limits()
+        self.h2_config = h2_config or H2Config()
         self.requests = 0
         self.streams = 0
         """HTTP/1.1 tunnel streams observed so far."""
+        self.h2_streams = 0
+        """HTTP/2 tunnel streams (connections to a pod) observed so far."""
 
     def labels(
         self, client: SpiffeId, presented: SpiffeId | None, target: Address, authority: str
@@ -86,6 +89,25 @@ class InboundHttp:
         recorder = _Recorder(self, client, presented, target)
         loop = asyncio.get_running_loop()
         observer = Http1Observer(recorder, label=label, clock=loop.time, limits=self.limits)
+        served = await self._relay(observer, target, label)
+        self.streams += 1
+        return served
+
+    async def observe_h2(
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+    ) -> ServedStream:
+        """An HTTP/2 tunnel stream (one h2c connection of the client node's to this
+        pod): as `observe`, with the frame observer."""
+        recorder = _Recorder(self, client, presented, target)
+        loop = asyncio.get_running_loop()
+        observer = H2Observer(recorder, label=label, clock=loop.time, config=self.h2_config)
+        served = await self._relay(observer, target, label)
+        self.h2_streams += 1
+        return served
+
+    async def _relay(
+        self, observer: Http1Observer | H2Observer, target: Address, label: str
+    ) -> ServedStream:
         relay = Relay(
             label=label,
             high_water=HIGH_WATER,
@@ -99,13 +121,7 @@ class InboundHttp:
         except BaseException:
             relay.abort("pod connect failed")
             raise
-        self.streams += 1
         return relay.client
-
-    def h2_forwarder(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
-    ) -> InboundForwarder:
-        return InboundForwarder(self, client, presented, target, label)
 
 
 class _Recorder:
@@ -123,7 +139,12 @@ class _Recorder:
         self._labels: dict[bytes | None, HttpLabels] = {}
 
     def exchange(
-        self, authority: bytes | None, status: int | None, latency: float | None, error: str
+        self,
+        authority: bytes | None,
+        status: int | None,
+        latency: float | None,
+        error: str,
+        grpc_status: str = "",
     ) -> None:
         labels = self._labels.get(authority)
         if labels is None:
@@ -132,87 +153,6 @@ class _Recorder:
             if len(self._labels) < 8:  # the authority comes from the client
                 self._labels[authority] = labels
         self._http.requests += 1
-        self._http.metrics.record(labels, status=status, latency=latency, error=error)
-
-
-class InboundForwarder:
-    """The `Forwarder` of an inbound HTTP/2 stream's `H2Server`: each stream to the pod
-    over the pooled h2c connection of that pod."""
-
-    def __init__(
-        self,
-        http: InboundHttp,
-        client: SpiffeId,
-        presented: SpiffeId | None,
-        target: Address,
-        label: str,
-    ) -> None:
-        self.http = http
-        self.client = client
-        self.presented = presented
-        self.target = target
-        self.label = label
-        self._key = ("", target)
-        self._pod_label = f"{label} (to the pod)"
-
-    async def prepare(self) -> None:
-        """Open (or find) the pod's h2c connection now: raises if the pod cannot be
-        reached, which refuses the tunnel stream before any request is sent on it."""
-        await self.http.h2_pool.connection(self._key, self._dial, self._pod_label)
-
-    async def _upstream(self, fresh: bool) -> tuple[H2Client, bool]:
-        pool = self.http.h2_pool
-        if fresh:
-            return await pool.open(self._key, self._dial, self._pod_label), False
-        return await pool.connection(self._key, self._dial, self._pod_label)
-
-    async def _dial(self, factory: Callable[[], asyncio.Protocol]) -> object:
-        return await self.http.connect(self.target, factory)
-
-    async def forward(self, exchange: Exchange) -> None:
-        try:
-            await self._forward(exchange)
-        except asyncio.CancelledError:
-            self._record(exchange, None, cancelled=True)
-            raise
-
-    async def _forward(self, exchange: Exchange) -> None:
-        self.http.requests += 1
-        for attempt in range(2):
-            try:
-                client, reused = await self._upstream(fresh=attempt > 0)
-            except Exception as exc:
-                failure = failure_of(exc)
-                self._record(exchange, failure.error)
-                # Nothing reached the pod: a request the client node may send again
-                # gets REFUSED_STREAM, which it takes for a refused stream and fails over.
-                raise ProxyFailure(
-                    failure.error,
-                    f"{format_address(self.target)}: {failure.detail}",
-                    reset=exchange.replayable,
-                ) from None
-            try:
-                await client.send(exchange)  # type: ignore[arg-type]
-            except UpstreamLost as lost:
-                if (
-                    attempt == 0
-                    and exchange.replayable
-                    and lost.retryable(exchange.head.idempotent, reused)
-                ):
-                    exchange.unbind()
-                    continue
-                error = ProxyError.BAD_RESPONSE if lost.bad_response else ProxyError.UPSTREAM_RESET
-                self._record(exchange, error)
-                detail = f"{format_address(self.target)}: {lost.detail}"
-                raise ProxyFailure(error, detail, code=lost.code) from None
-            except BaseException:
-                client.cancel(exchange)  # type: ignore[arg-type]
-                raise
-            self._record(exchange, None)
-            return
-
-    def _record(
-        self, exchange: Exchange, error: ProxyError | None, *, cancelled: bool = False
-    ) -> None:
-        labels = self.http.labels(self.client, self.presented, self.target, exchange.head.authority)
-        record_exchange(self.http.metrics, labels, exchange, error, cancelled=cancelled)
+        self._http.metrics.record(
+            labels, status=status, grpc_status=grpc_status, latency=latency, error=error
+        )

@@ -52,9 +52,15 @@ _FRAMING = (b"content-length", b"transfer-encoding")
 
 class ExchangeSink(Protocol):
     def exchange(
-        self, authority: bytes | None, status: int | None, latency: float | None, error: str
+        self,
+        authority: bytes | None,
+        status: int | None,
+        latency: float | None,
+        error: str,
+        grpc_status: str = "",
     ) -> None:
-        """One exchange ended: ``status`` None and ``error`` set when no response came."""
+        """One exchange ended: ``status`` None and ``error`` set when no response came
+        (``grpc_status``: an HTTP/2 stream's trailers said so)."""
 
 
 class _Requests:
@@ -257,6 +263,9 @@ class Http1Observer:
             self._lost_all(ProxyError.UPSTREAM_RESET, "the pod closed mid-response")
         else:
             self.response_end()  # close-delimited: the end of the connection ends it
+
+    def client_eof(self) -> None:
+        pass  # a request may be answered after the client's half-close
 
     def ended(self, reason: str, upstream_failed: bool) -> None:
         if upstream_failed:
