@@ -164,7 +164,7 @@ async def test_a_larger_header_table_the_client_allows_is_followed(harness: Harn
 
 async def test_resets_both_ways_are_counted_and_refused_streams_are_not(harness: Harness):
     peer = await harness.stream()
-    sid, fut = peer.start("GET", "/delay/5000")
+    sid, _ = peer.start("GET", "/delay/5000")
     await harness.until(lambda: "/delay/5000" in harness.pod.paths, "the slow stream")
     peer.conn.reset_stream(sid, ErrorCodes.CANCEL)
     peer.flush()
