@@ -463,3 +463,24 @@ async def test_a_client_that_goes_away_mid_request_counts_as_cancelled(harness: 
             break
         await asyncio.sleep(0.05)
     assert harness.responses() == {("", "cancelled"): 1}
+
+
+async def test_a_head_trickled_past_the_head_timeout_gets_408(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    from nodeagent.proxy.http import observe
+
+    monkeypatch.setattr(observe, "HEAD_TIMEOUT", 0.5)
+    reader, writer = await harness.stream()
+    # One complete request first: the timeout is per head, not per connection.
+    writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, _ = await _response(reader)
+    assert head.startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(0.7)
+    for piece in (b"GET /slow HTTP/1.1\r\n", b"Host: a\r\n", b"x-a: 1\r\n", b"x-b: 2\r\n"):
+        writer.write(piece)
+        await asyncio.sleep(0.3)
+    answer = await _until_closed(reader)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"weft-proxy-error: head-timeout" in answer
+    assert harness.responses() == {("200", ""): 1}  # the trickled head was not an exchange

@@ -257,6 +257,8 @@ def run_balance(
             "shares": shares,
             "median": round(statistics.median(shares), 3) if shares else None,
             "errors": sum(sum(r[run]["errors"].values()) for r in runs),
+            "latency_ms": [r[run].get("latency_ms", {}) for r in runs],
+            "switches": [r[run].get("switches") for r in runs],
         }
     return out
 
@@ -823,8 +825,16 @@ def _balance(lab: Lab, report: Report) -> dict[str, Any]:
         got = json.loads(_in_pod(lab, "bc-weft", argv, timeout=300, check=False))
         total = sum(got["pods"].values())
         share = round(got["pods"].get("bs-pair-2", 0) / total, 3) if total else None
-        out[name] = {"pods": got["pods"], "errors": got["errors"], "share": share}
-        report(f"balance {name:12} {got['pods']} errors {got['errors']}")
+        out[name] = {
+            "pods": got["pods"],
+            "errors": got["errors"],
+            "share": share,
+            "latency_ms": got.get("latency_ms", {}),
+            "switches": got.get("switches"),
+        }
+        lat = ", ".join(f"{p} p50 {v['p50']} ms" for p, v in got.get("latency_ms", {}).items())
+        report(f"balance {name:12} {got['pods']} errors {got['errors']} ({lat}; "
+               f"{got.get('switches')} switches)")  # fmt: skip
     return out
 
 

@@ -47,6 +47,13 @@ from nodeagent.proxy.relay import Relay
 log = logging.getLogger("weft.proxy.http")
 
 CANCELLED = "cancelled"
+HEAD_TIMEOUT = 30.0
+"""Seconds a request head may take from its first partial read (the outbound server's
+``head_timeout``); a head that stops arriving altogether ends at the relay's idle timeout."""
+REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n"
+    b"weft-proxy-error: head-timeout\r\n\r\n"
+)
 _FRAMING = (b"content-length", b"transfer-encoding")
 
 
@@ -148,6 +155,7 @@ class Http1Observer:
         "_clock",
         "_fed_in_head",
         "_finish",
+        "_head_started",
         "_held",
         "_opaque",
         "_requests",
@@ -185,6 +193,7 @@ class Http1Observer:
         """Requests sent to the pod and not yet answered: (head time, HEAD?, Host)."""
         self.error: H1Error | None = None
         self._fed_in_head = 0
+        self._head_started: float | None = None
         self._opaque = False
         self._held: bytes | None = None
         """Bytes after an upgrade request, waiting for the pod's answer."""
@@ -225,8 +234,17 @@ class Http1Observer:
                     H1Error(ProxyError.HEADERS_TOO_LARGE, f"request head over {limit} bytes")
                 )
                 return b""
+            # A head trickled over many reads (slowloris) must still end in time; only a
+            # head cut across reads reads the clock.
+            now = self._clock()
+            if self._head_started is None:
+                self._head_started = now
+            elif now - self._head_started > HEAD_TIMEOUT:
+                self._head_timeout()
+                return b""
         else:
             self._fed_in_head = 0
+            self._head_started = None
         return data
 
     def upstream_data(self, data: bytes) -> bytes:
@@ -352,6 +370,15 @@ class Http1Observer:
                 error_response(error.error, error.detail, close=True),
                 f"malformed request ({error.detail})",
             )
+
+    def _head_timeout(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        log.info("%s: no complete request head within %gs; closing", self.label, HEAD_TIMEOUT)
+        if self.pending:
+            relay.abort("request head timeout")
+        else:
+            relay.reply(REQUEST_TIMEOUT, "request head timeout")
 
     def _bad_response(self, exc: Exception) -> None:
         error = self.error
