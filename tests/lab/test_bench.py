@@ -16,7 +16,7 @@ from weft.lab import net
 
 SETUPS = {
     "direct", "direct-same-node", "weft", "weft-same-node", "haproxy-sidecars",
-    "haproxy-same-node", "haproxy-resumption", "haproxy-http",
+    "haproxy-same-node", "haproxy-resumption", "haproxy-http", "haproxy-h2",
 }  # fmt: skip
 SCENARIOS = {"rate-500", "rate-1000", "saturate", "conn", "bulk", "h2", "grpc"}
 H1 = SCENARIOS - {"h2", "grpc"}
@@ -27,6 +27,7 @@ ONLY = {
     "haproxy-sidecars": H1,
     "haproxy-same-node": H1,
     "haproxy-http": SCENARIOS - {"grpc"},
+    "haproxy-h2": {"h2", "grpc"},
 }
 
 

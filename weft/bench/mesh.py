@@ -20,6 +20,10 @@ Setups (all in one two-node lab, so they share the machine's mood):
   proxying, keep-alive on both sides, idle server connections reused across client
   connections): the like-for-like comparison for Weft's HTTP/1.1 path, since the bench
   load speaks HTTP/1.1 and Weft detects it.
+* ``haproxy-h2`` — HAProxy sidecars in ``mode http`` that keep HTTP/2 end to end (h2c
+  from the client, ``alpn h2`` between the sidecars, ``proto h2`` to the app, the gRPC
+  port redirected too): the like-for-like row for the h2c and gRPC scenarios, where
+  ``haproxy-http`` turns h2c into HTTP/1.1 towards the app.
 
 Scenarios, each run for every setup in turn (rounds rotate the order; medians reported):
 
@@ -81,6 +85,9 @@ Report = Callable[[str], None]
 SIDECAR_UID = 1337
 SIDECAR_OUT = 15001
 SIDECAR_IN = 15006
+SIDECAR_OUT_GRPC = 15002
+SIDECAR_IN_GRPC = 15007
+"""``mode h2`` sidecars' listeners for the echo's gRPC port (``ECHO_GRPC_PORT``)."""
 CAPTURED = {CAPTURE_LABEL: "enabled"}
 
 
@@ -123,16 +130,19 @@ SETUPS = (
     # HAProxy sidecars in `mode http`: per-request proxying with pooled, reused server
     # connections — the like-for-like comparison for Weft's HTTP/1.1 path. It takes h2c
     # too (HAProxy detects the preface) and speaks HTTP/1.1 onwards, so it runs the h2
-    # scenario; gRPC needs HTTP/2 to the server (`proto h2`, and a redirect of the gRPC
-    # port), which these sidecars are not configured for: no gRPC row.
+    # scenario (not like for like: the app's HTTP/1.1 path is cheaper than its HTTP/2).
     Setup("haproxy-http", "bc-haproxy-h", "bs-haproxy-h", _pair("bc-haproxy-h", "bs-haproxy-h"),
           skip=("grpc",)),
+    # The HTTP/2 rows' like for like: HTTP/2 end to end through both sidecars.
+    Setup("haproxy-h2", "bc-haproxy-2", "bs-haproxy-2", _pair("bc-haproxy-2", "bs-haproxy-2"),
+          only=H2_SCENARIOS),
 )  # fmt: skip
 SIDECAR_PAIRS = (
     ("bs-haproxy", "bc-haproxy", False, "tcp"),
     ("bs-haproxy-l", "bc-haproxy-l", False, "tcp"),
     ("bs-haproxy-r", "bc-haproxy-r", True, "tcp"),
     ("bs-haproxy-h", "bc-haproxy-h", False, "http"),
+    ("bs-haproxy-2", "bc-haproxy-2", False, "h2"),
 )
 """(server pod, client pod, resumption, mode) of each HAProxy sidecar pair."""
 P999_MIN_SAMPLES = 10_000
@@ -162,7 +172,7 @@ PodSpec = tuple[str, str, dict[str, str], str | None]
 """(name, service account, labels, app)."""
 
 
-GRPC_SERVERS = frozenset({"bs-direct", "bs-weft", "bs-pair-1", "bs-pair-2"})
+GRPC_SERVERS = frozenset({"bs-direct", "bs-weft", "bs-haproxy-2", "bs-pair-1", "bs-pair-2"})
 """The echo pods that also serve gRPC: only those the gRPC loads reach (grpcio's idle
 threads cost ~0.7 % of a CPU per process, which a dozen idle servers would add to every
 measurement on this 2-vCPU machine)."""
@@ -193,6 +203,7 @@ def bench_plan(name: str) -> LabPlan:
             ("bs-haproxy-l", "bench-server-ha", {}, "echo"),
             ("bc-haproxy-r", "bench-client-ha", {}, None),
             ("bc-haproxy-h", "bench-client-ha", {}, None),
+            ("bc-haproxy-2", "bench-client-ha", {}, None),
         ],
     ) + _pods(
         2,
@@ -202,6 +213,7 @@ def bench_plan(name: str) -> LabPlan:
             ("bs-haproxy", "bench-server-ha", {}, "echo"),
             ("bs-haproxy-r", "bench-server-ha", {}, "echo"),
             ("bs-haproxy-h", "bench-server-ha", {}, "echo"),
+            ("bs-haproxy-2", "bench-server-ha", {}, "echo"),
             ("bs-pair-1", "bench-server", {**CAPTURED, "bench": "pair"}, "echo"),
             ("bs-pair-2", "bench-server", {**CAPTURED, "bench": "pair"}, "echo"),
         ],
@@ -323,7 +335,11 @@ def sidecar_config(
     """An HAProxy sidecar: outbound (to ``upstream`` over mTLS) and inbound (mTLS -> app),
     configured as a sidecar mesh operator would run it (docs/benchmarks.md explains each
     setting). ``resumption`` turns TLS session resumption on (HAProxy's default);
-    ``mode`` ``http`` proxies per request, reusing server connections."""
+    ``mode`` ``http`` proxies per request, reusing server connections; ``h2`` does too,
+    with HTTP/2 end to end (``alpn h2`` between the sidecars, ``proto h2`` to the app)
+    and the gRPC port proxied as well."""
+    h2 = mode == "h2"
+    mode = "http" if h2 else mode
     tls = f"crt {directory}/sidecar.pem ca-file {directory}/ca.pem verify required"
     bind_options = "ssl-min-ver TLSv1.3" + ("" if resumption else " no-tls-tickets")
     lines = [
@@ -358,32 +374,46 @@ def sidecar_config(
             if mode == "http"
             else []
         ),
-        "frontend inbound",
-        f"    bind :{SIDECAR_IN} ssl {tls}",
-        "    default_backend app",
-        "backend app",
-        f"    server app 127.0.0.1:{ECHO_PORT}",
     ]
+    # (name, inbound listener, app port) and (outbound listener, peer port) per port.
+    ports = [("", SIDECAR_IN, SIDECAR_OUT, ECHO_PORT)]
+    if h2:
+        ports.append(("-grpc", SIDECAR_IN_GRPC, SIDECAR_OUT_GRPC, ECHO_GRPC_PORT))
+    alpn = " alpn h2" if h2 else ""
+    to_app = " proto h2" if h2 else ""
+    for suffix, listen_in, _, port in ports:
+        lines += [
+            f"frontend inbound{suffix}",
+            f"    bind :{listen_in} ssl {tls}{alpn}",
+            f"    default_backend app{suffix}",
+            f"backend app{suffix}",
+            f"    server app 127.0.0.1:{port}{to_app}",
+        ]
     if upstream:
         reuse = "" if resumption else " no-ssl-reuse"
-        lines += [
-            "frontend outbound",
-            f"    bind 127.0.0.1:{SIDECAR_OUT}",
-            "    default_backend upstream",
-            "backend upstream",
-            f"    server peer {upstream}:{ECHO_PORT} ssl {tls}{reuse}",
-        ]
+        for suffix, _, listen_out, port in ports:
+            lines += [
+                f"frontend outbound{suffix}",
+                f"    bind 127.0.0.1:{listen_out}",
+                f"    default_backend upstream{suffix}",
+                f"backend upstream{suffix}",
+                f"    server peer {upstream}:{port} ssl {tls}{reuse}{alpn}",
+            ]
     return "\n".join(lines) + "\n"
 
 
-def nft_rules(outbound_to: str | None) -> str:
-    """The sidecar redirects, as an init container would install them (nftables)."""
+def nft_rules(outbound_to: str | None, grpc: bool = False) -> str:
+    """The sidecar redirects, as an init container would install them (nftables);
+    ``grpc``: the echo's gRPC port too."""
+    ports = [(ECHO_PORT, SIDECAR_IN, SIDECAR_OUT)]
+    if grpc:
+        ports.append((ECHO_GRPC_PORT, SIDECAR_IN_GRPC, SIDECAR_OUT_GRPC))
     rules = [
         "table ip weft_bench_sidecar {",
         "  chain prerouting {",
         "    type nat hook prerouting priority -100; policy accept;",
         '    iifname "lo" return',
-        f"    tcp dport {ECHO_PORT} redirect to :{SIDECAR_IN}",
+        *(f"    tcp dport {port} redirect to :{listen_in}" for port, listen_in, _ in ports),
         "  }",
     ]
     if outbound_to:
@@ -391,7 +421,10 @@ def nft_rules(outbound_to: str | None) -> str:
             "  chain output {",
             "    type nat hook output priority -100; policy accept;",
             f"    meta skuid {SIDECAR_UID} return",
-            f"    ip daddr {outbound_to} tcp dport {ECHO_PORT} redirect to :{SIDECAR_OUT}",
+            *(
+                f"    ip daddr {outbound_to} tcp dport {port} redirect to :{listen_out}"
+                for port, _, listen_out in ports
+            ),
             "  }",
         ]
     return "\n".join([*rules, "}"]) + "\n"
@@ -412,7 +445,7 @@ def start_sidecar(
         sidecar_config(directory, upstream, resumption=resumption, mode=mode)
     )
     if redirect:
-        (directory / "rules.nft").write_text(nft_rules(upstream))
+        (directory / "rules.nft").write_text(nft_rules(upstream, grpc=mode == "h2"))
         _in_pod(lab, pod.name, ["nft", "-f", str(directory / "rules.nft")])
     netns, cgroup = state.plan.netns(pod.name), state.pod_cgroup(pod)
     rec = procs.spawn(
@@ -763,6 +796,7 @@ def _charge_cpu(res: dict[str, Any], cpu_seconds: float, has_proxies: bool) -> N
 RATIO_PAIRS = (
     ("weft", "haproxy-sidecars"),
     ("weft", "haproxy-http"),
+    ("weft", "haproxy-h2"),
     ("weft-same-node", "haproxy-same-node"),
     ("weft", "direct"),
     ("weft-same-node", "direct-same-node"),
@@ -1013,12 +1047,14 @@ def _wait_captured(lab: Lab, k: int, timeout: float = 120.0) -> None:
 def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
     s = result["summary"]
     ratios: dict[str, Any] = {}
-    for other in ("direct", "haproxy-sidecars", "haproxy-http"):
+    for other in ("direct", "haproxy-sidecars", "haproxy-http", "haproxy-h2"):
         if other not in s:
             continue
         r: dict[str, Any] = {}
         for scenario in s["weft"]:
-            w, o = s["weft"][scenario], s[other].get(scenario, {})
+            if scenario not in s[other]:
+                continue  # a setup that does not run this scenario (haproxy-h2: h2 only)
+            w, o = s["weft"][scenario], s[other][scenario]
             if not (_valid(w) and _valid(o)):
                 r[scenario] = {"invalid": True}  # errors above the threshold: no ratio
                 continue
@@ -1067,6 +1103,8 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
         "saturation_vs_haproxy": vs_haproxy("saturate", 1.0),
         "saturation_vs_haproxy_http": vs_haproxy("saturate", 1.0, "haproxy_http"),
         "h2_saturation_vs_haproxy_http": vs_haproxy("h2", 1.0, "haproxy_http"),
+        "h2_saturation_vs_haproxy_h2": vs_haproxy("h2", 1.0, "haproxy_h2"),
+        "grpc_saturation_vs_haproxy_h2": vs_haproxy("grpc", 1.0, "haproxy_h2"),
         "keepalive_split_equal_replicas": _share_target(result, "http1_split", (0.45, 0.55)),
         "h2_split_equal_replicas": _share_target(result, "h2_split", (0.45, 0.55)),
         "grpc_split_equal_replicas": _share_target(result, "grpc_split", (0.45, 0.55)),
