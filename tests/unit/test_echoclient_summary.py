@@ -13,7 +13,7 @@ def test_summary_counts_latency_and_switches_per_pod():
     out = summary(pods, took, Counter({"503": 1}))
     assert out["pods"] == {"a": 3, "b": 3}
     assert out["errors"] == {"503": 1}
-    assert out["latency_ms"]["a"] == {"p50": 2.0, "mean": 2.0}
+    assert out["latency_ms"]["a"] == {"p50": 2.0, "p99": 3.0, "mean": 2.0}
     assert out["latency_ms"]["b"]["p50"] == 12.0
     assert out["switches"] == 3
 

@@ -8,7 +8,7 @@ which pod answered each.
     python -m weft.lab.echoclient websocket echo:80 -n 10
 
 Prints ``{"pods": {"echo-1": 52, "echo-2": 48}, "errors": {}, "connections": 1, ...}``,
-with each pod's latency as this client saw it (``latency_ms``: p50 and mean per pod) and
+with each pod's latency as this client saw it (``latency_ms``: p50, p99 and mean per pod) and
 how often consecutive answers came from different pods (``switches``) — what tells a
 balancer that follows a real latency difference from one stuck on a replica (with
 ``--list``: also every answer's pod in order). Run it in a captured pod
@@ -156,7 +156,11 @@ def summary(pods: list[str], took: list[float], errors: Counter[str]) -> dict[st
         "errors": dict(errors),
         "connections": 1,
         "latency_ms": {
-            pod: {"p50": round(statistics.median(v), 3), "mean": round(statistics.fmean(v), 3)}
+            pod: {
+                "p50": round(statistics.median(v), 3),
+                "p99": round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 3),
+                "mean": round(statistics.fmean(v), 3),
+            }
             for pod, v in sorted(by_pod.items())
         },
         "switches": sum(1 for a, b in itertools.pairwise(pods) if a != b),
