@@ -8,6 +8,7 @@ import pytest
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
+    Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
@@ -29,6 +30,7 @@ from nodeagent.proxy.http.observe_h2 import (
 
 def _frame(kind: int, sid: int, size: int, flags: bool) -> bytes:
     payload = bytes(i % 251 for i in range(size))
+    f: Frame
     if kind == 0:
         f = DataFrame(sid, payload, flags={"END_STREAM"} if flags else set())
     elif kind == 1:

@@ -95,6 +95,20 @@ def _length(value: bytes | None) -> int | None:
     return int(value) if value is not None else None  # llhttp has validated it
 
 
+def _notable(
+    found: dict[bytes, bytes], forward: list[tuple[bytes, bytes]], name: bytes, lname: bytes,
+    value: bytes,
+) -> bool:  # fmt: skip
+    """A header a codec looks at (framing, hop-by-hop, Host...): its first value kept in
+    ``found``, forwarded unless hop-by-hop; True if it is a ``Connection`` header that
+    names more than keep-alive/close (the head then goes through the generic filter)."""
+    if lname not in found:
+        found[lname] = value
+    if lname not in _NOT_FORWARDED:
+        forward.append((name, value))
+    return lname == b"connection" and value.lower() not in _SIMPLE_CONNECTION
+
+
 class RequestCodec:
     """Parses the requests of one downstream connection into ``sink`` events.
 
@@ -202,12 +216,7 @@ class RequestCodec:
             self._headers.append((name, value))
             lname = name.lower()
             if lname in _REQUEST_NOTABLE:
-                if lname not in self._found:
-                    self._found[lname] = value
-                if lname == b"connection" and value.lower() not in _SIMPLE_CONNECTION:
-                    self._complex = True
-                if lname not in _NOT_FORWARDED:
-                    self._forward.append((name, value))
+                self._complex |= _notable(self._found, self._forward, name, lname, value)
             else:
                 self._forward.append((name, value))
         else:
@@ -372,12 +381,7 @@ class ResponseCodec:
         self._headers.append((name, value))
         lname = name.lower()
         if lname in _RESPONSE_NOTABLE:
-            if lname not in self._found:
-                self._found[lname] = value
-            if lname == b"connection" and value.lower() not in _SIMPLE_CONNECTION:
-                self._complex = True
-            if lname not in _NOT_FORWARDED:
-                self._forward.append((name, value))
+            self._complex |= _notable(self._found, self._forward, name, lname, value)
         else:
             self._forward.append((name, value))
         if len(self._headers) > self.limits.max_headers:
