@@ -101,6 +101,8 @@ def test_quick_bench_writes_every_figure(tmp_path: Path):
         "saturation_vs_haproxy",
         "saturation_vs_haproxy_http",
         "h2_saturation_vs_haproxy_http",
+        "h2_saturation_vs_haproxy_h2",
+        "grpc_saturation_vs_haproxy_h2",
         "keepalive_split_equal_replicas",
         "h2_split_equal_replicas",
         "grpc_split_equal_replicas",
