@@ -23,14 +23,11 @@ from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.inbound import InboundHttp
 from nodeagent.proxy.tunnel.hooks import connect_target_plaintext
 from tests.h2util import H2Replica
-from weft.identity import SpiffeId
+from tests.sockets.test_inbound_observer import CLIENT, POD, SERVER, stream_listener
 from weft.lab.h2peer import H2Peer
-from weft.mesh import InboundMode, Workload
 
 pytestmark = pytest.mark.timeout(120)
 
-CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
-SERVER = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
 TIMEOUT = 30.0
 
 
@@ -82,18 +79,12 @@ class Harness:
 async def harness(unused_tcp_port: int) -> AsyncIterator[Harness]:
     pod = H2Replica("echo-1")
     await pod.start("127.0.0.1", unused_tcp_port)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
+    listener = stream_listener()
     metrics = HttpMetrics()
-    dest = Workload(uid="u1", name="echo-1", namespace="default", node="node-1",
-                    ips=("127.0.0.1",), service_account="echo", identity=SERVER,
-                    captured=True, inbound_mode=InboundMode.PERMISSIVE)  # fmt: skip
     http = InboundHttp(
         connect=connect_target_plaintext,
         metrics=metrics,
-        workload_at=lambda ip: dest,
+        workload_at=lambda ip: POD,
         h2_config=H2Config(resets=(50, 10.0), control_frames=(50, 10.0)),
     )
     harness = Harness(pod, unused_tcp_port, http, metrics, listener)

@@ -74,6 +74,22 @@ async def echo_handler(
     writer.close()
 
 
+POD = Workload(uid="u1", name="echo-1", namespace="default", node="node-1",
+               ips=("127.0.0.1",), service_account="echo", identity=SERVER,
+               captured=True, inbound_mode=InboundMode.PERMISSIVE)  # fmt: skip
+"""The destination pod, on 127.0.0.1."""
+
+
+def stream_listener() -> socket.socket:
+    """Where the test's client connects: the accepted socket stands in for the tunnel
+    stream the observed relay is attached to."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    return listener
+
+
 @dataclass
 class Harness:
     pod: Pod
@@ -146,18 +162,12 @@ async def harness() -> AsyncIterator[Harness]:
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     pod.port = server.sockets[0].getsockname()[1]
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
+    listener = stream_listener()
     metrics = HttpMetrics()
-    dest = Workload(uid="u1", name="echo-1", namespace="default", node="node-1",
-                    ips=("127.0.0.1",), service_account="echo", identity=SERVER,
-                    captured=True, inbound_mode=InboundMode.PERMISSIVE)  # fmt: skip
     http = InboundHttp(
         connect=connect_target_plaintext,
         metrics=metrics,
-        workload_at=lambda ip: dest,
+        workload_at=lambda ip: POD,
         limits=Limits(max_headers=20, max_head=4096),
     )
     harness = Harness(pod, http, metrics, listener)

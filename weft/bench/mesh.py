@@ -1015,15 +1015,19 @@ def run_memory(
     """The memory step of the full run alone (one node, 10/50/100 captured pods against
     one HAProxy sidecar per pod), with the ratio the full run reports."""
     mem = _memory(FULL, identity_setup, report, name)
-    most = str(max(FULL.memory_pods))
+    mem["agent_memory_vs_sidecars"] = _memory_target(mem, str(max(FULL.memory_pods)))
+    return mem
+
+
+def _memory_target(mem: dict[str, Any], most: str) -> dict[str, Any]:
+    """The agent (PSS + its eBPF maps) against the sidecars' summed PSS, at ``most`` pods."""
     weft_mem = mem["weft_agent"][most]["pss"] + mem.get("bpf_map_memlock", {}).get(most, 0)
-    mem["agent_memory_vs_sidecars"] = {
+    return {
         "measured": _ratio(weft_mem, mem["haproxy"][most]["pss"]),
         "target": 0.1,
         "pods": int(most),
         "basis": "PSS (+ the agent's eBPF map memlock)",
     }
-    return mem
 
 
 def _wait_captured(lab: Lab, k: int, timeout: float = 120.0) -> None:
@@ -1093,7 +1097,6 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
         return {"measured": r["median"], "min": r["min"], "max": r["max"], "target": target,
                 "basis": "median of per-round ratios"}  # fmt: skip
 
-    weft_mem = mem["weft_agent"][most]["pss"] + mem.get("bpf_map_memlock", {}).get(most, 0)
     targets = {
         "added_p99_ms_at_1000rps_cross_node": {
             "measured": round(p99 / 1000, 3) if (p99 := added[rate]["p99"]) is not None
@@ -1112,12 +1115,7 @@ def _ratios(result: dict[str, Any], profile: Profile) -> tuple[dict[str, Any], d
         "slow_replica_share_grpc": _share_target(result, "grpc_slow", (0.0, 0.10)),
         "new_connections_vs_haproxy": vs_haproxy("conn", 1.5),
         "bulk_vs_haproxy": vs_haproxy("bulk", 1.0),
-        "agent_memory_vs_sidecars": {
-            "measured": _ratio(weft_mem, mem["haproxy"][most]["pss"]),
-            "target": 0.1,
-            "pods": int(most),
-            "basis": "PSS (+ the agent's eBPF map memlock)",
-        },
+        "agent_memory_vs_sidecars": _memory_target(mem, most),
     }  # fmt: skip
     return ratios, targets
 

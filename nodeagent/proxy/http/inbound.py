@@ -15,7 +15,7 @@ local pod they name.
 Both record the golden metrics with ``direction="inbound"``; the source is named by the
 identity the tunnel proved. (Per-route authorization will decide on the parsed head.)
 Neither rebuilds a message: the client node has done the per-request work, and the
-destination only watches, which is what made both paths about twice as cheap here.
+destination only watches (docs/benchmarks.md has what that saved on each path).
 """
 
 from __future__ import annotations

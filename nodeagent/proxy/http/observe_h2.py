@@ -49,8 +49,6 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
 PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 6, 7, 8, 9
 INSPECTED = frozenset({HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, GOAWAY, CONTINUATION})
 """Frames whose payload the observer reads; the others pass by length."""
-CONTROL = frozenset({PRIORITY, SETTINGS, PING})
-"""Frames the control-frame budget counts (with unknown types)."""
 NAMES = {DATA: "DATA", HEADERS: "HEADERS", PRIORITY: "PRIORITY", RST_STREAM: "RST_STREAM",
          SETTINGS: "SETTINGS", PUSH_PROMISE: "PUSH_PROMISE", PING: "PING", GOAWAY: "GOAWAY",
          WINDOW_UPDATE: "WINDOW_UPDATE", CONTINUATION: "CONTINUATION"}  # fmt: skip
@@ -251,22 +249,19 @@ class H2Observer:
     # --- Tap -----------------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> bytes:
-        if self._done:
-            return b""
-        try:
-            self._client.feed(data)
-        except (H2ObserveError, HPACKError, ValueError) as exc:
-            self._refuse(f"from the client: {_describe(exc)}", ProxyError.BAD_REQUEST)
-            return b""
-        return data
+        return self._feed(self._client, data, "from the client", ProxyError.BAD_REQUEST)
 
     def upstream_data(self, data: bytes) -> bytes:
+        return self._feed(self._pod, data, "from the pod", ProxyError.BAD_RESPONSE)
+
+    def _feed(self, scanner: FrameScanner, data: bytes, side: str, error: ProxyError) -> bytes:
+        """Walk one read; pass it on whole, or nothing of it when it is refused."""
         if self._done:
             return b""
         try:
-            self._pod.feed(data)
+            scanner.feed(data)
         except (H2ObserveError, HPACKError, ValueError) as exc:
-            self._refuse(f"from the pod: {_describe(exc)}", ProxyError.BAD_RESPONSE)
+            self._refuse(f"{side}: {_describe(exc)}", error)
             return b""
         return data
 
