@@ -271,7 +271,12 @@ async def test_one_keep_alive_connection_spreads_over_both_replicas(mesh: Mesh):
     assert all(status == 200 for status, _, _ in results), [r for r in results if r[0] != 200][:3]
     by = Counter(body.split()[0].decode() for _, body, _ in results)
     assert set(by) == {"replica-2", "replica-3"}
-    assert 0.4 <= by["replica-2"] / 400 <= 0.6, by
+    # Per-request, not per-connection: a pinned connection would give 400/0. How evenly
+    # two equal replicas split is the latency-aware balancer's business, and it follows
+    # real latencies, which on a loaded 2-vCPU machine differ by noise (CI once saw
+    # 242/158): the 45/55 target lives in `weft bench balance`, unit tests pin the
+    # arithmetic (tests/unit/test_balance.py); here only "clearly both".
+    assert 0.25 <= by["replica-2"] / 400 <= 0.75, by
     # One client connection; the proxy keeps one pooled upstream connection per replica.
     assert len(mesh.servers) == 1
     assert all(r.connections == 1 for r in mesh.replicas.values())
