@@ -93,6 +93,7 @@ from nodeagent.proxy.tunnel import (
 )
 from nodeagent.proxy.tunnel.hooks import ServedStream
 from nodeagent.proxy.upstream import MeshUpstreams
+from nodeagent.retrymetrics import RetryMetrics
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
@@ -441,6 +442,7 @@ class Agent:
         # connections.
         self.http_balancer: Balancer[Address] = Balancer(latency=PeakEwma())
         self.http_metrics = HttpMetrics()
+        self.retry_metrics = RetryMetrics()
         self.outbound_http = OutboundHttp(
             mesh=self.mesh,
             failover=Failover(
@@ -452,6 +454,7 @@ class Agent:
             pool=Http1Pool(),
             metrics=self.http_metrics,
             observer=lambda app, dest, service: _AttemptLog(self, app, dest, service),
+            retry_metrics=self.retry_metrics,
         )
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
@@ -465,6 +468,7 @@ class Agent:
         self.tcp = TcpMetrics()
         self.registry.register(self.tcp)
         self.registry.register(self.http_metrics)
+        self.registry.register(self.retry_metrics)
         self.m_connect_failures = Counter(
             "weft_outbound_endpoint_failures",
             "Outbound connect attempts that failed, by service (empty: a direct address) "

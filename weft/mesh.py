@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from weft.identity import SpiffeId
+from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
+from weft.traffic import TrafficPolicy
 
 log = logging.getLogger("weft.discovery")
 
@@ -173,6 +175,8 @@ class Service:
     """Sorted by address, so the same endpoint set always compares equal."""
     opaque_ports: tuple[int, ...] = ()
     """Service ports served as opaque TCP (``weft.io/opaque-ports``)."""
+    traffic: TrafficPolicy = DEFAULT_TRAFFIC
+    """Retries and timeouts of its HTTP requests (`weft.traffic`, from annotations)."""
 
     @property
     def key(self) -> str:

@@ -46,6 +46,17 @@ from weft.mesh import (
     Workload,
     WorkloadPort,
 )
+from weft.traffic import (
+    DEFAULT as DEFAULT_TRAFFIC,
+)
+from weft.traffic import (
+    MAX_RETRY_LIMIT,
+    MAX_TIMEOUT,
+    RetryPolicy,
+    TrafficPolicy,
+    compact_statuses,
+    parse_statuses,
+)
 
 DISCOVERY_PATH = "/v1/discovery"
 CONTENT_TYPE = "application/vnd.weft.discovery.v1"
@@ -96,7 +107,49 @@ def encode_service(s: Service) -> dict[str, Any]:
             for e in s.endpoints
         ],
         "opaque_ports": list(s.opaque_ports),
+        **({"traffic": encode_traffic(s.traffic)} if s.traffic != DEFAULT_TRAFFIC else {}),
     }
+
+
+def encode_traffic(t: TrafficPolicy) -> dict[str, Any]:
+    r = t.retry
+    out: dict[str, Any] = {"retry_limit": r.limit}
+    if r.http_statuses:
+        out["retry_http"] = compact_statuses(r.http_statuses)
+    if r.grpc_codes:
+        out["retry_grpc"] = sorted(r.grpc_codes)
+    if r.per_try_timeout is not None:
+        out["retry_timeout"] = r.per_try_timeout
+    if t.request_timeout is not None:
+        out["timeout_request"] = t.request_timeout
+    return out
+
+
+def decode_traffic(obj: Any, where: str) -> TrafficPolicy:
+    f = _Fields(obj, where)
+    try:
+        statuses = f.get("retry_http", str, None)
+        codes = f.list("retry_grpc") if "retry_grpc" in f.obj else []
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 16 for c in codes):
+            raise ValueError("retry_grpc: expected gRPC codes 1-16")
+        limit = f.get("retry_limit", int)
+        if not 0 <= limit <= MAX_RETRY_LIMIT:
+            raise ValueError(f"retry_limit {limit} out of range")
+        timeouts = []
+        for key in ("retry_timeout", "timeout_request"):
+            v = f.get(key, (int, float), None)
+            if v is not None and not 0 < v <= MAX_TIMEOUT:
+                raise ValueError(f"{key} {v} out of range")
+            timeouts.append(float(v) if v is not None else None)
+        retry = RetryPolicy(
+            http_statuses=parse_statuses(statuses) if statuses else frozenset(),
+            grpc_codes=frozenset(codes),
+            limit=limit,
+            per_try_timeout=timeouts[0],
+        )
+    except ValueError as e:
+        raise MeshWireError(f"{where}: {e}") from None
+    return TrafficPolicy(retry=retry, request_timeout=timeouts[1])
 
 
 def encode_item(item: Item) -> dict[str, Any]:
@@ -225,6 +278,11 @@ def decode_service(obj: Any, where: str = "service") -> Service:
         ports=tuple(ports),
         endpoints=tuple(endpoints),
         opaque_ports=_ports_list(f, "opaque_ports"),
+        traffic=(
+            decode_traffic(f.obj["traffic"], f"{where}.traffic")
+            if "traffic" in f.obj
+            else DEFAULT_TRAFFIC
+        ),
     )
 
 

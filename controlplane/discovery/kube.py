@@ -81,6 +81,7 @@ from controlplane.discovery.model import (
     service_key,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from weft.traffic import LastValid, traffic_keys
 
 log = logging.getLogger("weft.discovery.kube")
 
@@ -282,6 +283,9 @@ class ServiceFacts:
     ports: tuple[ServicePort, ...]
     external_name: bool
     opaque_ports: tuple[int, ...] = ()
+    traffic: tuple[tuple[str, str], ...] = ()
+    """Its retry and timeout annotations as found (`weft.traffic`), parsed by the view
+    (which keeps the last valid policy while they are invalid)."""
 
     @property
     def key(self) -> str:
@@ -379,6 +383,7 @@ def parse_service(obj: JSON) -> ServiceFacts:
         ),
         external_name=spec.get("type") == "ExternalName",
         opaque_ports=opaque_ports(meta.get("annotations") or {}),
+        traffic=tuple(sorted(traffic_keys(meta.get("annotations") or {}).items())),
     )
 
 
@@ -445,6 +450,8 @@ class ClusterView:
         self.pods: dict[str, PodFacts] = {}
         self.services: dict[str, ServiceFacts] = {}
         self.slices: dict[str, SliceFacts] = {}
+        self.traffic = LastValid()
+        """Services' retry/timeout policies (and their rejected annotations)."""
         self._pods_by_ns: dict[str, set[str]] = {}
         self._slices_by_service: dict[str, set[str]] = {}
         self._listed: set[str] = set()
@@ -575,7 +582,10 @@ class ClusterView:
 
     def service(self, key: str) -> Service | None:
         svc = self.services.get(key)
-        if svc is None or svc.external_name:
+        if svc is None:
+            self.traffic.forget(key)  # deleted (a MODIFIED is a remove and a put: kept)
+            return None
+        if svc.external_name:
             return None  # ExternalName: a DNS alias, nothing for the mesh to balance
         named = [p for p in svc.ports if isinstance(p.target_port, str)]
         by_address: dict[str, Endpoint] = {}
@@ -613,6 +623,7 @@ class ClusterView:
             ports=svc.ports,
             endpoints=tuple(by_address[a] for a in sorted(by_address)),
             opaque_ports=svc.opaque_ports,
+            traffic=self.traffic.policy(key, dict(svc.traffic)),
         )
 
 

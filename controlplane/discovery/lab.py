@@ -34,6 +34,7 @@ from controlplane.discovery.model import (
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
 from weft.lab.state import LabState, StateError, load_state
+from weft.traffic import LastValid
 
 log = logging.getLogger("weft.discovery.lab")
 
@@ -47,10 +48,12 @@ def lab_uid(lab: str, namespace: str, pod: str) -> str:
 
 
 def lab_model(
-    state: LabState, trust_domain: str = DEFAULT_TRUST_DOMAIN
+    state: LabState, trust_domain: str = DEFAULT_TRUST_DOMAIN, traffic: LastValid | None = None
 ) -> tuple[list[Workload], list[Service]]:
-    """Workloads and services of a lab, as discovery models them."""
+    """Workloads and services of a lab, as discovery models them. ``traffic`` keeps each
+    service's last valid retry/timeout policy across calls (a source's)."""
     plan = state.plan
+    traffic = traffic if traffic is not None else LastValid()
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
     node_ips = {n.name: n.ip for n in plan.nodes}
@@ -103,6 +106,8 @@ def lab_model(
                     key=lambda e: e.address,
                 )
             ),
+            opaque_ports=opaque_ports(svc.annotations),
+            traffic=traffic.policy(f"{svc.namespace}/{svc.name}", svc.annotations),
         )
         for svc in plan.services
     ]
@@ -126,6 +131,7 @@ class LabSource:
         self.store = store
         self.interval = interval
         self.trust_domain = trust_domain
+        self.traffic = LastValid()
         self._seen: tuple[int, int, int] | None = None
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -151,7 +157,7 @@ class LabSource:
         except StateError as e:
             log.warning("lab state unreadable, keeping the last state: %s", e)
             return False
-        workloads, services = lab_model(state, self.trust_domain)
+        workloads, services = lab_model(state, self.trust_domain, self.traffic)
         deltas = self.store.replace(workloads, services)
         if deltas:
             log.info(

@@ -29,6 +29,8 @@ from nodeagent.proxy.retry import RetryBudget
 from weft.identity import SpiffeId
 from weft.mesh import Endpoint, InboundMode, Service, ServicePort, Workload
 from weft.meshwire import SnapshotMsg
+from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
+from weft.traffic import TrafficPolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,14 +177,17 @@ def _pod(i: int, ip: str) -> Workload:
     )  # fmt: skip
 
 
-def outbound(port: int) -> tuple[MeshState, OutboundHttp, HttpMetrics]:
-    """The mesh state (service ``echo`` at `VIP`, the two replicas on ``port``) and an
-    outbound HTTP stage over it, dialing plaintext: what every proxy test forwards by."""
+def outbound(
+    port: int, traffic: TrafficPolicy = DEFAULT_TRAFFIC
+) -> tuple[MeshState, OutboundHttp, HttpMetrics]:
+    """The mesh state (service ``echo`` at `VIP`, the two replicas on ``port``, with
+    ``traffic`` as its retry/timeout policy) and an outbound HTTP stage over it, dialing
+    plaintext: what every proxy test forwards by."""
     state = MeshState()
     pods = [_pod(i, ip) for i, ip in enumerate(REPLICAS)]
     svc = Service(
         name="echo", namespace="default", vips=(VIP[0],), ports=(ServicePort(80, port),),
-        endpoints=tuple(Endpoint(p.ips[0], p.uid, True) for p in pods),
+        endpoints=tuple(Endpoint(p.ips[0], p.uid, True) for p in pods), traffic=traffic,
     )  # fmt: skip
     state.apply(SnapshotMsg("e", 1, tuple(pods), (svc,)))
     metrics = HttpMetrics()

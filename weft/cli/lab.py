@@ -217,6 +217,18 @@ def label(ctx: click.Context, pod: str, changes: tuple[str, ...]) -> None:
       weft lab label client-1 weft.io/capture-            # stop capturing client-1
       weft lab label echo-1 weft.io/inbound-mode=strict   # only the node may connect in
     """
+    parsed = _changes(changes)
+    lab_ = _lab(ctx)
+    try:
+        new = lab_.set_labels(pod, parsed)
+    except LabError as e:
+        _fail(e)
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(new.labels.items()))
+    captured = lab_.load().plan.captured(new)
+    err.print(f"{pod}: {labels} (captured: {captured}, strict: {new.strict})", highlight=False)
+
+
+def _changes(changes: tuple[str, ...]) -> dict[str, str | None]:
     parsed: dict[str, str | None] = {}
     for c in changes:
         if "=" in c:
@@ -226,14 +238,40 @@ def label(ctx: click.Context, pod: str, changes: tuple[str, ...]) -> None:
             parsed[c[:-1]] = None
         else:
             raise click.UsageError(f"{c!r}: use KEY=VALUE to set or KEY- to remove")
+    return parsed
+
+
+@lab.command()
+@click.argument("service")
+@click.argument("changes", nargs=-1, required=True)
+@click.pass_context
+def annotate(ctx: click.Context, service: str, changes: tuple[str, ...]) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) annotations of SERVICE (NAME or NS/NAME, as
+    ``svc/NAME`` too), as ``kubectl annotate`` would; agents apply the change. Invalid
+    values are rejected by the control plane (logged) and the last valid policy stays.
+
+    \b
+    Examples:
+      weft lab annotate svc/echo weft.io/retry-http=5xx weft.io/retry-limit=2
+      weft lab annotate echo weft.io/timeout-request=500ms
+      weft lab annotate echo weft.io/retry-http-            # stop retrying
+    """
+    parsed = _changes(changes)
+    if service.startswith(("svc/", "service/")):
+        service = service.split("/", 1)[1]
+    from weft.traffic import TrafficError, parse_traffic
+
     lab_ = _lab(ctx)
     try:
-        new = lab_.set_labels(pod, parsed)
+        new = lab_.annotate_service(service, parsed)
     except LabError as e:
         _fail(e)
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(new.labels.items()))
-    captured = lab_.load().plan.captured(new)
-    err.print(f"{pod}: {labels} (captured: {captured}, strict: {new.strict})", highlight=False)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(new.annotations.items())) or "(none)"
+    err.print(f"{new.namespace}/{new.name}: {shown}", highlight=False)
+    try:
+        parse_traffic(new.annotations)
+    except TrafficError as e:
+        err.print(f"[yellow]warning:[/] rejected, the last valid policy stays: {e}")
 
 
 @lab.command("restart-agent", context_settings={"ignore_unknown_options": True})

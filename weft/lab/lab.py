@@ -33,6 +33,7 @@ from weft.lab.plan import (
     CONTROLPLANE_IP,
     LabPlan,
     PodPlan,
+    ServicePlan,
     endpoints,
     hosts_file,
     netns_name,
@@ -395,6 +396,32 @@ class Lab:
         new = dataclasses.replace(pod, labels=labels)
         state.plan = dataclasses.replace(
             state.plan, pods=tuple(new if p.name == pod.name else p for p in state.plan.pods)
+        )
+        state.save()
+        return new
+
+    def annotate_service(self, name: str, changes: dict[str, str | None]) -> ServicePlan:
+        """Set (value) or remove (None) annotations of service ``name`` (``ns/name`` or a
+        name in any namespace, if unique); the control plane picks the change up."""
+        require_root()
+        state = self.load()
+        ns, _, short = name.rpartition("/")
+        found = [s for s in state.plan.services
+                 if s.name == short and (not ns or s.namespace == ns)]  # fmt: skip
+        if len(found) != 1:
+            names = ", ".join(f"{s.namespace}/{s.name}" for s in state.plan.services)
+            what = "no" if not found else "more than one"
+            raise LabError(f"{what} service {name!r} in lab {state.plan.name} (it has: {names})")
+        svc = found[0]
+        annotations = dict(svc.annotations)
+        for k, v in changes.items():
+            if v is None:
+                annotations.pop(k, None)
+            else:
+                annotations[k] = v
+        new = dataclasses.replace(svc, annotations=annotations)
+        state.plan = dataclasses.replace(
+            state.plan, services=tuple(new if s is svc else s for s in state.plan.services)
         )
         state.save()
         return new

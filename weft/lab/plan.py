@@ -104,6 +104,9 @@ class ServicePlan:
     vip: str
     ports: tuple[ServicePort, ...]
     selector: dict[str, str]
+    annotations: dict[str, str] = field(default_factory=dict)
+    """What a Kubernetes Service's annotations carry (retries, timeouts: `weft.traffic`);
+    set with ``weft lab annotate``."""
 
     def fqdn(self, trust_domain: str = TRUST_DOMAIN) -> str:
         return f"{self.name}.{self.namespace}.svc.{trust_domain}"

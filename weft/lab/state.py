@@ -132,6 +132,7 @@ class LabState:
                     "vip": s.vip,
                     "ports": [asdict(port) for port in s.ports],
                     "selector": s.selector,
+                    "annotations": s.annotations,
                 }
                 for s in plan.services
             ],
@@ -180,6 +181,7 @@ class LabState:
                     vip=s["vip"],
                     ports=tuple(ServicePort(**port) for port in s["ports"]),
                     selector=dict(s["selector"]),
+                    annotations=dict(s.get("annotations") or {}),
                 )
                 for s in data["services"]
             ),

@@ -36,14 +36,24 @@ from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
 from nodeagent.proxy.http.h2client import H2Client, H2Pool
-from nodeagent.proxy.http.message import ProxyError
+from nodeagent.proxy.http.message import (
+    RETRY_ATTEMPT_HEADER,
+    ProxyError,
+    ResponseHead,
+    set_forward_header,
+)
 from nodeagent.proxy.http.observe import CANCELLED
+from nodeagent.proxy.http.retries import REPLAY_LIMIT, Retrying
 from nodeagent.proxy.http.server import Exchange, ProxyFailure
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, resolve, workload_name
+from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
+from nodeagent.retrymetrics import TIMEOUT, RetryMetrics
 from weft.mesh import Workload
+from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
+from weft.traffic import RETRY_TIMEOUT_KEY, TIMEOUT_REQUEST_KEY, TrafficPolicy
 
 log = logging.getLogger("weft.proxy.http")
 
@@ -85,6 +95,7 @@ class _Route:
     hops: dict[Address, Hop]
     balanced: bool
     candidates: tuple[Address, ...]
+    traffic: TrafficPolicy = DEFAULT_TRAFFIC
 
 
 class _QuietObserver:
@@ -121,6 +132,7 @@ class OutboundHttp:
         metrics: HttpMetrics,
         observer: ObserverFactory | None = None,
         h2_pool: H2Pool | None = None,
+        retry_metrics: RetryMetrics | None = None,
     ) -> None:
         self.mesh = mesh
         self.failover = failover
@@ -129,8 +141,19 @@ class OutboundHttp:
         self.h2_pool = h2_pool or H2Pool()
         self.metrics = metrics
         self._observer = observer
+        self.retry_metrics = retry_metrics or RetryMetrics()
+        self._budgets: dict[str, RetryBudget] = {}
         self.requests = 0
         self.replayed = 0
+
+    def budget(self, service: str) -> RetryBudget:
+        """The retry budget of ``service`` (per node, as Linkerd's is per proxy)."""
+        budget = self._budgets.get(service)
+        if budget is None:
+            if len(self._budgets) >= 10_000:  # services come and go: start afresh
+                self._budgets.clear()
+            budget = self._budgets[service] = RetryBudget()
+        return budget
 
     def forwarder(
         self, app: Address, destination: Address, label: str, protocol: str = HTTP1
@@ -140,11 +163,13 @@ class OutboundHttp:
     def _route(self, destination: Address) -> _Route:
         resolved = resolve(self.mesh, destination)
         hops = {h.address: h for h in resolved.hops}
+        service = resolved.service
         return _Route(
-            resolved.service.key if resolved.service is not None else "",
+            service.key if service is not None else "",
             hops,
-            resolved.service is not None,
+            service is not None,
             tuple(hops),
+            service.traffic if service is not None else DEFAULT_TRAFFIC,
         )
 
     def _current(self, client: Upstream, source: Workload | None) -> bool:
@@ -197,6 +222,19 @@ class OutboundHttp:
 
 FastDone = Callable[[Exchange, ProxyFailure | None, bool], None]
 """(exchange, the failure to answer or None, whether to send it again with `forward`)."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request on the general path: what `_attempts` needs across attempts."""
+
+    exchange: Exchange
+    route: _Route
+    observer: _QuietObserver
+    source: Workload | None
+    authority: str
+    src_name: tuple[str, str]
+    retrying: Retrying | None = None
 
 
 @dataclass(slots=True)
@@ -261,6 +299,8 @@ class OutboundForwarder:
         except NoRoute:
             self._version = -1
             return False  # `forward` answers it
+        if not route.traffic.plain:
+            return False  # retries or timeouts: `forward` has the retry stage
         lease = None
         if route.balanced:
             lease = http.failover.balancer.lease(route.candidates)
@@ -349,49 +389,106 @@ class OutboundForwarder:
             self._version = -1
             self._record(exchange, authority, src_name, None, source, error=ProxyError.NO_ENDPOINTS)
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
+        call = _Call(exchange, route, observer, source, authority, src_name)
+        traffic = route.traffic
+        if self.protocol == HTTP1 and exchange.head.upgrade is None and traffic.retry.enabled:
+            call.retrying = Retrying(traffic.retry, http.budget(route.service),
+                                     http.retry_metrics, route.service)  # fmt: skip
+            exchange.keep_for_replay(REPLAY_LIMIT)
+        timeout = traffic.request_timeout
+        if timeout is None:
+            await self._attempts(call)
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._attempts(call)
+        except TimeoutError:
+            http.retry_metrics.count(TIMEOUT, route.service, "request")
+            self._record(exchange, authority, src_name, None, source, error=ProxyError.TIMEOUT)
+            raise ProxyFailure(
+                ProxyError.TIMEOUT,
+                f"{route.service}: no complete response within {timeout:g} s "
+                f"({TIMEOUT_REQUEST_KEY}); the upstream request was cancelled",
+            ) from None
+
+    async def _attempts(self, call: _Call) -> None:
+        """Send the request until an attempt's response is taken: failover over connect
+        failures, one replay for the keep-alive race, and the retry stage's retries."""
+        http = self.http
+        exchange, route, retrying = call.exchange, call.route, call.retrying
         fresh = False
         avoid: tuple[Address, ...] = ()
-        first = 0
+        race = True
         if self._replay is not None:  # a fast-path exchange lost in the keep-alive race
-            fresh, avoid, first = True, self._replay, 1
+            fresh, avoid, race = True, self._replay, False
             self._replay = None
         else:
             http.requests += 1
-        for attempt in range(first, 2):
+            if retrying is not None:
+                retrying.budget.attempt()
+        while True:
             try:
                 connected = await http.failover.connect(
                     route.candidates,
-                    functools.partial(self._connect, source, route.hops, fresh),
+                    functools.partial(self._connect, call.source, route.hops, fresh),
                     balanced=route.balanced,
-                    observer=observer,
+                    observer=call.observer,
                     avoid=avoid,
                 )
             except Exception as exc:
                 failure = failure_of(exc)
-                self._record(exchange, authority, src_name, None, source, error=failure.error)
+                self._record(exchange, call.authority, call.src_name, None, call.source,
+                             error=failure.error)  # fmt: skip
                 raise failure from None
             client, reused = connected.value
             hop = route.hops[connected.endpoint]
             lease = connected.lease
+            per_try = None
+            if retrying is not None:
+                exchange.retry_gate = functools.partial(self._gate, exchange, retrying)
+                per_try = retrying.policy.per_try_timeout if retrying.left else None
             try:
-                await client.send(exchange)  # type: ignore[arg-type]
+                done = client.send(exchange)  # type: ignore[arg-type]
+                if per_try is None:
+                    await done
+                else:
+                    await asyncio.wait_for(done, per_try)
             except UpstreamLost as lost:
                 if lease is not None:
                     lease.release()
-                if (
-                    attempt == 0
-                    and exchange.replayable
-                    and lost.retryable(exchange.head.idempotent, reused)
-                ):
+                if race and exchange.replayable and lost.retryable(exchange.head.idempotent,
+                                                                   reused):  # fmt: skip
                     # The keep-alive race (the upstream closed the idle connection as we
                     # reused it), or a stream the upstream refused: once more, on a new
                     # connection (a refused stream: to another endpoint if there is one).
                     exchange.unbind()
                     http.replayed += 1
-                    fresh = True
+                    race, fresh = False, True
                     avoid = (connected.endpoint,) if lost.refused else ()
                     continue
-                raise self._lost(exchange, authority, src_name, hop, source, lost) from None
+                raise self._lost(exchange, call.authority, call.src_name, hop, call.source,
+                                 lost) from None  # fmt: skip
+            except TimeoutError:  # the per-try timeout (never the request's: see above)
+                if lease is not None:
+                    lease.release()
+                client.cancel(exchange)  # type: ignore[arg-type]
+                assert retrying is not None
+                http.retry_metrics.count(TIMEOUT, route.service, "try")
+                if exchange.response_started or not retrying.allow(
+                    idempotent=exchange.head.idempotent,
+                    replayable=exchange.replayable,
+                    reason="timeout",
+                ):
+                    self._record(exchange, call.authority, call.src_name, hop, call.source,
+                                 error=ProxyError.TIMEOUT)  # fmt: skip
+                    raise ProxyFailure(
+                        ProxyError.TIMEOUT,
+                        f"{format_address(hop.address)}: no response within {per_try:g} s "
+                        f"({RETRY_TIMEOUT_KEY}), and no retry allowed",
+                    ) from None
+                self._again(exchange, retrying)
+                fresh, avoid = False, (connected.endpoint,)
+                continue
             except BaseException:
                 if lease is not None:
                     lease.release()
@@ -401,8 +498,30 @@ class OutboundForwarder:
                 if exchange.responded is not None and exchange.sent is not None:
                     lease.observe(exchange.responded - exchange.sent)
                 lease.release()
-            self._record(exchange, authority, src_name, hop, source)
+            if retrying is not None and exchange.discarded is not None:
+                # The retry stage swallowed this response (and allowed a retry): to
+                # another endpoint when there is one.
+                self._again(exchange, retrying)
+                fresh, avoid = False, (connected.endpoint,)
+                continue
+            self._record(exchange, call.authority, call.src_name, hop, call.source)
             return
+
+    @staticmethod
+    def _gate(exchange: Exchange, retrying: Retrying, head: ResponseHead) -> bool:
+        """`Exchange.retry_gate`: swallow this response if its status is retried and a
+        retry is allowed."""
+        if not retrying.retryable_status(head.status):
+            return False
+        return retrying.allow(
+            idempotent=exchange.head.idempotent, replayable=exchange.replayable, reason="status"
+        )
+
+    @staticmethod
+    def _again(exchange: Exchange, retrying: Retrying) -> None:
+        exchange.rewind()
+        exchange.retries = retrying.retries
+        set_forward_header(exchange.head, RETRY_ATTEMPT_HEADER, b"%d" % retrying.retries)
 
     def _connect(
         self, source: Workload | None, hops: dict[Address, Hop], fresh: bool, endpoint: Address

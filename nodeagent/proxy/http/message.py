@@ -28,6 +28,10 @@ forwarded as received. (``Upgrade`` and ``Connection: upgrade`` are re-added for
 upgrade request; framing is re-added by the encoder.)"""
 
 PROXY_ERROR_HEADER = b"weft-proxy-error"
+RETRY_ATTEMPT_HEADER = b"weft-retry-attempt"
+"""On a retried request: which retry this is (1, 2, ...), so the app can tell."""
+RETRY_ATTEMPTS_HEADER = b"weft-retry-attempts"
+"""On a response to the client: how many retries it took (absent when none)."""
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 """Methods a proxy may send again after a connection failure left it unknown whether
@@ -56,6 +60,18 @@ def end_to_end(headers: Headers) -> Headers:
     named = connection_tokens(headers)
     drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() != b"content-length"]
+
+
+def set_forward_header(head: RequestHead | ResponseHead, name: bytes, value: bytes) -> None:
+    """Send ``head`` with header ``name`` (lower case) set to ``value``, replacing any
+    the peer sent: the proxy's own headers (retry counts)."""
+    forward = head.forward
+    if forward is None:
+        if isinstance(head, RequestHead):
+            head.te = header(head.headers, b"te")
+        forward = end_to_end(head.headers)
+    head.forward = [(k, v) for k, v in forward if k.lower() != name]
+    head.forward.append((name, value))
 
 
 @dataclass(slots=True)

@@ -45,11 +45,13 @@ from nodeagent.proxy.http.h1 import (
     encode_response_head,
 )
 from nodeagent.proxy.http.message import (
+    RETRY_ATTEMPTS_HEADER,
     Headers,
     ProxyError,
     RequestHead,
     ResponseHead,
     error_response,
+    set_forward_header,
 )
 from nodeagent.proxy.relay import Relay, reset_transport
 
@@ -129,9 +131,13 @@ class Exchange:
         "_body_held",
         "_body_held_bytes",
         "_chunked_out",
+        "_replay",
+        "_replay_bytes",
+        "_replay_limit",
         "_server",
         "_upstream",
         "close_after",
+        "discarded",
         "head",
         "request_complete",
         "request_trailers",
@@ -139,6 +145,8 @@ class Exchange:
         "response",
         "response_complete",
         "response_started",
+        "retries",
+        "retry_gate",
         "sent",
         "started",
         "upgrade_leftover",
@@ -164,10 +172,38 @@ class Exchange:
         self._chunked_out = False
         self.close_after = not head.keep_alive
         self.upgrade_leftover: bytes | None = None
+        # Retries (the forwarder's retry stage): the body kept for sending again, the
+        # gate that may swallow a failed response, and what it swallowed.
+        self._replay: list[bytes] | None = None
+        self._replay_bytes = 0
+        self._replay_limit = 0
+        self.retry_gate: Callable[[ResponseHead], bool] | None = None
+        """Called with a final response head before any of it is written: True
+        swallows that response (head, body, end) so the forwarder can try again."""
+        self.discarded: ResponseHead | None = None
+        self.retries = 0
+        """Retries this exchange took (``weft-retry-attempts`` on the response)."""
 
     # --- request side (from the server) --------------------------------------------------
 
+    def keep_for_replay(self, limit: int) -> None:
+        """Hold a copy of the request body, up to ``limit`` bytes, so the request can be
+        sent again (`rewind`); past the limit it is sent once (not `replayable`)."""
+        if self._replay is not None or self._replay_limit:
+            return
+        self._replay_limit = limit
+        if self._upstream is None and self._body_held_bytes <= limit:
+            self._replay = list(self._body_held)
+            self._replay_bytes = self._body_held_bytes
+
     def _request_body(self, data: bytes) -> None:
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > self._replay_limit:
+                self._replay = None
+            else:
+                replay.append(data)
         if self._upstream is not None:
             self._upstream.write_body(data)
         else:
@@ -214,14 +250,30 @@ class Exchange:
 
     def unbind(self) -> None:
         """The upstream attempt failed before any response byte; the forwarder may
-        bind another (a retry) if no request body has been sent yet."""
+        bind another (a retry) if the request is `replayable`: the body kept for replay
+        goes to the next upstream first."""
         self._upstream = None
+        if self._replay is not None:
+            self._body_held = list(self._replay)
+            self._body_held_bytes = self._replay_bytes
+
+    def rewind(self) -> None:
+        """A swallowed response (`retry_gate`) or a timed-out attempt: forget it and
+        unbind, ready for the next attempt."""
+        self.unbind()
+        self.discarded = None
+        self.response = None
+        self.response_started = False
+        self.response_complete = False
+        self.responded = None
+        self.sent = None
 
     @property
     def replayable(self) -> bool:
-        """No body byte has left for an upstream: the request can be sent again (when
-        the forwarder knows that is safe: see `UpstreamLost.retryable`)."""
-        return not self.head.has_body
+        """Every body byte that left for an upstream can be sent again: there is none,
+        or the body is held (`keep_for_replay`) — when the forwarder knows that sending
+        again is safe: see `UpstreamLost.retryable` and the retry stage."""
+        return not self.head.has_body or self._replay is not None
 
     # --- response side (from the upstream) ------------------------------------------------
 
@@ -232,6 +284,12 @@ class Exchange:
                 return  # written by `upgrade` with the switch
             server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"-"))
             return
+        gate = self.retry_gate
+        if gate is not None and self.head.upgrade is None and gate(head):
+            self.discarded = head  # its body and end are dropped too; the forwarder retries
+            return
+        if self.retries:
+            set_forward_header(head, RETRY_ATTEMPTS_HEADER, b"%d" % self.retries)
         self.response = head
         self.response_started = True
         self.responded = server._clock()
@@ -258,12 +316,16 @@ class Exchange:
         )
 
     def response_body(self, data: bytes) -> None:
+        if self.discarded is not None:
+            return
         if self._chunked_out:
             self._server.write(encode_chunk(data))
         else:
             self._server.write(data)
 
     def response_end(self, head: ResponseHead) -> None:
+        if self.discarded is not None:
+            return
         if self._chunked_out:
             self._server.write(encode_last_chunk(head.trailers))
         self.response_complete = True

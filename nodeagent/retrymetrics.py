@@ -1,0 +1,67 @@
+"""Counts of the outbound proxy's per-request decisions: retries and timeouts.
+
+Series (``_total`` added by the exposition), per destination ``service`` (``ns/name``;
+the number of services bounds them, and a cap keeps a bug from growing them):
+
+* ``outbound_http_retry_total{service,reason}`` — retries sent; ``reason`` is what the
+  previous attempt got: ``status`` (a status or gRPC code the policy retries) or
+  ``timeout`` (the per-try timeout expired before the response head);
+* ``outbound_http_retry_skipped_total{service,reason}`` — failed attempts that were
+  *not* retried although the policy asked: ``budget`` (the service's retry budget is
+  spent — a brownout is not multiplied), ``limit`` (``weft.io/retry-limit`` reached),
+  ``body-too-large`` (more than `REPLAY_LIMIT` of body was sent), ``not-idempotent``
+  (the method may have had an effect: POST, PATCH);
+* ``outbound_http_timeout_total{service,kind}`` — ``request`` (``weft.io/timeout-request``:
+  answered 504, or reset when the response had started) and ``try`` (a per-try timeout).
+
+Linkerd's equivalents: ``outbound_http_route_retry_requests_total``,
+``..._retry_limit_exceeded_total`` and ``..._retry_overflow_total`` (budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+MAX_SERIES = 10_000
+
+RETRIED = "retry"
+SKIPPED = "retry_skipped"
+TIMEOUT = "timeout"
+
+_FAMILIES = {
+    RETRIED: ("outbound_http_retry", "Retries sent, by what the previous attempt got.",
+              "reason"),
+    SKIPPED: ("outbound_http_retry_skipped", "Failed attempts the policy would retry that "
+              "were not retried, by why not.", "reason"),
+    TIMEOUT: ("outbound_http_timeout", "Requests (request) and attempts (try) that timed "
+              "out.", "kind"),
+}  # fmt: skip
+
+
+class RetryMetrics(Collector):
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
+        self.max_series = max_series
+        self._counts: dict[tuple[str, str, str], int] = {}
+
+    def count(self, family: str, service: str, why: str) -> None:
+        key = (family, service, why)
+        n = self._counts.get(key)
+        if n is None and len(self._counts) >= self.max_series:
+            key = (family, "overflow", why)
+            n = self._counts.get(key)
+        self._counts[key] = (n or 0) + 1
+
+    def get(self, family: str, service: str, why: str) -> int:
+        return self._counts.get((family, service, why), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            f: CounterMetricFamily(name, doc, labels=["service", label])
+            for f, (name, doc, label) in _FAMILIES.items()
+        }
+        for (family, service, why), n in list(self._counts.items()):
+            families[family].add_metric([service, why], n)
+        yield from families.values()

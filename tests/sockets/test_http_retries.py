@@ -1,0 +1,249 @@
+"""The retry stage and timeouts of the outbound HTTP/1.1 path on 127.0.0.0/8: a real
+`Http1Server`, the outbound forwarder and two real replicas whose answers the tests set
+(a status, a hang), with http.client and raw sockets as clients. The policy comes from
+the service's `TrafficPolicy`, as discovery delivers it from annotations."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.client
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from nodeagent.proxy.http.forward import OutboundHttp
+from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
+from nodeagent.proxy.retry import RetryBudget
+from nodeagent.retrymetrics import RETRIED, SKIPPED, TIMEOUT
+from tests.sockets.test_http_proxy import REPLICAS, VIP, _read_body, _read_head, outbound
+from weft.traffic import parse_traffic
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVICE = "default/echo"
+
+
+@dataclass
+class Replica:
+    name: str
+    status: int = 200
+    hang: bool = False
+    server: asyncio.Server | None = None
+    seen: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    """(method, headers, body) of every request it read."""
+    lost: int = 0
+    """Connections that went away while it was hanging (the proxy cancelled)."""
+
+
+async def _serve(r: Replica, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    try:
+        while (got := await _read_head(reader)) is not None:
+            line, headers = got
+            body = await _read_body(reader, headers)
+            r.seen.append((line.split(" ")[0], headers, body))
+            if r.hang:
+                try:
+                    gone = not await reader.read(1)
+                except ConnectionError:
+                    gone = True  # reset: what a cancelled attempt looks like
+                r.lost += gone
+                return
+            me = r.name.encode()
+            writer.write(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%s"
+                         % (r.status, len(me), me))  # fmt: skip
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return
+    finally:
+        writer.close()
+
+
+@dataclass
+class Mesh:
+    replicas: list[Replica]
+    http: OutboundHttp
+    port: int
+
+    def good_and_bad(self, bad_status: int = 503) -> tuple[Replica, Replica]:
+        good, bad = self.replicas
+        bad.status = bad_status
+        return good, bad
+
+    def count(self, family: str, why: str) -> int:
+        return self.http.retry_metrics.get(family, SERVICE, why)
+
+
+@pytest.fixture
+async def make_mesh(unused_tcp_port: int) -> AsyncIterator:
+    """A factory: the mesh with the service's policy from these annotations."""
+    made: list[tuple[list[Replica], OutboundHttp, asyncio.Server]] = []
+
+    async def make(annotations: dict[str, str]) -> Mesh:
+        port = unused_tcp_port
+        replicas = [Replica(f"replica-{ip[-1]}") for ip in REPLICAS]
+        for ip, r in zip(REPLICAS, replicas, strict=True):
+            r.server = await asyncio.start_server(
+                functools.partial(_serve, r), ip, port, reuse_address=True
+            )
+        _, outbound_http, _ = outbound(port, traffic=parse_traffic(annotations))
+        loop = asyncio.get_running_loop()
+        config = HttpServerConfig(head_timeout=5.0)
+
+        def server() -> Http1Server:
+            forwarder = outbound_http.forwarder(("127.0.0.1", 1), VIP, "test")
+            return Http1Server(forwarder, label="test", config=config)
+
+        proxy = await loop.create_server(server, "127.0.0.1", 0)
+        made.append((replicas, outbound_http, proxy))
+        return Mesh(replicas, outbound_http, proxy.sockets[0].getsockname()[1])
+
+    yield make
+    for replicas, outbound_http, proxy in made:
+        proxy.close()
+        outbound_http.pool.close()
+        for r in replicas:
+            assert r.server is not None
+            r.server.close()
+    await asyncio.sleep(0.1)
+
+
+def _requests(
+    port: int, n: int, method: str = "GET", body: bytes | None = None
+) -> list[tuple[int, bytes, dict[str, str]]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    out = []
+    try:
+        for _ in range(n):
+            conn.request(method, "/", body=body, headers={"Host": "echo.default"})
+            resp = conn.getresponse()
+            out.append((resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()}))
+    finally:
+        conn.close()
+    return out
+
+
+async def test_a_failing_replica_costs_the_client_nothing(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-http": "5xx"})
+    good, bad = mesh.good_and_bad()
+    results = await asyncio.to_thread(_requests, mesh.port, 200)
+    assert [s for s, _, _ in results] == [200] * 200
+    assert {b for _, b, _ in results} == {good.name.encode()}
+    retried = [h for _, _, h in results if "weft-retry-attempts" in h]
+    assert retried and all(h["weft-retry-attempts"] == "1" for h in retried)
+    assert len(retried) == len(bad.seen) == mesh.count(RETRIED, "status")
+    # The retried requests reached the good replica marked as retries.
+    marked = [h for _, h, _ in good.seen if h.get("weft-retry-attempt") == "1"]
+    assert len(marked) == len(bad.seen)
+    assert all("weft-retry-attempt" not in h for _, h, _ in bad.seen)
+
+
+async def test_without_the_annotation_nothing_is_retried(make_mesh):
+    mesh = await make_mesh({})
+    _, bad = mesh.good_and_bad()
+    results = await asyncio.to_thread(_requests, mesh.port, 100)
+    failed = [s for s, _, _ in results if s == 503]
+    assert len(failed) == len(bad.seen) > 0
+    assert mesh.count(RETRIED, "status") == 0
+
+
+async def test_statuses_outside_the_policy_pass_through(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-http": "502,504"})
+    _, bad = mesh.good_and_bad(503)
+    results = await asyncio.to_thread(_requests, mesh.port, 60)
+    assert sum(s == 503 for s, _, _ in results) == len(bad.seen) > 0
+
+
+async def test_a_post_is_not_retried(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-http": "5xx"})
+    _, bad = mesh.good_and_bad()
+    results = await asyncio.to_thread(_requests, mesh.port, 60, "POST", b"charge=1")
+    assert sum(s == 503 for s, _, _ in results) == len(bad.seen) > 0
+    assert mesh.count(SKIPPED, "not-idempotent") == len(bad.seen)
+
+
+async def test_a_body_is_sent_again_whole_and_a_large_one_is_not_retried(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-http": "5xx"})
+    good, bad = mesh.good_and_bad()
+    small = bytes(range(256)) * 40  # 10 KiB
+    results = await asyncio.to_thread(_requests, mesh.port, 40, "PUT", small)
+    assert [s for s, _, _ in results] == [200] * 40
+    assert bad.seen and all(b == small for _, _, b in good.seen + bad.seen)
+    large = b"x" * (64 * 1024 + 1)
+    results = await asyncio.to_thread(_requests, mesh.port, 40, "PUT", large)
+    assert any(s == 503 for s, _, _ in results)
+    assert mesh.count(SKIPPED, "body-too-large") == sum(s == 503 for s, _, _ in results)
+
+
+async def test_retries_stay_within_the_limit_and_the_budget(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-http": "5xx", "weft.io/retry-limit": "3"})
+    for r in mesh.replicas:
+        r.status = 503  # every replica fails: retries must not multiply the load
+    budget = mesh.http._budgets[SERVICE] = RetryBudget(ratio=0.2, min_per_second=0.0, ttl=10)
+    results = await asyncio.to_thread(_requests, mesh.port, 100)
+    assert [s for s, _, _ in results] == [503] * 100
+    sent = sum(len(r.seen) for r in mesh.replicas)
+    retries = mesh.count(RETRIED, "status")
+    assert sent == 100 + retries
+    assert retries <= 0.2 * 100 + 1, retries
+    assert mesh.count(SKIPPED, "budget") >= 100 - retries - 10
+    assert budget.skipped == mesh.count(SKIPPED, "budget")
+    assert max(int(h.get("weft-retry-attempts", 0)) for _, _, h in results) <= 3
+
+
+async def test_a_hung_replica_costs_one_per_try_timeout(make_mesh):
+    mesh = await make_mesh({"weft.io/retry-timeout": "200ms", "weft.io/retry-limit": "1"})
+    good, bad = mesh.replicas
+    bad.hang = True
+    t0 = time.monotonic()
+    results = await asyncio.to_thread(_requests, mesh.port, 20)
+    took = time.monotonic() - t0
+    assert [b for _, b, _ in results] == [good.name.encode()] * 20
+    tries = mesh.count(TIMEOUT, "try")
+    assert tries == len(bad.seen) > 0
+    assert took < 20 * 0.05 + tries * 0.2 + 5.0  # each hang cost one per-try timeout
+    assert mesh.count(RETRIED, "timeout") == tries
+    await asyncio.sleep(0.2)
+    assert bad.lost == tries  # every hung attempt's connection was cancelled
+
+
+async def test_the_request_timeout_answers_504_and_cancels_upstream(make_mesh):
+    mesh = await make_mesh({"weft.io/timeout-request": "300ms"})
+    for r in mesh.replicas:
+        r.hang = True
+    t0 = time.monotonic()
+    results = await asyncio.to_thread(_requests, mesh.port, 3)
+    took = time.monotonic() - t0
+    assert [s for s, _, _ in results] == [504] * 3
+    assert all(h["weft-proxy-error"] == "timeout" for _, _, h in results)
+    assert b"timeout-request" in results[0][1]
+    assert 0.9 <= took < 10
+    assert mesh.count(TIMEOUT, "request") == 3
+    await asyncio.sleep(0.2)
+    assert sum(r.lost for r in mesh.replicas) == 3
+
+
+async def test_the_client_connection_survives_retries_and_timeouts(make_mesh):
+    """Pipelined requests, some of whose responses are swallowed and retried: every
+    one is answered 200 on the one client connection."""
+    mesh = await make_mesh({"weft.io/retry-http": "503"})
+    mesh.good_and_bad()
+
+    def pipelined() -> bytes:
+        with socket.create_connection(("127.0.0.1", mesh.port), timeout=30) as s:
+            req = b"GET /%d HTTP/1.1\r\nhost: echo.default\r\n\r\n"
+            s.sendall(b"".join(req % i for i in range(30)))
+            data = b""
+            while data.count(b"HTTP/1.1 200") < 30:
+                got = s.recv(65536)
+                if not got:
+                    break
+                data += got
+            return data
+
+    data = await asyncio.to_thread(pipelined)
+    assert data.count(b"HTTP/1.1 200") == 30
+    assert b"503" not in data
