@@ -30,7 +30,9 @@ class H2Replica:
     """A replica that speaks h2c. Paths: ``/`` (its name), ``/grpc-ok``, ``/grpc-fail``
     (gRPC trailers), ``/delay/MS``, ``/reset`` (RST after the head), ``/refuse-NAME``
     (REFUSED_STREAM when NAME is this replica), ``/big/N`` (N bytes), ``/echo`` (the
-    request body back, after reading it all), ``/stall`` (never reads the body)."""
+    request body back, after reading it all), ``/stall`` (never reads the body),
+    ``/unavailable-NAME`` (when NAME is this replica: gRPC requests get a trailers-only
+    UNAVAILABLE, others 503; elsewhere the request body back, after reading it all)."""
 
     name: str
     delay: float = 0.0
@@ -66,6 +68,8 @@ class _ReplicaConn(H2Protocol):
         self.bodies: dict[int, bytes] = {}
         self.paths: dict[int, str] = {}
         self.pending: dict[int, bytes] = {}
+        self.grpc: set[int] = set()
+        self.answered: set[int] = set()
         replica.conns.append(self)
 
     def events(self, events: Sequence[object]) -> None:
@@ -74,6 +78,8 @@ class _ReplicaConn(H2Protocol):
                 hs = dict(ev.headers)
                 path = hs[b":path"].decode()
                 self.paths[ev.stream_id] = path
+                if hs.get(b"content-type") == b"application/grpc":
+                    self.grpc.add(ev.stream_id)
                 self.bodies[ev.stream_id] = b""
                 self.replica.paths.append(path)
                 self.replica.headers_seen.append(hs)
@@ -81,7 +87,9 @@ class _ReplicaConn(H2Protocol):
                     self.replica.refused += 1
                     self.conn.reset_stream(ev.stream_id, ErrorCodes.REFUSED_STREAM)
                     self.paths.pop(ev.stream_id)
-                elif ev.stream_ended is not None or path not in ("/echo", "/stall"):
+                elif ev.stream_ended is not None or not (
+                    path in ("/echo", "/stall") or path.startswith("/unavailable-")
+                ):
                     self._respond(ev.stream_id)
             elif isinstance(ev, DataReceived):
                 if ev.stream_id in self.bodies:
@@ -89,7 +97,10 @@ class _ReplicaConn(H2Protocol):
                 if self.paths.get(ev.stream_id) != "/stall":
                     self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, StreamEnded):
-                if self.paths.get(ev.stream_id) == "/echo":
+                path = self.paths.get(ev.stream_id, "")
+                if (path == "/echo" or path.startswith("/unavailable-")) and (
+                    ev.stream_id not in self.answered
+                ):
                     self._respond(ev.stream_id)
             elif isinstance(ev, StreamReset):
                 self.replica.resets_seen += 1
@@ -101,9 +112,26 @@ class _ReplicaConn(H2Protocol):
 
     def _respond(self, sid: int) -> None:
         path = self.paths.get(sid, "/")
+        self.answered.add(sid)
         r = self.replica
         r.served += 1
         me = r.name.encode()
+        if path.startswith("/unavailable-"):
+            grpc = sid in self.grpc
+            if path.endswith(r.name):
+                head = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                        (b"grpc-status", b"14"), (b"grpc-message", me)] if grpc else [
+                        (b":status", b"503"), (b"content-length", b"0")]  # fmt: skip
+                self.conn.send_headers(sid, head, end_stream=True)
+                return
+            path = "/echo"
+            self.paths[sid] = path
+            if grpc:
+                self.conn.send_headers(sid, [(b":status", b"200"), (b"x-replica", me),
+                                             (b"content-type", b"application/grpc")])  # fmt: skip
+                self.conn.send_data(sid, self.bodies.get(sid, b""))
+                self.conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                return
         if path.startswith("/delay/"):
             ms = int(path.rsplit("/", 1)[1])
             asyncio.get_running_loop().call_later(ms / 1000, self._plain, sid, me)

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nodeagent.proxy.http.forward import OutboundHttp
+from nodeagent.proxy.http.forward import H2, OutboundHttp
+from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
 from nodeagent.proxy.retry import RetryBudget
 from nodeagent.retrymetrics import RETRIED, SKIPPED, TIMEOUT
+from tests.h2util import H2Replica
 from tests.sockets.test_http_proxy import REPLICAS, VIP, _read_body, _read_head, outbound
+from weft.lab.h2peer import H2Peer as H2TestClient
 from weft.traffic import parse_traffic
 
 pytestmark = pytest.mark.timeout(120)
@@ -247,3 +250,95 @@ async def test_the_client_connection_survives_retries_and_timeouts(make_mesh):
     data = await asyncio.to_thread(pipelined)
     assert data.count(b"HTTP/1.1 200") == 30
     assert b"503" not in data
+
+
+# --- HTTP/2 and gRPC ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def make_h2_mesh(unused_tcp_port: int) -> AsyncIterator:
+    made: list[tuple[list[H2Replica], OutboundHttp, asyncio.Server, list[H2Server]]] = []
+
+    async def make(annotations: dict[str, str]) -> tuple[list[H2Replica], OutboundHttp, int]:
+        port = unused_tcp_port
+        replicas = [H2Replica(f"replica-{ip[-1]}") for ip in REPLICAS]
+        for ip, r in zip(REPLICAS, replicas, strict=True):
+            await r.start(ip, port)
+        _, outbound_http, _ = outbound(port, traffic=parse_traffic(annotations))
+        servers: list[H2Server] = []
+
+        def server() -> H2Server:
+            s = H2Server(outbound_http.forwarder(("127.0.0.1", 1), VIP, "test", H2), label="t")
+            servers.append(s)
+            return s
+
+        proxy = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+        made.append((replicas, outbound_http, proxy, servers))
+        return replicas, outbound_http, proxy.sockets[0].getsockname()[1]
+
+    yield make
+    for replicas, outbound_http, proxy, servers in made:
+        proxy.close()
+        for s in servers:
+            s.abort()
+        outbound_http.h2_pool.close()
+        for r in replicas:
+            r.close()
+    await asyncio.sleep(0.1)
+
+
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+async def test_grpc_unavailable_is_retried_with_its_message(make_h2_mesh):
+    replicas, outbound_http, port = await make_h2_mesh({"weft.io/retry-grpc": "unavailable"})
+    bad = replicas[1]
+    client = await H2TestClient.connect(port)
+    message = b"\x00\x00\x00\x00\x05hello"
+    try:
+        got = await asyncio.gather(*(
+            client.request("POST", f"/unavailable-{bad.name}", body=message, headers=GRPC)
+            for _ in range(40)
+        ))  # fmt: skip
+    finally:
+        client.close()
+    assert all(r.reset is None and r.trailers.get(b"grpc-status") == b"0" for r in got), got[:2]
+    assert all(r.body == message for r in got)
+    retried = [r for r in got if r.headers.get(b"weft-retry-attempts") == b"1"]
+    hit_bad = sum(p.startswith("/unavailable-") for p in bad.paths)
+    assert len(retried) == hit_bad > 0
+    assert outbound_http.retry_metrics.get(RETRIED, SERVICE, "status") == hit_bad
+    marked = [h for h in replicas[0].headers_seen if h.get(b"weft-retry-attempt") == b"1"]
+    assert len(marked) == hit_bad
+
+
+async def test_h2_503_is_retried_for_get_and_not_without_the_policy(make_h2_mesh):
+    replicas, outbound_http, port = await make_h2_mesh({"weft.io/retry-http": "503"})
+    bad = replicas[1]
+    client = await H2TestClient.connect(port)
+    try:
+        got = await asyncio.gather(
+            *(client.request("GET", f"/unavailable-{bad.name}") for _ in range(30))
+        )
+        posts = await asyncio.gather(
+            *(client.request("POST", f"/unavailable-{bad.name}", body=b"x") for _ in range(30))
+        )
+    finally:
+        client.close()
+    assert [r.status for r in got] == [200] * 30
+    assert sum(r.status == 503 for r in posts) == outbound_http.retry_metrics.get(
+        SKIPPED, SERVICE, "not-idempotent"
+    ) > 0
+
+
+async def test_grpc_request_timeout_is_deadline_exceeded(make_h2_mesh):
+    _, outbound_http, port = await make_h2_mesh({"weft.io/timeout-request": "200ms"})
+    client = await H2TestClient.connect(port)
+    try:
+        r = await client.request("POST", "/delay/5000", body=b"\x00\x00\x00\x00\x00",
+                                 headers=GRPC)  # fmt: skip
+    finally:
+        client.close()
+    assert r.reset is None
+    assert (r.headers.get(b"grpc-status") or r.trailers.get(b"grpc-status")) == b"4", r
+    assert outbound_http.retry_metrics.get(TIMEOUT, SERVICE, "request") == 1

@@ -391,7 +391,7 @@ class OutboundForwarder:
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
-        if self.protocol == HTTP1 and exchange.head.upgrade is None and traffic.retry.enabled:
+        if exchange.head.upgrade is None and traffic.retry.enabled:
             call.retrying = Retrying(traffic.retry, http.budget(route.service),
                                      http.retry_metrics, route.service)  # fmt: skip
             exchange.keep_for_replay(REPLAY_LIMIT)
@@ -509,19 +509,32 @@ class OutboundForwarder:
 
     @staticmethod
     def _gate(exchange: Exchange, retrying: Retrying, head: ResponseHead) -> bool:
-        """`Exchange.retry_gate`: swallow this response if its status is retried and a
-        retry is allowed."""
-        if not retrying.retryable_status(head.status):
-            return False
+        """`Exchange.retry_gate`: swallow this response if its status (gRPC: the
+        ``grpc-status`` of a trailers-only response) is retried and a retry is allowed.
+        A gRPC status in trailers after a message comes too late: the message is out."""
+        grpc = head.grpc_status
+        if grpc:
+            if not retrying.retryable_grpc(grpc):
+                return False
+            idempotent = True  # the server said the call failed; gRPC's own retry rule
+        else:
+            if not retrying.retryable_status(head.status):
+                return False
+            idempotent = exchange.head.idempotent
         return retrying.allow(
-            idempotent=exchange.head.idempotent, replayable=exchange.replayable, reason="status"
+            idempotent=idempotent, replayable=exchange.replayable, reason="status"
         )
 
-    @staticmethod
-    def _again(exchange: Exchange, retrying: Retrying) -> None:
+    def _again(self, exchange: Exchange, retrying: Retrying) -> None:
         exchange.rewind()
         exchange.retries = retrying.retries
-        set_forward_header(exchange.head, RETRY_ATTEMPT_HEADER, b"%d" % retrying.retries)
+        value = b"%d" % retrying.retries
+        head = exchange.head
+        if self.protocol == HTTP1:
+            set_forward_header(head, RETRY_ATTEMPT_HEADER, value)
+        else:  # HTTP/2 heads are sent with their headers as they are
+            head.headers = [(k, v) for k, v in head.headers if k != RETRY_ATTEMPT_HEADER]
+            head.headers.append((RETRY_ATTEMPT_HEADER, value))
 
     def _connect(
         self, source: Workload | None, hops: dict[Address, Hop], fresh: bool, endpoint: Address

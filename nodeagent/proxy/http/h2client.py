@@ -195,7 +195,7 @@ class H2Client(H2Endpoint):
         if stream is None:
             return
         exchange = stream.exchange
-        head = exchange.response
+        head = exchange.response or exchange.discarded  # discarded: swallowed for a retry
         if head is None:
             lost = UpstreamLost(
                 "the stream ended without a response", response_started=False, bad_response=True

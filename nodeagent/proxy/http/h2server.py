@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import quote
 
@@ -42,6 +43,7 @@ from h2.events import (
 from nodeagent.proxy.http.h2conn import H2Config, H2Endpoint, Headers, Outbox
 from nodeagent.proxy.http.message import (
     PROXY_ERROR_HEADER,
+    RETRY_ATTEMPTS_HEADER,
     ProxyError,
     RequestHead,
     ResponseHead,
@@ -129,10 +131,16 @@ class H2Exchange:
     offers (head, timing, response, ``replayable``, `bind`/`unbind`)."""
 
     __slots__ = (
+        "_acked",
+        "_attempt_acked",
         "_held",
+        "_replay",
+        "_replay_bytes",
+        "_replay_limit",
         "_server",
         "_upstream",
         "cancelled",
+        "discarded",
         "grpc",
         "head",
         "request_complete",
@@ -141,6 +149,8 @@ class H2Exchange:
         "response",
         "response_complete",
         "response_started",
+        "retries",
+        "retry_gate",
         "sent",
         "started",
         "stream_id",
@@ -164,10 +174,37 @@ class H2Exchange:
         self.responded: float | None = None
         self.cancelled = False
         self.task: asyncio.Task[None] | None = None
+        # Retries, as `Exchange` has them; and request bytes acknowledged to the client
+        # (a replayed body is acknowledged by the next upstream again: not passed on).
+        self._replay: list[bytes] | None = None
+        self._replay_bytes = 0
+        self._replay_limit = 0
+        self._acked = 0
+        self._attempt_acked = 0
+        self.retry_gate: Callable[[ResponseHead], bool] | None = None
+        self.discarded: ResponseHead | None = None
+        self.retries = 0
 
     # --- request side (from the server) --------------------------------------------------
 
+    def keep_for_replay(self, limit: int) -> None:
+        """As `Exchange.keep_for_replay`."""
+        if self._replay is not None or self._replay_limit:
+            return
+        self._replay_limit = limit
+        held = sum(map(len, self._held))
+        if self._upstream is None and held <= limit:
+            self._replay = list(self._held)
+            self._replay_bytes = held
+
     def _request_body(self, data: bytes) -> None:
+        replay = self._replay
+        if replay is not None:
+            self._replay_bytes += len(data)
+            if self._replay_bytes > self._replay_limit:
+                self._replay = None
+            else:
+                replay.append(data)
         if self._upstream is not None:
             self._upstream.write_body(data)
         else:
@@ -180,8 +217,13 @@ class H2Exchange:
             self._upstream.end_body(self.request_trailers)
 
     def request_acked(self, n: int) -> None:
-        """``n`` request bytes left for the upstream: the client may send as many more."""
-        self._server.ack(self.stream_id, n)
+        """``n`` request bytes left for the upstream: the client may send as many more
+        (once: bytes sent again on a retry were acknowledged the first time)."""
+        self._attempt_acked += n
+        new = self._attempt_acked - self._acked
+        if new > 0:
+            self._acked += new
+            self._server.ack(self.stream_id, new)
 
     def bind(self, upstream: H2Upstream) -> None:
         self._upstream = upstream
@@ -197,10 +239,23 @@ class H2Exchange:
 
     def unbind(self) -> None:
         self._upstream = None
+        self._attempt_acked = 0
+        if self._replay is not None:
+            self._held = list(self._replay)
+
+    def rewind(self) -> None:
+        """As `Exchange.rewind`."""
+        self.unbind()
+        self.discarded = None
+        self.response = None
+        self.response_started = False
+        self.response_complete = False
+        self.responded = None
+        self.sent = None
 
     @property
     def replayable(self) -> bool:
-        return not self.head.has_body
+        return not self.head.has_body or self._replay is not None
 
     @property
     def held_body(self) -> bool:
@@ -214,6 +269,12 @@ class H2Exchange:
         ``grpc-status`` so, and must arrive so)."""
         if head.informational:
             return  # 100-continue and the like are for the hop they came on
+        gate = self.retry_gate
+        if gate is not None and gate(head):
+            self.discarded = head  # its body and end are dropped too; the forwarder retries
+            return
+        if self.retries:
+            head.headers.append((RETRY_ATTEMPTS_HEADER, b"%d" % self.retries))
         self.response = head
         self.response_started = True
         self.responded = self._server._loop.time()
@@ -224,10 +285,11 @@ class H2Exchange:
             server.outboxes.pop(self.stream_id, None)
 
     def response_body(self, data: bytes) -> None:
-        self._server.send_data(self.stream_id, data)
+        if self.discarded is None:
+            self._server.send_data(self.stream_id, data)
 
     def response_end(self, head: ResponseHead) -> None:
-        if self.response_complete:
+        if self.response_complete or self.discarded is not None:
             return
         self.response_complete = True
         self._server.end_stream(self.stream_id, head.trailers)

@@ -49,6 +49,9 @@ class Retrying:
     def retryable_status(self, status: int) -> bool:
         return status in self.policy.http_statuses
 
+    def retryable_grpc(self, grpc_status: str) -> bool:
+        return grpc_status.isdigit() and int(grpc_status) in self.policy.grpc_codes
+
     def allow(self, *, idempotent: bool, replayable: bool, reason: str) -> bool:
         """Whether an attempt that failed for ``reason`` (``status``, ``timeout``) is
         tried again; counted either way. True spends one retry of the budget."""
