@@ -326,9 +326,11 @@ async def test_h2_503_is_retried_for_get_and_not_without_the_policy(make_h2_mesh
     finally:
         client.close()
     assert [r.status for r in got] == [200] * 30
-    assert sum(r.status == 503 for r in posts) == outbound_http.retry_metrics.get(
-        SKIPPED, SERVICE, "not-idempotent"
-    ) > 0
+    assert (
+        sum(r.status == 503 for r in posts)
+        == outbound_http.retry_metrics.get(SKIPPED, SERVICE, "not-idempotent")
+        > 0
+    )
 
 
 async def test_grpc_request_timeout_is_deadline_exceeded(make_h2_mesh):
