@@ -117,16 +117,16 @@ class _ReplicaConn(H2Protocol):
         r.served += 1
         me = r.name.encode()
         if path.startswith("/unavailable-"):
-            grpc = sid in self.grpc
+            is_grpc = sid in self.grpc
             if path.endswith(r.name):
                 head = [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                        (b"grpc-status", b"14"), (b"grpc-message", me)] if grpc else [
+                        (b"grpc-status", b"14"), (b"grpc-message", me)] if is_grpc else [
                         (b":status", b"503"), (b"content-length", b"0")]  # fmt: skip
                 self.conn.send_headers(sid, head, end_stream=True)
                 return
             path = "/echo"
             self.paths[sid] = path
-            if grpc:
+            if is_grpc:
                 self.conn.send_headers(sid, [(b":status", b"200"), (b"x-replica", me),
                                              (b"content-type", b"application/grpc")])  # fmt: skip
                 self.conn.send_data(sid, self.bodies.get(sid, b""))
