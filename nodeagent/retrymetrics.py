@@ -12,7 +12,9 @@ the number of services bounds them, and a cap keeps a bug from growing them):
   ``body-too-large`` (more than `REPLAY_LIMIT` of body was sent), ``not-idempotent``
   (the method may have had an effect: POST, PATCH);
 * ``outbound_http_timeout_total{service,kind}`` — ``request`` (``weft.io/timeout-request``:
-  answered 504, or reset when the response had started) and ``try`` (a per-try timeout).
+  answered 504, or reset when the response had started) and ``try`` (a per-try timeout);
+* ``outbound_http_endpoint_ejections_total{service,reason="failures"}`` — endpoints
+  ejected by request-level failure accrual (``weft.io/failure-accrual``).
 
 Linkerd's equivalents: ``outbound_http_route_retry_requests_total``,
 ``..._retry_limit_exceeded_total`` and ``..._retry_overflow_total`` (budget).
@@ -30,6 +32,7 @@ MAX_SERIES = 10_000
 RETRIED = "retry"
 SKIPPED = "retry_skipped"
 TIMEOUT = "timeout"
+EJECTED = "ejected"
 
 _FAMILIES = {
     RETRIED: ("outbound_http_retry", "Retries sent, by what the previous attempt got.",
@@ -38,6 +41,8 @@ _FAMILIES = {
               "were not retried, by why not.", "reason"),
     TIMEOUT: ("outbound_http_timeout", "Requests (request) and attempts (try) that timed "
               "out.", "kind"),
+    EJECTED: ("outbound_http_endpoint_ejections", "Endpoints ejected by request-level "
+              "failure accrual.", "reason"),
 }  # fmt: skip
 
 

@@ -52,6 +52,7 @@ from weft.traffic import (
 from weft.traffic import (
     MAX_RETRY_LIMIT,
     MAX_TIMEOUT,
+    AccrualPolicy,
     RetryPolicy,
     TrafficPolicy,
     compact_statuses,
@@ -122,6 +123,9 @@ def encode_traffic(t: TrafficPolicy) -> dict[str, Any]:
         out["retry_timeout"] = r.per_try_timeout
     if t.request_timeout is not None:
         out["timeout_request"] = t.request_timeout
+    a = t.accrual
+    if a is not None:
+        out["accrual"] = [a.max_failures, a.min_penalty, a.max_penalty, a.jitter]
     return out
 
 
@@ -147,9 +151,24 @@ def decode_traffic(obj: Any, where: str) -> TrafficPolicy:
             limit=limit,
             per_try_timeout=timeouts[0],
         )
+        accrual = None
+        if "accrual" in f.obj:
+            a = f.list("accrual")
+            numbers = len(a) == 4 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in a
+            )
+            if not (
+                numbers
+                and isinstance(a[0], int)
+                and 1 <= a[0] <= 1000
+                and 0 < a[1] <= a[2] <= MAX_TIMEOUT
+                and 0 <= a[3] <= 1
+            ):
+                raise ValueError("accrual: expected [failures, min, max penalty, jitter]")
+            accrual = AccrualPolicy(a[0], float(a[1]), float(a[2]), float(a[3]))
     except ValueError as e:
         raise MeshWireError(f"{where}: {e}") from None
-    return TrafficPolicy(retry=retry, request_timeout=timeouts[1])
+    return TrafficPolicy(retry=retry, request_timeout=timeouts[1], accrual=accrual)
 
 
 def encode_item(item: Item) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger("weft.traffic")
@@ -40,6 +40,11 @@ RETRY_GRPC_KEY = "weft.io/retry-grpc"
 RETRY_LIMIT_KEY = "weft.io/retry-limit"
 RETRY_TIMEOUT_KEY = "weft.io/retry-timeout"
 TIMEOUT_REQUEST_KEY = "weft.io/timeout-request"
+ACCRUAL_KEY = "weft.io/failure-accrual"
+ACCRUAL_FAILURES_KEY = "weft.io/failure-accrual-consecutive-max-failures"
+ACCRUAL_MIN_PENALTY_KEY = "weft.io/failure-accrual-consecutive-min-penalty"
+ACCRUAL_MAX_PENALTY_KEY = "weft.io/failure-accrual-consecutive-max-penalty"
+ACCRUAL_JITTER_KEY = "weft.io/failure-accrual-consecutive-jitter-ratio"
 
 LINKERD_KEYS = {
     RETRY_HTTP_KEY: "retry.linkerd.io/http",
@@ -47,6 +52,11 @@ LINKERD_KEYS = {
     RETRY_LIMIT_KEY: "retry.linkerd.io/limit",
     RETRY_TIMEOUT_KEY: "retry.linkerd.io/timeout",
     TIMEOUT_REQUEST_KEY: "timeout.linkerd.io/request",
+    ACCRUAL_KEY: "balancer.linkerd.io/failure-accrual",
+    ACCRUAL_FAILURES_KEY: "balancer.linkerd.io/failure-accrual-consecutive-max-failures",
+    ACCRUAL_MIN_PENALTY_KEY: "balancer.linkerd.io/failure-accrual-consecutive-min-penalty",
+    ACCRUAL_MAX_PENALTY_KEY: "balancer.linkerd.io/failure-accrual-consecutive-max-penalty",
+    ACCRUAL_JITTER_KEY: "balancer.linkerd.io/failure-accrual-consecutive-jitter-ratio",
 }
 
 DEFAULT_RETRY_LIMIT = 1
@@ -101,15 +111,31 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class AccrualPolicy:
+    """Request-level circuit breaking (``weft.io/failure-accrual: consecutive``, as
+    Linkerd's): ``max_failures`` failed responses in a row eject an endpoint for a
+    penalty from ``min_penalty`` doubling to ``max_penalty``, each shortened by up to
+    ``jitter`` of itself at random (so that proxies do not probe in step); then one
+    request probes it, and its response decides."""
+
+    max_failures: int = 7
+    min_penalty: float = 1.0
+    max_penalty: float = 60.0
+    jitter: float = 0.5
+
+
+@dataclass(frozen=True)
 class TrafficPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     request_timeout: float | None = None
-    """Seconds from the request head to the response head, every attempt included."""
+    """Seconds from the request head to the complete response, every attempt included."""
+    accrual: AccrualPolicy | None = None
+    """Request-level failure accrual; None: off (connect failures still eject)."""
 
     @property
     def plain(self) -> bool:
         """Nothing to do per request beyond balancing (the forwarder's fast path)."""
-        return not self.retry.enabled and self.request_timeout is None
+        return not self.retry.enabled and self.request_timeout is None and self.accrual is None
 
 
 DEFAULT = TrafficPolicy()
@@ -179,13 +205,38 @@ def _timeout(text: str) -> float:
 
 
 def _limit(text: str) -> int:
+    return _limit_in(text, 0, MAX_RETRY_LIMIT)
+
+
+def _jitter(text: str) -> float:
+    try:
+        ratio = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{ratio} is not within 0-1")
+    return ratio
+
+
+def _failures(text: str) -> int:
+    return _limit_in(text, 1, 1000)
+
+
+def _limit_in(text: str, low: int, high: int) -> int:
     try:
         n = int(text.strip())
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number") from None
-    if not 0 <= n <= MAX_RETRY_LIMIT:
-        raise ValueError(f"{n} is not within 0-{MAX_RETRY_LIMIT}")
+    if not low <= n <= high:
+        raise ValueError(f"{n} is not within {low}-{high}")
     return n
+
+
+def _accrual_kind(text: str) -> bool:
+    kind = text.strip().lower()
+    if kind not in ("consecutive", "disabled", "none", "off"):
+        raise ValueError(f"{text!r}: use consecutive (or disabled)")
+    return kind == "consecutive"
 
 
 def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
@@ -197,12 +248,17 @@ def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
 
     problems: list[str] = []
     values: dict[str, object] = {}
-    parsers = {
+    parsers: dict[str, Callable[[str], object]] = {
         RETRY_HTTP_KEY: parse_statuses,
         RETRY_GRPC_KEY: parse_grpc_codes,
         RETRY_LIMIT_KEY: _limit,
         RETRY_TIMEOUT_KEY: _timeout,
         TIMEOUT_REQUEST_KEY: _timeout,
+        ACCRUAL_KEY: _accrual_kind,
+        ACCRUAL_FAILURES_KEY: _failures,
+        ACCRUAL_MIN_PENALTY_KEY: _timeout,
+        ACCRUAL_MAX_PENALTY_KEY: _timeout,
+        ACCRUAL_JITTER_KEY: _jitter,
     }
     for key, parse in parsers.items():
         raw = get(key)
@@ -212,6 +268,17 @@ def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
             values[key] = parse(raw)
         except ValueError as e:
             problems.append(f"{key}: {e}")
+    accrual = None
+    if values.get(ACCRUAL_KEY):
+        d = AccrualPolicy()
+        accrual = AccrualPolicy(
+            max_failures=values.get(ACCRUAL_FAILURES_KEY, d.max_failures),  # type: ignore[arg-type]
+            min_penalty=values.get(ACCRUAL_MIN_PENALTY_KEY, d.min_penalty),  # type: ignore[arg-type]
+            max_penalty=values.get(ACCRUAL_MAX_PENALTY_KEY, d.max_penalty),  # type: ignore[arg-type]
+            jitter=values.get(ACCRUAL_JITTER_KEY, d.jitter),  # type: ignore[arg-type]
+        )
+        if accrual.min_penalty > accrual.max_penalty:
+            problems.append(f"{ACCRUAL_MIN_PENALTY_KEY}: more than the max penalty")
     if problems:
         raise TrafficError(problems)
     retry = RetryPolicy(
@@ -220,7 +287,11 @@ def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
         limit=values.get(RETRY_LIMIT_KEY, DEFAULT_RETRY_LIMIT),  # type: ignore[arg-type]
         per_try_timeout=values.get(RETRY_TIMEOUT_KEY),  # type: ignore[arg-type]
     )
-    return TrafficPolicy(retry=retry, request_timeout=values.get(TIMEOUT_REQUEST_KEY))  # type: ignore[arg-type]
+    return TrafficPolicy(
+        retry=retry,
+        request_timeout=values.get(TIMEOUT_REQUEST_KEY),  # type: ignore[arg-type]
+        accrual=accrual,
+    )
 
 
 def traffic_keys(annotations: Mapping[str, str]) -> dict[str, str]:

@@ -38,6 +38,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from weft.traffic import AccrualPolicy
+
 log = logging.getLogger("weft.proxy.balance")
 
 K = TypeVar("K", bound=Hashable)
@@ -103,6 +105,11 @@ class Health:
     """Peak-EWMA round-trip estimate, seconds (latency-aware balancers only)."""
     rtt_at: float = 0.0
     requests: int = 0
+    failed_responses: int = 0
+    """Consecutive failed responses (request-level accrual, `responded`)."""
+    for_responses: bool = False
+    """The ejection is for failed responses: a connect on probation does not end it,
+    the probe request's response does."""
 
 
 @dataclass(frozen=True)
@@ -281,6 +288,9 @@ class Balancer(Generic[K]):
 
     def succeeded(self, key: K) -> None:
         h = self._h(key)
+        if h.for_responses:
+            h.consecutive_failures = 0  # connecting works; the response will tell the rest
+            return
         if h.ejected_until is not None:
             log.info("endpoint %s recovered: connect succeeded on probation", key)
         h.consecutive_failures = 0
@@ -310,6 +320,39 @@ class Balancer(Generic[K]):
             )  # fmt: skip
             return True
         return False
+
+    def responded(self, key: K, ok: bool, policy: AccrualPolicy, *, probe: bool = False) -> bool:
+        """A response from ``key``: ``ok``, or a failure (5xx, a gRPC error, a timeout,
+        a reset). ``policy.max_failures`` failures in a row eject it for a jittered,
+        doubling penalty; on probation the one probe's response decides. True if this
+        ejected it."""
+        h = self._h(key)
+        if ok:
+            h.failed_responses = 0
+            if h.for_responses:
+                log.info("endpoint %s recovered: the probe request succeeded", key)
+                h.for_responses = False
+                h.ejections_in_a_row = 0
+                h.ejected_until = None
+                h.probing = False
+            return False
+        h.failed_responses += 1
+        probe = probe and h.ejected_until is not None
+        if not probe and (h.ejected_until is not None or h.failed_responses < policy.max_failures):
+            return False
+        doubling = 2 ** min(h.ejections_in_a_row, 32)
+        penalty = min(policy.max_penalty, policy.min_penalty * doubling)
+        penalty *= 1.0 - policy.jitter * self.rng.random()
+        h.ejections_in_a_row += 1
+        h.ejections += 1
+        h.ejected_until = self.clock() + penalty
+        h.for_responses = True
+        h.probing = False
+        log.warning(
+            "endpoint %s ejected for %.1f s after %d failed response(s) in a row%s",
+            key, penalty, h.failed_responses, " (the probe failed)" if probe else "",
+        )  # fmt: skip
+        return True
 
     def abandoned(self, key: K) -> None:
         """The connection ended with no verdict on the endpoint (cancelled, or refused by

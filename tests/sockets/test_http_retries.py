@@ -19,7 +19,7 @@ from nodeagent.proxy.http.forward import H2, OutboundHttp
 from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
 from nodeagent.proxy.retry import RetryBudget
-from nodeagent.retrymetrics import RETRIED, SKIPPED, TIMEOUT
+from nodeagent.retrymetrics import EJECTED, RETRIED, SKIPPED, TIMEOUT
 from tests.h2util import H2Replica
 from tests.sockets.test_http_proxy import REPLICAS, VIP, _read_body, _read_head, outbound
 from weft.lab.h2peer import H2Peer as H2TestClient
@@ -344,3 +344,19 @@ async def test_grpc_request_timeout_is_deadline_exceeded(make_h2_mesh):
     assert r.reset is None
     assert (r.headers.get(b"grpc-status") or r.trailers.get(b"grpc-status")) == b"4", r
     assert outbound_http.retry_metrics.get(TIMEOUT, SERVICE, "request") == 1
+
+
+async def test_failure_accrual_routes_around_a_failing_replica(make_mesh):
+    mesh = await make_mesh({
+        "weft.io/failure-accrual": "consecutive",
+        "weft.io/failure-accrual-consecutive-max-failures": "3",
+        "weft.io/failure-accrual-consecutive-min-penalty": "30s",
+        "weft.io/retry-http": "5xx",
+    })  # fmt: skip
+    _, bad = mesh.good_and_bad()
+    results = await asyncio.to_thread(_requests, mesh.port, 300)
+    assert [s for s, _, _ in results] == [200] * 300
+    assert 3 <= len(bad.seen) <= 3 + 1, len(bad.seen)  # ejected after 3 failures in a row
+    assert mesh.count(EJECTED, "failures") == 1
+    assert mesh.http.failover.balancer.state((REPLICAS[1], mesh.replicas[1].server.sockets[0]
+                                              .getsockname()[1])) == "ejected"  # fmt: skip

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 from nodeagent.proxy.balance import AccrualConfig, Balancer, Pick
+from weft.traffic import AccrualPolicy
 
 
 class FakeClock:
@@ -416,3 +417,58 @@ def test_between_a_pair_a_much_slower_endpoint_is_nearly_avoided(clock: FakeCloc
     picks = Counter(b.choose(["fast", "slow"]).key for _ in range(10_000))  # type: ignore[union-attr]
     assert picks["slow"] < 0.02 * 10_000  # squared weights: (2/22)^2 ~ 0.8 %
     assert picks["slow"] > 0  # but not never: its estimate must be able to recover
+
+
+# --- request-level failure accrual (`Balancer.responded`) ----------------------------------
+
+ACCRUAL = AccrualPolicy(max_failures=3, min_penalty=1.0, max_penalty=8.0, jitter=0.0)
+
+
+def _fail(b: Balancer[str], key: str, n: int, *, probe: bool = False) -> list[bool]:
+    return [b.responded(key, False, ACCRUAL, probe=probe) for _ in range(n)]
+
+
+def test_consecutive_failed_responses_eject_and_a_success_resets_the_count(clock):
+    b = balancer(clock)
+    assert _fail(b, "a", 2) == [False, False]
+    assert not b.responded("a", True, ACCRUAL)
+    assert _fail(b, "a", 2) == [False, False]  # counting again from zero
+    assert b.responded("a", False, ACCRUAL)
+    assert b.state("a") == "ejected"
+    assert {b.choose(["a", "b"]).key for _ in range(20)} == {"b"}  # type: ignore[union-attr]
+    # Failures of requests that were in flight when it was ejected change nothing.
+    assert _fail(b, "a", 5) == [False] * 5
+
+
+def test_the_probe_request_decides_not_its_connect(clock):
+    b = balancer(clock)
+    _fail(b, "a", 3)
+    clock.now += 1.0
+    pick = b.choose(["a", "b"])
+    assert pick is not None and pick.key == "a" and pick.probation
+    b.succeeded("a")  # the probe's connect worked: not enough to recover
+    assert b.state("a") == "probing"
+    assert b.choose(["a", "b"]).key == "b"  # type: ignore[union-attr]  # one probe at a time
+    assert b.responded("a", False, ACCRUAL, probe=True)  # the probe failed: out again,
+    assert b.health["a"].ejected_until == pytest.approx(clock.now + 2.0)  # for twice as long
+    clock.now += 2.0
+    assert b.choose(["a", "b"]).probation  # type: ignore[union-attr]
+    assert not b.responded("a", True, ACCRUAL, probe=True)
+    assert b.state("a") == "healthy"
+    _fail(b, "a", 3)  # the backoff starts over after a recovery
+    assert b.health["a"].ejected_until == pytest.approx(clock.now + 1.0)
+
+
+def test_the_penalty_is_capped_and_jittered(clock):
+    b = balancer(clock)
+    jittered = AccrualPolicy(max_failures=1, min_penalty=1.0, max_penalty=8.0, jitter=0.5)
+    penalties = []
+    for _ in range(8):
+        assert b.responded("a", False, jittered, probe=b.state("a") != "healthy")
+        until = b.health["a"].ejected_until
+        assert until is not None
+        penalties.append(until - clock.now)
+        clock.now += 10.0
+        assert b.choose(["a"]).probation  # type: ignore[union-attr]
+    assert all(0.5 <= p <= 8.0 for p in penalties), penalties
+    assert penalties[-1] >= 4.0  # capped at 8, less at most half of it

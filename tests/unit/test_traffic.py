@@ -111,8 +111,10 @@ def test_wire_round_trip_and_default_omitted() -> None:
     policy = parse_traffic({
         "weft.io/retry-http": "5xx,429", "weft.io/retry-grpc": "unavailable",
         "weft.io/retry-limit": "3", "weft.io/retry-timeout": "100ms",
-        "weft.io/timeout-request": "1s",
+        "weft.io/timeout-request": "1s", "weft.io/failure-accrual": "consecutive",
+        "weft.io/failure-accrual-consecutive-jitter-ratio": "0.25",
     })  # fmt: skip
+    assert policy.accrual is not None and policy.accrual.jitter == 0.25
     wire = json.loads(json.dumps(encode_service(_service(policy))))
     assert decode_service(wire, "s") == _service(policy)
     assert "traffic" not in encode_service(_service(DEFAULT))
@@ -128,6 +130,10 @@ def test_wire_round_trip_and_default_omitted() -> None:
         {"retry_limit": 1, "retry_timeout": -1},
         {"retry_limit": True},
         {"retry_limit": 1, "timeout_request": "1s"},
+        {"retry_limit": 1, "accrual": [0, 1.0, 2.0, 0.5]},
+        {"retry_limit": 1, "accrual": [3, 2.0, 1.0, 0.5]},
+        {"retry_limit": 1, "accrual": [3, 1.0, 2.0, 1.5]},
+        {"retry_limit": 1, "accrual": [3, 1.0, 2.0]},
     ],
 )
 def test_wire_rejects_bad_policies(bad: dict) -> None:

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nodeagent.httpmetrics import HttpLabels, HttpMetrics
+from nodeagent.httpmetrics import HttpLabels, HttpMetrics, classify
 from nodeagent.meshstate import MeshState
 from nodeagent.proxy.admission import Overloaded
 from nodeagent.proxy.balance import Lease
@@ -50,7 +50,7 @@ from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, resolve, wor
 from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
-from nodeagent.retrymetrics import TIMEOUT, RetryMetrics
+from nodeagent.retrymetrics import EJECTED, TIMEOUT, RetryMetrics
 from weft.mesh import Workload
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import RETRY_TIMEOUT_KEY, TIMEOUT_REQUEST_KEY, TrafficPolicy
@@ -235,6 +235,8 @@ class _Call:
     authority: str
     src_name: tuple[str, str]
     retrying: Retrying | None = None
+    deadline: asyncio.Timeout | None = None
+    """The request timeout's context, to tell its expiry from the client leaving."""
 
 
 @dataclass(slots=True)
@@ -265,6 +267,7 @@ class OutboundForwarder:
         self._observer: _QuietObserver | None = None
         self._labels: dict[tuple[Address | None, str], HttpLabels] = {}
         self._fast: _InFlight | None = None
+        self._loop = asyncio.get_running_loop()
         self._replay: tuple[Address, ...] | None = None
         """Set when a fast-path exchange is to be sent again on a new connection (the
         keep-alive race): the endpoints to avoid."""
@@ -400,7 +403,7 @@ class OutboundForwarder:
             await self._attempts(call)
             return
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as call.deadline:
                 await self._attempts(call)
         except TimeoutError:
             http.retry_metrics.count(TIMEOUT, route.service, "request")
@@ -454,10 +457,13 @@ class OutboundForwarder:
                 else:
                     await asyncio.wait_for(done, per_try)
             except UpstreamLost as lost:
-                if lease is not None:
-                    lease.release()
-                if race and exchange.replayable and lost.retryable(exchange.head.idempotent,
-                                                                   reused):  # fmt: skip
+                raced = (
+                    race
+                    and exchange.replayable
+                    and lost.retryable(exchange.head.idempotent, reused)
+                )
+                self._settle(call, lease, None if raced else False)
+                if raced:
                     # The keep-alive race (the upstream closed the idle connection as we
                     # reused it), or a stream the upstream refused: once more, on a new
                     # connection (a refused stream: to another endpoint if there is one).
@@ -469,8 +475,7 @@ class OutboundForwarder:
                 raise self._lost(exchange, call.authority, call.src_name, hop, call.source,
                                  lost) from None  # fmt: skip
             except TimeoutError:  # the per-try timeout (never the request's: see above)
-                if lease is not None:
-                    lease.release()
+                self._settle(call, lease, False)
                 client.cancel(exchange)  # type: ignore[arg-type]
                 assert retrying is not None
                 http.retry_metrics.count(TIMEOUT, route.service, "try")
@@ -490,14 +495,14 @@ class OutboundForwarder:
                 fresh, avoid = False, (connected.endpoint,)
                 continue
             except BaseException:
-                if lease is not None:
-                    lease.release()
+                # Cancelled: the client left, or the request timeout expired (a failure).
+                expired = call.deadline is not None and call.deadline.expired()
+                self._settle(call, lease, False if expired else None)
                 client.cancel(exchange)  # type: ignore[arg-type]
                 raise
-            if lease is not None:
-                if exchange.responded is not None and exchange.sent is not None:
-                    lease.observe(exchange.responded - exchange.sent)
-                lease.release()
+            head = exchange.response or exchange.discarded
+            ok = head is not None and classify(head.status, head.grpc_status) == "success"
+            self._settle(call, lease, ok)
             if retrying is not None and exchange.discarded is not None:
                 # The retry stage swallowed this response (and allowed a retry): to
                 # another endpoint when there is one.
@@ -506,6 +511,28 @@ class OutboundForwarder:
                 continue
             self._record(exchange, call.authority, call.src_name, hop, call.source)
             return
+
+    def _settle(self, call: _Call, lease: Lease[Address] | None, ok: bool | None) -> None:
+        """An attempt on ``lease``'s endpoint ended: the balancer learns its latency (when
+        no response came, what it waited: a hung endpoint must look slow) and, under
+        request-level failure accrual, its verdict (None: none, e.g. the client left)."""
+        if lease is None:
+            return
+        exchange = call.exchange
+        if exchange.sent is not None:
+            end = exchange.responded
+            lease.observe((end if end is not None else self._loop.time()) - exchange.sent)
+        lease.release()
+        accrual = call.route.traffic.accrual
+        if accrual is None:
+            return
+        balancer = self.http.failover.balancer
+        probe = lease.pick.probation
+        if ok is None:
+            if probe:
+                balancer.abandoned(lease.key)  # its probe slot goes to the next request
+        elif balancer.responded(lease.key, ok, accrual, probe=probe):
+            self.http.retry_metrics.count(EJECTED, call.route.service, "failures")
 
     @staticmethod
     def _gate(exchange: Exchange, retrying: Retrying, head: ResponseHead) -> bool:

@@ -269,6 +269,7 @@ class H2Exchange:
         ``grpc-status`` so, and must arrive so)."""
         if head.informational:
             return  # 100-continue and the like are for the hop they came on
+        self.responded = self._server._loop.time()  # a swallowed response's counts too
         gate = self.retry_gate
         if gate is not None and gate(head):
             self.discarded = head  # its body and end are dropped too; the forwarder retries
@@ -277,7 +278,6 @@ class H2Exchange:
             head.headers.append((RETRY_ATTEMPTS_HEADER, b"%d" % self.retries))
         self.response = head
         self.response_started = True
-        self.responded = self._server._loop.time()
         server = self._server
         server.send_head(self.stream_id, head.status, head.headers, end=ends)
         if ends:

@@ -284,6 +284,7 @@ class Exchange:
                 return  # written by `upgrade` with the switch
             server.write(b"HTTP/1.1 %d %s\r\n\r\n" % (head.status, head.reason or b"-"))
             return
+        self.responded = server._clock()  # a swallowed response's latency counts too
         gate = self.retry_gate
         if gate is not None and self.head.upgrade is None and gate(head):
             self.discarded = head  # its body and end are dropped too; the forwarder retries
@@ -292,7 +293,6 @@ class Exchange:
             set_forward_header(head, RETRY_ATTEMPTS_HEADER, b"%d" % self.retries)
         self.response = head
         self.response_started = True
-        self.responded = server._clock()
         bodyless = self.head.method == b"HEAD" or head.status in (204, 304)
         length = head.content_length
         self._chunked_out = False

@@ -1,0 +1,123 @@
+"""Retries and timeouts end to end in the lab: three echo replicas (one per node), one
+of them answering 503 to half its requests, the policy set the way a user sets it
+(``weft lab annotate svc/echo ...``, the Service annotations) and carried by the
+control plane to every agent; client-1 talks to the echo service on one keep-alive
+connection. Issue #13's drills, at test size."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.lab.conftest import LabRunner, sample, unique_name
+
+# In client-1: N requests on one keep-alive connection to http://echo/PATH; prints the
+# statuses, the retry counts the proxy reported, the proxy's error tokens, the slowest.
+REQUESTS = r"""
+import collections, http.client, json, sys, time
+n, path = int(sys.argv[1]), sys.argv[2]
+conn = http.client.HTTPConnection("echo", 80, timeout=30)
+statuses, retries, errors = collections.Counter(), collections.Counter(), collections.Counter()
+slowest = 0.0
+for _ in range(n):
+    t = time.monotonic()
+    conn.request("GET", path)
+    r = conn.getresponse()
+    r.read()
+    slowest = max(slowest, time.monotonic() - t)
+    statuses[r.status] += 1
+    retries[r.getheader("weft-retry-attempts", "0")] += 1
+    errors[r.getheader("weft-proxy-error", "")] += 1
+    if r.getheader("connection", "") == "close":
+        conn.close()
+print(json.dumps({"statuses": statuses, "retries": retries, "errors": errors,
+                  "slowest": slowest}))
+"""
+
+FLAKY = "/?fail=echo-2:0.5"
+"""echo-2 answers 503 to half of these (the echo server's failure injection)."""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabRunner]:
+    runner = LabRunner(unique_name("wr"))
+    try:
+        runner.weft("lab", "up", "--demo", "--nodes", "3")
+        yield runner
+    finally:
+        runner.weft("lab", "down", check=False)
+
+
+def _run(lab: LabRunner, n: int, path: str) -> dict:
+    return json.loads(lab.exec("client-1", sys.executable, "-c", REQUESTS, str(n), path).stdout)
+
+
+def _annotate(lab: LabRunner, *changes: str) -> None:
+    lab.weft("lab", "annotate", "svc/echo", *changes)
+
+
+def _until(lab: LabRunner, path: str, done, what: str, timeout: float = 30) -> None:
+    """Wait until a probe of 30 requests satisfies ``done``: the policy has reached
+    client-1's agent (discovery is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _run(lab, 30, path)
+        if done(got):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not in force after {timeout} s: {got}")
+        time.sleep(0.5)
+
+
+def test_retries_make_a_failing_replica_invisible(lab: LabRunner):
+    # Without a policy, echo-2's failures reach the client.
+    before = _run(lab, 1500, FLAKY)
+    ok = before["statuses"].get("200", 0) / 1500
+    assert 0.5 < ok < 0.97, before
+    _annotate(lab, "weft.io/retry-http=5xx")
+    try:
+        _until(lab, FLAKY, lambda g: g["retries"].get("1", 0) > 0, "weft.io/retry-http")
+        after = _run(lab, 10_000, FLAKY)
+        print("without retries:", before, "\nwith retries:", after)  # the figures, with -rP
+        assert after["statuses"].get("200", 0) / 10_000 >= 0.999, after
+        assert after["retries"].get("1", 0) > 0, after
+        text = lab.metrics("node-1")
+        assert sample(text, "outbound_http_retry_total", service="default/echo",
+                      reason="status") >= after["retries"]["1"]  # fmt: skip
+    finally:
+        _annotate(lab, "weft.io/retry-http-")
+
+
+def test_an_invalid_annotation_keeps_the_last_valid_policy(lab: LabRunner):
+    _annotate(lab, "weft.io/retry-http=5xx")
+    try:
+        _until(lab, FLAKY, lambda g: g["retries"].get("1", 0) > 0, "weft.io/retry-http")
+        out = lab.weft("lab", "annotate", "svc/echo", "weft.io/retry-limit=many")
+        assert "rejected" in out.stderr and "retry-limit" in out.stderr
+        time.sleep(1.0)  # past a discovery round trip
+        still = _run(lab, 1000, FLAKY)
+        assert still["statuses"].get("200", 0) / 1000 >= 0.99, still
+    finally:
+        _annotate(lab, "weft.io/retry-http-", "weft.io/retry-limit-")
+
+
+def test_a_hung_replica_costs_at_most_the_request_timeout(lab: LabRunner):
+    hang = "/?delay_ms=echo-3:5000"
+    _annotate(lab, "weft.io/timeout-request=500ms")
+    try:
+        _until(lab, hang, lambda g: g["errors"].get("timeout", 0) > 0, "weft.io/timeout-request")
+        got = _run(lab, 60, hang)
+        print("hung replica, 500ms request timeout:", got)
+        timeouts = got["errors"].get("timeout", 0)
+        assert timeouts > 0 and got["statuses"].get("504", 0) == timeouts, got
+        assert got["statuses"].get("200", 0) + timeouts == 60, got
+        assert got["slowest"] < 0.5 + 0.5, got  # the timeout plus a loaded machine's slack
+        text = lab.metrics("node-1")
+        assert sample(text, "outbound_http_timeout_total", service="default/echo",
+                      kind="request") >= timeouts  # fmt: skip
+    finally:
+        _annotate(lab, "weft.io/timeout-request-")
