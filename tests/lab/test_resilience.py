@@ -124,3 +124,30 @@ def test_a_hung_replica_costs_at_most_the_request_timeout(lab: LabRunner):
                       kind="request") >= timeouts + 1  # fmt: skip
     finally:
         _annotate(lab, "weft.io/timeout-request-", "weft.io/failure-accrual-")
+
+
+def _grpc(lab: LabRunner, n: int, *metadata: str) -> dict:
+    args = [f"--metadata={m}" for m in metadata]
+    # check=False: the client exits 1 when any call failed; its JSON says which.
+    out = lab.exec("client-1", sys.executable, "-m", "weft.lab.echoclient", "grpc", "echo:9090",
+                   "-n", str(n), *args, check=False).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def test_grpc_unavailable_is_retried_on_one_channel(lab: LabRunner):
+    before = _grpc(lab, 600, "fail=echo-2:0.5")
+    assert before["errors"].get("UNAVAILABLE", 0) > 0, before
+    _annotate(lab, "weft.io/retry-grpc=unavailable")
+    try:
+        deadline = time.monotonic() + 30
+        while _grpc(lab, 60, "fail=echo-2:0.5")["errors"]:
+            assert time.monotonic() < deadline, "weft.io/retry-grpc not in force after 30 s"
+            time.sleep(0.5)
+        after = _grpc(lab, 3000, "fail=echo-2:0.5")
+        print("gRPC without retries:", before, "\nwith retries:", after)
+        assert sum(after["pods"].values()) >= 0.999 * 3000, after
+        text = lab.metrics("node-1")
+        assert sample(text, "outbound_http_retry_total", service="default/echo",
+                      reason="status") > 0  # fmt: skip
+    finally:
+        _annotate(lab, "weft.io/retry-grpc-")
