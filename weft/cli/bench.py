@@ -160,6 +160,51 @@ def sockmap(seconds: float, rounds: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--requests", default=10_000, show_default=True,
+              help="Requests of the flaky drill (the others scale from it).")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def drills(requests: int, json_path: Path | None) -> None:
+    """Retries, budgets, timeouts and failure accrual against failing replicas, in a
+    three-node lab (issue #13's drills; docs/resilience.md).
+
+    One replica failing half its requests (HTTP/1.1 and gRPC) with and without retries;
+    every replica failing (retries against the budget); one replica hung (request
+    timeout and failure accrual).
+    """
+    from weft.bench.drills import run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, requests,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
+    f, g, a, h = result["flaky"], result["grpc"], result["all_failing"], result["hung"]
+    table = Table("drill", "figure", "target")
+    table.add_row(
+        "flaky replica, HTTP/1.1",
+        f"{f['success_without_retries']:.2%} -> {f['success_with_retries']:.2%} "
+        f"({f['retried_share']:.1%} retried)",
+        ">= 99.9 % with retries",
+    )
+    table.add_row(
+        "flaky replica, gRPC",
+        f"{g['success_without_retries']:.2%} -> {g['success_with_retries']:.2%}",
+        ">= 99.9 % with retries",
+    )
+    table.add_row(
+        "all replicas failing",
+        f"{a['retries_per_request']} retries/request (budget "
+        f"{a['budget_per_request']}, limit alone 3.0)",
+        "<= budget",
+    )
+    table.add_row("hung replica, 500 ms timeout",
+                  f"slowest {h['slowest_ms']} ms, {h['late_share']:.2%} after 1 s",
+                  "<= 550 ms, < 1 %")  # fmt: skip
+    Console().print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--rounds", default=3, show_default=True, help="Restarts of each kind, and bursts.")
 @click.option(
     "--connections", default=2000, show_default=True, help="Connections opened at once per burst."
