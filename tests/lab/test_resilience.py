@@ -14,29 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab.conftest import LabRunner, sample, unique_name
-
-# In client-1: N requests on one keep-alive connection to http://echo/PATH; prints the
-# statuses, the retry counts the proxy reported, the proxy's error tokens, the slowest.
-REQUESTS = r"""
-import collections, http.client, json, sys, time
-n, path = int(sys.argv[1]), sys.argv[2]
-conn = http.client.HTTPConnection("echo", 80, timeout=30)
-statuses, retries, errors = collections.Counter(), collections.Counter(), collections.Counter()
-slowest = 0.0
-for _ in range(n):
-    t = time.monotonic()
-    conn.request("GET", path)
-    r = conn.getresponse()
-    r.read()
-    slowest = max(slowest, time.monotonic() - t)
-    statuses[r.status] += 1
-    retries[r.getheader("weft-retry-attempts", "0")] += 1
-    errors[r.getheader("weft-proxy-error", "")] += 1
-    if r.getheader("connection", "") == "close":
-        conn.close()
-print(json.dumps({"statuses": statuses, "retries": retries, "errors": errors,
-                  "slowest": slowest}))
-"""
+from weft.bench.drills import REQUESTS
 
 FLAKY = "/?fail=echo-2:0.5"
 """echo-2 answers 503 to half of these (the echo server's failure injection)."""
