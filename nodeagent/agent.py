@@ -96,7 +96,9 @@ from nodeagent.proxy.upstream import MeshUpstreams
 from nodeagent.retrymetrics import RetryMetrics
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
+from weft.meshwire import encode_traffic
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
+from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 
 log = logging.getLogger("weft.agent")
 
@@ -546,6 +548,21 @@ class Agent:
                         "reused": pool.reused,
                     }
                     for side, pool in (("outbound", self.outbound_http.h2_pool),)
+                },
+                # Services with retries, timeouts or failure accrual (docs/resilience.md).
+                "policies": {
+                    key: encode_traffic(svc.traffic)
+                    for key, svc in sorted(self.mesh.services.items())
+                    if svc.traffic != DEFAULT_TRAFFIC
+                },
+                "endpoints": {
+                    f"{a[0]}:{a[1]}": {
+                        "state": self.http_balancer.state(a),
+                        "outstanding": h.outstanding,
+                        "failed_responses_in_a_row": h.failed_responses,
+                        "ejections": h.ejections,
+                    }
+                    for a, h in sorted(self.http_balancer.health.items())
                 },
             },
             "endpoints": {

@@ -15,6 +15,7 @@ import pytest
 
 from tests.lab.conftest import LabRunner, sample, unique_name
 from weft.bench.drills import REQUESTS
+from weft.lab.lab import agent_state
 
 FLAKY = "/?fail=echo-2:0.5"
 """echo-2 answers 503 to half of these (the echo server's failure injection)."""
@@ -59,6 +60,8 @@ def test_retries_make_a_failing_replica_invisible(lab: LabRunner):
     _annotate(lab, "weft.io/retry-http=5xx")
     try:
         _until(lab, FLAKY, lambda g: g["retries"].get("1", 0) > 0, "weft.io/retry-http")
+        policies = agent_state(lab.name, "node-1")["http"]["policies"]
+        assert policies["default/echo"]["retry_http"] == "500-599", policies
         after = _run(lab, 10_000, FLAKY)
         print("without retries:", before, "\nwith retries:", after)  # the figures, with -rP
         assert after["statuses"].get("200", 0) / 10_000 >= 0.999, after
