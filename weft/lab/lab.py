@@ -387,13 +387,7 @@ class Lab:
             pod = state.pod(pod_name)
         except KeyError as e:
             raise LabError(str(e.args[0])) from None
-        labels = dict(pod.labels)
-        for k, v in changes.items():
-            if v is None:
-                labels.pop(k, None)
-            else:
-                labels[k] = v
-        new = dataclasses.replace(pod, labels=labels)
+        new = dataclasses.replace(pod, labels=_changed(pod.labels, changes))
         state.plan = dataclasses.replace(
             state.plan, pods=tuple(new if p.name == pod.name else p for p in state.plan.pods)
         )
@@ -413,13 +407,7 @@ class Lab:
             what = "no" if not found else "more than one"
             raise LabError(f"{what} service {name!r} in lab {state.plan.name} (it has: {names})")
         svc = found[0]
-        annotations = dict(svc.annotations)
-        for k, v in changes.items():
-            if v is None:
-                annotations.pop(k, None)
-            else:
-                annotations[k] = v
-        new = dataclasses.replace(svc, annotations=annotations)
+        new = dataclasses.replace(svc, annotations=_changed(svc.annotations, changes))
         state.plan = dataclasses.replace(
             state.plan, services=tuple(new if s is svc else s for s in state.plan.services)
         )
@@ -618,6 +606,17 @@ def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     except PermissionError:
         print(f"weft lab exec: {argv[0]}: permission denied", file=sys.stderr)
         os._exit(126)
+
+
+def _changed(values: dict[str, str], changes: dict[str, str | None]) -> dict[str, str]:
+    """``values`` with ``changes`` applied: a value sets its key, None removes it."""
+    out = dict(values)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
 
 
 def admin_get(netns: str, host: str, port: int, path: str) -> tuple[int, str] | None:

@@ -49,6 +49,7 @@ from nodeagent.proxy.http.message import (
     ResponseHead,
     header,
 )
+from nodeagent.proxy.http.replay import ReplayBuffer
 from nodeagent.proxy.http.server import Forwarder, ProxyFailure
 
 log = logging.getLogger("weft.proxy.http")
@@ -135,8 +136,6 @@ class H2Exchange:
         "_attempt_acked",
         "_held",
         "_replay",
-        "_replay_bytes",
-        "_replay_limit",
         "_server",
         "_upstream",
         "cancelled",
@@ -176,9 +175,7 @@ class H2Exchange:
         self.task: asyncio.Task[None] | None = None
         # Retries, as `Exchange` has them; and request bytes acknowledged to the client
         # (a replayed body is acknowledged by the next upstream again: not passed on).
-        self._replay: list[bytes] | None = None
-        self._replay_bytes = 0
-        self._replay_limit = 0
+        self._replay: ReplayBuffer | None = None
         self._acked = 0
         self._attempt_acked = 0
         self.retry_gate: Callable[[ResponseHead], bool] | None = None
@@ -189,22 +186,13 @@ class H2Exchange:
 
     def keep_for_replay(self, limit: int) -> None:
         """As `Exchange.keep_for_replay`."""
-        if self._replay is not None or self._replay_limit:
-            return
-        self._replay_limit = limit
-        held = sum(map(len, self._held))
-        if self._upstream is None and held <= limit:
-            self._replay = list(self._held)
-            self._replay_bytes = held
+        if self._replay is None:
+            held = self._held if self._upstream is None else None
+            self._replay = ReplayBuffer(limit, held, sum(map(len, self._held)))
 
     def _request_body(self, data: bytes) -> None:
-        replay = self._replay
-        if replay is not None:
-            self._replay_bytes += len(data)
-            if self._replay_bytes > self._replay_limit:
-                self._replay = None
-            else:
-                replay.append(data)
+        if self._replay is not None:
+            self._replay.add(data)
         if self._upstream is not None:
             self._upstream.write_body(data)
         else:
@@ -240,8 +228,9 @@ class H2Exchange:
     def unbind(self) -> None:
         self._upstream = None
         self._attempt_acked = 0
-        if self._replay is not None:
-            self._held = list(self._replay)
+        replay = self._replay
+        if replay is not None and replay.chunks is not None:
+            self._held = list(replay.chunks)
 
     def rewind(self) -> None:
         """As `Exchange.rewind`."""
@@ -255,7 +244,7 @@ class H2Exchange:
 
     @property
     def replayable(self) -> bool:
-        return not self.head.has_body or self._replay is not None
+        return not self.head.has_body or (self._replay is not None and self._replay.intact)
 
     @property
     def held_body(self) -> bool:

@@ -53,6 +53,7 @@ from nodeagent.proxy.http.message import (
     error_response,
     set_forward_header,
 )
+from nodeagent.proxy.http.replay import ReplayBuffer
 from nodeagent.proxy.relay import Relay, reset_transport
 
 log = logging.getLogger("weft.proxy.http")
@@ -132,8 +133,6 @@ class Exchange:
         "_body_held_bytes",
         "_chunked_out",
         "_replay",
-        "_replay_bytes",
-        "_replay_limit",
         "_server",
         "_upstream",
         "close_after",
@@ -174,9 +173,7 @@ class Exchange:
         self.upgrade_leftover: bytes | None = None
         # Retries (the forwarder's retry stage): the body kept for sending again, the
         # gate that may swallow a failed response, and what it swallowed.
-        self._replay: list[bytes] | None = None
-        self._replay_bytes = 0
-        self._replay_limit = 0
+        self._replay: ReplayBuffer | None = None
         self.retry_gate: Callable[[ResponseHead], bool] | None = None
         """Called with a final response head before any of it is written: True
         swallows that response (head, body, end) so the forwarder can try again."""
@@ -189,21 +186,13 @@ class Exchange:
     def keep_for_replay(self, limit: int) -> None:
         """Hold a copy of the request body, up to ``limit`` bytes, so the request can be
         sent again (`rewind`); past the limit it is sent once (not `replayable`)."""
-        if self._replay is not None or self._replay_limit:
-            return
-        self._replay_limit = limit
-        if self._upstream is None and self._body_held_bytes <= limit:
-            self._replay = list(self._body_held)
-            self._replay_bytes = self._body_held_bytes
+        if self._replay is None:
+            held = self._body_held if self._upstream is None else None
+            self._replay = ReplayBuffer(limit, held, self._body_held_bytes)
 
     def _request_body(self, data: bytes) -> None:
-        replay = self._replay
-        if replay is not None:
-            self._replay_bytes += len(data)
-            if self._replay_bytes > self._replay_limit:
-                self._replay = None
-            else:
-                replay.append(data)
+        if self._replay is not None:
+            self._replay.add(data)
         if self._upstream is not None:
             self._upstream.write_body(data)
         else:
@@ -253,9 +242,10 @@ class Exchange:
         bind another (a retry) if the request is `replayable`: the body kept for replay
         goes to the next upstream first."""
         self._upstream = None
-        if self._replay is not None:
-            self._body_held = list(self._replay)
-            self._body_held_bytes = self._replay_bytes
+        replay = self._replay
+        if replay is not None and replay.chunks is not None:
+            self._body_held = list(replay.chunks)
+            self._body_held_bytes = replay.size
 
     def rewind(self) -> None:
         """A swallowed response (`retry_gate`) or a timed-out attempt: forget it and
@@ -273,7 +263,7 @@ class Exchange:
         """Every body byte that left for an upstream can be sent again: there is none,
         or the body is held (`keep_for_replay`) — when the forwarder knows that sending
         again is safe: see `UpstreamLost.retryable` and the retry stage."""
-        return not self.head.has_body or self._replay is not None
+        return not self.head.has_body or (self._replay is not None and self._replay.intact)
 
     # --- response side (from the upstream) ------------------------------------------------
 
