@@ -514,14 +514,18 @@ class OutboundForwarder:
 
     def _settle(self, call: _Call, lease: Lease[Address] | None, ok: bool | None) -> None:
         """An attempt on ``lease``'s endpoint ended: the balancer learns its latency (when
-        no response came, what it waited: a hung endpoint must look slow) and, under
-        request-level failure accrual, its verdict (None: none, e.g. the client left)."""
+        it failed without a response, what it waited: a hung endpoint must look slow; not
+        when the client left — a long poll it abandoned says nothing about the endpoint)
+        and, under request-level failure accrual, its verdict (None: none)."""
         if lease is None:
             return
         exchange = call.exchange
         if exchange.sent is not None:
             end = exchange.responded
-            lease.observe((end if end is not None else self._loop.time()) - exchange.sent)
+            if end is not None:
+                lease.observe(end - exchange.sent)
+            elif ok is False:
+                lease.observe(self._loop.time() - exchange.sent)
         lease.release()
         accrual = call.route.traffic.accrual
         if accrual is None:
