@@ -19,8 +19,8 @@ annotations carry over (each ``weft.io/`` key also reads its ``*.linkerd.io/`` t
 
 Nothing is retried and nothing times out unless asked (Linkerd's defaults too). Retries
 are bounded three ways whatever the annotations say: the limit per request, the
-node's retry budget per service (`nodeagent.proxy.retry.RetryBudget`: 20 % of requests
-plus 10 per second), and only requests that are safe to send again.
+node's retry budget per service (`nodeagent.proxy.retry.RetryBudget`: 20 % of the
+requests of the last 10 s plus 100), and only requests that are safe to send again.
 
 Invalid values never half-apply: `parse_traffic` raises `TrafficError` naming every
 bad key, and the source that read them keeps the service's last valid policy.

@@ -169,7 +169,9 @@ def all_failing(lab: Lab, n: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "retries": int(retries),
         "retries_per_request": round(retries / n, 4),
-        "budget_per_request": round(0.2 + 10.0 * min(seconds, 10.0) / n, 4),
+        # RetryBudget's defaults: 20 % of the attempts in the window plus
+        # min_per_second x ttl (10/s x 10 s), spendable at once.
+        "budget_per_request": round(0.2 + 100.0 / n, 4),
         "without_budget_per_request": 3.0,
         "refused_by_budget": int(refused),
     }
