@@ -14,7 +14,10 @@ the number of services bounds them, and a cap keeps a bug from growing them):
 * ``outbound_http_timeout_total{service,kind}`` — ``request`` (``weft.io/timeout-request``:
   answered 504, or reset when the response had started) and ``try`` (a per-try timeout);
 * ``outbound_http_endpoint_ejections_total{service,reason="failures"}`` — endpoints
-  ejected by request-level failure accrual (``weft.io/failure-accrual``).
+  ejected by request-level failure accrual (``weft.io/failure-accrual``);
+* ``outbound_http_route_requests_total{service,route,backend}`` — requests to a service
+  with Gateway API routes, by the route (``ns/name``, ``[no-match]`` when none matched)
+  and the backend service the rule's weights picked (empty when none could be used).
 
 Linkerd's equivalents: ``outbound_http_route_retry_requests_total``,
 ``..._retry_limit_exceeded_total`` and ``..._retry_overflow_total`` (budget).
@@ -50,6 +53,18 @@ class RetryMetrics(Collector):
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
         self._counts: dict[tuple[str, str, str], int] = {}
+        self._routes: dict[tuple[str, str, str], int] = {}
+
+    def routed(self, service: str, route: str, backend: str) -> None:
+        key = (service, route, backend)
+        n = self._routes.get(key)
+        if n is None and len(self._routes) >= self.max_series:
+            key = ("overflow", "", "")
+            n = self._routes.get(key)
+        self._routes[key] = (n or 0) + 1
+
+    def routed_count(self, service: str, route: str, backend: str) -> int:
+        return self._routes.get((service, route, backend), 0)
 
     def count(self, family: str, service: str, why: str) -> None:
         key = (family, service, why)
@@ -70,3 +85,11 @@ class RetryMetrics(Collector):
         for (family, service, why), n in list(self._counts.items()):
             families[family].add_metric([service, why], n)
         yield from families.values()
+        routes = CounterMetricFamily(
+            "outbound_http_route_requests",
+            "Requests to services with routes, by route and the backend picked.",
+            labels=["service", "route", "backend"],
+        )
+        for labels, n in list(self._routes.items()):
+            routes.add_metric(list(labels), n)
+        yield routes

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from weft.identity import SpiffeId
+from weft.routes import Route
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import TrafficPolicy
 
@@ -177,6 +178,8 @@ class Service:
     """Service ports served as opaque TCP (``weft.io/opaque-ports``)."""
     traffic: TrafficPolicy = DEFAULT_TRAFFIC
     """Retries and timeouts of its HTTP requests (`weft.traffic`, from annotations)."""
+    routes: tuple[Route, ...] = ()
+    """Gateway API routes attached to it (GAMMA ``parentRefs``), sorted by key."""
 
     @property
     def key(self) -> str:

@@ -46,6 +46,7 @@ from weft.mesh import (
     Workload,
     WorkloadPort,
 )
+from weft.routes import Route, RouteError, parse_route, route_object
 from weft.traffic import (
     DEFAULT as DEFAULT_TRAFFIC,
 )
@@ -109,6 +110,7 @@ def encode_service(s: Service) -> dict[str, Any]:
         ],
         "opaque_ports": list(s.opaque_ports),
         **({"traffic": encode_traffic(s.traffic)} if s.traffic != DEFAULT_TRAFFIC else {}),
+        **({"routes": [route_object(r) for r in s.routes]} if s.routes else {}),
     }
 
 
@@ -302,7 +304,18 @@ def decode_service(obj: Any, where: str = "service") -> Service:
             if "traffic" in f.obj
             else DEFAULT_TRAFFIC
         ),
+        routes=_routes(f, where),
     )
+
+
+def _routes(f: _Fields, where: str) -> tuple[Route, ...]:
+    routes = []
+    for i, obj in enumerate(f.list("routes") if "routes" in f.obj else []):
+        try:
+            routes.append(parse_route(obj))
+        except (RouteError, AttributeError, TypeError) as e:
+            raise MeshWireError(f"{where}.routes[{i}]: {e}") from None
+    return tuple(routes)
 
 
 # --------------------------------------------------------------------------- messages

@@ -29,6 +29,7 @@ match, then more header matches, then more query matches; ties go to the older r
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -193,9 +194,13 @@ class Route:
     name: str
     created: str
     """``metadata.creationTimestamp`` (RFC 3339 sorts as text): the older route wins ties."""
-    parents: tuple[str, ...]
-    """Services (``ns/name``) it attaches to."""
+    parents: tuple[tuple[str, int | None], ...]
+    """Services (``ns/name``) it attaches to, and the service port (None: every port)."""
     rules: tuple[Rule, ...]
+    source: str = field(default="", compare=True, repr=False)
+    """The object it was parsed from, reduced to kind, name, namespace, creation time and
+    spec (canonical JSON): what the discovery stream carries, re-parsed by the agent
+    with this same parser (`route_object`)."""
 
     @property
     def key(self) -> str:
@@ -218,12 +223,15 @@ class RouteTable:
         return None
 
 
-def table_for(service: str, routes: Sequence[Route]) -> RouteTable:
-    """The route table of ``service``: every rule of every route that names it as a
-    parent, ordered by the spec's precedence."""
+def table_for(service: str, routes: Sequence[Route], port: int | None = None) -> RouteTable:
+    """The route table of ``service`` (requests to ``port``; None: any): every rule of
+    every route that names it as a parent, ordered by the spec's precedence."""
     ranked: list[tuple[tuple[Any, ...], Match, Rule]] = []
     for route in routes:
-        if service not in route.parents:
+        if not any(
+            parent == service and (p is None or port is None or p == port)
+            for parent, p in route.parents
+        ):
             continue
         for rule in route.rules:
             for i, m in enumerate(rule.matches):
@@ -376,7 +384,18 @@ def _backend(b: Any, namespace: str, where: str) -> Backend:
 
 def parse_route(obj: Mapping[str, Any]) -> Route:
     """An HTTPRoute or GRPCRoute object (the API's JSON) as a `Route`; `RouteError`
-    (with the condition reason) if Weft cannot apply all of it."""
+    (with the condition reason) if Weft cannot apply all of it, whatever the input."""
+    if not isinstance(obj, Mapping):
+        raise RouteError("expected an object")
+    try:
+        return _parse_route(obj)
+    except (AttributeError, TypeError, KeyError) as e:
+        # A field of the wrong shape somewhere the checks above do not look (the API
+        # server's schema validation would refuse most of these).
+        raise RouteError(f"malformed route ({type(e).__name__}: {e})") from None
+
+
+def _parse_route(obj: Mapping[str, Any]) -> Route:
     kind_name = obj.get("kind")
     if kind_name not in (Kind.HTTP, Kind.GRPC):
         raise RouteError(f"kind {kind_name!r} is not HTTPRoute or GRPCRoute", Reason.INVALID_KIND)
@@ -391,7 +410,10 @@ def parse_route(obj: Mapping[str, Any]) -> Route:
         if not isinstance(p, dict) or not isinstance(p.get("name"), str):
             raise RouteError(f"spec.parentRefs[{i}]: expected {{kind, name}}")
         if p.get("kind") == "Service" and p.get("group", "") in ("", "core"):
-            parents.append(f"{p.get('namespace', namespace)}/{p['name']}")
+            port = p.get("port")
+            if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+                raise RouteError(f"spec.parentRefs[{i}].port: {port!r} is not a port")
+            parents.append((f"{p.get('namespace', namespace)}/{p['name']}", port))
     rules = []
     for r_i, r in enumerate(_list(spec, "rules", "spec", MAX_RULES) or [{}]):
         where = f"spec.rules[{r_i}]"
@@ -425,8 +447,20 @@ def parse_route(obj: Mapping[str, Any]) -> Route:
             raise RouteError(f"{where}.timeouts: backendRequest longer than request")
         rules.append(Rule(f"{namespace}/{name}", r_i, matches, backends, request_t, backend_t,
                           request_headers, response_headers))  # fmt: skip
-    return Route(kind, namespace, name, str(meta.get("creationTimestamp") or ""),
-                 tuple(parents), tuple(rules))  # fmt: skip
+    created = str(meta.get("creationTimestamp") or "")
+    reduced = {
+        "apiVersion": f"{GROUP}/v1", "kind": kind.value,
+        "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+        "spec": {"parentRefs": spec.get("parentRefs") or [], "rules": spec.get("rules") or []},
+    }  # fmt: skip
+    source = json.dumps(reduced, sort_keys=True, separators=(",", ":"))
+    return Route(kind, namespace, name, created, tuple(parents), tuple(rules), source)
+
+
+def route_object(route: Route) -> dict[str, Any]:
+    """The reduced object `parse_route` made ``route`` from (for the wire)."""
+    obj: dict[str, Any] = json.loads(route.source)
+    return obj
 
 
 def conditions(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nodeagent.meshstate import MeshState
 from nodeagent.proxy.listener import Address
-from weft.mesh import Service, Workload
+from weft.mesh import Service, ServicePort, Workload
 
 
 class NoRoute(ConnectionRefusedError):
@@ -53,7 +53,22 @@ def resolve(state: MeshState, destination: Address) -> Resolved:
                 f"{destination[1]} on it"
             )
         return Resolved(None, (Hop(destination, state.workload_at(destination[0])),))
-    svc, port = target.service, target.port
+    return Resolved(target.service, _hops(state, target.service, target.port))
+
+
+def resolve_backend(state: MeshState, service: str, port: int) -> Resolved:
+    """The candidate hops of a route's backend: ``service`` (``ns/name``) on its service
+    port ``port``."""
+    svc = state.services.get(service)
+    if svc is None:
+        raise NoRoute(f"route backend {service} is not a known service")
+    for p in svc.ports:
+        if p.port == port:
+            return Resolved(svc, _hops(state, svc, p))
+    raise NoRoute(f"route backend {service} has no port {port}")
+
+
+def _hops(state: MeshState, svc: Service, port: ServicePort) -> tuple[Hop, ...]:
     hops = []
     for ep in svc.endpoints:
         if not ep.ready:
@@ -68,7 +83,7 @@ def resolve(state: MeshState, destination: Address) -> Resolved:
             f"service {svc.key} has no ready endpoint for port {port.port} "
             f"({len(svc.endpoints)} endpoint(s) known)"
         )
-    return Resolved(svc, tuple(hops))
+    return tuple(hops)
 
 
 def workload_name(w: Workload | None) -> tuple[str, str]:

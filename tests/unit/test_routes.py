@@ -3,6 +3,7 @@ and matching (`weft.routes`), on the shipped example and on hand-made objects.""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
+from hypothesis import given
+from hypothesis import strategies as st
 
 from weft.routes import (
     Condition,
@@ -39,7 +42,9 @@ def test_the_shipped_example_parses_and_resolves() -> None:
     routes = [parse_route(d) for d in docs]
     assert [r.kind for r in routes] == [Kind.HTTP, Kind.GRPC]
     http = routes[0]
-    assert http.parents == ("default/echo",)
+    assert http.parents == (("default/echo", 80),)
+    assert table_for("default/echo", routes, 80).entries
+    assert not table_for("default/echo", routes[:1], 9090).entries  # another port
     split = http.rules[1]
     assert [(b.name, b.weight) for b in split.backends] == [("echo", 90), ("echo-canary", 10)]
     assert (split.request_timeout, split.backend_timeout) == (2.0, 0.5)
@@ -162,3 +167,35 @@ def test_gateway_parents_are_not_ours() -> None:
     obj["spec"]["parentRefs"] = [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                   "name": "edge"}]  # fmt: skip
     assert parse_route(obj).parents == ()
+    obj["spec"]["parentRefs"] = [{"kind": "Service", "name": "web", "port": 0}]
+    with pytest.raises(RouteError, match="port"):
+        parse_route(obj)
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["spec", "rules", "matches", "path", "type", "value",
+                                       "backendRefs", "name", "weight", "filters", "kind",
+                                       "metadata", "parentRefs", "headers", "timeouts"]),
+                      children, max_size=5),
+    max_leaves=30,
+))  # fmt: skip
+def test_any_object_is_parsed_or_refused_with_a_route_error(obj: Any) -> None:
+    if isinstance(obj, dict):
+        obj = {**obj, "kind": "HTTPRoute", "metadata": {"name": "x"}}
+    try:
+        parse_route(obj)
+    except RouteError:
+        pass
+
+
+def test_routes_travel_in_the_discovery_stream() -> None:
+    from weft.mesh import Service
+    from weft.meshwire import decode_service, encode_service
+
+    docs = list(yaml.safe_load_all(EXAMPLES.read_text()))
+    routes = tuple(parse_route(d) for d in docs)
+    svc = Service("echo", "default", ("10.96.0.1",), (), (), routes=routes)
+    wire = json.loads(json.dumps(encode_service(svc)))
+    assert decode_service(wire, "s") == svc

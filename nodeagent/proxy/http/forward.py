@@ -23,10 +23,13 @@ metrics (`nodeagent.httpmetrics`): the stage that knows the facts records them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics, classify
 from nodeagent.meshstate import MeshState
@@ -40,18 +43,28 @@ from nodeagent.proxy.http.message import (
     RETRY_ATTEMPT_HEADER,
     ProxyError,
     ResponseHead,
+    modify_headers,
     set_forward_header,
 )
 from nodeagent.proxy.http.observe import CANCELLED
 from nodeagent.proxy.http.retries import REPLAY_LIMIT, Retrying
 from nodeagent.proxy.http.server import Exchange, ProxyFailure
 from nodeagent.proxy.listener import Address, format_address
-from nodeagent.proxy.resolve import Hop, NoRoute, PlaintextRefused, resolve, workload_name
+from nodeagent.proxy.resolve import (
+    Hop,
+    NoRoute,
+    PlaintextRefused,
+    Resolved,
+    resolve,
+    resolve_backend,
+    workload_name,
+)
 from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
 from nodeagent.retrymetrics import EJECTED, TIMEOUT, RetryMetrics
 from weft.mesh import Workload
+from weft.routes import RouteTable, Rule, table_for
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import RETRY_TIMEOUT_KEY, TIMEOUT_REQUEST_KEY, TrafficPolicy
 
@@ -96,6 +109,29 @@ class _Route:
     balanced: bool
     candidates: tuple[Address, ...]
     traffic: TrafficPolicy = DEFAULT_TRAFFIC
+    table: RouteTable | None = None
+    """The Gateway API routes attached to the service (for the port dialled)."""
+    port: int = 0
+    """The service port dialled (a route backend without a port uses it)."""
+
+
+def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
+    """The `_Route` of a rule's backend: its endpoints, the parent service's policy
+    with the rule's timeouts (``timeouts.request`` the request timeout,
+    ``backendRequest`` the per-try one)."""
+    hops = {h.address: h for h in resolved.hops}
+    traffic = route.traffic
+    if rule.request_timeout is not None or rule.backend_timeout is not None:
+        retry = traffic.retry
+        if rule.backend_timeout is not None:
+            retry = dataclasses.replace(retry, per_try_timeout=rule.backend_timeout)
+        traffic = dataclasses.replace(
+            traffic,
+            retry=retry,
+            request_timeout=rule.request_timeout or traffic.request_timeout,
+        )
+    service = resolved.service.key if resolved.service is not None else route.service
+    return _Route(service, hops, True, tuple(hops), traffic, None, route.port)
 
 
 class _QuietObserver:
@@ -142,6 +178,8 @@ class OutboundHttp:
         self.metrics = metrics
         self._observer = observer
         self.retry_metrics = retry_metrics or RetryMetrics()
+        self.rng = random.Random()
+        """Weighted backend choice."""
         self._budgets: dict[str, RetryBudget] = {}
         self.requests = 0
         self.replayed = 0
@@ -164,12 +202,17 @@ class OutboundHttp:
         resolved = resolve(self.mesh, destination)
         hops = {h.address: h for h in resolved.hops}
         service = resolved.service
+        table = None
+        if service is not None and service.routes:
+            table = table_for(service.key, service.routes, destination[1])
         return _Route(
             service.key if service is not None else "",
             hops,
             service is not None,
             tuple(hops),
             service.traffic if service is not None else DEFAULT_TRAFFIC,
+            table if table is not None and table.entries else None,
+            destination[1],
         )
 
     def _current(self, client: Upstream, source: Workload | None) -> bool:
@@ -266,6 +309,7 @@ class OutboundForwarder:
         self._route: _Route | None = None
         self._observer: _QuietObserver | None = None
         self._labels: dict[tuple[Address | None, str], HttpLabels] = {}
+        self._backends: dict[tuple[str, int], Resolved] = {}
         self._fast: _InFlight | None = None
         self._loop = asyncio.get_running_loop()
         self._replay: tuple[Address, ...] | None = None
@@ -285,6 +329,7 @@ class OutboundForwarder:
             )
             self._observer = _QuietObserver(self.label, inner)
             self._labels.clear()
+            self._backends.clear()
         return self._route, self._observer
 
     # --- the fast path: an idle pooled connection, no task --------------------------------
@@ -302,8 +347,8 @@ class OutboundForwarder:
         except NoRoute:
             self._version = -1
             return False  # `forward` answers it
-        if not route.traffic.plain:
-            return False  # retries or timeouts: `forward` has the retry stage
+        if not route.traffic.plain or route.table is not None:
+            return False  # retries, timeouts or routes: `forward` has those stages
         lease = None
         if route.balanced:
             lease = http.failover.balancer.lease(route.candidates)
@@ -392,6 +437,12 @@ class OutboundForwarder:
             self._version = -1
             self._record(exchange, authority, src_name, None, source, error=ProxyError.NO_ENDPOINTS)
             raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
+        if route.table is not None:
+            try:
+                route = self._route_request(exchange, route)
+            except ProxyFailure as failure:
+                self._record(exchange, authority, src_name, None, source, error=failure.error)
+                raise
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
@@ -511,6 +562,43 @@ class OutboundForwarder:
                 continue
             self._record(exchange, call.authority, call.src_name, hop, call.source)
             return
+
+    def _route_request(self, exchange: Exchange, route: _Route) -> _Route:
+        """The route stage: the rule the request matches (the spec's precedence), the
+        backend its weights pick, the rule's header modifiers; raises `ProxyFailure`
+        (404 no rule matched, 500 no usable backend, 503 a backend without endpoints)."""
+        assert route.table is not None
+        head = exchange.head
+        target = head.target.decode("latin-1")
+        query = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+        headers: dict[str, str] = {}
+        for k, v in head.headers:
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
+        metrics = self.http.retry_metrics
+        rule = route.table.match(head.method.decode("latin-1"), head.path, headers, query)
+        if rule is None:
+            metrics.routed(route.service, "[no-match]", "")
+            raise ProxyFailure(ProxyError.NO_ROUTE,
+                               f"no route of {route.service} matches {head.path}")  # fmt: skip
+        backend = rule.pick(self.http.rng.random())
+        if backend is None or backend.invalid:
+            metrics.routed(route.service, rule.route, "")
+            why = backend.invalid if backend is not None else "every backend weight is 0"
+            raise ProxyFailure(ProxyError.ROUTE_BACKEND, f"route {rule.route}: {why}")
+        metrics.routed(route.service, rule.route, backend.service)
+        key = (backend.service, backend.port or route.port)
+        resolved = self._backends.get(key)
+        if resolved is None:
+            try:
+                resolved = resolve_backend(self.http.mesh, *key)
+            except NoRoute as exc:
+                raise ProxyFailure(ProxyError.NO_ENDPOINTS, str(exc)) from None
+            self._backends[key] = resolved
+        if rule.request_headers is not None:
+            modify_headers(head, rule.request_headers)
+        if rule.response_headers is not None:
+            exchange.response_modifier = rule.response_headers
+        return _routed(route, resolved, rule)
 
     def _settle(self, call: _Call, lease: Lease[Address] | None, ok: bool | None) -> None:
         """An attempt on ``lease``'s endpoint ended: the balancer learns its latency (when

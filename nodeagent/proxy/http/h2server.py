@@ -48,9 +48,11 @@ from nodeagent.proxy.http.message import (
     RequestHead,
     ResponseHead,
     header,
+    modify_headers,
 )
 from nodeagent.proxy.http.replay import ReplayBuffer
 from nodeagent.proxy.http.server import Forwarder, ProxyFailure
+from weft.routes import HeaderModifier
 
 log = logging.getLogger("weft.proxy.http")
 
@@ -147,6 +149,7 @@ class H2Exchange:
         "responded",
         "response",
         "response_complete",
+        "response_modifier",
         "response_started",
         "retries",
         "retry_gate",
@@ -181,6 +184,8 @@ class H2Exchange:
         self.retry_gate: Callable[[ResponseHead], bool] | None = None
         self.discarded: ResponseHead | None = None
         self.retries = 0
+        self.response_modifier: HeaderModifier | None = None
+        """A route's ResponseHeaderModifier, applied to the response head."""
 
     # --- request side (from the server) --------------------------------------------------
 
@@ -263,6 +268,8 @@ class H2Exchange:
         if gate is not None and gate(head):
             self.discarded = head  # its body and end are dropped too; the forwarder retries
             return
+        if self.response_modifier is not None:
+            modify_headers(head, self.response_modifier)
         if self.retries:
             head.headers.append((RETRY_ATTEMPTS_HEADER, b"%d" % self.retries))
         self.response = head

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from weft.routes import HeaderModifier
+
 Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
@@ -60,6 +62,22 @@ def end_to_end(headers: Headers) -> Headers:
     named = connection_tokens(headers)
     drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() != b"content-length"]
+
+
+def modify_headers(head: RequestHead | ResponseHead, modifier: HeaderModifier) -> None:
+    """Apply a route's header modifier to the headers ``head`` is sent with."""
+    h2 = head.version == b"2"
+    forward = head.headers if h2 else head.forward
+    if forward is None:
+        if isinstance(head, RequestHead):
+            head.te = header(head.headers, b"te")
+        forward = end_to_end(head.headers)
+    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in forward]
+    out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in modifier.apply(pairs)]
+    if h2:
+        head.headers = out
+    else:
+        head.forward = out
 
 
 def set_forward_header(head: RequestHead | ResponseHead, name: bytes, value: bytes) -> None:
@@ -179,6 +197,11 @@ class ProxyError(enum.Enum):
     BAD_RESPONSE = (502, "bad-response")
     UNAUTHORIZED = (403, "unauthorized")
     TIMEOUT = (504, "timeout")
+    NO_ROUTE = (404, "no-route")
+    """Routes are attached to the service and none matches the request (GAMMA)."""
+    ROUTE_BACKEND = (500, "route-backend-unusable")
+    """The matched rule has no usable backend: all weights 0, or an invalid reference
+    (the Gateway API says 500)."""
     OVERLOADED = (503, "overloaded")
 
     @property
@@ -196,6 +219,8 @@ class ProxyError(enum.Enum):
 
 
 _GRPC_CODES = {
+    ProxyError.NO_ROUTE: 12,  # UNIMPLEMENTED
+    ProxyError.ROUTE_BACKEND: 13,
     ProxyError.BAD_REQUEST: 13,  # INTERNAL
     ProxyError.HEADERS_TOO_LARGE: 8,  # RESOURCE_EXHAUSTED
     ProxyError.NOT_SUPPORTED: 12,  # UNIMPLEMENTED
@@ -211,8 +236,10 @@ REASONS = {
     200: b"OK",
     400: b"Bad Request",
     403: b"Forbidden",
+    404: b"Not Found",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",

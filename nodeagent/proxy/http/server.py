@@ -51,10 +51,12 @@ from nodeagent.proxy.http.message import (
     RequestHead,
     ResponseHead,
     error_response,
+    modify_headers,
     set_forward_header,
 )
 from nodeagent.proxy.http.replay import ReplayBuffer
 from nodeagent.proxy.relay import Relay, reset_transport
+from weft.routes import HeaderModifier
 
 log = logging.getLogger("weft.proxy.http")
 
@@ -143,6 +145,7 @@ class Exchange:
         "responded",
         "response",
         "response_complete",
+        "response_modifier",
         "response_started",
         "retries",
         "retry_gate",
@@ -179,6 +182,8 @@ class Exchange:
         swallows that response (head, body, end) so the forwarder can try again."""
         self.discarded: ResponseHead | None = None
         self.retries = 0
+        self.response_modifier: HeaderModifier | None = None
+        """A route's ResponseHeaderModifier, applied to the response head."""
         """Retries this exchange took (``weft-retry-attempts`` on the response)."""
 
     # --- request side (from the server) --------------------------------------------------
@@ -279,6 +284,8 @@ class Exchange:
         if gate is not None and self.head.upgrade is None and gate(head):
             self.discarded = head  # its body and end are dropped too; the forwarder retries
             return
+        if self.response_modifier is not None:
+            modify_headers(head, self.response_modifier)
         if self.retries:
             set_forward_header(head, RETRY_ATTEMPTS_HEADER, b"%d" % self.retries)
         self.response = head
