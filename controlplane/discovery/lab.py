@@ -34,6 +34,7 @@ from controlplane.discovery.model import (
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
 from weft.lab.state import LabState, StateError, load_state
+from weft.routes import Route, RouteError, parse_route
 from weft.traffic import LastValid
 
 log = logging.getLogger("weft.discovery.lab")
@@ -54,6 +55,7 @@ def lab_model(
     service's last valid retry/timeout policy across calls (a source's)."""
     plan = state.plan
     traffic = traffic if traffic is not None else LastValid()
+    routes = lab_routes(state)
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
     node_ips = {n.name: n.ip for n in plan.nodes}
@@ -108,10 +110,38 @@ def lab_model(
             ),
             opaque_ports=opaque_ports(svc.annotations),
             traffic=traffic.policy(f"{svc.namespace}/{svc.name}", svc.annotations),
+            routes=attached(f"{svc.namespace}/{svc.name}", routes),
         )
         for svc in plan.services
     ]
     return workloads, services
+
+
+_rejected: dict[str, str] = {}
+"""Routes the lab holds that are not accepted, by key: logged once per change."""
+
+
+def lab_routes(state: LabState) -> list[Route]:
+    """The lab's accepted routes (``weft lab apply -f``); the others are logged with
+    their reason, as a Kubernetes controller would write it into their status."""
+    out = []
+    for obj in state.routes:
+        key = f"{obj.get('kind')} {(obj.get('metadata') or {}).get('namespace', 'default')}/" \
+              f"{(obj.get('metadata') or {}).get('name')}"  # fmt: skip
+        try:
+            out.append(parse_route(obj))
+            _rejected.pop(key, None)
+        except RouteError as e:
+            if _rejected.get(key) != str(e):
+                log.warning("%s not accepted (%s): %s", key, e.reason, e)
+                _rejected[key] = str(e)
+    return out
+
+
+def attached(service: str, routes: list[Route]) -> tuple[Route, ...]:
+    """The routes with ``service`` among their parents, by key (a stable order)."""
+    return tuple(sorted((r for r in routes if any(p == service for p, _ in r.parents)),
+                        key=lambda r: (r.kind, r.key)))  # fmt: skip
 
 
 class LabSource:

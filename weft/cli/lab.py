@@ -274,6 +274,50 @@ def annotate(ctx: click.Context, service: str, changes: tuple[str, ...]) -> None
         err.print(f"[yellow]warning:[/] rejected, the last valid policy stays: {e}")
 
 
+def _read_objects(path: str) -> list[object]:
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        raise click.UsageError(f"{path}: {e}") from None
+
+
+def _apply(ctx: click.Context, path: str, delete: bool) -> None:
+    from weft.lab.apply import ApplyError
+
+    docs = _read_objects(path)
+    lab_ = _lab(ctx)
+    try:
+        lines = lab_.apply_objects(docs, delete=delete)
+    except (ApplyError, LabError) as e:
+        _fail(e)
+    for line in lines:
+        err.print(line, highlight=False, markup=False)
+
+
+@lab.command()
+@click.option("-f", "--filename", "path", required=True, help="YAML file (- for stdin).")
+@click.pass_context
+def apply(ctx: click.Context, path: str) -> None:
+    """Create or update Services, HTTPRoutes and GRPCRoutes from Kubernetes YAML, as
+    ``kubectl apply -f`` would; prints each route's Accepted/ResolvedRefs conditions.
+
+    \b
+    Example: weft lab apply -f docs/examples/canary.yaml
+    """
+    _apply(ctx, path, delete=False)
+
+
+@lab.command()
+@click.option("-f", "--filename", "path", required=True, help="YAML file (- for stdin).")
+@click.pass_context
+def delete(ctx: click.Context, path: str) -> None:
+    """Delete the Services and routes a YAML file names (``kubectl delete -f``)."""
+    _apply(ctx, path, delete=True)
+
+
 @lab.command("restart-agent", context_settings={"ignore_unknown_options": True})
 @click.argument("node")
 @click.argument("agent_args", nargs=-1, type=click.UNPROCESSED)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from weft.lab import apply as lab_apply
 from weft.lab import net, procs
 from weft.lab.plan import (
     CONTROLPLANE_IP,
@@ -413,6 +414,28 @@ class Lab:
         )
         state.save()
         return new
+
+    def apply_objects(self, docs: list[Any], *, delete: bool = False) -> list[str]:
+        """``weft lab apply -f`` (``delete``: ``delete -f``): Services and Gateway API
+        routes into the lab (`weft.lab.apply`); the control plane picks them up, and
+        every pod's hosts file names the services. Returns a line per object."""
+        require_root()
+        state = self.load()
+        if delete:
+            plan, routes, lines = lab_apply.delete(state.plan, state.routes, docs)
+        else:
+            plan, routes, lines = lab_apply.apply(state.plan, state.routes, docs)
+        state.plan, state.routes = plan, routes
+        state.save()
+        for pod in plan.pods:
+            hosts = self.paths.pod_dir(pod.name) / "hosts"
+            if hosts.parent.exists():
+                # In place: pods have it bind-mounted, and a mount follows the inode.
+                with open(hosts, "r+") as f:
+                    f.seek(0)
+                    f.write(hosts_file(plan, pod))
+                    f.truncate()
+        return lines
 
     def restart_agent(self, node: str, args: Sequence[str] = ()) -> None:
         """Replace a node's agent, make-before-break.

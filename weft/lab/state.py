@@ -80,6 +80,8 @@ class LabState:
     """Extra ``weft controlplane`` flags (``--leaf-lifetime 30s``), kept for restarts."""
     agent_args: list[str] = field(default_factory=list)
     """Extra ``weft agent`` flags for every node's agent, kept for restarts."""
+    routes: list[dict[str, Any]] = field(default_factory=list)
+    """Gateway API route objects applied with ``weft lab apply -f`` (as given)."""
 
     def pod(self, name: str) -> PodPlan:
         for p in self.plan.pods:
@@ -139,6 +141,7 @@ class LabState:
             "processes": [asdict(p) for p in self.processes],
             "controlplane_args": list(self.controlplane_args),
             "agent_args": list(self.agent_args),
+            "routes": self.routes,
         }
 
     @classmethod
@@ -200,6 +203,7 @@ class LabState:
             processes=[ProcessRecord(**p) for p in data["processes"]],
             controlplane_args=[str(a) for a in data.get("controlplane_args", [])],
             agent_args=[str(a) for a in data.get("agent_args", [])],
+            routes=[r for r in data.get("routes", []) if isinstance(r, dict)],
         )
 
     def save(self) -> None:

@@ -1,0 +1,158 @@
+"""``weft lab apply -f`` / ``delete -f``: Kubernetes objects into a lab's plan, sans-I/O.
+
+The same YAML a user applies to a cluster: ``Service`` (v1: selector, ports,
+annotations — a new one gets the next free address of the lab's service range),
+``HTTPRoute`` and ``GRPCRoute`` (``gateway.networking.k8s.io/v1``, kept as objects and
+judged by the control plane as Kubernetes' would be: `weft.routes.conditions`). Other
+kinds are refused by name (Deployments are not run as lab pods yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from weft.lab.plan import SERVICE_CIDR, LabPlan, ServicePlan, ServicePort
+from weft.routes import GROUP, Condition, conditions
+
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+KINDS = ("Service", *ROUTE_KINDS)
+
+
+class ApplyError(ValueError):
+    """An object the lab cannot take; nothing of the file is applied."""
+
+
+def _meta(obj: Mapping[str, Any], where: str) -> tuple[str, str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise ApplyError(f"{where}: metadata.name is missing")
+    ns = meta.get("namespace") or "default"
+    if not isinstance(ns, str):
+        raise ApplyError(f"{where}: metadata.namespace is not a string")
+    return ns, meta["name"]
+
+
+def _kind(obj: Any, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise ApplyError(f"{where}: not an object")
+    kind, api = obj.get("kind"), obj.get("apiVersion")
+    if kind not in KINDS:
+        raise ApplyError(f"{where}: kind {kind!r} is not supported by weft lab apply "
+                         f"(supported: {', '.join(KINDS)})")  # fmt: skip
+    want = "v1" if kind == "Service" else f"{GROUP}/v1"
+    if api != want:
+        raise ApplyError(f"{where}: {kind} needs apiVersion {want}, not {api!r}")
+    return str(kind)
+
+
+def _service(obj: Mapping[str, Any], old: ServicePlan | None, vip: str, where: str) -> ServicePlan:
+    ns, name = _meta(obj, where)
+    spec = obj.get("spec") or {}
+    meta = obj["metadata"]
+    ports = []
+    for i, p in enumerate(spec.get("ports") or []):
+        port, target = p.get("port"), p.get("targetPort", p.get("port"))
+        if not (isinstance(port, int) and 0 < port < 65536):
+            raise ApplyError(f"{where}: spec.ports[{i}].port {port!r} is not a port")
+        if not (isinstance(target, int) and 0 < target < 65536):
+            raise ApplyError(f"{where}: spec.ports[{i}].targetPort must be a number in the lab "
+                             f"(it has no named container ports)")  # fmt: skip
+        ports.append(ServicePort(port, target, str(p.get("name") or f"port-{port}"),
+                                 str(p.get("protocol") or "TCP")))  # fmt: skip
+    if not ports:
+        raise ApplyError(f"{where}: spec.ports is empty")
+    selector = spec.get("selector") or {}
+    annotations = meta.get("annotations") or {}
+    for what, d in (("spec.selector", selector), ("metadata.annotations", annotations)):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+            raise ApplyError(f"{where}: {what} must map strings to strings")
+    return ServicePlan(name, ns, old.vip if old else vip, tuple(ports), dict(selector),
+                       dict(annotations))  # fmt: skip
+
+
+def _free_vip(plan: LabPlan, taken: Iterable[str]) -> str:
+    used = {s.vip for s in plan.services} | set(taken)
+    for n in range(10, SERVICE_CIDR.num_addresses - 1):
+        ip = str(SERVICE_CIDR.network_address + n)
+        if ip not in used:
+            return ip
+    raise ApplyError("the lab's service range is full")
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    ns, name = _meta(obj, "")
+    return (str(obj["kind"]), ns, name)
+
+
+def apply(
+    plan: LabPlan, routes: list[dict[str, Any]], docs: Iterable[Any], *, now: str | None = None
+) -> tuple[LabPlan, list[dict[str, Any]], list[str]]:
+    """``plan`` and ``routes`` with ``docs`` applied (created or replaced), and a line
+    per object saying what happened; `ApplyError` and nothing changed if any is bad."""
+    stamp = now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    services = {(s.namespace, s.name): s for s in plan.services}
+    by_key = {_key(r): r for r in routes}
+    lines: list[str] = []
+    new_vips: list[str] = []
+    docs = [d for d in docs if d is not None]
+    for i, obj in enumerate(docs):
+        where = f"document {i + 1}"
+        kind = _kind(obj, where)
+        ns, name = _meta(obj, where)
+        if kind == "Service":
+            old = services.get((ns, name))
+            vip = "" if old else _free_vip(plan, new_vips)
+            svc = _service(obj, old, vip, f"{where} (service {ns}/{name})")
+            if not old:
+                new_vips.append(svc.vip)
+            services[(ns, name)] = svc
+            lines.append(f"service/{name} {'configured' if old else 'created'} ({svc.vip})")
+        else:
+            old_route = by_key.get((kind, ns, name))
+            meta = dict(obj["metadata"])
+            meta["creationTimestamp"] = (
+                (old_route or {}).get("metadata", {}).get("creationTimestamp", stamp)
+            )
+            stored = {"apiVersion": obj["apiVersion"], "kind": kind, "metadata": meta,
+                      "spec": obj.get("spec") or {}}  # fmt: skip
+            by_key[(kind, ns, name)] = stored
+            lines.append(
+                f"{kind.lower()}.{GROUP}/{name} {'configured' if old_route else 'created'}"
+            )
+    new_plan = dataclasses.replace(plan, services=tuple(services.values()))
+    keys = {f"{s.namespace}/{s.name}" for s in new_plan.services}
+    for obj in docs:
+        if obj.get("kind") in ROUTE_KINDS:
+            _, conds = conditions(by_key[_key(obj)], dict.fromkeys(keys))
+            said = "; ".join(_condition(c) for c in conds)
+            lines.append(f"  {obj['kind']} {_meta(obj, '')[1]}: {said}")
+    return new_plan, list(by_key.values()), lines
+
+
+def delete(
+    plan: LabPlan, routes: list[dict[str, Any]], docs: Iterable[Any]
+) -> tuple[LabPlan, list[dict[str, Any]], list[str]]:
+    """``plan`` and ``routes`` without the objects ``docs`` name."""
+    services = {(s.namespace, s.name): s for s in plan.services}
+    by_key = {_key(r): r for r in routes}
+    lines = []
+    for i, obj in enumerate(d for d in docs if d is not None):
+        kind = _kind(obj, f"document {i + 1}")
+        ns, name = _meta(obj, f"document {i + 1}")
+        gone = (services.pop((ns, name), None) if kind == "Service"
+                else by_key.pop((kind, ns, name), None))  # fmt: skip
+        label = "service" if kind == "Service" else f"{kind.lower()}.{GROUP}"
+        lines.append(f"{label}/{name} {'deleted' if gone else 'not found'}")
+    return (
+        dataclasses.replace(plan, services=tuple(services.values())),
+        list(by_key.values()),
+        lines,
+    )
+
+
+def _condition(c: Condition) -> str:
+    text = f"{c.type}: {c.status} ({c.reason}"
+    return text + (f": {c.message})" if not c.status else ")")
