@@ -42,7 +42,7 @@ def test_the_canary_example_applies() -> None:
 
 def test_routes_name_missing_backends_and_are_attached_to_their_parent() -> None:
     route = _docs("canary.yaml")[2]
-    plan, routes, lines = lab_apply.apply(_plan(), [], [route], now="T0")
+    _, routes, lines = lab_apply.apply(_plan(), [], [route], now="T0")
     assert any("BackendNotFound" in line for line in lines), lines
 
     class State:
@@ -58,7 +58,8 @@ def test_routes_name_missing_backends_and_are_attached_to_their_parent() -> None
 @pytest.mark.parametrize(
     ("doc", "text"),
     [
-        ({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}, "not supported"),
+        ({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}},
+         "not supported"),
         ({"apiVersion": "v1", "kind": "HTTPRoute", "metadata": {"name": "x"}}, "apiVersion"),
         ({"apiVersion": "v1", "kind": "Service", "metadata": {}}, "metadata.name"),
         ({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
