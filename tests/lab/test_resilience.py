@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,54 @@ def test_grpc_unavailable_is_retried_on_one_channel(lab: LabRunner):
                       reason="status") > 0  # fmt: skip
     finally:
         _annotate(lab, "weft.io/retry-grpc-")
+
+
+CANARY = Path(__file__).resolve().parents[2] / "docs" / "examples" / "canary.yaml"
+
+# In client-1: N requests to http://echo/ on one connection; prints the pods that
+# answered and the x-route header the echo saw (it echoes request headers back).
+SPLIT = r"""
+import collections, http.client, json, sys
+n = int(sys.argv[1])
+extra = dict([sys.argv[2].split(":", 1)]) if len(sys.argv) > 2 else {}
+conn = http.client.HTTPConnection("echo", 80, timeout=30)
+pods, statuses, marks = collections.Counter(), collections.Counter(), collections.Counter()
+for _ in range(n):
+    conn.request("GET", "/", headers=extra)
+    r = conn.getresponse()
+    body = r.read()
+    statuses[r.status] += 1
+    if r.status == 200:
+        answer = json.loads(body)
+        pods[answer["pod"]] += 1
+        marks[answer["headers"].get("x-route", "")] += 1
+print(json.dumps({"pods": pods, "statuses": statuses, "x-route": marks}))
+"""
+
+
+def test_a_canary_split_from_the_example_yaml(lab: LabRunner):
+    for pod, track in (("echo-1", "stable"), ("echo-2", "stable"), ("echo-3", "canary")):
+        lab.weft("lab", "label", pod, f"track={track}")
+    out = lab.weft("lab", "apply", "-f", str(CANARY))
+    assert "httproute.gateway.networking.k8s.io/echo-split created" in out.stderr, out.stderr
+    assert "ResolvedRefs: True" in out.stderr, out.stderr
+    try:
+
+        def split(n: int, *extra: str) -> dict:
+            got = lab.exec("client-1", sys.executable, "-c", SPLIT, str(n), *extra).stdout
+            return json.loads(got)
+
+        deadline = time.monotonic() + 30
+        while split(50, "x-canary:always")["pods"].get("echo-3", 0) < 50:
+            assert time.monotonic() < deadline, "the route is not in force after 30 s"
+            time.sleep(0.5)
+        got = split(10_000)
+        print("90/10 split over 10,000 requests:", got)
+        assert got["statuses"] == {"200": 10_000}, got
+        assert abs(got["pods"].get("echo-3", 0) / 10_000 - 0.10) <= 0.02, got
+        assert got["x-route"] == {"canary-split": 10_000}, got  # the rule's header modifier
+        text = lab.metrics("node-1")
+        assert sample(text, "outbound_http_route_requests_total", service="default/echo",
+                      route="default/echo-split", backend="default/echo-canary") > 0  # fmt: skip
+    finally:
+        lab.weft("lab", "delete", "-f", str(CANARY))
