@@ -13,7 +13,10 @@ counted (`nodeagent.retrymetrics`):
   request against what the budget allows (20 % + 10/s over the run): no amplification;
 * **hung** — echo-3 never answers in time; ``timeout-request: 500ms`` and failure
   accrual: the slowest request (target ≤ timeout + 50 ms), and how many requests went
-  to echo-3 after the first second (target < 1 %).
+  to echo-3 after the first second (target < 1 %);
+* **split** — docs/examples/canary.yaml applied (`Lab.apply_objects`): an HTTPRoute on
+  echo sending 90/10 to echo-stable (echo-1, echo-2) and echo-canary (echo-3): the
+  canary's share (target 10 % ± 2 %).
 
 Figures go to docs/results/drills.json and docs/resilience.md.
 """
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from weft.bench.mesh import IdentitySetup
@@ -38,12 +42,15 @@ import collections, http.client, json, sys, time
 n, path = int(sys.argv[1]), sys.argv[2]
 conn = http.client.HTTPConnection("echo", 80, timeout=30)
 statuses, retries, errors = collections.Counter(), collections.Counter(), collections.Counter()
+pods = collections.Counter()
 took, late_errors, start = [], 0, time.monotonic()
 for _ in range(n):
     t = time.monotonic()
     conn.request("GET", path)
     r = conn.getresponse()
-    r.read()
+    body = r.read()
+    if r.status == 200:
+        pods[json.loads(body).get("pod", "")] += 1
     took.append(time.monotonic() - t)
     statuses[r.status] += 1
     retries[r.getheader("weft-retry-attempts", "0")] += 1
@@ -54,7 +61,7 @@ for _ in range(n):
     if r.getheader("connection", "") == "close":
         conn.close()
 took.sort()
-print(json.dumps({"statuses": statuses, "retries": retries, "errors": errors,
+print(json.dumps({"statuses": statuses, "retries": retries, "errors": errors, "pods": pods,
                   "slowest": took[-1], "p99": took[int(len(took) * 0.99)],
                   "p50": took[len(took) // 2], "late_errors": late_errors,
                   "seconds": time.monotonic() - start}))
@@ -199,6 +206,28 @@ def hung(lab: Lab, n: int) -> dict[str, Any]:
     }
 
 
+CANARY = Path(__file__).resolve().parents[2] / "docs" / "examples" / "canary.yaml"
+
+
+def split(lab: Lab, n: int) -> dict[str, Any]:
+    """docs/examples/canary.yaml: echo-1/2 stable, echo-3 the canary, 90/10."""
+    import yaml  # type: ignore[import-untyped]
+
+    for pod, track in (("echo-1", "stable"), ("echo-2", "stable"), ("echo-3", "canary")):
+        lab.set_labels(pod, {"track": track})
+    docs = [d for d in yaml.safe_load_all(CANARY.read_text()) if d]
+    lab.apply_objects(docs)
+    try:
+        _until(lambda: http_requests(lab, 5, "/")["statuses"].get("200", 0) == 5, "services")
+        time.sleep(1.0)  # the route reaches the agents with the services, or just after
+        got = http_requests(lab, n, "/?weft-drill=split")
+    finally:
+        lab.apply_objects(docs, delete=True)
+    canary = got["pods"].get("echo-3", 0)
+    return {"requests": n, "canary_share": round(canary / n, 4), "target_share": 0.10,
+            "statuses": got["statuses"]}  # fmt: skip
+
+
 def run(
     identity_setup: IdentitySetup,
     requests: int = 10_000,
@@ -214,6 +243,7 @@ def run(
             ("grpc", grpc, max(1000, requests // 3)),
             ("all_failing", all_failing, max(500, requests // 10)),
             ("hung", hung, max(500, requests // 10)),
+            ("split", split, requests),
         ):
             report(f"drill {name}: {n} requests")
             out[name] = drill(lab, n)

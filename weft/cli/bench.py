@@ -177,6 +177,7 @@ def drills(requests: int, json_path: Path | None) -> None:
     result = run(lab_identity_setup, requests,
                  report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
     f, g, a, h = result["flaky"], result["grpc"], result["all_failing"], result["hung"]
+    sp = result["split"]
     table = Table("drill", "figure", "target")
     table.add_row(
         "flaky replica, HTTP/1.1",
@@ -198,6 +199,8 @@ def drills(requests: int, json_path: Path | None) -> None:
     table.add_row("hung replica, 500 ms timeout",
                   f"slowest {h['slowest_ms']} ms, {h['late_share']:.2%} after 1 s",
                   "<= 550 ms, < 1 %")  # fmt: skip
+    table.add_row("HTTPRoute 90/10 split", f"{sp['canary_share']:.2%} to the canary",
+                  "10 % +- 2 %")  # fmt: skip
     Console().print(table)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
