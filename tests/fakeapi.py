@@ -1,4 +1,6 @@
-"""A fake Kubernetes API server: real HTTP on 127.0.0.1, the real wire format, four kinds.
+"""A fake Kubernetes API server: real HTTP on 127.0.0.1, the real wire format, four
+built-in kinds and the Gateway API's HTTPRoute and GRPCRoute (custom resources: list items
+keep kind/apiVersion; ``gateway_api = False`` answers 404 as a cluster without the CRDs).
 
 What it serves, as kube-apiserver does (only what Weft's discovery reads):
 
@@ -68,8 +70,24 @@ RESOURCES = {
             "/apis/discovery.k8s.io/v1/endpointslices",
             True,
         ),
+        # The Gateway API's CRDs (served unless `FakeKubeAPI.gateway_api` is False).
+        ResourceType(
+            "httproutes",
+            "HTTPRoute",
+            "gateway.networking.k8s.io/v1",
+            "/apis/gateway.networking.k8s.io/v1/httproutes",
+            True,
+        ),
+        ResourceType(
+            "grpcroutes",
+            "GRPCRoute",
+            "gateway.networking.k8s.io/v1",
+            "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+            True,
+        ),
     )
 }
+GATEWAY_API = ("httproutes", "grpcroutes")
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
 _SINGLE_POD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -135,6 +153,9 @@ class FakeKubeAPI:
         """token -> the TokenReview ``status`` to answer (unknown tokens: not
         authenticated).  The answer's ``audiences`` is intersected with the request's, as
         the API server does."""
+        self.gateway_api = True
+        """Whether the Gateway API CRDs are installed: if not, their paths answer 404 as
+        a cluster without them does."""
         self.token_review_failure: int | None = None
         """Answer every TokenReview with this HTTP status instead (an outage)."""
         self._cond = threading.Condition()
@@ -348,6 +369,8 @@ class FakeKubeAPI:
                 h.send_json(200, obj)
             return
         r = _BY_PATH.get(url.path)
+        if r is not None and r.name in GATEWAY_API and not self.gateway_api:
+            r = None
         if r is None:
             h.send_json(
                 404, status(404, "NotFound", "the server could not find the requested resource")
@@ -424,9 +447,11 @@ class FakeKubeAPI:
                 meta["continue"] = next_token
                 meta["remainingItemCount"] = len(rest)
         for obj in page:
-            # Items of a typed list carry no kind/apiVersion; the list does.
-            obj.pop("kind", None)
-            obj.pop("apiVersion", None)
+            # Items of a typed list carry no kind/apiVersion; the list does. Custom
+            # resources' lists are unstructured: their items keep both.
+            if r.name not in GATEWAY_API:
+                obj.pop("kind", None)
+                obj.pop("apiVersion", None)
         h.send_json(
             200,
             {"kind": f"{r.kind}List", "apiVersion": r.api_version, "metadata": meta, "items": page},

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -81,6 +82,8 @@ from controlplane.discovery.model import (
     service_key,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from weft.routes import GROUP as ROUTE_GROUP
+from weft.routes import Route, RouteError, parse_route
 from weft.traffic import LastValid, traffic_keys
 
 log = logging.getLogger("weft.discovery.kube")
@@ -293,6 +296,48 @@ class ServiceFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteFacts:
+    """An HTTPRoute or GRPCRoute: parsed (``route``), or not accepted (``error``)."""
+
+    kind: str
+    namespace: str
+    name: str
+    parents: tuple[str, ...]
+    """Services it names as parents (``ns/name``), accepted or not (to recompute them)."""
+    route: Route | None
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_httproute(obj: JSON) -> RouteFacts:
+    return parse_gateway_route({**obj, "kind": obj.get("kind") or "HTTPRoute"})
+
+
+def parse_grpcroute(obj: JSON) -> RouteFacts:
+    return parse_gateway_route({**obj, "kind": obj.get("kind") or "GRPCRoute"})
+
+
+def parse_gateway_route(obj: JSON) -> RouteFacts:
+    meta = _meta(obj)
+    ns, name = meta["namespace"], meta["name"]
+    parents = tuple(
+        f"{p.get('namespace', ns)}/{p['name']}"
+        for p in ((obj.get("spec") or {}).get("parentRefs") or ())
+        if isinstance(p, dict) and p.get("kind") == "Service" and isinstance(p.get("name"), str)
+    )
+    try:
+        route: Route | None = parse_route(obj)
+        error = ""
+    except RouteError as e:
+        route, error = None, f"{e.reason}: {e}"
+        log.warning("%s %s/%s not accepted: %s", obj.get("kind"), ns, name, error)
+    return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error)
+
+
+@dataclass(frozen=True, slots=True)
 class SliceEndpoint:
     address: str
     ready: bool
@@ -315,7 +360,7 @@ class SliceFacts:
         return service_key(self.namespace, self.name)
 
 
-Facts = NamespaceFacts | PodFacts | ServiceFacts | SliceFacts
+Facts = NamespaceFacts | PodFacts | ServiceFacts | SliceFacts | RouteFacts
 
 
 def _meta(obj: JSON) -> JSON:
@@ -442,7 +487,7 @@ class ClusterView:
     labels followed by a storm of corrections.
     """
 
-    RESOURCES = ("namespaces", "pods", "services", "endpointslices")
+    RESOURCES = ("namespaces", "pods", "services", "endpointslices", "httproutes", "grpcroutes")
 
     def __init__(self, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
         self.trust_domain = trust_domain
@@ -450,6 +495,8 @@ class ClusterView:
         self.pods: dict[str, PodFacts] = {}
         self.services: dict[str, ServiceFacts] = {}
         self.slices: dict[str, SliceFacts] = {}
+        self.httproutes: dict[str, RouteFacts] = {}
+        self.grpcroutes: dict[str, RouteFacts] = {}
         self.traffic = LastValid()
         """Services' retry/timeout policies (and their rejected annotations)."""
         self._pods_by_ns: dict[str, set[str]] = {}
@@ -493,6 +540,8 @@ class ClusterView:
             "pods": self.pods,
             "services": self.services,
             "endpointslices": self.slices,
+            "httproutes": self.httproutes,
+            "grpcroutes": self.grpcroutes,
         }
         return tables[resource]
 
@@ -508,6 +557,9 @@ class ClusterView:
         elif isinstance(f, ServiceFacts):
             self.services[f.key] = f
             self._dirty_services.add(f.key)
+        elif isinstance(f, RouteFacts):
+            self._table(resource)[f.key] = f
+            self._dirty_services.update(f.parents)
         else:
             self.slices[f.key] = f
             if f.service is not None:
@@ -525,6 +577,8 @@ class ClusterView:
             self._dirty_workloads |= self._pods_by_ns.get(old.name, set())
         elif isinstance(old, ServiceFacts):
             self._dirty_services.add(key)
+        elif isinstance(old, RouteFacts):
+            self._dirty_services.update(old.parents)
         elif isinstance(old, SliceFacts) and old.service is not None:
             _discard(self._slices_by_service, old.service, key)
             self._dirty_services.add(old.service)
@@ -624,7 +678,18 @@ class ClusterView:
             endpoints=tuple(by_address[a] for a in sorted(by_address)),
             opaque_ports=svc.opaque_ports,
             traffic=self.traffic.policy(key, dict(svc.traffic)),
+            routes=self._routes_of(key),
         )
+
+    def _routes_of(self, key: str) -> tuple[Route, ...]:
+        """Accepted routes with ``key`` among their parents, in a stable order."""
+        found = [
+            f.route
+            for table in (self.httproutes, self.grpcroutes)
+            for f in table.values()
+            if f.route is not None and key in f.parents
+        ]
+        return tuple(sorted(found, key=lambda r: (r.kind, r.key)))
 
 
 def _discard(index: dict[str, set[str]], key: str, member: str) -> None:
@@ -645,6 +710,16 @@ class Resource:
     kind: str
     list_call: Callable[[k8s.ApiClient], Callable[..., Any]]
     parse: Callable[[JSON], Facts]
+    optional: bool = False
+    """A CRD that a cluster may not have (the Gateway API's): a 404 on list means
+    "none", checked again every `OPTIONAL_RECHECK` seconds, and does not hold up sync."""
+
+
+def _custom(api: k8s.ApiClient, plural: str) -> Callable[..., Any]:
+    """The list (and watch) call of a Gateway API resource, cluster-wide."""
+    return functools.partial(
+        k8s.CustomObjectsApi(api).list_cluster_custom_object, ROUTE_GROUP, "v1", plural
+    )
 
 
 RESOURCES: tuple[Resource, ...] = (
@@ -669,7 +744,22 @@ RESOURCES: tuple[Resource, ...] = (
         lambda api: k8s.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
         parse_endpoint_slice,
     ),
+    Resource(
+        "httproutes",
+        "HTTPRoute",
+        lambda api: _custom(api, "httproutes"),
+        parse_httproute,
+        optional=True,
+    ),
+    Resource(
+        "grpcroutes",
+        "GRPCRoute",
+        lambda api: _custom(api, "grpcroutes"),
+        parse_grpcroute,
+        optional=True,
+    ),
 )
+OPTIONAL_RECHECK = 60.0
 
 
 class Gone(Exception):
@@ -825,6 +915,8 @@ class WatchStats:
     """Relists forced by 410 Gone."""
     errors: int = 0
     last_error: str | None = None
+    absent: bool = False
+    """An optional resource the cluster does not serve (its CRD is not installed)."""
 
 
 class _Watcher:
@@ -868,8 +960,9 @@ class _Watcher:
         try:
             while True:
                 try:
-                    if self.rv is None:
-                        await self._list()
+                    if self.rv is None and not await self._list():
+                        await asyncio.sleep(OPTIONAL_RECHECK)
+                        continue
                     await self._watch()
                 except Gone as e:
                     # Relist at once: waiting would only widen the gap to catch up on.
@@ -901,14 +994,32 @@ class _Watcher:
         finally:
             await self._stop_thread()
 
-    async def _list(self) -> None:
-        facts, rv = await self._in_thread(self._list_blocking)
+    async def _list(self) -> bool:
+        """List and hold the result; False if an optional resource's API is absent (404:
+        its CRD is not installed), which counts as an empty list."""
+        try:
+            facts, rv = await self._in_thread(self._list_blocking)
+        except ApiException as e:
+            if not (self.resource.optional and e.status in (403, 404)):
+                raise
+            if not self.stats.absent:
+                why = "CRD not installed"
+                if e.status == 403:
+                    why = "forbidden: the control plane's ClusterRole needs list/watch on it"
+                log.log(logging.INFO if e.status == 404 else logging.WARNING,
+                        "%s: not served to us (%s/v1, %s): none; checking again every %.0f s",
+                        self.resource.name, ROUTE_GROUP, why, OPTIONAL_RECHECK)  # fmt: skip
+            self.stats.absent = True
+            self.source.commit(self.source.view.replace(self.resource.name, []))
+            return False
+        self.stats.absent = False
         changes = self.source.view.replace(self.resource.name, facts)
         self.rv = self.stats.resource_version = rv
         self.stats.lists += 1
         self.backoff.reset()
         log.info("%s: listed %d at resourceVersion %s", self.resource.name, len(facts), rv)
         self.source.commit(changes)
+        return True
 
     def _list_blocking(self) -> tuple[list[Facts], str]:
         call = self.resource.list_call(self.source.api)

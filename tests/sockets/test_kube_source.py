@@ -326,10 +326,11 @@ async def test_dropped_connection_resumes_without_relisting(fake: FakeKubeAPI) -
     store = DiscoveryStore()
     source = KubeSource(config(fake), store)
     async with running(source):
-        await eventually(lambda: fake.open_watches() == 4)
+        watched = len(fakeapi.RESOURCES)  # the four built-in kinds and the two routes
+        await eventually(lambda: fake.open_watches() == watched)
         lists = len(fake.list_requests("pods"))
         last = source.resource_version("pods")
-        assert fake.drop_watches() == 4
+        assert fake.drop_watches() == watched
         # Made while the client may be reconnecting: the resumed watch replays it.
         fake.create("pods", fakeapi.pod("late", "shop", ip="10.244.1.99"))
         await eventually(lambda: "late" in workloads(store))
@@ -538,6 +539,8 @@ def test_view_emits_nothing_until_every_resource_is_listed() -> None:
     assert not view.replace("pods", [parse_pod(pod)])
     assert not view.replace("services", [])
     assert not view.replace("endpointslices", [])
+    assert not view.replace("httproutes", [])
+    assert not view.replace("grpcroutes", [])
     changes = view.replace(
         "namespaces", [parse_namespace(fakeapi.namespace("shop", {CAPTURE_LABEL: "enabled"}))]
     )
@@ -549,7 +552,7 @@ def test_view_merges_slices_of_one_service_and_dedupes_addresses() -> None:
     view = ClusterView()
     a = fakeapi.pod("a", uid="ua", ip="10.0.0.1")
     b = fakeapi.pod("b", uid="ub", ip="10.0.0.2")
-    for r in ("pods", "namespaces"):
+    for r in ("pods", "namespaces", "httproutes", "grpcroutes"):
         view.replace(r, [])
     view.replace("services", [parse_service(fakeapi.service("s", ports=[(80, 8080)]))])
     slices = [
@@ -587,8 +590,59 @@ def test_pod_without_pod_ips_falls_back_to_pod_ip_and_bad_names_are_left_out() -
     del obj["status"]["podIPs"]
     assert parse_pod(obj).ips == ("10.0.0.7",)
     view = ClusterView()
-    for r in ("services", "endpointslices", "namespaces"):
+    for r in ("services", "endpointslices", "namespaces", "httproutes", "grpcroutes"):
         view.replace(r, [])
     bad = fakeapi.pod("b", uid="ub", service_account="Not_A_Name")
     changes = view.replace("pods", [parse_pod(obj), parse_pod(bad)])
     assert [w.uid for w in changes.upserts] == ["u"]  # type: ignore[union-attr]
+
+
+# -- Gateway API routes --------------------------------------------------------------------
+
+
+def _httproute(name: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}], "rules": rules},
+    }  # fmt: skip
+
+
+@sockets
+async def test_routes_are_watched_and_attached_to_their_service(fake: FakeKubeAPI) -> None:
+    seed(fake)
+    split = _httproute("split", [{"backendRefs": [{"name": "web", "port": 80, "weight": 9}]}])
+    fake.create("httproutes", split)
+    store = DiscoveryStore()
+    source = KubeSource(config(fake), store)
+    async with running(source):
+        web = store.snapshot().services["shop/web"]
+        assert [r.name for r in web.routes] == ["split"]
+        assert web.routes[0].rules[0].backends[0].weight == 9
+        # A route Weft cannot apply is left out (logged), the others stay.
+        bad = _httproute("bad", [{"filters": [{"type": "RequestMirror"}]}])
+        fake.create("httproutes", bad)
+        grpc = {**_httproute("calls", [{"backendRefs": [{"name": "web", "port": 80}]}]),
+                "kind": "GRPCRoute"}  # fmt: skip
+        fake.create("grpcroutes", grpc)
+        await eventually(lambda: len(store.snapshot().services["shop/web"].routes) == 2)
+        names = [r.name for r in store.snapshot().services["shop/web"].routes]
+        assert names == ["calls", "split"]  # GRPCRoute sorts first, by kind
+        fake.delete("httproutes", "split", "shop")
+        await eventually(
+            lambda: [r.name for r in store.snapshot().services["shop/web"].routes] == ["calls"]
+        )
+        assert not source.stats["httproutes"].errors
+
+
+@sockets
+async def test_a_cluster_without_the_gateway_api_still_syncs(fake: FakeKubeAPI) -> None:
+    seed(fake)
+    fake.gateway_api = False
+    store = DiscoveryStore()
+    source = KubeSource(config(fake), store)
+    async with running(source):
+        assert store.snapshot().services["shop/web"].routes == ()
+        await eventually(lambda: source.stats["httproutes"].absent)
+        assert source.stats["grpcroutes"].absent
+        assert not source.stats["httproutes"].errors  # a 404 here is "none", not a fault
