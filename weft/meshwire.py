@@ -313,7 +313,7 @@ def _routes(f: _Fields, where: str) -> tuple[Route, ...]:
     for i, obj in enumerate(f.list("routes") if "routes" in f.obj else []):
         try:
             routes.append(parse_route(obj))
-        except (RouteError, AttributeError, TypeError) as e:
+        except RouteError as e:  # parse_route turns any malformed shape into one
             raise MeshWireError(f"{where}.routes[{i}]: {e}") from None
     return tuple(routes)
 

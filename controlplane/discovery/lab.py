@@ -49,13 +49,16 @@ def lab_uid(lab: str, namespace: str, pod: str) -> str:
 
 
 def lab_model(
-    state: LabState, trust_domain: str = DEFAULT_TRUST_DOMAIN, traffic: LastValid | None = None
+    state: LabState,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    traffic: LastValid | None = None,
+    rejected: dict[str, str] | None = None,
 ) -> tuple[list[Workload], list[Service]]:
     """Workloads and services of a lab, as discovery models them. ``traffic`` keeps each
     service's last valid retry/timeout policy across calls (a source's)."""
     plan = state.plan
     traffic = traffic if traffic is not None else LastValid()
-    routes = lab_routes(state)
+    routes = lab_routes(state, rejected if rejected is not None else {})
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
     node_ips = {n.name: n.ip for n in plan.nodes}
@@ -117,24 +120,21 @@ def lab_model(
     return workloads, services
 
 
-_rejected: dict[str, str] = {}
-"""Routes the lab holds that are not accepted, by key: logged once per change."""
-
-
-def lab_routes(state: LabState) -> list[Route]:
+def lab_routes(state: LabState, rejected: dict[str, str]) -> list[Route]:
     """The lab's accepted routes (``weft lab apply -f``); the others are logged with
-    their reason, as a Kubernetes controller would write it into their status."""
+    their reason, as a Kubernetes controller would write it into their status — once
+    per change: ``rejected`` (the caller's, kept across calls) holds what was said."""
     out = []
     for obj in state.routes:
         key = f"{obj.get('kind')} {(obj.get('metadata') or {}).get('namespace', 'default')}/" \
               f"{(obj.get('metadata') or {}).get('name')}"  # fmt: skip
         try:
             out.append(parse_route(obj))
-            _rejected.pop(key, None)
+            rejected.pop(key, None)
         except RouteError as e:
-            if _rejected.get(key) != str(e):
+            if rejected.get(key) != str(e):
                 log.warning("%s not accepted (%s): %s", key, e.reason, e)
-                _rejected[key] = str(e)
+                rejected[key] = str(e)
     return out
 
 
@@ -162,6 +162,7 @@ class LabSource:
         self.interval = interval
         self.trust_domain = trust_domain
         self.traffic = LastValid()
+        self.rejected_routes: dict[str, str] = {}
         self._seen: tuple[int, int, int] | None = None
 
     def _stamp(self) -> tuple[int, int, int] | None:
@@ -187,7 +188,9 @@ class LabSource:
         except StateError as e:
             log.warning("lab state unreadable, keeping the last state: %s", e)
             return False
-        workloads, services = lab_model(state, self.trust_domain, self.traffic)
+        workloads, services = lab_model(
+            state, self.trust_domain, self.traffic, self.rejected_routes
+        )
         deltas = self.store.replace(workloads, services)
         if deltas:
             log.info(

@@ -50,7 +50,7 @@ def test_routes_name_missing_backends_and_are_attached_to_their_parent() -> None
 
     state = State()
     state.routes = routes  # type: ignore[attr-defined]
-    parsed = lab_routes(state)  # type: ignore[arg-type]
+    parsed = lab_routes(state, {})  # type: ignore[arg-type]
     assert [r.name for r in attached("default/echo", parsed)] == ["echo-split"]
     assert attached("default/echo-stable", parsed) == ()
 
