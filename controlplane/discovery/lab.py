@@ -86,8 +86,9 @@ def lab_model(
                 ports=tuple(WorkloadPort(port) for port in pod.ports),
                 ready=True,
                 node_ip=node_ips.get(pod.node, ""),
-                # The lab has no annotations: its labels stand in (as for inbound mode).
-                opaque_ports=opaque_ports(pod.labels),
+                # Demo pods have no annotations: their labels stand in (as for inbound
+                # mode); a Deployment's pods carry real ones, which win.
+                opaque_ports=opaque_ports({**pod.labels, **pod.annotations}),
             )
         )
     services = [

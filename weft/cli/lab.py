@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import rich.markup
 from rich.console import Console
 from rich.table import Table
 
@@ -58,7 +59,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False)
+    err.print(f"[red]error:[/red] {rich.markup.escape(str(e))}", highlight=False)
     sys.exit(1)
 
 
@@ -301,11 +302,16 @@ def _apply(ctx: click.Context, path: str, delete: bool) -> None:
 @click.option("-f", "--filename", "path", required=True, help="YAML file (- for stdin).")
 @click.pass_context
 def apply(ctx: click.Context, path: str) -> None:
-    """Create or update Services, HTTPRoutes and GRPCRoutes from Kubernetes YAML, as
-    ``kubectl apply -f`` would; prints each route's Accepted/ResolvedRefs conditions.
+    """Create or update Services, Deployments, HTTPRoutes and GRPCRoutes from Kubernetes
+    YAML, as ``kubectl apply -f`` would; prints each route's Accepted/ResolvedRefs
+    conditions.
+
+    A Deployment's replicas become lab pods spread over the nodes; each container's
+    ``command``/``args`` runs as a process in its pod (the lab runs no images), started
+    once the node's agent has captured the pod.
 
     \b
-    Example: weft lab apply -f docs/examples/canary.yaml
+    Example: weft lab apply -f docs/examples/deployment.yaml
     """
     _apply(ctx, path, delete=False)
 
@@ -314,7 +320,8 @@ def apply(ctx: click.Context, path: str) -> None:
 @click.option("-f", "--filename", "path", required=True, help="YAML file (- for stdin).")
 @click.pass_context
 def delete(ctx: click.Context, path: str) -> None:
-    """Delete the Services and routes a YAML file names (``kubectl delete -f``)."""
+    """Delete the Services, Deployments (their pods stop and go) and routes a YAML file
+    names (``kubectl delete -f``)."""
     _apply(ctx, path, delete=True)
 
 

@@ -2,9 +2,11 @@
 
 The same YAML a user applies to a cluster: ``Service`` (v1: selector, ports,
 annotations — a new one gets the next free address of the lab's service range),
+``Deployment`` (``apps/v1``: its replicas become lab pods, `weft.lab.workloads`),
 ``HTTPRoute`` and ``GRPCRoute`` (``gateway.networking.k8s.io/v1``, kept as objects and
 judged by the control plane as Kubernetes' would be: `weft.routes.conditions`). Other
-kinds are refused by name (Deployments are not run as lab pods yet).
+kinds are refused by name. This module only computes the new plan; `weft.lab.lab.Lab`
+makes and removes the pods the difference asks for.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from weft.lab.plan import SERVICE_CIDR, LabPlan, ServicePlan, ServicePort
+from weft.lab import workloads
+from weft.lab.plan import SERVICE_CIDR, LabPlan, PodPlan, ServicePlan, ServicePort
 from weft.routes import GROUP, Condition, conditions
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-KINDS = ("Service", *ROUTE_KINDS)
+KINDS = ("Service", workloads.KIND, *ROUTE_KINDS)
+API_VERSIONS = {"Service": "v1", workloads.KIND: workloads.API_VERSION}
 
 
 class ApplyError(ValueError):
@@ -42,7 +46,7 @@ def _kind(obj: Any, where: str) -> str:
     if kind not in KINDS:
         raise ApplyError(f"{where}: kind {kind!r} is not supported by weft lab apply "
                          f"(supported: {', '.join(KINDS)})")  # fmt: skip
-    want = "v1" if kind == "Service" else f"{GROUP}/v1"
+    want = API_VERSIONS.get(str(kind), f"{GROUP}/v1")
     if api != want:
         raise ApplyError(f"{where}: {kind} needs apiVersion {want}, not {api!r}")
     return str(kind)
@@ -97,12 +101,28 @@ def apply(
     by_key = {_key(r): r for r in routes}
     lines: list[str] = []
     new_vips: list[str] = []
+    pods = plan.pods
+    namespaces = dict(plan.namespaces)
     docs = [d for d in docs if d is not None]
     for i, obj in enumerate(docs):
         where = f"document {i + 1}"
         kind = _kind(obj, where)
         ns, name = _meta(obj, where)
-        if kind == "Service":
+        if kind == workloads.KIND:
+            try:
+                d = workloads.parse(obj, where)
+                made = workloads.pods(dataclasses.replace(plan, pods=pods), d)
+            except workloads.DeploymentError as e:
+                raise ApplyError(str(e)) from None
+            existed = any(p.owner == d.owner for p in pods)
+            pods = (*workloads.without(pods, d.owner), *made)
+            namespaces.setdefault(d.namespace, {})
+            lines.append(f"deployment.apps/{name} {'configured' if existed else 'created'} "
+                         f"({_replicas(made)})")  # fmt: skip
+            if d.images:
+                lines.append(f"  image {', '.join(d.images)} not pulled: the lab runs each "
+                             "container's command on this machine")  # fmt: skip
+        elif kind == "Service":
             old = services.get((ns, name))
             vip = "" if old else _free_vip(plan, new_vips)
             svc = _service(obj, old, vip, f"{where} (service {ns}/{name})")
@@ -122,7 +142,9 @@ def apply(
             lines.append(
                 f"{kind.lower()}.{GROUP}/{name} {'configured' if old_route else 'created'}"
             )
-    new_plan = dataclasses.replace(plan, services=tuple(services.values()))
+    new_plan = dataclasses.replace(
+        plan, services=tuple(services.values()), pods=pods, namespaces=namespaces
+    )
     keys = {f"{s.namespace}/{s.name}" for s in new_plan.services}
     for obj in docs:
         if obj.get("kind") in ROUTE_KINDS:
@@ -138,19 +160,36 @@ def delete(
     """``plan`` and ``routes`` without the objects ``docs`` name."""
     services = {(s.namespace, s.name): s for s in plan.services}
     by_key = {_key(r): r for r in routes}
+    pods = plan.pods
     lines = []
     for i, obj in enumerate(d for d in docs if d is not None):
         kind = _kind(obj, f"document {i + 1}")
         ns, name = _meta(obj, f"document {i + 1}")
-        gone = (services.pop((ns, name), None) if kind == "Service"
-                else by_key.pop((kind, ns, name), None))  # fmt: skip
-        label = "service" if kind == "Service" else f"{kind.lower()}.{GROUP}"
+        gone: object
+        if kind == workloads.KIND:
+            owner = f"{kind} {ns}/{name}"
+            gone = any(p.owner == owner for p in pods)
+            pods = workloads.without(pods, owner)
+        elif kind == "Service":
+            gone = services.pop((ns, name), None)
+        else:
+            gone = by_key.pop((kind, ns, name), None)
+        label = {"Service": "service", workloads.KIND: "deployment.apps"}.get(
+            kind, f"{kind.lower()}.{GROUP}"
+        )
         lines.append(f"{label}/{name} {'deleted' if gone else 'not found'}")
     return (
-        dataclasses.replace(plan, services=tuple(services.values())),
+        dataclasses.replace(plan, services=tuple(services.values()), pods=pods),
         list(by_key.values()),
         lines,
     )
+
+
+def _replicas(made: tuple[PodPlan, ...]) -> str:
+    if not made:
+        return "0 replicas"
+    where = ", ".join(f"{p.name} on {p.node}" for p in made)
+    return f"{len(made)} replica{'s' if len(made) != 1 else ''}: {where}"
 
 
 def _condition(c: Condition) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from weft.lab import apply as lab_apply
-from weft.lab import net, procs
+from weft.lab import net, procs, workloads
 from weft.lab.plan import (
     CONTROLPLANE_IP,
     LabPlan,
@@ -56,6 +56,10 @@ Reporter = Callable[[str], None]
 READY_TIMEOUT = 15.0
 AGENT_READY_TIMEOUT = 60.0
 ADMIN_PORT = 15020
+POD_STOP_GRACE = 10.0
+"""Seconds a pod's process gets between SIGTERM and SIGKILL (Kubernetes gives 30)."""
+POD_RELEASE_TIMEOUT = 5.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class LabError(RuntimeError):
@@ -218,21 +222,8 @@ class Lab:
             with _step(f"building {node.name}"):
                 net.build_node(plan, node)
                 (self.paths.cgroup_root / node.name).mkdir(exist_ok=True)
-        per_node: dict[str, int] = {}
         for pod in plan.pods:
-            k = per_node[pod.node] = per_node.get(pod.node, 0) + 1
-            self.report(
-                f"{pod.name}: {pod.ip} on {pod.node} ({pod.namespace}/{pod.service_account}"
-                f"{', captured' if plan.captured(pod) else ''})"
-            )
-            with _step(f"building pod {pod.name}"):
-                net.build_pod(plan, pod, k)
-                cg = state.pod_cgroup(pod)
-                assert cg is not None
-                cg.mkdir(exist_ok=True)
-                pod_dir = self.paths.pod_dir(pod.name)
-                pod_dir.mkdir(parents=True, exist_ok=True)
-                (pod_dir / "hosts").write_text(hosts_file(plan, pod))
+            self._make_pod(state, pod)
         for pod in plan.pods:
             if pod.app == "echo":
                 with _step(f"starting echo in {pod.name}"):
@@ -249,6 +240,22 @@ class Lab:
                     self._start_agent(state, node.name)
             for node in plan.nodes:
                 self._wait_agent_ready(state, node.name)
+
+    def _make_pod(self, state: LabState, pod: PodPlan) -> None:
+        """A pod's network namespace, cgroup and hosts file (nothing runs in it yet)."""
+        plan = state.plan
+        self.report(
+            f"{pod.name}: {pod.ip} on {pod.node} ({pod.namespace}/{pod.service_account}"
+            f"{', captured' if plan.captured(pod) else ''})"
+        )
+        with _step(f"building pod {pod.name}"):
+            net.build_pod(plan, pod)
+            cg = state.pod_cgroup(pod)
+            assert cg is not None
+            cg.mkdir(exist_ok=True)
+            pod_dir = self.paths.pod_dir(pod.name)
+            pod_dir.mkdir(parents=True, exist_ok=True)
+            (pod_dir / "hosts").write_text(hosts_file(plan, pod))
 
     def _start_controlplane(self, state: LabState) -> None:
         """CA, bootstrap tokens, the control-plane host and process (``weft controlplane``)."""
@@ -307,7 +314,8 @@ class Lab:
 
     def start_process(self, name: str) -> None:
         """Start again a process stopped with :meth:`stop_process`: an echo pod's app,
-        the control plane or a node's agent."""
+        a Deployment pod's container (``POD`` or ``POD/CONTAINER``), the control plane or
+        a node's agent."""
         require_root()
         state = self.load()
         if any(r.name == name and procs.is_alive(r) for r in state.processes):
@@ -323,9 +331,17 @@ class Lab:
             rec = self._start_agent(state, node)
             self._wait_agent_ready(state, node, rec)
             return
-        pod = next((p for p in state.plan.pods if p.name == name), None)
-        if pod is None or pod.app != "echo":
-            raise LabError(f"{name!r} is not the control plane, an agent or an echo pod")
+        pod_name, _, container = name.partition("/")
+        pod = next((p for p in state.plan.pods if p.name == pod_name), None)
+        if pod is not None and pod.containers:
+            names = {workloads.process_name(pod, c): c.name for c in pod.containers}
+            if name not in names:
+                raise LabError(f"{name!r}: pod {pod.name} runs {', '.join(names)}")
+            self._start_containers(state, pod, only=names[name])
+            self.report(self._wait_started(state, pod))
+            return
+        if pod is None or pod.app != "echo" or container:
+            raise LabError(f"{name!r} is not the control plane, an agent or a pod's process")
         self._start_echo(state, pod)
         self._wait_listening(state, pod, pod.ports[0])
         self.report(f"{name}: started")
@@ -416,17 +432,47 @@ class Lab:
         return new
 
     def apply_objects(self, docs: list[Any], *, delete: bool = False) -> list[str]:
-        """``weft lab apply -f`` (``delete``: ``delete -f``): Services and Gateway API
-        routes into the lab (`weft.lab.apply`); the control plane picks them up, and
-        every pod's hosts file names the services. Returns a line per object."""
+        """``weft lab apply -f`` (``delete``: ``delete -f``): Services, Deployments and
+        Gateway API routes into the lab (`weft.lab.apply` computes the new plan). Pods a
+        Deployment gains are made, captured by their node's agent, and only then their
+        containers start (as a CNI plugin holds a pod until its redirection is in place);
+        pods it loses are stopped and removed; a changed template restarts its pods'
+        containers in place. Every pod's hosts file names the services. Returns a line
+        per object (and per pod started)."""
         require_root()
         state = self.load()
         if delete:
             plan, routes, lines = lab_apply.delete(state.plan, state.routes, docs)
         else:
             plan, routes, lines = lab_apply.apply(state.plan, state.routes, docs)
+        old = {p.name: p for p in state.plan.pods}
+        new = {p.name: p for p in plan.pods}
+        gone = [p for name, p in old.items() if name not in new]
+        added = [p for name, p in new.items() if name not in old]
+        changed = [p for name, p in new.items()
+                   if name in old and old[name].containers != p.containers]  # fmt: skip
+        for pod in (*gone, *changed):
+            self._stop_pod_processes(state, pod)
         state.plan, state.routes = plan, routes
+        for pod in added:
+            self._make_pod(state, pod)  # before the state says it exists
         state.save()
+        self._write_hosts(plan)
+        for pod in gone:
+            self._remove_pod(state, pod)
+        starting = [p for p in (*added, *changed) if p.containers]
+        try:
+            for pod in starting:
+                self._wait_captured(state, pod)
+                self._start_containers(state, pod)
+            for pod in starting:
+                lines.append(self._wait_started(state, pod))
+        except LabError as e:
+            raise LabError(f"{e}\n(the objects are applied; fix the file and apply it again, "
+                           "or `weft lab delete -f` it)") from None  # fmt: skip
+        return lines
+
+    def _write_hosts(self, plan: LabPlan) -> None:
         for pod in plan.pods:
             hosts = self.paths.pod_dir(pod.name) / "hosts"
             if hosts.parent.exists():
@@ -435,7 +481,119 @@ class Lab:
                     f.seek(0)
                     f.write(hosts_file(plan, pod))
                     f.truncate()
-        return lines
+
+    def _stop_pod_processes(self, state: LabState, pod: PodPlan) -> None:
+        recs = [r for r in state.processes if r.where == pod.name]
+        for rec in recs:
+            if procs.stop(rec, grace=POD_STOP_GRACE):
+                self.report(f"{rec.name}: stopped")
+        state.processes = [r for r in state.processes if r not in recs]
+        state.save()
+
+    def _agent_running(self, state: LabState, node: str) -> bool:
+        return any(r.name == f"agent-{node}" and procs.is_alive(r) for r in state.processes)
+
+    def _remove_pod(self, state: LabState, pod: PodPlan) -> None:
+        """Remove a pod the plan no longer has, once its node's agent let go of it."""
+        key = f"{pod.namespace}/{pod.name}"
+        if self._agent_running(state, pod.node):
+            deadline = time.monotonic() + POD_RELEASE_TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    captured = agent_state(self.name, pod.node).get("capture") or {}
+                except LabError:
+                    break
+                if key not in (captured.get("captured") or {}):
+                    break
+                time.sleep(0.1)
+        cg = state.pod_cgroup(pod)
+        if cg is not None and cg.exists():
+            procs.kill_cgroup_tree(cg)
+            left = procs.remove_cgroup_tree(cg)
+            if left:
+                self.report(f"{pod.name}: cgroup {cg} still busy; `weft lab down` removes it")
+        net.remove_netns(state.plan.netns(pod.name))
+        shutil.rmtree(self.paths.pod_dir(pod.name), ignore_errors=True)
+        # Its logs go with it, as kubelet's do (pod names are DNS labels: no dots).
+        for log in (*self.paths.log_dir.glob(f"{pod.name}.log"),
+                    *self.paths.log_dir.glob(f"{pod.name}.*.log")):  # fmt: skip
+            log.unlink(missing_ok=True)
+        self.report(f"{pod.name}: removed")
+
+    def _wait_captured(self, state: LabState, pod: PodPlan) -> None:
+        """Until the pod's node agent captures it and holds its identity's certificate
+        (no-op for an uncaptured pod or a node without a running agent)."""
+        if not state.plan.captured(pod) or not self._agent_running(state, pod.node):
+            return
+        key = f"{pod.namespace}/{pod.name}"
+        identity = f"/ns/{pod.namespace}/sa/{pod.service_account}"
+        deadline = time.monotonic() + AGENT_READY_TIMEOUT
+        last = "not captured yet"
+        while True:
+            data = agent_state(self.name, pod.node)
+            capture = data.get("capture") or {}
+            if key in (capture.get("captured") or {}):
+                certs = data.get("certificates")
+                if certs is None:
+                    return  # capture-only agent: no identities to wait for
+                mine = [v for k, v in (certs.get("identities") or {}).items()
+                        if k.endswith(identity)]  # fmt: skip
+                if any(v.get("valid") for v in mine):
+                    return
+                last = f"no certificate for {identity} yet" + (
+                    f" ({mine[0].get('last_error')})" if mine and mine[0].get("last_error") else ""
+                )
+            elif key in (capture.get("errors") or {}):
+                last = capture["errors"][key]
+            if _interrupt_requested is not None:
+                raise KeyboardInterrupt(_interrupt_requested)
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent of {pod.node} did not take pod {pod.name} into the "
+                               f"mesh within {AGENT_READY_TIMEOUT:.0f}s: {last}")  # fmt: skip
+            time.sleep(0.1)
+
+    def _start_containers(self, state: LabState, pod: PodPlan, only: str | None = None) -> None:
+        """Each container's command as a process in the pod (``only``: that container)."""
+        base = {
+            "PATH": os.environ.get("PATH") or DEFAULT_PATH,
+            "HOME": "/root",
+            "LANG": "C.UTF-8",
+            "HOSTNAME": pod.name,
+            "WEFT_LAB": self.name,
+            "WEFT_POD": pod.name,
+            "WEFT_NODE": pod.node,
+        }
+        for c in pod.containers:
+            if only is not None and c.name != only:
+                continue
+            name = workloads.process_name(pod, c)
+            try:
+                rec = procs.spawn(
+                    name=name,
+                    argv=list(c.argv),
+                    log_path=self.paths.log_dir / f"{name.replace('/', '.')}.log",
+                    where=pod.name,
+                    preexec=self._pod_preexec(state, pod),
+                    env={**base, **dict(c.env)},
+                    cwd=c.working_dir,
+                )
+            except (OSError, RuntimeError) as e:
+                raise LabError(f"{pod.name}: container {c.name}: cannot run "
+                               f"{' '.join(c.argv)}: {e}") from None  # fmt: skip
+            state.processes.append(rec)
+            state.save()
+
+    def _wait_started(self, state: LabState, pod: PodPlan) -> str:
+        """Wait for each container's TCP ports to accept; the line that says so."""
+        for c in pod.containers:
+            name = workloads.process_name(pod, c)
+            rec = next((r for r in state.processes if r.name == name), None)
+            for port in c.ports if rec is not None else ():
+                self._wait_listening(state, pod, port, rec)
+        ports = ", ".join(str(p) for p in pod.ports)
+        return (f"  pod {pod.name}: running on {pod.node} ({pod.ip}"
+                f"{', captured' if state.plan.captured(pod) else ''})"
+                + (f", listening on {ports}" if ports else ""))  # fmt: skip
 
     def restart_agent(self, node: str, args: Sequence[str] = ()) -> None:
         """Replace a node's agent, make-before-break.
@@ -484,10 +642,12 @@ class Lab:
         state.processes.append(rec)
         state.save()  # recorded before we wait on it, so a crash still knows the PID
 
-    def _wait_listening(self, state: LabState, pod: PodPlan, port: int) -> None:
+    def _wait_listening(
+        self, state: LabState, pod: PodPlan, port: int, rec: ProcessRecord | None = None
+    ) -> None:
         """Connect from the pod's node until the pod accepts, or fail with its log."""
         deadline = time.monotonic() + READY_TIMEOUT
-        rec = next(r for r in state.processes if r.name == pod.name)
+        rec = rec or next(r for r in state.processes if r.name == pod.name)
         while True:
             with in_netns(state.plan.netns(pod.node)):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

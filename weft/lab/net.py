@@ -116,13 +116,15 @@ def build_node(plan: LabPlan, node: NodePlan) -> None:
         pass
 
 
-def build_pod(plan: LabPlan, pod: PodPlan, port_index: int) -> None:
-    """A pod: ``eth0`` with its /24 address, a veth ``vp<k>`` on the node's ``cni0``."""
+def build_pod(plan: LabPlan, pod: PodPlan) -> None:
+    """A pod: ``eth0`` with its /24 address, a veth ``vp<host>`` on the node's ``cni0``
+    (``<host>``: the last octet of the pod's address, so unique on the node whenever the
+    pod is made — at ``up`` or by ``apply -f``)."""
     name = plan.netns(pod.name)
     node = plan.node(pod.node)
     node_ns = plan.netns(node.name)
     create_netns(name)
-    host_side = f"vp{port_index}"
+    host_side = f"vp{pod.ip.rsplit('.', 1)[1]}"
     with NetNS(node_ns, flags=0) as ns:
         ns.link("add", ifname=host_side, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
         idx = ns.link_lookup(ifname=host_side)[0]

@@ -66,6 +66,20 @@ class NodePlan:
 
 
 @dataclass(frozen=True)
+class ContainerPlan:
+    """One container of a pod made from a Deployment (``weft lab apply -f``): the lab runs
+    no images, so a container is its ``command`` + ``args`` run as a process inside the
+    pod's namespaces and cgroup, with ``env`` already resolved for this pod."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str | None = None
+    ports: tuple[int, ...] = ()
+    """TCP ``containerPort``s: the lab waits for them to accept before it says started."""
+
+
+@dataclass(frozen=True)
 class PodPlan:
     name: str
     node: str
@@ -74,14 +88,19 @@ class PodPlan:
     service_account: str
     labels: dict[str, str]
     app: str | None
-    """Which demo program runs in the pod (``echo``), or None for an idle pod."""
+    """Which demo program runs in the pod (``echo``), or None for an idle pod or one whose
+    ``containers`` say what runs."""
     ports: tuple[int, ...] = ()
+    annotations: dict[str, str] = field(default_factory=dict)
+    containers: tuple[ContainerPlan, ...] = ()
+    owner: str | None = None
+    """``Deployment <namespace>/<name>`` for a pod ``weft lab apply -f`` made."""
 
     @property
     def inbound_mode(self) -> InboundMode:
         """What the mesh enforces for this pod (`weft.mesh.inbound_mode` decides, for the
         lab's status and for the agents alike: any value but ``permissive`` is strict)."""
-        return inbound_mode({}, self.labels)
+        return inbound_mode(self.annotations, self.labels)
 
     @property
     def strict(self) -> bool:
@@ -245,6 +264,16 @@ def endpoints(plan_pods: tuple[PodPlan, ...], service: ServicePlan) -> list[PodP
         if p.namespace == service.namespace
         and all(p.labels.get(k) == v for k, v in service.selector.items())
     ]
+
+
+def free_pod_ip(node: NodePlan, taken: set[str]) -> str:
+    """The lowest pod address of ``node`` that is not in ``taken`` (.1 is the gateway)."""
+    net = ipaddress.IPv4Network(node.pod_cidr)
+    for host in range(2, 2 + MAX_PODS_PER_NODE):
+        ip = str(net.network_address + host)
+        if ip not in taken:
+            return ip
+    raise PlanError(f"{node.name} has no free pod address ({MAX_PODS_PER_NODE} pods max)")
 
 
 def hosts_file(plan: LabPlan, pod: PodPlan) -> str:

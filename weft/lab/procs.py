@@ -42,6 +42,7 @@ def spawn(
     where: str,
     preexec: Callable[[], None] | None,
     env: dict[str, str] | None = None,
+    cwd: str | None = None,
 ) -> ProcessRecord:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -54,6 +55,7 @@ def spawn(
             start_new_session=True,
             close_fds=True,
             env=env,
+            cwd=cwd,
         )
     start = proc_start_time(proc.pid)
     if start is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from weft.files import write_json_atomic as write_json_atomic
-from weft.lab.plan import LabPlan, NodePlan, PodPlan, ServicePlan, ServicePort
+from weft.lab.plan import ContainerPlan, LabPlan, NodePlan, PodPlan, ServicePlan, ServicePort
 
 SCHEMA_VERSION = 1
 RUN_ROOT = Path(os.environ.get("WEFT_RUN_DIR", "/run/weft"))
@@ -123,6 +123,18 @@ class LabState:
                     "strict": p.strict,
                     "app": p.app,
                     "ports": list(p.ports),
+                    "annotations": p.annotations,
+                    "containers": [
+                        {
+                            "name": c.name,
+                            "argv": list(c.argv),
+                            "env": [list(kv) for kv in c.env],
+                            "working_dir": c.working_dir,
+                            "ports": list(c.ports),
+                        }
+                        for c in p.containers
+                    ],
+                    "owner": p.owner,
                     "cgroup": str(self.pod_cgroup(p)) if self.pod_cgroup(p) else None,
                 }
                 for p in plan.pods
@@ -174,6 +186,18 @@ class LabState:
                     labels=dict(p["labels"]),
                     app=p["app"],
                     ports=tuple(p["ports"]),
+                    annotations=dict(p.get("annotations") or {}),
+                    containers=tuple(
+                        ContainerPlan(
+                            name=c["name"],
+                            argv=tuple(c["argv"]),
+                            env=tuple((k, v) for k, v in c.get("env", [])),
+                            working_dir=c.get("working_dir"),
+                            ports=tuple(c.get("ports", [])),
+                        )
+                        for c in p.get("containers") or []
+                    ),
+                    owner=p.get("owner"),
                 )
                 for p in data["pods"]
             ),
