@@ -136,6 +136,7 @@ def test_grpc_unavailable_is_retried_on_one_channel(lab: LabRunner):
 
 
 CANARY = Path(__file__).resolve().parents[2] / "docs" / "examples" / "canary.yaml"
+DEPLOYMENT = CANARY.with_name("deployment.yaml")
 
 # In client-1: N requests to http://echo/ on one connection; prints the pods that
 # answered and the x-route header the echo saw (it echoes request headers back).
@@ -184,3 +185,44 @@ def test_a_canary_split_from_the_example_yaml(lab: LabRunner):
                       route="default/echo-split", backend="default/echo-canary") > 0  # fmt: skip
     finally:
         lab.weft("lab", "delete", "-f", str(CANARY))
+
+
+def test_the_deployment_example_runs_in_the_lab(lab: LabRunner, tmp_path: Path):
+    """docs/examples/deployment.yaml as a user applies it: the Deployments' replicas become
+    captured pods running their commands, the HTTPRoute is in force on one keep-alive
+    connection over all replicas, strict inbound refuses an uncaptured caller, scaling
+    down removes pods, and delete -f leaves nothing of them."""
+    out = lab.weft("lab", "apply", "-f", str(DEPLOYMENT))
+    try:
+        assert "deployment.apps/hello created (3 replicas" in out.stderr, out.stderr
+        assert out.stderr.count(", captured)") >= 4, out.stderr  # 3 hello + curl, running
+        pods = {p["name"]: p for p in lab.status()["pods"]}
+        assert pods["hello-2"]["owner"] == "Deployment default/hello"
+        assert pods["hello-2"]["service_account"] == "hello" and pods["hello-2"]["strict"]
+        urls = ["http://hello/"] * 30
+        deadline = time.monotonic() + 30
+        while True:
+            got = lab.exec("curl-1", "curl", "-s", "-m", "10", *urls, check=False).stdout
+            answers = [json.loads(line) for line in got.splitlines() if line.startswith("{")]
+            seen = {a["pod"] for a in answers}
+            if len(answers) == 30 and seen == {"hello-1", "hello-2", "hello-3"}:
+                break
+            assert time.monotonic() < deadline, f"not balanced over the replicas: {got!r}"
+            time.sleep(0.5)
+        assert {a["x-route"] for a in answers} == {"hello"}  # the HTTPRoute's filter
+        refused = lab.exec("plain-1", "curl", "-s", "-m", "5", "http://hello-2:8000/",
+                           check=False)  # fmt: skip
+        assert refused.returncode != 0, refused  # strict inbound: uncaptured caller refused
+        one = tmp_path / "one.yaml"
+        one.write_text(DEPLOYMENT.read_text().replace("replicas: 3", "replicas: 1"))
+        out = lab.weft("lab", "apply", "-f", str(one))
+        assert "hello-3: removed" in out.stderr, out.stderr
+        assert not {f"{lab.name}-hello-2", f"{lab.name}-hello-3"} & set(lab.netns())
+        got = lab.exec("curl-1", "curl", "-s", "-m", "10", "http://hello/").stdout
+        assert json.loads(got)["pod"] == "hello-1"
+    finally:
+        lab.weft("lab", "delete", "-f", str(DEPLOYMENT))
+    status = lab.status()
+    assert not [p for p in status["pods"] if p.get("owner")]
+    assert not [r for r in status["processes"] if r["where"] in {"hello-1", "curl-1"}]
+    assert not {f"{lab.name}-hello-1", f"{lab.name}-curl-1"} & set(lab.netns())
