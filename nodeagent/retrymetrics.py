@@ -7,12 +7,15 @@ the number of services bounds them, and a cap keeps a bug from growing them):
   previous attempt got: ``status`` (a status or gRPC code the policy retries) or
   ``timeout`` (the per-try timeout expired before the response head);
 * ``outbound_http_retry_skipped_total{service,reason}`` — failed attempts that were
-  *not* retried although the policy asked: ``budget`` (the service's retry budget is
-  spent — a brownout is not multiplied), ``limit`` (``weft.io/retry-limit`` reached),
+  *not* retried although the policy asked: ``budget`` (the retry budget — the route's,
+  or the service's when it has no routes — is spent: a brownout is not multiplied),
+  ``limit`` (``weft.io/retry-limit`` reached),
   ``body-too-large`` (more than `REPLAY_LIMIT` of body was sent), ``not-idempotent``
   (the method may have had an effect: POST, PATCH);
-* ``outbound_http_timeout_total{service,kind}`` — ``request`` (``weft.io/timeout-request``:
-  answered 504, or reset when the response had started) and ``try`` (a per-try timeout);
+* ``outbound_http_timeout_total{service,kind}`` — ``request`` (``weft.io/timeout-request``,
+  a rule's ``timeouts.request`` or a gRPC client's shorter ``grpc-timeout``: answered 504 /
+  DEADLINE_EXCEEDED, or reset when the response had started) and ``try`` (a per-try
+  timeout);
 * ``outbound_http_endpoint_ejections_total{service,reason="failures"}`` — endpoints
   ejected by request-level failure accrual (``weft.io/failure-accrual``);
 * ``outbound_http_route_requests_total{service,route,backend}`` — requests to a service

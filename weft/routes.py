@@ -19,7 +19,11 @@ What a route says, and what Weft does with it:
 * ``rules[].timeouts`` — ``request`` and ``backendRequest`` (Gateway API durations);
 * ``rules[].filters`` — ``RequestHeaderModifier`` and ``ResponseHeaderModifier``.
   Other filters are refused (``Accepted: False``, reason ``UnsupportedValue``) rather than
-  half applied.
+  half applied;
+* ``metadata.annotations`` — the retry and timeout keys of `weft.traffic.ROUTE_KEYS`
+  (``weft.io/retry-http``, ...): they override the parent Service's for this route's
+  requests (`Rule.traffic`; a rule's ``timeouts`` win over both). An invalid one makes
+  the route not accepted, with the reason; the Service's own policy is unaffected.
 
 Precedence between rules of all routes of one Service follows the HTTPRoute spec: an
 ``Exact`` path before a prefix, a longer prefix before a shorter one, then a method
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from weft.traffic import parse_duration
+from weft.traffic import TrafficError, TrafficOverride, parse_duration, parse_override, traffic_keys
 
 GROUP = "gateway.networking.k8s.io"
 MAX_RULES = 64
@@ -173,6 +177,10 @@ class Rule:
     backend_timeout: float | None = None
     request_headers: HeaderModifier | None = None
     response_headers: HeaderModifier | None = None
+    kind: Kind = Kind.HTTP
+    """The kind of the route it came from (with `route`, the retry budget's key)."""
+    traffic: TrafficOverride | None = None
+    """The route's retry and timeout annotations (None: the Service's apply)."""
 
     def pick(self, draw: float) -> Backend | None:
         """The backend for a uniform ``draw`` in [0, 1) by weight; None: no weight."""
@@ -404,6 +412,11 @@ def _parse_route(obj: Mapping[str, Any]) -> Route:
     namespace, name = meta.get("namespace") or "default", meta.get("name")
     if not isinstance(name, str) or not name:
         raise RouteError("metadata.name: missing")
+    annotations = traffic_keys(meta.get("annotations") or {})
+    try:
+        traffic = parse_override(annotations)
+    except TrafficError as e:
+        raise RouteError(f"metadata.annotations: {e}") from None
     spec = obj.get("spec") or {}
     parents = []
     for i, p in enumerate(_list(spec, "parentRefs", "spec", 32)):
@@ -446,11 +459,19 @@ def _parse_route(obj: Mapping[str, Any]) -> Route:
         if request_t is not None and backend_t is not None and backend_t > request_t:
             raise RouteError(f"{where}.timeouts: backendRequest longer than request")
         rules.append(Rule(f"{namespace}/{name}", r_i, matches, backends, request_t, backend_t,
-                          request_headers, response_headers))  # fmt: skip
+                          request_headers, response_headers, kind, traffic))  # fmt: skip
     created = str(meta.get("creationTimestamp") or "")
+    reduced_meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "creationTimestamp": created,
+    }
+    if annotations:
+        # Only the keys the agent applies; absent when there are none, so a route without
+        # them has the same source (and wire form) as before they were read.
+        reduced_meta["annotations"] = annotations
     reduced = {
-        "apiVersion": f"{GROUP}/v1", "kind": kind.value,
-        "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+        "apiVersion": f"{GROUP}/v1", "kind": kind.value, "metadata": reduced_meta,
         "spec": {"parentRefs": spec.get("parentRefs") or [], "rules": spec.get("rules") or []},
     }  # fmt: skip
     source = json.dumps(reduced, sort_keys=True, separators=(",", ":"))

@@ -19,8 +19,13 @@ annotations carry over (each ``weft.io/`` key also reads its ``*.linkerd.io/`` t
 
 Nothing is retried and nothing times out unless asked (Linkerd's defaults too). Retries
 are bounded three ways whatever the annotations say: the limit per request, the
-node's retry budget per service (`nodeagent.proxy.retry.RetryBudget`: 20 % of the
-requests of the last 10 s plus 100), and only requests that are safe to send again.
+node's retry budget per route (`nodeagent.proxy.retry.RetryBudget`: 20 % of the
+requests of the last 10 s plus 100; a Service without routes is one route), and only
+requests that are safe to send again.
+
+An HTTPRoute or GRPCRoute may carry the five retry and timeout keys too (`ROUTE_KEYS`,
+`parse_override`): each one it sets replaces the Service's value for the requests its
+rules match (a rule's own ``timeouts`` still win over both).
 
 Invalid values never half-apply: `parse_traffic` raises `TrafficError` naming every
 bad key, and the source that read them keeps the service's last valid policy.
@@ -141,6 +146,34 @@ class TrafficPolicy:
 DEFAULT = TrafficPolicy()
 
 
+@dataclass(frozen=True)
+class TrafficOverride:
+    """A Gateway API route's own retry and timeout annotations (`ROUTE_KEYS`): each one
+    it sets replaces the Service's value for the requests its rules match; the others
+    stay the Service's. None: not set on the route."""
+
+    http_statuses: frozenset[int] | None = None
+    grpc_codes: frozenset[int] | None = None
+    limit: int | None = None
+    per_try_timeout: float | None = None
+    request_timeout: float | None = None
+
+    def apply(self, policy: TrafficPolicy) -> TrafficPolicy:
+        """``policy`` (the Service's) with this route's values in place of its own."""
+        r = policy.retry
+        retry = RetryPolicy(
+            http_statuses=r.http_statuses if self.http_statuses is None else self.http_statuses,
+            grpc_codes=r.grpc_codes if self.grpc_codes is None else self.grpc_codes,
+            limit=r.limit if self.limit is None else self.limit,
+            per_try_timeout=self.per_try_timeout or r.per_try_timeout,
+        )
+        return TrafficPolicy(
+            retry=retry,
+            request_timeout=self.request_timeout or policy.request_timeout,
+            accrual=policy.accrual,
+        )
+
+
 def parse_duration(text: str) -> float:
     """Seconds in ``300ms``, ``2s``, ``1m30s``, ``1.5s``; ValueError otherwise."""
     text = text.strip()
@@ -239,35 +272,48 @@ def _accrual_kind(text: str) -> bool:
     return kind == "consecutive"
 
 
-def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
-    """The policy ``annotations`` ask for; `TrafficError` if any value is invalid."""
+_PARSERS: dict[str, Callable[[str], object]] = {
+    RETRY_HTTP_KEY: parse_statuses,
+    RETRY_GRPC_KEY: parse_grpc_codes,
+    RETRY_LIMIT_KEY: _limit,
+    RETRY_TIMEOUT_KEY: _timeout,
+    TIMEOUT_REQUEST_KEY: _timeout,
+    ACCRUAL_KEY: _accrual_kind,
+    ACCRUAL_FAILURES_KEY: _failures,
+    ACCRUAL_MIN_PENALTY_KEY: _timeout,
+    ACCRUAL_MAX_PENALTY_KEY: _timeout,
+    ACCRUAL_JITTER_KEY: _jitter,
+}
 
-    def get(key: str) -> str | None:
-        value = annotations.get(key)
-        return value if value is not None else annotations.get(LINKERD_KEYS[key])
+ROUTE_KEYS = (RETRY_HTTP_KEY, RETRY_GRPC_KEY, RETRY_LIMIT_KEY, RETRY_TIMEOUT_KEY,
+              TIMEOUT_REQUEST_KEY)  # fmt: skip
+"""The annotations an HTTPRoute or GRPCRoute may carry too (`parse_override`); failure
+accrual is the endpoints' state, shared by every route to them: Service only."""
 
+
+def _parse_values(
+    annotations: Mapping[str, str], keys: tuple[str, ...]
+) -> tuple[dict[str, object], list[str]]:
+    """The parsed values of ``keys`` (a Weft key wins over its Linkerd twin) and the
+    problems of those that do not parse."""
     problems: list[str] = []
     values: dict[str, object] = {}
-    parsers: dict[str, Callable[[str], object]] = {
-        RETRY_HTTP_KEY: parse_statuses,
-        RETRY_GRPC_KEY: parse_grpc_codes,
-        RETRY_LIMIT_KEY: _limit,
-        RETRY_TIMEOUT_KEY: _timeout,
-        TIMEOUT_REQUEST_KEY: _timeout,
-        ACCRUAL_KEY: _accrual_kind,
-        ACCRUAL_FAILURES_KEY: _failures,
-        ACCRUAL_MIN_PENALTY_KEY: _timeout,
-        ACCRUAL_MAX_PENALTY_KEY: _timeout,
-        ACCRUAL_JITTER_KEY: _jitter,
-    }
-    for key, parse in parsers.items():
-        raw = get(key)
+    for key in keys:
+        raw = annotations.get(key)
+        if raw is None:
+            raw = annotations.get(LINKERD_KEYS[key])
         if raw is None:
             continue
         try:
-            values[key] = parse(raw)
+            values[key] = _PARSERS[key](raw)
         except ValueError as e:
             problems.append(f"{key}: {e}")
+    return values, problems
+
+
+def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
+    """The policy ``annotations`` ask for; `TrafficError` if any value is invalid."""
+    values, problems = _parse_values(annotations, tuple(_PARSERS))
     accrual = None
     if values.get(ACCRUAL_KEY):
         d = AccrualPolicy()
@@ -291,6 +337,27 @@ def parse_traffic(annotations: Mapping[str, str]) -> TrafficPolicy:
         retry=retry,
         request_timeout=values.get(TIMEOUT_REQUEST_KEY),  # type: ignore[arg-type]
         accrual=accrual,
+    )
+
+
+def parse_override(annotations: Mapping[str, str]) -> TrafficOverride | None:
+    """A route's override from its annotations (None: it sets none of `ROUTE_KEYS`);
+    `TrafficError` naming every bad key, failure accrual keys included (they belong on
+    the Service)."""
+    values, problems = _parse_values(annotations, ROUTE_KEYS)
+    for key in _PARSERS:
+        if key not in ROUTE_KEYS and (key in annotations or LINKERD_KEYS[key] in annotations):
+            problems.append(f"{key}: failure accrual is per endpoint; set it on the Service")
+    if problems:
+        raise TrafficError(problems)
+    if not values:
+        return None
+    return TrafficOverride(
+        http_statuses=values.get(RETRY_HTTP_KEY),  # type: ignore[arg-type]
+        grpc_codes=values.get(RETRY_GRPC_KEY),  # type: ignore[arg-type]
+        limit=values.get(RETRY_LIMIT_KEY),  # type: ignore[arg-type]
+        per_try_timeout=values.get(RETRY_TIMEOUT_KEY),  # type: ignore[arg-type]
+        request_timeout=values.get(TIMEOUT_REQUEST_KEY),  # type: ignore[arg-type]
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from nodeagent.proxy.http.forward import H2, OutboundHttp
+from nodeagent.proxy.http.grpctimeout import parse_grpc_timeout
 from nodeagent.proxy.http.h2server import H2Server
 from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
 from nodeagent.proxy.retry import RetryBudget
@@ -344,6 +345,59 @@ async def test_grpc_request_timeout_is_deadline_exceeded(make_h2_mesh):
     assert r.reset is None
     assert (r.headers.get(b"grpc-status") or r.trailers.get(b"grpc-status")) == b"4", r
     assert outbound_http.retry_metrics.get(TIMEOUT, SERVICE, "request") == 1
+
+
+async def test_a_shorter_grpc_timeout_wins_and_the_upstream_is_told_what_is_left(make_h2_mesh):
+    replicas, outbound_http, port = await make_h2_mesh({"weft.io/timeout-request": "10s"})
+    client = await H2TestClient.connect(port)
+    message = b"\x00\x00\x00\x00\x00"
+    try:
+        t0 = time.monotonic()
+        r = await client.request("POST", "/delay/5000", body=message,
+                                 headers=[*GRPC, (b"grpc-timeout", b"300m")])  # fmt: skip
+        took = time.monotonic() - t0
+        ok = await client.request("POST", "/grpc-ok", body=message,
+                                  headers=[*GRPC, (b"grpc-timeout", b"5S")])  # fmt: skip
+        garbage = await client.request("POST", "/grpc-ok", body=message,
+                                       headers=[*GRPC, (b"grpc-timeout", b"soon")])  # fmt: skip
+    finally:
+        client.close()
+    # Answered as the configured timeout is, but after the client's 300 ms, not 10 s.
+    assert r.reset is None and r.status == 200
+    assert r.headers.get(b"grpc-status") == b"4", r  # trailers-only DEADLINE_EXCEEDED
+    assert r.headers.get(b"weft-proxy-error") == b"timeout"
+    assert b"grpc-timeout" in r.headers.get(b"grpc-message", b"")
+    assert 0.3 <= took < 3.0, took
+    assert outbound_http.retry_metrics.get(TIMEOUT, SERVICE, "request") == 1
+    await asyncio.sleep(0.2)
+    assert sum(rep.resets_seen for rep in replicas) == 1  # the upstream stream was cancelled
+    # Each upstream request carried what was left of its deadline.
+    seen = {h[b":path"]: h for rep in replicas for h in rep.headers_seen}
+    delay = parse_grpc_timeout(seen[b"/delay/5000"][b"grpc-timeout"])
+    assert 0.2 < delay <= 0.3
+    assert ok.trailers.get(b"grpc-status") == b"0" and garbage.trailers.get(b"grpc-status") == b"0"
+    sent = [parse_grpc_timeout(h[b"grpc-timeout"]) for rep in replicas for h in rep.headers_seen
+            if h[b":path"] == b"/grpc-ok"]  # fmt: skip
+    # 5S < 10s: the client's; "soon" is malformed: ignored, the configured 10 s apply.
+    assert sorted(round(t) for t in sent) == [5, 10] and all(t <= 10 for t in sent)
+
+
+async def test_a_grpc_timeout_applies_without_a_configured_one(make_h2_mesh):
+    replicas, outbound_http, port = await make_h2_mesh({})
+    client = await H2TestClient.connect(port)
+    try:
+        r = await client.request("POST", "/delay/5000", body=b"\x00\x00\x00\x00\x00",
+                                 headers=[*GRPC, (b"grpc-timeout", b"200000u")])  # fmt: skip
+        plain = await client.request("POST", "/grpc-ok", body=b"\x00\x00\x00\x00\x00",
+                                     headers=GRPC)  # fmt: skip
+    finally:
+        client.close()
+    assert r.headers.get(b"grpc-status") == b"4", r
+    assert outbound_http.retry_metrics.get(TIMEOUT, SERVICE, "request") == 1
+    assert plain.trailers.get(b"grpc-status") == b"0"
+    # No deadline anywhere: none is invented for the upstream.
+    ok_seen = [h for rep in replicas for h in rep.headers_seen if h[b":path"] == b"/grpc-ok"]
+    assert len(ok_seen) == 1 and b"grpc-timeout" not in ok_seen[0]
 
 
 async def test_failure_accrual_routes_around_a_failing_replica(make_mesh):

@@ -33,10 +33,12 @@ from weft.routes import parse_route
 pytestmark = pytest.mark.timeout(120)
 
 
-def _httproute(rules: list[dict[str, Any]]) -> dict[str, Any]:
+def _httproute(
+    rules: list[dict[str, Any]], name: str = "split", annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": "split", "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default", "annotations": annotations or {}},
         "spec": {"parentRefs": [{"kind": "Service", "name": "echo", "port": 80}], "rules": rules},
     }  # fmt: skip
 
@@ -45,14 +47,16 @@ def _httproute(rules: list[dict[str, Any]]) -> dict[str, Any]:
 async def make_mesh(unused_tcp_port: int) -> AsyncIterator:
     made: list[tuple[list[Replica], OutboundHttp, asyncio.Server]] = []
 
-    async def make(rules: list[dict[str, Any]]) -> tuple[dict[str, Replica], OutboundHttp, int]:
+    async def make(
+        rules: list[dict[str, Any]], *more: dict[str, Any]
+    ) -> tuple[dict[str, Replica], OutboundHttp, int]:
         port = unused_tcp_port
         replicas = {"a": Replica("replica-a"), "b": Replica("replica-b")}
         for ip, r in zip(REPLICAS, replicas.values(), strict=True):
             r.server = await asyncio.start_server(functools.partial(_serve, r), ip, port,
                                                   reuse_address=True)  # fmt: skip
         pods = [_pod(i, ip) for i, ip in enumerate(REPLICAS)]
-        route = parse_route(_httproute(rules))
+        routes = (parse_route(_httproute(rules)), *(parse_route(obj) for obj in more))
 
         def service(name: str, vip: str, pods_: list, routes: tuple = ()) -> Service:
             return Service(name=name, namespace="default", vips=(vip,),
@@ -62,7 +66,7 @@ async def make_mesh(unused_tcp_port: int) -> AsyncIterator:
 
         state = MeshState()
         state.apply(SnapshotMsg("e", 1, tuple(pods), (
-            service("echo", VIP[0], pods, (route,)),
+            service("echo", VIP[0], pods, routes),
             service("echo-a", "10.96.0.21", pods[:1]),
             service("echo-b", "10.96.0.22", pods[1:]),
         )))  # fmt: skip
@@ -170,3 +174,25 @@ async def test_a_rule_timeout_answers_504(make_mesh):
     got = await asyncio.to_thread(_get, port, ["/"])
     assert got[0][0] == 504 and got[0][2]["weft-proxy-error"] == "timeout"
     assert outbound_http.retry_metrics.get(TIMEOUT, "default/echo-a", "request") == 1
+
+
+async def test_a_route_annotation_retries_its_requests_only(make_mesh):
+    """Two routes on echo to the same two replicas, one of which answers 503: the route
+    annotated ``weft.io/retry-http: 503`` retries its requests (with its own budget),
+    the other route's requests get the 503s (the Service has no retry policy)."""
+    plain = [{"matches": [{"path": {"value": "/plain"}}],
+              "backendRefs": [{"name": "echo", "port": 80}]}]  # fmt: skip
+    retrying = _httproute([{"matches": [{"path": {"value": "/retrying"}}],
+                            "backendRefs": [{"name": "echo", "port": 80}]}],
+                          name="retrying", annotations={"weft.io/retry-http": "503"})  # fmt: skip
+    replicas, outbound_http, port = await make_mesh(plain, retrying)
+    replicas["b"].status = 503
+    got = await asyncio.to_thread(_get, port, ["/retrying"] * 100)
+    assert [s for s, _, _ in got] == [200] * 100
+    assert sum("weft-retry-attempts" in h for _, _, h in got) == len(replicas["b"].seen) > 0
+    before = len(replicas["b"].seen)
+    got = await asyncio.to_thread(_get, port, ["/plain"] * 100)
+    assert sum(s == 503 for s, _, _ in got) == len(replicas["b"].seen) - before > 0
+    assert not any("weft-retry-attempts" in h for _, _, h in got)
+    # The budget is the route's: the Service's own (and the other route's) is untouched.
+    assert set(outbound_http._budgets) == {"default/echo HTTPRoute default/retrying"}

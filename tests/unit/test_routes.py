@@ -199,3 +199,63 @@ def test_routes_travel_in_the_discovery_stream() -> None:
     svc = Service("echo", "default", ("10.96.0.1",), (), (), routes=routes)
     wire = json.loads(json.dumps(encode_service(svc)))
     assert decode_service(wire, "s") == svc
+
+
+def test_route_annotations_override_the_service_policy_per_rule() -> None:
+    from weft.traffic import TrafficOverride
+
+    obj = _route([{"backendRefs": [{"name": "web"}]}, {}], kind="GRPCRoute")
+    obj["metadata"]["annotations"] = {
+        "weft.io/retry-grpc": "unavailable", "timeout.linkerd.io/request": "3s", "team": "shop",
+    }  # fmt: skip
+    route = parse_route(obj)
+    want = TrafficOverride(grpc_codes=frozenset({14}), request_timeout=3.0)
+    assert [(r.kind, r.traffic) for r in route.rules] == [(Kind.GRPC, want)] * 2
+    # The wire form keeps the keys the agent applies (and only those).
+    assert json.loads(route.source)["metadata"]["annotations"] == {
+        "weft.io/retry-grpc": "unavailable", "timeout.linkerd.io/request": "3s"}  # fmt: skip
+    assert parse_route(json.loads(route.source)) == route
+    plain = parse_route(_route([{}]))
+    assert plain.rules[0].traffic is None
+    assert "annotations" not in json.loads(plain.source)["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "text"),
+    [
+        ({"weft.io/retry-limit": "lots"}, "weft.io/retry-limit: 'lots' is not a whole number"),
+        ({"weft.io/retry-http": "6xx"}, "weft.io/retry-http"),
+        ({"weft.io/failure-accrual": "consecutive"}, "set it on the Service"),
+        ({"weft.io/retry-timeout": 5}, "malformed route"),
+    ],
+)
+def test_invalid_route_annotations_make_the_route_not_accepted(
+    annotations: dict[str, Any], text: str
+) -> None:
+    obj = _route([{}])
+    obj["metadata"]["annotations"] = annotations
+    route, conds = conditions(obj, {"shop/web": 1})
+    assert route is None
+    assert conds[0].type == "Accepted" and not conds[0].status
+    assert conds[0].reason is Reason.UNSUPPORTED_VALUE
+    assert text in conds[0].message
+    if text != "malformed route":
+        assert conds[0].message.startswith("metadata.annotations: ")
+
+
+def test_route_annotations_travel_in_the_discovery_stream() -> None:
+    from weft.mesh import Service
+    from weft.meshwire import decode_service, encode_service
+
+    annotated = _route([{"backendRefs": [{"name": "web"}]}], name="annotated")
+    annotated["metadata"]["annotations"] = {"weft.io/retry-http": "503"}
+    routes = (parse_route(annotated), parse_route(_route([{}], name="plain")))
+    svc = Service("web", "shop", ("10.96.0.1",), (), (), routes=routes)
+    wire = json.loads(json.dumps(encode_service(svc)))
+    got = decode_service(wire, "s")
+    assert got == svc
+    assert got.routes[0].rules[0].traffic is not None
+    assert got.routes[0].rules[0].traffic.http_statuses == frozenset({503})
+    # A route from a control plane that did not send annotations: the Service's policy.
+    assert "annotations" not in wire["routes"][1]["metadata"]
+    assert got.routes[1].rules[0].traffic is None

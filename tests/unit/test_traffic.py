@@ -20,9 +20,11 @@ from weft.traffic import (
     LastValid,
     RetryPolicy,
     TrafficError,
+    TrafficOverride,
     TrafficPolicy,
     compact_statuses,
     parse_duration,
+    parse_override,
     parse_statuses,
     parse_traffic,
 )
@@ -192,3 +194,39 @@ def test_a_request_that_cannot_be_retried_does_not_spend_the_budget() -> None:
     r2, m = _retrying(budget=budget)
     assert not r2.allow(idempotent=True, replayable=True, reason="status")
     assert m.get(SKIPPED, "ns/a", "budget") == 1
+
+
+def test_a_route_overrides_only_the_keys_it_sets() -> None:
+    service = parse_traffic({
+        "weft.io/retry-http": "5xx", "weft.io/retry-limit": "3",
+        "weft.io/timeout-request": "2s", "weft.io/failure-accrual": "consecutive",
+    })  # fmt: skip
+    override = parse_override({"weft.io/retry-grpc": "unavailable", "retry.linkerd.io/limit": "1",
+                               "weft.io/retry-timeout": "100ms", "unrelated": "x"})  # fmt: skip
+    assert override == TrafficOverride(grpc_codes=frozenset({14}), limit=1, per_try_timeout=0.1)
+    policy = override.apply(service)
+    assert policy.retry == RetryPolicy(
+        http_statuses=frozenset(range(500, 600)), grpc_codes=frozenset({14}), limit=1,
+        per_try_timeout=0.1,
+    )  # fmt: skip
+    assert policy.request_timeout == 2.0  # the Service's: the route did not set it
+    assert policy.accrual == service.accrual
+    # A limit of 0 turns the Service's retries off for the route's requests.
+    off = parse_override({"weft.io/retry-limit": "0"})
+    assert off is not None and off.apply(service).retry.limit == 0
+    assert TrafficOverride(request_timeout=0.5).apply(DEFAULT).request_timeout == 0.5
+
+
+def test_a_route_without_the_keys_has_no_override() -> None:
+    assert parse_override({}) is None
+    assert parse_override({"kubectl.kubernetes.io/last-applied-configuration": "{}"}) is None
+
+
+def test_invalid_route_annotations_name_every_bad_key() -> None:
+    with pytest.raises(TrafficError) as err:
+        parse_override({"weft.io/retry-limit": "11", "weft.io/timeout-request": "soon",
+                        "weft.io/failure-accrual": "consecutive"})  # fmt: skip
+    problems = err.value.problems
+    assert len(problems) == 3
+    assert any(p.startswith("weft.io/retry-limit: 11 is not within") for p in problems)
+    assert any("set it on the Service" in p for p in problems)

@@ -16,6 +16,12 @@ byte (the upstream closed it as we sent: the keep-alive race) is sent once more 
 fresh connection when it has no body. Failures the proxy answers itself are mapped to a
 status and a ``weft-proxy-error`` token (`ProxyError`).
 
+The general path adds the per-request stages: routes (`_route_request`; a route's own
+retry and timeout annotations replace the service's), the retry stage with the retry
+budget of the route (or of the service without routes), and the request deadline — the
+configured request timeout or, when a gRPC client's ``grpc-timeout`` is shorter, that;
+each attempt of a gRPC call tells the upstream what is left of it in ``grpc-timeout``.
+
 The destination node's side is `nodeagent.proxy.http.inbound`. Both record the golden
 metrics (`nodeagent.httpmetrics`): the stage that knows the facts records them.
 """
@@ -38,10 +44,17 @@ from nodeagent.proxy.balance import Lease
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
 from nodeagent.proxy.http.client import Http1Client, Http1Pool, UpstreamLost
+from nodeagent.proxy.http.grpctimeout import (
+    GRPC_TIMEOUT_HEADER,
+    format_grpc_timeout,
+    grpc_request,
+    parse_grpc_timeout,
+)
 from nodeagent.proxy.http.h2client import H2Client, H2Pool
 from nodeagent.proxy.http.message import (
     RETRY_ATTEMPT_HEADER,
     ProxyError,
+    RequestHead,
     ResponseHead,
     modify_headers,
     set_forward_header,
@@ -113,14 +126,20 @@ class _Route:
     """The Gateway API routes attached to the service (for the port dialled)."""
     port: int = 0
     """The service port dialled (a route backend without a port uses it)."""
+    budget: str = ""
+    """The retry budget's key: the service's, or for a request a Gateway API route
+    matched, the route's (``default/echo HTTPRoute default/canary``)."""
 
 
 def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
     """The `_Route` of a rule's backend: its endpoints, the parent service's policy
-    with the rule's timeouts (``timeouts.request`` the request timeout,
-    ``backendRequest`` the per-try one)."""
+    with the route's retry and timeout annotations in place of the service's, then the
+    rule's timeouts (``timeouts.request`` the request timeout, ``backendRequest`` the
+    per-try one); the route's retry budget."""
     hops = {h.address: h for h in resolved.hops}
     traffic = route.traffic
+    if rule.traffic is not None:
+        traffic = rule.traffic.apply(traffic)
     if rule.request_timeout is not None or rule.backend_timeout is not None:
         retry = traffic.retry
         if rule.backend_timeout is not None:
@@ -131,7 +150,8 @@ def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
             request_timeout=rule.request_timeout or traffic.request_timeout,
         )
     service = resolved.service.key if resolved.service is not None else route.service
-    return _Route(service, hops, True, tuple(hops), traffic, None, route.port)
+    budget = f"{route.service} {rule.kind} {rule.route}"
+    return _Route(service, hops, True, tuple(hops), traffic, None, route.port, budget)
 
 
 class _QuietObserver:
@@ -184,13 +204,14 @@ class OutboundHttp:
         self.requests = 0
         self.replayed = 0
 
-    def budget(self, service: str) -> RetryBudget:
-        """The retry budget of ``service`` (per node, as Linkerd's is per proxy)."""
-        budget = self._budgets.get(service)
+    def budget(self, key: str) -> RetryBudget:
+        """The retry budget of ``key`` (`_Route.budget`: a service without routes, or a
+        route of one), per node as Linkerd's is per proxy."""
+        budget = self._budgets.get(key)
         if budget is None:
-            if len(self._budgets) >= 10_000:  # services come and go: start afresh
+            if len(self._budgets) >= 10_000:  # routes come and go: start afresh
                 self._budgets.clear()
-            budget = self._budgets[service] = RetryBudget()
+            budget = self._budgets[key] = RetryBudget()
         return budget
 
     def forwarder(
@@ -205,14 +226,16 @@ class OutboundHttp:
         table = None
         if service is not None and service.routes:
             table = table_for(service.key, service.routes, destination[1])
+        key = service.key if service is not None else ""
         return _Route(
-            service.key if service is not None else "",
+            key,
             hops,
             service is not None,
             tuple(hops),
             service.traffic if service is not None else DEFAULT_TRAFFIC,
             table if table is not None and table.entries else None,
             destination[1],
+            key,
         )
 
     def _current(self, client: Upstream, source: Workload | None) -> bool:
@@ -280,6 +303,9 @@ class _Call:
     retrying: Retrying | None = None
     deadline: asyncio.Timeout | None = None
     """The request timeout's context, to tell its expiry from the client leaving."""
+    expires: float | None = None
+    """A gRPC call's deadline (loop time): each attempt tells the upstream what is left
+    of it in ``grpc-timeout``."""
 
 
 @dataclass(slots=True)
@@ -349,6 +375,9 @@ class OutboundForwarder:
             return False  # `forward` answers it
         if not route.traffic.plain or route.table is not None:
             return False  # retries, timeouts or routes: `forward` has those stages
+        grpc, grpc_timeout = grpc_request(exchange.head.headers)
+        if grpc and grpc_timeout is not None:
+            return False  # gRPC-Web with a deadline: `forward` keeps it
         lease = None
         if route.balanced:
             lease = http.failover.balancer.lease(route.candidates)
@@ -446,24 +475,43 @@ class OutboundForwarder:
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
-            call.retrying = Retrying(traffic.retry, http.budget(route.service),
+            call.retrying = Retrying(traffic.retry, http.budget(route.budget),
                                      http.retry_metrics, route.service)  # fmt: skip
             exchange.keep_for_replay(REPLAY_LIMIT)
         timeout = traffic.request_timeout
+        grpc, grpc_timeout = grpc_request(exchange.head.headers)
+        asked = self._client_deadline(grpc_timeout) if grpc else None
+        by_client = asked is not None and (timeout is None or asked < timeout)
+        if by_client:
+            timeout = asked
         if timeout is None:
             await self._attempts(call)
             return
+        if grpc:
+            call.expires = self._loop.time() + timeout
         try:
             async with asyncio.timeout(timeout) as call.deadline:
                 await self._attempts(call)
         except TimeoutError:
             http.retry_metrics.count(TIMEOUT, route.service, "request")
             self._record(exchange, authority, src_name, None, source, error=ProxyError.TIMEOUT)
+            why = "the client's grpc-timeout" if by_client else TIMEOUT_REQUEST_KEY
             raise ProxyFailure(
                 ProxyError.TIMEOUT,
                 f"{route.service}: no complete response within {timeout:g} s "
-                f"({TIMEOUT_REQUEST_KEY}); the upstream request was cancelled",
+                f"({why}); the upstream request was cancelled",
             ) from None
+
+    def _client_deadline(self, raw: bytes | None) -> float | None:
+        """Seconds of a gRPC call's ``grpc-timeout``; None: absent, or malformed (the
+        client's bug is not a reason to fail its call: ignored)."""
+        if raw is None:
+            return None
+        try:
+            return parse_grpc_timeout(raw)
+        except ValueError as e:
+            log.debug("%s: ignoring the request's grpc-timeout (%s)", self.label, e)
+            return None
 
     async def _attempts(self, call: _Call) -> None:
         """Send the request until an attempt's response is taken: failover over connect
@@ -501,6 +549,9 @@ class OutboundForwarder:
             if retrying is not None:
                 exchange.retry_gate = functools.partial(self._gate, exchange, retrying)
                 per_try = retrying.policy.per_try_timeout if retrying.left else None
+            if call.expires is not None:  # what is left after the time spent and retries
+                left = format_grpc_timeout(call.expires - self._loop.time())
+                self._set_header(exchange.head, GRPC_TIMEOUT_HEADER, left)
             try:
                 done = client.send(exchange)  # type: ignore[arg-type]
                 if per_try is None:
@@ -647,13 +698,15 @@ class OutboundForwarder:
     def _again(self, exchange: Exchange, retrying: Retrying) -> None:
         exchange.rewind()
         exchange.retries = retrying.retries
-        value = b"%d" % retrying.retries
-        head = exchange.head
+        self._set_header(exchange.head, RETRY_ATTEMPT_HEADER, b"%d" % retrying.retries)
+
+    def _set_header(self, head: RequestHead, name: bytes, value: bytes) -> None:
+        """Send ``head`` with the proxy's own header ``name`` (lower case) = ``value``."""
         if self.protocol == HTTP1:
-            set_forward_header(head, RETRY_ATTEMPT_HEADER, value)
-        else:  # HTTP/2 heads are sent with their headers as they are
-            head.headers = [(k, v) for k, v in head.headers if k != RETRY_ATTEMPT_HEADER]
-            head.headers.append((RETRY_ATTEMPT_HEADER, value))
+            set_forward_header(head, name, value)
+        else:  # HTTP/2 heads are sent with their headers as they are (names lower case)
+            head.headers = [(k, v) for k, v in head.headers if k != name]
+            head.headers.append((name, value))
 
     def _connect(
         self, source: Workload | None, hops: dict[Address, Hop], fresh: bool, endpoint: Address

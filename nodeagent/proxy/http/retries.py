@@ -8,10 +8,11 @@ first that fails names the ``outbound_http_retry_skipped_total`` reason):
    a timeout does not prove that a POST had no effect (``not-idempotent``);
 2. every body byte sent so far is still held (`REPLAY_LIMIT`; ``body-too-large``);
 3. the request has retries left (``weft.io/retry-limit``; ``limit``);
-4. the service's retry budget allows one more (``budget``): retries in the last 10 s are
-   at most 20 % of the service's requests in them plus 100 (10 per second over the
-   window) — so when every replica fails, load grows by at most that much instead of by
-   the retry limit.
+4. the retry budget allows one more (``budget``): retries in the last 10 s are at most
+   20 % of the requests in them plus 100 (10 per second over the window) — so when every
+   replica fails, load grows by at most that much instead of by the retry limit. The
+   budget is the Gateway API route's when a route matched the request (each route of a
+   service has its own), else the service's.
 
 The budget is spent (3-4) only when 1-2 hold, so a request that could never be retried
 does not use it up for the others.
