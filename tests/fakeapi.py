@@ -16,6 +16,21 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   cleanly after ``timeoutSeconds``.  A version older than the last compaction gets an
   ``ERROR`` event whose object is a ``Status`` with ``code: 410`` (or, with
   ``gone_as_status``, an HTTP 410).
+* the routes' ``status`` subresource (``/apis/gateway.networking.k8s.io/v1/namespaces/
+  NS/httproutes/NAME/status``; ``GET`` of the object itself too): ``GET``; ``PATCH`` as
+  ``application/merge-patch+json`` (RFC 7386: lists replaced whole) or
+  ``application/json-patch+json`` (RFC 6902; a failed op is 422), what the ``kubernetes``
+  client sends (it defaults to merge patch for ``patch_namespaced_custom_object_status``;
+  Weft names the type anyway); ``PUT`` (``resourceVersion`` required, as for any custom
+  resource).  As the apiextensions status strategy does: only ``status`` changes, the
+  ``metadata.generation`` does not; a write that changes nothing is a no-op (no new
+  resourceVersion, no event); else the resourceVersion moves and watches get MODIFIED.
+  A ``resourceVersion`` in the body that is not the current one is ``409 Conflict``; an
+  unknown object ``404``; strategic merge and apply patches ``415`` (custom resources
+  have no strategic merge; the fake does no server-side apply).  Route objects get
+  ``metadata.generation`` 1 on create, +1 on an update that changes more than metadata
+  and status, and keep their status across updates (create and update cannot set it).
+  :attr:`status_failure` answers every status write with an HTTP error (403: no RBAC).
 * ``Authorization: Bearer <token>`` is checked when the fake has a token (else 401).
 
 Resource versions are one counter across all kinds, like etcd's revision.  What tests
@@ -90,6 +105,10 @@ RESOURCES = {
 GATEWAY_API = ("httproutes", "grpcroutes")
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
 _SINGLE_POD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
+_SINGLE_ROUTE = re.compile(
+    r"^/apis/gateway\.networking\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/"
+    r"(?P<plural>httproutes|grpcroutes)/(?P<name>[^/]+)(?P<status>/status)?$"
+)
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
@@ -99,6 +118,9 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     """Names in lower case."""
+    method: str = "GET"
+    body: Any = None
+    """The decoded JSON body of a POST, PUT or PATCH."""
 
     @property
     def resource(self) -> str | None:
@@ -158,6 +180,8 @@ class FakeKubeAPI:
         a cluster without them does."""
         self.token_review_failure: int | None = None
         """Answer every TokenReview with this HTTP status instead (an outage)."""
+        self.status_failure: int | None = None
+        """Answer every route status write with this HTTP status (403: no RBAC)."""
         self._cond = threading.Condition()
         self._rv = 1000
         self._compacted = self._rv
@@ -224,6 +248,10 @@ class FakeKubeAPI:
                 raise KeyError(f"{resource} {key} exists")
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", _now())
+            if r.name in GATEWAY_API:
+                # The status subresource's strategy: create cannot set status.
+                obj.pop("status", None)
+                meta["generation"] = 1
             return self._store(r, key, obj, "ADDED")
 
     def update(self, resource: str, obj: JSON) -> JSON:
@@ -237,7 +265,27 @@ class FakeKubeAPI:
                 raise KeyError(f"{resource} {key} does not exist")
             meta["uid"] = old["metadata"]["uid"]
             meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+            if r.name in GATEWAY_API:
+                # Update cannot set status; anything but metadata changed is a new
+                # generation (apiextensions' customResourceStrategy.PrepareForUpdate).
+                obj.pop("status", None)
+                if "status" in old:
+                    obj["status"] = copy.deepcopy(old["status"])
+                gen = old["metadata"].get("generation", 1)
+                changed = _non_meta(obj, old) != _non_meta(old, old)
+                meta["generation"] = gen + 1 if changed else gen
             return self._store(r, key, obj, "MODIFIED")
+
+    def update_status(self, resource: str, obj: JSON) -> JSON:
+        """Write ``obj``'s status as a status-subresource PUT without a resourceVersion
+        precondition would (another controller's write, say); only ``status`` changes."""
+        meta = obj.get("metadata") or {}
+        code, body = self._write_status(
+            RESOURCES[resource], meta.get("namespace"), meta["name"], lambda _: obj, False
+        )
+        if code != 200:
+            raise KeyError(body["message"])
+        return body
 
     def apply(self, resource: str, obj: JSON) -> JSON:
         """Create or update."""
@@ -272,6 +320,46 @@ class FakeKubeAPI:
         self._objects[r.name][key] = obj
         self._emit(_Entry(self._rv, event, r.name, copy.deepcopy(obj)))
         return copy.deepcopy(obj)
+
+    def _write_status(
+        self,
+        r: ResourceType,
+        namespace: str | None,
+        name: str,
+        change: Callable[[JSON], Any],
+        check_version: bool,
+    ) -> tuple[int, JSON]:
+        """The status strategy: ``change`` (the old object -> the requested one) may
+        change only ``status``; with ``check_version``, the requested object's
+        resourceVersion, if it has one, must be the current one."""
+        key = _key(namespace, name)
+        with self._cond:
+            old = self._objects[r.name].get(key)
+            if old is None:
+                return 404, _not_found(r, name)
+            try:
+                wanted = change(copy.deepcopy(old))
+            except _PatchError as e:
+                return e.code, status(e.code, e.reason, str(e))
+            if not isinstance(wanted, dict):
+                return 400, status(400, "BadRequest", "the patched object is not an object")
+            rv = (wanted.get("metadata") or {}).get("resourceVersion")
+            if check_version and rv is not None and rv != old["metadata"]["resourceVersion"]:
+                return 409, status(
+                    409,
+                    "Conflict",
+                    f"Operation cannot be fulfilled on {r.name}.{r.api_version.split('/')[0]} "
+                    f'"{name}": the object has been modified; please apply your changes to '
+                    "the latest version and try again",
+                )
+            new = copy.deepcopy(old)
+            if "status" in wanted:
+                new["status"] = copy.deepcopy(wanted["status"])
+            else:
+                new.pop("status", None)
+            if new == old:
+                return 200, copy.deepcopy(old)  # a no-op: no new version, no event
+            return 200, self._store(r, key, new, "MODIFIED")
 
     def _emit(self, entry: _Entry) -> None:
         if self._observed or entry.resource is None:
@@ -368,6 +456,16 @@ class FakeKubeAPI:
             else:
                 h.send_json(200, obj)
             return
+        route = _SINGLE_ROUTE.match(url.path)
+        if route is not None and self.gateway_api:
+            res = RESOURCES[route["plural"]]
+            with self._cond:
+                obj = copy.deepcopy(self._objects[res.name].get(_key(route["ns"], route["name"])))
+            if obj is None:
+                h.send_json(404, _not_found(res, route["name"]))
+            else:
+                h.send_json(200, obj)
+            return
         r = _BY_PATH.get(url.path)
         if r is not None and r.name in GATEWAY_API and not self.gateway_api:
             r = None
@@ -414,6 +512,82 @@ class FakeKubeAPI:
             "status": review,
         }
         h.send_json(201, answer)
+
+    def _serve_write(self, h: _Handler) -> None:
+        """PUT and PATCH: of the routes' status subresource only."""
+        url = urlsplit(h.path)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        raw = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = _UNDECODABLE
+        self.requests.append(Request(url.path, query, headers, h.command, body))
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        route = _SINGLE_ROUTE.match(url.path)
+        if route is None or not self.gateway_api:
+            h.send_json(
+                404, status(404, "NotFound", "the server could not find the requested resource")
+            )
+            return
+        if not route["status"]:
+            only = "the fake serves writes of the status subresource only"
+            h.send_json(405, status(405, "MethodNotAllowed", only))
+            return
+        r = RESOURCES[route["plural"]]
+        if self.status_failure is not None:
+            code = self.status_failure
+            reason = {403: "Forbidden", 404: "NotFound", 409: "Conflict"}.get(code, "InternalError")
+            h.send_json(code, status(code, reason, f"{r.name}/status {reason.lower()}"))
+            return
+        if body is _UNDECODABLE:
+            h.send_json(400, status(400, "BadRequest", "the request body is not JSON"))
+            return
+        change: Callable[[JSON], Any]
+        if h.command == "PUT":
+            if not isinstance(body, dict):
+                h.send_json(400, status(400, "BadRequest", "the body is not an object"))
+                return
+            if not (body.get("metadata") or {}).get("resourceVersion"):
+                h.send_json(422, status(422, "Invalid", f'{r.kind}.{r.api_version.split("/")[0]} '
+                            f'"{route["name"]}" is invalid: metadata.resourceVersion: Invalid '
+                            'value: 0x0: must be specified for an update'))  # fmt: skip
+                return
+
+            def change(_old: JSON) -> JSON:
+                return body
+
+        else:
+            ctype = headers.get("content-type", "").split(";")[0].strip()
+            if ctype == "application/merge-patch+json":
+                if not isinstance(body, dict):
+                    h.send_json(400, status(400, "BadRequest", "a merge patch is an object"))
+                    return
+
+                def change(old: JSON) -> JSON:
+                    return _merge_patch(old, body)
+
+            elif ctype == "application/json-patch+json":
+                if not isinstance(body, list) or not all(isinstance(op, dict) for op in body):
+                    h.send_json(400, status(400, "BadRequest", "json: cannot unmarshal object "
+                                "into Go value of type jsonpatch.Patch"))  # fmt: skip
+                    return
+
+                def change(old: JSON) -> JSON:
+                    return _json_patch(old, body)
+
+            else:
+                unknown = (
+                    "the body of the request was in an unknown format - accepted media "
+                    "types include: application/json-patch+json, application/merge-patch+json"
+                )
+                h.send_json(415, status(415, "UnsupportedMediaType", unknown))
+                return
+        code, answer = self._write_status(r, route["ns"], route["name"], change, True)
+        h.send_json(code, answer)
 
     def _serve_list(self, h: _Handler, r: ResourceType, query: dict[str, str]) -> None:
         limit = int(query["limit"]) if query.get("limit") else None
@@ -541,6 +715,123 @@ def _key(namespace: str | None, name: str) -> str:
     return f"{namespace}/{name}" if namespace else name
 
 
+def _not_found(r: ResourceType, name: str) -> JSON:
+    group = r.api_version.split("/")[0] if "/" in r.api_version else ""
+    qualified = f"{r.name}.{group}" if group else r.name
+    body = status(404, "NotFound", f'{qualified} "{name}" not found')
+    body["details"] = {"name": name, "group": group, "kind": r.name}
+    return body
+
+
+def _non_meta(obj: JSON, _old: JSON) -> JSON:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+_UNDECODABLE = object()
+
+
+class _PatchError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, ``null`` deletes, anything else (lists
+    included) replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
+def _json_patch(doc: JSON, ops: list[JSON]) -> JSON:
+    """RFC 6902 (add, remove, replace, move, copy, test); a failed op is 422, as
+    kube-apiserver answers."""
+
+    def fail(message: str) -> _PatchError:
+        return _PatchError(422, "", message)
+
+    def walk(root: Any, pointer: str) -> tuple[Any, str | int]:
+        if not pointer.startswith("/"):
+            raise fail(f"invalid path {pointer!r}")
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
+        node = root
+        for part in parts[:-1]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise fail(f"doc is missing path: {pointer}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if last == "-":
+                return node, len(node)
+            if not last.isdigit():
+                raise fail(f"invalid array index {last!r} in {pointer}")
+            return node, int(last)
+        if not isinstance(node, dict):
+            raise fail(f"doc is missing path: {pointer}")
+        return node, last
+
+    def get(root: Any, pointer: str) -> Any:
+        if pointer == "":
+            return root
+        node, key = walk(root, pointer)
+        try:
+            return node[key]
+        except (KeyError, IndexError):
+            raise fail(f"doc is missing path: {pointer}") from None
+
+    def remove(root: Any, pointer: str) -> Any:
+        node, key = walk(root, pointer)
+        try:
+            return node.pop(key)
+        except (KeyError, IndexError):
+            raise fail(f"doc is missing path: {pointer}") from None
+
+    def add(root: Any, pointer: str, value: Any) -> None:
+        node, key = walk(root, pointer)
+        if isinstance(node, list):
+            assert isinstance(key, int)
+            if key > len(node):
+                raise fail(f"index out of range in {pointer}")
+            node.insert(key, copy.deepcopy(value))
+        else:
+            node[key] = copy.deepcopy(value)
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        kind, path = op.get("op"), op.get("path")
+        if not isinstance(path, str):
+            raise _PatchError(400, "BadRequest", f"operation {op!r} has no path")
+        if kind == "add":
+            add(doc, path, op.get("value"))
+        elif kind == "remove":
+            remove(doc, path)
+        elif kind == "replace":
+            remove(doc, path)
+            add(doc, path, op.get("value"))
+        elif kind in ("move", "copy"):
+            value = get(doc, str(op.get("from")))
+            if kind == "move":
+                remove(doc, str(op.get("from")))
+            add(doc, path, value)
+        elif kind == "test":
+            if get(doc, path) != op.get("value"):
+                raise fail(f"testing value {path} failed: test failed")
+        else:
+            raise _PatchError(400, "BadRequest", f"Unexpected kind: {kind}")
+    return doc
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked responses
     server: _Server
@@ -563,6 +854,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.server.fake._serve_post(self)
+
+    def do_PATCH(self) -> None:
+        self.server.fake._serve_write(self)
+
+    def do_PUT(self) -> None:
+        self.server.fake._serve_write(self)
 
     def send_json(self, code: int, body: JSON) -> None:
         data = json.dumps(body).encode()

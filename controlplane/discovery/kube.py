@@ -81,6 +81,13 @@ from controlplane.discovery.model import (
     opaque_ports,
     service_key,
 )
+from controlplane.discovery.routestatus import (
+    CONTROLLER_NAME,
+    RouteObject,
+    StatusPlanner,
+    StatusWrite,
+    WriteOutcome,
+)
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.routes import GROUP as ROUTE_GROUP
 from weft.routes import Route, RouteError, parse_route
@@ -206,8 +213,9 @@ def make_api_client(config: KubeConfig) -> k8s.ApiClient:
     conf.verify_ssl = config.verify_tls
     if config.ca_file is not None:
         conf.ssl_ca_cert = str(config.ca_file)
-    # Two connections per resource: a long-lived watch, and a list while it relists.
-    conf.connection_pool_maxsize = 2 * len(RESOURCES)
+    # Two connections per resource: a long-lived watch, and a list while it relists;
+    # one for route status writes.
+    conf.connection_pool_maxsize = 2 * len(RESOURCES) + 1
     # TCP keepalive as client-go dials: a dead peer is noticed even on an idle watch.
     conf.keep_alive = True
     token_state: dict[str, Any] = {"stamp": None}
@@ -306,6 +314,10 @@ class RouteFacts:
     """Services it names as parents (``ns/name``), accepted or not (to recompute them)."""
     route: Route | None
     error: str = ""
+    resource_version: str = ""
+    obj: JSON = field(default_factory=dict)
+    """The object reduced to kind, metadata, spec and status: what the route status
+    writer judges and compares (routes are few; their specs are small)."""
 
     @property
     def key(self) -> str:
@@ -334,7 +346,11 @@ def parse_gateway_route(obj: JSON) -> RouteFacts:
     except RouteError as e:
         route, error = None, f"{e.reason}: {e}"
         log.warning("%s %s/%s not accepted: %s", obj.get("kind"), ns, name, error)
-    return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error)
+    keep: JSON = {k: obj[k] for k in ("apiVersion", "kind", "spec", "status") if k in obj}
+    keep["metadata"] = {k: meta[k] for k in ("name", "namespace", "creationTimestamp",
+                        "generation") if k in meta}  # fmt: skip
+    return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error,
+                      str(meta.get("resourceVersion") or ""), keep)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -1019,6 +1035,7 @@ class _Watcher:
         self.backoff.reset()
         log.info("%s: listed %d at resourceVersion %s", self.resource.name, len(facts), rv)
         self.source.commit(changes)
+        self.source.touched(self.resource.name)
         return True
 
     def _list_blocking(self) -> tuple[list[Facts], str]:
@@ -1126,6 +1143,7 @@ class _Watcher:
                 self.source.commit(
                     self.source.view.apply(self.resource.name, event.type, event.facts)
                 )
+                self.source.touched(self.resource.name, event.type)
         else:
             log.warning("%s: unknown watch event type %r ignored", self.resource.name, event.type)
         # After applying: should applying fail, resuming re-delivers the event.
@@ -1134,15 +1152,149 @@ class _Watcher:
 
     async def _stop_thread(self) -> None:
         """Unblock and retire this resource's thread, so stopping leaves none behind."""
-        # Queued after any in-flight call: once it runs, the thread is idle.
-        done = self._executor.submit(lambda: None)
+        await _retire(self._executor, f"{self.resource.name}: watcher")
+
+
+async def _retire(executor: concurrent.futures.ThreadPoolExecutor, what: str) -> None:
+    # Queued after any in-flight call: once it runs, the thread is idle.
+    done = executor.submit(lambda: None)
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(done), timeout=5)
+        executor.shutdown(wait=True)
+    except TimeoutError:
+        # A call in flight is not interrupted; it ends at the read timeout at worst.
+        log.warning("%s thread still busy after 5s; not waiting", what)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- route status (the Gateway API's status.parents, written back) ------------------------
+
+
+@dataclass
+class StatusStats:
+    """Route status writes, for tests and a debugger (no endpoint shows them yet)."""
+
+    writes: int = 0
+    """Patches the API server took."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """By outcome: forbidden, gone, conflict, error."""
+
+
+class _StatusWriter:
+    """Writes the routes' ``status.parents`` (`controlplane.discovery.routestatus`).
+
+    Off the watch loop's critical path: the watchers only set an event; this task plans
+    from the view as it then is (bursts of events coalesce into one plan) and patches on
+    its own thread.  A failed write never reaches discovery: it is logged once per route
+    and kind of failure, and retried when the route changes (403, 404, 409) or after a
+    delay (connection errors, 5xx).
+
+    No leader election: the control plane runs as one replica (deploy/kubernetes).
+    Several would write the same status: each write carries the resourceVersion it was
+    computed from, so a replica that lost the race gets 409, sees the winner's write in
+    its next event, finds it equal to its own judgement, and writes nothing.
+    """
+
+    def __init__(self, source: KubeSource) -> None:
+        self.source = source
+        self.planner = StatusPlanner(retry_after=source.config.backoff_max)
+        self.stats = StatusStats()
+        self._wake = asyncio.Event()
+        self._logged: set[tuple[str, tuple[str, str, str]]] = set()
+        self._forbidden_logged = False
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="weft-kube-route-status"
+        )
         try:
-            await asyncio.wait_for(asyncio.wrap_future(done), timeout=5)
-            self._executor.shutdown(wait=True)
-        except TimeoutError:
-            # A list in flight is not interrupted; it ends at the read timeout at worst.
-            log.warning("%s: watcher thread still busy after 5s; not waiting", self.resource.name)
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.planner.next_retry())
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                view = self.source.view
+                if not view.synced:
+                    continue  # judging before every Service is known would be wrong
+                routes = [
+                    RouteObject(resource, f.namespace, f.name, f.resource_version, f.obj)
+                    for resource, table in (("httproutes", view.httproutes),
+                                            ("grpcroutes", view.grpcroutes))
+                    for f in table.values()
+                    if f.obj
+                ]  # fmt: skip
+                for write in self.planner.plan(routes, view.services.keys()):
+                    self.planner.sent(write)
+                    outcome, detail = await asyncio.wrap_future(
+                        executor.submit(self._patch_blocking, write)
+                    )
+                    self.planner.done(write, outcome)
+                    self._report(write, outcome, detail)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("route status writer failed unexpectedly; stopping discovery")
+            raise
+        finally:
+            await _retire(executor, "route status writer")
+
+    def _patch_blocking(self, write: StatusWrite) -> tuple[WriteOutcome, str]:
+        r, config = write.route, self.source.config
+        try:
+            response = k8s.CustomObjectsApi(self.source.api).patch_namespaced_custom_object_status(
+                ROUTE_GROUP, "v1", r.namespace, r.resource, r.name, write.patch,
+                # Explicit: older clients pick JSON patch for every body by default.
+                _content_type="application/merge-patch+json",
+                _preload_content=False,
+                _request_timeout=(config.connect_timeout, config.inactivity_timeout),
+            )  # fmt: skip
+            _close_response(cast(urllib3.BaseHTTPResponse, response))
+        except ApiException as e:
+            outcomes = {403: WriteOutcome.FORBIDDEN, 404: WriteOutcome.GONE,
+                        409: WriteOutcome.CONFLICT}  # fmt: skip
+            return outcomes.get(e.status or 0, WriteOutcome.ERROR), _describe(e)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            return WriteOutcome.ERROR, _describe(e)
+        return WriteOutcome.OK, ""
+
+    def _report(self, write: StatusWrite, outcome: WriteOutcome, detail: str) -> None:
+        r = write.route
+        what = f"{r.obj.get('kind', r.resource)} {r.namespace}/{r.name}"
+        if outcome is WriteOutcome.OK:
+            self.stats.writes += 1
+            self._logged = {k for k in self._logged if k[1] != r.key}
+            said = "; ".join(
+                f"{c['type']} {c['status']} ({c['reason']})"
+                for e in write.patch["status"]["parents"]
+                if e.get("controllerName") == CONTROLLER_NAME
+                for c in e["conditions"][:2]
+            )
+            log.info("%s: status written: %s", what, said or "no Service parents")
+            return
+        self.stats.failures[outcome] = self.stats.failures.get(outcome, 0) + 1
+        if outcome is WriteOutcome.FORBIDDEN:
+            if not self._forbidden_logged:
+                self._forbidden_logged = True
+                log.warning(
+                    "%s: status not written (%s): the control plane's ClusterRole needs "
+                    "patch on httproutes/status and grpcroutes/status (deploy/kubernetes); "
+                    "routes still work, only their status stays unreported",
+                    what, detail,
+                )  # fmt: skip
+            return
+        if (outcome, r.key) in self._logged:
+            return
+        self._logged.add((outcome, r.key))
+        level = logging.INFO if outcome in (WriteOutcome.GONE, WriteOutcome.CONFLICT) else (
+            logging.WARNING)  # fmt: skip
+        retry = (f"retried after {self.planner.retry_after:.0f} s"
+                 if outcome is WriteOutcome.ERROR else "retried when it changes")  # fmt: skip
+        log.log(level, "%s: status not written (%s: %s); %s",
+                what, outcome, detail, retry)  # fmt: skip
 
 
 def _is_auth_error(e: BaseException) -> bool:
@@ -1172,12 +1324,26 @@ class KubeSource:
         self.stats = {r.name: WatchStats() for r in RESOURCES}
         self._own_api = api is None
         self.api = api if api is not None else make_api_client(config)
+        self.route_status = _StatusWriter(self)
+        self._synced = False
 
     def commit(self, changes: Changes) -> None:
         if changes:
             self.store.update(changes.upserts, changes.deletes)
         if self.view.synced:
             self.store.mark_synced()
+            if not self._synced:
+                self._synced = True
+                self.route_status.poke()  # the first complete view: judge every route
+
+    def touched(self, resource: str, event_type: str | None = None) -> None:
+        """``resource`` was listed (``event_type`` None) or had a watch event: wake the
+        route status writer if that can change a route's status (a route changed, or a
+        Service came or went — its other changes do not matter to ResolvedRefs)."""
+        if resource in ("httproutes", "grpcroutes") or (
+            resource == "services" and event_type != "MODIFIED"
+        ):
+            self.route_status.poke()
 
     def resource_version(self, resource: str) -> str | None:
         return self.stats[resource].resource_version
@@ -1189,6 +1355,7 @@ class KubeSource:
                     group.create_task(
                         _Watcher(self, resource).run(), name=f"kube-watch-{resource.name}"
                     )
+                group.create_task(self.route_status.run(), name="kube-route-status")
         finally:
             if self._own_api:
                 cast(Any, self.api).close()  # untyped in the client

@@ -67,6 +67,12 @@ def test_controlplane_deployment_and_rbac_match_the_code(monkeypatch: pytest.Mon
         assert {("", resource, "list"), ("", resource, "watch")} <= granted
     assert ("discovery.k8s.io", "endpointslices", "watch") in granted
     assert ("authentication.k8s.io", "tokenreviews", "create") in granted
+    for routes in ("httproutes", "grpcroutes"):
+        assert {("gateway.networking.k8s.io", routes, v) for v in ("list", "watch")} <= granted
+        # Route status goes through the status subresource (a merge patch), nothing else.
+        status = {(g, r, v) for g, r, v in granted if r == f"{routes}/status"}
+        assert status == {("gateway.networking.k8s.io", f"{routes}/status", v)
+                          for v in ("get", "patch", "update")}  # fmt: skip
     # The agents may not read the CA Secret: they get no role at all.
     assert not [d for d in _docs() if d["kind"] in ("Role", "RoleBinding")
                 and "weft-agent" in str(d)]  # fmt: skip

@@ -3,13 +3,21 @@
 File-based host checks run first and print immediately; the live bcc probes follow,
 announced beforehand because compiling takes a noticeable moment. Exit status is 1 if
 any required check failed, so scripts and the lab can gate on it.
+
+When a lab is up, its Gateway API routes follow, judged as the control plane judges them
+(`weft.routes.conditions` against the lab's Services): a route that is not Accepted or
+whose references do not resolve is a warning with the Gateway API reason.  Warnings never
+change the exit status: a broken route does not stop the mesh from running.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -25,6 +33,7 @@ from weft.preflight import (
     read_mountinfo,
     run_host_checks,
 )
+from weft.routes import Condition, Reason, conditions
 
 
 class _Renderer:
@@ -49,6 +58,48 @@ class _Renderer:
         self._console.print(f"    → {text}")
 
 
+_HINTS = {
+    Reason.BACKEND_NOT_FOUND: "create the Service, or fix the route's backendRefs",
+    Reason.UNSUPPORTED_VALUE: "Weft does not apply this route at all: drop or change "
+    "the field named (docs/resilience.md lists what routes may use)",
+    Reason.INVALID_KIND: 'backendRefs must name Services (group "", kind Service)',
+    Reason.REF_NOT_PERMITTED: "cross-namespace backends need a ReferenceGrant, which "
+    "Weft does not support yet: use a Service in the route's namespace",
+}
+
+
+def route_checks(
+    routes: Iterable[Mapping[str, Any]], services: Collection[str]
+) -> list[tuple[CheckResult, list[Condition]]]:
+    """One result per route object (``route <kind>/<ns>/<name>``), given the Services
+    that exist (``ns/name``): a warning (never required) unless every condition is True."""
+    out = []
+    for obj in routes:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace") or "default", meta.get("name", "?")
+        _, conds = conditions(obj, dict.fromkeys(services))
+        bad = [c for c in conds if not c.status]
+        label = f"route {obj.get('kind', '?')}/{ns}/{name}"
+        if bad:
+            detail = "; ".join(f"{c.type} False ({c.reason}): {c.message}" for c in bad)
+            result = CheckResult(label, False, False, detail, _HINTS.get(bad[0].reason))
+        else:
+            result = CheckResult(label, True, False, ", ".join(c.type for c in conds))
+        out.append((result, conds))
+    return out
+
+
+def _lab_routes(lab: str) -> tuple[list[dict[str, Any]], set[str]] | None:
+    """The routes and Service keys of lab ``lab``, or None if it is not up."""
+    from weft.lab.state import StateError, lab_paths, load_state
+
+    try:
+        state = load_state(lab_paths(lab, None).state_file)
+    except StateError:
+        return None
+    return state.routes, {f"{s.namespace}/{s.name}" for s in state.plan.services}
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
 @click.option(
@@ -65,9 +116,17 @@ class _Renderer:
     show_default=True,
     help="Kernel modules root holding <release>/build (the headers bcc compiles against).",
 )
+@click.option(
+    "--lab",
+    "lab_name",
+    default=lambda: os.environ.get("WEFT_LAB", "weft"),
+    show_default="weft (or $WEFT_LAB)",
+    help="Also check this lab's routes, if the lab is up.",
+)
 @click.pass_context
-def check(ctx: click.Context, as_json: bool, bpffs: Path, modules_dir: Path) -> None:
-    """Check that this machine can run Weft: kernel, mounts, privileges, eBPF.
+def check(ctx: click.Context, as_json: bool, bpffs: Path, modules_dir: Path, lab_name: str) -> None:
+    """Check that this machine can run Weft: kernel, mounts, privileges, eBPF; and, when
+    a lab is up, its routes' Accepted / ResolvedRefs conditions (warnings only).
 
     Exits 1 if any required check fails; each failure says how to fix it.
     """
@@ -84,14 +143,30 @@ def check(ctx: click.Context, as_json: bool, bpffs: Path, modules_dir: Path) -> 
             console.print("[dim]… compiling and loading test eBPF programs with bcc[/dim]")
 
     probes = run_probes(find_cgroup2_mount(read_mountinfo()), host, on_compile=announce)
-    results = host + probes
+    lab = _lab_routes(lab_name)
+    routes = route_checks(*lab) if lab is not None else []
+    results = host + probes + [r for r, _ in routes]
     ok = all_required_ok(results)
 
     if as_json:
-        click.echo(json.dumps({"ok": ok, "checks": [asdict(r) for r in results]}, indent=2))
+        report: dict[str, Any] = {"ok": ok, "checks": [asdict(r) for r in results]}
+        if lab is not None:
+            report["routes"] = [
+                {"check": r.name, "conditions": [
+                    {"type": c.type, "status": str(c.status), "reason": str(c.reason),
+                     "message": c.message} for c in conds]}
+                for r, conds in routes
+            ]  # fmt: skip
+        click.echo(json.dumps(report, indent=2))
     else:
         for result in probes:
             render(result)
+        if lab is not None:
+            count = len(routes)
+            console.print(f"[dim]… lab {escape(lab_name)}: {count} route{'s' * (count != 1)}"
+                          "[/dim]")  # fmt: skip
+            for result, _ in routes:
+                render(result)
         failed = [r for r in results if not r.ok and r.required]
         warned = [r for r in results if not r.ok and not r.required]
         warn_note = f" ({len(warned)} warning{'s' * (len(warned) != 1)})" if warned else ""
