@@ -1,0 +1,253 @@
+"""The compiled policy model and its matching: what `weft.policy.parse` builds and
+`weft.policy.evaluate` walks."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from weft.identity import SpiffeId
+
+GROUP = "weft.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AuthorizationPolicy"
+DEFAULT_POLICY_KEY = "weft.io/default-inbound-policy"
+
+
+class PolicyError(ValueError):
+    """An AuthorizationPolicy that cannot be taken; the message names the field."""
+
+
+class Action(StrEnum):
+    ALLOW = "ALLOW"
+    DENY = "DENY"
+    AUDIT = "AUDIT"
+
+
+class DefaultPolicy(StrEnum):
+    """What decides when no ALLOW policy applies (Linkerd's names)."""
+
+    ALL_UNAUTHENTICATED = "all-unauthenticated"
+    """Everyone, plaintext callers too."""
+    ALL_AUTHENTICATED = "all-authenticated"
+    """Any caller with a verified mesh identity (of any trust domain the mesh trusts)."""
+    CLUSTER_AUTHENTICATED = "cluster-authenticated"
+    """Callers with a verified identity of this mesh's own trust domain."""
+    DENY = "deny"
+    AUDIT = "audit"
+    """Allow everything; log and count what ``all-authenticated`` and the policies would
+    deny."""
+
+
+MESH_DEFAULT = DefaultPolicy.ALL_AUTHENTICATED
+
+
+def default_policy(value: str | None, fallback: DefaultPolicy = MESH_DEFAULT) -> DefaultPolicy:
+    """A ``weft.io/default-inbound-policy`` value; unknown values fail closed (``deny``)
+    — the operator asked for *something*, and a refusal shows at once."""
+    if value is None or value == "":
+        return fallback
+    try:
+        return DefaultPolicy(value)
+    except ValueError:
+        return DefaultPolicy.DENY
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a decision looks at. ``source`` is the verified identity (None: plaintext);
+    ``method``/``path``/``headers`` are None for a connection (L4); ``headers`` names are
+    lowercase."""
+
+    source: SpiffeId | None
+    source_ip: str
+    port: int
+    method: str | None = None
+    path: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    route: str | None = None
+    """``ns/name`` of the route the request matched at the destination, if any."""
+
+    @property
+    def is_http(self) -> bool:
+        return self.method is not None
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    policy: str
+    """``ns/name`` of the deciding policy, or ``default:<policy>``."""
+    rule: int | None = None
+    reason: str = ""
+    audited: tuple[str, ...] = ()
+    """AUDIT policies that matched, and — under the ``audit`` default — the policy that
+    would have denied (``allowed`` is then True)."""
+    would_deny: bool = False
+    """Only under the ``audit`` default: the request would have been denied."""
+
+
+@dataclass(frozen=True)
+class IdentityPattern:
+    """A ``principals`` entry: exact, ``*``, ``<prefix>/*`` or ``*/<suffix>``."""
+
+    text: str
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+
+    def matches(self, identity: str) -> bool:
+        if self.exact is not None:
+            return identity == self.exact
+        if self.prefix is not None:
+            return identity.startswith(self.prefix)
+        if self.suffix is not None:
+            return identity.endswith(self.suffix)
+        return True  # "*": any authenticated caller
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Source:
+    principals: tuple[IdentityPattern, ...] = ()
+    not_principals: tuple[IdentityPattern, ...] = ()
+    namespaces: frozenset[str] | None = None
+    not_namespaces: frozenset[str] = frozenset()
+    service_accounts: frozenset[str] | None = None
+    """``ns/sa``"""
+    ip_blocks: tuple[Network, ...] = ()
+    not_ip_blocks: tuple[Network, ...] = ()
+
+    def matches(self, req: Request) -> bool:
+        ident = str(req.source) if req.source is not None else None
+        if self.principals and not (ident and any(p.matches(ident) for p in self.principals)):
+            return False
+        if ident and any(p.matches(ident) for p in self.not_principals):
+            return False
+        ns, sa = _ns_sa(req.source)
+        if self.namespaces is not None and ns not in self.namespaces:
+            return False
+        if ns is not None and ns in self.not_namespaces:
+            return False
+        if self.service_accounts is not None and f"{ns}/{sa}" not in self.service_accounts:
+            return False
+        if self.ip_blocks or self.not_ip_blocks:
+            try:
+                addr = ipaddress.ip_address(req.source_ip)
+            except ValueError:
+                return False
+            if self.ip_blocks and not any(addr in b for b in self.ip_blocks):
+                return False
+            if any(addr in b for b in self.not_ip_blocks):
+                return False
+        return True
+
+
+def _ns_sa(source: SpiffeId | None) -> tuple[str | None, str | None]:
+    if source is None:
+        return None, None
+    parts = source.path.split("/")
+    return (parts[2], parts[4]) if len(parts) == 5 and parts[1] == "ns" else (None, None)
+
+
+@dataclass(frozen=True)
+class PathPattern:
+    text: str
+
+    def matches(self, path: str) -> bool:
+        if self.text == "*":
+            return True
+        if self.text.endswith("/*"):
+            base = self.text[:-2]
+            return path == base or path.startswith(base + "/")
+        return path == self.text
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    values: tuple[str, ...]
+
+    def matches(self, headers: Mapping[str, str]) -> bool:
+        got = headers.get(self.name)
+        if got is None:
+            return False
+        return any(got.startswith(v[:-1]) if v.endswith("*") else got == v for v in self.values)
+
+
+@dataclass(frozen=True)
+class Operation:
+    ports: frozenset[int] | None = None
+    not_ports: frozenset[int] = frozenset()
+    methods: frozenset[str] | None = None
+    not_methods: frozenset[str] = frozenset()
+    paths: tuple[PathPattern, ...] = ()
+    not_paths: tuple[PathPattern, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+
+    @property
+    def has_http(self) -> bool:
+        return bool(self.methods is not None or self.not_methods or self.paths
+                    or self.not_paths or self.headers)  # fmt: skip
+
+    def matches(self, req: Request, path: str | None, http: bool) -> bool:
+        """``http``: judge the HTTP fields (False: a connection, they are not looked at)."""
+        if self.ports is not None and req.port not in self.ports:
+            return False
+        if req.port in self.not_ports:
+            return False
+        if not http:
+            return True
+        method = req.method or ""
+        if self.methods is not None and method not in self.methods:
+            return False
+        if method in self.not_methods:
+            return False
+        if self.paths and not (path is not None and any(p.matches(path) for p in self.paths)):
+            return False
+        if path is not None and any(p.matches(path) for p in self.not_paths):
+            return False
+        return all(h.matches(req.headers) for h in self.headers)
+
+
+@dataclass(frozen=True)
+class Rule:
+    sources: tuple[Source, ...] = ()
+    """Empty: any caller."""
+    operations: tuple[Operation, ...] = ()
+    """Empty: any operation."""
+
+    @property
+    def has_http(self) -> bool:
+        return any(o.has_http for o in self.operations)
+
+    def matches(self, req: Request, path: str | None, http: bool) -> bool:
+        if self.sources and not any(s.matches(req) for s in self.sources):
+            return False
+        return not self.operations or any(o.matches(req, path, http) for o in self.operations)
+
+
+@dataclass(frozen=True)
+class Policy:
+    namespace: str
+    name: str
+    action: Action
+    rules: tuple[Rule, ...]
+    selector: dict[str, str] | None = None
+    """matchLabels; None with no ``targetRefs``: every workload of the namespace."""
+    target_routes: frozenset[str] = frozenset()
+    """``ns/name`` of the HTTPRoutes/GRPCRoutes the policy applies to (per-route policy)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if namespace != self.namespace or self.target_routes:
+            return False
+        return self.selector is None or all(labels.get(k) == v for k, v in self.selector.items())
