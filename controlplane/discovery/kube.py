@@ -316,8 +316,8 @@ class RouteFacts:
     error: str = ""
     resource_version: str = ""
     obj: JSON = field(default_factory=dict)
-    """The object reduced to kind, metadata, spec and status: what the route status
-    writer judges and compares (routes are few; their specs are small)."""
+    """The object (without ``managedFields``): what the route status writer judges and
+    compares (routes are few; their specs are small)."""
 
     @property
     def key(self) -> str:
@@ -346,9 +346,10 @@ def parse_gateway_route(obj: JSON) -> RouteFacts:
     except RouteError as e:
         route, error = None, f"{e.reason}: {e}"
         log.warning("%s %s/%s not accepted: %s", obj.get("kind"), ns, name, error)
+    # The whole metadata (parse_route reads annotations too) but managedFields, which
+    # can be larger than the rest together and which no judgement reads.
     keep: JSON = {k: obj[k] for k in ("apiVersion", "kind", "spec", "status") if k in obj}
-    keep["metadata"] = {k: meta[k] for k in ("name", "namespace", "creationTimestamp",
-                        "generation") if k in meta}  # fmt: skip
+    keep["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
     return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error,
                       str(meta.get("resourceVersion") or ""), keep)  # fmt: skip
 

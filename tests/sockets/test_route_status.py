@@ -120,6 +120,24 @@ async def test_status_is_written_for_accepted_and_unresolved_routes(fake: FakeKu
         assert not source.stats["httproutes"].errors
 
 
+async def test_a_route_weft_cannot_apply_is_not_accepted(fake: FakeKubeAPI) -> None:
+    seed(fake)
+    bad = route("bad", "web")
+    bad["metadata"]["annotations"] = {"weft.io/retry-limit": "lots"}  # judged as parsed
+    fake.create("httproutes", bad)
+    mirror = route("mirror", "web")
+    mirror["spec"]["rules"][0]["filters"] = [{"type": "RequestMirror"}]
+    fake.create("httproutes", mirror)
+    source = KubeSource(config(fake), DiscoveryStore())
+    async with running(source):
+        await eventually(lambda: ours(fake, "bad") and ours(fake, "mirror"))
+        for name, text in (("bad", "weft.io/retry-limit"), ("mirror", "RequestMirror")):
+            accepted = conds(ours(fake, name)[0])["Accepted"]
+            assert (accepted["status"], accepted["reason"]) == ("False", "UnsupportedValue")
+            assert text in accepted["message"]
+        assert source.store.snapshot().services["shop/web"].routes == ()
+
+
 async def test_other_controllers_entries_are_kept(fake: FakeKubeAPI) -> None:
     seed(fake)
     parents = [{"group": GROUP, "kind": "Gateway", "name": "edge"},
