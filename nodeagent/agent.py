@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nodeagent.admin import AdminServer, Readiness
+from nodeagent.authz import Authorizer
 from nodeagent.capture import CaptureManager, LocalPod
 from nodeagent.certs import CertConfig, WorkloadCertManager
 from nodeagent.cgroups import CgroupError, find_pod_cgroup, own_cgroup
@@ -458,10 +459,14 @@ class Agent:
             observer=lambda app, dest, service: _AttemptLog(self, app, dest, service),
             retry_metrics=self.retry_metrics,
         )
+        # Authorization at this (the destination) node: every tunnel stream, and every
+        # inbound HTTP/1.1 request, against the local pod's policies from discovery.
+        self.authorizer = Authorizer(self.mesh.workload_at, trust_domain=cfg.trust_domain)
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
             metrics=self.http_metrics,
             workload_at=self.mesh.workload_at,
+            gate=self.authorizer.gate,
         )
         self.switch: ProtocolSwitch | None = None
         self.started = time.time()
@@ -471,6 +476,7 @@ class Agent:
         self.registry.register(self.tcp)
         self.registry.register(self.http_metrics)
         self.registry.register(self.retry_metrics)
+        self.registry.register(self.authorizer.metrics)
         self.m_connect_failures = Counter(
             "weft_outbound_endpoint_failures",
             "Outbound connect attempts that failed, by service (empty: a direct address) "
@@ -747,6 +753,7 @@ class Agent:
         self.tunnel_server = TunnelServer(
             contexts=contexts,
             locate_target=self.locate_target,
+            authorize=self.authorizer.stream,
             meter=self._inbound_meter,
             hold=self.holds["tunnel"],
             protocols={HTTP1: self._inbound_http_stream, H2: self._inbound_h2_stream}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from weft.identity import SpiffeId
+from weft.policy import MESH_DEFAULT, DefaultPolicy, Policy
 from weft.routes import Route
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import TrafficPolicy
@@ -131,6 +132,12 @@ class Workload:
     until the pod is scheduled and the kubelet has reported it."""
     opaque_ports: tuple[int, ...] = ()
     """Ports of this pod served as opaque TCP (``weft.io/opaque-ports``)."""
+    default_policy: DefaultPolicy = MESH_DEFAULT
+    """What decides for callers no ALLOW policy names (``weft.io/default-inbound-policy``
+    of the pod, else its namespace, else the mesh's; `weft.policy`)."""
+    policies: tuple[Policy, ...] = ()
+    """The AuthorizationPolicies that apply to it, by name (the control plane selects
+    them: `weft.policy.applicable`)."""
 
     @property
     def key(self) -> str:

@@ -46,6 +46,14 @@ from weft.mesh import (
     Workload,
     WorkloadPort,
 )
+from weft.policy import (
+    MESH_DEFAULT,
+    DefaultPolicy,
+    Policy,
+    PolicyError,
+    parse_policy,
+    policy_object,
+)
 from weft.routes import Route, RouteError, parse_route, route_object
 from weft.traffic import (
     DEFAULT as DEFAULT_TRAFFIC,
@@ -90,7 +98,11 @@ def encode_workload(w: Workload) -> dict[str, Any]:
         "ports": [[p.port, p.protocol, p.name] for p in w.ports],
         "ready": w.ready,
         "opaque_ports": list(w.opaque_ports),
-    }
+        # Absent when default: a workload without policies encodes as before they existed.
+        **({"default_policy": w.default_policy.value}
+           if w.default_policy is not MESH_DEFAULT else {}),
+        **({"policies": [policy_object(p) for p in w.policies]} if w.policies else {}),
+    }  # fmt: skip
 
 
 def encode_service(s: Service) -> dict[str, Any]:
@@ -261,7 +273,29 @@ def decode_workload(obj: Any, where: str = "workload") -> Workload:
         ports=tuple(ports),
         ready=bool(f.get("ready", bool, True)),
         opaque_ports=_ports_list(f, "opaque_ports"),
+        default_policy=_default_policy(f, where),
+        policies=_policies(f, where),
     )
+
+
+def _default_policy(f: _Fields, where: str) -> DefaultPolicy:
+    value = f.text("default_policy", MESH_DEFAULT.value)
+    try:
+        return DefaultPolicy(value)
+    except ValueError:
+        raise MeshWireError(f"{where}.default_policy: {value!r}") from None
+
+
+def _policies(f: _Fields, where: str) -> tuple[Policy, ...]:
+    policies = []
+    for i, obj in enumerate(f.list("policies") if "policies" in f.obj else []):
+        if not isinstance(obj, dict):
+            raise MeshWireError(f"{where}.policies[{i}]: not an object")
+        try:
+            policies.append(parse_policy(obj))
+        except PolicyError as e:
+            raise MeshWireError(f"{where}.policies[{i}]: {e}") from None
+    return tuple(policies)
 
 
 def decode_service(obj: Any, where: str = "service") -> Service:

@@ -11,8 +11,9 @@ Each change re-reads the whole file and hands the full view to
 to preserve, and diffing full views is what makes a missed poll harmless.
 
 Differences from Kubernetes, on purpose: the lab has no readiness (every pod is ready
-and every selected pod an endpoint), no named target ports, and inbound mode is a pod
-*label* (there are no annotations in the lab's state).
+and every selected pod an endpoint), no named target ports, and the demo's pods carry
+what would be annotations (inbound mode, opaque ports, default inbound policy) as
+*labels* (pods of applied Deployments have real annotations, which win).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ from controlplane.discovery.model import (
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
 from weft.lab.state import LabState, StateError, load_state
+from weft.mesh import InboundMode
+from weft.policy import (
+    DefaultPolicy,
+    Policy,
+    PolicyError,
+    applicable,
+    parse_policy,
+    refuses_plaintext,
+    workload_default,
+)
 from weft.routes import Route, RouteError, parse_route
 from weft.traffic import LastValid
 
@@ -53,12 +64,17 @@ def lab_model(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     traffic: LastValid | None = None,
     rejected: dict[str, str] | None = None,
+    mesh_default: DefaultPolicy | None = None,
 ) -> tuple[list[Workload], list[Service]]:
     """Workloads and services of a lab, as discovery models them. ``traffic`` keeps each
-    service's last valid retry/timeout policy across calls (a source's)."""
+    service's last valid retry/timeout policy across calls (a source's); ``rejected``
+    holds what was said about rejected routes and policies; ``mesh_default`` is the
+    control plane's ``--default-inbound-policy`` (None: not set)."""
     plan = state.plan
     traffic = traffic if traffic is not None else LastValid()
-    routes = lab_routes(state, rejected if rejected is not None else {})
+    rejected = rejected if rejected is not None else {}
+    routes = lab_routes(state, rejected)
+    policies = lab_policies(state, rejected)
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
     node_ips = {n.name: n.ip for n in plan.nodes}
@@ -72,6 +88,13 @@ def lab_model(
             continue
         uid = lab_uid(plan.name, pod.namespace, pod.name)
         uids[pod.name] = uid
+        meta = {**pod.labels, **pod.annotations}
+        default, explicit = workload_default(
+            meta, plan.namespace_annotations.get(pod.namespace, {}), mesh_default
+        )
+        mode = pod.inbound_mode
+        if explicit and refuses_plaintext(default):
+            mode = InboundMode.STRICT
         workloads.append(
             Workload(
                 uid=uid,
@@ -82,13 +105,15 @@ def lab_model(
                 service_account=pod.service_account,
                 identity=identity,
                 captured=plan.captured(pod),
-                inbound_mode=pod.inbound_mode,
+                inbound_mode=mode,
                 ports=tuple(WorkloadPort(port) for port in pod.ports),
                 ready=True,
                 node_ip=node_ips.get(pod.node, ""),
                 # Demo pods have no annotations: their labels stand in (as for inbound
                 # mode); a Deployment's pods carry real ones, which win.
-                opaque_ports=opaque_ports({**pod.labels, **pod.annotations}),
+                opaque_ports=opaque_ports(meta),
+                default_policy=default,
+                policies=applicable(pod.namespace, pod.labels, policies),
             )
         )
     services = [
@@ -139,6 +164,25 @@ def lab_routes(state: LabState, rejected: dict[str, str]) -> list[Route]:
     return out
 
 
+def lab_policies(state: LabState, rejected: dict[str, str]) -> list[Policy]:
+    """The lab's valid AuthorizationPolicies (``weft lab apply -f`` checks them, so a bad
+    one here is a hand-edited state file: logged once and left out)."""
+    out = []
+    for obj in state.policies:
+        meta = obj.get("metadata") or {}
+        key = f"AuthorizationPolicy {meta.get('namespace', 'default')}/{meta.get('name')}"
+        try:
+            parsed = parse_policy(obj)
+        except PolicyError as e:
+            if rejected.get(key) != str(e):
+                log.warning("%s not accepted: %s", key, e)
+                rejected[key] = str(e)
+            continue
+        rejected.pop(key, None)
+        out.append(parsed)
+    return out
+
+
 def attached(service: str, routes: list[Route]) -> tuple[Route, ...]:
     """The routes with ``service`` among their parents, by key (a stable order)."""
     return tuple(sorted((r for r in routes if any(p == service for p, _ in r.parents)),
@@ -155,6 +199,7 @@ class LabSource:
         *,
         interval: float = DEFAULT_INTERVAL,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        mesh_default: DefaultPolicy | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"poll interval must be > 0, got {interval}")
@@ -162,6 +207,7 @@ class LabSource:
         self.store = store
         self.interval = interval
         self.trust_domain = trust_domain
+        self.mesh_default = mesh_default
         self.traffic = LastValid()
         self.rejected_routes: dict[str, str] = {}
         self._seen: tuple[int, int, int] | None = None
@@ -190,7 +236,7 @@ class LabSource:
             log.warning("lab state unreadable, keeping the last state: %s", e)
             return False
         workloads, services = lab_model(
-            state, self.trust_domain, self.traffic, self.rejected_routes
+            state, self.trust_domain, self.traffic, self.rejected_routes, self.mesh_default
         )
         deltas = self.store.replace(workloads, services)
         if deltas:

@@ -80,6 +80,7 @@ from weft.identity import (
 )
 from weft.meshwire import CONTENT_TYPE as STREAM_CONTENT_TYPE
 from weft.meshwire import DISCOVERY_PATH, MeshWireError, Subscribe
+from weft.policy import DefaultPolicy
 from weft.wire import (
     ADMIN_PORT,
     API_PORT,
@@ -268,14 +269,30 @@ class LabSourceConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    default_inbound_policy: str = ""
+    """The mesh-wide ``weft.io/default-inbound-policy`` (`weft.policy.DefaultPolicy`);
+    empty: not set (``all-authenticated``, and permissive pods stay permissive)."""
+
+    @property
+    def default_policy(self) -> DefaultPolicy | None:
+        return DefaultPolicy(self.default_inbound_policy) if self.default_inbound_policy else None
+
+
+@dataclass(frozen=True)
 class ControlPlaneConfig:
     identity: IdentityConfig
     server: ServerConfig = field(default_factory=ServerConfig)
     lab: LabSourceConfig | None = None
     """Lab sources; None means Kubernetes (see :class:`KubeSettings`)."""
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
         ident, srv = self.identity, self.server
+        value = self.mesh.default_inbound_policy
+        if value and value not in {d.value for d in DefaultPolicy}:
+            known = ", ".join(d.value for d in DefaultPolicy)
+            raise ConfigError(f"default_inbound_policy {value!r} is not one of {known}")
         try:
             SpiffeId.node("x", ident.trust_domain)
         except IdentityError as e:
@@ -298,8 +315,9 @@ class ControlPlaneConfig:
     def from_mapping(cls, values: Mapping[str, str]) -> ControlPlaneConfig:
         """Build from flat string keys (field names; durations like ``24h``), so tests,
         environment variables and CLI flags share one parser.  Unknown keys are errors."""
-        groups: dict[str, dict[str, Any]] = {"identity": {}, "server": {}, "lab": {}}
+        groups: dict[str, dict[str, Any]] = {"identity": {}, "server": {}, "lab": {}, "mesh": {}}
         owners = {
+            **{f.name: ("mesh", f.type) for f in fields(MeshConfig)},
             **{f.name: ("identity", f.type) for f in fields(IdentityConfig)},
             **{f.name: ("server", f.type) for f in fields(ServerConfig)},
             **{f.name: ("lab", f.type) for f in fields(LabSourceConfig)},
@@ -331,6 +349,7 @@ class ControlPlaneConfig:
             identity=IdentityConfig(**groups["identity"]),
             server=ServerConfig(**groups["server"]),
             lab=LabSourceConfig(**lab) if lab else None,
+            mesh=MeshConfig(**groups["mesh"]),
         )
 
     def describe(self) -> str:
@@ -345,7 +364,8 @@ class ControlPlaneConfig:
             f"trust_domain={i.trust_domain} ca_dir={i.ca_dir} leaf_lifetime={i.leaf_lifetime} "
             f"node_lifetime={i.node_lifetime} skew={i.clock_skew} "
             f"listen={s.listen_address} api_port={s.api_port} admin_port={s.admin_port} "
-            f"sign_workers={s.sign_workers} sources=({source})"
+            f"sign_workers={s.sign_workers} sources=({source}) "
+            f"default_inbound_policy={self.mesh.default_inbound_policy or '(not set)'}"
         )
 
 
@@ -892,7 +912,10 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
             from controlplane.discovery.lab import LabSource
 
             source = LabSource(
-                config.lab.state_file, store, trust_domain=config.identity.trust_domain
+                config.lab.state_file,
+                store,
+                trust_domain=config.identity.trust_domain,
+                mesh_default=config.mesh.default_policy,
             )
         else:
             assert kube is not None

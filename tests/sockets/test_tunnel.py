@@ -1163,7 +1163,7 @@ def test_refusals_name_their_reason(
     }
     pods = choices.get(case, {target: DEST})
 
-    def authorize(client: SpiffeId, address: Address) -> Decision:
+    def authorize(client: SpiffeId, address: Address, protocol: str | None) -> Decision:
         if address != target:
             return Decision.allow()  # assert_serves's target
         if case == "hook raises":

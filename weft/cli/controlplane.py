@@ -64,6 +64,13 @@ log = logging.getLogger("weft.controlplane")
 @click.option(
     "--sign-workers", default=2, show_default=True, help="Threads that sign off the event loop."
 )
+@click.option(
+    "--default-inbound-policy",
+    type=click.Choice(["all-unauthenticated", "all-authenticated", "cluster-authenticated",
+                       "deny", "audit"]),
+    help="Mesh-wide default for pods and namespaces without weft.io/default-inbound-policy "
+         "(unset: all-authenticated, permissive pods stay permissive).",
+)  # fmt: skip
 def controlplane(
     lab_name: str | None,
     ca_dir: Path | None,
@@ -74,6 +81,7 @@ def controlplane(
     leaf_lifetime: str,
     node_lifetime: str,
     sign_workers: int,
+    default_inbound_policy: str | None,
     kube_server: str | None,
     kube_token_file: str | None,
     kube_ca_file: str | None,
@@ -104,6 +112,7 @@ def controlplane(
         "leaf_lifetime": leaf_lifetime,
         "node_lifetime": node_lifetime,
         "sign_workers": str(sign_workers),
+        "default_inbound_policy": default_inbound_policy or "",
     }
     kube = None
     if lab_name is None:

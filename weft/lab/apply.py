@@ -16,13 +16,18 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from weft import policy
 from weft.lab import workloads
 from weft.lab.plan import SERVICE_CIDR, LabPlan, PodPlan, ServicePlan, ServicePort
 from weft.routes import GROUP, Condition, conditions
 
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
-KINDS = ("Service", workloads.KIND, *ROUTE_KINDS)
-API_VERSIONS = {"Service": "v1", workloads.KIND: workloads.API_VERSION}
+KINDS = ("Namespace", "Service", workloads.KIND, *ROUTE_KINDS, policy.KIND)
+API_VERSIONS = {"Namespace": "v1", "Service": "v1", workloads.KIND: workloads.API_VERSION,
+                policy.KIND: policy.API_VERSION}  # fmt: skip
+LABELS = {"Namespace": "namespace", "Service": "service", workloads.KIND: "deployment.apps",
+          policy.KIND: f"authorizationpolicy.{policy.GROUP}"}  # fmt: skip
+"""What ``kubectl`` calls each kind in its output."""
 
 
 class ApplyError(ValueError):
@@ -77,6 +82,21 @@ def _service(obj: Mapping[str, Any], old: ServicePlan | None, vip: str, where: s
                        dict(annotations))  # fmt: skip
 
 
+def _namespace(obj: Mapping[str, Any], where: str) -> tuple[dict[str, str], dict[str, str]]:
+    meta = obj["metadata"]
+    if not workloads.DNS_LABEL.match(meta["name"]):
+        raise ApplyError(f"{where}: namespace name {meta['name']!r} is not a DNS label")
+    out = []
+    for what in ("labels", "annotations"):
+        d = meta.get(what) or {}
+        if not isinstance(d, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in d.items()
+        ):
+            raise ApplyError(f"{where}: metadata.{what} must map strings to strings")
+        out.append(dict(d))
+    return out[0], out[1]
+
+
 def _free_vip(plan: LabPlan, taken: Iterable[str]) -> str:
     used = {s.vip for s in plan.services} | set(taken)
     for n in range(10, SERVICE_CIDR.num_addresses - 1):
@@ -103,12 +123,33 @@ def apply(
     new_vips: list[str] = []
     pods = plan.pods
     namespaces = dict(plan.namespaces)
+    ns_annotations = dict(plan.namespace_annotations)
     docs = [d for d in docs if d is not None]
     for i, obj in enumerate(docs):
         where = f"document {i + 1}"
         kind = _kind(obj, where)
         ns, name = _meta(obj, where)
-        if kind == workloads.KIND:
+        if kind == "Namespace":
+            labels, annotations = _namespace(obj, where)
+            existed = name in namespaces
+            namespaces[name] = labels
+            ns_annotations[name] = annotations
+            lines.append(f"namespace/{name} {'configured' if existed else 'created'}")
+        elif kind == policy.KIND:
+            try:
+                parsed = policy.parse_policy(obj)
+            except policy.PolicyError as e:
+                raise ApplyError(f"{where} (authorizationpolicy {ns}/{name}): {e}") from None
+            if parsed.target_routes:
+                raise ApplyError(
+                    f"{where} (authorizationpolicy {ns}/{name}): spec.targetRefs (per-route "
+                    "policy) is not enforced yet; select the workloads with spec.selector "
+                    "and match paths and methods in rules[].to"
+                )
+            existed = (kind, ns, name) in by_key
+            by_key[(kind, ns, name)] = policy.policy_object(parsed)
+            lines.append(f"{LABELS[kind]}/{name} {'configured' if existed else 'created'}")
+        elif kind == workloads.KIND:
             try:
                 d = workloads.parse(obj, where)
                 made = workloads.pods(dataclasses.replace(plan, pods=pods), d)
@@ -143,7 +184,11 @@ def apply(
                 f"{kind.lower()}.{GROUP}/{name} {'configured' if old_route else 'created'}"
             )
     new_plan = dataclasses.replace(
-        plan, services=tuple(services.values()), pods=pods, namespaces=namespaces
+        plan,
+        services=tuple(services.values()),
+        pods=pods,
+        namespaces=namespaces,
+        namespace_annotations=ns_annotations,
     )
     keys = {f"{s.namespace}/{s.name}" for s in new_plan.services}
     for obj in docs:
@@ -161,12 +206,23 @@ def delete(
     services = {(s.namespace, s.name): s for s in plan.services}
     by_key = {_key(r): r for r in routes}
     pods = plan.pods
+    namespaces = dict(plan.namespaces)
+    ns_annotations = dict(plan.namespace_annotations)
     lines = []
     for i, obj in enumerate(d for d in docs if d is not None):
         kind = _kind(obj, f"document {i + 1}")
         ns, name = _meta(obj, f"document {i + 1}")
         gone: object
-        if kind == workloads.KIND:
+        if kind == "Namespace":
+            used = [f"pod {p.name}" for p in pods if p.namespace == name] + [
+                f"service {s.name}" for s in services.values() if s.namespace == name
+            ]
+            if used:
+                raise ApplyError(f"namespace {name} still holds {', '.join(used[:5])}: "
+                                 "delete them first (the lab does not cascade)")  # fmt: skip
+            gone = namespaces.pop(name, None) is not None
+            ns_annotations.pop(name, None)
+        elif kind == workloads.KIND:
             owner = f"{kind} {ns}/{name}"
             gone = any(p.owner == owner for p in pods)
             pods = workloads.without(pods, owner)
@@ -174,12 +230,16 @@ def delete(
             gone = services.pop((ns, name), None)
         else:
             gone = by_key.pop((kind, ns, name), None)
-        label = {"Service": "service", workloads.KIND: "deployment.apps"}.get(
-            kind, f"{kind.lower()}.{GROUP}"
-        )
+        label = LABELS.get(kind, f"{kind.lower()}.{GROUP}")
         lines.append(f"{label}/{name} {'deleted' if gone else 'not found'}")
     return (
-        dataclasses.replace(plan, services=tuple(services.values()), pods=pods),
+        dataclasses.replace(
+            plan,
+            services=tuple(services.values()),
+            pods=pods,
+            namespaces=namespaces,
+            namespace_annotations=ns_annotations,
+        ),
         list(by_key.values()),
         lines,
     )

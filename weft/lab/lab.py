@@ -432,19 +432,23 @@ class Lab:
         return new
 
     def apply_objects(self, docs: list[Any], *, delete: bool = False) -> list[str]:
-        """``weft lab apply -f`` (``delete``: ``delete -f``): Services, Deployments and
-        Gateway API routes into the lab (`weft.lab.apply` computes the new plan). Pods a
-        Deployment gains are made, captured by their node's agent, and only then their
-        containers start (as a CNI plugin holds a pod until its redirection is in place);
-        pods it loses are stopped and removed; a changed template restarts its pods'
-        containers in place. Every pod's hosts file names the services. Returns a line
-        per object (and per pod started)."""
+        """``weft lab apply -f`` (``delete``: ``delete -f``): Namespaces, Services,
+        Deployments, Gateway API routes and AuthorizationPolicies into the lab
+        (`weft.lab.apply` computes the new plan). Pods a Deployment gains are made,
+        captured by their node's agent, and only then their containers start (as a CNI
+        plugin holds a pod until its redirection is in place); pods it loses are stopped
+        and removed; a changed template restarts its pods' containers in place. Every
+        pod's hosts file names the services. Returns a line per object (and per pod
+        started)."""
         require_root()
         state = self.load()
+        objects = [*state.routes, *state.policies]
         if delete:
-            plan, routes, lines = lab_apply.delete(state.plan, state.routes, docs)
+            plan, objects, lines = lab_apply.delete(state.plan, objects, docs)
         else:
-            plan, routes, lines = lab_apply.apply(state.plan, state.routes, docs)
+            plan, objects, lines = lab_apply.apply(state.plan, objects, docs)
+        routes = [o for o in objects if o.get("kind") in lab_apply.ROUTE_KINDS]
+        policies = [o for o in objects if o.get("kind") not in lab_apply.ROUTE_KINDS]
         old = {p.name: p for p in state.plan.pods}
         new = {p.name: p for p in plan.pods}
         gone = [p for name, p in old.items() if name not in new]
@@ -453,7 +457,7 @@ class Lab:
                    if name in old and old[name].containers != p.containers]  # fmt: skip
         for pod in (*gone, *changed):
             self._stop_pod_processes(state, pod)
-        state.plan, state.routes = plan, routes
+        state.plan, state.routes, state.policies = plan, routes, policies
         for pod in added:
             self._make_pod(state, pod)  # before the state says it exists
         state.save()

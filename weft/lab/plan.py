@@ -138,6 +138,9 @@ class LabPlan:
     pods: tuple[PodPlan, ...]
     services: tuple[ServicePlan, ...]
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Namespace labels (``weft.io/capture``) by name."""
+    namespace_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Namespace annotations (``weft.io/default-inbound-policy``) by name."""
 
     def node(self, name: str) -> NodePlan:
         for n in self.nodes:

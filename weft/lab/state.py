@@ -82,6 +82,8 @@ class LabState:
     """Extra ``weft agent`` flags for every node's agent, kept for restarts."""
     routes: list[dict[str, Any]] = field(default_factory=list)
     """Gateway API route objects applied with ``weft lab apply -f`` (as given)."""
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    """``AuthorizationPolicy`` objects applied with ``weft lab apply -f`` (as given)."""
 
     def pod(self, name: str) -> PodPlan:
         for p in self.plan.pods:
@@ -107,7 +109,12 @@ class LabState:
                 "bpffs_dir": str(self.paths.bpffs_dir),
             },
             "namespaces": [
-                {"name": ns, "labels": labels} for ns, labels in plan.namespaces.items()
+                {
+                    "name": ns,
+                    "labels": labels,
+                    "annotations": plan.namespace_annotations.get(ns, {}),
+                }
+                for ns, labels in plan.namespaces.items()
             ],
             "nodes": [{**asdict(n), "netns": plan.netns(n.name)} for n in plan.nodes],
             "pods": [
@@ -154,6 +161,7 @@ class LabState:
             "controlplane_args": list(self.controlplane_args),
             "agent_args": list(self.agent_args),
             "routes": self.routes,
+            "policies": self.policies,
         }
 
     @classmethod
@@ -213,7 +221,9 @@ class LabState:
                 for s in data["services"]
             ),
             namespaces={ns["name"]: dict(ns["labels"]) for ns in data["namespaces"]},
-        )
+            namespace_annotations={ns["name"]: dict(ns["annotations"])
+                                   for ns in data["namespaces"] if ns.get("annotations")},
+        )  # fmt: skip
         paths = data["paths"]
         return cls(
             plan=plan,
@@ -228,6 +238,7 @@ class LabState:
             controlplane_args=[str(a) for a in data.get("controlplane_args", [])],
             agent_args=[str(a) for a in data.get("agent_args", [])],
             routes=[r for r in data.get("routes", []) if isinstance(r, dict)],
+            policies=[p for p in data.get("policies", []) if isinstance(p, dict)],
         )
 
     def save(self) -> None:

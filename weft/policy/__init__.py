@@ -61,7 +61,7 @@ opaque TCP on its other fields alone (more restrictive, as Istio does).
 
 from __future__ import annotations
 
-from weft.policy.evaluate import PolicySet, compile_for
+from weft.policy.evaluate import PolicySet, applicable, compile_for, policy_set
 from weft.policy.model import (
     API_VERSION,
     DEFAULT_POLICY_KEY,
@@ -76,8 +76,10 @@ from weft.policy.model import (
     PolicyError,
     Request,
     default_policy,
+    refuses_plaintext,
+    workload_default,
 )
-from weft.policy.parse import parse_policy, parse_principal
+from weft.policy.parse import parse_policy, parse_principal, policy_object
 from weft.policy.paths import PathError, normalize_path
 
 __all__ = [
@@ -95,9 +97,14 @@ __all__ = [
     "PolicyError",
     "PolicySet",
     "Request",
+    "applicable",
     "compile_for",
     "default_policy",
     "normalize_path",
     "parse_policy",
     "parse_principal",
+    "policy_object",
+    "policy_set",
+    "refuses_plaintext",
+    "workload_default",
 ]

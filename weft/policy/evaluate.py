@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from weft.identity import DEFAULT_TRUST_DOMAIN
 from weft.policy.model import (
@@ -35,6 +36,19 @@ class PolicySet:
     audit: tuple[Policy, ...] = ()
     allow: tuple[Policy, ...] = ()
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    @cached_property
+    def trivial(self) -> bool:
+        """No policy applies: every request of a connection is judged as the connection
+        was (the default looks only at the caller)."""
+        return (
+            not (self.deny or self.audit or self.allow) and self.default is not DefaultPolicy.AUDIT
+        )
+
+    @cached_property
+    def has_header_rules(self) -> bool:
+        return any(o.headers for p in (*self.deny, *self.audit, *self.allow) for r in p.rules
+                   for o in r.operations)  # fmt: skip
 
     @property
     def has_http_rules(self) -> bool:
@@ -107,6 +121,35 @@ class PolicySet:
         return Decision(True, name, None, "", audited)
 
 
+def applicable(
+    namespace: str,
+    labels: Mapping[str, str],
+    policies: Iterable[Policy],
+    routes: Iterable[str] = (),
+) -> tuple[Policy, ...]:
+    """The policies that apply to a workload of ``namespace`` with ``labels``: its
+    namespace's whose selector matches, and the per-route ones of ``routes`` (the routes
+    whose backends include it), by name — what the control plane sends with it."""
+    mine = set(routes)
+    return tuple(sorted(
+        (p for p in policies if p.selects(namespace, labels) or (p.target_routes & mine)),
+        key=lambda p: p.key,
+    ))  # fmt: skip
+
+
+def policy_set(
+    workload: str,
+    policies: Iterable[Policy],
+    default: DefaultPolicy = MESH_DEFAULT,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> PolicySet:
+    """``policies`` (those that apply to ``workload``) ready to evaluate."""
+    chosen = tuple(policies)
+    by = {a: tuple(p for p in chosen if p.action is a) for a in Action}
+    return PolicySet(workload, default, by[Action.DENY], by[Action.AUDIT], by[Action.ALLOW],
+                     trust_domain)  # fmt: skip
+
+
 def compile_for(
     namespace: str,
     name: str,
@@ -116,14 +159,6 @@ def compile_for(
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
     routes: Iterable[str] = (),
 ) -> PolicySet:
-    """The `PolicySet` of workload ``namespace/name``: the policies of its namespace whose
-    selector matches its labels, and the per-route ones of ``routes`` (the routes whose
-    backends include it), in a stable order (by name)."""
-    mine = set(routes)
-    chosen = sorted(
-        (p for p in policies if p.selects(namespace, labels) or (p.target_routes & mine)),
-        key=lambda p: p.key,
-    )
-    by = {a: tuple(p for p in chosen if p.action is a) for a in Action}
-    return PolicySet(f"{namespace}/{name}", default, by[Action.DENY], by[Action.AUDIT],
-                     by[Action.ALLOW], trust_domain)  # fmt: skip
+    """The `PolicySet` of workload ``namespace/name`` (`applicable`, then `policy_set`)."""
+    chosen = applicable(namespace, labels, policies, routes)
+    return policy_set(f"{namespace}/{name}", chosen, default, trust_domain)

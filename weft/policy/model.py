@@ -56,6 +56,32 @@ def default_policy(value: str | None, fallback: DefaultPolicy = MESH_DEFAULT) ->
         return DefaultPolicy.DENY
 
 
+def refuses_plaintext(default: DefaultPolicy) -> bool:
+    """Whether ``default`` refuses callers without a mesh identity."""
+    return default in (
+        DefaultPolicy.ALL_AUTHENTICATED,
+        DefaultPolicy.CLUSTER_AUTHENTICATED,
+        DefaultPolicy.DENY,
+    )
+
+
+def workload_default(
+    pod: Mapping[str, str], namespace: Mapping[str, str], mesh: DefaultPolicy | None = None
+) -> tuple[DefaultPolicy, bool]:
+    """A workload's default inbound policy — the pod's ``weft.io/default-inbound-policy``
+    (annotation or, in the lab, label: ``pod`` holds both), else its namespace's, else
+    the mesh's (``mesh``; None: not configured) — and whether anyone set it. A default
+    set explicitly that refuses plaintext makes the pod strict (plaintext would otherwise
+    reach a permissive pod without passing the proxy); the implicit mesh default keeps
+    today's behaviour."""
+    raw = pod.get(DEFAULT_POLICY_KEY) or namespace.get(DEFAULT_POLICY_KEY)
+    if raw is not None:
+        return default_policy(raw), True
+    if mesh is not None:
+        return mesh, True
+    return MESH_DEFAULT, False
+
+
 @dataclass(frozen=True)
 class Request:
     """What a decision looks at. ``source`` is the verified identity (None: plaintext);
@@ -242,6 +268,8 @@ class Policy:
     """matchLabels; None with no ``targetRefs``: every workload of the namespace."""
     target_routes: frozenset[str] = frozenset()
     """``ns/name`` of the HTTPRoutes/GRPCRoutes the policy applies to (per-route policy)."""
+    source: str = field(default="", repr=False)
+    """The object reduced to what was parsed (canonical JSON): its wire form."""
 
     @property
     def key(self) -> str:

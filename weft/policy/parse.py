@@ -4,6 +4,7 @@ checked and the first bad one named."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -284,4 +285,13 @@ def parse_policy(obj: Mapping[str, Any]) -> Policy:
                              for j, o in enumerate(_list(r.get("to"), f"{where}.to",
                                                          MAX_ENTRIES))),
         ))  # fmt: skip
-    return Policy(ns, name, action, tuple(rules), selector, frozenset(routes))
+    reduced = {"apiVersion": API_VERSION, "kind": KIND,
+               "metadata": {"name": name, "namespace": ns}, "spec": spec}  # fmt: skip
+    source = json.dumps(reduced, sort_keys=True, separators=(",", ":"))
+    return Policy(ns, name, action, tuple(rules), selector, frozenset(routes), source)
+
+
+def policy_object(policy: Policy) -> dict[str, Any]:
+    """The reduced object `parse_policy` made ``policy`` from (for the wire)."""
+    obj: dict[str, Any] = json.loads(policy.source)
+    return obj

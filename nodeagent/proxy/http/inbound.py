@@ -13,7 +13,9 @@ local pod they name.
   HPACK kept in step, floods and malformed frames refused.
 
 Both record the golden metrics with ``direction="inbound"``; the source is named by the
-identity the tunnel proved. (Per-route authorization will decide on the parsed head.)
+identity the tunnel proved. HTTP/1.1 requests are also authorized one by one on their
+parsed head (`RequestGate`, the agent's `nodeagent.authz.Authorizer`): a denied one is
+answered 403 ``weft-proxy-error: unauthorized`` and nothing of it reaches the pod.
 Neither rebuilds a message: the client node has done the per-request work, and the
 destination only watches (docs/benchmarks.md has what that saved on each path).
 """
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics
 from nodeagent.proxy.http.h1 import Limits
 from nodeagent.proxy.http.h2conn import H2Config
-from nodeagent.proxy.http.observe import Http1Observer
+from nodeagent.proxy.http.observe import Http1Observer, RequestGate
 from nodeagent.proxy.http.observe_h2 import H2Observer
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.relay import Relay
@@ -42,6 +44,10 @@ IDLE_TIMEOUT = 600.0
 idle connections out after 60 s)."""
 
 
+GateFactory = Callable[[SpiffeId, Address], RequestGate]
+"""(client identity, target) -> the gate of one HTTP/1.1 stream's requests."""
+
+
 class InboundHttp:
     """The destination node's HTTP: requests of tunnel streams to their local pods."""
 
@@ -53,7 +59,9 @@ class InboundHttp:
         workload_at: Callable[[str], Workload | None],
         limits: Limits | None = None,
         h2_config: H2Config | None = None,
+        gate: GateFactory | None = None,
     ) -> None:
+        self.gate = gate
         self.connect = connect
         self.metrics = metrics
         self.workload_at = workload_at
@@ -88,7 +96,10 @@ class InboundHttp:
         the stream to."""
         recorder = _Recorder(self, client, presented, target)
         loop = asyncio.get_running_loop()
-        observer = Http1Observer(recorder, label=label, clock=loop.time, limits=self.limits)
+        gate = self.gate(client, target) if self.gate is not None else None
+        observer = Http1Observer(
+            recorder, label=label, clock=loop.time, limits=self.limits, gate=gate
+        )
         served = await self._relay(observer, target, label)
         self.streams += 1
         return served

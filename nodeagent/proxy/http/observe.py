@@ -70,21 +70,40 @@ class ExchangeSink(Protocol):
         (``grpc_status``: an HTTP/2 stream's trailers said so)."""
 
 
+class RequestGate(Protocol):
+    """Judges each request head before any of it reaches the pod (authorization)."""
+
+    @property
+    def needs_headers(self) -> bool:
+        """Whether `judge` looks at headers (else they are not collected)."""
+
+    def judge(self, method: str, target: bytes, headers: dict[str, str]) -> str | None:
+        """None to let the request through, else why not (answered 403)."""
+
+
 class _Requests:
     """llhttp callbacks of the request direction."""
 
-    __slots__ = ("_observer", "count", "host", "in_head")
+    __slots__ = ("_observer", "count", "headers", "host", "in_head", "url")
 
     def __init__(self, observer: Http1Observer) -> None:
         self._observer = observer
         self.host: bytes | None = None
         self.count = 0
         self.in_head = False
+        self.url = b""
+        self.headers: dict[str, str] | None = None
 
     def on_message_begin(self) -> None:
         self.host = None
         self.count = 0
         self.in_head = True
+        self.url = b""
+        gate = self._observer.gate
+        self.headers = {} if gate is not None and gate.needs_headers else None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # bounded by the head limit
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Trailers arrive here too: the limit covers head and trailers together.
@@ -98,6 +117,10 @@ class _Requests:
             )
         if self.in_head and len(name) == 4 and name.lower() == b"host":
             self.host = value
+        if self.in_head and self.headers is not None:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]},{text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -163,6 +186,7 @@ class Http1Observer:
         "_responses",
         "_status",
         "error",
+        "gate",
         "label",
         "limits",
         "pending",
@@ -179,8 +203,10 @@ class Http1Observer:
         label: str,
         clock: Callable[[], float],
         limits: Limits | None = None,
+        gate: RequestGate | None = None,
     ) -> None:
         self.sink = sink
+        self.gate = gate
         self.label = label
         self.limits = limits or Limits()
         self._clock = clock
@@ -307,6 +333,12 @@ class Http1Observer:
             self.fail(H1Error(ProxyError.NOT_SUPPORTED, "CONNECT is not proxied"))
         if host is None and parser.get_http_version() == "1.1":
             self.fail(H1Error(ProxyError.BAD_REQUEST, "HTTP/1.1 request without Host"))
+        gate = self.gate
+        if gate is not None:
+            req = self._requests
+            why = gate.judge(method.decode("latin-1"), req.url, req.headers or {})
+            if why is not None:
+                self.fail(H1Error(ProxyError.UNAUTHORIZED, why))
         self.pending.append((self._clock(), method == b"HEAD", host))
 
     def response_head(self, status: int) -> None:
@@ -362,13 +394,14 @@ class Http1Observer:
         relay = self.relay
         assert relay is not None
         log.info("%s: %s (%s); closing", self.label, error.error.status, error.detail)
+        what = "unauthorized" if error.error is ProxyError.UNAUTHORIZED else "malformed"
         if self.pending:
             # An exchange is in flight: an answer cannot be slotted in before its own.
-            relay.abort(f"malformed request ({error.detail})")
+            relay.abort(f"{what} request ({error.detail})")
         else:
             relay.reply(
                 error_response(error.error, error.detail, close=True),
-                f"malformed request ({error.detail})",
+                f"{what} request ({error.detail})",
             )
 
     def _head_timeout(self) -> None:

@@ -47,15 +47,17 @@ class Decision:
         return cls(False, reason)
 
 
-Authorize = Callable[[SpiffeId, Address], Decision]
-"""Whether a client workload may reach a target; called for every tunnel, on the loop,
-so it must be quick and must not block (the policy issue extends it)."""
+Authorize = Callable[[SpiffeId, Address, "str | None"], Decision]
+"""Whether a client workload may reach a target with a stream that will carry
+``protocol`` (the OPEN's hint: ``http/1.1``, ``h2``, or None for bytes); called for every
+stream, on the loop, so it must be quick and must not block (the agent's is
+`nodeagent.authz.Authorizer.stream`)."""
 
 
 def allow_trust_domain(trust_domain: str) -> Authorize:
-    """The default policy: any workload of ``trust_domain`` may reach any local pod."""
+    """Without policies: any workload of ``trust_domain`` may reach any local pod."""
 
-    def authorize(client: SpiffeId, target: Address) -> Decision:
+    def authorize(client: SpiffeId, target: Address, protocol: str | None = None) -> Decision:
         if client.trust_domain == trust_domain and not client.is_node:
             return Decision.allow()
         return Decision.deny(f"{client} is not a workload of trust domain {trust_domain!r}")

@@ -363,7 +363,10 @@ class TunnelServer(Listener):
             return
         target = request.target
         label = f"{state.label} to {format_address(target)}"
-        status, detail, error = self._decide(state.client, state.presented, target)
+        protocol = requested_protocol(request.extensions)
+        if protocol not in self._protocols:
+            protocol = None  # no hint, or one this node does not serve: relayed as bytes
+        status, detail, error = self._decide(state.client, state.presented, target, protocol)
         if status is not Status.OK:
             self._refuse(stream, status, label, detail, exc=error)
             return
@@ -376,10 +379,8 @@ class TunnelServer(Listener):
                 log.info("%s: certificate of %s rotated; asking the client to reconnect",
                          state.label, state.presented)  # fmt: skip
                 session.goaway(Reset.NO_ERROR, "certificate rotated")
-        protocol = requested_protocol(request.extensions)
-        server = self._protocols.get(protocol) if protocol is not None else None
-        if server is not None:
-            assert protocol is not None
+        if protocol is not None:
+            server = self._protocols[protocol]
             job = self._serve_stream(state, stream, target, label, protocol, server)
         else:
             # No hint, or one this node does not serve: bytes, which is still correct.
@@ -497,7 +498,7 @@ class TunnelServer(Listener):
         self._refuse(stream, status, label, why, exc=None if expected else exc)
 
     def _decide(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address
+        self, client: SpiffeId, presented: SpiffeId | None, target: Address, protocol: str | None
     ) -> tuple[Status, str, BaseException | None]:
         try:
             located = self._locate(target)
@@ -526,7 +527,7 @@ class TunnelServer(Listener):
                 None,
             )
         try:
-            decision = self._authorize(client, target)
+            decision = self._authorize(client, target, protocol)
         except Exception as exc:
             return Status.INTERNAL_ERROR, "the authorization hook raised", exc
         if not decision.allowed:

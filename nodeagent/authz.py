@@ -1,0 +1,211 @@
+"""Authorization at the destination node: the local pods' `weft.policy` policies judged
+for every tunnel stream (L4) and every inbound HTTP/1.1 request (L7), where the caller's
+identity has just been verified by mTLS.
+
+The control plane sends each workload with its default inbound policy and the policies
+that apply to it (`weft.mesh.Workload.policies`); `Authorizer` compiles them once per
+workload value (a discovery update brings a new value, so a policy change is in force
+for the next stream or request — never a half-applied one: a `PolicySet` is immutable and
+swapped whole) and answers:
+
+* `Authorizer.stream` — the tunnel server's ``Authorize`` hook: a denied stream is
+  refused ``POLICY_DENIED`` (the client node resets a TCP connection, answers HTTP 403
+  ``weft-proxy-error: unauthorized``, gRPC ``PERMISSION_DENIED``). A stream that will
+  carry HTTP/1.1 is judged on its L4 fields only, each request is judged in full later;
+  HTTP/2 streams are judged as opaque TCP (requests inside them are not judged one by one
+  yet, so a rule that needs a method or path cannot allow them: fail closed);
+* `Authorizer.request` — the inbound HTTP/1.1 observer's gate: method, normalised path
+  and headers.
+
+Counted as ``inbound_tcp_authz_{allow,deny}_total`` and
+``inbound_http_authz_{allow,deny}_total`` (Linkerd's names) with the workload, the policy
+(``ns/name`` or ``default:<policy>``) and the rule that decided; under the ``audit``
+default a would-be denial is allowed, logged and counted in ``..._audit_total`` too.
+Denials are logged with the caller, the target and the deciding policy — at most a few
+per second, so a denied client in a loop cannot fill the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from nodeagent.proxy.http.observe import RequestGate
+from nodeagent.proxy.listener import Address, format_address
+from nodeagent.proxy.tunnel.hooks import Decision as StreamDecision
+from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
+from weft.mesh import Workload
+from weft.policy import Decision, PolicySet, Request, policy_set
+
+log = logging.getLogger("weft.authz")
+
+HTTP1 = "http/1.1"
+MAX_SERIES = 10_000
+LOG_PER_SECOND = 5
+
+
+_HELP = {
+    "allow": "allowed",
+    "deny": "denied",
+    "audit": "that the audit default let through but the policies would deny",
+}
+
+
+class AuthzMetrics(Collector):
+    """The decision counters (a bounded set of series)."""
+
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
+        self.max_series = max_series
+        self._counts: dict[tuple[str, str, str, str, str], int] = {}
+
+    def count(self, layer: str, verdict: str, workload: str, d: Decision) -> None:
+        key = (layer, verdict, workload, d.policy, "" if d.rule is None else str(d.rule))
+        n = self._counts.get(key)
+        if n is None and len(self._counts) >= self.max_series:
+            key = (layer, verdict, "[overflow]", "[overflow]", "")
+            n = self._counts.get(key)
+        self._counts[key] = (n or 0) + 1
+
+    def value(self, layer: str, verdict: str, **labels: str) -> int:
+        """The sum over series matching ``labels`` (tests, /debug/state)."""
+        names = ("workload", "policy", "rule")
+        return sum(
+            n for (la, v, *rest), n in self._counts.items()
+            if la == layer and v == verdict
+            and all(rest[names.index(k)] == want for k, want in labels.items())
+        )  # fmt: skip
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[tuple[str, str], CounterMetricFamily] = {}
+        for (layer, verdict, workload, policy, rule), n in sorted(self._counts.items()):
+            fam = families.get((layer, verdict))
+            if fam is None:
+                what = "requests" if layer == "http" else "connections (tunnel streams)"
+                fam = families[(layer, verdict)] = CounterMetricFamily(
+                    f"inbound_{layer}_authz_{verdict}",
+                    f"Inbound {what} {_HELP[verdict]}, by the policy and rule that decided.",
+                    labels=["workload", "policy", "rule"],
+                )
+            fam.add_metric([workload, policy, rule], n)
+        yield from families.values()
+
+
+class Authorizer:
+    """The local workloads' policy sets, and the two judging hooks."""
+
+    def __init__(
+        self,
+        workload_at: Callable[[str], Workload | None],
+        *,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        metrics: AuthzMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workload_at = workload_at
+        self.trust_domain = trust_domain
+        self.metrics = metrics or AuthzMetrics()
+        self._clock = clock
+        self._sets: dict[str, tuple[Workload, PolicySet]] = {}
+        self._log_window = (0.0, 0)
+
+    def policies(self, target_ip: str) -> tuple[Workload, PolicySet] | None:
+        """The workload at ``target_ip`` and its compiled policies (cached per value)."""
+        w = self.workload_at(target_ip)
+        if w is None:
+            return None
+        cached = self._sets.get(w.uid)
+        if cached is not None and cached[0] is w:
+            return cached
+        if len(self._sets) >= 4 * MAX_SERIES:  # workloads come and go: start afresh
+            self._sets.clear()
+        ps = policy_set(f"{w.namespace}/{w.name}", w.policies, w.default_policy,
+                        self.trust_domain)  # fmt: skip
+        self._sets[w.uid] = (w, ps)
+        return w, ps
+
+    def stream(self, client: SpiffeId, target: Address, protocol: str | None) -> StreamDecision:
+        """The tunnel server's ``Authorize`` hook (the target was located already)."""
+        found = self.policies(target[0])
+        if found is None:
+            return StreamDecision.deny("no workload at the target")
+        _, ps = found
+        req = Request(client, "", target[1])
+        d = ps.evaluate(req, will_carry_http=protocol == HTTP1)
+        self._record("tcp", ps, d, client, target, "")
+        return StreamDecision(d.allowed, _reason(d))
+
+    def request(
+        self,
+        client: SpiffeId,
+        target: Address,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+    ) -> Decision:
+        """One inbound HTTP request (``headers``: lowercase names)."""
+        found = self.policies(target[0])
+        if found is None:
+            return Decision(False, "none", reason="no workload at the target")
+        _, ps = found
+        d = ps.evaluate(Request(client, "", target[1], method, path, headers))
+        self._record("http", ps, d, client, target, f" {method} {path}")
+        return d
+
+    def gate(self, client: SpiffeId, target: Address) -> RequestGate:
+        """The inbound HTTP/1.1 observer's gate for one stream (`InboundHttp`)."""
+        return _Gate(self, client, target)
+
+    def _record(
+        self, layer: str, ps: PolicySet, d: Decision, client: SpiffeId, target: Address, what: str
+    ) -> None:
+        m = self.metrics
+        m.count(layer, "allow" if d.allowed else "deny", ps.workload, d)
+        if d.would_deny:
+            m.count(layer, "audit", ps.workload, d)
+        if d.allowed and not d.would_deny:
+            return
+        now = self._clock()
+        start, n = self._log_window
+        if now - start >= 1.0:
+            start, n = now, 0
+        self._log_window = (start, n + 1)
+        if n < LOG_PER_SECOND:
+            verb = "would deny (audit mode, allowed)" if d.would_deny else "denied"
+            log.warning(
+                "authz: %s %s%s from %s to %s (%s): %s",
+                verb, layer, what, client, format_address(target), ps.workload, _reason(d),
+            )  # fmt: skip
+
+
+class _Gate:
+    """`RequestGate` of one stream: each request judged against the policies in force
+    when it arrives (a policy change reaches open connections too)."""
+
+    __slots__ = ("_authz", "_client", "_target")
+
+    def __init__(self, authz: Authorizer, client: SpiffeId, target: Address) -> None:
+        self._authz = authz
+        self._client = client
+        self._target = target
+
+    @property
+    def needs_headers(self) -> bool:
+        found = self._authz.policies(self._target[0])
+        return found is not None and found[1].has_header_rules
+
+    def judge(self, method: str, target: bytes, headers: dict[str, str]) -> str | None:
+        found = self._authz.policies(self._target[0])
+        if found is not None and found[1].trivial:
+            return None  # no policy: the stream's L4 decision holds for each request
+        d = self._authz.request(self._client, self._target, method,
+                                target.decode("latin-1"), headers)  # fmt: skip
+        return None if d.allowed else _reason(d)
+
+
+def _reason(d: Decision) -> str:
+    rule = f" rule {d.rule}" if d.rule is not None else ""
+    return f"{d.policy}{rule}: {d.reason}" if d.reason else f"{d.policy}{rule}"
