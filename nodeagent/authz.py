@@ -46,6 +46,7 @@ log = logging.getLogger("weft.authz")
 HTTP1 = "http/1.1"
 MAX_SERIES = 10_000
 LOG_PER_SECOND = 5
+PUBLIC_DENIAL = "an authorization policy denies this request"
 
 
 _HELP = {
@@ -168,6 +169,8 @@ class Authorizer:
             m.count(layer, "audit", ps.workload, d)
         if d.allowed and not d.would_deny:
             return
+        if layer == "tcp" and not d.would_deny:
+            return  # the tunnel server logs the refused stream, with this reason
         now = self._clock()
         start, n = self._log_window
         if now - start >= 1.0:
@@ -203,7 +206,8 @@ class _Gate:
             return None  # no policy: the stream's L4 decision holds for each request
         d = self._authz.request(self._client, self._target, method,
                                 target.decode("latin-1"), headers)  # fmt: skip
-        return None if d.allowed else _reason(d)
+        # The caller learns only that a policy said no; the log names which (and why).
+        return None if d.allowed else PUBLIC_DENIAL
 
 
 def _reason(d: Decision) -> str:
