@@ -1,6 +1,7 @@
 """A fake Kubernetes API server: real HTTP on 127.0.0.1, the real wire format, four
-built-in kinds and the Gateway API's HTTPRoute and GRPCRoute (custom resources: list items
-keep kind/apiVersion; ``gateway_api = False`` answers 404 as a cluster without the CRDs).
+built-in kinds, the Gateway API's HTTPRoute and GRPCRoute and Weft's AuthorizationPolicy
+(custom resources: list items keep kind/apiVersion; ``gateway_api = False`` or
+``weft_crds = False`` answers 404 as a cluster without those CRDs).
 
 What it serves, as kube-apiserver does (only what Weft's discovery reads):
 
@@ -16,8 +17,9 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   cleanly after ``timeoutSeconds``.  A version older than the last compaction gets an
   ``ERROR`` event whose object is a ``Status`` with ``code: 410`` (or, with
   ``gone_as_status``, an HTTP 410).
-* the routes' ``status`` subresource (``/apis/gateway.networking.k8s.io/v1/namespaces/
-  NS/httproutes/NAME/status``; ``GET`` of the object itself too): ``GET``; ``PATCH`` as
+* the custom resources' ``status`` subresource (``/apis/gateway.networking.k8s.io/v1/
+  namespaces/NS/httproutes/NAME/status``, ``/apis/weft.io/v1alpha1/namespaces/NS/
+  authorizationpolicies/NAME/status``; ``GET`` of the object itself too): ``GET``; ``PATCH`` as
   ``application/merge-patch+json`` (RFC 7386: lists replaced whole) or
   ``application/json-patch+json`` (RFC 6902; a failed op is 422), what the ``kubernetes``
   client sends (it defaults to merge patch for ``patch_namespaced_custom_object_status``;
@@ -27,10 +29,11 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   resourceVersion, no event); else the resourceVersion moves and watches get MODIFIED.
   A ``resourceVersion`` in the body that is not the current one is ``409 Conflict``; an
   unknown object ``404``; strategic merge and apply patches ``415`` (custom resources
-  have no strategic merge; the fake does no server-side apply).  Route objects get
+  have no strategic merge; the fake does no server-side apply).  Custom objects get
   ``metadata.generation`` 1 on create, +1 on an update that changes more than metadata
   and status, and keep their status across updates (create and update cannot set it).
-  :attr:`status_failure` answers every status write with an HTTP error (403: no RBAC).
+  :attr:`status_failure` answers every status write with an HTTP error (403: no RBAC);
+  :attr:`forbidden` answers a resource's list and watch with 403 (no RBAC for it).
 * ``Authorization: Bearer <token>`` is checked when the fake has a token (else 401).
 
 Resource versions are one counter across all kinds, like etcd's revision.  What tests
@@ -100,14 +103,25 @@ RESOURCES = {
             "/apis/gateway.networking.k8s.io/v1/grpcroutes",
             True,
         ),
+        # Weft's own CRD (deploy/kubernetes; served unless `FakeKubeAPI.weft_crds` is False).
+        ResourceType(
+            "authorizationpolicies",
+            "AuthorizationPolicy",
+            "weft.io/v1alpha1",
+            "/apis/weft.io/v1alpha1/authorizationpolicies",
+            True,
+        ),
     )
 }
 GATEWAY_API = ("httproutes", "grpcroutes")
+WEFT_CRDS = ("authorizationpolicies",)
+CUSTOM = GATEWAY_API + WEFT_CRDS
+"""Custom resources: unstructured lists, the status subresource, generations."""
 _BY_PATH = {r.path: r for r in RESOURCES.values()}
 _SINGLE_POD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
-_SINGLE_ROUTE = re.compile(
-    r"^/apis/gateway\.networking\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/"
-    r"(?P<plural>httproutes|grpcroutes)/(?P<name>[^/]+)(?P<status>/status)?$"
+_SINGLE_CUSTOM = re.compile(
+    r"^/apis/(?P<gv>[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/"
+    r"(?P<plural>[^/]+)/(?P<name>[^/]+)(?P<status>/status)?$"
 )
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 
@@ -178,10 +192,14 @@ class FakeKubeAPI:
         self.gateway_api = True
         """Whether the Gateway API CRDs are installed: if not, their paths answer 404 as
         a cluster without them does."""
+        self.weft_crds = True
+        """Whether Weft's CRDs (AuthorizationPolicy) are installed; as ``gateway_api``."""
+        self.forbidden: set[str] = set()
+        """Resources whose list and watch answer 403 (the ClusterRole lacks them)."""
         self.token_review_failure: int | None = None
         """Answer every TokenReview with this HTTP status instead (an outage)."""
         self.status_failure: int | None = None
-        """Answer every route status write with this HTTP status (403: no RBAC)."""
+        """Answer every status write with this HTTP status (403: no RBAC)."""
         self._cond = threading.Condition()
         self._rv = 1000
         self._compacted = self._rv
@@ -248,7 +266,7 @@ class FakeKubeAPI:
                 raise KeyError(f"{resource} {key} exists")
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", _now())
-            if r.name in GATEWAY_API:
+            if r.name in CUSTOM:
                 # The status subresource's strategy: create cannot set status.
                 obj.pop("status", None)
                 meta["generation"] = 1
@@ -265,7 +283,7 @@ class FakeKubeAPI:
                 raise KeyError(f"{resource} {key} does not exist")
             meta["uid"] = old["metadata"]["uid"]
             meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
-            if r.name in GATEWAY_API:
+            if r.name in CUSTOM:
                 # Update cannot set status; anything but metadata changed is a new
                 # generation (apiextensions' customResourceStrategy.PrepareForUpdate).
                 obj.pop("status", None)
@@ -456,8 +474,8 @@ class FakeKubeAPI:
             else:
                 h.send_json(200, obj)
             return
-        route = _SINGLE_ROUTE.match(url.path)
-        if route is not None and self.gateway_api:
+        route = self._single_custom(url.path)
+        if route is not None:
             res = RESOURCES[route["plural"]]
             with self._cond:
                 obj = copy.deepcopy(self._objects[res.name].get(_key(route["ns"], route["name"])))
@@ -467,17 +485,34 @@ class FakeKubeAPI:
                 h.send_json(200, obj)
             return
         r = _BY_PATH.get(url.path)
-        if r is not None and r.name in GATEWAY_API and not self.gateway_api:
+        if r is not None and not self._installed(r.name):
             r = None
         if r is None:
             h.send_json(
                 404, status(404, "NotFound", "the server could not find the requested resource")
             )
             return
+        if r.name in self.forbidden:
+            h.send_json(403, status(403, "Forbidden", f'{r.name} is forbidden: User '
+                        '"system:serviceaccount:weft-system:weft-controlplane" cannot list '
+                        f'resource "{r.name}" at the cluster scope'))  # fmt: skip
+            return
         if _parse_bool(query.get("watch")):
             self._serve_watch(h, r, query)
         else:
             self._serve_list(h, r, query)
+
+    def _installed(self, resource: str) -> bool:
+        if resource in GATEWAY_API:
+            return self.gateway_api
+        return self.weft_crds if resource in WEFT_CRDS else True
+
+    def _single_custom(self, path: str) -> re.Match[str] | None:
+        """``/apis/G/V/namespaces/NS/PLURAL/NAME[/status]`` of an installed custom resource."""
+        m = _SINGLE_CUSTOM.match(path)
+        if m is None or m["plural"] not in CUSTOM or not self._installed(m["plural"]):
+            return None
+        return m if RESOURCES[m["plural"]].api_version == m["gv"] else None
 
     def _serve_post(self, h: _Handler) -> None:
         url = urlsplit(h.path)
@@ -514,7 +549,7 @@ class FakeKubeAPI:
         h.send_json(201, answer)
 
     def _serve_write(self, h: _Handler) -> None:
-        """PUT and PATCH: of the routes' status subresource only."""
+        """PUT and PATCH: of the custom resources' status subresource only."""
         url = urlsplit(h.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         headers = {k.lower(): v for k, v in h.headers.items()}
@@ -527,8 +562,8 @@ class FakeKubeAPI:
         if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
-        route = _SINGLE_ROUTE.match(url.path)
-        if route is None or not self.gateway_api:
+        route = self._single_custom(url.path)
+        if route is None:
             h.send_json(
                 404, status(404, "NotFound", "the server could not find the requested resource")
             )
@@ -623,7 +658,7 @@ class FakeKubeAPI:
         for obj in page:
             # Items of a typed list carry no kind/apiVersion; the list does. Custom
             # resources' lists are unstructured: their items keep both.
-            if r.name not in GATEWAY_API:
+            if r.name not in CUSTOM:
                 obj.pop("kind", None)
                 obj.pop("apiVersion", None)
         h.send_json(

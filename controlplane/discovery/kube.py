@@ -83,12 +83,30 @@ from controlplane.discovery.model import (
 )
 from controlplane.discovery.routestatus import (
     CONTROLLER_NAME,
-    RouteObject,
+    Judge,
+    StatusCondition,
+    StatusObject,
     StatusPlanner,
     StatusWrite,
     WriteOutcome,
+    conditions_judgement,
+    route_judgement,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from weft.policy import API_VERSION as POLICY_API_VERSION
+from weft.policy import (
+    DEFAULT_POLICY_KEY,
+    DefaultPolicy,
+    Policy,
+    PolicyError,
+    applicable,
+    parse_policy,
+    refuses_plaintext,
+    workload_default,
+)
+from weft.policy import GROUP as POLICY_GROUP
+from weft.policy import KIND as POLICY_KIND
+from weft.policy import VERSION as POLICY_VERSION
 from weft.routes import GROUP as ROUTE_GROUP
 from weft.routes import Route, RouteError, parse_route
 from weft.traffic import LastValid, traffic_keys
@@ -214,7 +232,7 @@ def make_api_client(config: KubeConfig) -> k8s.ApiClient:
     if config.ca_file is not None:
         conf.ssl_ca_cert = str(config.ca_file)
     # Two connections per resource: a long-lived watch, and a list while it relists;
-    # one for route status writes.
+    # one for status writes.
     conf.connection_pool_maxsize = 2 * len(RESOURCES) + 1
     # TCP keepalive as client-go dials: a dead peer is noticed even on an idle watch.
     conf.keep_alive = True
@@ -256,7 +274,9 @@ def make_api_client(config: KubeConfig) -> k8s.ApiClient:
 class NamespaceFacts:
     name: str
     capture: str | None
-    """The namespace's ``weft.io/capture`` label, the only thing pods inherit from it."""
+    """The namespace's ``weft.io/capture`` label, which its pods inherit ..."""
+    default_policy: str | None = None
+    """... and its ``weft.io/default-inbound-policy`` annotation (`weft.policy`)."""
 
     @property
     def key(self) -> str:
@@ -280,6 +300,10 @@ class PodFacts:
     """Succeeded or Failed: its IP may already belong to a new pod."""
     host_network: bool
     opaque_ports: tuple[int, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    """Sorted: what AuthorizationPolicy selectors match."""
+    default_policy: str | None = None
+    """``weft.io/default-inbound-policy`` (annotation, else label, as the inbound mode)."""
 
     @property
     def key(self) -> str:
@@ -346,12 +370,56 @@ def parse_gateway_route(obj: JSON) -> RouteFacts:
     except RouteError as e:
         route, error = None, f"{e.reason}: {e}"
         log.warning("%s %s/%s not accepted: %s", obj.get("kind"), ns, name, error)
-    # The whole metadata (parse_route reads annotations too) but managedFields, which
-    # can be larger than the rest together and which no judgement reads.
+    # The whole metadata: parse_route reads annotations too.
+    return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error,
+                      str(meta.get("resourceVersion") or ""), _for_status(obj, meta))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyFacts:
+    """An AuthorizationPolicy: parsed (``policy``), or rejected (``error``)."""
+
+    namespace: str
+    name: str
+    policy: Policy | None
+    error: str = ""
+    resource_version: str = ""
+    obj: JSON = field(default_factory=dict)
+    """The object without ``managedFields``, for its status (as `RouteFacts`)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+NOT_ENFORCED_YET = "spec.targetRefs (per-route policy) is not enforced yet"
+
+
+def parse_authorization_policy(obj: JSON) -> PolicyFacts:
+    """A rejected policy is not an error here: the view logs it (once per reason) and
+    keeps its last valid version in force; its status says why."""
+    meta = _meta(obj)
+    ns, name = meta["namespace"], meta["name"]
+    # A custom resource's list items and events carry kind and apiVersion; be lenient.
+    obj = {**obj, "apiVersion": obj.get("apiVersion") or POLICY_API_VERSION,
+           "kind": obj.get("kind") or POLICY_KIND}  # fmt: skip
+    policy: Policy | None
+    try:
+        policy, error = parse_policy(obj), ""
+        if policy.target_routes:
+            policy, error = None, NOT_ENFORCED_YET
+    except PolicyError as e:
+        policy, error = None, str(e)
+    return PolicyFacts(ns, name, policy, error, str(meta.get("resourceVersion") or ""),
+                       _for_status(obj, meta))  # fmt: skip
+
+
+def _for_status(obj: JSON, meta: JSON) -> JSON:
+    """The whole object but ``managedFields``, which can be larger than the rest together
+    and which no judgement reads."""
     keep: JSON = {k: obj[k] for k in ("apiVersion", "kind", "spec", "status") if k in obj}
     keep["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
-    return RouteFacts(str(obj.get("kind")), ns, name, parents, route, error,
-                      str(meta.get("resourceVersion") or ""), keep)  # fmt: skip
+    return keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +445,7 @@ class SliceFacts:
         return service_key(self.namespace, self.name)
 
 
-Facts = NamespaceFacts | PodFacts | ServiceFacts | SliceFacts | RouteFacts
+Facts = NamespaceFacts | PodFacts | ServiceFacts | SliceFacts | RouteFacts | PolicyFacts
 
 
 def _meta(obj: JSON) -> JSON:
@@ -389,7 +457,11 @@ def _meta(obj: JSON) -> JSON:
 
 def parse_namespace(obj: JSON) -> NamespaceFacts:
     meta = _meta(obj)
-    return NamespaceFacts(name=meta["name"], capture=(meta.get("labels") or {}).get(CAPTURE_LABEL))
+    return NamespaceFacts(
+        name=meta["name"],
+        capture=(meta.get("labels") or {}).get(CAPTURE_LABEL),
+        default_policy=(meta.get("annotations") or {}).get(DEFAULT_POLICY_KEY),
+    )
 
 
 def parse_pod(obj: JSON) -> PodFacts:
@@ -422,7 +494,10 @@ def parse_pod(obj: JSON) -> PodFacts:
         terminal=status.get("phase") in ("Succeeded", "Failed"),
         host_network=bool(spec.get("hostNetwork")),
         opaque_ports=opaque_ports(meta.get("annotations") or {}),
-    )
+        labels=tuple(sorted(labels.items())),
+        default_policy=(meta.get("annotations") or {}).get(DEFAULT_POLICY_KEY,
+                                                           labels.get(DEFAULT_POLICY_KEY)),
+    )  # fmt: skip
 
 
 def parse_service(obj: JSON) -> ServiceFacts:
@@ -496,24 +571,35 @@ class Changes:
 class ClusterView:
     """Joins the four resources into workloads and services, incrementally.
 
-    A pod's workload depends on the pod and its namespace (capture is inherited); a
-    service on the Service and every EndpointSlice labelled with its name.  Each change
+    A pod's workload depends on the pod, its namespace (capture and the default inbound
+    policy are inherited) and the AuthorizationPolicies of its namespace; a service on
+    the Service and every EndpointSlice labelled with its name.  Each change
     recomputes only the model objects it can affect; the store drops those that come out
     equal.  Nothing is emitted until every resource has been listed once, and then all at
     once: the first state agents see is complete, not pods without their namespaces'
     labels followed by a storm of corrections.
     """
 
-    RESOURCES = ("namespaces", "pods", "services", "endpointslices", "httproutes", "grpcroutes")
+    RESOURCES = ("namespaces", "pods", "services", "endpointslices", "httproutes", "grpcroutes",
+                 "authorizationpolicies")  # fmt: skip
 
-    def __init__(self, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> None:
+    def __init__(
+        self, trust_domain: str = DEFAULT_TRUST_DOMAIN, mesh_default: DefaultPolicy | None = None
+    ) -> None:
         self.trust_domain = trust_domain
+        self.mesh_default = mesh_default
+        """The control plane's ``--default-inbound-policy`` (None: not set)."""
         self.namespaces: dict[str, NamespaceFacts] = {}
         self.pods: dict[str, PodFacts] = {}
         self.services: dict[str, ServiceFacts] = {}
         self.slices: dict[str, SliceFacts] = {}
         self.httproutes: dict[str, RouteFacts] = {}
         self.grpcroutes: dict[str, RouteFacts] = {}
+        self.policies: dict[str, PolicyFacts] = {}
+        self.in_force: dict[str, dict[str, Policy]] = {}
+        """namespace -> policy key -> the policy's last valid version: what applies (a
+        policy made invalid keeps its last valid version in force until it is fixed or
+        deleted, as Kubernetes users expect of a controller)."""
         self.traffic = LastValid()
         """Services' retry/timeout policies (and their rejected annotations)."""
         self._pods_by_ns: dict[str, set[str]] = {}
@@ -559,10 +645,14 @@ class ClusterView:
             "endpointslices": self.slices,
             "httproutes": self.httproutes,
             "grpcroutes": self.grpcroutes,
+            "authorizationpolicies": self.policies,
         }
         return tables[resource]
 
     def _put(self, resource: str, f: Facts) -> None:
+        if isinstance(f, PolicyFacts):
+            self._put_policy(f)
+            return
         self._remove(resource, f.key)
         if isinstance(f, PodFacts):
             self.pods[f.key] = f
@@ -596,9 +686,36 @@ class ClusterView:
             self._dirty_services.add(key)
         elif isinstance(old, RouteFacts):
             self._dirty_services.update(old.parents)
+        elif isinstance(old, PolicyFacts):
+            _discard_key(self.in_force, old.namespace, key)
+            self._dirty_workloads |= self._pods_by_ns.get(old.namespace, set())
         elif isinstance(old, SliceFacts) and old.service is not None:
             _discard(self._slices_by_service, old.service, key)
             self._dirty_services.add(old.service)
+
+    def _put_policy(self, f: PolicyFacts) -> None:
+        old = self.policies.get(f.key)
+        kept = self.in_force.get(f.namespace, {}).get(f.key)
+        self.policies[f.key] = f
+        if f.policy is not None:
+            self.in_force.setdefault(f.namespace, {})[f.key] = f.policy
+        elif old is None or old.error != f.error:
+            # Once per reason, not per event: our own status write comes back as one.
+            log.warning(
+                "AuthorizationPolicy %s not accepted: %s; %s", f.key, f.error,
+                "its last valid version stays in force" if kept is not None
+                else "not applied",
+            )  # fmt: skip
+        self._dirty_workloads |= self._pods_by_ns.get(f.namespace, set())
+
+    def policy_conditions(self, namespace: str, name: str) -> list[StatusCondition]:
+        """What a policy's ``status.conditions`` should say."""
+        f = self.policies.get(f"{namespace}/{name}")
+        if f is None or f.policy is not None:
+            return [StatusCondition("Accepted", True, "Accepted", "accepted")]
+        kept = f.key in self.in_force.get(namespace, {})
+        then = "its last valid version stays in force" if kept else "not applied"
+        return [StatusCondition("Accepted", False, "Invalid", f"{f.error}; {then}")]
 
     def _flush(self) -> Changes:
         changes = Changes()
@@ -635,6 +752,16 @@ class ClusterView:
         ns = self.namespaces.get(pod.namespace)
         ns_labels = {CAPTURE_LABEL: ns.capture} if ns is not None and ns.capture else {}
         pod_labels = {CAPTURE_LABEL: pod.capture} if pod.capture is not None else {}
+        ns_default = ns.default_policy if ns is not None else None
+        default, explicit = workload_default(
+            {DEFAULT_POLICY_KEY: pod.default_policy} if pod.default_policy is not None else {},
+            {DEFAULT_POLICY_KEY: ns_default} if ns_default is not None else {},
+            self.mesh_default,
+        )
+        mode = pod.inbound_mode
+        if explicit and refuses_plaintext(default):
+            # Plaintext would otherwise reach a permissive pod without passing the proxy.
+            mode = InboundMode.STRICT
         return Workload(
             uid=pod.uid,
             name=pod.name,
@@ -644,11 +771,15 @@ class ClusterView:
             service_account=pod.service_account,
             identity=identity,
             captured=is_captured(pod_labels, ns_labels),
-            inbound_mode=pod.inbound_mode,
+            inbound_mode=mode,
             ports=pod.ports,
             ready=pod.ready,
             node_ip=pod.node_ip,
             opaque_ports=pod.opaque_ports,
+            default_policy=default,
+            policies=applicable(
+                pod.namespace, dict(pod.labels), self.in_force.get(pod.namespace, {}).values()
+            ),
         )
 
     def service(self, key: str) -> Service | None:
@@ -717,6 +848,14 @@ def _discard(index: dict[str, set[str]], key: str, member: str) -> None:
             del index[key]
 
 
+def _discard_key(index: dict[str, dict[str, T]], key: str, member: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.pop(member, None)
+        if not members:
+            del index[key]
+
+
 # -- talking to the API server (blocking; runs in the per-resource threads) ---------------
 
 
@@ -728,15 +867,24 @@ class Resource:
     list_call: Callable[[k8s.ApiClient], Callable[..., Any]]
     parse: Callable[[JSON], Facts]
     optional: bool = False
-    """A CRD that a cluster may not have (the Gateway API's): a 404 on list means
-    "none", checked again every `OPTIONAL_RECHECK` seconds, and does not hold up sync."""
+    """A CRD that a cluster may not have (the Gateway API's, Weft's own): a 404 (or 403)
+    on list means "none", checked again every `OPTIONAL_RECHECK` seconds, and does not
+    hold up sync."""
+    group_version: str = ""
+    """Of a custom resource: ``group/version`` (for its status writes and logs)."""
 
 
-def _custom(api: k8s.ApiClient, plural: str) -> Callable[..., Any]:
-    """The list (and watch) call of a Gateway API resource, cluster-wide."""
-    return functools.partial(
-        k8s.CustomObjectsApi(api).list_cluster_custom_object, ROUTE_GROUP, "v1", plural
-    )
+def _custom(plural: str, kind: str, parse: Callable[[JSON], Facts], group: str,
+            version: str) -> Resource:  # fmt: skip
+    """A custom resource (optional: its CRD may be absent), listed and watched cluster-wide."""
+
+    def list_call(api: k8s.ApiClient) -> Callable[..., Any]:
+        return functools.partial(
+            k8s.CustomObjectsApi(api).list_cluster_custom_object, group, version, plural
+        )
+
+    return Resource(plural, kind, list_call, parse, optional=True,
+                    group_version=f"{group}/{version}")  # fmt: skip
 
 
 RESOURCES: tuple[Resource, ...] = (
@@ -761,21 +909,17 @@ RESOURCES: tuple[Resource, ...] = (
         lambda api: k8s.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
         parse_endpoint_slice,
     ),
-    Resource(
-        "httproutes",
-        "HTTPRoute",
-        lambda api: _custom(api, "httproutes"),
-        parse_httproute,
-        optional=True,
-    ),
-    Resource(
-        "grpcroutes",
-        "GRPCRoute",
-        lambda api: _custom(api, "grpcroutes"),
-        parse_grpcroute,
-        optional=True,
+    _custom("httproutes", "HTTPRoute", parse_httproute, ROUTE_GROUP, "v1"),
+    _custom("grpcroutes", "GRPCRoute", parse_grpcroute, ROUTE_GROUP, "v1"),
+    _custom(
+        "authorizationpolicies",
+        POLICY_KIND,
+        parse_authorization_policy,
+        POLICY_GROUP,
+        POLICY_VERSION,
     ),
 )
+BY_NAME = {r.name: r for r in RESOURCES}
 OPTIONAL_RECHECK = 60.0
 
 
@@ -1024,8 +1168,9 @@ class _Watcher:
                 if e.status == 403:
                     why = "forbidden: the control plane's ClusterRole needs list/watch on it"
                 log.log(logging.INFO if e.status == 404 else logging.WARNING,
-                        "%s: not served to us (%s/v1, %s): none; checking again every %.0f s",
-                        self.resource.name, ROUTE_GROUP, why, OPTIONAL_RECHECK)  # fmt: skip
+                        "%s: not served to us (%s, %s): none; checking again every %.0f s",
+                        self.resource.name, self.resource.group_version, why,
+                        OPTIONAL_RECHECK)  # fmt: skip
             self.stats.absent = True
             self.source.commit(self.source.view.replace(self.resource.name, []))
             return False
@@ -1168,12 +1313,12 @@ async def _retire(executor: concurrent.futures.ThreadPoolExecutor, what: str) ->
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-# -- route status (the Gateway API's status.parents, written back) ------------------------
+# -- status written back: routes' status.parents, policies' status.conditions -------------
 
 
 @dataclass
 class StatusStats:
-    """Route status writes, for tests and a debugger (no endpoint shows them yet)."""
+    """Status writes, for tests and a debugger (no endpoint shows them yet)."""
 
     writes: int = 0
     """Patches the API server took."""
@@ -1181,13 +1326,29 @@ class StatusStats:
     """By outcome: forbidden, gone, conflict, error."""
 
 
+@dataclass(frozen=True)
+class _StatusKind:
+    """Objects whose status one planner judges (`controlplane.discovery.routestatus`)."""
+
+    name: str
+    resources: tuple[str, ...]
+    """Plurals; their ``…/status`` is what RBAC must grant."""
+    doing: str
+    """What works without the status (said when a write is forbidden)."""
+
+
+_ROUTES = _StatusKind("routes", ("httproutes", "grpcroutes"), "routes still work")
+_POLICIES = _StatusKind("policies", ("authorizationpolicies",), "policies are still enforced")
+
+
 class _StatusWriter:
-    """Writes the routes' ``status.parents`` (`controlplane.discovery.routestatus`).
+    """Writes the routes' ``status.parents`` and the AuthorizationPolicies'
+    ``status.conditions`` (`controlplane.discovery.routestatus`; one planner per kind).
 
     Off the watch loop's critical path: the watchers only set an event; this task plans
     from the view as it then is (bursts of events coalesce into one plan) and patches on
-    its own thread.  A failed write never reaches discovery: it is logged once per route
-    and kind of failure, and retried when the route changes (403, 404, 409) or after a
+    its own thread.  A failed write never reaches discovery: it is logged once per object
+    and kind of failure, and retried when the object changes (403, 404, 409) or after a
     delay (connection errors, 5xx).
 
     No leader election: the control plane runs as one replica (deploy/kubernetes).
@@ -1198,56 +1359,88 @@ class _StatusWriter:
 
     def __init__(self, source: KubeSource) -> None:
         self.source = source
-        self.planner = StatusPlanner(retry_after=source.config.backoff_max)
+        self.planners = {
+            kind.name: StatusPlanner(retry_after=source.config.backoff_max)
+            for kind in (_ROUTES, _POLICIES)
+        }
         self.stats = StatusStats()
         self._wake = asyncio.Event()
         self._logged: set[tuple[str, tuple[str, str, str]]] = set()
-        self._forbidden_logged = False
+        self._forbidden_logged: set[str] = set()
+
+    @property
+    def planner(self) -> StatusPlanner:
+        """The routes' planner."""
+        return self.planners[_ROUTES.name]
 
     def poke(self) -> None:
         self._wake.set()
 
+    def _next_retry(self) -> float | None:
+        times = [t for t in (p.next_retry() for p in self.planners.values()) if t is not None]
+        return min(times) if times else None
+
+    def _jobs(self, view: ClusterView) -> list[tuple[_StatusKind, list[StatusObject], Judge]]:
+        routes = [
+            StatusObject(resource, f.namespace, f.name, f.resource_version, f.obj)
+            for resource, table in (("httproutes", view.httproutes),
+                                    ("grpcroutes", view.grpcroutes))
+            for f in table.values()
+            if f.obj
+        ]  # fmt: skip
+        services = view.services.keys()
+
+        def judge_route(r: StatusObject, now: str) -> tuple[JSON, str] | None:
+            return route_judgement(r.obj, services, now)
+
+        policies = [
+            StatusObject("authorizationpolicies", f.namespace, f.name, f.resource_version, f.obj)
+            for f in view.policies.values()
+            if f.obj
+        ]
+
+        def judge_policy(r: StatusObject, now: str) -> tuple[JSON, str] | None:
+            return conditions_judgement(r.obj, view.policy_conditions(r.namespace, r.name), now)
+
+        return [(_ROUTES, routes, judge_route), (_POLICIES, policies, judge_policy)]
+
     async def run(self) -> None:
         executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="weft-kube-route-status"
+            max_workers=1, thread_name_prefix="weft-kube-status"
         )
         try:
             while True:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.planner.next_retry())
+                    await asyncio.wait_for(self._wake.wait(), self._next_retry())
                 except TimeoutError:
                     pass
                 self._wake.clear()
                 view = self.source.view
                 if not view.synced:
                     continue  # judging before every Service is known would be wrong
-                routes = [
-                    RouteObject(resource, f.namespace, f.name, f.resource_version, f.obj)
-                    for resource, table in (("httproutes", view.httproutes),
-                                            ("grpcroutes", view.grpcroutes))
-                    for f in table.values()
-                    if f.obj
-                ]  # fmt: skip
-                for write in self.planner.plan(routes, view.services.keys()):
-                    self.planner.sent(write)
-                    outcome, detail = await asyncio.wrap_future(
-                        executor.submit(self._patch_blocking, write)
-                    )
-                    self.planner.done(write, outcome)
-                    self._report(write, outcome, detail)
+                for kind, objects, judge in self._jobs(view):
+                    planner = self.planners[kind.name]
+                    for write in planner.plan_with(objects, judge):
+                        planner.sent(write)
+                        outcome, detail = await asyncio.wrap_future(
+                            executor.submit(self._patch_blocking, write)
+                        )
+                        planner.done(write, outcome)
+                        self._report(kind, write, outcome, detail)
         except asyncio.CancelledError:
             raise
         except BaseException:
-            log.exception("route status writer failed unexpectedly; stopping discovery")
+            log.exception("status writer failed unexpectedly; stopping discovery")
             raise
         finally:
-            await _retire(executor, "route status writer")
+            await _retire(executor, "status writer")
 
     def _patch_blocking(self, write: StatusWrite) -> tuple[WriteOutcome, str]:
-        r, config = write.route, self.source.config
+        r, config = write.target, self.source.config
+        group, version = BY_NAME[r.resource].group_version.split("/")
         try:
             response = k8s.CustomObjectsApi(self.source.api).patch_namespaced_custom_object_status(
-                ROUTE_GROUP, "v1", r.namespace, r.resource, r.name, write.patch,
+                group, version, r.namespace, r.resource, r.name, write.patch,
                 # Explicit: older clients pick JSON patch for every body by default.
                 _content_type="application/merge-patch+json",
                 _preload_content=False,
@@ -1262,29 +1455,32 @@ class _StatusWriter:
             return WriteOutcome.ERROR, _describe(e)
         return WriteOutcome.OK, ""
 
-    def _report(self, write: StatusWrite, outcome: WriteOutcome, detail: str) -> None:
-        r = write.route
+    def _report(
+        self, kind: _StatusKind, write: StatusWrite, outcome: WriteOutcome, detail: str
+    ) -> None:
+        r = write.target
         what = f"{r.obj.get('kind', r.resource)} {r.namespace}/{r.name}"
         if outcome is WriteOutcome.OK:
             self.stats.writes += 1
             self._logged = {k for k in self._logged if k[1] != r.key}
-            said = "; ".join(
-                f"{c['type']} {c['status']} ({c['reason']})"
-                for e in write.patch["status"]["parents"]
-                if e.get("controllerName") == CONTROLLER_NAME
-                for c in e["conditions"][:2]
-            )
+            status = write.patch["status"]
+            written = [c for e in status.get("parents") or ()
+                       if e.get("controllerName") == CONTROLLER_NAME
+                       for c in e["conditions"][:2]]  # fmt: skip
+            written += status.get("conditions") or ()
+            said = "; ".join(f"{c['type']} {c['status']} ({c['reason']})" for c in written)
             log.info("%s: status written: %s", what, said or "no Service parents")
             return
         self.stats.failures[outcome] = self.stats.failures.get(outcome, 0) + 1
         if outcome is WriteOutcome.FORBIDDEN:
-            if not self._forbidden_logged:
-                self._forbidden_logged = True
+            if kind.name not in self._forbidden_logged:
+                self._forbidden_logged.add(kind.name)
                 log.warning(
                     "%s: status not written (%s): the control plane's ClusterRole needs "
-                    "patch on httproutes/status and grpcroutes/status (deploy/kubernetes); "
-                    "routes still work, only their status stays unreported",
-                    what, detail,
+                    "patch on %s (deploy/kubernetes); %s, only their status stays "
+                    "unreported",
+                    what, detail, " and ".join(f"{p}/status" for p in kind.resources),
+                    kind.doing,
                 )  # fmt: skip
             return
         if (outcome, r.key) in self._logged:
@@ -1292,7 +1488,7 @@ class _StatusWriter:
         self._logged.add((outcome, r.key))
         level = logging.INFO if outcome in (WriteOutcome.GONE, WriteOutcome.CONFLICT) else (
             logging.WARNING)  # fmt: skip
-        retry = (f"retried after {self.planner.retry_after:.0f} s"
+        retry = (f"retried after {self.planners[kind.name].retry_after:.0f} s"
                  if outcome is WriteOutcome.ERROR else "retried when it changes")  # fmt: skip
         log.log(level, "%s: status not written (%s: %s); %s",
                 what, outcome, detail, retry)  # fmt: skip
@@ -1317,15 +1513,24 @@ class KubeSource:
     """
 
     def __init__(
-        self, config: KubeConfig, store: DiscoveryStore, api: k8s.ApiClient | None = None
+        self,
+        config: KubeConfig,
+        store: DiscoveryStore,
+        api: k8s.ApiClient | None = None,
+        *,
+        mesh_default: DefaultPolicy | None = None,
     ) -> None:
+        """``mesh_default``: the control plane's ``--default-inbound-policy`` (None: not
+        set; pods and namespaces may still set theirs)."""
         self.config = config
         self.store = store
-        self.view = ClusterView(config.trust_domain)
+        self.view = ClusterView(config.trust_domain, mesh_default)
         self.stats = {r.name: WatchStats() for r in RESOURCES}
         self._own_api = api is None
         self.api = api if api is not None else make_api_client(config)
-        self.route_status = _StatusWriter(self)
+        self.status_writer = _StatusWriter(self)
+        self.route_status = self.status_writer
+        """The same writer (its name from before it wrote policies' status too)."""
         self._synced = False
 
     def commit(self, changes: Changes) -> None:
@@ -1335,16 +1540,16 @@ class KubeSource:
             self.store.mark_synced()
             if not self._synced:
                 self._synced = True
-                self.route_status.poke()  # the first complete view: judge every route
+                self.status_writer.poke()  # the first complete view: judge everything
 
     def touched(self, resource: str, event_type: str | None = None) -> None:
         """``resource`` was listed (``event_type`` None) or had a watch event: wake the
-        route status writer if that can change a route's status (a route changed, or a
+        status writer if that can change a status (a route or a policy changed, or a
         Service came or went — its other changes do not matter to ResolvedRefs)."""
-        if resource in ("httproutes", "grpcroutes") or (
+        if resource in ("httproutes", "grpcroutes", "authorizationpolicies") or (
             resource == "services" and event_type != "MODIFIED"
         ):
-            self.route_status.poke()
+            self.status_writer.poke()
 
     def resource_version(self, resource: str) -> str | None:
         return self.stats[resource].resource_version
@@ -1356,7 +1561,7 @@ class KubeSource:
                     group.create_task(
                         _Watcher(self, resource).run(), name=f"kube-watch-{resource.name}"
                     )
-                group.create_task(self.route_status.run(), name="kube-route-status")
+                group.create_task(self.status_writer.run(), name="kube-status")
         finally:
             if self._own_api:
                 cast(Any, self.api).close()  # untyped in the client

@@ -17,6 +17,9 @@ writes nothing: no write storm, and nothing to forget after a restart.  `StatusP
 adds only what the comparison cannot know: a write in flight (the object we hold is the
 one we just patched, whose event has not come back yet) and a write that failed for
 good at one resourceVersion (403, 404, 409: retried when the object changes).
+
+The same planner writes Weft's own objects' ``status.conditions`` (AuthorizationPolicy:
+`conditions_judgement`): what is route-specific is only the judgement (`Judge`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from weft.routes import Condition, conditions
 
@@ -81,7 +84,31 @@ def _ours(entry: Any, controller: str) -> bool:
     return isinstance(entry, Mapping) and entry.get("controllerName") == controller
 
 
-def condition_json(c: Condition, generation: int, previous: Mapping[str, Any] | None,
+class ConditionLike(Protocol):
+    """A judged condition: `weft.routes.Condition`, `StatusCondition`."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def status(self) -> bool: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class StatusCondition:
+    """A condition of an object that is not a route (its reason is not a Gateway API
+    one)."""
+
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+def condition_json(c: ConditionLike, generation: int, previous: Mapping[str, Any] | None,
                    now: str) -> JSON:  # fmt: skip
     """``c`` as a ``metav1.Condition``; the transition time of ``previous`` (the same
     type, as found) is kept while the status stays the same."""
@@ -152,23 +179,55 @@ def _fingerprint(parents: list[Any], controller: str) -> str:
     return json.dumps(bare, sort_keys=True)
 
 
-def status_patch(resource_version: str, parents: list[Any]) -> JSON:
+def status_patch(resource_version: str, status: JSON) -> JSON:
     """A JSON merge patch of the status subresource.  A merge patch replaces lists whole,
-    so it carries the entire ``parents`` list — other controllers' entries included, as
-    read — and the ``resourceVersion`` it was computed from: if anyone wrote in between,
-    the API server answers 409 instead of letting this overwrite their entries."""
-    return {"metadata": {"resourceVersion": resource_version}, "status": {"parents": parents}}
+    so a route's carries the entire ``parents`` list — other controllers' entries
+    included, as read — and every patch the ``resourceVersion`` it was computed from: if
+    anyone wrote in between, the API server answers 409 instead of letting this overwrite
+    their entries."""
+    return {"metadata": {"resourceVersion": resource_version}, "status": status}
 
 
-# -- which routes to write, and when (the I/O is the caller's) ------------------------------
+def conditions_judgement(
+    obj: Mapping[str, Any], judged: Sequence[ConditionLike], now: str
+) -> tuple[JSON, str] | None:
+    """The `Judge` of an object whose ``status.conditions`` are Weft's: ``judged`` as
+    ``metav1.Condition``s (transition times kept while a status stays), conditions of
+    other types kept as found; None if the object already says it."""
+    status = obj.get("status")
+    found = status.get("conditions") if isinstance(status, Mapping) else None
+    existing = list(found) if isinstance(found, list) else []
+    by_type = {c.get("type"): c for c in existing if isinstance(c, Mapping)}
+    generation = _generation(obj)
+    ours = [condition_json(c, generation, by_type.get(c.type), now) for c in judged]
+    types = {c.type for c in judged}
+    others = [c for c in existing if not (isinstance(c, Mapping) and c.get("type") in types)]
+    wanted = ours + others
+    if wanted == existing:
+        return None
+    bare = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in ours] + others
+    return {"conditions": wanted}, json.dumps(bare, sort_keys=True)
+
+
+def route_judgement(
+    obj: Mapping[str, Any], services: Collection[str], now: str,
+    controller: str = CONTROLLER_NAME,
+) -> tuple[JSON, str] | None:  # fmt: skip
+    """The `Judge` of routes: the ``status`` to write (``parents``) and its fingerprint,
+    or None if the route already says it."""
+    parents = status_update(obj, services, now, controller)
+    return None if parents is None else ({"parents": parents}, _fingerprint(parents, controller))
+
+
+# -- which objects to write, and when (the I/O is the caller's) -----------------------------
 
 
 @dataclass(frozen=True)
-class RouteObject:
-    """What the planner needs of one route as last seen."""
+class StatusObject:
+    """What the planner needs of one object as last seen (a route, a policy)."""
 
     resource: str
-    """``httproutes`` or ``grpcroutes``."""
+    """The plural: ``httproutes``, ``grpcroutes``, ``authorizationpolicies``."""
     namespace: str
     name: str
     resource_version: str
@@ -180,9 +239,17 @@ class RouteObject:
         return (self.resource, self.namespace, self.name)
 
 
+RouteObject = StatusObject
+
+Judge = Callable[[StatusObject, str], "tuple[JSON, str] | None"]
+"""An object and the time now (RFC 3339) -> the ``status`` it should carry (what the
+merge patch sets) and a fingerprint of that judgement without transition times, or None
+if the object already carries it."""
+
+
 @dataclass(frozen=True)
 class StatusWrite:
-    route: RouteObject
+    target: StatusObject
     patch: JSON
     fingerprint: str
     """The judgement without transition times (the planner's memory of it)."""
@@ -201,11 +268,12 @@ class WriteOutcome(StrEnum):
 
 
 class StatusPlanner:
-    """Decides the status writes for a set of routes; remembers only writes in flight or
-    failed: the resourceVersion and the judgement they were computed from.
+    """Decides the status writes for a set of objects of one kind (routes; policies);
+    remembers only writes in flight or failed: the resourceVersion and the judgement they
+    were computed from.
 
-    ``plan`` is idempotent: called again with the same routes and Services after the
-    writes landed (their events applied), it returns nothing.
+    ``plan`` is idempotent: called again with the same objects (and, for routes, the same
+    Services) after the writes landed (their events applied), it returns nothing.
     """
 
     def __init__(
@@ -221,38 +289,45 @@ class StatusPlanner:
         """route key -> (resourceVersion, fingerprint, not before): do not write the same
         judgement of the same version again before that time (inf: until it changes)."""
 
-    def plan(self, routes: Iterable[RouteObject], services: Collection[str]) -> list[StatusWrite]:
+    def plan(self, routes: Iterable[StatusObject], services: Collection[str]) -> list[StatusWrite]:
+        """Routes' writes, judged against the Services that exist (``ns/name``)."""
+        controller = self.controller
+        return self.plan_with(
+            routes, lambda r, now: route_judgement(r.obj, services, now, controller)
+        )
+
+    def plan_with(self, objects: Iterable[StatusObject], judge: Judge) -> list[StatusWrite]:
+        """The writes ``judge`` asks for, less those in flight or failed at that version."""
         now = self.clock()
         stamp = rfc3339(now)
         writes = []
         seen = set()
-        for r in routes:
+        for r in objects:
             seen.add(r.key)
-            parents = status_update(r.obj, services, stamp, self.controller)
+            judged = judge(r, stamp)
             held = self._held.get(r.key)
             if held is not None and held[0] != r.resource_version:
                 del self._held[r.key]  # the object moved on: whatever failed may not now
                 held = None
-            if parents is None:
+            if judged is None:
                 continue
-            write = StatusWrite(r, status_patch(r.resource_version, parents),
-                                _fingerprint(parents, self.controller))  # fmt: skip
+            write = StatusWrite(r, status_patch(r.resource_version, judged[0]), judged[1])
             if held is not None and held[1] == write.fingerprint and now < held[2]:
                 continue
             writes.append(write)
         for key in self._held.keys() - seen:
-            del self._held[key]  # deleted routes
+            del self._held[key]  # deleted objects
         return writes
 
     def sent(self, write: StatusWrite) -> None:
         """``write`` is on its way: not again from the same version until its event."""
-        self._held[write.route.key] = (write.route.resource_version, write.fingerprint, math.inf)
+        self._held[write.target.key] = (write.target.resource_version, write.fingerprint, math.inf)
 
     def done(self, write: StatusWrite, outcome: WriteOutcome) -> None:
         """How ``write`` went.  OK: its event will move the route on.  403, 404, 409: wait
         for the route to change (or the judgement to).  Other errors: retry later."""
         until = self.clock() + self.retry_after if outcome is WriteOutcome.ERROR else math.inf
-        self._held[write.route.key] = (write.route.resource_version, write.fingerprint, until)
+        self._held[write.target.key] = (write.target.resource_version, write.fingerprint, until)
 
     def next_retry(self) -> float | None:
         """Seconds until the earliest timed retry, or None."""

@@ -930,7 +930,7 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
                     f"from the CA's {config.identity.trust_domain!r}"
                 )
             api = make_api_client(kube.api)
-            source = KubeSource(kube.api, store, api)
+            source = KubeSource(kube.api, store, api, mesh_default=config.mesh.default_policy)
             tokens = TokenReviewBootstrap(api, audience=kube.audience, agent=kube.agent)
             log.info(
                 "Kubernetes sources: API server %s; agents bootstrap with projected tokens "

@@ -541,6 +541,7 @@ def test_view_emits_nothing_until_every_resource_is_listed() -> None:
     assert not view.replace("endpointslices", [])
     assert not view.replace("httproutes", [])
     assert not view.replace("grpcroutes", [])
+    assert not view.replace("authorizationpolicies", [])
     changes = view.replace(
         "namespaces", [parse_namespace(fakeapi.namespace("shop", {CAPTURE_LABEL: "enabled"}))]
     )
@@ -552,7 +553,7 @@ def test_view_merges_slices_of_one_service_and_dedupes_addresses() -> None:
     view = ClusterView()
     a = fakeapi.pod("a", uid="ua", ip="10.0.0.1")
     b = fakeapi.pod("b", uid="ub", ip="10.0.0.2")
-    for r in ("pods", "namespaces", "httproutes", "grpcroutes"):
+    for r in ("pods", "namespaces", "httproutes", "grpcroutes", "authorizationpolicies"):
         view.replace(r, [])
     view.replace("services", [parse_service(fakeapi.service("s", ports=[(80, 8080)]))])
     slices = [
@@ -590,7 +591,8 @@ def test_pod_without_pod_ips_falls_back_to_pod_ip_and_bad_names_are_left_out() -
     del obj["status"]["podIPs"]
     assert parse_pod(obj).ips == ("10.0.0.7",)
     view = ClusterView()
-    for r in ("services", "endpointslices", "namespaces", "httproutes", "grpcroutes"):
+    for r in ("services", "endpointslices", "namespaces", "httproutes", "grpcroutes",
+              "authorizationpolicies"):  # fmt: skip
         view.replace(r, [])
     bad = fakeapi.pod("b", uid="ub", service_account="Not_A_Name")
     changes = view.replace("pods", [parse_pod(obj), parse_pod(bad)])
