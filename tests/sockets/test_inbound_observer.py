@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -494,3 +495,42 @@ async def test_a_head_trickled_past_the_head_timeout_gets_408(
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b"weft-proxy-error: head-timeout" in answer
     assert harness.responses() == {("200", ""): 1}  # the trickled head was not an exchange
+
+
+# --- authorization ------------------------------------------------------------------------
+
+
+async def test_requests_a_policy_denies_get_403_and_reach_no_pod(harness: Harness):
+    from nodeagent.authz import Authorizer
+    from weft.policy import parse_policy
+
+    policy = parse_policy({
+        "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "echo-web", "namespace": "default"},
+        "spec": {"rules": [
+            {"from": [{"source": {"principals": [str(CLIENT)]}}],
+             "to": [{"operation": {"methods": ["GET"], "paths": ["/public/*"]}}]},
+            {"to": [{"operation": {"paths": ["/tenant/*"],
+                                   "headers": [{"name": "x-tenant", "values": ["acme"]}]}}]},
+        ]},
+    })  # fmt: skip
+    pod = dataclasses.replace(POD, policies=(policy,))
+    authz = Authorizer(lambda ip: pod)
+    harness.http.gate = authz.gate
+    reader, writer = await harness.stream()
+    writer.write(b"GET /public/a?x=1 HTTP/1.1\r\nHost: echo\r\n\r\n")
+    head, body = await _response(reader)
+    assert head.startswith(b"HTTP/1.1 200") and body.startswith(b"GET /public/a?x=1 ")
+    writer.write(b"GET /tenant/7 HTTP/1.1\r\nHost: echo\r\nX-Tenant: acme\r\n\r\n")
+    head, _ = await _response(reader)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"POST /public/%2e%2e/admin HTTP/1.1\r\nHost: echo\r\ncontent-length: 6\r\n\r\n"
+                 b"secret")  # fmt: skip
+    response = await _until_closed(reader)
+    assert response.startswith(b"HTTP/1.1 403"), response[:80]
+    assert b"weft-proxy-error: unauthorized" in response and b"connection: close" in response
+    assert b"echo-web" not in response  # the caller is not told which policy
+    received = b"".join(harness.pod.received)
+    assert b"/admin" not in received and b"secret" not in received
+    assert authz.metrics.value("http", "allow") == 2
+    assert authz.metrics.value("http", "deny", policy="default/echo-web") == 1

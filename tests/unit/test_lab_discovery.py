@@ -157,3 +157,39 @@ async def test_running_source_follows_the_file_and_keeps_state_when_it_breaks(
 def test_poll_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="interval"):
         LabSource(tmp_path / "s.json", DiscoveryStore(), interval=0)
+
+
+def test_policies_and_defaults_reach_the_workloads_they_select(tmp_path: Path) -> None:
+    from weft.lab import apply as lab_apply
+    from weft.mesh import InboundMode
+    from weft.policy import DefaultPolicy
+
+    state = make_state(tmp_path)
+    docs = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "default",
+                      "annotations": {"weft.io/default-inbound-policy": "cluster-authenticated"}}},
+        {"apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+         "metadata": {"name": "echo-from-client", "namespace": "default"},
+         "spec": {"selector": {"matchLabels": {"app": "echo"}},
+                  "rules": [{"from": [{"source": {"serviceAccounts": ["client"]}}]}]}},
+        {"apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+         "metadata": {"name": "elsewhere", "namespace": "other"}, "spec": {"rules": [{}]}},
+    ]  # fmt: skip
+    plan, objects, _ = lab_apply.apply(state.plan, [], docs)
+    state.plan, state.policies = plan, objects
+    by_name = {w.name: w for w in lab_model(state)[0]}
+    assert [p.name for p in by_name["echo-1"].policies] == ["echo-from-client"]
+    assert by_name["client-1"].policies == ()  # not selected; "elsewhere" is another ns
+    assert by_name["echo-1"].default_policy is DefaultPolicy.CLUSTER_AUTHENTICATED
+    assert by_name["plain-1"].inbound_mode is InboundMode.STRICT  # explicit, refuses plaintext
+    # The implicit mesh default changes nothing: permissive pods stay permissive.
+    state.plan = dataclasses.replace(state.plan, namespace_annotations={})
+    by_name = {w.name: w for w in lab_model(state)[0]}
+    assert by_name["plain-1"].inbound_mode is InboundMode.PERMISSIVE
+    assert by_name["plain-1"].default_policy is DefaultPolicy.ALL_AUTHENTICATED
+    # A mesh-wide default set on the control plane counts as explicit.
+    by_name = {w.name: w for w in lab_model(state, mesh_default=DefaultPolicy.DENY)[0]}
+    assert by_name["plain-1"].inbound_mode is InboundMode.STRICT
+    audit = {w.name: w for w in lab_model(state, mesh_default=DefaultPolicy.AUDIT)[0]}
+    assert audit["plain-1"].inbound_mode is InboundMode.PERMISSIVE  # audit lets plaintext in

@@ -9,6 +9,7 @@ subscription body.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import struct
@@ -615,3 +616,33 @@ def test_opaque_ports_round_trip_and_are_optional_on_the_wire() -> None:
     older = encode_service(s)
     del older["opaque_ports"]  # a control plane of the previous release
     assert decode_service(older).opaque_ports == ()
+
+
+def test_policies_round_trip_and_are_absent_for_the_default() -> None:
+    from weft.identity import SpiffeId
+    from weft.mesh import InboundMode, Workload
+    from weft.meshwire import decode_workload, encode_workload
+    from weft.policy import DefaultPolicy, parse_policy
+
+    policy = parse_policy({
+        "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "shop", "uid": "dropped"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin/*"]}}]}]},
+    })  # fmt: skip
+    plain = Workload(
+        uid="u", name="pay-1", namespace="shop", node="n", ips=("10.0.0.5",),
+        service_account="pay", identity=SpiffeId.workload("shop", "pay"), captured=True,
+        inbound_mode=InboundMode.STRICT,
+    )  # fmt: skip
+    assert "policies" not in encode_workload(plain)
+    assert "default_policy" not in encode_workload(plain)
+    w = dataclasses.replace(plain, default_policy=DefaultPolicy.DENY, policies=(policy,))
+    assert decode_workload(json.loads(json.dumps(encode_workload(w)))) == w
+    bad = encode_workload(w)
+    bad["policies"][0]["spec"]["action"] = "ALLOWED"
+    with pytest.raises(MeshWireError, match=r"policies\[0\]: spec.action"):
+        decode_workload(bad)
+    bad = encode_workload(w)
+    bad["default_policy"] = "yes"
+    with pytest.raises(MeshWireError, match="default_policy"):
+        decode_workload(bad)

@@ -1,0 +1,81 @@
+"""The destination node's `Authorizer`: streams judged at L4 (HTTP/1.1 streams leave
+HTTP conditions to their requests, HTTP/2 and opaque streams cannot satisfy them),
+requests in full, policy sets compiled once per workload value and replaced with it,
+and the decision counters."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from nodeagent.authz import Authorizer, AuthzMetrics
+from weft.identity import SpiffeId
+from weft.mesh import InboundMode, Workload
+from weft.policy import DefaultPolicy, parse_policy
+
+WEB = SpiffeId.workload("shop", "web")
+OTHER = SpiffeId.workload("shop", "batch")
+POD = Workload(
+    uid="u1", name="payments-1", namespace="shop", node="n1", ips=("10.244.1.5",),
+    service_account="payments", identity=SpiffeId.workload("shop", "payments"), captured=True,
+    inbound_mode=InboundMode.STRICT,
+)  # fmt: skip
+GET_PUBLIC = parse_policy({
+    "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+    "metadata": {"name": "web-get", "namespace": "shop"},
+    "spec": {"rules": [{"from": [{"source": {"principals": [str(WEB)]}}],
+                        "to": [{"operation": {"methods": ["GET"], "paths": ["/public/*"]}}]}]},
+})  # fmt: skip
+TARGET = ("10.244.1.5", 8000)
+
+
+def _authz(pod: Workload) -> tuple[Authorizer, list[Workload]]:
+    holder = [pod]
+    return Authorizer(lambda ip: holder[0] if ip == pod.ips[0] else None), holder
+
+
+def test_http1_streams_wait_for_their_requests_other_streams_cannot_satisfy_http_rules() -> None:
+    authz, _ = _authz(dataclasses.replace(POD, policies=(GET_PUBLIC,)))
+    assert authz.stream(WEB, TARGET, "http/1.1").allowed
+    assert not authz.stream(WEB, TARGET, "h2").allowed  # fail closed: not judged per stream
+    assert not authz.stream(WEB, TARGET, None).allowed
+    assert not authz.stream(OTHER, TARGET, "http/1.1").allowed  # its source never matches
+    assert authz.request(WEB, TARGET, "GET", "/public/a", {}).allowed
+    assert not authz.request(WEB, TARGET, "POST", "/public/a", {}).allowed
+    assert authz.metrics.value("tcp", "deny", policy="shop/web-get") == 3
+    assert authz.metrics.value("http", "allow", workload="shop/payments-1") == 1
+
+
+def test_a_new_workload_value_brings_its_new_policies_at_once() -> None:
+    authz, holder = _authz(POD)
+    assert authz.stream(OTHER, TARGET, None).allowed  # no policy: all-authenticated
+    holder[0] = dataclasses.replace(POD, policies=(GET_PUBLIC,))
+    assert not authz.stream(OTHER, TARGET, None).allowed
+    holder[0] = dataclasses.replace(POD, default_policy=DefaultPolicy.DENY)
+    d = authz.stream(WEB, TARGET, None)
+    assert not d.allowed and "default:deny" in d.reason
+
+
+def test_unknown_targets_are_denied_and_audit_is_counted_apart() -> None:
+    authz, _ = _authz(dataclasses.replace(POD, default_policy=DefaultPolicy.AUDIT,
+                                          policies=(GET_PUBLIC,)))  # fmt: skip
+    assert not authz.stream(WEB, ("10.9.9.9", 80), None).allowed
+    assert authz.request(OTHER, TARGET, "GET", "/x", {}).allowed  # audit: let through
+    assert authz.metrics.value("http", "audit", policy="shop/web-get") == 1
+    names = {m.name for m in authz.metrics.collect()}
+    assert {"inbound_http_authz_allow", "inbound_http_authz_audit"} <= names
+
+
+def _fixed(pod: Workload) -> Callable[[str], Workload | None]:
+    return lambda ip: pod
+
+
+def test_the_counters_are_bounded() -> None:
+    m = AuthzMetrics(max_series=2)
+    authz = Authorizer(lambda ip: None, metrics=m)
+    for i in range(10):
+        pod = dataclasses.replace(POD, uid=f"u{i}", name=f"p-{i}", ips=(f"10.0.0.{i}",))
+        a = Authorizer(_fixed(pod), metrics=m)
+        a.stream(WEB, (pod.ips[0], 80), None)
+    assert len(m._counts) <= 3  # two series and the overflow one
+    assert authz.metrics is m
