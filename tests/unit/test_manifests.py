@@ -1,18 +1,26 @@
 """deploy/kubernetes: valid against the Kubernetes API schemas, and consistent with what
-the agent and control plane code read (environment, arguments, mount paths)."""
+the agent and control plane code read (environment, arguments, mount paths); the
+AuthorizationPolicy CRD's schema structural, and accepting what weft/policy/parse.py
+accepts (the documented examples) and rejecting what it rejects."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]  # comes with kubernetes-validate
 import kubernetes_validate
 import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
 
 from weft.cli.controlplane import controlplane
+from weft.policy import API_VERSION, GROUP, KIND, VERSION, parse_policy
+from weft.policy.parse import MAX_ENTRIES, MAX_RULES, MAX_VALUES
 
-MANIFEST = Path(__file__).parents[2] / "deploy" / "kubernetes" / "weft.yaml"
+ROOT = Path(__file__).parents[2]
+MANIFEST = ROOT / "deploy" / "kubernetes" / "weft.yaml"
+EXAMPLES = ROOT / "docs" / "examples"
 K8S_VERSION = "1.30.0"
 
 
@@ -76,3 +84,162 @@ def test_controlplane_deployment_and_rbac_match_the_code(monkeypatch: pytest.Mon
     # The agents may not read the CA Secret: they get no role at all.
     assert not [d for d in _docs() if d["kind"] in ("Role", "RoleBinding")
                 and "weft-agent" in str(d)]  # fmt: skip
+    # Policies: read and watched; their status written through the subresource only.
+    assert {("weft.io", "authorizationpolicies", v) for v in ("get", "list", "watch")} <= granted
+    status = {(g, r, v) for g, r, v in granted if r == "authorizationpolicies/status"}
+    assert status == {("weft.io", "authorizationpolicies/status", v)
+                      for v in ("get", "patch", "update")}  # fmt: skip
+
+
+# -- the AuthorizationPolicy CRD ----------------------------------------------------------
+
+
+def _crd() -> dict[str, Any]:
+    return _one("CustomResourceDefinition", f"authorizationpolicies.{GROUP}")
+
+
+def _schema() -> dict[str, Any]:
+    (version,) = _crd()["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _structural_problems(node: dict[str, Any], where: str = "") -> list[str]:
+    """What makes a schema non-structural (apiextensions' rules, the parts used here):
+    every node has a type (or is int-or-string), objects say what they hold."""
+    problems = []
+    if "type" not in node and not node.get("x-kubernetes-int-or-string"):
+        problems.append(f"{where or '.'}: no type")
+    if node.get("type") == "object" and not ({"properties", "additionalProperties"} & set(node)
+                                             or where == ".metadata"):  # fmt: skip
+        problems.append(f"{where}: an object without properties (would be pruned empty)")
+    if node.get("type") == "array" and "items" not in node:
+        problems.append(f"{where}: an array without items")
+    for name, child in (node.get("properties") or {}).items():
+        problems += _structural_problems(child, f"{where}.{name}")
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += _structural_problems(node["additionalProperties"], f"{where}.*")
+    if "items" in node:
+        problems += _structural_problems(node["items"], f"{where}[]")
+    return problems
+
+
+def _as_json_schema(node: Any) -> Any:
+    """The CRD schema for `jsonschema`: int-or-string spelled out, and objects closed
+    (the API server would prune an unknown field silently; here it fails the check, so
+    a field parse.py reads but the schema lacks cannot go unnoticed)."""
+    if isinstance(node, list):
+        return [_as_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and "additionalProperties" not in node:
+        out["additionalProperties"] = False
+    return out
+
+
+def _validator() -> Any:
+    schema = _as_json_schema(_schema())
+    schema["properties"]["metadata"]["additionalProperties"] = True
+    return jsonschema.Draft7Validator(schema)
+
+
+def _example_policies() -> list[dict[str, Any]]:
+    return [d for f in sorted(EXAMPLES.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())
+            if d and d.get("kind") == KIND]  # fmt: skip
+
+
+def test_policy_crd_is_structural_and_names_what_the_code_reads() -> None:
+    crd = _crd()["spec"]
+    assert (crd["group"], crd["scope"], crd["names"]["kind"]) == (GROUP, "Namespaced", KIND)
+    assert crd["names"]["plural"] == "authorizationpolicies"
+    assert {"authz", "wap"} <= set(crd["names"]["shortNames"])
+    (version,) = crd["versions"]
+    assert version["name"] == VERSION and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}  # status written through it only
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Action"] == ".spec.action"
+    assert columns["Age"] == ".metadata.creationTimestamp"
+    assert _structural_problems(_schema()) == []
+    spec = _schema()["properties"]["spec"]["properties"]
+    assert spec["action"]["enum"] == ["ALLOW", "DENY", "AUDIT"]
+    assert spec["action"]["default"] == "ALLOW"
+    # The limits are parse.py's: the API server refuses what the control plane would.
+    rule = spec["rules"]["items"]["properties"]
+    assert spec["rules"]["maxItems"] == MAX_RULES
+    assert rule["from"]["maxItems"] == rule["to"]["maxItems"] == MAX_ENTRIES
+    source = rule["from"]["items"]["properties"]["source"]["properties"]
+    operation = rule["to"]["items"]["properties"]["operation"]["properties"]
+    for field in (*source.values(), *operation.values()):
+        assert field["maxItems"] == MAX_VALUES
+    assert set(source) == {"principals", "notPrincipals", "namespaces", "notNamespaces",
+                           "serviceAccounts", "ipBlocks", "notIpBlocks"}  # fmt: skip
+    assert set(operation) == {"ports", "notPorts", "methods", "notMethods", "paths",
+                              "notPaths", "headers"}  # fmt: skip
+
+
+def test_policy_crd_schema_accepts_the_examples_and_what_parse_accepts() -> None:
+    examples = _example_policies()
+    assert examples, f"no {KIND} in {EXAMPLES}"
+    full = {
+        "apiVersion": API_VERSION, "kind": KIND,
+        "metadata": {"name": "all-fields", "namespace": "shop", "labels": {"a": "b"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "payments"}},
+            "action": "AUDIT",
+            "rules": [{}, {
+                "from": [{"source": {
+                    "principals": ["spiffe://cluster.local/ns/shop/sa/web"],
+                    "notPrincipals": ["*/ns/shop/sa/batch"], "namespaces": ["shop"],
+                    "notNamespaces": ["dev"], "serviceAccounts": ["web", "ops/admin"],
+                    "ipBlocks": ["10.0.0.0/8"], "notIpBlocks": ["10.1.0.0/16"]}}],
+                "to": [{"operation": {
+                    "ports": [8080, "8443"], "notPorts": [9090], "methods": ["GET"],
+                    "notMethods": ["DELETE"], "paths": ["/api/*"], "notPaths": ["/admin"],
+                    "headers": [{"name": "x-tenant", "values": ["a", "b*"]}]}}],
+            }],
+        },
+    }  # fmt: skip
+    routed = {"apiVersion": API_VERSION, "kind": KIND,
+              "metadata": {"name": "per-route", "namespace": "shop"},
+              "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io",
+                                       "kind": "HTTPRoute", "name": "payments"}]}}  # fmt: skip
+    validator = _validator()
+    for doc in [*examples, full, routed]:
+        parse_policy(doc)  # the control plane takes it ...
+        errors = [e.message for e in validator.iter_errors(doc)]
+        assert errors == [], (doc["metadata"]["name"], errors)  # ... and so does the API
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        (lambda s: s.update(action="allow"), "action"),  # case matters, as in parse.py
+        (lambda s: s.update(rules=[{}] * (MAX_RULES + 1)), "rules"),
+        (lambda s: s.update(rules=[{"from": [{"source": {}}]}]), "source"),
+        (lambda s: s.update(rules=[{"to": [{"operation": {"ports": [True]}}]}]), "ports"),
+        (
+            lambda s: s.update(rules=[{"to": [{"operation": {"headers": [{"name": "x"}]}}]}]),
+            "headers",
+        ),
+        (lambda s: s.update(rules=[{"to": [{"operation": {"hosts": ["a"]}}]}]), "hosts"),
+        (lambda s: s["selector"].update(matchLabels={"app": 1}), "matchLabels"),
+    ],
+    ids=[
+        "lowercase-action",
+        "too-many-rules",
+        "empty-source",
+        "bool-port",
+        "header-values",
+        "unknown-field",
+        "label-not-string",
+    ],
+)
+def test_policy_crd_schema_rejects_bad_policies(change: Any, path: str) -> None:
+    doc = copy.deepcopy(next(d for d in _example_policies() if d["spec"].get("selector")))
+    change(doc["spec"])
+    assert list(_validator().iter_errors(doc)), f"schema accepted a bad {path}"
+    with pytest.raises(ValueError):
+        parse_policy(doc)  # PolicyError: the control plane refuses it too
