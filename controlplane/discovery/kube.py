@@ -1,4 +1,6 @@
-"""The Kubernetes source: list, then watch, Pods, Services, EndpointSlices and Namespaces.
+"""The Kubernetes source: list, then watch, Pods, Services, EndpointSlices and Namespaces,
+and the optional custom resources (Gateway API HTTPRoutes and GRPCRoutes, Weft's
+AuthorizationPolicies), whose status it writes back.
 
 Shape (STYLE §6, after kopf's ``_cogs/clients/watching.py`` and client-go's reflector):
 for each resource, list (paged) and remember the list's ``resourceVersion``; watch from it
