@@ -46,6 +46,9 @@ log = logging.getLogger("weft.authz")
 HTTP1 = "http/1.1"
 MAX_SERIES = 10_000
 LOG_PER_SECOND = 5
+DECISIONS_PER_WORKLOAD = 4096
+MAX_REMEMBERED_PATH = 256
+"""Longer paths are judged every time: the memory stays under a few MiB per workload."""
 PUBLIC_DENIAL = "an authorization policy denies this request"
 
 
@@ -61,13 +64,13 @@ class AuthzMetrics(Collector):
 
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
-        self._counts: dict[tuple[str, str, str, str, str], int] = {}
+        self._counts: dict[tuple[str, str, str, str, int | None], int] = {}
 
     def count(self, layer: str, verdict: str, workload: str, d: Decision) -> None:
-        key = (layer, verdict, workload, d.policy, "" if d.rule is None else str(d.rule))
+        key = (layer, verdict, workload, d.policy, d.rule)
         n = self._counts.get(key)
         if n is None and len(self._counts) >= self.max_series:
-            key = (layer, verdict, "[overflow]", "[overflow]", "")
+            key = (layer, verdict, "[overflow]", "[overflow]", None)
             n = self._counts.get(key)
         self._counts[key] = (n or 0) + 1
 
@@ -77,12 +80,13 @@ class AuthzMetrics(Collector):
         return sum(
             n for (la, v, *rest), n in self._counts.items()
             if la == layer and v == verdict
-            and all(rest[names.index(k)] == want for k, want in labels.items())
+            and all(str(rest[names.index(k)]) == want for k, want in labels.items())
         )  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
         families: dict[tuple[str, str], CounterMetricFamily] = {}
-        for (layer, verdict, workload, policy, rule), n in sorted(self._counts.items()):
+        items = sorted(self._counts.items(), key=lambda kv: (*kv[0][:4], kv[0][4] or -1))
+        for (layer, verdict, workload, policy, rule), n in items:
             fam = families.get((layer, verdict))
             if fam is None:
                 what = "requests" if layer == "http" else "connections (tunnel streams)"
@@ -91,7 +95,7 @@ class AuthzMetrics(Collector):
                     f"Inbound {what} {_HELP[verdict]}, by the policy and rule that decided.",
                     labels=["workload", "policy", "rule"],
                 )
-            fam.add_metric([workload, policy, rule], n)
+            fam.add_metric([workload, policy, "" if rule is None else str(rule)], n)
         yield from families.values()
 
 
@@ -110,23 +114,27 @@ class Authorizer:
         self.trust_domain = trust_domain
         self.metrics = metrics or AuthzMetrics()
         self._clock = clock
-        self._sets: dict[str, tuple[Workload, PolicySet]] = {}
+        self._sets: dict[str, _Compiled] = {}
         self._log_window = (0.0, 0)
 
-    def policies(self, target_ip: str) -> tuple[Workload, PolicySet] | None:
-        """The workload at ``target_ip`` and its compiled policies (cached per value)."""
+    def _compiled(self, target_ip: str) -> _Compiled | None:
         w = self.workload_at(target_ip)
         if w is None:
             return None
         cached = self._sets.get(w.uid)
-        if cached is not None and cached[0] is w:
+        if cached is not None and cached.workload is w:
             return cached
         if len(self._sets) >= 4 * MAX_SERIES:  # workloads come and go: start afresh
             self._sets.clear()
         ps = policy_set(f"{w.namespace}/{w.name}", w.policies, w.default_policy,
                         self.trust_domain)  # fmt: skip
-        self._sets[w.uid] = (w, ps)
-        return w, ps
+        compiled = self._sets[w.uid] = _Compiled(w, ps)
+        return compiled
+
+    def policies(self, target_ip: str) -> tuple[Workload, PolicySet] | None:
+        """The workload at ``target_ip`` and its compiled policies (cached per value)."""
+        c = self._compiled(target_ip)
+        return (c.workload, c.policies) if c is not None else None
 
     def stream(self, client: SpiffeId, target: Address, protocol: str | None) -> StreamDecision:
         """The tunnel server's ``Authorize`` hook (the target was located already)."""
@@ -136,7 +144,7 @@ class Authorizer:
         _, ps = found
         req = Request(client, "", target[1])
         d = ps.evaluate(req, will_carry_http=protocol == HTTP1)
-        self._record("tcp", ps, d, client, target, "")
+        self._record("tcp", ps, d, client, target)
         return StreamDecision(d.allowed, _reason(d))
 
     def request(
@@ -147,13 +155,25 @@ class Authorizer:
         path: str,
         headers: Mapping[str, str],
     ) -> Decision:
-        """One inbound HTTP request (``headers``: lowercase names)."""
-        found = self.policies(target[0])
-        if found is None:
+        """One inbound HTTP request (``headers``: lowercase names).
+
+        Decisions are remembered per (caller, port, method, path) while the workload's
+        policies stay the same — unless a policy looks at headers — so a busy client's
+        requests cost a dictionary lookup; the memory is bounded and starts afresh when
+        full (a client walking ever-new paths costs what no memory would)."""
+        c = self._compiled(target[0])
+        if c is None:
             return Decision(False, "none", reason="no workload at the target")
-        _, ps = found
-        d = ps.evaluate(Request(client, "", target[1], method, path, headers))
-        self._record("http", ps, d, client, target, f" {method} {path}")
+        ps = c.policies
+        key = (client, target[1], method, path)
+        d = c.decisions.get(key) if not ps.has_header_rules else None
+        if d is None:
+            d = ps.evaluate(Request(client, "", target[1], method, path, headers))
+            if not ps.has_header_rules and len(path) <= MAX_REMEMBERED_PATH:
+                if len(c.decisions) >= DECISIONS_PER_WORKLOAD:
+                    c.decisions.clear()
+                c.decisions[key] = d
+        self._record("http", ps, d, client, target, method, path)
         return d
 
     def gate(self, client: SpiffeId, target: Address) -> RequestGate:
@@ -161,7 +181,14 @@ class Authorizer:
         return _Gate(self, client, target)
 
     def _record(
-        self, layer: str, ps: PolicySet, d: Decision, client: SpiffeId, target: Address, what: str
+        self,
+        layer: str,
+        ps: PolicySet,
+        d: Decision,
+        client: SpiffeId,
+        target: Address,
+        method: str = "",
+        path: str = "",
     ) -> None:
         m = self.metrics
         m.count(layer, "allow" if d.allowed else "deny", ps.workload, d)
@@ -178,10 +205,22 @@ class Authorizer:
         self._log_window = (start, n + 1)
         if n < LOG_PER_SECOND:
             verb = "would deny (audit mode, allowed)" if d.would_deny else "denied"
+            what = f" {method} {path[:200]}" if method else ""
             log.warning(
                 "authz: %s %s%s from %s to %s (%s): %s",
                 verb, layer, what, client, format_address(target), ps.workload, _reason(d),
             )  # fmt: skip
+
+
+class _Compiled:
+    """One workload value's policy set, and the decisions remembered for it."""
+
+    __slots__ = ("decisions", "policies", "workload")
+
+    def __init__(self, workload: Workload, policies: PolicySet) -> None:
+        self.workload = workload
+        self.policies = policies
+        self.decisions: dict[tuple[SpiffeId, int, str, str], Decision] = {}
 
 
 class _Gate:
@@ -197,12 +236,12 @@ class _Gate:
 
     @property
     def needs_headers(self) -> bool:
-        found = self._authz.policies(self._target[0])
-        return found is not None and found[1].has_header_rules
+        c = self._authz._compiled(self._target[0])
+        return c is not None and c.policies.has_header_rules
 
     def judge(self, method: str, target: bytes, headers: dict[str, str]) -> str | None:
-        found = self._authz.policies(self._target[0])
-        if found is not None and found[1].trivial:
+        c = self._authz._compiled(self._target[0])
+        if c is not None and c.policies.trivial:
             return None  # no policy: the stream's L4 decision holds for each request
         d = self._authz.request(self._client, self._target, method,
                                 target.decode("latin-1"), headers)  # fmt: skip

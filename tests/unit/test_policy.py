@@ -349,3 +349,53 @@ def test_adding_a_deny_policy_never_allows_more(method, path, caller) -> None:
     more = _set(ALLOW_WEB_GET_PUBLIC, deny)
     req = _req(source=caller, method=method, path=path)
     assert not (more.evaluate(req).allowed and not base.evaluate(req).allowed)
+
+
+_PATHS = ["/a", "/a/*", "/a/b", "/a/b/*", "*", "/c/*", "/"]
+_operation = st.fixed_dictionaries(
+    {},
+    optional={
+        "methods": st.lists(st.sampled_from(["GET", "POST"]), min_size=1, max_size=2),
+        "paths": st.lists(st.sampled_from(_PATHS), min_size=1, max_size=3),
+    },
+).filter(bool)
+_rule = st.fixed_dictionaries(
+    {},
+    optional={
+        "from": st.just([{"source": {"principals": [str(WEB)]}}]),
+        "to": st.lists(_operation.map(lambda o: {"operation": o}), min_size=1, max_size=2),
+    },
+)
+_spec = st.fixed_dictionaries(
+    {"action": st.sampled_from(["ALLOW", "DENY"]), "rules": st.lists(_rule, max_size=3)}
+)
+
+
+def _naive(ps, req: Request):
+    """The documented order as a plain scan (what the path index must agree with)."""
+    path = normalize_path(req.path)
+    for p in ps.deny:
+        for i, rule in enumerate(p.rules):
+            if rule.matches(req, path, True):
+                return (False, p.key, i)
+    if ps.allow:
+        for p in ps.allow:
+            for i, rule in enumerate(p.rules):
+                if rule.matches(req, path, True):
+                    return (True, p.key, i)
+        return (False, ps.allow[0].key, None)
+    return (req.source is not None, "default:all-authenticated", None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    specs=st.lists(_spec, max_size=6),
+    method=st.sampled_from(["GET", "POST"]),
+    path=st.sampled_from(["/", "/a", "/a/", "/a/b", "/a/b/c", "/ab", "/c", "/c/d", "/x"]),
+    caller=st.sampled_from([WEB, ADMIN]),
+)
+def test_the_path_index_decides_as_a_plain_scan_would(specs, method, path, caller) -> None:
+    ps = _set(*specs)
+    req = _req(source=caller, method=method, path=path)
+    d = ps.evaluate(req)
+    assert (d.allowed, d.policy, d.rule) == _naive(ps, req)

@@ -25,7 +25,9 @@ Modes:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -35,6 +37,17 @@ clock = time.perf_counter
 measure."""
 
 REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
+UNIQUE_PATHS = os.environ.get("WEFT_BENCH_UNIQUE_PATHS") == "1"
+"""Each request to a path of its own (``/bench/<n>``): nothing on the way can remember a
+decision about the previous one (``weft bench policy``)."""
+_sequence = itertools.count()
+
+
+def _request_bytes() -> bytes:
+    if UNIQUE_PATHS:
+        return b"GET /bench/%d HTTP/1.1\r\nHost: bench\r\n\r\n" % next(_sequence)
+    return REQUEST
+
 
 REQUEST_TIMEOUT = 2.0
 """Seconds a request may take before it counts as failed (and is charged this long)."""
@@ -67,7 +80,7 @@ class _Conn:
                 if self.writer is None:
                     await self.open()
                 assert self.reader is not None and self.writer is not None
-                self.writer.write(REQUEST)
+                self.writer.write(_request_bytes())
                 head = await self.reader.readuntil(b"\r\n\r\n")
                 if not head.startswith(b"HTTP/1.1 200 "):
                     raise ValueError(f"not a 200 answer: {head[:40]!r}")

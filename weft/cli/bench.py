@@ -160,6 +160,38 @@ def sockmap(seconds: float, rounds: int, json_path: Path | None) -> None:
 
 
 @bench.command()
+@click.option("--rounds", default=3, show_default=True, help="Rounds of each setup, alternated.")
+@click.option("--seconds", default=8.0, show_default=True, help="Seconds per measurement.")
+@click.option("--rate", default=500.0, show_default=True, help="Fixed rate of the latency runs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def policy(rounds: int, seconds: float, rate: float, json_path: Path | None) -> None:
+    """What authorization costs on the destination node: saturation and p99 of HTTP/1.1
+    through two node proxies, with 100 AuthorizationPolicies on the destination pod and
+    with none, alternated in one run (issue #15; docs/policy.md).
+    """
+    from weft.bench.policy import run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, rounds, seconds, rate,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
+    table = Table("setup", "saturation req/s", "unique paths req/s", f"p50 at {rate:.0f}/s",
+                  "p99", "errors")  # fmt: skip
+    for setup, label in (("none", "no policy"),
+                         ("with_policies", f"{result['policy_count']} policies")):  # fmt: skip
+        r = result[setup]
+        table.add_row(label, f"{r['saturation_per_second']:.0f}",
+                      f"{r['saturation_unique_paths_per_second']:.0f}", f"{r['p50_us']:.0f} us",
+                      f"{r['p99_us']:.0f} us", str(r["errors"]))  # fmt: skip
+    Console().print(table)
+    err.print(f"saturation ratio {result['saturation_ratio']:.3f} (target >= 0.95), "
+              f"unique paths {result['saturation_unique_paths_ratio']:.3f}, "
+              f"p99 ratio {result['p99_ratio']:.3f}", highlight=False)  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--requests", default=10_000, show_default=True,
               help="Requests of the flaky drill (the others scale from it).")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")

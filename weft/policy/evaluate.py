@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +14,7 @@ from weft.policy.model import (
     DefaultPolicy,
     Policy,
     Request,
+    Rule,
 )
 from weft.policy.paths import PathError, normalize_path
 
@@ -23,6 +24,83 @@ def _first_match(policy: Policy, req: Request, path: str | None, http: bool) -> 
         if rule.matches(req, path, http):
             return i
     return None
+
+
+Entry = tuple[Policy, int, Rule]
+"""A rule, with its policy and its index there."""
+
+
+class _PathIndex:
+    """The rules of some policies, by the paths they can match: a rule each of whose
+    operations lists ``paths`` can only match a request with one of those paths, so it
+    is filed under each (exact path, or a ``/a/*`` prefix's base) and looked at only for
+    such requests; every other rule is looked at always. `candidates` keeps the
+    policies' order (policy by policy, rule by rule), so the first match is the one a
+    plain scan would find."""
+
+    def __init__(self, policies: tuple[Policy, ...]) -> None:
+        self.policies = policies
+        self._always: list[tuple[int, Entry]] = []
+        self._exact: dict[str, list[tuple[int, Entry]]] = {}
+        self._prefix: dict[str, list[tuple[int, Entry]]] = {}
+        order = 0
+        for p in policies:
+            for i, rule in enumerate(p.rules):
+                item = (order, (p, i, rule))
+                order += 1
+                pats = [pp.text for o in rule.operations for pp in o.paths]
+                if not rule.operations or any(not o.paths for o in rule.operations) \
+                        or "*" in pats:  # fmt: skip
+                    self._always.append(item)
+                    continue
+                for text in dict.fromkeys(pats):
+                    if text.endswith("/*"):
+                        self._prefix.setdefault(text[:-2], []).append(item)
+                    else:
+                        self._exact.setdefault(text, []).append(item)
+        self._routed = any(p.target_routes for p in policies)
+        self._keyed = bool(self._exact or self._prefix)
+        self._always_entries = tuple(e for _, e in self._always)
+
+    def applicable(self, route: str | None) -> list[Policy]:
+        return [p for p in self.policies if not p.target_routes or route in p.target_routes]
+
+    def applies(self, route: str | None) -> bool:
+        if not self._routed:
+            return bool(self.policies)
+        return bool(self.applicable(route))
+
+    def candidates(self, path: str | None, route: str | None) -> Sequence[Entry]:
+        hits: list[list[tuple[int, Entry]]] | None = None
+        if path is not None and self._keyed:
+            hit = self._exact.get(path)
+            if hit:
+                hits = [hit]
+            prefix = self._prefix
+            if prefix:
+                hit = prefix.get("")
+                if hit:
+                    hits = [*(hits or ()), hit]
+                i = 0
+                while True:
+                    i = path.find("/", i + 1)
+                    hit = prefix.get(path if i < 0 else path[:i])
+                    if hit:
+                        hits = [*(hits or ()), hit]
+                    if i < 0:
+                        break
+        if hits is None:
+            entries: Sequence[Entry] = self._always_entries
+        else:
+            found = [item for hit in hits for item in hit]
+            if self._always or len(hits) > 1:
+                found += self._always
+                found.sort(key=lambda item: item[0])
+            entries = [e for _, e in found]
+        if self._routed:
+            entries = [e for e in entries
+                       if not e[0].target_routes or route in e[0].target_routes]  # fmt: skip
+        return entries
 
 
 @dataclass(frozen=True)
@@ -39,11 +117,9 @@ class PolicySet:
 
     @cached_property
     def trivial(self) -> bool:
-        """No policy applies: every request of a connection is judged as the connection
-        was (the default looks only at the caller)."""
-        return (
-            not (self.deny or self.audit or self.allow) and self.default is not DefaultPolicy.AUDIT
-        )
+        """No policy applies: each request of a connection would be judged as the
+        connection was (a default looks only at the caller), so requests are not judged."""
+        return not (self.deny or self.audit or self.allow)
 
     @cached_property
     def has_header_rules(self) -> bool:
@@ -56,52 +132,95 @@ class PolicySet:
             p.target_routes for p in (*self.deny, *self.allow)
         )
 
+    @cached_property
+    def _index(self) -> tuple[_PathIndex, _PathIndex, _PathIndex]:
+        return _PathIndex(self.deny), _PathIndex(self.audit), _PathIndex(self.allow)
+
     def evaluate(self, req: Request, *, will_carry_http: bool = False) -> Decision:
         """Judge ``req``: a request (``req.is_http``) fully, or a connection (L4).
 
         For a connection, ``will_carry_http`` says each of its requests will be judged
         too, so an ALLOW rule with HTTP fields may allow the connection; per-route
         policies are then left to the requests."""
-        decision = self._evaluate(req, will_carry_http)
+        decision = self._request(req) if req.is_http else self._connection(req, will_carry_http)
         if self.default is not DefaultPolicy.AUDIT or decision.allowed:
             return decision
         return Decision(True, decision.policy, decision.rule, decision.reason,
                         (*decision.audited, decision.policy), would_deny=True)  # fmt: skip
 
-    def _evaluate(self, req: Request, will_carry_http: bool) -> Decision:
-        http = req.is_http
+    def _request(self, req: Request) -> Decision:
+        """A request: only the rules its path can match are looked at (`_PathIndex`), in
+        their policies' order, so a hundred path-scoped policies cost a few lookups."""
         path = None
-        if http and req.path is not None:
+        if req.path is not None:
             try:
                 path = normalize_path(req.path)
             except PathError as e:
                 return Decision(False, "path", reason=str(e))
+        deny, audit, allow = self._index
+        route = req.route
+        if self.deny:
+            for p, i, rule in deny.candidates(path, route):
+                if rule.matches(req, path, True):
+                    return self._verdict(False, p, i)
+        audited: tuple[str, ...] = ()
+        if self.audit:
+            audited = tuple(dict.fromkeys(
+                p.key for p, _, rule in audit.candidates(path, route)
+                if rule.matches(req, path, True)
+            ))  # fmt: skip
+        if allow.applies(route):
+            for p, i, rule in allow.candidates(path, route):
+                if rule.matches(req, path, True):
+                    if audited:
+                        return Decision(True, p.key, i, "allowed by policy", audited)
+                    return self._verdict(True, p, i)
+            names = ", ".join(p.key for p in allow.applicable(req.route))
+            return Decision(False, allow.applicable(req.route)[0].key, None,
+                            f"no rule of {names} allows it", audited)  # fmt: skip
+        return self._default(req, audited)
 
-        def applies(p: Policy) -> bool:
-            if not p.target_routes:
-                return True
-            return http and req.route in p.target_routes
+    def _verdict(self, allowed: bool, p: Policy, i: int) -> Decision:
+        """The decision "rule ``i`` of ``p`` decided", made once (decisions are values)."""
+        cache = self._verdicts
+        d = cache.get((allowed, p.key, i))
+        if d is None:
+            reason = "allowed by policy" if allowed else "denied by policy"
+            d = cache[(allowed, p.key, i)] = Decision(allowed, p.key, i, reason)
+        return d
 
+    @cached_property
+    def _verdicts(self) -> dict[tuple[bool, str, int], Decision]:
+        return {}
+
+    def _connection(self, req: Request, will_carry_http: bool) -> Decision:
+        """A connection (L4): per-route policies wait for the requests; a rule with HTTP
+        fields waits for them too if the connection will carry HTTP that is judged
+        (ALLOW: may allow; DENY: skipped), else it cannot allow (opaque TCP cannot meet
+        a method or path) and a DENY judges on its other fields."""
         for p in self.deny:
-            if not applies(p):
+            if p.target_routes:
                 continue
             for i, rule in enumerate(p.rules):
-                if not http and rule.has_http and will_carry_http:
+                if rule.has_http and will_carry_http:
                     continue  # judged on each request
-                if rule.matches(req, path, http):
+                if rule.matches(req, None, False):
                     return Decision(False, p.key, i, "denied by policy")
-        audited = tuple(p.key for p in self.audit
-                        if applies(p) and _first_match(p, req, path, http) is not None)  # fmt: skip
-        allows = [p for p in self.allow if applies(p)]
+        audited = tuple(p.key for p in self.audit if not p.target_routes
+                        and _first_match(p, req, None, False) is not None)  # fmt: skip
+        allows = [p for p in self.allow if not p.target_routes]
         if allows:
             for p in allows:
                 for i, rule in enumerate(p.rules):
-                    if not http and rule.has_http and not will_carry_http:
+                    if rule.has_http and not will_carry_http:
                         continue  # opaque TCP cannot satisfy an HTTP condition
-                    if rule.matches(req, path, http):
+                    if rule.matches(req, None, False):
                         return Decision(True, p.key, i, "allowed by policy", audited)
             names = ", ".join(p.key for p in allows)
             return Decision(False, allows[0].key, None, f"no rule of {names} allows it", audited)
+        if will_carry_http and any(p.target_routes for p in self.allow):
+            # Requests on some routes need an ALLOW: let the requests decide.
+            return Decision(True, "per-route", None, "judged per request", audited)
         return self._default(req, audited)
 
     def _default(self, req: Request, audited: tuple[str, ...]) -> Decision:

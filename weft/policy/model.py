@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 from weft.identity import SpiffeId
 
@@ -101,6 +102,14 @@ class Request:
     def is_http(self) -> bool:
         return self.method is not None
 
+    @cached_property
+    def source_text(self) -> str | None:
+        return str(self.source) if self.source is not None else None
+
+    @cached_property
+    def source_ns_sa(self) -> tuple[str | None, str | None]:
+        return _ns_sa(self.source)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -149,13 +158,33 @@ class Source:
     ip_blocks: tuple[Network, ...] = ()
     not_ip_blocks: tuple[Network, ...] = ()
 
+    @cached_property
+    def _exact(self) -> frozenset[str]:
+        return frozenset(p.exact for p in self.principals if p.exact is not None)
+
+    @cached_property
+    def _patterns(self) -> tuple[IdentityPattern, ...]:
+        return tuple(p for p in self.principals if p.exact is None)
+
     def matches(self, req: Request) -> bool:
-        ident = str(req.source) if req.source is not None else None
-        if self.principals and not (ident and any(p.matches(ident) for p in self.principals)):
-            return False
-        if ident and any(p.matches(ident) for p in self.not_principals):
-            return False
-        ns, sa = _ns_sa(req.source)
+        ident = req.source_text
+        if self.principals:
+            if ident is None:
+                return False
+            if ident not in self._exact:
+                for pattern in self._patterns:
+                    if pattern.matches(ident):
+                        break
+                else:
+                    return False
+        if ident is not None:
+            for pattern in self.not_principals:
+                if pattern.matches(ident):
+                    return False
+        if self.namespaces is None and not self.not_namespaces and self.service_accounts is None \
+                and not self.ip_blocks and not self.not_ip_blocks:  # fmt: skip
+            return True
+        ns, sa = req.source_ns_sa
         if self.namespaces is not None and ns not in self.namespaces:
             return False
         if ns is not None and ns in self.not_namespaces:
@@ -248,14 +277,23 @@ class Rule:
     operations: tuple[Operation, ...] = ()
     """Empty: any operation."""
 
-    @property
+    @cached_property
     def has_http(self) -> bool:
         return any(o.has_http for o in self.operations)
 
     def matches(self, req: Request, path: str | None, http: bool) -> bool:
-        if self.sources and not any(s.matches(req) for s in self.sources):
-            return False
-        return not self.operations or any(o.matches(req, path, http) for o in self.operations)
+        if self.sources:
+            for s in self.sources:
+                if s.matches(req):
+                    break
+            else:
+                return False
+        if not self.operations:
+            return True
+        for o in self.operations:  # noqa: SIM110 (a loop: this is the hot path)
+            if o.matches(req, path, http):
+                return True
+        return False
 
 
 @dataclass(frozen=True)

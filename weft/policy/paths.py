@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
+_PLAIN = re.compile(r"/[^%\\\x00-\x1f\x7f]*\Z")
+"""A path with no percent-encoding, backslash or control character."""
+
 
 class PathError(ValueError):
     """A request path with no normal form (the request is denied)."""
@@ -16,6 +19,8 @@ def normalize_path(raw: str) -> str:
     percent-encoding, non-UTF-8 or control bytes, ``..`` above the root, or a path that
     is not absolute."""
     path = raw.split("?", 1)[0].split("#", 1)[0]
+    if _PLAIN.match(path) and "//" not in path and "/." not in path:
+        return path  # the common case: nothing to decode, remove or merge
     if not path.startswith("/"):
         if path == "*":  # OPTIONS *
             return path
