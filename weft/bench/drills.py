@@ -106,7 +106,7 @@ def counter(lab: Lab, name: str, **labels: str) -> float:
     return total
 
 
-def _until(probe: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def until(probe: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not probe():
         if time.monotonic() > deadline:
@@ -124,7 +124,7 @@ def flaky(lab: Lab, n: int) -> dict[str, Any]:
     before = http_requests(lab, n, path)
     lab.annotate_service("echo", {"weft.io/retry-http": "5xx"})
     try:
-        _until(lambda: http_requests(lab, 30, path)["retries"].get("1", 0) > 0, "retry-http")
+        until(lambda: http_requests(lab, 30, path)["retries"].get("1", 0) > 0, "retry-http")
         after = http_requests(lab, n, path)
     finally:
         lab.annotate_service("echo", {"weft.io/retry-http": None})
@@ -143,7 +143,7 @@ def grpc(lab: Lab, n: int) -> dict[str, Any]:
     before = grpc_calls(lab, n, meta)
     lab.annotate_service("echo", {"weft.io/retry-grpc": "unavailable"})
     try:
-        _until(lambda: not grpc_calls(lab, 60, meta)["errors"], "retry-grpc")
+        until(lambda: not grpc_calls(lab, 60, meta)["errors"], "retry-grpc")
         after = grpc_calls(lab, n, meta)
     finally:
         lab.annotate_service("echo", {"weft.io/retry-grpc": None})
@@ -158,7 +158,7 @@ def all_failing(lab: Lab, n: int) -> dict[str, Any]:
     path = "/?status=503"
     lab.annotate_service("echo", {"weft.io/retry-http": "5xx", "weft.io/retry-limit": "3"})
     try:
-        _until(lambda: http_requests(lab, 5, path)["retries"].get("0", 0) < 5, "retry-http")
+        until(lambda: http_requests(lab, 5, path)["retries"].get("0", 0) < 5, "retry-http")
         # The budget is a 10 s window: let the probes' retries age out of it.
         time.sleep(11)
         sent = counter(lab, "outbound_http_retry_total", service=SERVICE)
@@ -189,7 +189,7 @@ def hung(lab: Lab, n: int) -> dict[str, Any]:
     lab.annotate_service("echo", {"weft.io/timeout-request": "500ms",
                                   "weft.io/failure-accrual": "consecutive"})  # fmt: skip
     try:
-        _until(lambda: http_requests(lab, 10, path)["errors"].get("timeout", 0) > 0, "timeout")
+        until(lambda: http_requests(lab, 10, path)["errors"].get("timeout", 0) > 0, "timeout")
         got = http_requests(lab, n, path)
     finally:
         lab.annotate_service("echo", {"weft.io/timeout-request": None,
@@ -218,7 +218,7 @@ def split(lab: Lab, n: int) -> dict[str, Any]:
     docs = [d for d in yaml.safe_load_all(CANARY.read_text()) if d]
     lab.apply_objects(docs)
     try:
-        _until(lambda: http_requests(lab, 5, "/")["statuses"].get("200", 0) == 5, "services")
+        until(lambda: http_requests(lab, 5, "/")["statuses"].get("200", 0) == 5, "services")
         time.sleep(1.0)  # the route reaches the agents with the services, or just after
         got = http_requests(lab, n, "/?weft-drill=split")
     finally:

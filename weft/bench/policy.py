@@ -26,10 +26,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
+from weft.bench.drills import until
 from weft.bench.mesh import IdentitySetup
 from weft.lab.lab import Lab
 from weft.lab.plan import ECHO_PORT
@@ -71,14 +71,6 @@ def _status(lab: Lab, url: str) -> int:
     return int(got or 0)
 
 
-def _until(probe: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not in force after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
 def _load(lab: Lab, ip: str, seconds: float, rate: float, conns: int) -> dict[str, Any]:
     def openloop(*args: str, unique: bool = False) -> dict[str, Any]:
         env = {"WEFT_BENCH_UNIQUE_PATHS": "1"} if unique else None
@@ -112,10 +104,10 @@ def run(
             for setup in ("none", "with_policies"):
                 if setup == "with_policies":
                     lab.apply_objects(docs)
-                    _until(lambda: _status(lab, f"{url}/deny-7/x") == 403, "the policies")
+                    until(lambda: _status(lab, f"{url}/deny-7/x") == 403, "the policies")
                 else:
                     lab.apply_objects(docs, delete=True)
-                    _until(lambda: _status(lab, f"{url}/deny-7/x") == 200, "no policies")
+                    until(lambda: _status(lab, f"{url}/deny-7/x") == 200, "no policies")
                 got = _load(lab, echo2.ip, seconds, rate, connections)
                 runs[setup].append(got)
                 s, lt = got["saturation"], got["latency"]
