@@ -373,7 +373,7 @@ _spec = st.fixed_dictionaries(
 
 def _naive(ps, req: Request):
     """The documented order as a plain scan (what the path index must agree with)."""
-    path = normalize_path(req.path)
+    path = normalize_path(req.path or "/")
     for p in ps.deny:
         for i, rule in enumerate(p.rules):
             if rule.matches(req, path, True):
