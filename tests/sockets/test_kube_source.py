@@ -348,10 +348,11 @@ async def relisted_and_converged(
     await eventually(lambda: source.stats["pods"].relists >= 1)
     await eventually(lambda: "fresh" in workloads(store))
     await eventually(lambda: store.snapshot().services["shop/web"].endpoints[0].ready is False)
+    # Each resource relists on its own: the namespaces' may land after the pods'.
+    await eventually(lambda: workloads(store)["plain"].captured)  # labelled during the gap
     ws = workloads(store)
     assert "web-1" not in ws  # no phantom
     assert set(ws) == {"web-2", "batch", "tool", "plain", "fresh"}
-    assert ws["plain"].captured  # the namespace label made during the gap
     assert store.snapshot().services["shop/web"].endpoints == (
         Endpoint("10.244.2.10", pods["web-2"]["metadata"]["uid"], False, (("http", 8080),)),
     )
