@@ -1,7 +1,9 @@
 """Counts of the outbound proxy's per-request decisions: retries and timeouts.
 
-Series (``_total`` added by the exposition), per destination ``service`` (``ns/name``;
-the number of services bounds them, and a cap keeps a bug from growing them):
+Series (``_total`` added by the exposition), per destination ``service`` (``ns/name``)
+and ``route`` (the Gateway API route the request matched, ``ns/name``; empty when the
+service has no routes) — the number of services and routes bounds them, and a cap keeps a
+bug from growing them:
 
 * ``outbound_http_retry_total{service,reason}`` — retries sent; ``reason`` is what the
   previous attempt got: ``status`` (a status or gRPC code the policy retries) or
@@ -55,7 +57,7 @@ _FAMILIES = {
 class RetryMetrics(Collector):
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
-        self._counts: dict[tuple[str, str, str], int] = {}
+        self._counts: dict[tuple[str, str, str, str], int] = {}
         self._routes: dict[tuple[str, str, str], int] = {}
 
     def routed(self, service: str, route: str, backend: str) -> None:
@@ -69,24 +71,28 @@ class RetryMetrics(Collector):
     def routed_count(self, service: str, route: str, backend: str) -> int:
         return self._routes.get((service, route, backend), 0)
 
-    def count(self, family: str, service: str, why: str) -> None:
-        key = (family, service, why)
+    def count(self, family: str, service: str, why: str, route: str = "") -> None:
+        key = (family, service, route, why)
         n = self._counts.get(key)
         if n is None and len(self._counts) >= self.max_series:
-            key = (family, "overflow", why)
+            key = (family, "overflow", "", why)
             n = self._counts.get(key)
         self._counts[key] = (n or 0) + 1
 
-    def get(self, family: str, service: str, why: str) -> int:
-        return self._counts.get((family, service, why), 0)
+    def get(self, family: str, service: str, why: str, route: str | None = None) -> int:
+        """One series, or (``route`` None) the sum over the service's routes."""
+        if route is not None:
+            return self._counts.get((family, service, route, why), 0)
+        return sum(n for (f, s, _, w), n in self._counts.items()
+                   if (f, s, w) == (family, service, why))  # fmt: skip
 
     def collect(self) -> Iterator[Metric]:
         families = {
-            f: CounterMetricFamily(name, doc, labels=["service", label])
+            f: CounterMetricFamily(name, doc, labels=["service", "route", label])
             for f, (name, doc, label) in _FAMILIES.items()
         }
-        for (family, service, why), n in list(self._counts.items()):
-            families[family].add_metric([service, why], n)
+        for (family, service, route, why), n in list(self._counts.items()):
+            families[family].add_metric([service, route, why], n)
         yield from families.values()
         routes = CounterMetricFamily(
             "outbound_http_route_requests",

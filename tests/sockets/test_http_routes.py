@@ -23,7 +23,7 @@ from nodeagent.proxy.http.client import Http1Pool
 from nodeagent.proxy.http.forward import OutboundHttp
 from nodeagent.proxy.http.server import Http1Server
 from nodeagent.proxy.retry import RetryBudget
-from nodeagent.retrymetrics import TIMEOUT
+from nodeagent.retrymetrics import RETRIED, TIMEOUT
 from tests.sockets.test_http_proxy import REPLICAS, VIP, _pod
 from tests.sockets.test_http_retries import Replica, _serve
 from weft.mesh import Endpoint, Service, ServicePort
@@ -196,3 +196,10 @@ async def test_a_route_annotation_retries_its_requests_only(make_mesh):
     assert not any("weft-retry-attempts" in h for _, _, h in got)
     # The budget is the route's: the Service's own (and the other route's) is untouched.
     assert set(outbound_http._budgets) == {"default/echo HTTPRoute default/retrying"}
+    # ... and so are the counters: the retries are the route's.
+    m = outbound_http.retry_metrics
+    retried = m.get(RETRIED, "default/echo", "status", route="default/retrying")
+    assert retried == len(replicas["b"].seen[:before]) > 0
+    assert m.get(RETRIED, "default/echo", "status", route="") == 0
+    text = "".join(str(s) for f in m.collect() for s in f.samples)
+    assert "'route': 'default/retrying'" in text

@@ -129,6 +129,8 @@ class _Route:
     budget: str = ""
     """The retry budget's key: the service's, or for a request a Gateway API route
     matched, the route's (``default/echo HTTPRoute default/canary``)."""
+    name: str = ""
+    """The Gateway API route the request matched (``ns/name``), for the counters."""
 
 
 def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
@@ -151,7 +153,7 @@ def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
         )
     service = resolved.service.key if resolved.service is not None else route.service
     budget = f"{route.service} {rule.kind} {rule.route}"
-    return _Route(service, hops, True, tuple(hops), traffic, None, route.port, budget)
+    return _Route(service, hops, True, tuple(hops), traffic, None, route.port, budget, rule.route)
 
 
 class _QuietObserver:
@@ -476,7 +478,7 @@ class OutboundForwarder:
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
             call.retrying = Retrying(traffic.retry, http.budget(route.budget),
-                                     http.retry_metrics, route.service)  # fmt: skip
+                                     http.retry_metrics, route.service, route.name)  # fmt: skip
             exchange.keep_for_replay(REPLAY_LIMIT)
         timeout = traffic.request_timeout
         grpc, grpc_timeout = grpc_request(exchange.head.headers)
@@ -493,7 +495,7 @@ class OutboundForwarder:
             async with asyncio.timeout(timeout) as call.deadline:
                 await self._attempts(call)
         except TimeoutError:
-            http.retry_metrics.count(TIMEOUT, route.service, "request")
+            http.retry_metrics.count(TIMEOUT, route.service, "request", route.name)
             self._record(exchange, authority, src_name, None, source, error=ProxyError.TIMEOUT)
             why = "the client's grpc-timeout" if by_client else TIMEOUT_REQUEST_KEY
             raise ProxyFailure(
@@ -580,7 +582,7 @@ class OutboundForwarder:
                 self._settle(call, lease, False)
                 client.cancel(exchange)  # type: ignore[arg-type]
                 assert retrying is not None
-                http.retry_metrics.count(TIMEOUT, route.service, "try")
+                http.retry_metrics.count(TIMEOUT, route.service, "try", route.name)
                 if exchange.response_started or not retrying.allow(
                     idempotent=exchange.head.idempotent,
                     replayable=exchange.replayable,
@@ -675,7 +677,7 @@ class OutboundForwarder:
             if probe:
                 balancer.abandoned(lease.key)  # its probe slot goes to the next request
         elif balancer.responded(lease.key, ok, accrual, probe=probe):
-            self.http.retry_metrics.count(EJECTED, call.route.service, "failures")
+            self.http.retry_metrics.count(EJECTED, call.route.service, "failures", call.route.name)
 
     @staticmethod
     def _gate(exchange: Exchange, retrying: Retrying, head: ResponseHead) -> bool:

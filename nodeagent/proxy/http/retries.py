@@ -31,15 +31,22 @@ REPLAY_LIMIT = 64 * 1024
 class Retrying:
     """One request's retry state under ``policy``."""
 
-    __slots__ = ("budget", "metrics", "policy", "retries", "service")
+    __slots__ = ("budget", "metrics", "policy", "retries", "route", "service")
 
     def __init__(
-        self, policy: RetryPolicy, budget: RetryBudget, metrics: RetryMetrics, service: str
+        self,
+        policy: RetryPolicy,
+        budget: RetryBudget,
+        metrics: RetryMetrics,
+        service: str,
+        route: str = "",
     ) -> None:
         self.policy = policy
         self.budget = budget
         self.metrics = metrics
         self.service = service
+        self.route = route
+        """The Gateway API route the request matched (``ns/name``), for the counters."""
         self.retries = 0
 
     @property
@@ -67,8 +74,8 @@ class Retrying:
         elif not self.budget.try_retry():
             why = "budget"
         if why is not None:
-            self.metrics.count(SKIPPED, self.service, why)
+            self.metrics.count(SKIPPED, self.service, why, self.route)
             return False
         self.retries += 1
-        self.metrics.count(RETRIED, self.service, reason)
+        self.metrics.count(RETRIED, self.service, reason, self.route)
         return True
