@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "controlplane": "weft.cli.controlplane",
     "identity": "weft.cli.identity",
     "lab": "weft.cli.lab",
+    "policy": "weft.cli.policy",
 }
 """Subcommand name -> the module that defines a click command of that name."""
 
