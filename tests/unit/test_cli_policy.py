@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
@@ -29,7 +30,7 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "t"
 
 
-def _check(lab: str, *args: str) -> tuple[int, list[dict]]:
+def _check(lab: str, *args: str) -> tuple[int, Any]:
     got = CliRunner().invoke(cli, ["policy", "check", "--lab", lab, "-n", "shop", "-o", "json",
                                    *args])  # fmt: skip
     return got.exit_code, json.loads(got.output) if got.output.startswith("[") else got.output
