@@ -446,6 +446,10 @@ class Agent:
         self.http_balancer: Balancer[Address] = Balancer(latency=PeakEwma())
         self.http_metrics = HttpMetrics()
         self.retry_metrics = RetryMetrics()
+        # Authorization: every tunnel stream and every inbound HTTP/1.1 request against
+        # the local pod's policies (from discovery), on this node as the destination;
+        # every HTTP/2 request against its endpoint's policies, on this node as the caller's.
+        self.authorizer = Authorizer(self.mesh.workload_at, trust_domain=cfg.trust_domain)
         self.outbound_http = OutboundHttp(
             mesh=self.mesh,
             failover=Failover(
@@ -458,10 +462,8 @@ class Agent:
             metrics=self.http_metrics,
             observer=lambda app, dest, service: _AttemptLog(self, app, dest, service),
             retry_metrics=self.retry_metrics,
+            authorize=self.authorizer.outbound,
         )
-        # Authorization at this (the destination) node: every tunnel stream, and every
-        # inbound HTTP/1.1 request, against the local pod's policies from discovery.
-        self.authorizer = Authorizer(self.mesh.workload_at, trust_domain=cfg.trust_domain)
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
             metrics=self.http_metrics,

@@ -44,6 +44,7 @@ from weft.policy import Decision, PolicySet, Request, policy_set
 log = logging.getLogger("weft.authz")
 
 HTTP1 = "http/1.1"
+H2 = "h2"
 MAX_SERIES = 10_000
 LOG_PER_SECOND = 5
 DECISIONS_PER_WORKLOAD = 4096
@@ -89,9 +90,13 @@ class AuthzMetrics(Collector):
         for (layer, verdict, workload, policy, rule), n in items:
             fam = families.get((layer, verdict))
             if fam is None:
-                what = "requests" if layer == "http" else "connections (tunnel streams)"
+                what = {
+                    "http": "HTTP/1.1 requests",
+                    "outbound_http": "HTTP/2 requests (judged on the caller's node)",
+                }.get(layer, "connections (tunnel streams)")
+                prefix = layer if layer.startswith("outbound") else f"inbound_{layer}"
                 fam = families[(layer, verdict)] = CounterMetricFamily(
-                    f"inbound_{layer}_authz_{verdict}",
+                    f"{prefix}_authz_{verdict}",
                     f"Inbound {what} {_HELP[verdict]}, by the policy and rule that decided.",
                     labels=["workload", "policy", "rule"],
                 )
@@ -143,9 +148,32 @@ class Authorizer:
             return StreamDecision.deny("no workload at the target")
         _, ps = found
         req = Request(client, "", target[1])
-        d = ps.evaluate(req, will_carry_http=protocol == HTTP1)
+        # HTTP/1.1 requests are judged on this node, HTTP/2 ones on the client's (the
+        # tunnel server passes "h2" only when the client node says it judges them).
+        d = ps.evaluate(req, will_carry_http=protocol in (HTTP1, H2))
         self._record("tcp", ps, d, client, target)
         return StreamDecision(d.allowed, _reason(d))
+
+    def outbound(
+        self,
+        client: SpiffeId,
+        target: Address,
+        method: str,
+        path: str,
+        headers: Callable[[], Mapping[str, str]],
+    ) -> str | None:
+        """An HTTP/2 request (gRPC call) on the *caller's* node, for the endpoint chosen:
+        None to send it, else why not (answered 403 / ``PERMISSION_DENIED``). The
+        destination only relays HTTP/2 frames, so it judges these streams at L4 and
+        leaves the requests to this node, which holds the caller's identity (counted as
+        ``outbound_http_authz_*``)."""
+        c = self._compiled(target[0])
+        if c is None or c.policies.trivial:
+            return None
+        d = self.request(client, target, method, path,
+                         headers() if c.policies.has_header_rules else {},
+                         layer="outbound_http")  # fmt: skip
+        return None if d.allowed else PUBLIC_DENIAL
 
     def request(
         self,
@@ -154,6 +182,8 @@ class Authorizer:
         method: str,
         path: str,
         headers: Mapping[str, str],
+        *,
+        layer: str = "http",
     ) -> Decision:
         """One inbound HTTP request (``headers``: lowercase names).
 
@@ -173,7 +203,7 @@ class Authorizer:
                 if len(c.decisions) >= DECISIONS_PER_WORKLOAD:
                     c.decisions.clear()
                 c.decisions[key] = d
-        self._record("http", ps, d, client, target, method, path)
+        self._record(layer, ps, d, client, target, method, path)
         return d
 
     def gate(self, client: SpiffeId, target: Address) -> RequestGate:

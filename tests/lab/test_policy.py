@@ -7,6 +7,7 @@ node, where the caller's identity was verified."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +140,50 @@ def test_a_default_deny_namespace_lets_only_the_allowed_identity_in(
     finally:
         lab.weft("lab", "apply", "-f", str(POLICY))
     _until("the example again", lambda: _code(lab, "web-1", f"{URL}/public/x") == 200)
+
+
+ECHO_POLICY = """
+apiVersion: weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: echo-calls, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+    - from: [{source: {serviceAccounts: [client]}}]
+      to: [{operation: {paths: [/public/*, PATHS]}}]
+"""
+
+
+def test_http2_and_grpc_requests_are_judged_one_by_one(lab: LabRunner, tmp_path: Path) -> None:
+    """HTTP/2 streams and gRPC calls on one connection, each judged for the replica
+    chosen on the caller's node (the destination relays HTTP/2 frames and judges the
+    stream at L4): allowed paths pass, others get 403 / PERMISSION_DENIED."""
+    policy = tmp_path / "echo.yaml"
+    policy.write_text(ECHO_POLICY.replace("PATHS", "/weft.lab.Echo/*"))
+    lab.weft("lab", "apply", "-f", str(policy))
+
+    def h2(path: str) -> int:
+        return _code(lab, "client-1", "--http2-prior-knowledge", f"http://echo{path}")
+
+    def grpc(n: int = 20) -> dict:
+        out = lab.exec("client-1", sys.executable, "-m", "weft.lab.echoclient", "grpc",
+                       "echo:9090", "-n", str(n), check=False).stdout  # fmt: skip
+        return json.loads(out)
+
+    try:
+        _until("the echo policy", lambda: h2("/admin") == 403)
+        assert h2("/public/x") == 200
+        got = grpc()
+        assert sum(got["pods"].values()) == 20 and not got["errors"], got
+        assert len(got["pods"]) == 2  # one channel, both replicas, each call judged
+        # Without the gRPC service's path, its calls are denied, one by one.
+        policy.write_text(ECHO_POLICY.replace("PATHS", "/nothing"))
+        lab.weft("lab", "apply", "-f", str(policy))
+        _until("gRPC denied", lambda: "PERMISSION_DENIED" in grpc(2)["errors"])
+        assert h2("/public/x") == 200  # the same policy still allows this path over h2
+        counted = _metric(lab, "outbound_http_authz_deny_total", policy="default/echo-calls")
+        assert counted >= 2
+        assert _code(lab, "client-1", "http://echo/admin") == 403  # HTTP/1.1: the destination
+    finally:
+        lab.weft("lab", "delete", "-f", str(policy))
+    _until("no echo policy", lambda: h2("/admin") == 200)

@@ -34,15 +34,15 @@ def _authz(pod: Workload) -> tuple[Authorizer, list[Workload]]:
     return Authorizer(lambda ip: holder[0] if ip == pod.ips[0] else None), holder
 
 
-def test_http1_streams_wait_for_their_requests_other_streams_cannot_satisfy_http_rules() -> None:
+def test_http_streams_wait_for_their_requests_opaque_ones_cannot_satisfy_http_rules() -> None:
     authz, _ = _authz(dataclasses.replace(POD, policies=(GET_PUBLIC,)))
     assert authz.stream(WEB, TARGET, "http/1.1").allowed
-    assert not authz.stream(WEB, TARGET, "h2").allowed  # fail closed: not judged per stream
-    assert not authz.stream(WEB, TARGET, None).allowed
+    assert authz.stream(WEB, TARGET, "h2").allowed  # its requests judged on the client node
+    assert not authz.stream(WEB, TARGET, None).allowed  # opaque (or an unjudged h2 stream)
     assert not authz.stream(OTHER, TARGET, "http/1.1").allowed  # its source never matches
     assert authz.request(WEB, TARGET, "GET", "/public/a", {}).allowed
     assert not authz.request(WEB, TARGET, "POST", "/public/a", {}).allowed
-    assert authz.metrics.value("tcp", "deny", policy="shop/web-get") == 3
+    assert authz.metrics.value("tcp", "deny", policy="shop/web-get") == 2
     assert authz.metrics.value("http", "allow", workload="shop/payments-1") == 1
 
 
@@ -79,3 +79,22 @@ def test_the_counters_are_bounded() -> None:
         a.stream(WEB, (pod.ips[0], 80), None)
     assert len(m._counts) <= 3  # two series and the overflow one
     assert authz.metrics is m
+
+
+def test_http2_requests_are_judged_on_the_callers_node() -> None:
+    authz, _ = _authz(dataclasses.replace(POD, policies=(GET_PUBLIC,)))
+    asked: list[int] = []
+
+    def headers() -> dict[str, str]:
+        asked.append(1)
+        return {}
+
+    assert authz.outbound(WEB, TARGET, "GET", "/public/a?x=1", headers) is None
+    why = authz.outbound(WEB, TARGET, "POST", "/weft.lab.Echo/Echo", headers)
+    assert why is not None and "web-get" not in why  # the caller is not told which policy
+    assert asked == []  # no policy reads headers: they are not even built
+    assert authz.metrics.value("outbound_http", "deny", policy="shop/web-get") == 1
+    names = {m.name for m in authz.metrics.collect()}
+    assert {"outbound_http_authz_allow", "outbound_http_authz_deny"} <= names
+    bare, _ = _authz(POD)
+    assert bare.outbound(OTHER, TARGET, "POST", "/x", headers) is None  # no policy: not judged

@@ -429,3 +429,16 @@ def test_arbitrary_server_names_raise_only_sni_error(name: str) -> None:
         identity_from_sni(name)
     except SniError:
         pass
+
+
+def test_h2_opens_say_the_client_judges_their_requests() -> None:
+    from nodeagent.proxy.tunnel.wire import (
+        judges_requests,
+        protocol_extension,
+        requested_protocol,
+    )
+
+    h2, h1 = protocol_extension("h2"), protocol_extension("http/1.1")
+    assert requested_protocol(h2) == "h2" and judges_requests(h2)
+    assert requested_protocol(h1) == "http/1.1" and not judges_requests(h1)
+    assert not judges_requests(((0x80, b"h2"),))  # an older client node: opaque to policy

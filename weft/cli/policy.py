@@ -105,7 +105,9 @@ def check(
     rows: list[dict[str, Any]] = []
     for w in chosen:
         ps = policy_set(f"{w.namespace}/{w.name}", w.policies, w.default_policy)
-        conn = ps.evaluate(Request(caller, "", port), will_carry_http=carries == "http/1.1")
+        # HTTP/1.1 requests are judged by the destination, HTTP/2 ones by the caller's node.
+        http = carries in ("http/1.1", "h2")
+        conn = ps.evaluate(Request(caller, "", port), will_carry_http=http)
         row: dict[str, Any] = {"workload": f"{w.namespace}/{w.name}", "default": w.default_policy,
                                "policies": [p.key for p in w.policies],
                                "connection": _said(conn)}  # fmt: skip
@@ -113,14 +115,8 @@ def check(
             why = "the pod refuses plaintext (eBPF)"
             row["connection"] = {"allowed": False, "policy": "strict inbound mode",
                                  "rule": None, "reason": why}  # fmt: skip
-        if method and row["connection"]["allowed"]:
-            if carries == "http/1.1":
-                d = ps.evaluate(Request(caller, "", port, method, path, hdrs))
-                row["request"] = _said(d)
-            else:
-                row["request"] = {"allowed": row["connection"]["allowed"], "policy": "(L4 only)",
-                                  "rule": None, "reason": "HTTP/2 requests are not judged one "
-                                  "by one yet: the connection's decision holds"}  # fmt: skip
+        if method and row["connection"]["allowed"] and http:
+            row["request"] = _said(ps.evaluate(Request(caller, "", port, method, path, hdrs)))
         rows.append(row)
     if output == "json":
         click.echo(json.dumps(rows, indent=2, default=str))

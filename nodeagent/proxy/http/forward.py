@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -76,6 +76,7 @@ from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
 from nodeagent.retrymetrics import EJECTED, TIMEOUT, RetryMetrics
+from weft.identity import SpiffeId
 from weft.mesh import Workload
 from weft.routes import RouteTable, Rule, table_for
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
@@ -133,6 +134,10 @@ class _Route:
     """The Gateway API route the request matched (``ns/name``), for the counters."""
 
 
+def _header_map(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
+
+
 def _routed(route: _Route, resolved: Resolved, rule: Rule) -> _Route:
     """The `_Route` of a rule's backend: its endpoints, the parent service's policy
     with the route's retry and timeout annotations in place of the service's, then the
@@ -172,6 +177,12 @@ class _QuietObserver:
             self.inner.failed(endpoint, error, retrying=retrying, ejected=ejected)
 
 
+OutboundAuthorize = Callable[
+    [SpiffeId, Address, str, str, Callable[[], Mapping[str, str]]], "str | None"
+]
+"""(caller, endpoint, method, target, headers) -> None to send an HTTP/2 request, else why
+not: the destination relays HTTP/2 frames, so their requests are judged here."""
+
 ObserverFactory = Callable[[Address, Address, str], FailoverObserver]
 """(app, original destination, service key or "") -> the agent's failure observer."""
 
@@ -191,7 +202,10 @@ class OutboundHttp:
         observer: ObserverFactory | None = None,
         h2_pool: H2Pool | None = None,
         retry_metrics: RetryMetrics | None = None,
+        authorize: OutboundAuthorize | None = None,
     ) -> None:
+        self.authorize = authorize
+        """Judges each HTTP/2 request for the endpoint chosen (`nodeagent.authz`)."""
         self.mesh = mesh
         self.failover = failover
         self.dialer = dialer
@@ -547,6 +561,17 @@ class OutboundForwarder:
             client, reused = connected.value
             hop = route.hops[connected.endpoint]
             lease = connected.lease
+            if self.protocol == H2 and http.authorize is not None and call.source is not None:
+                asked = exchange.head
+                why = http.authorize(
+                    call.source.identity, hop.address, asked.method.decode("latin-1"),
+                    asked.target.decode("latin-1"), functools.partial(_header_map, asked.headers),
+                )  # fmt: skip
+                if why is not None:
+                    self._settle(call, lease, None)
+                    self._record(exchange, call.authority, call.src_name, hop, call.source,
+                                 error=ProxyError.UNAUTHORIZED)  # fmt: skip
+                    raise ProxyFailure(ProxyError.UNAUTHORIZED, why)
             per_try = None
             if retrying is not None:
                 exchange.retry_gate = functools.partial(self._gate, exchange, retrying)

@@ -67,6 +67,7 @@ from nodeagent.proxy.tunnel.wire import (
     Reset,
     Status,
     encode_answer_payload,
+    judges_requests,
     requested_protocol,
 )
 from weft.identity import SpiffeId
@@ -366,7 +367,12 @@ class TunnelServer(Listener):
         protocol = requested_protocol(request.extensions)
         if protocol not in self._protocols:
             protocol = None  # no hint, or one this node does not serve: relayed as bytes
-        status, detail, error = self._decide(state.client, state.presented, target, protocol)
+        # What authorization may count on: HTTP/1.1 requests are judged here; HTTP/2 ones
+        # only if the client node says it judges them, else the stream is opaque to it.
+        judged = protocol
+        if protocol == "h2" and not judges_requests(request.extensions):
+            judged = None
+        status, detail, error = self._decide(state.client, state.presented, target, judged)
         if status is not Status.OK:
             self._refuse(stream, status, label, detail, exc=error)
             return

@@ -242,8 +242,22 @@ instead of sniffing again. Optional on purpose: a server that does not know it r
 the stream as opaque bytes, which is still correct."""
 
 
+EXT_JUDGED = 0x81
+"""OPEN optional field: the client node has judged, and will judge, each HTTP/2 request
+of this stream against the destination's authorization policies (the server node judges
+HTTP/1.1 requests itself but only relays HTTP/2 frames). Without it — an older client
+node — a server judges an HTTP/2 stream as opaque TCP, which fails closed."""
+
+
 def protocol_extension(protocol: str) -> Extensions:
+    if protocol == "h2":
+        return ((EXT_PROTOCOL, b"h2"), (EXT_JUDGED, b"requests"))
     return ((EXT_PROTOCOL, protocol.encode("ascii")),)
+
+
+def judges_requests(extensions: Extensions) -> bool:
+    """Whether the client node judges this stream's HTTP/2 requests (`EXT_JUDGED`)."""
+    return any(kind == EXT_JUDGED and value == b"requests" for kind, value in extensions)
 
 
 def requested_protocol(extensions: Extensions) -> str | None:
