@@ -98,3 +98,27 @@ def test_http2_requests_are_judged_on_the_callers_node() -> None:
     assert {"outbound_http_authz_allow", "outbound_http_authz_deny"} <= names
     bare, _ = _authz(POD)
     assert bare.outbound(OTHER, TARGET, "POST", "/x", headers) is None  # no policy: not judged
+
+
+def test_a_policy_update_never_judges_a_request_half_applied() -> None:
+    """Requests judged while the workload's policies flip between two versions get the
+    verdict of one version or the other, whole: the set is compiled from one workload
+    value and swapped with it (and remembered decisions are dropped with it)."""
+    deny_admin = parse_policy({
+        "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin/*"]}}]}]},
+    })  # fmt: skip
+    old = dataclasses.replace(POD, policies=(GET_PUBLIC,))
+    new = dataclasses.replace(POD, policies=(deny_admin,))
+    authz, holder = _authz(old)
+    for i in range(200):
+        holder[0] = old if i % 3 else new
+        assert authz.request(WEB, TARGET, "GET", "/public/x", {}).allowed  # by either version
+        admin = authz.request(WEB, TARGET, "GET", "/admin/x", {})
+        # old: no rule of web-get allows /admin; new: no-admin denies it. Both deny, each
+        # naming its own version's policy.
+        assert not admin.allowed
+        assert admin.policy == ("shop/web-get" if holder[0] is old else "shop/no-admin")
+        post = authz.request(WEB, TARGET, "POST", "/public/x", {})
+        assert post.allowed is (holder[0] is new)  # only the new version lets POST through
