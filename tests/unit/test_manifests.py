@@ -243,3 +243,29 @@ def test_policy_crd_schema_rejects_bad_policies(change: Any, path: str) -> None:
     assert list(_validator().iter_errors(doc)), f"schema accepted a bad {path}"
     with pytest.raises(ValueError):
         parse_policy(doc)  # PolicyError: the control plane refuses it too
+
+
+def test_what_a_real_cluster_needs_of_the_manifests() -> None:
+    """Issue #16's hardening: Pod Security admits the privileged agent, both run on Linux
+    nodes only, the agent mounts no API token it never uses, its liveness waits for the
+    eBPF compile, and the control plane survives a node drain (2 replicas, spread, PDB)."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for doc in _docs():
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    (ns,) = by_kind["Namespace"]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    (ds,) = by_kind["DaemonSet"]
+    (cp,) = [d for d in by_kind["Deployment"] if d["metadata"]["name"] == "weft-controlplane"]
+    for workload in (ds, cp):
+        assert workload["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    agent_pod = ds["spec"]["template"]["spec"]
+    assert agent_pod["automountServiceAccountToken"] is False
+    startup = agent_pod["containers"][0]["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    assert cp["spec"]["replicas"] >= 2
+    anti = cp["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"][
+        "topologyKey"] == "kubernetes.io/hostname"  # fmt: skip
+    (pdb,) = by_kind["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"] == cp["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] == 1
