@@ -3,11 +3,16 @@
 A deliberately tiny HTTP/1.1 responder (:func:`weft.http.answer_one`): one request per
 connection, GET only, bounded request size.  It must keep answering when the data path
 is in trouble, so it shares nothing with the proxy but the event loop.
+
+The port listens on the node's address (kubelet probes it, Prometheus scrapes
+``/metrics``), but ``/debug/state`` — pods, identities, certificate expiries, endpoint
+health — answers only clients on the node itself (loopback): anyone else gets 403.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -58,9 +63,12 @@ class AdminServer:
         self.state = state
         self.registry = registry
 
-    def route(self, head: RequestHead) -> tuple[int, bytes, str]:
-        """Sans-I/O: a GET request head in, (status, body, content type) out."""
+    def route(self, head: RequestHead, peer: str = "127.0.0.1") -> tuple[int, bytes, str]:
+        """Sans-I/O: a GET request head (and the client's address) in, (status, body,
+        content type) out."""
         path = head.target.split("?", 1)[0]
+        if path in LOCAL_ONLY and not _loopback(peer):
+            return 403, f"{path} answers only on the node itself (127.0.0.1)\n".encode(), TEXT
         if path == "/live":
             return 200, b"live\n", TEXT
         if path == "/ready":
@@ -79,4 +87,17 @@ class AdminServer:
         return 404, b"not found: try /live /ready /debug/state /metrics\n", TEXT
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await answer_one(reader, writer, self.route, within=10.0)
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        await answer_one(reader, writer, lambda head: self.route(head, host), within=10.0)
+
+
+LOCAL_ONLY = frozenset({"/debug/state"})
+"""Paths only loopback clients may read (what they show is the node's business)."""
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        return False

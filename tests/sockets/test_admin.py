@@ -59,3 +59,17 @@ async def test_admin_routes_and_refusals():
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_debug_state_answers_only_the_node_itself() -> None:
+    from weft.http import RequestHead
+
+    admin = AdminServer(Readiness(), lambda: {"node": "n"}, CollectorRegistry())
+    head = RequestHead("GET", "/debug/state", {})
+    assert admin.route(head, "127.0.0.1")[0] == 200
+    assert admin.route(head, "::1")[0] == 200
+    assert admin.route(head, "::ffff:127.0.0.1")[0] == 200
+    status, body, _ = admin.route(head, "10.240.0.12")
+    assert status == 403 and b"only on the node itself" in body
+    assert admin.route(RequestHead("GET", "/metrics", {}), "10.240.0.12")[0] == 200
+    assert admin.route(head, "")[0] == 403  # unknown peer: refused
