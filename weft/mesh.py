@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from weft.identity import SpiffeId
-from weft.policy import MESH_DEFAULT, DefaultPolicy, Policy
+from weft.policy import MESH_DEFAULT, DefaultPolicy, Policy, refuses_plaintext
 from weft.routes import Route
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import TrafficPolicy
@@ -71,6 +71,15 @@ def inbound_mode(annotations: Mapping[str, str], labels: Mapping[str, str]) -> I
     if value != InboundMode.STRICT:
         log.debug("unknown %s value %r: treating it as strict", INBOUND_MODE_KEY, value)
     return InboundMode.STRICT
+
+
+def enforced_inbound_mode(mode: InboundMode, default: DefaultPolicy, explicit: bool) -> InboundMode:
+    """The inbound mode the mesh enforces for a pod: its own, made strict when a default
+    inbound policy set explicitly (`weft.policy.workload_default`) refuses plaintext —
+    plaintext would otherwise reach a permissive pod without passing the proxy."""
+    if explicit and refuses_plaintext(default):
+        return InboundMode.STRICT
+    return mode
 
 
 def opaque_ports(annotations: Mapping[str, str]) -> tuple[int, ...]:

@@ -95,6 +95,7 @@ from controlplane.discovery.routestatus import (
     route_judgement,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
+from weft.mesh import enforced_inbound_mode
 from weft.policy import API_VERSION as POLICY_API_VERSION
 from weft.policy import (
     DEFAULT_POLICY_KEY,
@@ -103,7 +104,6 @@ from weft.policy import (
     PolicyError,
     applicable,
     parse_policy,
-    refuses_plaintext,
     workload_default,
 )
 from weft.policy import GROUP as POLICY_GROUP
@@ -760,10 +760,7 @@ class ClusterView:
             {DEFAULT_POLICY_KEY: ns_default} if ns_default is not None else {},
             self.mesh_default,
         )
-        mode = pod.inbound_mode
-        if explicit and refuses_plaintext(default):
-            # Plaintext would otherwise reach a permissive pod without passing the proxy.
-            mode = InboundMode.STRICT
+        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit)
         return Workload(
             uid=pod.uid,
             name=pod.name,

@@ -35,14 +35,13 @@ from controlplane.discovery.model import (
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
 from weft.lab.state import LabState, StateError, load_state
-from weft.mesh import InboundMode
+from weft.mesh import enforced_inbound_mode
 from weft.policy import (
     DefaultPolicy,
     Policy,
     PolicyError,
     applicable,
     parse_policy,
-    refuses_plaintext,
     workload_default,
 )
 from weft.routes import Route, RouteError, parse_route
@@ -92,9 +91,7 @@ def lab_model(
         default, explicit = workload_default(
             meta, plan.namespace_annotations.get(pod.namespace, {}), mesh_default
         )
-        mode = pod.inbound_mode
-        if explicit and refuses_plaintext(default):
-            mode = InboundMode.STRICT
+        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit)
         workloads.append(
             Workload(
                 uid=uid,
