@@ -23,8 +23,10 @@ SUBCOMMANDS = {
     "check": "weft.cli.check",
     "controlplane": "weft.cli.controlplane",
     "identity": "weft.cli.identity",
+    "install": "weft.cli.install",
     "lab": "weft.cli.lab",
     "policy": "weft.cli.policy",
+    "uninstall": "weft.cli.install",
 }
 """Subcommand name -> the module that defines a click command of that name."""
 
