@@ -1,7 +1,8 @@
-"""deploy/kubernetes: valid against the Kubernetes API schemas, and consistent with what
-the agent and control plane code read (environment, arguments, mount paths); the
-AuthorizationPolicy CRD's schema structural, and accepting what weft/policy/parse.py
-accepts (the documented examples) and rejecting what it rejects."""
+"""daemonset/weft.yaml (the template weft install renders; tests/unit/test_install.py checks
+the rendered variants): valid against the newest Kubernetes API schemas kubernetes-validate
+ships, and consistent with what the agent and control plane code read (environment,
+arguments, mount paths); the AuthorizationPolicy CRD's schema structural, and accepting
+what weft/policy/parse.py accepts (the documented examples) and rejecting what it rejects."""
 
 from __future__ import annotations
 
@@ -15,13 +16,24 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
 
 from weft.cli.controlplane import controlplane
+from weft.identity import DEFAULT_TRUST_DOMAIN
 from weft.policy import API_VERSION, GROUP, KIND, VERSION, parse_policy
 from weft.policy.parse import MAX_ENTRIES, MAX_RULES, MAX_VALUES
 
 ROOT = Path(__file__).parents[2]
-MANIFEST = ROOT / "deploy" / "kubernetes" / "weft.yaml"
+MANIFEST = ROOT / "daemonset" / "weft.yaml"
 EXAMPLES = ROOT / "docs" / "examples"
-K8S_VERSION = "1.30.0"
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+"""The newest Kubernetes whose schemas the installed kubernetes-validate ships (not a pinned
+old one: a field removed or tightened upstream shows up when kubernetes-validate moves)."""
+
+
+def test_schemas_are_the_newest_shipped() -> None:
+    newest = max(
+        kubernetes_validate.utils.all_versions(), key=lambda v: tuple(map(int, v.split(".")))
+    )
+    assert newest == K8S_VERSION
+    assert tuple(map(int, K8S_VERSION.split(".")[:2])) >= (1, 37)
 
 
 def _docs() -> list[dict[str, Any]]:
@@ -68,6 +80,9 @@ def test_controlplane_deployment_and_rbac_match_the_code(monkeypatch: pytest.Mon
     # `weft controlplane` parses these arguments (an unknown option would raise).
     ctx = controlplane.make_context("controlplane", list(cp["args"][1:]))
     assert ctx.params["ca_dir"] == Path("/etc/weft/ca") and ctx.params["lab_name"] is None
+    # The template names its own namespace's agents and the code's default trust domain.
+    assert ctx.params["agent_identity"] == "weft-system/weft-agent"
+    assert ctx.params["trust_domain"] == DEFAULT_TRUST_DOMAIN
     rules = _one("ClusterRole", "weft-controlplane")["rules"]
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
                for v in rule["verbs"]}  # fmt: skip

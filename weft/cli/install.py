@@ -275,9 +275,12 @@ def verify(docs: Sequence[dict[str, Any]]) -> None:
         c = _container(found[0], container)
         argv = list(c["args"])
         env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+        (level,) = [p for p in cli.params if p.name == "log_level"]
         try:
-            (level,) = [p for p in cli.params if p.name == "log_level"]
             level.type.convert(env.get("WEFT_LOG_LEVEL", "info"), level, None)
+        except click.BadParameter as e:
+            raise InstallError(f"the {container}'s log level: {e.format_message()}") from None
+        try:
             command.make_context(argv[0], argv[1:])
         except click.exceptions.NoSuchOption as e:
             why = " (the tracing exporter is not in this build)" if "trace" in e.option_name else ""
@@ -289,8 +292,6 @@ def verify(docs: Sequence[dict[str, Any]]) -> None:
             raise InstallError(
                 f"the {container}'s arguments {argv}: {e.format_message()}"
             ) from None
-        except click.BadParameter as e:
-            raise InstallError(f"the {container}'s log level: {e.format_message()}") from None
 
 
 def dump(docs: Sequence[dict[str, Any]], output: str, header: str = "") -> str:
