@@ -1,7 +1,7 @@
 """docs/examples (and every other Gateway API object the repository ships) valid against the
 API schemas: HTTPRoute/GRPCRoute against the Gateway API's (tests/gatewayschema.py), the core
 kinds (Service, Deployment, ...) against Kubernetes' with kubernetes-validate, as
-test_manifests does for deploy/kubernetes. Each examples file found is checked, whatever its
+test_manifests does for daemonset/. Each examples file found is checked, whatever its
 name, so an example added later is covered without touching this test."""
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def _examples() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _gateway_docs_elsewhere() -> list[tuple[str, dict[str, Any]]]:
-    """Gateway API objects in any other YAML file of docs/, tests/ or deploy/."""
+    """Gateway API objects in any other YAML file of docs/, tests/ or daemonset/."""
     found = []
-    for top in ("docs", "tests", "deploy"):
+    for top in ("docs", "tests", "daemonset"):
         for path in sorted((ROOT / top).rglob("*.y*ml")):
             if "node_modules" in path.parts or path.parent == EXAMPLES:
                 continue
