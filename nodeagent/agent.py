@@ -214,7 +214,7 @@ class AgentConfig:
     @classmethod
     def for_kubernetes(cls, env: Mapping[str, str], **overrides: Any) -> AgentConfig:
         """The DaemonSet's agent, configured from its environment (see
-        deploy/kubernetes/weft.yaml, which sets each of these).
+        daemonset/weft.yaml, which sets each of these).
 
         ``NODE_NAME``, ``NODE_IP`` (``status.hostIP``) and ``POD_UID`` come from the
         downward API; ``WEFT_CONTROLPLANE`` names the control plane's service.  Paths
@@ -227,7 +227,7 @@ class AgentConfig:
             value = env.get(name, "").strip()
             if not value:
                 raise AgentError(
-                    f"${name} is not set: the DaemonSet sets it (see deploy/kubernetes)"
+                    f"${name} is not set: the DaemonSet sets it (see daemonset/weft.yaml)"
                 )
             return value
 
@@ -236,7 +236,7 @@ class AgentConfig:
         bpffs = Path(env.get("WEFT_BPFFS", "/sys/fs/bpf"))
         for path, what in ((cgroup2, "cgroup v2 (host)"), (bpffs, "bpffs")):
             if not path.is_dir():
-                raise AgentError(f"{what} is not mounted at {path}: see deploy/kubernetes")
+                raise AgentError(f"{what} is not mounted at {path}: see daemonset/weft.yaml")
         extra = tuple(a.strip() for a in env.get("WEFT_NODE_ADDRS", "").split(",") if a.strip())
         return cls(
             node=node,

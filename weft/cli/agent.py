@@ -35,7 +35,7 @@ def _ports(value: str) -> tuple[int, ...]:
     "--kubernetes",
     is_flag=True,
     help="Run as the DaemonSet's agent: node, addresses and mounts from the environment "
-    "(NODE_NAME, NODE_IP, POD_UID, WEFT_CONTROLPLANE; see deploy/kubernetes).",
+    "(NODE_NAME, NODE_IP, POD_UID, WEFT_CONTROLPLANE; see daemonset/weft.yaml).",
 )
 @click.option("--outbound-port", default=15001, show_default=True)
 @click.option("--admin-port", default=15020, show_default=True)
