@@ -35,11 +35,27 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   :attr:`status_failure` answers every status write with an HTTP error (403: no RBAC);
   :attr:`forbidden` answers a resource's list and watch with 403 (no RBAC for it).
 * ``Authorization: Bearer <token>`` is checked when the fake has a token (else 401).
+* ``tls=True``: HTTPS with a serving certificate from a fresh cluster CA
+  (:class:`ServingCerts`: SANs ``127.0.0.1``, ``localhost`` and the in-cluster names);
+  :meth:`FakeKubeAPI.in_cluster` writes a service account volume (``token``, ``ca.crt``,
+  ``namespace``) and returns the environment a pod gets, so the client is tested the
+  way it runs in a pod (``KUBERNETES_SERVICE_HOST``/``_PORT`` + those two files, as
+  ``kubernetes.config.load_incluster_config`` reads them).
+* What a real server does that a client must cope with: :attr:`chunk_bytes` cuts the
+  watch stream's chunks anywhere, inside events; :attr:`coalesce_events` sends events
+  that are ready together in one chunk; :attr:`bookmark_interval` sends each watch that
+  asked for bookmarks a periodic BOOKMARK at the current resourceVersion, as
+  kube-apiserver does about once a minute; :meth:`throttle` answers requests with ``429
+  Too Many Requests`` and ``Retry-After`` (API Priority and Fairness); :attr:`forbidden`
+  and :attr:`forbidden_watch` answer 403 worded as RBAC words it (``cannot watch
+  resource "pods" in API group "" at the cluster scope``); :meth:`compact` forgets
+  history without ending current watches, as etcd's periodic compaction does.
 
 Resource versions are one counter across all kinds, like etcd's revision.  What tests
 can do besides changing objects: :meth:`bookmark`, :meth:`expire` (compact history and
-send open watches a 410), :meth:`unobserved` (changes no watch will see — the events a
-client misses while compacted away), :meth:`drop_watches` (cut streams mid-chunk),
+send open watches a 410), :meth:`compact`, :meth:`throttle`, :meth:`unobserved` (changes
+no watch will see — the events a client misses while compacted away), :meth:`drop_watches`
+(cut streams mid-chunk),
 :meth:`partition` (refuse every connection).  :attr:`requests` records what the client
 sent.
 
@@ -50,18 +66,28 @@ server that does not share the test's event loop cannot be stalled by it.
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import ipaddress
 import json
 import re
 import socket
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 JSON = dict[str, Any]
 
@@ -135,6 +161,8 @@ class Request:
     method: str = "GET"
     body: Any = None
     """The decoded JSON body of a POST, PUT or PATCH."""
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic``): to check how long a client waited."""
 
     @property
     def resource(self) -> str | None:
@@ -176,9 +204,87 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class ServingCerts:
+    """The cluster CA and the API server's serving certificate, as kubeadm makes them:
+    a self-signed ``kubernetes`` CA (what pods find in their service account's
+    ``ca.crt``) and a leaf for the names and addresses clients dial — here
+    ``127.0.0.1`` and ``localhost`` besides the in-cluster names."""
+
+    NAMES = ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
+             "kubernetes.default.svc.cluster.local", "localhost")  # fmt: skip
+    ADDRESSES = ("127.0.0.1", "10.96.0.1")
+
+    def __init__(self, directory: Path) -> None:
+        now = dt.datetime.now(dt.UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in self.NAMES]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in self.ADDRESSES]
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, True, False, False, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+        self.ca_file = directory / "ca.crt"
+        self.ca_file.write_bytes(self.ca_pem)
+        self.cert_file = directory / "apiserver.crt"
+        self.cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        self.key_file = directory / "apiserver.key"
+        self.key_file.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
 class FakeKubeAPI:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, *, tls: bool = False) -> None:
+        """``tls``: serve HTTPS with a serving certificate from a fresh cluster CA
+        (:attr:`certs`); :meth:`in_cluster` writes what a pod would find."""
         self.token = token
+        self._tmp = tempfile.TemporaryDirectory(prefix="fakeapi-") if tls else None
+        self.certs = ServingCerts(Path(self._tmp.name)) if self._tmp is not None else None
         self.gone_as_status = False
         """Answer a too-old watch with HTTP 410 instead of a 200 + ERROR event."""
         self.after_list_page: Callable[[str], None] | None = None
@@ -200,6 +306,21 @@ class FakeKubeAPI:
         """Answer every TokenReview with this HTTP status instead (an outage)."""
         self.status_failure: int | None = None
         """Answer every status write with this HTTP status (403: no RBAC)."""
+        self.forbidden_watch: set[str] = set()
+        """Resources whose watch (only) answers 403: a Role granting list but not watch."""
+        self.chunk_bytes: int | None = None
+        """Cut every chunk of a watch stream into chunks of at most this many bytes, so
+        events arrive split across chunk boundaries (a large object does from a real
+        server; proxies re-chunk anything)."""
+        self.coalesce_events = False
+        """Send the events that are ready together (the initial ADDEDs, a replay, changes
+        made between two wake-ups) in one chunk, as the API server's buffered writer
+        may; with :attr:`chunk_bytes` a chunk can then end inside the next event."""
+        self.bookmark_interval: float | None = None
+        """Send each watch that asked for bookmarks (``allowWatchBookmarks=true``) a
+        BOOKMARK at the current resourceVersion this often, as kube-apiserver does (about
+        once a minute) — even while nothing of its resource changes."""
+        self._throttled: dict[str | None, list[int]] = {}
         self._cond = threading.Condition()
         self._rv = 1000
         self._compacted = self._rv
@@ -221,7 +342,30 @@ class FakeKubeAPI:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.certs else 'http'}://{host!s}:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def in_cluster(self, directory: Path) -> dict[str, str]:
+        """Write what a pod's service account volume holds (``token``, ``ca.crt``,
+        ``namespace``) into ``directory``, and return the settings a pod's environment
+        gives: ``KUBERNETES_SERVICE_HOST``/``_PORT``, and the two files' paths under the
+        names the control plane's `KubeConfig.from_mapping` takes (in a pod they default
+        to ``/var/run/secrets/kubernetes.io/serviceaccount/``)."""
+        if self.certs is None or self.token is None:
+            raise ValueError("in_cluster needs FakeKubeAPI(token=..., tls=True)")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "token").write_text(self.token)
+        (directory / "ca.crt").write_bytes(self.certs.ca_pem)
+        (directory / "namespace").write_text("weft-system")
+        return {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.port),
+            "token_file": str(directory / "token"),
+            "ca_file": str(directory / "ca.crt"),
+        }
 
     def start(self) -> FakeKubeAPI:
         self._thread.start()
@@ -237,6 +381,8 @@ class FakeKubeAPI:
         self._shutdown(conns)
         self._server.server_close()  # joins the handler threads
         self._thread.join()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def __enter__(self) -> FakeKubeAPI:
         return self.start()
@@ -396,9 +542,34 @@ class FakeKubeAPI:
         """Compact: forget history up to now.  Open watches get ``ERROR 410`` and end;
         new watches from an older version, and old continue tokens, get 410 too."""
         with self._cond:
+            self.compact()
+            self._emit(_Entry(self._rv, "ERROR", None, None))
+
+    def compact(self) -> str:
+        """Forget history up to now, as etcd's periodic compaction does, without ending
+        open watches (they are current): only a watch *from* an older version gets 410.
+        Returns the compacted revision."""
+        with self._cond:
             self._compacted = self._rv
             self._continues.clear()
-            self._emit(_Entry(self._rv, "ERROR", None, None))
+            return str(self._rv)
+
+    def throttle(self, times: int, retry_after: int = 1, resource: str | None = None) -> None:
+        """Answer the next ``times`` list or watch requests (of ``resource``, or of any)
+        with ``429 Too Many Requests`` and ``Retry-After: retry_after``, as API Priority
+        and Fairness does when the control plane's priority level is full."""
+        with self._cond:
+            self._throttled[resource] = [times, retry_after]
+
+    def _take_throttle(self, resource: str) -> int | None:
+        """The Retry-After to answer this request with, or None to serve it."""
+        with self._cond:
+            for key in (resource, None):
+                held = self._throttled.get(key)
+                if held and held[0] > 0:
+                    held[0] -= 1
+                    return held[1]
+        return None
 
     @contextmanager
     def unobserved(self) -> Iterator[None]:
@@ -462,7 +633,7 @@ class FakeKubeAPI:
             h.close_connection = True
             self._shutdown({h.connection})
             return
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+        if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
         single = _SINGLE_POD.match(url.path)
@@ -492,15 +663,29 @@ class FakeKubeAPI:
                 404, status(404, "NotFound", "the server could not find the requested resource")
             )
             return
-        if r.name in self.forbidden:
-            h.send_json(403, status(403, "Forbidden", f'{r.name} is forbidden: User '
-                        '"system:serviceaccount:weft-system:weft-controlplane" cannot list '
-                        f'resource "{r.name}" at the cluster scope'))  # fmt: skip
+        watch = _parse_bool(query.get("watch"))
+        if r.name in self.forbidden or (watch and r.name in self.forbidden_watch):
+            h.send_json(403, _forbidden(r, "watch" if watch else "list"))
             return
-        if _parse_bool(query.get("watch")):
+        retry_after = self._take_throttle(r.name)
+        if retry_after is not None:
+            body = status(429, "TooManyRequests", "Too many requests, please try again later.")
+            body["details"] = {"retryAfterSeconds": retry_after}
+            h.send_json(429, body, {"Retry-After": str(retry_after)})
+            return
+        if watch:
             self._serve_watch(h, r, query)
         else:
             self._serve_list(h, r, query)
+
+    def _authorized(self, h: _Handler) -> bool:
+        """``Authorization: Bearer <token>``; the scheme is case-insensitive, as the API
+        server's bearer-token authenticator reads it (``load_incluster_config`` sends
+        ``bearer``)."""
+        if self.token is None:
+            return True
+        scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and token.strip() == self.token
 
     def _installed(self, resource: str) -> bool:
         if resource in GATEWAY_API:
@@ -519,7 +704,7 @@ class FakeKubeAPI:
         headers = {k.lower(): v for k, v in h.headers.items()}
         self.requests.append(Request(url.path, {}, headers))
         body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"{}")
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+        if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
         if url.path != TOKEN_REVIEWS:
@@ -559,7 +744,7 @@ class FakeKubeAPI:
         except ValueError:
             body = _UNDECODABLE
         self.requests.append(Request(url.path, query, headers, h.command, body))
-        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+        if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
         route = self._single_custom(url.path)
@@ -699,22 +884,43 @@ class FakeKubeAPI:
             # client has begun, rather than a request urllib3 would silently retry.
             with self._cond:
                 self._watch_connections[h.connection] = r.name
-            for obj in initial:
-                h.send_event({"type": "ADDED", "object": obj})
+            if initial:
+                h.send_events([{"type": "ADDED", "object": obj} for obj in initial])
+            next_bookmark = (
+                time.monotonic() + self.bookmark_interval
+                if bookmarks and self.bookmark_interval
+                else None
+            )
             while True:
+                periodic: JSON | None = None
                 with self._cond:
                     while cursor >= len(self._log) and not self._closing:
-                        remaining = deadline - time.monotonic() if deadline else 0.5
+                        now = time.monotonic()
+                        remaining = deadline - now if deadline else 0.5
+                        if next_bookmark is not None:
+                            remaining = min(remaining, next_bookmark - now)
                         if remaining <= 0:
                             break
                         self._cond.wait(min(remaining, 0.5))
                     entries, cursor = self._log[cursor:], len(self._log)
                     closing = self._closing
-                if closing or (deadline and time.monotonic() >= deadline and not entries):
+                    if next_bookmark is not None and time.monotonic() >= next_bookmark:
+                        assert self.bookmark_interval is not None
+                        next_bookmark = time.monotonic() + self.bookmark_interval
+                        # Everything up to now is in `entries` (sent below, before it),
+                        # so the bookmark promises nothing the stream has not carried.
+                        # Not while changes go unobserved: that would skip them silently.
+                        if self._observed:
+                            periodic = _bookmark(r, self._rv)
+                if closing or (
+                    deadline and time.monotonic() >= deadline and not entries and not periodic
+                ):
                     h.end_chunked()
                     return
+                batch: list[JSON] = []
                 for e in entries:
                     if e.type == "ERROR":
+                        h.send_events(batch)
                         h.send_event(
                             {
                                 "type": "ERROR",
@@ -727,18 +933,13 @@ class FakeKubeAPI:
                         return
                     if e.type == "BOOKMARK":
                         if bookmarks:
-                            h.send_event(
-                                {
-                                    "type": "BOOKMARK",
-                                    "object": {
-                                        "kind": r.kind,
-                                        "apiVersion": r.api_version,
-                                        "metadata": {"resourceVersion": str(e.rv)},
-                                    },
-                                }
-                            )
+                            batch.append(_bookmark(r, e.rv))
                     elif e.resource == r.name:
-                        h.send_event({"type": e.type, "object": e.obj})
+                        batch.append({"type": e.type, "object": e.obj})
+                if periodic is not None:
+                    batch.append(periodic)
+                if batch:
+                    h.send_events(batch)
         except OSError:
             h.close_connection = True  # dropped: by the client, or by drop_watches()
         finally:
@@ -748,6 +949,31 @@ class FakeKubeAPI:
 
 def _key(namespace: str | None, name: str) -> str:
     return f"{namespace}/{name}" if namespace else name
+
+
+def _bookmark(r: ResourceType, rv: int) -> JSON:
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": r.kind,
+            "apiVersion": r.api_version,
+            "metadata": {"resourceVersion": str(rv)},
+        },
+    }
+
+
+def _forbidden(r: ResourceType, verb: str) -> JSON:
+    """RBAC's denial, worded as the API server words it."""
+    group = r.api_version.split("/")[0] if "/" in r.api_version else ""
+    qualified = f"{r.name}.{group}" if group else r.name
+    body = status(
+        403,
+        "Forbidden",
+        f'{qualified} is forbidden: User "system:serviceaccount:weft-system:weft-controlplane" '
+        f'cannot {verb} resource "{r.name}" in API group "{group}" at the cluster scope',
+    )
+    body["details"] = {"group": group, "kind": r.name}
+    return body
 
 
 def _not_found(r: ResourceType, name: str) -> JSON:
@@ -872,13 +1098,22 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        super().setup()
         with self.server.fake._cond:
-            self.server.fake._connections.add(self.connection)
+            self.server.fake._connections.add(self.request)
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.settimeout(10)
+                self.request.do_handshake()  # a client that does not trust us ends here
+                self.request.settimeout(None)
+            except BaseException:
+                with self.server.fake._cond:
+                    self.server.fake._connections.discard(self.request)
+                raise
+        super().setup()
 
     def finish(self) -> None:
         with self.server.fake._cond:
-            self.server.fake._connections.discard(self.connection)
+            self.server.fake._connections.discard(self.request)
         try:
             super().finish()
         except OSError:
@@ -896,11 +1131,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self.server.fake._serve_write(self)
 
-    def send_json(self, code: int, body: JSON) -> None:
+    def send_json(self, code: int, body: JSON, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Cache-Control", "no-cache, private")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -914,8 +1151,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def send_event(self, event: JSON) -> None:
-        data = json.dumps(event).encode() + b"\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.send_events([event])
+
+    def send_events(self, events: Sequence[JSON]) -> None:
+        """One chunk per event; or, with the fake's ``coalesce_events``, one for all;
+        either cut to ``chunk_bytes`` if set."""
+        fake = self.server.fake
+        lines = [json.dumps(e).encode() + b"\n" for e in events]
+        chunks = [b"".join(lines)] if fake.coalesce_events else lines
+        if fake.chunk_bytes:
+            n = fake.chunk_bytes
+            chunks = [c[i : i + n] for c in chunks for i in range(0, len(c), n)]
+        for data in chunks:
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def end_chunked(self) -> None:
@@ -932,7 +1181,16 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, fake: FakeKubeAPI) -> None:
         self.fake = fake
+        self.tls = fake.certs.server_context() if fake.certs is not None else None
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake happens on the handler's thread (_Handler.setup), so a client that
+        # connects and says nothing cannot stall the accept loop.
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # connections cut on purpose end in errors; the tests judge by outcomes

@@ -9,8 +9,10 @@ advances the resourceVersion, so a reconnect resumes exactly where the last one 
 A ``410 Gone`` (an ``ERROR`` event with code 410, or an HTTP 410) means the server no
 longer has history that old: relist, and diff the new list against what we hold, so
 objects deleted meanwhile disappear (no phantoms) and new ones appear (none missed).
-Connection errors and other API errors reconnect with exponential backoff and jitter;
-no bytes for ``inactivity_timeout`` (the API server sends each watcher a bookmark about
+Connection errors and other API errors reconnect with exponential backoff and jitter
+(a 429 or 503 waits at least its ``Retry-After``, which urllib3 is told not to sleep
+away unseen; a 403 names the verb and resource, and keeps the last listed state, also
+of a custom resource that was listed before); no bytes for ``inactivity_timeout`` (the API server sends each watcher a bookmark about
 once a minute) means the connection is dead, and is handled the same way.
 
 **Threads, not an async client.**  The official ``kubernetes`` client is synchronous
@@ -238,6 +240,11 @@ def make_api_client(config: KubeConfig) -> k8s.ApiClient:
     conf.connection_pool_maxsize = 2 * len(RESOURCES) + 1
     # TCP keepalive as client-go dials: a dead peer is noticed even on an idle watch.
     conf.keep_alive = True
+    # urllib3's default retries (three, for connection errors) but not its silent
+    # "429/503 with Retry-After: sleep and retry": that sleep would block a watcher's
+    # thread where cancellation cannot reach it, unlogged.  The watcher honours
+    # Retry-After itself (`_retry_after`).
+    conf.retries = urllib3.Retry(total=3, respect_retry_after_header=False)
     token_state: dict[str, Any] = {"stamp": None}
 
     def read_token(c: Any) -> None:
@@ -1089,6 +1096,8 @@ class _Watcher:
         self.stats = source.stats[resource.name]
         self.backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         self.rv: str | None = None
+        self._verb = "list"
+        """What the watcher is doing (``list``/``watch``): named when it fails."""
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"weft-kube-{resource.name}"
         )
@@ -1131,19 +1140,20 @@ class _Watcher:
                     self.rv = None
                 except RETRYABLE as e:
                     delay = self.backoff.next()
+                    retry_after = _retry_after(e)
+                    if retry_after is not None:
+                        # The server said when (429 from API Priority and Fairness, a
+                        # 503 while it starts): not sooner, but within reason.
+                        delay = max(delay, min(retry_after, 10 * self.config.backoff_max))
                     self.stats.errors += 1
                     self.stats.last_error = _describe(e)
-                    level = logging.ERROR if _is_auth_error(e) else logging.WARNING
                     log.log(
-                        level,
+                        logging.ERROR if _is_auth_error(e) else logging.WARNING,
                         "%s: %s; retrying in %.2fs%s",
                         name,
-                        self.stats.last_error,
+                        self._explain(e, retry_after),
                         delay,
-                        " (needs RBAC list/watch on pods, services, endpointslices, "
-                        "namespaces; see docs/discovery.md)"
-                        if _is_auth_error(e)
-                        else "",
+                        "; agents keep the last state meanwhile" if self.stats.lists else "",
                     )
                     await asyncio.sleep(delay)
         except asyncio.CancelledError:
@@ -1154,13 +1164,42 @@ class _Watcher:
         finally:
             await self._stop_thread()
 
+    def _explain(self, e: BaseException, retry_after: float | None) -> str:
+        """What failed, in words an operator acts on: the verb and resource, the server's
+        own message, and for a 403 what RBAC must grant."""
+        what = f"{self._verb} {self.resource.name}"
+        if not isinstance(e, ApiException):
+            return f"{what}: {_describe(e)}"
+        detail = _describe(e)
+        message = _status_message(e)
+        if message:
+            detail += f": {message}"
+        if retry_after is not None:
+            detail += f"; Retry-After {retry_after:g} s"
+        if _is_auth_error(e):
+            group = self.resource.group_version.split("/")[0] or "core"
+            return (
+                f"{what} {'forbidden' if e.status == 403 else 'unauthorized'} ({detail}); "
+                f"the control plane's ClusterRole needs list and watch on {self.resource.name} "
+                f"(API group {group}; see docs/discovery.md)"
+            )
+        if e.status == 429:
+            return f"{what} throttled ({detail})"
+        return f"{what}: {detail}"
+
     async def _list(self) -> bool:
         """List and hold the result; False if an optional resource's API is absent (404:
         its CRD is not installed), which counts as an empty list."""
+        self._verb = "list"
         try:
             facts, rv = await self._in_thread(self._list_blocking)
         except ApiException as e:
             if not (self.resource.optional and e.status in (403, 404)):
+                raise
+            if e.status == 403 and self.stats.lists and not self.stats.absent:
+                # Listed before, forbidden now (RBAC changed, or a bad rollout): the
+                # objects did not go away — keep them, and retry.  Dropping them would
+                # lift every AuthorizationPolicy in force: fail open.
                 raise
             if not self.stats.absent:
                 why = "CRD not installed"
@@ -1242,6 +1281,7 @@ class _Watcher:
 
     async def _watch(self) -> None:
         assert self.rv is not None
+        self._verb = "watch"
         # Randomised like client-go, so the watches of many replicas do not end together.
         timeout = max(1, int(self.config.watch_timeout * (1 + random.random())))
         started, events = time.monotonic(), 0
@@ -1501,6 +1541,32 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, ApiException):
         return f"API error {e.status} {e.reason}".strip()
     return f"{type(e).__name__}: {e}"
+
+
+def _status_message(e: ApiException) -> str:
+    """The ``message`` of the ``Status`` body the API server answered with ("pods is
+    forbidden: User ... cannot watch resource ..."), or ""."""
+    try:
+        body = json.loads(e.body or "")
+    except (TypeError, ValueError):
+        return ""
+    message = body.get("message") if isinstance(body, dict) else None
+    return message[:500] if isinstance(message, str) else ""
+
+
+MAX_RETRY_AFTER = 3600.0
+
+
+def _retry_after(e: BaseException) -> float | None:
+    """Seconds from a 429 or 503 answer's ``Retry-After`` (delta-seconds, as the API
+    server sends it), else None."""
+    if not isinstance(e, ApiException) or e.status not in (429, 503) or not e.headers:
+        return None
+    try:
+        value = float(e.headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+    return min(max(value, 0.0), MAX_RETRY_AFTER) if value == value else None
 
 
 class KubeSource:

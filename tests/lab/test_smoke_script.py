@@ -69,4 +69,3 @@ def test_smoke_script_fails_without_the_mesh(demo_lab: LabRunner) -> None:
     assert "answered by: echo-1" in proc.stdout
     assert "no metrics from agent(s) node-1 node-2" in proc.stderr
     assert "PASSED" not in proc.stdout
-
