@@ -558,3 +558,38 @@ def test_captured_pods_reads_the_agents_gauge() -> None:
     assert inst.captured_pods("# HELP x\nweft_captured_pods 4.0\nweft_captured_podsx 1\n") == 4
     with pytest.raises(inst.UninstallError):
         inst.captured_pods("weft_other 1\n")
+
+
+def test_real_kubectl_passes_the_kubeconfig_and_reports_kubectls_error(tmp_path: Path) -> None:
+    """The subprocess seam itself, with a stand-in kubectl binary that records its argv."""
+    log = tmp_path / "argv"
+    fake = tmp_path / "kubectl"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {log}\n'
+        "cat > /dev/null\n"
+        'case "$*" in *forbidden*) echo "Error from server (Forbidden): no" >&2; exit 1;; esac\n'
+        "echo ok\n"
+    )
+    fake.chmod(0o755)
+    run = inst.real_kubectl(str(tmp_path / "cfg"), "kind-weft", binary=str(fake))
+    assert run(["get", "pods"], "stdin text") == "ok\n"
+    assert log.read_text().split() == [f"--kubeconfig={tmp_path / 'cfg'}", "--context=kind-weft",
+                                       "get", "pods"]  # fmt: skip
+    with pytest.raises(inst.UninstallError, match=r"kubectl get forbidden: .*Forbidden"):
+        run(["get", "forbidden"], None)
+    missing = inst.real_kubectl("cfg", None, binary=str(tmp_path / "nope"))
+    with pytest.raises(inst.UninstallError, match="not found"):
+        missing(["version"], None)
+
+
+def test_uninstall_command_stops_at_the_first_failed_step(tmp_path: Path) -> None:
+    fake = tmp_path / "kubectl"
+    fake.write_text('#!/bin/sh\necho "The connection to the server was refused" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    result = CliRunner().invoke(
+        cli, ["uninstall", "--kubeconfig", str(tmp_path / "cfg"), "--kubectl", str(fake)]
+    )
+    assert result.exit_code == 1
+    assert "error: kubectl get namespaces" in result.output and "refused" in result.output
+    assert "uninstalled" not in result.output
