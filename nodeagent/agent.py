@@ -93,6 +93,7 @@ from nodeagent.proxy.tunnel import (
     connect_target_plaintext,
 )
 from nodeagent.proxy.tunnel.hooks import ServedStream
+from nodeagent.proxy.tunnel.wire import Extensions, carries_routes
 from nodeagent.proxy.upstream import MeshUpstreams
 from nodeagent.retrymetrics import RetryMetrics
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
@@ -809,15 +810,27 @@ class Agent:
         return w.identity
 
     async def _inbound_http_stream(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+        self,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        label: str,
+        extensions: Extensions,
     ) -> ServedStream:
         """One tunnel stream whose client node detected HTTP/1.1: relayed to the pod
         and observed, with the connection to the pod made (or the OSError that refuses
         the stream)."""
-        return await self.inbound_http.observe(client, presented, target, label)
+        return await self.inbound_http.observe(
+            client, presented, target, label, routed=carries_routes(extensions)
+        )
 
     async def _inbound_h2_stream(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+        self,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        label: str,
+        extensions: Extensions,
     ) -> ServedStream:
         """One tunnel stream whose client node detected h2: relayed to one h2c
         connection to the pod and observed frame by frame."""

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from nodeagent.proxy.http.message import ROUTE_HEADER
 from nodeagent.proxy.http.observe import RequestGate
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.tunnel.hooks import Decision as StreamDecision
@@ -51,6 +52,7 @@ DECISIONS_PER_WORKLOAD = 4096
 MAX_REMEMBERED_PATH = 256
 """Longer paths are judged every time: the memory stays under a few MiB per workload."""
 PUBLIC_DENIAL = "an authorization policy denies this request"
+ROUTE_HEADER_NAME = ROUTE_HEADER.decode()
 
 
 _HELP = {
@@ -161,18 +163,19 @@ class Authorizer:
         method: str,
         path: str,
         headers: Callable[[], Mapping[str, str]],
+        route: str | None = None,
     ) -> str | None:
-        """An HTTP/2 request (gRPC call) on the *caller's* node, for the endpoint chosen:
-        None to send it, else why not (answered 403 / ``PERMISSION_DENIED``). The
-        destination only relays HTTP/2 frames, so it judges these streams at L4 and
-        leaves the requests to this node, which holds the caller's identity (counted as
-        ``outbound_http_authz_*``)."""
+        """An HTTP/2 request (gRPC call) on the *caller's* node, for the endpoint chosen
+        (``route``: the Gateway API route it matched, ``ns/name``): None to send it, else
+        why not (answered 403 / ``PERMISSION_DENIED``). The destination only relays
+        HTTP/2 frames, so it judges these streams at L4 and leaves the requests to this
+        node, which holds the caller's identity (counted as ``outbound_http_authz_*``)."""
         c = self._compiled(target[0])
         if c is None or c.policies.trivial:
             return None
         d = self.request(client, target, method, path,
                          headers() if c.policies.has_header_rules else {},
-                         layer="outbound_http")  # fmt: skip
+                         layer="outbound_http", route=route)  # fmt: skip
         return None if d.allowed else PUBLIC_DENIAL
 
     def request(
@@ -184,8 +187,10 @@ class Authorizer:
         headers: Mapping[str, str],
         *,
         layer: str = "http",
+        route: str | None = None,
     ) -> Decision:
-        """One inbound HTTP request (``headers``: lowercase names).
+        """One inbound HTTP request (``headers``: lowercase names; ``route``: the
+        Gateway API route it matched on the caller's node, ``ns/name``).
 
         Decisions are remembered per (caller, port, method, path) while the workload's
         policies stay the same — unless a policy looks at headers — so a busy client's
@@ -195,10 +200,10 @@ class Authorizer:
         if c is None:
             return Decision(False, "none", reason="no workload at the target")
         ps = c.policies
-        key = (client, target[1], method, path)
+        key = (client, target[1], method, path, route)
         d = c.decisions.get(key) if not ps.has_header_rules else None
         if d is None:
-            d = ps.evaluate(Request(client, "", target[1], method, path, headers))
+            d = ps.evaluate(Request(client, "", target[1], method, path, headers, route))
             if not ps.has_header_rules and len(path) <= MAX_REMEMBERED_PATH:
                 if len(c.decisions) >= DECISIONS_PER_WORKLOAD:
                     c.decisions.clear()
@@ -206,9 +211,10 @@ class Authorizer:
         self._record(layer, ps, d, client, target, method, path)
         return d
 
-    def gate(self, client: SpiffeId, target: Address) -> RequestGate:
-        """The inbound HTTP/1.1 observer's gate for one stream (`InboundHttp`)."""
-        return _Gate(self, client, target)
+    def gate(self, client: SpiffeId, target: Address, routed: bool = False) -> RequestGate:
+        """The inbound HTTP/1.1 observer's gate for one stream (`InboundHttp`);
+        ``routed``: its requests' ``weft-route`` header may be believed."""
+        return _Gate(self, client, target, routed)
 
     def _record(
         self,
@@ -250,31 +256,38 @@ class _Compiled:
     def __init__(self, workload: Workload, policies: PolicySet) -> None:
         self.workload = workload
         self.policies = policies
-        self.decisions: dict[tuple[SpiffeId, int, str, str], Decision] = {}
+        self.decisions: dict[tuple[SpiffeId, int, str, str, str | None], Decision] = {}
 
 
 class _Gate:
     """`RequestGate` of one stream: each request judged against the policies in force
-    when it arrives (a policy change reaches open connections too)."""
+    when it arrives (a policy change reaches open connections too). Per-route policies
+    look at the ``weft-route`` header the client node set, on streams whose OPEN says it
+    did (``routed``); elsewhere a request matched no route, whatever it carries."""
 
-    __slots__ = ("_authz", "_client", "_target")
+    __slots__ = ("_authz", "_client", "_routed", "_target")
 
-    def __init__(self, authz: Authorizer, client: SpiffeId, target: Address) -> None:
+    def __init__(self, authz: Authorizer, client: SpiffeId, target: Address, routed: bool) -> None:
         self._authz = authz
         self._client = client
         self._target = target
+        self._routed = routed
 
     @property
     def needs_headers(self) -> bool:
         c = self._authz._compiled(self._target[0])
-        return c is not None and c.policies.has_header_rules
+        if c is None:
+            return False
+        ps = c.policies
+        return ps.has_header_rules or (self._routed and ps.has_route_policies)
 
     def judge(self, method: str, target: bytes, headers: dict[str, str]) -> str | None:
         c = self._authz._compiled(self._target[0])
         if c is not None and c.policies.trivial:
             return None  # no policy: the stream's L4 decision holds for each request
+        route = headers.get(ROUTE_HEADER_NAME) if self._routed else None
         d = self._authz.request(self._client, self._target, method,
-                                target.decode("latin-1"), headers)  # fmt: skip
+                                target.decode("latin-1"), headers, route=route)  # fmt: skip
         # The caller learns only that a policy said no; the log names which (and why).
         return None if d.allowed else PUBLIC_DENIAL
 

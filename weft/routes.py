@@ -231,6 +231,12 @@ class RouteTable:
         return None
 
 
+def backend_services(route: Route) -> frozenset[str]:
+    """The services (``ns/name``) the rules of ``route`` send requests to: the workloads
+    behind them are the ones a policy targeting the route applies to."""
+    return frozenset(b.service for r in route.rules for b in r.backends if not b.invalid)
+
+
 def table_for(service: str, routes: Sequence[Route], port: int | None = None) -> RouteTable:
     """The route table of ``service`` (requests to ``port``; None: any): every rule of
     every route that names it as a parent, ordered by the spec's precedence."""

@@ -112,7 +112,7 @@ from weft.policy import GROUP as POLICY_GROUP
 from weft.policy import KIND as POLICY_KIND
 from weft.policy import VERSION as POLICY_VERSION
 from weft.routes import GROUP as ROUTE_GROUP
-from weft.routes import Route, RouteError, parse_route
+from weft.routes import Route, RouteError, backend_services, parse_route
 from weft.traffic import LastValid, traffic_keys
 
 log = logging.getLogger("weft.discovery.kube")
@@ -401,9 +401,6 @@ class PolicyFacts:
         return f"{self.namespace}/{self.name}"
 
 
-NOT_ENFORCED_YET = "spec.targetRefs (per-route policy) is not enforced yet"
-
-
 def parse_authorization_policy(obj: JSON) -> PolicyFacts:
     """A rejected policy is not an error here: the view logs it (once per reason) and
     keeps its last valid version in force; its status says why."""
@@ -415,8 +412,6 @@ def parse_authorization_policy(obj: JSON) -> PolicyFacts:
     policy: Policy | None
     try:
         policy, error = parse_policy(obj), ""
-        if policy.target_routes:
-            policy, error = None, NOT_ENFORCED_YET
     except PolicyError as e:
         policy, error = None, str(e)
     return PolicyFacts(ns, name, policy, error, str(meta.get("resourceVersion") or ""),
@@ -676,11 +671,13 @@ class ClusterView:
         elif isinstance(f, RouteFacts):
             self._table(resource)[f.key] = f
             self._dirty_services.update(f.parents)
+            self._routes_changed(f.namespace)
         else:
             self.slices[f.key] = f
             if f.service is not None:
                 self._slices_by_service.setdefault(f.service, set()).add(f.key)
                 self._dirty_services.add(f.service)
+            self._routes_changed(f.namespace)
 
     def _remove(self, resource: str, key: str) -> None:
         old = self._table(resource).pop(key, None)
@@ -695,12 +692,15 @@ class ClusterView:
             self._dirty_services.add(key)
         elif isinstance(old, RouteFacts):
             self._dirty_services.update(old.parents)
+            self._routes_changed(old.namespace)
         elif isinstance(old, PolicyFacts):
             _discard_key(self.in_force, old.namespace, key)
             self._dirty_workloads |= self._pods_by_ns.get(old.namespace, set())
-        elif isinstance(old, SliceFacts) and old.service is not None:
-            _discard(self._slices_by_service, old.service, key)
-            self._dirty_services.add(old.service)
+        elif isinstance(old, SliceFacts):
+            if old.service is not None:
+                _discard(self._slices_by_service, old.service, key)
+                self._dirty_services.add(old.service)
+            self._routes_changed(old.namespace)
 
     def _put_policy(self, f: PolicyFacts) -> None:
         old = self.policies.get(f.key)
@@ -768,6 +768,7 @@ class ClusterView:
             self.mesh_default,
         )
         mode = enforced_inbound_mode(pod.inbound_mode, default, explicit)
+        in_force = list(self.in_force.get(pod.namespace, {}).values())
         return Workload(
             uid=pod.uid,
             name=pod.name,
@@ -784,9 +785,34 @@ class ClusterView:
             opaque_ports=pod.opaque_ports,
             default_policy=default,
             policies=applicable(
-                pod.namespace, dict(pod.labels), self.in_force.get(pod.namespace, {}).values()
+                pod.namespace, dict(pod.labels), in_force, self._policy_routes(pod.uid, in_force)
             ),
         )
+
+    def _policy_routes(self, uid: str, policies: Iterable[Policy]) -> set[str]:
+        """The routes (``ns/name``) whose backends include pod ``uid``, when a policy of
+        its namespace targets one (routes and their backends are in the policy's
+        namespace: cross-namespace backends are not supported)."""
+        targeted = {r for p in policies for r in p.target_routes}
+        if not targeted:
+            return set()
+        out = set()
+        for table in (self.httproutes, self.grpcroutes):
+            for key in targeted & table.keys():
+                route = table[key].route
+                if route is None:
+                    continue
+                for svc in backend_services(route):
+                    for sk in self._slices_by_service.get(svc, ()):
+                        if any(e.pod_uid == uid for e in self.slices[sk].endpoints):
+                            out.add(key)
+        return out
+
+    def _routes_changed(self, namespace: str) -> None:
+        """A route or an endpoint slice of ``namespace`` changed: its pods' per-route
+        policies may have too."""
+        if any(p.target_routes for p in self.in_force.get(namespace, {}).values()):
+            self._dirty_workloads |= self._pods_by_ns.get(namespace, set())
 
     def service(self, key: str) -> Service | None:
         svc = self.services.get(key)

@@ -44,7 +44,7 @@ from weft.policy import (
     parse_policy,
     workload_default,
 )
-from weft.routes import Route, RouteError, parse_route
+from weft.routes import Route, RouteError, backend_services, parse_route
 from weft.traffic import LastValid
 
 log = logging.getLogger("weft.discovery.lab")
@@ -77,6 +77,15 @@ def lab_model(
     workloads: list[Workload] = []
     uids: dict[str, str] = {}
     node_ips = {n.name: n.ip for n in plan.nodes}
+    # The routes whose backends each pod is behind: a policy targeting one applies to it.
+    routes_of: dict[str, set[str]] = {}
+    if any(p.target_routes for p in policies):
+        for route in routes:
+            wanted = backend_services(route)
+            for svc in plan.services:
+                if f"{svc.namespace}/{svc.name}" in wanted:
+                    for pod in selected_pods(plan.pods, svc):
+                        routes_of.setdefault(pod.name, set()).add(route.key)
     for pod in plan.pods:
         try:
             identity = SpiffeId.workload(pod.namespace, pod.service_account, trust_domain)
@@ -110,7 +119,9 @@ def lab_model(
                 # mode); a Deployment's pods carry real ones, which win.
                 opaque_ports=opaque_ports(meta),
                 default_policy=default,
-                policies=applicable(pod.namespace, pod.labels, policies),
+                policies=applicable(
+                    pod.namespace, pod.labels, policies, routes_of.get(pod.name, ())
+                ),
             )
         )
     services = [

@@ -187,3 +187,102 @@ def test_http2_and_grpc_requests_are_judged_one_by_one(lab: LabRunner, tmp_path:
     finally:
         lab.weft("lab", "delete", "-f", str(policy))
     _until("no echo policy", lambda: h2("/admin") == 200)
+
+
+ROUTES = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payments-ops, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: payments, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /ops}}]
+      backendRefs: [{name: payments, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payments-rest, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: payments, port: 80}]
+  rules:
+    - backendRefs: [{name: payments, port: 80}]
+---
+apiVersion: weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ops-from-batch, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: payments-ops}]
+  action: ALLOW
+  rules: [{from: [{source: {serviceAccounts: [batch]}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-ops, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /ops}}]
+      backendRefs: [{name: echo, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-rest, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+    - backendRefs: [{name: echo, port: 80}]
+---
+apiVersion: weft.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-ops, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: echo-ops}]
+  action: DENY
+  rules: [{from: [{source: {serviceAccounts: [client]}}]}]
+"""
+
+
+def test_a_per_route_policy_judges_the_requests_its_route_matched(
+    lab: LabRunner, tmp_path: Path
+) -> None:
+    """Policies targeting an HTTPRoute apply to the requests that route matched, on the
+    caller's node: for HTTP/1.1 the route travels to the destination in ``weft-route``
+    (an app's own is dropped), for HTTP/2 the caller's node judges."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES)
+    out = lab.weft("lab", "apply", "-f", str(routes))
+    assert "authorizationpolicy.weft.io/ops-from-batch created" in out.stderr, out.stderr
+    try:
+        took = _until("the ops route's ALLOW",
+                      lambda: _code(lab, "batch-1", f"{URL}/ops/restart") == 200)  # fmt: skip
+        print(f"per-route policy in force {took:.2f} s after apply")
+        got = json.loads(lab.exec("batch-1", "curl", "-s", "-m", "10", f"{URL}/ops/x").stdout)
+        assert got["path"] == "/ops/x"
+        assert _code(lab, "web-1", f"{URL}/ops/restart") == 403  # not batch
+        assert _code(lab, "web-1", f"{URL}/public/x") == 200  # the other route: as before
+        assert _code(lab, "batch-1", f"{URL}/public/x") == 403  # the ops ALLOW is not for it
+        # An app cannot claim a route: its own weft-route header is dropped on its node.
+        spoof = ["-H", "weft-route: shop/payments-ops"]
+        assert _code(lab, "batch-1", *spoof, f"{URL}/public/x") == 403
+        assert _metric(lab, "inbound_http_authz_allow_total", policy="shop/ops-from-batch") >= 2
+        # weft policy check finds the route as the caller's node would.
+        said = lab.weft("policy", "check", "--from", "ns/shop/sa/batch", "--to", "svc/payments",
+                        "-n", "shop", "--method", "GET", "--path", "/ops/x", "-o", "json",
+                        "--lab", lab.name)  # fmt: skip
+        rows = json.loads(said.stdout)
+        assert {r["route"] for r in rows} == {"shop/payments-ops"}
+        assert all(r["request"]["allowed"] for r in rows), rows
+
+        # HTTP/2 on the echo service: the DENY of its ops route, judged per request on
+        # the caller's node; the rest of the service is untouched, over h2 and HTTP/1.1.
+        def h2(path: str) -> int:
+            return _code(lab, "client-1", "--http2-prior-knowledge", f"http://echo{path}")
+
+        _until("the echo ops DENY", lambda: h2("/ops/x") == 403)
+        assert h2("/other") == 200
+        assert _code(lab, "client-1", "http://echo/ops/x") == 403
+        assert _code(lab, "client-1", "http://echo/other") == 200
+        assert _metric(lab, "outbound_http_authz_deny_total", policy="default/no-ops") >= 1
+    finally:
+        lab.weft("lab", "delete", "-f", str(routes))
+    _until("no routes", lambda: _code(lab, "batch-1", f"{URL}/ops/x") == 403)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.discovery.kube import NOT_ENFORCED_YET, KubeSource
+from controlplane.discovery.kube import KubeSource
 from controlplane.discovery.model import CAPTURE_LABEL, DiscoveryStore, InboundMode
 from tests import fakeapi
 from tests.fakeapi import FakeKubeAPI
@@ -110,12 +110,6 @@ async def test_an_invalid_policy_is_not_applied_and_its_last_valid_version_stays
             (kept,) = workloads(store)["web-1"].policies
             assert [str(p.text) for p in kept.rules[0].sources[0].principals] == [
                 "spiffe://cluster.local/ns/shop/sa/web"]  # fmt: skip
-            # Per-route policies are not enforced yet: refused with that reason.
-            routed = {"targetRefs": [{"group": "gateway.networking.k8s.io",
-                                      "kind": "HTTPRoute", "name": "web"}]}  # fmt: skip
-            fake.create(RESOURCE, policy("per-route", routed))
-            await eventually(lambda: accepted(fake, "per-route").get("status") == "False")
-            assert NOT_ENFORCED_YET in accepted(fake, "per-route")["message"]
             # Fixed: in force again, and Accepted turns True.
             fake.update(RESOURCE, policy("web-only", from_web("DENY", app="web")))
             await eventually(lambda: accepted(fake, "web-only").get("status") == "True")
@@ -124,8 +118,51 @@ async def test_an_invalid_policy_is_not_applied_and_its_last_valid_version_stays
             writes = source.status_writer.stats.writes
     said = [r.getMessage() for r in caplog.records if "not accepted" in r.getMessage()]
     # Once per reason, although our own status writes came back as events.
-    assert len(said) == 3, said
-    assert writes >= 5
+    assert len(said) == 2, said
+    assert writes >= 4
+
+
+async def test_a_per_route_policy_reaches_the_workloads_behind_the_route(
+    fake: FakeKubeAPI,
+) -> None:
+    """A policy targeting an HTTPRoute is sent with the workloads its backends hold (the
+    route's rule names the service ``web``: web-1, web-2), and follows the route: gone
+    from them when the route stops naming that backend, back when it does again."""
+    seed(fake)
+    routed = {"action": "ALLOW", "targetRefs": [{"group": "gateway.networking.k8s.io",
+                                                 "kind": "HTTPRoute", "name": "admin"}],
+              "rules": [{"from": [{"source": {"principals": [
+                  "spiffe://cluster.local/ns/shop/sa/ops"]}}]}]}  # fmt: skip
+    fake.create(RESOURCE, policy("admin-ops", routed))
+    store = DiscoveryStore()
+    source = KubeSource(config(fake), store)
+    async with running(source):
+        # No such route yet: the policy applies to no workload (and is accepted).
+        await eventually(lambda: accepted(fake, "admin-ops").get("status") == "True")
+        assert names(store, "web-1") == [] and names(store, "batch") == []
+
+        def route(backend: str) -> dict[str, Any]:
+            rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+                    "backendRefs": [{"name": backend, "port": 80}]}  # fmt: skip
+            return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                    "metadata": {"name": "admin", "namespace": "shop"},
+                    "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                             "rules": [rule]}}  # fmt: skip
+
+        fake.create("httproutes", route("web"))
+        await eventually(lambda: names(store, "web-1") == ["admin-ops"])
+        assert names(store, "web-2") == ["admin-ops"]  # behind the backend, not ready yet
+        assert names(store, "batch") == [] and names(store, "tool") == []
+        (p,) = workloads(store)["web-1"].policies
+        assert p.target_routes == frozenset({"shop/admin"}) and p.selector is None
+        # The route now sends elsewhere: web's workloads are no longer behind it.
+        fake.update("httproutes", route("elsewhere"))
+        await eventually(lambda: names(store, "web-1") == [])
+        fake.update("httproutes", route("web"))
+        await eventually(lambda: names(store, "web-1") == ["admin-ops"])
+        fake.delete("httproutes", "admin", "shop")
+        await eventually(lambda: names(store, "web-1") == [])
+        assert not source.stats[RESOURCE].errors
 
 
 async def test_a_namespace_default_makes_its_workloads_strict(fake: FakeKubeAPI) -> None:

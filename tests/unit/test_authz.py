@@ -11,7 +11,7 @@ from collections.abc import Callable
 from nodeagent.authz import Authorizer, AuthzMetrics
 from weft.identity import SpiffeId
 from weft.mesh import InboundMode, Workload
-from weft.policy import DefaultPolicy, parse_policy
+from weft.policy import Action, DefaultPolicy, parse_policy
 
 WEB = SpiffeId.workload("shop", "web")
 OTHER = SpiffeId.workload("shop", "batch")
@@ -122,3 +122,72 @@ def test_a_policy_update_never_judges_a_request_half_applied() -> None:
         assert admin.policy == ("shop/web-get" if holder[0] is old else "shop/no-admin")
         post = authz.request(WEB, TARGET, "POST", "/public/x", {})
         assert post.allowed is (holder[0] is new)  # only the new version lets POST through
+
+
+ADMIN_ROUTE = parse_policy({
+    "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+    "metadata": {"name": "admin-web-only", "namespace": "shop"},
+    "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                             "name": "admin"}],
+             "rules": [{"from": [{"source": {"principals": [str(WEB)]}}]}]},
+})  # fmt: skip
+
+
+def test_per_route_policies_judge_by_the_route_the_callers_node_marked() -> None:
+    """On a stream whose OPEN says the client node sets ``weft-route`` (``routed``), the
+    header names the route; elsewhere it is not believed (an older client node may pass
+    an app's own), and the request matched no route."""
+    pod = dataclasses.replace(POD, default_policy=DefaultPolicy.DENY, policies=(ADMIN_ROUTE,))
+    authz, _ = _authz(pod)
+    assert authz.stream(WEB, TARGET, "http/1.1").allowed  # left to the requests
+    assert not authz.stream(OTHER, TARGET, "http/1.1").allowed  # no ALLOW names it
+    routed = authz.gate(WEB, TARGET, True)
+    assert routed.needs_headers  # the route travels in a header
+    admin = {"weft-route": "shop/admin"}
+    assert routed.judge("POST", b"/admin/x", admin) is None  # the route's ALLOW
+    assert routed.judge("GET", b"/", {}) is not None  # no route: the default (deny)
+    other = authz.gate(OTHER, TARGET, True)
+    assert other.judge("POST", b"/admin/x", admin) is not None  # not from web
+    unmarked = authz.gate(WEB, TARGET, False)
+    assert not unmarked.needs_headers
+    assert unmarked.judge("POST", b"/admin/x", admin) is not None  # header not believed
+    # The caller's node judges HTTP/2 requests with the route it matched.
+    assert authz.outbound(WEB, TARGET, "POST", "/admin/x", dict, "shop/admin") is None
+    assert authz.outbound(WEB, TARGET, "POST", "/admin/x", dict, None) is not None
+    assert authz.outbound(OTHER, TARGET, "POST", "/admin/x", dict, "shop/admin") is not None
+    # Decisions are remembered per route: the same path on another route is judged anew.
+    assert authz.metrics.value("http", "allow", policy="shop/admin-web-only") == 1
+    assert authz.metrics.value("http", "deny", policy="default:deny") == 2
+
+
+def test_a_route_allow_leaves_the_connection_to_its_requests() -> None:
+    """The workload's own ALLOW does not allow batch, a route's does: batch's HTTP
+    stream is let through for its requests to be judged (an opaque one is not); a
+    caller no ALLOW names is refused at the stream already."""
+    ops = parse_policy({
+        "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "ops-batch", "namespace": "shop"},
+        "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                 "name": "ops"}],
+                 "rules": [{"from": [{"source": {"principals": [str(OTHER)]}}]}]},
+    })  # fmt: skip
+    authz, _ = _authz(dataclasses.replace(POD, policies=(GET_PUBLIC, ops)))
+    assert authz.stream(OTHER, TARGET, "http/1.1").allowed
+    assert not authz.stream(OTHER, TARGET, None).allowed
+    stranger = SpiffeId.workload("shop", "stranger")
+    assert not authz.stream(stranger, TARGET, "http/1.1").allowed
+    gate = authz.gate(OTHER, TARGET, True)
+    assert gate.judge("GET", b"/public/x", {"weft-route": "shop/rest"}) is not None
+    assert gate.judge("POST", b"/anything", {"weft-route": "shop/ops"}) is None
+    web = authz.gate(WEB, TARGET, True)
+    assert web.judge("GET", b"/public/x", {"weft-route": "shop/rest"}) is None
+    assert web.judge("GET", b"/x", {"weft-route": "shop/ops"}) is not None
+
+
+def test_a_route_deny_applies_only_to_its_route() -> None:
+    deny = dataclasses.replace(ADMIN_ROUTE, action=Action.DENY)
+    authz, _ = _authz(dataclasses.replace(POD, policies=(deny,)))
+    gate = authz.gate(WEB, TARGET, True)
+    assert gate.judge("GET", b"/admin", {"weft-route": "shop/admin"}) is not None
+    assert gate.judge("GET", b"/admin", {"weft-route": "shop/other"}) is None
+    assert gate.judge("GET", b"/admin", {}) is None  # not through the route: default

@@ -191,6 +191,18 @@ def test_the_collected_headers_match_the_full_filter(fields: list[tuple[bytes, b
         assert head.forward == end_to_end(head.headers)
 
 
+def test_an_apps_own_weft_route_header_never_leaves_the_node():
+    """The destination judges per-route policies by ``weft-route``: only the client
+    node's may reach it, so an app's (any case, either filter) is dropped as parsed."""
+    simple = _parsed(b"GET / HTTP/1.1\r\nHost: h\r\nWeft-Route: shop/admin\r\nX: 1\r\n\r\n")
+    assert simple.forward == [(b"Host", b"h"), (b"X", b"1")]
+    assert all(k.lower() != b"weft-route" for k, _ in simple.headers)
+    complex_ = _parsed(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X\r\nX: 1\r\n"
+                       b"weft-route: shop/admin\r\n\r\n")  # fmt: skip
+    assert complex_.forward is None
+    assert b"weft-route" not in encode_request_head(complex_).lower()
+
+
 def test_a_missing_host_is_empty_not_looked_up_again():
     head = _parsed(b"GET / HTTP/1.0\r\n\r\n")
     assert head.host == b"" and head.authority == ""

@@ -65,6 +65,7 @@ def check(
     from weft.identity import IdentityError, SpiffeId
     from weft.lab.plan import validate_lab_name
     from weft.lab.state import StateError, lab_paths, load_state
+    from weft.mesh import Service
     from weft.policy import Request, policy_set
 
     try:
@@ -77,6 +78,7 @@ def check(
 
     workloads, services = lab_model(state)
     kind, _, name = target.partition("/")
+    svc: Service | None = None
     if kind in ("svc", "service"):
         svc = next((s for s in services if (s.namespace, s.name) == (namespace, name)), None)
         if svc is None:
@@ -102,6 +104,25 @@ def check(
             _fail(f"--header {h!r}: NAME:VALUE")
         hdrs[k.strip().lower()] = v.strip()
     carries = protocol or ("http/1.1" if method else "opaque")
+    route = None
+    if method and kind in ("svc", "service") and svc is not None and svc.routes:
+        # Where the caller's node applies the service's routes: the rule the request
+        # matches names the route (for per-route policies) and the backends it goes to.
+        from urllib.parse import parse_qsl
+
+        from weft.routes import table_for
+
+        svc_port = next((p.port for p in svc.ports if p.target_port == port), None)
+        routes = table_for(svc.key, svc.routes, svc_port)
+        rule = routes.match(method, path.partition("?")[0], hdrs,
+                           dict(parse_qsl(path.partition("?")[2])))  # fmt: skip
+        if rule is None and routes.entries:
+            _fail(f"no route of {svc.key} matches {method} {path} (the proxy answers 404)")
+        if rule is not None:
+            route = rule.route
+            backends = {b.service for b in rule.backends if b.weight > 0 and not b.invalid}
+            uids = {e.workload_uid for s in services if s.key in backends for e in s.endpoints}
+            chosen = [w for w in workloads if w.uid in uids]
     rows: list[dict[str, Any]] = []
     for w in chosen:
         ps = policy_set(f"{w.namespace}/{w.name}", w.policies, w.default_policy)
@@ -116,11 +137,16 @@ def check(
             row["connection"] = {"allowed": False, "policy": "strict inbound mode",
                                  "rule": None, "reason": why}  # fmt: skip
         if method and row["connection"]["allowed"] and http:
-            row["request"] = _said(ps.evaluate(Request(caller, "", port, method, path, hdrs)))
+            row["request"] = _said(ps.evaluate(Request(caller, "", port, method, path, hdrs,
+                                                       route)))  # fmt: skip
+            if route is not None:
+                row["route"] = route
         rows.append(row)
     if output == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
     else:
+        if route is not None:
+            Console().print(f"route: {rich.markup.escape(route)} (matched on the caller's node)")
         table = Table("workload", "connection", "request" if method else "", "deciding policy")
         for row in rows:
             last = row.get("request") or row["connection"]

@@ -140,12 +140,6 @@ def apply(
                 parsed = policy.parse_policy(obj)
             except policy.PolicyError as e:
                 raise ApplyError(f"{where} (authorizationpolicy {ns}/{name}): {e}") from None
-            if parsed.target_routes:
-                raise ApplyError(
-                    f"{where} (authorizationpolicy {ns}/{name}): spec.targetRefs (per-route "
-                    "policy) is not enforced yet; select the workloads with spec.selector "
-                    "and match paths and methods in rules[].to"
-                )
             existed = (kind, ns, name) in by_key
             by_key[(kind, ns, name)] = policy.policy_object(parsed)
             lines.append(f"{LABELS[kind]}/{name} {'configured' if existed else 'created'}")

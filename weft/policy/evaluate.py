@@ -126,6 +126,12 @@ class PolicySet:
         return any(o.headers for p in (*self.deny, *self.audit, *self.allow) for r in p.rules
                    for o in r.operations)  # fmt: skip
 
+    @cached_property
+    def has_route_policies(self) -> bool:
+        """Some policy targets a Gateway API route: requests are judged with the route
+        they matched (`Request.route`)."""
+        return any(p.target_routes for p in (*self.deny, *self.audit, *self.allow))
+
     @property
     def has_http_rules(self) -> bool:
         return any(r.has_http for p in (*self.deny, *self.allow) for r in p.rules) or any(
@@ -209,6 +215,12 @@ class PolicySet:
         audited = tuple(p.key for p in self.audit if not p.target_routes
                         and _first_match(p, req, None, False) is not None)  # fmt: skip
         allows = [p for p in self.allow if not p.target_routes]
+        # A route's ALLOW may let this caller's requests on that route in, whatever the
+        # workload's own policies say of the connection: then its requests decide.
+        per_route = will_carry_http and any(
+            rule.matches(req, None, False)
+            for p in self.allow if p.target_routes for rule in p.rules
+        )  # fmt: skip
         if allows:
             for p in allows:
                 for i, rule in enumerate(p.rules):
@@ -216,10 +228,11 @@ class PolicySet:
                         continue  # opaque TCP cannot satisfy an HTTP condition
                     if rule.matches(req, None, False):
                         return Decision(True, p.key, i, "allowed by policy", audited)
-            names = ", ".join(p.key for p in allows)
-            return Decision(False, allows[0].key, None, f"no rule of {names} allows it", audited)
-        if will_carry_http and any(p.target_routes for p in self.allow):
-            # Requests on some routes need an ALLOW: let the requests decide.
+            if not per_route:
+                names = ", ".join(p.key for p in allows)
+                return Decision(False, allows[0].key, None, f"no rule of {names} allows it",
+                                audited)  # fmt: skip
+        if per_route:
             return Decision(True, "per-route", None, "judged per request", audited)
         return self._default(req, audited)
 

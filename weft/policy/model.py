@@ -96,7 +96,8 @@ class Request:
     path: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     route: str | None = None
-    """``ns/name`` of the route the request matched at the destination, if any."""
+    """``ns/name`` of the Gateway API route the request matched (on the caller's node,
+    where routes are applied), if any."""
 
     @property
     def is_http(self) -> bool:

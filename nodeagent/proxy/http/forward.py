@@ -53,6 +53,7 @@ from nodeagent.proxy.http.grpctimeout import (
 from nodeagent.proxy.http.h2client import H2Client, H2Pool
 from nodeagent.proxy.http.message import (
     RETRY_ATTEMPT_HEADER,
+    ROUTE_HEADER,
     ProxyError,
     RequestHead,
     ResponseHead,
@@ -178,10 +179,11 @@ class _QuietObserver:
 
 
 OutboundAuthorize = Callable[
-    [SpiffeId, Address, str, str, Callable[[], Mapping[str, str]]], "str | None"
+    [SpiffeId, Address, str, str, Callable[[], Mapping[str, str]], "str | None"], "str | None"
 ]
-"""(caller, endpoint, method, target, headers) -> None to send an HTTP/2 request, else why
-not: the destination relays HTTP/2 frames, so their requests are judged here."""
+"""(caller, endpoint, method, target, headers, the route matched) -> None to send an
+HTTP/2 request, else why not: the destination relays HTTP/2 frames, so their requests
+are judged here."""
 
 ObserverFactory = Callable[[Address, Address, str], FailoverObserver]
 """(app, original destination, service key or "") -> the agent's failure observer."""
@@ -488,6 +490,10 @@ class OutboundForwarder:
             except ProxyFailure as failure:
                 self._record(exchange, authority, src_name, None, source, error=failure.error)
                 raise
+            if route.name and self.protocol == HTTP1:
+                # The destination judges per-route policies by it (the request codec
+                # dropped any the app sent: `nodeagent.proxy.tunnel.wire.EXT_ROUTE`).
+                set_forward_header(exchange.head, ROUTE_HEADER, route.name.encode())
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
@@ -566,6 +572,7 @@ class OutboundForwarder:
                 why = http.authorize(
                     call.source.identity, hop.address, asked.method.decode("latin-1"),
                     asked.target.decode("latin-1"), functools.partial(_header_map, asked.headers),
+                    route.name or None,
                 )  # fmt: skip
                 if why is not None:
                     self._settle(call, lease, None)

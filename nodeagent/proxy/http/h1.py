@@ -20,6 +20,7 @@ import httptools
 
 from nodeagent.proxy.http.message import (
     HOP_BY_HOP,
+    ROUTE_HEADER,
     Headers,
     ProxyError,
     RequestHead,
@@ -74,7 +75,9 @@ class ResponseSink(Protocol):
 
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
 """Dropped from a forwarded head (framing is re-declared by the encoders)."""
-_REQUEST_NOTABLE = _NOT_FORWARDED | {b"host", b"expect"}
+_REQUEST_NOTABLE = _NOT_FORWARDED | {b"host", b"expect", ROUTE_HEADER}
+"""(``weft-route`` is the mesh's own: one an app sends is dropped, so that the route a
+destination judges by is the one the client node matched.)"""
 _RESPONSE_NOTABLE = _NOT_FORWARDED | {b"grpc-status"}
 _SIMPLE_CONNECTION = frozenset({b"keep-alive", b"close"})
 """``Connection`` values that name no other header: the end-to-end headers are then
@@ -213,11 +216,13 @@ class RequestCodec:
         # After the head, fields are a chunked body's trailers: the same limits apply
         # to head and trailers together.
         if self._in_head:
-            self._headers.append((name, value))
             lname = name.lower()
             if lname in _REQUEST_NOTABLE:
-                self._complex |= _notable(self._found, self._forward, name, lname, value)
+                if lname != ROUTE_HEADER:
+                    self._headers.append((name, value))
+                    self._complex |= _notable(self._found, self._forward, name, lname, value)
             else:
+                self._headers.append((name, value))
                 self._forward.append((name, value))
         else:
             self._trailers.append((name, value))

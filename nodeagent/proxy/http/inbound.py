@@ -44,8 +44,9 @@ IDLE_TIMEOUT = 600.0
 idle connections out after 60 s)."""
 
 
-GateFactory = Callable[[SpiffeId, Address], RequestGate]
-"""(client identity, target) -> the gate of one HTTP/1.1 stream's requests."""
+GateFactory = Callable[[SpiffeId, Address, bool], RequestGate]
+"""(client identity, target, whether the client node marks each request with the route
+it matched) -> the gate of one HTTP/1.1 stream's requests."""
 
 
 class InboundHttp:
@@ -89,14 +90,22 @@ class InboundHttp:
         )
 
     async def observe(
-        self, client: SpiffeId, presented: SpiffeId | None, target: Address, label: str
+        self,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        label: str,
+        *,
+        routed: bool = False,
     ) -> ServedStream:
         """An HTTP/1.1 tunnel stream: connect to the pod now (raising ``OSError`` if it
         cannot be reached, which refuses the stream), and return the protocol to attach
-        the stream to."""
+        the stream to. ``routed``: the client node sets ``weft-route`` on each request a
+        route matched (and removes any the app sent), so per-route policies may
+        believe it (`nodeagent.proxy.tunnel.wire.EXT_ROUTE`)."""
         recorder = _Recorder(self, client, presented, target)
         loop = asyncio.get_running_loop()
-        gate = self.gate(client, target) if self.gate is not None else None
+        gate = self.gate(client, target, routed) if self.gate is not None else None
         observer = Http1Observer(
             recorder, label=label, clock=loop.time, limits=self.limits, gate=gate
         )

@@ -30,6 +30,9 @@ forwarded as received. (``Upgrade`` and ``Connection: upgrade`` are re-added for
 upgrade request; framing is re-added by the encoder.)"""
 
 PROXY_ERROR_HEADER = b"weft-proxy-error"
+ROUTE_HEADER = b"weft-route"
+"""On an HTTP/1.1 request a Gateway API route matched: the route (``ns/name``), set by
+the client's node for the destination's per-route policies; an app's own is dropped."""
 RETRY_ATTEMPT_HEADER = b"weft-retry-attempt"
 """On a retried request: which retry this is (1, 2, ...), so the app can tell."""
 RETRY_ATTEMPTS_HEADER = b"weft-retry-attempts"

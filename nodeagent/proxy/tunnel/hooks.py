@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nodeagent.proxy.listener import Address
+from nodeagent.proxy.tunnel.wire import Extensions
 from weft.identity import SpiffeId
 
 
@@ -78,8 +79,11 @@ class ServedStream(Protocol):
         """The stream ended before it was attached: release what was opened for it."""
 
 
-StreamServer = Callable[[SpiffeId, "SpiffeId | None", Address, str], Awaitable[ServedStream]]
-"""(client identity, identity presented, target, label) -> the protocol for a stream
+StreamServer = Callable[
+    [SpiffeId, "SpiffeId | None", Address, str, Extensions], Awaitable[ServedStream]
+]
+"""(client identity, identity presented, target, label, the OPEN's optional fields) ->
+the protocol for a stream
 whose OPEN named an application protocol (``http/1.1``): the stream is attached to it
 instead of being relayed to the target as bytes. It connects to the target before it
 returns (raising ``OSError`` if it cannot), so that a pod that is down is refused at

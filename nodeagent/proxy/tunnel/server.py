@@ -63,6 +63,7 @@ from nodeagent.proxy.tunnel.hooks import (
 from nodeagent.proxy.tunnel.session import Session, Stream
 from nodeagent.proxy.tunnel.wire import (
     ConnectRequest,
+    Extensions,
     Invalid,
     Reset,
     Status,
@@ -387,7 +388,9 @@ class TunnelServer(Listener):
                 session.goaway(Reset.NO_ERROR, "certificate rotated")
         if protocol is not None:
             server = self._protocols[protocol]
-            job = self._serve_stream(state, stream, target, label, protocol, server)
+            job = self._serve_stream(
+                state, stream, target, label, protocol, server, request.extensions
+            )
         else:
             # No hint, or one this node does not serve: bytes, which is still correct.
             job = self._relay(state, stream, target, label)
@@ -460,6 +463,7 @@ class TunnelServer(Listener):
         label: str,
         protocol: str,
         server: StreamServer,
+        extensions: Extensions,
     ) -> None:
         """A stream served by a protocol server (HTTP): it connects to the pod per
         request itself, so the stream is answered at once."""
@@ -468,7 +472,7 @@ class TunnelServer(Listener):
         try:
             async with asyncio.timeout(config.target_connect_timeout):
                 served = await server(
-                    state.client, state.presented, target, f"{label} ({protocol})"
+                    state.client, state.presented, target, f"{label} ({protocol})", extensions
                 )
         except asyncio.CancelledError:
             raise

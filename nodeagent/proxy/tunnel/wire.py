@@ -249,10 +249,30 @@ HTTP/1.1 requests itself but only relays HTTP/2 frames). Without it — an older
 node — a server judges an HTTP/2 stream as opaque TCP, which fails closed."""
 
 
+EXT_ROUTE = 0x82
+"""OPEN optional field (value ``weft-route``): each HTTP/1.1 request of this stream that
+a Gateway API route matched carries the route's ``ns/name`` in a ``weft-route`` header
+the client node set, and the client node removed any such header the app sent. Only
+then does the server node judge per-route policies by that header (`nodeagent.authz`);
+without it — an older client node — the header is not believed and the requests are
+judged as matching no route."""
+
+ROUTE_MARK = b"weft-route"
+"""`EXT_ROUTE`'s value: the header's name."""
+
+
 def protocol_extension(protocol: str) -> Extensions:
     if protocol == "h2":
         return ((EXT_PROTOCOL, b"h2"), (EXT_JUDGED, b"requests"))
+    if protocol == "http/1.1":
+        return ((EXT_PROTOCOL, b"http/1.1"), (EXT_ROUTE, ROUTE_MARK))
     return ((EXT_PROTOCOL, protocol.encode("ascii")),)
+
+
+def carries_routes(extensions: Extensions) -> bool:
+    """Whether this stream's HTTP/1.1 requests carry the route the client node matched
+    in ``weft-route`` (`EXT_ROUTE`)."""
+    return any(kind == EXT_ROUTE and value == ROUTE_MARK for kind, value in extensions)
 
 
 def judges_requests(extensions: Extensions) -> bool:
