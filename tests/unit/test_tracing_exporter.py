@@ -68,7 +68,7 @@ def config(**kw) -> TracingConfig:
 
 async def until(predicate, within: float = 10.0) -> None:
     async with asyncio.timeout(within):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 (state of another task)
             await asyncio.sleep(0.01)
 
 
@@ -196,8 +196,10 @@ def test_metrics_exposition():
     assert "weft_trace_queue_spans 1.0" in text
 
 
-@pytest.mark.parametrize(("value", "expected"), [("3", 3.0), (" 10 ", 10.0), (None, None),
-                                                  ("Wed, 21 Oct 2015 07:28:00 GMT", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3", 3.0), (" 10 ", 10.0), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", None)],
+)
 def test_retry_after(value, expected):
     assert _retry_after(value) == expected
 

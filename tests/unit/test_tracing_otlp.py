@@ -191,7 +191,8 @@ def test_config_from_mapping():
         {"WEFT_TRACE_COLLECTOR": "jaeger", "WEFT_TRACE_PROTOCOL": "grpc"}
     )
     assert grpc.collector == ("jaeger", 4317) and grpc.collector_url == "grpc://jaeger:4317"
-    assert TracingConfig.from_mapping({"WEFT_TRACE_COLLECTOR": "http://[::1]:4318/v1/traces"}).collector == ("::1", 4318)  # fmt: skip
+    v6 = TracingConfig.from_mapping({"WEFT_TRACE_COLLECTOR": "http://[::1]:4318/v1/traces"})
+    assert v6.collector == ("::1", 4318)
     assert TracingConfig.from_mapping({"WEFT_TRACE_COLLECTOR": "tempo"}).collector == (
         "tempo",
         4318,

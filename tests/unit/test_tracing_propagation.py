@@ -409,7 +409,7 @@ def test_child_keeps_trace_and_gets_the_proxy_as_parent(case):
     out = hop.outgoing(headers)
     # Only trace headers changed, nothing reordered or renamed.
     assert [k for k, _ in out[: len(headers)]] == [k for k, _ in headers]
-    for (k, v), (k2, v2) in zip(headers, out, strict=False):
+    for (k, v), (_, v2) in zip(headers, out, strict=False):
         if k.lower() not in (b"traceparent", b"b3", b"x-b3-spanid", b"x-b3-parentspanid"):
             assert v2 == v
     # The next hop sees the same trace, with this hop's span as its parent.
