@@ -9,12 +9,12 @@ wire encoding of these values on the agent stream is :mod:`weft.meshwire`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 from weft.identity import SpiffeId
-from weft.policy import MESH_DEFAULT, DefaultPolicy, Policy, refuses_plaintext
+from weft.policy import MESH_DEFAULT, DefaultPolicy, Policy, refuses_plaintext, restricts_plaintext
 from weft.routes import Route
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import TrafficPolicy
@@ -73,11 +73,16 @@ def inbound_mode(annotations: Mapping[str, str], labels: Mapping[str, str]) -> I
     return InboundMode.STRICT
 
 
-def enforced_inbound_mode(mode: InboundMode, default: DefaultPolicy, explicit: bool) -> InboundMode:
+def enforced_inbound_mode(
+    mode: InboundMode, default: DefaultPolicy, explicit: bool, policies: Iterable[Policy] = ()
+) -> InboundMode:
     """The inbound mode the mesh enforces for a pod: its own, made strict when a default
-    inbound policy set explicitly (`weft.policy.workload_default`) refuses plaintext —
-    plaintext would otherwise reach a permissive pod without passing the proxy."""
+    inbound policy set explicitly (`weft.policy.workload_default`) refuses plaintext, or
+    when its policies would deny some plaintext caller (`weft.policy.restricts_plaintext`)
+    — plaintext would otherwise reach a permissive pod without passing the proxy."""
     if explicit and refuses_plaintext(default):
+        return InboundMode.STRICT
+    if mode is not InboundMode.STRICT and restricts_plaintext(policies):
         return InboundMode.STRICT
     return mode
 

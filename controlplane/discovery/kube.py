@@ -767,8 +767,11 @@ class ClusterView:
             {DEFAULT_POLICY_KEY: ns_default} if ns_default is not None else {},
             self.mesh_default,
         )
-        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit)
         in_force = list(self.in_force.get(pod.namespace, {}).values())
+        mine = applicable(
+            pod.namespace, dict(pod.labels), in_force, self._policy_routes(pod.uid, in_force)
+        )
+        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit, mine)
         return Workload(
             uid=pod.uid,
             name=pod.name,
@@ -784,9 +787,7 @@ class ClusterView:
             node_ip=pod.node_ip,
             opaque_ports=pod.opaque_ports,
             default_policy=default,
-            policies=applicable(
-                pod.namespace, dict(pod.labels), in_force, self._policy_routes(pod.uid, in_force)
-            ),
+            policies=mine,
         )
 
     def _policy_routes(self, uid: str, policies: Iterable[Policy]) -> set[str]:

@@ -100,7 +100,8 @@ def lab_model(
         default, explicit = workload_default(
             meta, plan.namespace_annotations.get(pod.namespace, {}), mesh_default
         )
-        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit)
+        mine = applicable(pod.namespace, pod.labels, policies, routes_of.get(pod.name, ()))
+        mode = enforced_inbound_mode(pod.inbound_mode, default, explicit, mine)
         workloads.append(
             Workload(
                 uid=uid,
@@ -119,9 +120,7 @@ def lab_model(
                 # mode); a Deployment's pods carry real ones, which win.
                 opaque_ports=opaque_ports(meta),
                 default_policy=default,
-                policies=applicable(
-                    pod.namespace, pod.labels, policies, routes_of.get(pod.name, ())
-                ),
+                policies=mine,
             )
         )
     services = [

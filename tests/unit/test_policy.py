@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from weft.identity import SpiffeId
 from weft.policy import (
+    MESH_DEFAULT,
     DefaultPolicy,
     PathError,
+    Policy,
     PolicyError,
     Request,
     compile_for,
@@ -399,3 +401,32 @@ def test_the_path_index_decides_as_a_plain_scan_would(specs, method, path, calle
     req = _req(source=caller, method=method, path=path)
     d = ps.evaluate(req)
     assert (d.allowed, d.policy, d.rule) == _naive(ps, req)
+
+
+def test_policies_that_would_deny_a_plaintext_caller_make_a_pod_strict() -> None:
+    """Plaintext to a permissive pod does not pass the proxy: a pod whose policies would
+    deny some plaintext caller is made strict, not left open behind its policies."""
+    from weft.mesh import InboundMode, enforced_inbound_mode
+    from weft.policy import restricts_plaintext
+
+    def pol(spec: dict) -> Policy:
+        meta = {"name": "p", "namespace": "shop"}
+        return parse_policy({"apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+                             "metadata": meta, "spec": spec})  # fmt: skip
+
+    web = {"source": {"principals": ["spiffe://cluster.local/ns/shop/sa/web"]}}
+    allow_web = pol({"rules": [{"from": [web]}]})
+    deny_admin = pol({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]})
+    deny_web = pol({"action": "DENY", "rules": [{"from": [web]}]})
+    deny_block = pol(
+        {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]}
+    )
+    audit = pol({"action": "AUDIT", "rules": [{}]})
+    routed = pol({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                  "name": "r"}], "rules": [{"from": [web]}]})  # fmt: skip
+    assert restricts_plaintext([allow_web]) and restricts_plaintext([deny_admin])
+    assert restricts_plaintext([deny_block])
+    assert not restricts_plaintext([]) and not restricts_plaintext([deny_web, audit, routed])
+    permissive = InboundMode.PERMISSIVE
+    assert enforced_inbound_mode(permissive, MESH_DEFAULT, False, [allow_web]) is InboundMode.STRICT
+    assert enforced_inbound_mode(permissive, MESH_DEFAULT, False, [deny_web]) is permissive

@@ -61,7 +61,13 @@ opaque TCP on its other fields alone (more restrictive, as Istio does).
 
 from __future__ import annotations
 
-from weft.policy.evaluate import PolicySet, applicable, compile_for, policy_set
+from weft.policy.evaluate import (
+    PolicySet,
+    applicable,
+    compile_for,
+    policy_set,
+    restricts_plaintext,
+)
 from weft.policy.model import (
     API_VERSION,
     DEFAULT_POLICY_KEY,
@@ -106,5 +112,6 @@ __all__ = [
     "policy_object",
     "policy_set",
     "refuses_plaintext",
+    "restricts_plaintext",
     "workload_default",
 ]

@@ -253,6 +253,27 @@ class PolicySet:
         return Decision(True, name, None, "", audited)
 
 
+def restricts_plaintext(policies: Iterable[Policy]) -> bool:
+    """Whether ``policies`` (those of one workload) would deny some caller without a mesh
+    identity: an ALLOW policy that selects the workload (no plaintext caller can match
+    one yet: ``ipBlocks`` are not judged for plaintext), or a DENY rule that a plaintext
+    caller could match. Plaintext to a permissive pod does not pass the proxy, so such a
+    pod is made strict rather than let those callers past its policies."""
+    for p in policies:
+        if p.target_routes:
+            continue  # a plaintext caller matched no route
+        if p.action is Action.ALLOW:
+            return True
+        if p.action is Action.DENY:
+            for rule in p.rules:
+                if not rule.sources or any(
+                    not s.principals and s.namespaces is None and s.service_accounts is None
+                    for s in rule.sources
+                ):
+                    return True
+    return False
+
+
 def applicable(
     namespace: str,
     labels: Mapping[str, str],
