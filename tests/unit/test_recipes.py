@@ -24,7 +24,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
 
 from tests.unit.test_manifests import K8S_VERSION
 
