@@ -169,16 +169,20 @@ class Tracer:
             lname = name.lower()
             if lname in TRACE_HEADERS:
                 found.setdefault(lname, []).append(value)
+        # Each format is parsed only when it can matter: an unsampled traceparent (what
+        # an app's OpenTelemetry SDK sends on most requests) ends the work right here.
         w3c = _one(found, TRACEPARENT, parse_traceparent)
-        single = _one(found, B3_SINGLE, parse_b3_single)
-        multi = _multi(found)
+        if w3c is not None and not w3c.sampled:
+            return None
+        single = _one(found, B3_SINGLE, parse_b3_single) if B3_SINGLE in found else None
+        multi = (
+            _multi(found) if len(found) > (TRACEPARENT in found) + (single is not None) else None
+        )
         replace: dict[bytes, bytes] = {}
         add: Headers = []
         span_id = self._ids(64)
 
         if w3c is not None:
-            if not w3c.sampled:
-                return None
             trace_id, parent_id = w3c.trace_id, w3c.parent_id
             flags = w3c.flags if w3c.version == 0 else W3C_SAMPLED
             replace[TRACEPARENT] = format_traceparent(trace_id, span_id, flags)
