@@ -15,6 +15,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/if_ether.h>
 #include <linux/socket.h>
 
@@ -254,10 +255,55 @@ int weft_sk_msg(struct sk_msg_md *msg) {
     return weft_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 }
 
+// Whether a TCP header at byte ``off`` of the packet starts a new connection (a bare SYN).
+static __always_inline int bare_syn(struct __sk_buff *skb, u32 off) {
+    u8 flags = 0;
+    if (bpf_skb_load_bytes(skb, off + 13, &flags, 1) < 0)
+        return 0;
+    return (flags & 0x02) && !(flags & 0x10);  // SYN, not SYN+ACK
+}
+
+#define IPV6_MAX_EXT 4  // extension headers walked before a packet is judged unreadable
+
+// Strict inbound over IPv6: the node proxy reaches pods over IPv4 only, so a new TCP
+// connection over IPv6 is accepted from loopback and the pod itself only. The extension
+// headers (hop-by-hop, routing, destination options) are walked, a few at most; a
+// fragment or a chain longer than that may hide a SYN, so for TCP it fails closed.
+static __always_inline int strict_ipv6(struct __sk_buff *skb) {
+    struct ipv6hdr ip6 = {};
+    if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+        return 1;
+    u8 next = ip6.nexthdr;
+    u32 off = sizeof(ip6);
+#pragma unroll
+    for (int i = 0; i < IPV6_MAX_EXT; i++) {
+        if (next != 0 && next != 43 && next != 60)  // hop-by-hop, routing, dest options
+            break;
+        u8 ext[2] = {};
+        if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+            return 0;
+        next = ext[0];
+        off += ((u32)ext[1] + 1) * 8;
+    }
+    if (next == 44 || next == 0 || next == 43 || next == 60)
+        return 0;  // a fragment, or more extension headers than walked: cannot tell
+    if (next != IPPROTO_TCP || !bare_syn(skb, off))
+        return 1;
+    u32 *s = ip6.saddr.in6_u.u6_addr32, *d = ip6.daddr.in6_u.u6_addr32;
+    int loopback = s[0] == 0 && s[1] == 0 && s[2] == 0 && s[3] == bpf_htonl(1);
+    int self = s[0] == d[0] && s[1] == d[1] && s[2] == d[2] && s[3] == d[3];
+    if (loopback || self)
+        return 1;
+    stat_inc(STAT_STRICT_DROP);
+    return 0;
+}
+
 // Strict inbound: a captured pod accepts new TCP connections (bare SYNs) only from the
 // node's own addresses (its proxy, kubelet-style probes), from itself and from loopback.
 // Replies and established flows pass: the decision is made once, at the SYN.
 int weft_ingress(struct __sk_buff *skb) {
+    if (skb->protocol == bpf_htons(ETH_P_IPV6))
+        return strict_ipv6(skb);
     if (skb->protocol != bpf_htons(ETH_P_IP))
         return 1;
     struct iphdr iph = {};
@@ -265,10 +311,7 @@ int weft_ingress(struct __sk_buff *skb) {
         return 1;
     if (iph.protocol != IPPROTO_TCP)
         return 1;
-    u8 flags = 0;
-    if (bpf_skb_load_bytes(skb, iph.ihl * 4 + 13, &flags, 1) < 0)
-        return 1;
-    if (!(flags & 0x02) || (flags & 0x10))  // not SYN, or SYN+ACK
+    if (!bare_syn(skb, iph.ihl * 4))
         return 1;
     u32 src = iph.saddr;
     if (src == iph.daddr || (ntohl32(src) >> 24) == 127 || weft_node_addr.lookup(&src))

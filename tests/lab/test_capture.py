@@ -267,6 +267,69 @@ def test_strict_inbound_refuses_direct_connections_but_not_the_node(mesh: LabRun
     assert body["peer"].split(":")[0] == _pod(status, "plain-1")["ip"]
 
 
+LISTEN6 = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 9911)); s.listen(16); s.settimeout(1.0)
+print("listening", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    try:
+        c, peer = s.accept()
+    except TimeoutError:
+        continue
+    c.sendall(b"hello"); c.close()
+"""
+
+CONNECT6 = """
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], 9911), timeout=3)
+    print(c.recv(5).decode())
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_strict_inbound_judges_ipv6_too(mesh: LabRunner):
+    """The node proxy reaches pods over IPv4: over IPv6 a strict pod accepts new
+    connections only from itself (and loopback), never from an uncaptured neighbour —
+    IPv6 is not a way around the filter (issue #16)."""
+    status = _status(mesh)
+    echo = _pod(status, "echo-1")
+    assert _pod(status, "plain-1")["node"] == echo["node"]  # one bridge: IPv6 link-local
+    mesh.exec("echo-1", "ip", "-6", "addr", "add", "fd77::11/64", "dev", "eth0", "nodad")
+    mesh.exec("plain-1", "ip", "-6", "addr", "add", "fd77::12/64", "dev", "eth0", "nodad")
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "exec", "echo-1", "--", sys.executable, "-c",
+         LISTEN6],
+        env={**os.environ, "WEFT_LAB": mesh.name}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+
+        def connect(pod: str) -> str:
+            return mesh.exec(pod, sys.executable, "-c", CONNECT6, "fd77::11").stdout.strip()
+
+        assert connect("plain-1") == "hello"  # permissive: IPv6 reaches the pod
+        mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode=strict")
+        try:
+            wait_for(lambda: "weft_ingress" in cgroup_programs(echo["cgroup"]),
+                     "the strict ingress program on echo-1")  # fmt: skip
+            before = agent_state(mesh, "node-1")["ebpf"]["stats"]["strict_dropped"]
+            assert connect("plain-1") in ("TimeoutError", "timeout")
+            assert agent_state(mesh, "node-1")["ebpf"]["stats"]["strict_dropped"] > before
+            assert connect("echo-1") == "hello"  # the pod itself
+        finally:
+            mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode-")
+    finally:
+        listener.kill()
+        listener.wait()
+        assert listener.stdout is not None
+        listener.stdout.close()
+
+
 def test_uninstall_detaches_everything_and_removes_pins(lab_factory):
     lab = lab_factory("wu")
     lab.weft("lab", "up", "--demo", "--nodes", "1")
