@@ -12,8 +12,9 @@ objects deleted meanwhile disappear (no phantoms) and new ones appear (none miss
 Connection errors and other API errors reconnect with exponential backoff and jitter
 (a 429 or 503 waits at least its ``Retry-After``, which urllib3 is told not to sleep
 away unseen; a 403 names the verb and resource, and keeps the last listed state, also
-of a custom resource that was listed before); no bytes for ``inactivity_timeout`` (the API server sends each watcher a bookmark about
-once a minute) means the connection is dead, and is handled the same way.
+of a custom resource that was listed before); no bytes for ``inactivity_timeout`` (the
+API server sends each watcher a bookmark about once a minute) means the connection is
+dead, and is handled the same way.
 
 **Threads, not an async client.**  The official ``kubernetes`` client is synchronous
 (urllib3).  The alternatives were ``kubernetes_asyncio`` (a different, unofficial
