@@ -57,6 +57,7 @@ from nodeagent.ebpf.loader import (
     detach_all,
     remove_pins,
 )
+from nodeagent.hostaddrs import NodeAddresses
 from nodeagent.httpmetrics import HttpMetrics
 from nodeagent.labadapter import LabPodSource, LabUnavailable, lab_pod_cgroups, lab_settings
 from nodeagent.meshstate import MeshState
@@ -106,6 +107,8 @@ log = logging.getLogger("weft.agent")
 
 LISTEN_BACKLOG = 4096
 """Connections the kernel queues per listener while the agent is busy or starting."""
+NODE_ADDR_INTERVAL = 5.0
+"""Seconds between reads of the node's addresses (`nodeagent.hostaddrs`)."""
 
 
 class AgentError(RuntimeError):
@@ -409,6 +412,9 @@ class Agent:
             blockers.append("certificates")
         self.readiness = Readiness(*blockers)
         self.progs: CapturePrograms | None = None
+        self.node_addresses = NodeAddresses((*cfg.node_addrs, cfg.proxy_ip))
+        """The node's own addresses, which strict pods accept (kept in step with the
+        kernel's: `nodeagent.hostaddrs`)."""
         self.manager: CaptureManager | None = None
         self.proxy: OutboundProxy | None = None
         self.proxy_cgroup: Path | None = None
@@ -501,7 +507,7 @@ class Agent:
 
     def is_self(self, ip: str, port: int) -> bool:
         ours = {self.cfg.outbound_port, self.cfg.admin_port}
-        local = ip in self.cfg.node_addrs or ip == self.cfg.proxy_ip or ip.startswith("127.")
+        local = ip in self.node_addresses or ip == self.cfg.proxy_ip or ip.startswith("127.")
         return local and port in ours
 
     def state(self) -> dict[str, Any]:
@@ -525,6 +531,7 @@ class Agent:
                 if progs
                 else None,
                 "sockmap": self.cfg.sockmap,
+                "node_addrs": sorted(progs.node_addrs()) if progs else None,
                 "stats": progs.stats() if progs else None,
                 "orig_dst_entries": progs.map_entries("weft_orig_dst") if progs else None,
                 "cookie_entries": progs.map_entries("weft_cookie_dst") if progs else None,
@@ -644,6 +651,7 @@ class Agent:
             {bpfsys.ATTACH_TYPE_NAMES[h]: i for h, i in self.progs.ids.items()},
             cfg.pin_dir,
         )
+        self._refresh_node_addrs()
         if sockmap:
             self.progs.attach_proxy(self.proxy_cgroup)
         else:
@@ -652,6 +660,29 @@ class Agent:
             self.progs, cfg.state_dir / "attached.json", protected=[self.proxy_cgroup]
         )
         self.readiness.done("ebpf")
+
+    def _refresh_node_addrs(self) -> None:
+        """Make ``weft_node_addr`` the node's current addresses (a CNI may add its
+        gateway's when the first pod arrives)."""
+        assert self.progs is not None
+        wanted = self.node_addresses.wanted()
+        added, removed = self.progs.set_node_addrs(wanted)
+        self.node_addresses.current = wanted
+        if added or removed:
+            log.info("strict pods accept new connections from the node's addresses %s%s%s",
+                     ", ".join(sorted(wanted)),
+                     f" (new: {', '.join(sorted(added))})" if added else "",
+                     f" (gone: {', '.join(sorted(removed))})" if removed else "")  # fmt: skip
+
+    async def _node_addr_loop(self) -> None:
+        while True:
+            await asyncio.sleep(NODE_ADDR_INTERVAL)
+            if self.progs is None:
+                continue  # no eBPF (yet): nothing to keep in step
+            try:
+                self._refresh_node_addrs()
+            except OSError as e:  # BpfError too
+                log.warning("updating the node's addresses for strict pods failed: %s", e)
 
     async def _capture_loop(self) -> None:
         """Capture-only mode (no control plane): the local pods from the lab state file."""
@@ -1043,7 +1074,8 @@ class Agent:
         helpers: set[asyncio.Task[None]] = {
             asyncio.create_task(
                 self._become_ready(sockets, listening, listen_early), name="readiness"
-            )
+            ),
+            asyncio.create_task(self._node_addr_loop(), name="node-addresses"),
         }
         if cfg.controlplane:
             assert self.tunnel_server is not None and tunnel_listener_sock is not None

@@ -132,6 +132,8 @@ def detach_by_id(target_fd: int, attach_type: int, prog_id: int) -> None:
 # -- pinned objects and map elements (the agent's side, without bcc) ---------------------
 
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
@@ -166,6 +168,49 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
             return None
         raise BpfError(err, f"map lookup: {os.strerror(err)}")
     return v.raw
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    """Set ``key`` to ``value`` (BPF_ANY: insert or replace)."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("IIQQQ", attr, 0, map_fd, 0, ctypes.addressof(k), ctypes.addressof(v), 0)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr, "map update")
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """Remove ``key``; False if it was not there."""
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("IIQ", attr, 0, map_fd, 0, ctypes.addressof(k))
+    ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_DELETE_ELEM, attr, _ATTR_SIZE)
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == 2:  # ENOENT
+            return False
+        raise BpfError(err, f"map delete: {os.strerror(err)}")
+    return True
+
+
+def map_key_list(map_fd: int, key_size: int, limit: int = 4096) -> list[bytes]:
+    """The keys of a small map (walks GET_NEXT_KEY)."""
+    cur = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    keys: list[bytes] = []
+    while len(keys) < limit:
+        struct.pack_into("IIQQ", attr, 0, map_fd, 0, ctypes.addressof(cur) if keys else 0,
+                         ctypes.addressof(nxt))  # fmt: skip
+        ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_GET_NEXT_KEY, attr, _ATTR_SIZE)
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == 2:  # ENOENT: no more keys
+                break
+            raise BpfError(err, f"map walk: {os.strerror(err)}")
+        keys.append(nxt.raw)
+        ctypes.memmove(cur, nxt, key_size)
+    return keys
 
 
 def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> int:

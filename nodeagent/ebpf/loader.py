@@ -284,6 +284,25 @@ class CapturePrograms:
         ip, port = _ADDR.unpack(value)
         return _ip_str(ip), port
 
+    def node_addrs(self) -> set[str]:
+        """The addresses strict pods accept new connections from (``weft_node_addr``)."""
+        keys = bpfsys.map_key_list(self.map_fds["weft_node_addr"], 4)
+        return {socket.inet_ntoa(k) for k in keys}
+
+    def set_node_addrs(self, addrs: set[str]) -> tuple[set[str], set[str]]:
+        """Make ``weft_node_addr`` hold exactly ``addrs`` (the node's own IPv4
+        addresses, the proxy's among them): new ones first, then the stale ones go, so
+        no address the node still has is ever missing. Returns (added, removed)."""
+        fd = self.map_fds["weft_node_addr"]
+        have = self.node_addrs()
+        added, removed = addrs - have, have - addrs
+        one = struct.pack("<I", 1)
+        for a in sorted(added):
+            bpfsys.map_update(fd, socket.inet_aton(a), one)
+        for a in sorted(removed):
+            bpfsys.map_delete(fd, socket.inet_aton(a))
+        return added, removed
+
     def stats(self) -> dict[str, int]:
         fd = self.map_fds["weft_stats"]
         out = {}

@@ -267,6 +267,41 @@ def test_strict_inbound_refuses_direct_connections_but_not_the_node(mesh: LabRun
     assert body["peer"].split(":")[0] == _pod(status, "plain-1")["ip"]
 
 
+def test_strict_pods_accept_an_address_the_node_gains(mesh: LabRunner):
+    """A CNI may give the node a new address (its gateway's, with the first pod): the
+    agent reads the node's local addresses every few seconds and strict pods accept new
+    connections from it, and stop when it is gone (issue #16)."""
+    status = _status(mesh)
+    echo = _pod(status, "echo-1")
+    extra = "10.240.0.211"
+    url = f"http://{echo['ip']}:8080/"
+
+    def from_extra() -> bool:
+        got = mesh.exec("node-1", "curl", "-s", "-m", "2", "--interface", extra, url,
+                        check=False)  # fmt: skip
+        return got.returncode == 0
+
+    def in_map() -> list[str]:
+        return agent_state(mesh, "node-1")["ebpf"]["node_addrs"]
+
+    mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode=strict")
+    try:
+        wait_for(lambda: "weft_ingress" in cgroup_programs(echo["cgroup"]),
+                 "the strict ingress program on echo-1")  # fmt: skip
+        assert _node(status, "node-1")["ip"] in in_map()
+        mesh.exec("node-1", "ip", "addr", "add", f"{extra}/32", "dev", "lo")
+        try:
+            wait_for(from_extra, "a connection from the node's new address", timeout=30)
+            assert extra in in_map()
+        finally:
+            mesh.exec("node-1", "ip", "addr", "del", f"{extra}/32", "dev", "lo", check=False)
+        wait_for(lambda: extra not in in_map(), "the address to leave the map", timeout=30)
+    finally:
+        mesh.weft("lab", "label", "echo-1", "weft.io/inbound-mode-")
+    wait_for(lambda: "weft_ingress" not in cgroup_programs(echo["cgroup"]),
+             "the strict ingress program to go")  # fmt: skip
+
+
 LISTEN6 = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET6)
