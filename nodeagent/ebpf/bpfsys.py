@@ -14,6 +14,7 @@ import ctypes
 import os
 import platform
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -193,47 +194,32 @@ def map_delete(map_fd: int, key: bytes) -> bool:
     return True
 
 
-def map_key_list(map_fd: int, key_size: int, limit: int = 4096) -> list[bytes]:
-    """The keys of a small map (walks GET_NEXT_KEY)."""
+def _walk_keys(map_fd: int, key_size: int, limit: int) -> Iterator[bytes]:
+    """The map's keys, at most ``limit`` (GET_NEXT_KEY from no key, then each one)."""
     cur = ctypes.create_string_buffer(key_size)
     nxt = ctypes.create_string_buffer(key_size)
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    keys: list[bytes] = []
-    while len(keys) < limit:
-        struct.pack_into("IIQQ", attr, 0, map_fd, 0, ctypes.addressof(cur) if keys else 0,
+    for n in range(limit):
+        struct.pack_into("IIQQ", attr, 0, map_fd, 0, ctypes.addressof(cur) if n else 0,
                          ctypes.addressof(nxt))  # fmt: skip
         ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_GET_NEXT_KEY, attr, _ATTR_SIZE)
         if ret < 0:
             err = ctypes.get_errno()
             if err == 2:  # ENOENT: no more keys
-                break
+                return
             raise BpfError(err, f"map walk: {os.strerror(err)}")
-        keys.append(nxt.raw)
+        yield nxt.raw
         ctypes.memmove(cur, nxt, key_size)
-    return keys
+
+
+def map_key_list(map_fd: int, key_size: int, limit: int = 4096) -> list[bytes]:
+    """The keys of a small map."""
+    return list(_walk_keys(map_fd, key_size, limit))
 
 
 def map_keys(map_fd: int, key_size: int, limit: int = 1 << 20) -> int:
-    """How many keys the map holds (walks GET_NEXT_KEY; for /debug/state)."""
-    cur = ctypes.create_string_buffer(key_size)
-    nxt = ctypes.create_string_buffer(key_size)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    count = 0
-    first = True
-    while count < limit:
-        struct.pack_into(
-            "IIQQ", attr, 0, map_fd, 0, 0 if first else ctypes.addressof(cur), ctypes.addressof(nxt)
-        )
-        ret: int = _libc.syscall(_SYS_BPF, BPF_MAP_GET_NEXT_KEY, attr, _ATTR_SIZE)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err == 2:  # ENOENT: no more keys
-                break
-            raise BpfError(err, f"map walk: {os.strerror(err)}")
-        ctypes.memmove(cur, nxt, key_size)
-        first = False
-        count += 1
-    return count
+    """How many keys the map holds (for /debug/state)."""
+    return sum(1 for _ in _walk_keys(map_fd, key_size, limit))
 
 
 @dataclass(frozen=True)
