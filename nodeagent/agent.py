@@ -33,7 +33,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +97,12 @@ from nodeagent.proxy.tunnel.hooks import ServedStream
 from nodeagent.proxy.tunnel.wire import Extensions, carries_routes
 from nodeagent.proxy.upstream import MeshUpstreams
 from nodeagent.retrymetrics import RetryMetrics
+from nodeagent.tracing import TraceExporter
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
 from weft.meshwire import encode_traffic
 from weft.preflight import find_bpffs_mount, find_cgroup2_mount
+from weft.tracing import Resource, Tracer, TracingConfig
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 
 log = logging.getLogger("weft.agent")
@@ -185,6 +187,9 @@ class AgentConfig:
     pod_uid: str | None = None
     """Kubernetes: the agent's own pod UID, to find its cgroup (the container's
     /proc/self/cgroup is namespaced and says only "/")."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """Distributed tracing: the OTLP collector (none: off) and the sample rate for
+    requests that bring no decision (``--trace-collector``, ``--trace-sample-rate``)."""
 
     def __post_init__(self) -> None:
         if self.connect_attempts < 1:
@@ -457,6 +462,12 @@ class Agent:
         # the local pod's policies (from discovery), on this node as the destination;
         # every HTTP/2 request against its endpoint's policies, on this node as the caller's.
         self.authorizer = Authorizer(self.mesh.workload_at, trust_domain=cfg.trust_domain)
+        # Tracing: spans of sampled requests, exported off the hot path (none without a
+        # collector: the data path then forwards trace headers untouched).
+        self.tracer = Tracer.for_config(cfg.tracing)
+        self.trace_exporter = (
+            TraceExporter(cfg.tracing, Resource(node=cfg.node)) if cfg.tracing.enabled else None
+        )
         self.outbound_http = OutboundHttp(
             mesh=self.mesh,
             failover=Failover(
@@ -470,6 +481,8 @@ class Agent:
             observer=lambda app, dest, service: _AttemptLog(self, app, dest, service),
             retry_metrics=self.retry_metrics,
             authorize=self.authorizer.outbound,
+            tracer=self.tracer if self.trace_exporter is not None else None,
+            record_span=self.trace_exporter.record if self.trace_exporter is not None else None,
         )
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
@@ -486,6 +499,8 @@ class Agent:
         self.registry.register(self.http_metrics)
         self.registry.register(self.retry_metrics)
         self.registry.register(self.authorizer.metrics)
+        if self.trace_exporter is not None:
+            self.registry.register(self.trace_exporter.metrics)
         self.m_connect_failures = Counter(
             "weft_outbound_endpoint_failures",
             "Outbound connect attempts that failed, by service (empty: a direct address) "
@@ -978,6 +993,23 @@ class Agent:
         await listening.wait()
         await server.serve(sock)
 
+    async def _export_traces(self) -> None:
+        """The exporter's task, guarded: tracing is not worth the agent.  If the exporter
+        dies, it is logged and tracing stops on this node (the tracer is switched off, so
+        requests are no longer traced for spans nobody would send); requests go on."""
+        assert self.trace_exporter is not None
+        try:
+            await self.trace_exporter.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.tracer.enabled = False
+            log.exception(
+                "tracing: the span exporter to %s failed; tracing is off on this node "
+                "until the agent restarts",
+                self.trace_exporter.sender.address,
+            )
+
     async def run(self) -> int:
         cfg = self.cfg
         # Nobody listening (first start, or the previous agent died): listen before
@@ -1090,6 +1122,8 @@ class Agent:
             tasks.add(asyncio.create_task(self._discover(), name="discovery"))
             helpers.add(asyncio.create_task(self._bootstrap(), name="bootstrap"))
             helpers.add(asyncio.create_task(self._certificates_ready(), name="cert-readiness"))
+        if self.trace_exporter is not None:
+            helpers.add(asyncio.create_task(self._export_traces(), name="trace-export-guard"))
         code = 0
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -1117,6 +1151,11 @@ class Agent:
                 await self.tunnel_client.close()
             if self.certs is not None:
                 await self.certs.close()
+            if self.trace_exporter is not None:
+                # After the drain, so the last requests' spans go out (bounded by the
+                # exporter's shutdown timeout); never a reason for the stop to fail.
+                with contextlib.suppress(Exception):
+                    await self.trace_exporter.close()
             for t in tasks | helpers:
                 t.cancel()
             for t in tasks | helpers:

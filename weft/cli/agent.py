@@ -126,6 +126,25 @@ def _ports(value: str) -> tuple[int, ...]:
     show_default=True,
     help="Seconds a connection may wait for a handshake slot before it is reset.",
 )
+@click.option(
+    "--trace-collector",
+    envvar="WEFT_TRACE_COLLECTOR",
+    metavar="HOST:PORT",
+    default=None,
+    help="OTLP collector (OpenTelemetry Collector, Jaeger, Tempo) to send the spans of "
+    "sampled requests to; unset: no tracing, trace headers pass untouched "
+    "($WEFT_TRACE_COLLECTOR; $WEFT_TRACE_PROTOCOL and the exporter's other settings: "
+    "docs/tracing.md).",
+)
+@click.option(
+    "--trace-sample-rate",
+    envvar="WEFT_TRACE_SAMPLE_RATE",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of requests without a sampling decision of their own that start a trace; "
+    "0, as Linkerd: only requests the caller sampled are traced ($WEFT_TRACE_SAMPLE_RATE).",
+)
 @click.option("--drain", default=5.0, show_default=True, help="Seconds to drain on shutdown.")
 @click.option(
     "--uninstall",
@@ -152,6 +171,8 @@ def agent(
     ready_wait: float,
     max_handshakes: int,
     handshake_queue_timeout: float,
+    trace_collector: str | None,
+    trace_sample_rate: float,
     drain: float,
     do_uninstall: bool,
 ) -> None:
@@ -162,11 +183,22 @@ def agent(
     """
     # Imported here so that other commands (and --help) do not load bcc.
     from nodeagent.agent import AgentConfig, AgentError, run, uninstall
+    from weft.tracing import TracingConfig, TracingConfigError
 
     if kubernetes == (lab_name is not None):
         raise click.UsageError("give exactly one of --lab NAME (with --node) or --kubernetes")
     if lab_name is not None and not node:
         raise click.UsageError("--node is required with --lab")
+    try:
+        tracing = TracingConfig.from_mapping(
+            {
+                **os.environ,
+                "WEFT_TRACE_COLLECTOR": trace_collector or "",
+                "WEFT_TRACE_SAMPLE_RATE": repr(trace_sample_rate),
+            }
+        )
+    except TracingConfigError as e:
+        raise click.UsageError(f"--trace-collector / $WEFT_TRACE_*: {e}") from None
     try:
         settings: dict[str, Any] = dict(
             outbound_port=outbound_port,
@@ -185,6 +217,7 @@ def agent(
             max_handshakes=max_handshakes,
             handshake_queue_timeout=handshake_queue_timeout,
             drain_seconds=drain,
+            tracing=tracing,
         )
         if kubernetes:
             cfg = AgentConfig.for_kubernetes(os.environ, **settings)

@@ -24,6 +24,15 @@ each attempt of a gRPC call tells the upstream what is left of it in ``grpc-time
 
 The destination node's side is `nodeagent.proxy.http.inbound`. Both record the golden
 metrics (`nodeagent.httpmetrics`): the stage that knows the facts records them.
+
+Tracing (`weft.tracing`): with a tracer, each request — once, not per attempt — asks
+`Tracer.begin` whether it is traced; a traced request leaves with its trace headers
+rewritten (`Hop.outgoing`: this hop's span becomes the upstream's parent) and, where
+its metrics are recorded, its ``outbound`` CLIENT span goes to the exporter's
+``record``.  The span ends when the response head arrives (or the request fails), the
+point the latency metrics measure, as Linkerd's proxy ends its spans.  Without a
+tracer the fast path pays one attribute check; a request without trace context at
+sample rate 0 is forwarded as it came.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ from nodeagent.proxy.http.message import (
     ProxyError,
     RequestHead,
     ResponseHead,
+    end_to_end,
+    header,
     modify_headers,
     set_forward_header,
 )
@@ -80,6 +91,8 @@ from nodeagent.retrymetrics import EJECTED, TIMEOUT, RetryMetrics
 from weft.identity import SpiffeId
 from weft.mesh import Workload
 from weft.routes import RouteTable, Rule, table_for
+from weft.tracing import Attr, AttrValue, Span, SpanKind, Tracer, status_for_http
+from weft.tracing import Hop as TraceHop
 from weft.traffic import DEFAULT as DEFAULT_TRAFFIC
 from weft.traffic import RETRY_TIMEOUT_KEY, TIMEOUT_REQUEST_KEY, TrafficPolicy
 
@@ -188,6 +201,9 @@ are judged here."""
 ObserverFactory = Callable[[Address, Address, str], FailoverObserver]
 """(app, original destination, service key or "") -> the agent's failure observer."""
 
+RecordSpan = Callable[[Span], None]
+"""Takes a finished span without waiting (`nodeagent.tracing.TraceExporter.record`)."""
+
 
 class OutboundHttp:
     """The node-wide part of outbound HTTP: mesh view, balancing, dialing, the pool and
@@ -205,6 +221,8 @@ class OutboundHttp:
         h2_pool: H2Pool | None = None,
         retry_metrics: RetryMetrics | None = None,
         authorize: OutboundAuthorize | None = None,
+        tracer: Tracer | None = None,
+        record_span: RecordSpan | None = None,
     ) -> None:
         self.authorize = authorize
         """Judges each HTTP/2 request for the endpoint chosen (`nodeagent.authz`)."""
@@ -221,6 +239,9 @@ class OutboundHttp:
         self._budgets: dict[str, RetryBudget] = {}
         self.requests = 0
         self.replayed = 0
+        self.tracer = tracer if tracer is not None and record_span is not None else None
+        """None: tracing is off (no collector), and nothing of it is looked at."""
+        self.record_span: RecordSpan = record_span if record_span is not None else _no_span
 
     def budget(self, key: str) -> RetryBudget:
         """The retry budget of ``key`` (`_Route.budget`: a service without routes, or a
@@ -304,6 +325,10 @@ class OutboundHttp:
         return await self.pool.open(key, dial, label), False
 
 
+def _no_span(span: Span) -> None:
+    pass
+
+
 FastDone = Callable[[Exchange, ProxyFailure | None, bool], None]
 """(exchange, the failure to answer or None, whether to send it again with `forward`)."""
 
@@ -324,6 +349,17 @@ class _Call:
     expires: float | None = None
     """A gRPC call's deadline (loop time): each attempt tells the upstream what is left
     of it in ``grpc-timeout``."""
+
+
+@dataclass(slots=True)
+class _Traced:
+    """A traced request in progress: its hop, and what routing chose for its span."""
+
+    hop: TraceHop
+    route: str = ""
+    """The Gateway API route matched (``ns/name``)."""
+    service: str = ""
+    """The service sent to (a route's backend), when routing chose one."""
 
 
 @dataclass(slots=True)
@@ -359,6 +395,9 @@ class OutboundForwarder:
         self._replay: tuple[Address, ...] | None = None
         """Set when a fast-path exchange is to be sent again on a new connection (the
         keep-alive race): the endpoints to avoid."""
+        self._traces: dict[Exchange, _Traced] = {}
+        """The traced requests in progress (HTTP/2: several at once), until their span
+        is recorded (`_record`); keyed by the exchange itself (identity)."""
 
     def _resolve(self) -> tuple[_Route, _QuietObserver]:
         http = self.http
@@ -414,6 +453,8 @@ class OutboundForwarder:
         if lease is not None:
             http.failover.budget.attempt()
             lease.succeed()
+        if http.tracer is not None:
+            self._trace(http.tracer, exchange)
         self._fast = _InFlight(exchange, done, client, lease, hop, source)
         client.start(exchange, self._fast_finished)
         return True
@@ -472,9 +513,14 @@ class OutboundForwarder:
             authority = exchange.head.authority or format_address(self.destination)
             self._record(exchange, authority, workload_name(source), None, source, cancelled=True)
             raise
+        finally:
+            if self._traces:  # a way out that recorded nothing must not keep the hop
+                self._traces.pop(exchange, None)
 
     async def _forward(self, exchange: Exchange) -> None:
         http = self.http
+        if http.tracer is not None and exchange not in self._traces:
+            self._trace(http.tracer, exchange)  # not again for a fast-path replay
         source = http.mesh.workload_at(self.app[0])
         authority = exchange.head.authority or format_address(self.destination)
         src_name = workload_name(source)
@@ -494,6 +540,10 @@ class OutboundForwarder:
                 # The destination judges per-route policies by it (the request codec
                 # dropped any the app sent: `nodeagent.proxy.tunnel.wire.EXT_ROUTE`).
                 set_forward_header(exchange.head, ROUTE_HEADER, route.name.encode())
+        if self._traces:
+            traced = self._traces.get(exchange)
+            if traced is not None:
+                traced.route, traced.service = route.name, route.service
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
@@ -734,6 +784,83 @@ class OutboundForwarder:
         exchange.retries = retrying.retries
         self._set_header(exchange.head, RETRY_ATTEMPT_HEADER, b"%d" % retrying.retries)
 
+    def _trace(self, tracer: Tracer, exchange: Exchange) -> None:
+        """Begin the request's hop: if it is traced, send it with the hop's headers."""
+        head = exchange.head
+        h2 = self.protocol != HTTP1
+        hop = tracer.begin(head.headers, lowercase=h2)
+        if hop is None:
+            return
+        if h2:  # HTTP/2 heads are sent with their headers as they are
+            head.headers = hop.outgoing(head.headers)
+        else:
+            forward = head.forward
+            if forward is None:  # as `set_forward_header` computes them
+                head.te = header(head.headers, b"te")
+                forward = end_to_end(head.headers)
+            head.forward = hop.outgoing(forward)
+        self._traces[exchange] = _Traced(hop)
+
+    def _span(
+        self,
+        traced: _Traced,
+        exchange: Exchange,
+        labels: HttpLabels,
+        dest: Hop | None,
+        error: ProxyError | None,
+        cancelled: bool,
+    ) -> None:
+        """The request's ``outbound`` CLIENT span, to the exporter."""
+        head = exchange.head
+        route = self._route
+        service = traced.service or (route.service if route is not None else "")
+        attrs: dict[str, AttrValue] = {
+            Attr.DIRECTION: "outbound",
+            Attr.HTTP_METHOD: head.method.decode("latin-1"),
+            Attr.URL_PATH: head.path,
+            Attr.SERVER_ADDRESS: labels.authority,
+            Attr.PROTOCOL_VERSION: "2" if self.protocol == H2 else "1.1",
+            Attr.SRC_NAMESPACE: labels.src_namespace,
+            Attr.SRC_WORKLOAD: labels.src_workload,
+            Attr.CLIENT_ID: labels.client_id,
+            Attr.RETRIES: exchange.retries,
+            Attr.TLS: labels.tls == "true",
+        }
+        if service:
+            attrs[Attr.DST_SERVICE] = service
+        if dest is not None:
+            attrs[Attr.ENDPOINT] = format_address(dest.address)
+            attrs[Attr.DST_NAMESPACE] = labels.dst_namespace
+            attrs[Attr.DST_WORKLOAD] = labels.dst_workload
+            if labels.server_id:
+                attrs[Attr.SERVER_ID] = labels.server_id
+        response = exchange.response
+        if cancelled:
+            status, grpc = 0, ""
+            attrs[Attr.ERROR_TYPE] = attrs[Attr.PROXY_ERROR] = CANCELLED
+        elif error is not None:
+            status, grpc = error.status, ""
+            attrs[Attr.ERROR_TYPE] = attrs[Attr.PROXY_ERROR] = error.token
+        elif response is not None:
+            status, grpc = response.status, response.grpc_status
+            if grpc:
+                attrs[Attr.RPC_GRPC_STATUS] = int(grpc) if grpc.isdigit() else grpc
+        else:
+            status, grpc = 0, ""
+        if status:
+            attrs[Attr.HTTP_STATUS] = status
+        name = traced.route
+        if name:
+            attrs[Attr.ROUTE] = name
+        self.http.record_span(
+            traced.hop.finish(
+                "outbound",
+                SpanKind.CLIENT,
+                attributes=attrs,
+                status=status_for_http(SpanKind.CLIENT, status, grpc),
+            )
+        )
+
     def _set_header(self, head: RequestHead, name: bytes, value: bytes) -> None:
         """Send ``head`` with the proxy's own header ``name`` (lower case) = ``value``."""
         if self.protocol == HTTP1:
@@ -788,6 +915,10 @@ class OutboundForwarder:
             )  # fmt: skip
             if len(self._labels) < 64:  # the authority comes from the client
                 self._labels[key] = labels
+        if self._traces:
+            trace = self._traces.pop(exchange, None)
+            if trace is not None:
+                self._span(trace, exchange, labels, hop, error, cancelled)
         record_exchange(self.http.metrics, labels, exchange, error, cancelled=cancelled)
 
 
