@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "lab": "weft.cli.lab",
     "policy": "weft.cli.policy",
     "uninstall": "weft.cli.install",
+    "viz": "weft.cli.viz",
 }
 """Subcommand name -> the module that defines a click command of that name."""
 

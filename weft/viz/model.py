@@ -360,6 +360,13 @@ class Topology:
             found.update((p.namespace, g) for g in self.groups(kind, p.namespace, p.name))
         return sorted(found)
 
+    def nodes(self, kind: str, namespace: str, name: str) -> set[str]:
+        """Nodes the resource's pods run on (whose agents count their inbound traffic)."""
+        return {
+            p.node for p in self.pods
+            if p.namespace == namespace and name in self.groups(kind, p.namespace, p.name)
+        }  # fmt: skip
+
     def meshed(self, kind: str, namespace: str, name: str) -> tuple[int, int] | None:
         """(captured pods, pods) of a resource; None when the topology has none."""
         pods = [
@@ -664,7 +671,8 @@ def top(
     out = [
         TopRow(*key, figures, rates.get(key, 0.0) if recent is not None else None)
         for key, figures in rows.items()
-        if namespace is None or namespace in (key[0], key[2])
+        if (namespace is None or namespace in (key[0], key[2]))
+        and (figures.requests > 0 or rates.get(key))
     ]
     out.sort(key=lambda r: (-r.figures.requests, r.src, r.dst, r.what))
     return out

@@ -120,7 +120,8 @@ class AgentSource:
         self,
         agents: Sequence[Agent],
         *,
-        fetch: Callable[[Agent], str] = fetch_metrics,
+        timeout: float = SCRAPE_TIMEOUT,
+        fetch: Callable[[Agent, float], str] = fetch_metrics,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         hint: str = "",
@@ -128,6 +129,7 @@ class AgentSource:
         if not agents:
             raise SourceError("no agents to scrape")
         self.agents = list(agents)
+        self.timeout = timeout
         self._fetch = fetch
         self._clock = clock
         self._sleep = sleep
@@ -139,7 +141,7 @@ class AgentSource:
 
     def _one(self, agent: Agent) -> Scrape | Unreachable:
         try:
-            text = self._fetch(agent)
+            text = self._fetch(agent, self.timeout)
             samples = parse_text(text)
         except ExpositionError as e:
             return Unreachable(agent.name, agent.where, f"unparsable /metrics: {e}")

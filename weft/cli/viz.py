@@ -1,0 +1,686 @@
+"""``weft viz``: success rate, RPS, latency, TCP, edges and routes of the mesh, in a terminal.
+
+Modelled on ``linkerd viz``. Reads every node agent's ``:15020/metrics`` directly (the
+default: in a lab, from inside each node's network namespace) or a Prometheus that
+scrapes them (``--prometheus URL``). Parsing and arithmetic live in `weft.viz`
+(sans-I/O); this module parses options, asks a source and prints.
+
+An agent that cannot be read is named on stderr (and under ``unreachable`` in JSON) and
+the others are still shown: its pods' figures are missing, not zero. Only when no agent
+answers at all does a command fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+import rich.markup
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from weft.viz import model
+from weft.viz.model import Delta, Figures, Snapshot, Topology, Unreachable, VizError
+from weft.viz.sources import (
+    ADMIN_PORT,
+    Agent,
+    AgentSource,
+    PrometheusSource,
+    Source,
+    SourceError,
+    lab_agents,
+    lab_topology,
+    load_lab,
+)
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _out() -> Console:
+    # Piped output (scripts, tests) must not be cut at rich's default 80 columns.
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(highlight=False, width=max(200, shutil.get_terminal_size().columns))
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {rich.markup.escape(message)}")
+    sys.exit(1)
+
+
+@dataclass
+class Env:
+    source: Source
+    topology: Topology
+    describe: str
+
+
+def _agent(text: str) -> Agent:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(ADMIN_PORT)
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{text!r}: give HOST or HOST:PORT", param_hint="--agent")
+    return Agent(text, host, int(port))
+
+
+@click.group()
+@click.option(
+    "--lab",
+    "lab_name",
+    default=lambda: os.environ.get("WEFT_LAB", "weft"),
+    show_default="weft (or $WEFT_LAB)",
+    help="Lab whose agents are read, and whose pods and services name the rows.",
+)
+@click.option(
+    "--prometheus",
+    metavar="URL",
+    help="Query this Prometheus (PromQL, HTTP API) instead of the agents.",
+)
+@click.option(
+    "--agent",
+    "agent_addrs",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Scrape this agent's admin port (repeatable) instead of a lab's agents, "
+    "e.g. through `kubectl port-forward`.",
+)
+@click.option(
+    "--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for each agent."
+)
+@click.pass_context
+def viz(
+    ctx: click.Context,
+    lab_name: str,
+    prometheus: str | None,
+    agent_addrs: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Golden metrics of the mesh: success rate, RPS, latency, TCP, edges, routes.
+
+    \b
+      weft viz stat deploy                 # per workload, over a 10 s window
+      weft viz stat pod -o wide            # per pod, with bytes/s
+      weft viz stat deploy --from deploy/client
+      weft viz edges deploy                # who talks to whom, identities, mTLS
+      weft viz routes svc/echo             # per route, or [default]
+      weft viz top                         # busiest traffic, live (--once for one table)
+    \b
+    Not yet: `weft viz tap` (a live stream of requests) and `weft viz dashboard` (a web
+    page with the service graph) are being built (issue #14) and are not in this version.
+    """
+
+    ctx.obj = _Options(lab_name, prometheus, agent_addrs, timeout)
+
+
+@dataclass(frozen=True)
+class _Options:
+    lab: str
+    prometheus: str | None
+    agents: tuple[str, ...]
+    timeout: float
+
+
+def _env(ctx: click.Context) -> Env:
+    o: _Options = ctx.obj
+    state = None
+    try:
+        state = load_lab(o.lab)
+    except SourceError as e:
+        if not o.prometheus and not o.agents:
+            _fail(f"{e} (or give --prometheus URL or --agent HOST:PORT)")
+    topology = lab_topology(state) if state is not None else Topology()
+    source: Source
+    if o.prometheus:
+        source = PrometheusSource(o.prometheus)
+    elif o.agents:
+        source = AgentSource([_agent(a) for a in o.agents], timeout=o.timeout)
+    else:
+        assert state is not None
+        source = AgentSource(
+            lab_agents(state),
+            timeout=o.timeout,
+            hint=" (`weft lab logs agent-{0}`; `weft lab start agent-{0}` restarts it)",
+        )
+    where = f"lab {o.lab}" if state is not None else "no lab: rows are pods"
+    return Env(source, topology, f"{source.describe()}, {where}")
+
+
+def _namespace_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("-A", "--all-namespaces", is_flag=True, help="Rows of every namespace.")(f)
+    f = click.option("-n", "--namespace", default="default", show_default=True)(f)
+    return f
+
+
+def _output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "wide", "json"]),
+        default="table",
+        show_default=True,
+    )(f)
+
+
+def _window_option(default: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--window",
+        type=click.FloatRange(min=0),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help="Rates over this many seconds (two scrapes that far apart); 0: totals since "
+        "the agents started, one scrape, no rates.",
+    )
+
+
+def _collect(env: Env, window: float, quiet: bool) -> tuple[list[Delta], list[Unreachable]]:
+    def waiting(message: str) -> None:
+        if not quiet:
+            err.print(f"[dim]·[/dim] {message} (--window)")
+
+    try:
+        if window > 0:
+            before, after = env.source.window(window, waiting)
+            ds, down = model.deltas(before, after)
+            answered = len(after.scrapes)
+        else:
+            snap = env.source.snapshot()
+            ds, down = model.deltas(None, snap)
+            answered = len(snap.scrapes)
+    except SourceError as e:
+        _fail(str(e))
+    for u in down:
+        what = rich.markup.escape(u.describe())
+        err.print(
+            f"[yellow]warning:[/yellow] could not read the agent of {what}"
+            " — its pods' figures are missing below"
+        )
+    if answered == 0:
+        _fail("no agent answered; nothing to show")
+    over = model.overflowed(ds)
+    if over:
+        err.print(
+            f"[yellow]warning:[/yellow] {over:g} requests were counted under an agent's "
+            "overflow series (its cardinality cap) and are not attributed"
+        )
+    return ds, down
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _rps(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}rps"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}ms" if v < 10 else f"{v:.0f}ms"
+
+
+def _bps(v: float | None) -> str:
+    if v is None:
+        return "-"
+    for unit in ("B/s", "KiB/s", "MiB/s"):
+        if v < 1024:
+            return f"{v:.1f}{unit}"
+        v /= 1024
+    return f"{v:.1f}GiB/s"
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def _table(*headers: str) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for h in headers:
+        table.add_column(h, no_wrap=True)
+    return table
+
+
+def _add(table: Table, *cells: str) -> None:
+    # Cells are data, not markup: a route named "[default]" must print as such.
+    table.add_row(*(Text(c) for c in cells))
+
+
+def _json(payload: dict[str, Any], down: Sequence[Unreachable]) -> None:
+    payload["unreachable"] = [
+        {"source": u.source, "where": u.where, "reason": u.reason} for u in down
+    ]
+    click.echo(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _figures_cells(f: Figures, wide: bool) -> list[str]:
+    cells = [
+        _pct(f.success_rate),
+        _rps(f.request_rate),
+        _ms(f.latency(0.5)),
+        _ms(f.latency(0.95)),
+        _ms(f.latency(0.99)),
+        _num(f.tcp_open),
+    ]
+    if wide:
+        cells += [_num(f.requests), _bps(f.read_rate), _bps(f.write_rate)]
+    return cells
+
+
+_FIGURE_HEADERS = ("SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN")
+_WIDE_HEADERS = ("REQUESTS", "READ_BYTES/SEC", "WRITE_BYTES/SEC")
+
+
+def _resource(kind_arg: str, name_arg: str | None) -> tuple[str, str | None]:
+    kind, sep, name = kind_arg.partition("/")
+    if sep and name_arg:
+        raise VizError(f"give {kind_arg} or {kind} {name_arg}, not both")
+    return model.parse_kind(kind), (name if sep else name_arg) or None
+
+
+# -- stat ---------------------------------------------------------------------------------
+
+
+@viz.command()
+@click.argument("kind")
+@click.argument("name", required=False)
+@_namespace_options
+@click.option(
+    "--from",
+    "from_",
+    metavar="KIND/NAME",
+    help="Only requests from this (e.g. deploy/client); rows are what it calls.",
+)
+@click.option(
+    "--to", metavar="KIND/NAME", help="Only requests to this (e.g. svc/echo); rows are its callers."
+)
+@_output_option
+@_window_option(10.0)
+@click.pass_context
+def stat(
+    ctx: click.Context,
+    kind: str,
+    name: str | None,
+    namespace: str,
+    all_namespaces: bool,
+    from_: str | None,
+    to: str | None,
+    output: str,
+    window: float,
+) -> None:
+    """Success rate, RPS, latency percentiles and TCP connections per deploy|pod|svc|ns.
+
+    \b
+      weft viz stat deploy                 # every Deployment (app label) in -n
+      weft viz stat pod echo-1 -o json
+      weft viz stat deploy/echo --from deploy/client
+    \b
+    Figures are the destination's view (requests each workload received, counted by its
+    node's proxy); with --from or --to, the client's (counted by the caller's node).
+    """
+    try:
+        kind_, name_ = _resource(kind, name)
+        source = model.parse_target(from_, namespace) if from_ else None
+        dest = model.parse_target(to, namespace) if to else None
+        env = _env(ctx)
+        ds, down = _collect(env, window, output == "json")
+        rows = model.stat(
+            ds,
+            env.topology,
+            kind_,
+            namespace=None if all_namespaces else namespace,
+            name=name_,
+            source=source,
+            dest=dest,
+        )
+    except VizError as e:
+        _fail(str(e))
+    if name_ is not None and not rows:
+        err.print(f"no {kind_}/{name_} in {namespace} with traffic or pods")
+    down_nodes = {u.source for u in down}
+
+    def missing(r: model.StatRow) -> list[str]:
+        return sorted(env.topology.nodes(r.kind, r.namespace, r.name) & down_nodes)
+
+    if output == "json":
+        _json(
+            {
+                "kind": kind_,
+                "window_seconds": window,
+                "source": env.describe,
+                "rows": [{**r.to_json(), "missing_agents": missing(r)} for r in rows],
+            },
+            down,
+        )
+        return
+    wide = output == "wide"
+    headers = ["NAMESPACE"] if all_namespaces or kind_ == "ns" else []
+    note = ("MISSING",) if down_nodes else ()
+    table = _table(
+        *headers, "NAME", "MESHED", *_FIGURE_HEADERS, *(_WIDE_HEADERS if wide else ()), *note
+    )
+    for r in rows:
+        meshed = "-" if r.meshed is None else f"{r.meshed[0]}/{r.meshed[1]}"
+        ns = [r.namespace] if headers else []
+        gone = missing(r)
+        lost = [f"agent of {', '.join(gone)} unreachable" if gone else ""] if note else []
+        _add(table, *ns, r.name, meshed, *_figures_cells(r.figures, wide), *lost)
+    _out().print(table)
+    if window == 0:
+        err.print("[dim]totals since the agents started (--window 0): no rates[/dim]")
+
+
+# -- edges --------------------------------------------------------------------------------
+
+
+@viz.command()
+@click.argument("kind", type=click.Choice(["deploy", "deployment", "pod", "po"]))
+@_namespace_options
+@_output_option
+@_window_option(0.0)
+@click.pass_context
+def edges(
+    ctx: click.Context,
+    kind: str,
+    namespace: str,
+    all_namespaces: bool,
+    output: str,
+    window: float,
+) -> None:
+    """Who talks to whom: both ends, their SPIFFE identities and whether the edge is mTLS.
+
+    From the clients' side (each node's outbound series name both pods); by default
+    every edge seen since the agents started, with --window only the active ones.
+    """
+    try:
+        kind_ = model.parse_kind(kind)
+        env = _env(ctx)
+        ds, down = _collect(env, window, output == "json")
+        rows = model.edges(ds, env.topology, kind_, namespace=None if all_namespaces else namespace)
+    except VizError as e:
+        _fail(str(e))
+    if window > 0:
+        rows = [r for r in rows if r.figures.tcp_opened or r.figures.requests or r.figures.tcp_open]
+    down_nodes = {u.source for u in down}
+
+    def missing(r: model.StatRow) -> list[str]:
+        return sorted(env.topology.nodes(r.kind, r.namespace, r.name) & down_nodes)
+
+    if output == "json":
+        _json(
+            {
+                "kind": kind_,
+                "window_seconds": window,
+                "source": env.describe,
+                "edges": [r.to_json() for r in rows],
+            },
+            down,
+        )
+        return
+    wide = output == "wide"
+    extra = ("CONNS", "REQUESTS", "SUCCESS") if wide else ()
+    table = _table("SRC", "DST", "SRC_NS", "DST_NS", "CLIENT_ID", "SERVER_ID", "SECURED", *extra)
+    for r in rows:
+        f = r.figures
+        cells = [_num(f.tcp_opened), _num(f.requests), _pct(f.success_rate)] if wide else []
+        _add(
+            table,
+            r.src,
+            r.dst,
+            r.src_namespace,
+            r.dst_namespace,
+            ",".join(sorted(f.client_ids)) or "-",
+            ",".join(sorted(f.server_ids)) or "-",
+            {"yes": "√ mTLS", "no": "plaintext", "partly": "partly mTLS"}.get(f.secured, "-"),
+            *cells,
+        )
+    _out().print(table)
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+@viz.command()
+@click.argument("target", metavar="svc/NAME")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@_output_option
+@_window_option(10.0)
+@click.pass_context
+def routes(ctx: click.Context, target: str, namespace: str, output: str, window: float) -> None:
+    """Per-route figures of a service: its Gateway API routes, or [default] without any.
+
+    Requests, retries and timeouts are counted per route; success and latency per
+    workload only, so they are the service's (its endpoints'), on [default] or [all].
+    """
+    try:
+        t = model.parse_target(target, namespace)
+        if t.kind != "svc":
+            raise VizError(f"{target!r}: give svc/NAME")
+        env = _env(ctx)
+        service = env.topology.service(t.namespace, t.name)
+        if service is None:
+            if env.topology.services:
+                raise VizError(f"no service {t.namespace}/{t.name} in the lab")
+            service = model.Service(t.namespace, t.name, {})
+        ds, down = _collect(env, window, output == "json")
+        rows = model.routes(ds, env.topology, service)
+    except VizError as e:
+        _fail(str(e))
+    if output == "json":
+        _json(
+            {
+                "service": service.key,
+                "window_seconds": window,
+                "source": env.describe,
+                "routes": [r.to_json() for r in rows],
+            },
+            down,
+        )
+        return
+    wide = output == "wide"
+    extra = ("SKIPPED", "BACKENDS") if wide else ()
+    table = _table(
+        "ROUTE",
+        "SERVICE",
+        "SUCCESS",
+        "RPS",
+        "LATENCY_P50",
+        "LATENCY_P95",
+        "LATENCY_P99",
+        "RETRIES",
+        "TIMEOUTS",
+        *extra,
+    )
+    for r in rows:
+        f = r.figures
+        cells = [_num(r.retries_skipped), ",".join(sorted(r.backends)) or "-"] if wide else []
+        _add(
+            table,
+            r.route,
+            service.name,
+            _pct(f.success_rate),
+            _rps(f.request_rate),
+            _ms(f.latency(0.5)),
+            _ms(f.latency(0.95)),
+            _ms(f.latency(0.99)),
+            _num(r.retries),
+            _num(r.timeouts),
+            *cells,
+        )
+    _out().print(table)
+    if any(r.route == model.ALL_ROUTES for r in rows):
+        err.print(
+            "[dim]success and latency are measured per workload, not per route: "
+            "[all] shows the service's[/dim]"
+        )
+
+
+# -- top ----------------------------------------------------------------------------------
+
+
+NO_PATH_NOTE = (
+    "the agents' metrics carry no request path: rows are by authority (Host), "
+    "and per route below when services have Gateway API routes"
+)
+
+
+def _top_view(
+    since: list[Delta],
+    recent: list[Delta] | None,
+    namespace: str | None,
+    rows: int,
+    heading: str,
+) -> Group:
+    by_path = model.has_path(since)
+    table = _table(
+        "SOURCE",
+        "DESTINATION",
+        "PATH" if by_path else "AUTHORITY",
+        "COUNT",
+        "RPS",
+        "SUCCESS",
+        "LATENCY_P50",
+        "LATENCY_P99",
+    )
+    for r in model.top(since, recent, namespace=namespace)[:rows]:
+        f = r.figures
+        rate = r.recent_rate if r.recent_rate is not None else f.request_rate
+        _add(
+            table,
+            f"{r.src_namespace}/{r.src}",
+            f"{r.dst_namespace}/{r.dst}",
+            r.what,
+            _num(f.requests),
+            _rps(rate),
+            _pct(f.success_rate),
+            _ms(f.latency(0.5)),
+            _ms(f.latency(0.99)),
+        )
+    parts: list[Any] = [Text(heading, style="bold")]
+    if not by_path:
+        parts.append(Text(NO_PATH_NOTE, style="dim"))
+    parts.append(table)
+    traffic = model.route_traffic(since)
+    if traffic:
+        routes_table = _table("SERVICE", "ROUTE", "BACKEND", "COUNT", "RPS")
+        for t in traffic[:rows]:
+            _add(
+                routes_table,
+                t.service,
+                t.route or model.DEFAULT_ROUTE,
+                t.backend or "-",
+                _num(t.figures.requests),
+                _rps(t.figures.request_rate),
+            )
+        parts += [Text(""), routes_table]
+    return Group(*parts)
+
+
+@viz.command()
+@_namespace_options
+@click.option("--once", is_flag=True, help="Print one table after --window seconds and exit.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes of the live view.",
+)
+@click.option("--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    help="json implies --once.",
+)
+@_window_option(5.0)
+@click.pass_context
+def top(
+    ctx: click.Context,
+    namespace: str,
+    all_namespaces: bool,
+    once: bool,
+    interval: float,
+    max_rows: int,
+    output: str,
+    window: float,
+) -> None:
+    """The busiest traffic, live: source, destination, path (or authority), rates.
+
+    Counts run from when the view started; RPS is over the last refresh. Ctrl-C quits.
+    """
+    try:
+        env = _env(ctx)
+    except VizError as e:
+        _fail(str(e))
+    ns = None if all_namespaces else namespace
+    if once or output == "json":
+        ds, down = _collect(env, window, output == "json")
+        if output == "json":
+            _json(
+                {
+                    "window_seconds": window,
+                    "source": env.describe,
+                    "by": "path" if model.has_path(ds) else "authority",
+                    "rows": [r.to_json() for r in model.top(ds, namespace=ns)[:max_rows]],
+                    "routes": [
+                        {
+                            "service": t.service,
+                            "route": t.route or model.DEFAULT_ROUTE,
+                            "backend": t.backend,
+                            "count": t.figures.requests,
+                            "rps": t.figures.request_rate,
+                        }
+                        for t in model.route_traffic(ds)
+                    ],
+                },
+                down,
+            )
+            return
+        _out().print(
+            _top_view(ds, None, ns, max_rows, f"weft viz top — {env.describe}, last {window:g} s")
+        )
+        return
+    _live_top(env, ns, interval, max_rows)
+
+
+def _live_top(env: Env, namespace: str | None, interval: float, max_rows: int) -> None:
+    from rich.live import Live
+
+    def snap() -> Snapshot:
+        try:
+            return env.source.snapshot()
+        except SourceError as e:
+            _fail(str(e))
+
+    first = prev = snap()
+    started = time.monotonic()
+    console = Console(highlight=False)
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                cur = snap()
+                since, down = model.deltas(first, cur)
+                recent, _ = model.deltas(prev, cur)
+                prev = cur
+                heading = (
+                    f"weft viz top — {env.describe} — {time.monotonic() - started:.0f} s"
+                    " (Ctrl-C quits)"
+                )
+                view: list[Any] = [_top_view(since, recent, namespace, max_rows, heading)]
+                for u in down:
+                    view.append(Text(f"could not read the agent of {u.describe()}", style="yellow"))
+                live.update(Group(*view), refresh=True)
+        except KeyboardInterrupt:
+            pass
