@@ -14,7 +14,7 @@ GWAPI_STAMP := $(GWAPI)/node_modules/.installed-stamp
 WEFT   := $(VENV)/bin/weft
 
 .DEFAULT_GOAL := help
-.PHONY: help setup host venv schemas lab lab-down bench test test-unit lint fmt clean
+.PHONY: help setup host venv schemas lab lab-down bench test test-unit lint fmt clean image
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 
 bench: setup ## the side-by-side benchmark (about 30 min); results in docs/results/bench.json
 	@$(WEFT) bench --json docs/results/bench.json
+
+image: ## the Weft image (weft:latest) on a Debian 12 base bootstrapped here; no registry (root)
+	@scripts/image.sh
 
 lab-down: ## tear the demo lab down
 	@$(WEFT) lab down
