@@ -743,6 +743,7 @@ class Agent:
             cgroup=self.pod_cgroup(w),
             captured=w.captured,
             strict=w.strict,
+            plaintext=self.authorizer.plaintext(w),
         )
 
     async def _mesh_loop(self) -> None:

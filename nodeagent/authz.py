@@ -41,6 +41,8 @@ from nodeagent.proxy.tunnel.hooks import Decision as StreamDecision
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
 from weft.policy import Decision, PolicySet, Request, policy_set
+from weft.policy.plaintext import Entry as PlainEntry
+from weft.policy.plaintext import TooComplex, plaintext_table
 
 log = logging.getLogger("weft.authz")
 
@@ -122,6 +124,7 @@ class Authorizer:
         self.metrics = metrics or AuthzMetrics()
         self._clock = clock
         self._sets: dict[str, _Compiled] = {}
+        self._plaintext: dict[str, tuple[Workload, tuple[PlainEntry, ...] | None]] = {}
         self._log_window = (0.0, 0)
 
     def _compiled(self, target_ip: str) -> _Compiled | None:
@@ -137,6 +140,38 @@ class Authorizer:
                         self.trust_domain)  # fmt: skip
         compiled = self._sets[w.uid] = _Compiled(w, ps)
         return compiled
+
+    def plaintext(self, w: Workload) -> tuple[PlainEntry, ...] | None:
+        """A strict local pod's plaintext verdicts for its eBPF filter, compiled from
+        its policies (`weft.policy.plaintext`; cached per workload value); None when no
+        plaintext caller may come in (the filter's default: only the node)."""
+        if not w.strict or not (w.policies or w.open_to_plaintext):
+            return None
+        cached = self._plaintext.get(w.uid)
+        if cached is not None and cached[0] is w:
+            return cached[1]
+        if len(self._plaintext) >= 4 * MAX_SERIES:
+            self._plaintext.clear()
+        c = self._compiled(w.ips[0]) if w.ips else None
+        ps = (
+            c.policies
+            if c is not None and c.workload is w
+            else policy_set(
+                f"{w.namespace}/{w.name}", w.policies, w.default_policy, self.trust_domain
+            )
+        )
+        table: tuple[PlainEntry, ...] | None
+        try:
+            table = plaintext_table(ps, (p.port for p in w.ports),
+                                    open_to_plaintext=w.open_to_plaintext)  # fmt: skip
+        except TooComplex as e:
+            log.warning("authz: %s/%s refuses all plaintext: its policies are too complex "
+                        "for the kernel's filter (%s)", w.namespace, w.name, e)  # fmt: skip
+            table = None
+        if table is not None and not any(e.allow for e in table):
+            table = None  # nothing let in: the filter's default says that already
+        self._plaintext[w.uid] = (w, table)
+        return table
 
     def policies(self, target_ip: str) -> tuple[Workload, PolicySet] | None:
         """The workload at ``target_ip`` and its compiled policies (cached per value)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from weft.files import write_json_atomic
+from weft.policy.plaintext import Entry as PlainEntry
 
 log = logging.getLogger("weft.capture")
 
@@ -39,6 +40,9 @@ class LocalPod:
     """The pod's cgroup v2 directory, None if not (yet) known."""
     captured: bool
     strict: bool
+    plaintext: tuple[PlainEntry, ...] | None = None
+    """For a strict pod, its policies' verdicts for plaintext callers
+    (`weft.policy.plaintext`); None: none is let in (only the node)."""
 
     @property
     def key(self) -> str:
@@ -49,6 +53,10 @@ class Attacher(Protocol):
     def attach_pod(self, cgroup: Path, strict: bool) -> list[str]: ...
 
     def detach_pod(self, cgroup: Path) -> list[str]: ...
+
+    def set_plaintext(self, pod_ip: str, table: Sequence[PlainEntry] | None) -> bool:
+        """Put a strict pod's plaintext verdicts in force (None: remove them)."""
+        ...
 
 
 @dataclass
@@ -71,6 +79,8 @@ class CaptureManager:
         self.captured: dict[str, CapturedPod] = {}
         self.errors: dict[str, str] = {}
         self.snapshots = 0
+        self._plaintext: dict[str, tuple[str, tuple[PlainEntry, ...]]] = {}
+        """Pod key -> (address, table) in force in the kernel."""
 
     def _recorded(self) -> set[str]:
         try:
@@ -106,6 +116,7 @@ class CaptureManager:
                 errors[key] = f"attach to {pod.cgroup} failed: {e}"
                 log.error("pod %s (%s): %s", key, pod.ip, errors[key])
                 continue
+            self._sync_plaintext(key, pod)
             prev = self.captured.get(key)
             if prev is None:
                 log.info(
@@ -122,6 +133,8 @@ class CaptureManager:
         for key in [k for k in self.captured if k not in wanted]:
             gone = self.captured.pop(key).pod
             self._detach(key, gone.cgroup)
+        for key in [k for k in self._plaintext if k not in self.captured]:
+            self._sync_plaintext(key, None)
         # snapshot done: anything an earlier instance attached that nobody wants now
         if first:
             current = {str(c.pod.cgroup) for c in self.captured.values()}
@@ -134,6 +147,25 @@ class CaptureManager:
                 self._detach(pod.key, pod.cgroup, quiet=True)
         self.errors = errors
         self._record()
+
+    def _sync_plaintext(self, key: str, pod: LocalPod | None) -> None:
+        """Write a pod's plaintext verdicts when they change (a strict pod's only)."""
+        want = (pod.ip, pod.plaintext) if pod and pod.strict and pod.plaintext else None
+        have = self._plaintext.get(key)
+        if want == have:
+            return
+        if have is not None and (want is None or want[0] != have[0]):
+            self.attacher.set_plaintext(have[0], None)
+            del self._plaintext[key]
+        if want is not None:
+            ok = self.attacher.set_plaintext(*want)
+            allowed = sum(e.allow for e in want[1])
+            log.info("pod %s (%s): plaintext verdicts of its policies in force (%d entries, "
+                     "%d allowing)%s", key, want[0], len(want[1]), allowed,
+                     "" if ok else "; the kernel refused them: plaintext refused")  # fmt: skip
+            self._plaintext[key] = want
+        elif have is not None:
+            log.info("pod %s (%s): no policy lets plaintext in any more", key, have[0])
 
     def _detach(self, key: str, cgroup: Path | None, quiet: bool = False) -> None:
         if cgroup is None:
@@ -153,6 +185,7 @@ class CaptureManager:
                     "ip": c.pod.ip,
                     "cgroup": str(c.pod.cgroup),
                     "strict": c.pod.strict,
+                    "plaintext_entries": len(c.pod.plaintext or ()),
                     "since": c.since,
                 }
                 for k, c in sorted(self.captured.items())

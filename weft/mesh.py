@@ -87,6 +87,12 @@ def enforced_inbound_mode(
     return mode
 
 
+def open_to_plaintext(mode: InboundMode, default: DefaultPolicy, explicit: bool) -> bool:
+    """Whether a pod would take plaintext but for its policies: its own inbound mode is
+    permissive and no default set explicitly refuses plaintext (`Workload`)."""
+    return mode is not InboundMode.STRICT and not (explicit and refuses_plaintext(default))
+
+
 def opaque_ports(annotations: Mapping[str, str]) -> tuple[int, ...]:
     """The ports an object's ``weft.io/opaque-ports`` (or Linkerd's) annotation lists,
     sorted. Entries that are not a port or a ``low-high`` range are skipped with a log
@@ -152,6 +158,10 @@ class Workload:
     policies: tuple[Policy, ...] = ()
     """The AuthorizationPolicies that apply to it, by name (the control plane selects
     them: `weft.policy.applicable`)."""
+    open_to_plaintext: bool = False
+    """It would accept plaintext but for its policies (`open_to_plaintext`): strict only
+    so that they are not bypassed, so plaintext no policy denies still passes its eBPF
+    filter (`weft.policy.plaintext`)."""
 
     @property
     def key(self) -> str:

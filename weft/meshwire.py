@@ -102,6 +102,7 @@ def encode_workload(w: Workload) -> dict[str, Any]:
         **({"default_policy": w.default_policy.value}
            if w.default_policy is not MESH_DEFAULT else {}),
         **({"policies": [policy_object(p) for p in w.policies]} if w.policies else {}),
+        **({"open_to_plaintext": True} if w.open_to_plaintext else {}),
     }  # fmt: skip
 
 
@@ -275,6 +276,7 @@ def decode_workload(obj: Any, where: str = "workload") -> Workload:
         opaque_ports=_ports_list(f, "opaque_ports"),
         default_policy=_default_policy(f, where),
         policies=_policies(f, where),
+        open_to_plaintext=bool(f.get("open_to_plaintext", bool, False)),
     )
 
 

@@ -98,7 +98,7 @@ from controlplane.discovery.routestatus import (
     route_judgement,
 )
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
-from weft.mesh import enforced_inbound_mode
+from weft.mesh import enforced_inbound_mode, open_to_plaintext
 from weft.policy import API_VERSION as POLICY_API_VERSION
 from weft.policy import (
     DEFAULT_POLICY_KEY,
@@ -773,6 +773,9 @@ class ClusterView:
             pod.namespace, dict(pod.labels), in_force, self._policy_routes(pod.uid, in_force)
         )
         mode = enforced_inbound_mode(pod.inbound_mode, default, explicit, mine)
+        # Only a strict pod has a filter to open (the field is absent otherwise).
+        opened = mode is InboundMode.STRICT and open_to_plaintext(pod.inbound_mode, default,
+                                                                    explicit)  # fmt: skip
         return Workload(
             uid=pod.uid,
             name=pod.name,
@@ -789,6 +792,7 @@ class ClusterView:
             opaque_ports=pod.opaque_ports,
             default_policy=default,
             policies=mine,
+            open_to_plaintext=opened,
         )
 
     def _policy_routes(self, uid: str, policies: Iterable[Policy]) -> set[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from controlplane.discovery.model import (
     DiscoveryStore,
     Endpoint,
+    InboundMode,
     Service,
     ServicePort,
     Workload,
@@ -35,7 +36,7 @@ from controlplane.discovery.model import (
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 from weft.lab.plan import endpoints as selected_pods
 from weft.lab.state import LabState, StateError, load_state
-from weft.mesh import enforced_inbound_mode
+from weft.mesh import enforced_inbound_mode, open_to_plaintext
 from weft.policy import (
     DefaultPolicy,
     Policy,
@@ -102,6 +103,9 @@ def lab_model(
         )
         mine = applicable(pod.namespace, pod.labels, policies, routes_of.get(pod.name, ()))
         mode = enforced_inbound_mode(pod.inbound_mode, default, explicit, mine)
+        # Only a strict pod has a filter to open (the field is absent otherwise).
+        opened = mode is InboundMode.STRICT and open_to_plaintext(pod.inbound_mode, default,
+                                                                    explicit)  # fmt: skip
         workloads.append(
             Workload(
                 uid=uid,
@@ -121,6 +125,7 @@ def lab_model(
                 opaque_ports=opaque_ports(meta),
                 default_policy=default,
                 policies=mine,
+                open_to_plaintext=opened,
             )
         )
     services = [

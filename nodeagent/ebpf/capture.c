@@ -67,7 +67,8 @@ enum weft_stat {
     STAT_MSG_REDIRECT = 5,   // sk_msg shortcut a message to its peer socket
     STAT_MSG_PASS = 6,       // sk_msg found no local peer and let the stack carry it
     STAT_SOCKS_ADDED = 7,    // sockets added to the sockhash
-    STAT_MAX = 8,
+    STAT_PLAIN_ALLOWED = 8,  // strict inbound let a plaintext SYN in: a policy allows it
+    STAT_MAX = 9,
 };
 
 BPF_TABLE_PINNED("array", u32, struct weft_config, weft_config, 1, "__PIN_DIR__/weft_config");
@@ -76,6 +77,27 @@ BPF_TABLE_PINNED("array", u32, u64, weft_stats, STAT_MAX, "__PIN_DIR__/weft_stat
 BPF_TABLE_PINNED("hash", u32, u32, weft_skip_port, 256, "__PIN_DIR__/weft_skip_port");
 // The node proxy's own addresses: never captured; the only sources strict pods accept.
 BPF_TABLE_PINNED("hash", u32, u32, weft_node_addr, 16, "__PIN_DIR__/weft_node_addr");
+// Strict pods' verdicts for plaintext callers, compiled from their policies by the agent
+// (weft/policy/plaintext.py): (pod, generation, port, source prefix) -> 1 allow, 2 deny.
+// Longest prefix wins; port 0 holds the entries for ports without their own. A pod's
+// table is written whole under a new generation, then weft_plain_gen switches to it, so
+// no SYN is judged by a half-written table.
+struct plain_key {
+    u32 prefixlen;    // bits of what follows that must match: 96 + the source prefix
+    u32 pod;          // network order
+    u32 gen;
+    u32 port;         // host order
+    u32 src;          // network order
+};
+#ifndef WEFT_PLAIN_ENTRIES
+#define WEFT_PLAIN_ENTRIES 16384
+#endif
+BPF_TABLE_PINNED("lpm_trie", struct plain_key, u32, weft_plaintext, WEFT_PLAIN_ENTRIES,
+                 "__PIN_DIR__/weft_plaintext", BPF_F_NO_PREALLOC);
+// Pod address (network order) -> the generation of its table in force; absent: no
+// policy lets plaintext in (strict: only the node, the pod itself and loopback).
+BPF_TABLE_PINNED("hash", u32, u32, weft_plain_gen, 4096, "__PIN_DIR__/weft_plain_gen",
+                 BPF_F_NO_PREALLOC);
 // connect4 -> sockops hand-off, keyed by socket cookie (the source port is not known yet
 // at connect4 time). LRU: a connect that never establishes leaves its entry to be evicted.
 BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, weft_cookie_dst, WEFT_MAP_ENTRIES,
@@ -316,6 +338,24 @@ int weft_ingress(struct __sk_buff *skb) {
     u32 src = iph.saddr;
     if (src == iph.daddr || (ntohl32(src) >> 24) == 127 || weft_node_addr.lookup(&src))
         return 1;
+    u32 dst = iph.daddr;
+    u32 *gen = weft_plain_gen.lookup(&dst);
+    if (gen) {
+        u16 dport = 0;
+        if (bpf_skb_load_bytes(skb, iph.ihl * 4 + 2, &dport, 2) == 0) {
+            struct plain_key k = {.prefixlen = 128, .pod = dst, .gen = *gen,
+                                  .port = ntohs16(dport), .src = src};
+            u32 *verdict = weft_plaintext.lookup(&k);
+            if (!verdict) {
+                k.port = 0;
+                verdict = weft_plaintext.lookup(&k);
+            }
+            if (verdict && *verdict == 1) {
+                stat_inc(STAT_PLAIN_ALLOWED);
+                return 1;
+            }
+        }
+    }
     stat_inc(STAT_STRICT_DROP);
     return 0;
 }

@@ -27,12 +27,13 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodeagent.ebpf import bpfsys
+from weft.policy.plaintext import Entry as PlainEntry
 
 log = logging.getLogger("weft.ebpf")
 
@@ -47,6 +48,7 @@ STATS = (
     "msg_redirected",
     "msg_passed",
     "socks_added",
+    "plaintext_allowed",
 )
 
 MAPS = (
@@ -58,6 +60,8 @@ MAPS = (
     "weft_orig_dst",
     "weft_socks",
     "weft_sock_keys",
+    "weft_plaintext",
+    "weft_plain_gen",
 )
 DEFAULT_MAP_ENTRIES = 16_384
 """Captured connections the maps are sized for (``weft agent --ebpf-map-entries``)."""
@@ -110,6 +114,8 @@ def _ip_str(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
 
 
+_PLAIN_KEY = struct.Struct("<I4sII4s")
+"""``struct plain_key``: prefix length, pod (network order), generation, port, source."""
 _ADDR = struct.Struct("<II")
 """``struct addr_key`` and ``struct orig_dst``: (ip as network-order u32, port)."""
 COMPILE_TIMEOUT = 120.0
@@ -136,6 +142,7 @@ class CapturePrograms:
     compile_seconds: float
     map_fds: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    _plain: dict[str, tuple[int, list[bytes]]] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, config: CaptureConfig) -> CapturePrograms:
@@ -302,6 +309,67 @@ class CapturePrograms:
         for a in sorted(removed):
             bpfsys.map_delete(fd, socket.inet_aton(a))
         return added, removed
+
+    # -- plaintext verdicts (weft.policy.plaintext) ------------------------------------
+
+    def _plain_state(self) -> dict[str, tuple[int, list[bytes]]]:
+        """Pod address -> (the generation in force, the trie keys written for the pod),
+        read from the pinned maps once (they may come from the previous agent) with
+        the keys of other generations removed."""
+        if self._plain is None:
+            gens = {}
+            for key in bpfsys.map_key_list(self.map_fds["weft_plain_gen"], 4):
+                value = bpfsys.map_lookup(self.map_fds["weft_plain_gen"], key, 4)
+                if value is not None:
+                    gens[key] = struct.unpack("<I", value)[0]
+            state: dict[str, tuple[int, list[bytes]]] = {
+                socket.inet_ntoa(k): (g, []) for k, g in gens.items()
+            }
+            trie = self.map_fds["weft_plaintext"]
+            for key in bpfsys.map_key_list(trie, _PLAIN_KEY.size, limit=1 << 16):
+                _, pod, gen, _, _ = _PLAIN_KEY.unpack(key)
+                mine = state.get(socket.inet_ntoa(pod))
+                if mine is not None and mine[0] == gen:
+                    mine[1].append(key)
+                else:
+                    bpfsys.map_delete(trie, key)  # an abandoned generation
+            self._plain = state
+        return self._plain
+
+    def set_plaintext(self, pod_ip: str, table: Sequence[PlainEntry] | None) -> bool:
+        """Put ``table`` in force for plaintext to ``pod_ip`` (None: no plaintext caller
+        is let in, only the node): written whole under a new generation, switched to,
+        then the old one removed. False if the kernel refused it (full table): the pod
+        then refuses plaintext — fail closed."""
+        state = self._plain_state()
+        trie, gens = self.map_fds["weft_plaintext"], self.map_fds["weft_plain_gen"]
+        pod = socket.inet_aton(pod_ip)
+        old_gen, old_keys = state.pop(pod_ip, (0, []))
+        written: list[bytes] = []
+        ok = True
+        if table:
+            gen = old_gen % 0xFFFFFFFE + 1
+            try:
+                for e in table:
+                    key = _PLAIN_KEY.pack(96 + e.network.prefixlen, pod, gen, e.port,
+                                          e.network.network_address.packed)  # fmt: skip
+                    bpfsys.map_update(trie, key, struct.pack("<I", 1 if e.allow else 2))
+                    written.append(key)
+                bpfsys.map_update(gens, pod, struct.pack("<I", gen))
+                state[pod_ip] = (gen, written)
+            except bpfsys.BpfError as e:
+                log.error("plaintext verdicts for %s not written (%s): it refuses plaintext",
+                          pod_ip, e)  # fmt: skip
+                ok = False
+                old_keys += written
+        if pod_ip not in state:
+            bpfsys.map_delete(gens, pod)
+        for key in old_keys:
+            bpfsys.map_delete(trie, key)
+        return ok
+
+    def plaintext_entries(self) -> int:
+        return sum(len(keys) for _, keys in self._plain_state().values())
 
     def stats(self) -> dict[str, int]:
         fd = self.map_fds["weft_stats"]

@@ -29,6 +29,19 @@ class FakeAttacher:
         self.calls.append(("detach", cgroup))
         return ["detached"] if self.attached.pop(cgroup, None) is not None else []
 
+    plaintext: dict[str, object]
+    writes = 0
+
+    def set_plaintext(self, pod_ip: str, table: object) -> bool:
+        if not hasattr(self, "plaintext"):
+            self.plaintext = {}
+        self.writes += 1
+        if table is None:
+            self.plaintext.pop(pod_ip, None)
+        else:
+            self.plaintext[pod_ip] = table
+        return True
+
 
 def pod(name: str, tmp: Path, captured: bool = True, strict: bool = False) -> LocalPod:
     cg = tmp / "cg" / name
@@ -113,3 +126,28 @@ def test_tcp_port_listening_parses_proc_net_tcp(tmp_path: Path):
     assert not tcp_port_listening(40000, f)  # established, not listening
     assert not tcp_port_listening(15020, f)
     assert not tcp_port_listening(15001, tmp_path / "missing")
+
+
+def test_a_strict_pods_plaintext_verdicts_are_written_when_they_change(tmp_path: Path) -> None:
+    import ipaddress
+
+    from weft.policy.plaintext import Entry
+
+    cg = tmp_path / "p"
+    cg.mkdir()
+    attacher = FakeAttacher()
+    mgr = CaptureManager(attacher, tmp_path / "attached.json")
+    table = (Entry(0, ipaddress.IPv4Network("0.0.0.0/0"), False),
+             Entry(0, ipaddress.IPv4Network("10.1.0.0/16"), True))  # fmt: skip
+    pod = LocalPod("p", "shop", "10.244.1.5", "sa", cg, True, True, table)
+    mgr.apply([pod])
+    assert attacher.plaintext == {"10.244.1.5": table} and attacher.writes == 1
+    mgr.apply([pod])
+    assert attacher.writes == 1  # unchanged: not written again
+    mgr.apply([LocalPod("p", "shop", "10.244.1.5", "sa", cg, True, True, table[:1])])
+    assert attacher.plaintext == {"10.244.1.5": table[:1]}
+    mgr.apply([LocalPod("p", "shop", "10.244.1.5", "sa", cg, True, False, table)])
+    assert attacher.plaintext == {}  # permissive: no filter, no table
+    mgr.apply([pod])
+    mgr.apply([])
+    assert attacher.plaintext == {}  # released

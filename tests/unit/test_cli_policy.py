@@ -52,7 +52,7 @@ def test_denials_name_the_policy_and_exit_1(lab: str) -> None:
                         "--path", "/public/x")  # fmt: skip
     assert code == 1 and not rows[0]["connection"]["allowed"]
     code, rows = _check(lab, "--from", "plaintext", "--to", "pod/payments-2")
-    assert code == 1 and rows[0]["connection"]["policy"] == "strict inbound mode"
+    assert code == 1 and rows[0]["connection"]["policy"] == "strict inbound (eBPF)"
 
 
 def test_unknown_targets_and_callers_are_usage_errors(lab: str) -> None:

@@ -29,6 +29,8 @@ def policy() -> None:
 @policy.command()
 @click.option("--from", "source", required=True,
               help="Caller: a SPIFFE ID, ns/sa, or 'plaintext' (no mesh identity).")  # fmt: skip
+@click.option("--source-ip", default="",
+              help="The caller's address (with --from plaintext: judged by ipBlocks).")  # fmt: skip
 @click.option("--to", "target", required=True, help="svc/NAME or pod/NAME (-n for the namespace).")
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("--port", type=int, help="Destination (container) port [the service's target port].")
@@ -46,6 +48,7 @@ def policy() -> None:
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def check(
     source: str,
+    source_ip: str,
     target: str,
     namespace: str,
     port: int | None,
@@ -128,13 +131,31 @@ def check(
         ps = policy_set(f"{w.namespace}/{w.name}", w.policies, w.default_policy)
         # HTTP/1.1 requests are judged by the destination, HTTP/2 ones by the caller's node.
         http = carries in ("http/1.1", "h2")
-        conn = ps.evaluate(Request(caller, "", port), will_carry_http=http)
+        conn = ps.evaluate(Request(caller, source_ip, port), will_carry_http=http)
         row: dict[str, Any] = {"workload": f"{w.namespace}/{w.name}", "default": w.default_policy,
                                "policies": [p.key for p in w.policies],
                                "connection": _said(conn)}  # fmt: skip
         if caller is None and w.strict:
-            why = "the pod refuses plaintext (eBPF)"
-            row["connection"] = {"allowed": False, "policy": "strict inbound mode",
+            # Plaintext never reaches the proxy of a strict pod: its eBPF filter judges
+            # the SYN with the verdicts the policies compile to.
+            from weft.policy.plaintext import TooComplex, lookup, plaintext_table
+
+            try:
+                verdicts = plaintext_table(ps, (p.port for p in w.ports),
+                                           open_to_plaintext=w.open_to_plaintext)  # fmt: skip
+                let_in = bool(source_ip) and lookup(verdicts, port, source_ip)
+                why = (
+                    "a policy lets this address in"
+                    if let_in
+                    else (
+                        "no policy lets this address in"
+                        if source_ip
+                        else "give --source-ip to judge the caller's address"
+                    )
+                )
+            except (TooComplex, ValueError) as e:
+                let_in, why = False, str(e)
+            row["connection"] = {"allowed": let_in, "policy": "strict inbound (eBPF)",
                                  "rule": None, "reason": why}  # fmt: skip
         if method and row["connection"]["allowed"] and http:
             row["request"] = _said(ps.evaluate(Request(caller, "", port, method, path, hdrs,
