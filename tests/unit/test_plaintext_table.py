@@ -16,8 +16,9 @@ from weft.policy.plaintext import ANY_PORT, MAX_PREFIXES, TooComplex, lookup, pl
 
 
 def pol(name: str, spec: dict[str, Any]) -> Any:
+    meta = {"name": name, "namespace": "shop"}
     return parse_policy({"apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
-                         "metadata": {"name": name, "namespace": "shop"}, "spec": spec})  # fmt: skip
+                         "metadata": meta, "spec": spec})  # fmt: skip
 
 
 def test_an_ip_block_allow_lets_only_that_block_in_on_its_port() -> None:
@@ -33,9 +34,8 @@ def test_an_ip_block_allow_lets_only_that_block_in_on_its_port() -> None:
 
 
 def test_a_permissive_pod_made_strict_by_a_deny_keeps_everyone_else() -> None:
-    deny = pol("no-lab-net", {"action": "DENY",
-                              "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"],
-                                                              "notIpBlocks": ["10.1.0.0/16"]}}]}]})  # fmt: skip
+    source = {"ipBlocks": ["10.0.0.0/8"], "notIpBlocks": ["10.1.0.0/16"]}
+    deny = pol("no-lab-net", {"action": "DENY", "rules": [{"from": [{"source": source}]}]})
     ps = policy_set("shop/p", [deny])
     table = plaintext_table(ps, [8000], open_to_plaintext=True)
     assert not lookup(table, 8000, "10.2.3.4")
