@@ -13,6 +13,7 @@
 # limit, nor more processes than the engine has (podman clamps its own RLIMIT_NPROC to
 # kernel.pid_max), while both engines ask for more by default. Probed rather than assumed:
 # on a host where the defaults work, no flag is added.
+set -euo pipefail
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

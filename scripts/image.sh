@@ -5,6 +5,10 @@
 # base image, and the Dockerfile is built FROM it (Debian's bcc, Weft and its Python
 # dependencies from PyPI).
 #
+#   scripts/image.sh             build it
+#   scripts/image.sh run ARGS... run it once with ARGS (e.g. --version), with the flags
+#                                this host's engine needs (scripts/image-engine.sh)
+#
 #   WEFT_IMAGE        the image to build (default weft:latest)
 #   WEFT_IMAGE_CACHE  where the base tarball is kept (default /var/cache/weft)
 #   ENGINE            podman or docker (default: the first that works, podman first)
@@ -22,6 +26,15 @@ image=${WEFT_IMAGE:-weft:latest}
 cache=${WEFT_IMAGE_CACHE:-/var/cache/weft}
 suite=bookworm
 started=$SECONDS
+
+if [ "${1:-}" = run ]; then
+    shift
+    pick_engine >&2
+    "$engine" image inspect "$image" >/dev/null 2>&1 || die "no image $image: run make image"
+    engine_probe "$image" >&2
+    exec "$engine" "${engine_args[@]}" run --rm "${run_args[@]}" --network none "$image" "$@"
+fi
+[ $# -eq 0 ] || die "usage: $0 [run ARGS...]"
 
 [ "$(id -u)" -eq 0 ] || die "make image needs root (mmdebstrap, the engine's image store); run: sudo make image"
 command -v mmdebstrap >/dev/null || die "mmdebstrap not found: apt-get install mmdebstrap (make host installs it)"

@@ -37,6 +37,8 @@ RECIPE_SCRIPTS = sorted(
         *ROOT.glob("kind/*.sh"),
         SMOKE,
         ROOT / "scripts" / "install-and-smoke.sh",
+        # make image and the image as a lab agent (tests/lab/test_image.py runs them).
+        *ROOT.glob("scripts/image*.sh"),
     ]
 )
 OTHER_SCRIPTS = sorted(set(ROOT.glob("scripts/*.sh")) - set(RECIPE_SCRIPTS))
