@@ -234,6 +234,19 @@ class Authorizer:
         c = self._compiled(target[0])
         if c is None:
             return Decision(False, "none", reason="no workload at the target")
+        return self._judge(c, client, target, method, path, headers, layer, route)
+
+    def _judge(
+        self,
+        c: _Compiled,
+        client: SpiffeId,
+        target: Address,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        layer: str,
+        route: str | None,
+    ) -> Decision:
         ps = c.policies
         key = (client, target[1], method, path, route)
         d = c.decisions.get(key) if not ps.has_header_rules else None
@@ -300,29 +313,36 @@ class _Gate:
     look at the ``weft-route`` header the client node set, on streams whose OPEN says it
     did (``routed``); elsewhere a request matched no route, whatever it carries."""
 
-    __slots__ = ("_authz", "_client", "_routed", "_target")
+    __slots__ = ("_authz", "_client", "_compiled", "_routed", "_target")
 
     def __init__(self, authz: Authorizer, client: SpiffeId, target: Address, routed: bool) -> None:
         self._authz = authz
         self._client = client
         self._target = target
         self._routed = routed
+        self._compiled: _Compiled | None = None
 
     @property
     def needs_headers(self) -> bool:
-        c = self._authz._compiled(self._target[0])
+        # Asked as each request begins: the policies found are kept for its `judge`, so
+        # a request is judged by the policies in force when it began, looked up once.
+        c = self._compiled = self._authz._compiled(self._target[0])
         if c is None:
             return False
         ps = c.policies
         return ps.has_header_rules or (self._routed and ps.has_route_policies)
 
     def judge(self, method: str, target: bytes, headers: dict[str, str]) -> str | None:
-        c = self._authz._compiled(self._target[0])
-        if c is not None and c.policies.trivial:
+        c, self._compiled = self._compiled, None
+        if c is None:
+            c = self._authz._compiled(self._target[0])
+            if c is None:
+                return PUBLIC_DENIAL  # no workload at the target (any more)
+        if c.policies.trivial:
             return None  # no policy: the stream's L4 decision holds for each request
         route = headers.get(ROUTE_HEADER_NAME) if self._routed else None
-        d = self._authz.request(self._client, self._target, method,
-                                target.decode("latin-1"), headers, route=route)  # fmt: skip
+        d = self._authz._judge(c, self._client, self._target, method,
+                               target.decode("latin-1"), headers, "http", route)  # fmt: skip
         # The caller learns only that a policy said no; the log names which (and why).
         return None if d.allowed else PUBLIC_DENIAL
 

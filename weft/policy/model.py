@@ -83,11 +83,12 @@ def workload_default(
     return MESH_DEFAULT, False
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Request:
     """What a decision looks at. ``source`` is the verified identity (None: plaintext);
     ``method``/``path``/``headers`` are None for a connection (L4); ``headers`` names are
-    lowercase."""
+    lowercase. (Made for every request judged in full: a plain dataclass, since a frozen
+    one costs twice as much to build; nothing changes one once made.)"""
 
     source: SpiffeId | None
     source_ip: str
