@@ -717,6 +717,12 @@ class ClusterView:
                 else "not applied",
             )  # fmt: skip
         self._dirty_workloads |= self._pods_by_ns.get(f.namespace, set())
+        p = f.policy
+        if p is not None and (old is None or old.policy != p) and not p.target_routes:
+            pods = (self.pods[k] for k in self._pods_by_ns.get(f.namespace, ()))
+            if self.synced and not any(p.selects(x.namespace, dict(x.labels)) for x in pods):
+                # Accepted (pods may come later), but a typo in a selector is silent else.
+                log.info("AuthorizationPolicy %s selects no pod (yet)", f.key)
 
     def policy_conditions(self, namespace: str, name: str) -> list[StatusCondition]:
         """What a policy's ``status.conditions`` should say."""

@@ -226,3 +226,18 @@ def test_fake_serves_policies_as_custom_objects(fake: FakeKubeAPI) -> None:
     relabelled = policy("p", {"action": "AUDIT"})
     relabelled["metadata"]["labels"] = {"team": "a"}
     assert fake.update(RESOURCE, relabelled)["metadata"]["generation"] == 2
+
+
+async def test_a_policy_selecting_no_pod_is_accepted_and_logged(
+    fake: FakeKubeAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed(fake)
+    store = DiscoveryStore()
+    source = KubeSource(config(fake), store)
+    with caplog.at_level(logging.INFO, "weft.discovery.kube"):
+        async with running(source):
+            fake.create(RESOURCE, policy("typo", from_web(app="wbe")))
+            await eventually(lambda: accepted(fake, "typo").get("status") == "True")
+            assert names(store, "web-1") == []
+    said = [r.getMessage() for r in caplog.records if "selects no pod" in r.getMessage()]
+    assert said == ["AuthorizationPolicy shop/typo selects no pod (yet)"]

@@ -197,3 +197,22 @@ def test_the_deployment_example_applies() -> None:
     assert all(p.strict for p in plan.pods if p.name.startswith("hello"))
     assert any("ResolvedRefs: True" in line for line in lines), lines
     assert workloads.process_name(plan.pods[0], plan.pods[0].containers[0]) == "hello-1"
+
+
+def test_a_policy_that_selects_nothing_is_applied_and_said_so() -> None:
+    """A selector matching no pod (a typo, or pods to come) is not an error, but is said;
+    so is a route target that does not exist yet."""
+
+    def doc(name: str, spec: dict) -> dict:
+        return {"apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "default"}, "spec": spec}  # fmt: skip
+
+    docs = [doc("typo", {"selector": {"matchLabels": {"app": "ecoh"}}}),
+            doc("echo-ok", {"selector": {"matchLabels": {"app": "echo"}}}),
+            doc("no-route", {"targetRefs": [{"group": "gateway.networking.k8s.io",
+                                             "kind": "HTTPRoute", "name": "later"}]})]  # fmt: skip
+    _, stored, lines = lab_apply.apply(_plan(), [], docs, now="T0")
+    assert len(stored) == 3  # all applied
+    assert "  AuthorizationPolicy default/typo: selects no pod of the lab yet" in lines
+    assert not any("echo-ok" in line and "selects no" in line for line in lines)
+    assert any("default/no-route: targets no route" in line for line in lines), lines

@@ -185,7 +185,19 @@ def apply(
         namespace_annotations=ns_annotations,
     )
     keys = {f"{s.namespace}/{s.name}" for s in new_plan.services}
+    route_names = {f"{ns}/{name}" for (k, ns, name) in by_key if k in ROUTE_KINDS}
     for obj in docs:
+        if obj.get("kind") == policy.KIND:
+            # Accepted either way (pods and routes may come later), but said: a typo in
+            # a selector is otherwise silent.
+            p = policy.parse_policy(obj)
+            if p.target_routes and not p.target_routes & route_names:
+                lines.append(f"  AuthorizationPolicy {p.key}: targets no route of the lab yet "
+                             f"({', '.join(sorted(p.target_routes))})")  # fmt: skip
+            elif not p.target_routes and not any(
+                p.selects(pod.namespace, pod.labels) for pod in new_plan.pods
+            ):
+                lines.append(f"  AuthorizationPolicy {p.key}: selects no pod of the lab yet")
         if obj.get("kind") in ROUTE_KINDS:
             _, conds = conditions(by_key[_key(obj)], dict.fromkeys(keys))
             said = "; ".join(_condition(c) for c in conds)
