@@ -10,10 +10,12 @@ commands take has traffic in it.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +150,60 @@ def test_an_unreachable_agent_is_named_and_the_others_shown(lab: LabRunner) -> N
         assert any(e["src"] == "client-1" for e in doc["edges"])
     finally:
         lab.weft("lab", "start", "agent-node-2", check=False, timeout=180)
+
+
+PROMETHEUS_CONFIG = """
+global: {scrape_interval: 1s, scrape_timeout: 1s}
+scrape_configs:
+  - job_name: weft
+    static_configs: [{targets: ["10.240.0.11:15020", "10.240.0.12:15020"]}]
+"""
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus binary (Debian's)")
+def test_the_same_figures_through_a_prometheus(lab: LabRunner, tmp_path: Path) -> None:
+    # A real Prometheus inside node-1's namespace (it reaches both agents there), and
+    # `weft viz --prometheus` run in the same namespace.
+    (tmp_path / "prometheus.yml").write_text(PROMETHEUS_CONFIG)
+    netns = ["ip", "netns", "exec", f"{lab.name}-node-1"]
+    log = tmp_path / "prometheus.log"
+    log_file = log.open("w")
+    prom = subprocess.Popen(
+        [*netns, "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", "--web.listen-address=127.0.0.1:19090"],
+        stdout=subprocess.DEVNULL, stderr=log_file,
+    )  # fmt: skip
+    try:
+        argv = [*netns, sys.executable, "-m", "weft.cli", "viz", "--lab", lab.name,
+                "--prometheus", "http://127.0.0.1:19090"]  # fmt: skip
+        deadline = time.monotonic() + 90
+        while True:  # until Prometheus holds a whole window of both agents
+            time.sleep(3)
+            assert prom.poll() is None, log.read_text()[-2000:]
+            out = subprocess.run(
+                [*argv, "stat", "pod", "--window", "6", "-o", "json"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if out.returncode == 0:
+                doc = json.loads(out.stdout)
+                if doc["unreachable"] == [] or time.monotonic() > deadline:
+                    break
+            assert time.monotonic() < deadline, out.stderr
+        assert doc["unreachable"] == [] and "Prometheus" in doc["source"], doc["unreachable"]
+        rows = {r["name"]: r for r in doc["rows"]}
+        assert rows["echo-1"]["success_rate"] > 0.98, rows["echo-1"]
+        assert abs(rows["echo-2"]["success_rate"] - 0.5) < 0.12, rows["echo-2"]
+        assert rows["echo-2"]["rps"] > 5
+        edges = subprocess.run([*argv, "edges", "deploy", "-o", "json"], capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+        assert edges.returncode == 0, edges.stderr
+        [edge] = [e for e in json.loads(edges.stdout)["edges"] if e["dst"] == "echo"]
+        assert edge["mtls"] and edge["client_id"] == [CLIENT]
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait()
+        log_file.close()

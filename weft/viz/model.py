@@ -140,7 +140,9 @@ def deltas(before: Snapshot | None, after: Snapshot) -> tuple[list[Delta], list[
             prev = earlier.get(scrape.source)
             if prev is None:
                 unreachable[scrape.source] = Unreachable(
-                    scrape.source, "first scrape", "answered only the second scrape"
+                    scrape.source,
+                    "the start of the window",
+                    "no samples then (not answering, or not scraped yet): no rates",
                 )
                 continue
             first = {(s.name, s.labels): s.value for s in prev.samples if s.name in FAMILIES}
