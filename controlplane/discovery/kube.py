@@ -967,6 +967,85 @@ BY_NAME = {r.name: r for r in RESOURCES}
 OPTIONAL_RECHECK = 60.0
 
 
+def list_resource(
+    api: k8s.ApiClient,
+    resource: Resource,
+    page_size: int | None = 500,
+    timeout: tuple[float, float] = (10.0, 120.0),
+) -> tuple[list[Facts], str]:
+    """Every object of ``resource``, parsed, and the list's resourceVersion: in pages of
+    ``page_size`` (as client-go's pager), kept as facts page by page (the raw objects of
+    a big cluster's full list would be hundreds of MB at once)."""
+    call = resource.list_call(api)
+    facts: list[Facts] = []
+    limit = page_size
+    cont: str | None = None
+    while True:
+        try:
+            response = call(limit=limit, _continue=cont, _preload_content=False,
+                            _request_timeout=timeout)  # fmt: skip
+        except ApiException as e:
+            if e.status == 410 and cont is not None:
+                # The continue token expired between pages: start over in one piece,
+                # as client-go's pager does, so the result is still one consistent list.
+                log.info("%s: list continuation expired; listing without pages", resource.name)
+                facts, limit, cont = [], None, None
+                continue
+            raise
+        try:
+            body = json.loads(response.data)
+            meta = body["metadata"]
+            rv = str(meta["resourceVersion"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise WatchError(f"malformed list response ({type(e).__name__}: {e})") from None
+        finally:
+            _close_response(response)
+        for obj in body.get("items") or ():
+            f = _parse_one(resource, obj)
+            if f is not None:
+                facts.append(f)
+        cont = meta.get("continue") or None
+        if cont is None:
+            return facts, rv
+
+
+def cluster_snapshot(
+    api: k8s.ApiClient,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    mesh_default: DefaultPolicy | None = None,
+) -> tuple[list[Workload], list[Service], list[str]]:
+    """The mesh model of a cluster *now*, from one list of each resource — what the
+    control plane's source would hold (`ClusterView`), for one-shot questions such as
+    ``weft policy check --kubeconfig``; and notes (a CRD absent or not readable)."""
+    view = ClusterView(trust_domain, mesh_default)
+    notes: list[str] = []
+    changes = Changes()
+    for resource in RESOURCES:
+        try:
+            facts, _ = list_resource(api, resource)
+        except ApiException as e:
+            if not (resource.optional and e.status in (403, 404)):
+                raise
+            what = "not installed" if e.status == 404 else "not readable (RBAC)"
+            notes.append(f"{resource.name}: {what}; taken as none")
+            facts = []
+        got = view.replace(resource.name, facts)
+        changes.upserts += got.upserts
+    workloads = [u for u in changes.upserts if isinstance(u, Workload)]
+    services = [u for u in changes.upserts if isinstance(u, Service)]
+    return workloads, services, notes
+
+
+def api_client_from_kubeconfig(path: str | None = None, context: str | None = None) -> Any:
+    """An API client as kubectl would make it from a kubeconfig (credential plugins,
+    contexts); ``path`` None: ``$KUBECONFIG`` or ``~/.kube/config``."""
+    from kubernetes import config as kube_config
+
+    return kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=path, context=context
+    )
+
+
 class Gone(Exception):
     """410: the resourceVersion (or list continuation) is older than the server's history."""
 
@@ -1261,45 +1340,9 @@ class _Watcher:
         return True
 
     def _list_blocking(self) -> tuple[list[Facts], str]:
-        call = self.resource.list_call(self.source.api)
-        facts: list[Facts] = []
-        limit: int | None = self.config.page_size
-        cont: str | None = None
-        while True:
-            try:
-                response = call(
-                    limit=limit,
-                    _continue=cont,
-                    _preload_content=False,
-                    _request_timeout=(self.config.connect_timeout, self.config.inactivity_timeout),
-                )
-            except ApiException as e:
-                if e.status == 410 and cont is not None:
-                    # The continue token expired between pages: start over in one piece,
-                    # as client-go's pager does, so the result is still one consistent list.
-                    log.info(
-                        "%s: list continuation expired; listing without pages", self.resource.name
-                    )
-                    facts, limit, cont = [], None, None
-                    continue
-                raise
-            try:
-                body = json.loads(response.data)
-                meta = body["metadata"]
-                rv = str(meta["resourceVersion"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise WatchError(f"malformed list response ({type(e).__name__}: {e})") from None
-            finally:
-                _close_response(response)
-            # Keep only the facts, page by page: the raw objects of a big cluster's full
-            # list would be hundreds of MB at once.
-            for obj in body.get("items") or ():
-                f = _parse_one(self.resource, obj)
-                if f is not None:
-                    facts.append(f)
-            cont = meta.get("continue") or None
-            if cont is None:
-                return facts, rv
+        config = self.config
+        return list_resource(self.source.api, self.resource, config.page_size,
+                             (config.connect_timeout, config.inactivity_timeout))  # fmt: skip
 
     def _open_watch(self, rv: str, timeout: int) -> urllib3.BaseHTTPResponse:
         try:

@@ -45,6 +45,16 @@ def policy() -> None:
     default=lambda: os.environ.get("WEFT_LAB", "weft"),
     show_default="weft (or $WEFT_LAB)",
 )
+@click.option("--kubeconfig", type=click.Path(dir_okay=False),
+              help="Judge against a cluster (read with this kubeconfig) instead of a lab.")  # fmt: skip
+@click.option("--context", help="The kubeconfig context [its current one].")
+@click.option("--trust-domain", default="cluster.local", show_default=True,
+              help="With --kubeconfig: the mesh's trust domain.")  # fmt: skip
+@click.option(
+    "--mesh-default",
+    default=None,
+    help="With --kubeconfig: the control plane's --default-inbound-policy, if set.",
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def check(
     source: str,
@@ -57,6 +67,10 @@ def check(
     headers: tuple[str, ...],
     protocol: str | None,
     lab_name: str,
+    kubeconfig: str | None,
+    context: str | None,
+    trust_domain: str,
+    mesh_default: str | None,
     output: str,
 ) -> None:
     """Say whether a request (or a connection) would be allowed, and by what.
@@ -64,6 +78,12 @@ def check(
     \b
     weft policy check --from ns/shop/sa/web --to svc/payments -n shop --method POST --path /charge
     weft policy check --from plaintext --to pod/payments-1 -n shop
+    weft policy check --kubeconfig ~/.kube/config --from shop/web --to svc/payments -n shop
+
+    It reads a lab's state, or with --kubeconfig the cluster's pods, services, endpoint
+    slices, namespaces, routes and policies (one list of each, with the kubeconfig's
+    credentials: it needs list on them), and judges with the same code the control
+    plane and the agents run.
     """
     from weft.identity import IdentityError, SpiffeId
     from weft.lab.plan import validate_lab_name
@@ -73,19 +93,27 @@ def check(
 
     try:
         caller = _caller(source, SpiffeId, IdentityError)
-        validate_lab_name(lab_name)
-        state = load_state(lab_paths(lab_name, None).state_file)
-    except (ValueError, StateError) as e:
+    except ValueError as e:
         _fail(str(e))
-    from controlplane.discovery.lab import lab_model
+    if kubeconfig is not None or context is not None:
+        workloads, services = _cluster(kubeconfig, context, trust_domain, mesh_default)
+        where = "the cluster"
+    else:
+        try:
+            validate_lab_name(lab_name)
+            state = load_state(lab_paths(lab_name, None).state_file)
+        except (ValueError, StateError) as e:
+            _fail(str(e))
+        from controlplane.discovery.lab import lab_model
 
-    workloads, services = lab_model(state)
+        workloads, services = lab_model(state)
+        where = f"lab {lab_name}"
     kind, _, name = target.partition("/")
     svc: Service | None = None
     if kind in ("svc", "service"):
         svc = next((s for s in services if (s.namespace, s.name) == (namespace, name)), None)
         if svc is None:
-            _fail(f"no service {namespace}/{name} in lab {lab_name}")
+            _fail(f"no service {namespace}/{name} in {where}")
         uids = {e.workload_uid for e in svc.endpoints}
         chosen = [w for w in workloads if w.uid in uids]
         if port is None and svc.ports and isinstance(svc.ports[0].target_port, int):
@@ -95,7 +123,7 @@ def check(
     else:
         _fail(f"--to {target!r}: give svc/NAME or pod/NAME")
     if not chosen:
-        _fail(f"{target} in {namespace} has no workloads in lab {lab_name}")
+        _fail(f"{target} in {namespace} has no workloads in {where}")
     if port is None:
         port = next((p.port for w in chosen for p in w.ports), 0)
         if not port:
@@ -180,6 +208,32 @@ def check(
             )  # fmt: skip
         Console().print(table)
     sys.exit(0 if all((r.get("request") or r["connection"])["allowed"] for r in rows) else 1)
+
+
+def _cluster(
+    kubeconfig: str | None, context: str | None, trust_domain: str, mesh_default: str | None
+) -> tuple[list[Any], list[Any]]:
+    """The cluster's mesh model now, as the control plane would build it."""
+    from controlplane.discovery.kube import api_client_from_kubeconfig, cluster_snapshot
+    from weft.policy import DefaultPolicy
+
+    try:
+        default = DefaultPolicy(mesh_default) if mesh_default else None
+    except ValueError:
+        _fail(f"--mesh-default {mesh_default!r}: one of "
+              f"{', '.join(d.value for d in DefaultPolicy)}")  # fmt: skip
+    try:
+        api = api_client_from_kubeconfig(kubeconfig, context)
+    except Exception as e:  # the kubernetes client's config errors have no common base
+        _fail(f"kubeconfig {kubeconfig or '(default)'}: {e}")
+    try:
+        with api:
+            workloads, services, notes = cluster_snapshot(api, trust_domain, default)
+    except Exception as e:  # ApiException, urllib3's connection errors, a bad answer
+        _fail(f"reading the cluster failed: {str(e).splitlines()[0][:300]}")
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {rich.markup.escape(note)}", highlight=False)
+    return workloads, services
 
 
 def _caller(text: str, spiffe: Any, error: type[Exception]) -> Any:
