@@ -7,7 +7,7 @@
 #
 #   WEFT_IMAGE  the image (default weft:latest)
 #   WEFT        the weft CLI (default: the checkout's .venv/bin/weft)
-#   ENGINE      podman or docker (default: the first that works)
+#   ENGINE      the container engine (podman, the only one that can join a named netns)
 #   WEFT_KEEP   1: leave the containerised agent running at the end (default: remove it
 #               and start the lab's own agent again)
 #
@@ -41,6 +41,8 @@ export WEFT_LAB=$lab
 [ -x "$python" ] || die "no $python: run make venv"
 [ -f "$state" ] || die "no lab $lab ($state missing): weft lab up --demo --name $lab"
 pick_engine
+# Joining a named network namespace (`--network ns:PATH`) is podman's; docker has no such mode.
+[ "$engine" = podman ] || die "needs podman (docker cannot run a container in the node's named network namespace)"
 "$engine" image inspect "$image" >/dev/null 2>&1 || die "no image $image: run make image"
 engine_probe "$image"
 

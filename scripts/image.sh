@@ -134,10 +134,12 @@ else
         # An earlier base: dropped if no image is built on it any more.
         "$engine" rmi "$old" >/dev/null 2>&1 || true
     done
-    "$engine" import --quiet \
+    "$engine" import \
         --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' \
         "$tarball" "$base" >/dev/null
 fi
+# Also under the name the Dockerfile's BASE defaults to, for a build by hand.
+"$engine" tag "$base" "localhost/weft-base:$suite"
 engine_probe "$base"
 
 # -- 3. the Weft image ----------------------------------------------------------------
@@ -182,12 +184,17 @@ esac
 
 say "image: $engine build $image FROM $base (daemonset/Dockerfile)"
 t=$SECONDS
+previous=$("$engine" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 # Host network for the build's RUN steps: apt and pip reach the archives as this host
 # does, and no bridge or NAT rule is set up on the host for a build.
 "$engine" "${engine_args[@]}" build "${run_args[@]}" --network host \
     "${build_args[@]}" -f "$root/daemonset/Dockerfile" -t "$image" "$context" \
     || die "$engine build failed (above)"
 say "image: built in $((SECONDS - t))s"
+if [ -n "$previous" ] && [ "$previous" != "$("$engine" image inspect --format '{{.Id}}' "$image")" ]; then
+    # The image this build replaced, now untagged (kept if a container still uses it).
+    "$engine" rmi "$previous" >/dev/null 2>&1 || true
+fi
 
 version=$("$engine" "${engine_args[@]}" run --rm "${run_args[@]}" --network none "$image" --version) \
     || die "the built image does not run: $engine run $image --version failed"
