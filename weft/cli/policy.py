@@ -46,7 +46,7 @@ def policy() -> None:
     show_default="weft (or $WEFT_LAB)",
 )
 @click.option("--kubeconfig", type=click.Path(dir_okay=False),
-              help="Judge against a cluster (read with this kubeconfig) instead of a lab.")  # fmt: skip
+              help="Judge against a cluster, read with this kubeconfig, not a lab.")  # fmt: skip
 @click.option("--context", help="The kubeconfig context [its current one].")
 @click.option("--trust-domain", default="cluster.local", show_default=True,
               help="With --kubeconfig: the mesh's trust domain.")  # fmt: skip
