@@ -72,6 +72,8 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab exec node-1 -- curl -s localhost:15020/debug/state   # the node agent"
 	@echo "  $(WEFT) lab exec client-1 -- sh                              # a shell inside a pod"
 	@echo "  $(WEFT) lab logs echo-1"
+	@echo "  $(WEFT) viz stat deploy                                       # golden metrics per workload, from the agents (docs/viz.md)"
+	@echo "  $(WEFT) viz edges deploy / viz routes svc/echo / viz top     # who talks to whom (mTLS), per route, busiest"
 	@echo "  $(WEFT) check"
 	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
 
