@@ -62,6 +62,7 @@ from nodeagent.httpmetrics import HttpMetrics
 from nodeagent.labadapter import LabPodSource, LabUnavailable, lab_pod_cgroups, lab_settings
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
+from nodeagent.prereqs import node_prerequisites
 from nodeagent.proxy.admission import AdmissionStats
 from nodeagent.proxy.balance import Balancer, PeakEwma
 from nodeagent.proxy.dial import Dialer
@@ -98,6 +99,7 @@ from nodeagent.proxy.tunnel.wire import Extensions, carries_routes
 from nodeagent.proxy.upstream import MeshUpstreams
 from nodeagent.retrymetrics import RetryMetrics
 from nodeagent.tracing import TraceExporter
+from weft.files import write_json_atomic
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
 from weft.meshwire import encode_traffic
@@ -185,6 +187,9 @@ class AgentConfig:
     """Seconds protocol detection waits for the client's first bytes before serving the
     connection as opaque TCP (server-first protocols on ports not marked opaque)."""
     pod_uid: str | None = None
+    ready_file: Path | None = None
+    """Written once ready, removed on stop (``WEFT_READY_FILE``): what the DaemonSet's
+    readiness probe tests (`Agent._mark_ready`)."""
     """Kubernetes: the agent's own pod UID, to find its cgroup (the container's
     /proc/self/cgroup is namespaced and says only "/")."""
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -261,6 +266,7 @@ class AgentConfig:
             cert_dir=Path(env.get("WEFT_CERT_DIR", "/run/weft/certs")),
             trust_domain=env.get("WEFT_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
             pod_uid=need("POD_UID"),
+            ready_file=Path(env["WEFT_READY_FILE"]) if env.get("WEFT_READY_FILE") else None,
             **overrides,
         )
 
@@ -416,6 +422,8 @@ class Agent:
         if cfg.controlplane:
             blockers.append("certificates")
         self.readiness = Readiness(*blockers)
+        self._unmark_ready()  # a restarted container's marker says nothing of this one
+        self.readiness.on_ready = self._mark_ready
         self.progs: CapturePrograms | None = None
         self.node_addresses = NodeAddresses((*cfg.node_addrs, cfg.proxy_ip))
         """The node's own addresses, which strict pods accept (kept in step with the
@@ -489,6 +497,9 @@ class Agent:
             metrics=self.http_metrics,
             workload_at=self.mesh.workload_at,
             gate=self.authorizer.gate,
+            # The SERVER span of requests whose client node reserved one (tracestate).
+            tracer=self.tracer if self.trace_exporter is not None else None,
+            record_span=self.trace_exporter.record if self.trace_exporter is not None else None,
         )
         self.switch: ProtocolSwitch | None = None
         self.started = time.time()
@@ -675,6 +686,21 @@ class Agent:
             self.progs, cfg.state_dir / "attached.json", protected=[self.proxy_cgroup]
         )
         self.readiness.done("ebpf")
+
+    def _mark_ready(self) -> None:
+        """The readiness marker file (``WEFT_READY_FILE``) kubelet's exec probe tests: the
+        admin port is shared with the previous agent during a make-before-break rollout,
+        so an HTTP probe could be answered by it; a file in this container's own
+        filesystem cannot."""
+        marker = self.cfg.ready_file
+        if marker is not None:
+            write_json_atomic(marker, {"pid": os.getpid(), "node": self.cfg.node})
+
+    def _unmark_ready(self) -> None:
+        marker = self.cfg.ready_file
+        if marker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
 
     def _refresh_node_addrs(self) -> None:
         """Make ``weft_node_addr`` the node's current addresses (a CNI may add its
@@ -945,6 +971,9 @@ class Agent:
             await asyncio.sleep(0.1)
 
     def _load_ebpf_or_fail(self) -> None:
+        missing = node_prerequisites(self.cfg.pin_dir.parent.parent)
+        if missing:
+            raise AgentError("; ".join(missing) + " (docs/kubernetes.md: node prerequisites)")
         try:
             self._load_ebpf()
         except (CaptureError, OSError) as e:
@@ -1138,6 +1167,7 @@ class Agent:
                 log.error("task %s ended unexpectedly: %r", t.get_name(), exc, exc_info=exc)
                 code = 1
         finally:
+            self._unmark_ready()  # leaving: kubelet must not count this pod ready
             # Stop reconciling first: during a make-before-break restart the new agent
             # already owns the pods' attachments, and this one must not put its own
             # programs back while it drains.

@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from weft.tracing.config import TracingConfig
 from weft.tracing.context import (
@@ -52,6 +52,7 @@ from weft.tracing.context import (
     parse_b3_single,
     parse_traceparent,
 )
+from weft.tracing.peer import member, with_member
 from weft.tracing.span import AttrValue, Span, SpanKind, StatusCode
 
 Headers = list[tuple[bytes, bytes]]
@@ -148,16 +149,7 @@ class Tracer:
         rate = self._rate
         if rate <= 0.0 or (rate < 1.0 and self._random() >= rate):
             return None
-        trace_id, span_id = self._ids(128), self._ids(64)
-        return Hop(
-            trace_id,
-            span_id,
-            0,
-            self._clock(),
-            {},
-            [(TRACEPARENT, _w3c(trace_id, span_id))],
-            self._clock,
-        )
+        return self._hop(self._ids(128), self._ids(64), 0, _NEW)
 
     def _roll(self) -> bool:
         rate = self._rate
@@ -178,61 +170,98 @@ class Tracer:
         multi = (
             _multi(found) if len(found) > (TRACEPARENT in found) + (single is not None) else None
         )
-        replace: dict[bytes, bytes] = {}
-        add: Headers = []
         span_id = self._ids(64)
 
         if w3c is not None:
             trace_id, parent_id = w3c.trace_id, w3c.parent_id
             flags = w3c.flags if w3c.version == 0 else W3C_SAMPLED
-            replace[TRACEPARENT] = format_traceparent(trace_id, span_id, flags)
+            recipe = _Recipe(w3c=flags)
         else:
             b3 = single if single is not None else multi
             if b3 is None:
                 if not self._roll():
                     return None
-                trace_id, parent_id = self._ids(128), 0
-                if TRACEPARENT not in found:
-                    add.append((TRACEPARENT, _w3c(trace_id, span_id)))
-                return Hop(trace_id, span_id, parent_id, self._clock(), replace, add, self._clock)
+                # A new trace; an invalid traceparent stays as it was (the new trace then
+                # goes no further).
+                recipe = _NEW if TRACEPARENT not in found else _NOTHING
+                return self._hop(self._ids(128), span_id, 0, recipe)
             if b3.sampled is False or (b3.sampled is None and not self._roll()):
                 return None
             if b3.has_ids:
                 trace_id, parent_id = b3.trace_id, b3.span_id
+                recipe = _NOTHING
             else:
-                # A bare decision to sample: this hop is the trace's root.
-                trace_id, parent_id = self._ids(128), 0
-                _b3_root(b3, single is b3, trace_id, span_id, replace, add)
-                return Hop(trace_id, span_id, parent_id, self._clock(), replace, add, self._clock)
+                # A bare decision to sample: this hop is the trace's root, propagated in
+                # the format the decision came in.
+                recipe = _Recipe(single=b3) if single is b3 else _Recipe(multi=_ROOT)
+                return self._hop(self._ids(128), span_id, 0, recipe)
 
         if single is not None and single.has_ids and single.trace_id == trace_id:
-            replace[B3_SINGLE] = format_b3_single(
-                B3(trace_id, span_id, parent_id, True, debug=single.debug, wide=single.wide)
-            )
+            recipe = recipe._replace(single=single)
         if multi is not None and multi.has_ids and multi.trace_id == trace_id:
-            replace[B3_SPAN_ID] = format_span_id(span_id)
-            parent = format_span_id(parent_id)
-            if B3_PARENT_ID in found:
-                replace[B3_PARENT_ID] = parent
-            else:
-                add.append((B3_PARENT_ID, parent))
-            if multi.sampled is None:
-                add.append((B3_SAMPLED, b"1"))
-        return Hop(trace_id, span_id, parent_id, self._clock(), replace, add, self._clock)
+            mode = _CHILD_WITH_PARENT if B3_PARENT_ID in found else _CHILD
+            recipe = recipe._replace(multi=mode, sampled=multi.sampled is None)
+        return self._hop(trace_id, span_id, parent_id, recipe)
+
+    def _hop(self, trace_id: int, span_id: int, parent_id: int, recipe: _Recipe) -> Hop:
+        return Hop(trace_id, span_id, parent_id, self._clock(), recipe, self._clock, self._ids)
 
 
-def _w3c(trace_id: int, span_id: int) -> bytes:
-    return format_traceparent(trace_id, span_id, W3C_SAMPLED)
+_ROOT, _CHILD, _CHILD_WITH_PARENT = 1, 2, 3
 
 
-def _b3_root(
-    b3: B3, single: bool, trace_id: int, span_id: int, replace: dict[bytes, bytes], add: Headers
-) -> None:
-    if single:
-        replace[B3_SINGLE] = format_b3_single(B3(trace_id, span_id, 0, True, debug=b3.debug))
-    else:
-        add.append((B3_TRACE_ID, format_b3_trace_id(trace_id, True)))
-        add.append((B3_SPAN_ID, format_span_id(span_id)))
+class _Recipe(NamedTuple):
+    """Which trace headers a hop writes, so that it can write them for any next parent:
+    its own span (`Hop.outgoing`), or the span it reserved for the destination's proxy
+    (``peer=True``, `weft.tracing.peer`)."""
+
+    w3c: int | None = None
+    """The flags of the ``traceparent`` to write; None: none is written."""
+    w3c_new: bool = False
+    """Add ``traceparent`` (a new trace), rather than replace the one received."""
+    single: B3 | None = None
+    """The ``b3`` received (its width and debug flag are kept), to replace."""
+    multi: int = 0
+    """``X-B3-*``: 0 untouched; `_ROOT` add TraceId and SpanId; `_CHILD` replace SpanId,
+    add ParentSpanId; `_CHILD_WITH_PARENT` replace both."""
+    sampled: bool = False
+    """Add ``X-B3-Sampled: 1`` (the caller deferred, this hop decided)."""
+
+
+_NOTHING = _Recipe()
+_NEW = _Recipe(w3c=W3C_SAMPLED, w3c_new=True)
+
+
+def _edits(
+    recipe: _Recipe, trace_id: int, down: int, up: int
+) -> tuple[dict[bytes, bytes], list[bytes]]:
+    """The header values that make ``down`` the next hop's parent (``up``: ``down``'s own
+    parent, 0 for a root), and which of them are added when absent."""
+    edits: dict[bytes, bytes] = {}
+    added: list[bytes] = []
+    if recipe.w3c is not None:
+        edits[TRACEPARENT] = format_traceparent(trace_id, down, recipe.w3c)
+        if recipe.w3c_new:
+            added.append(TRACEPARENT)
+    single = recipe.single
+    if single is not None:
+        edits[B3_SINGLE] = format_b3_single(
+            B3(trace_id, down, up, True, debug=single.debug, wide=single.wide)
+        )
+    multi = recipe.multi
+    if multi:
+        edits[B3_SPAN_ID] = format_span_id(down)
+        if multi == _ROOT:
+            edits[B3_TRACE_ID] = format_b3_trace_id(trace_id, True)
+            added += (B3_TRACE_ID, B3_SPAN_ID)
+        if up:
+            edits[B3_PARENT_ID] = format_span_id(up)
+            if multi != _CHILD_WITH_PARENT:
+                added.append(B3_PARENT_ID)
+        if recipe.sampled:
+            edits[B3_SAMPLED] = b"1"
+            added.append(B3_SAMPLED)
+    return edits, added
 
 
 def _one(found: dict[bytes, list[bytes]], name: bytes, parse: Callable[[bytes], T]) -> T | None:
@@ -258,7 +287,18 @@ class Hop:
     """A traced request's hop through this proxy: its span's ids and start, and the
     header edits that make this span the next hop's parent."""
 
-    __slots__ = ("_add", "_clock", "_replace", "parent_id", "span_id", "start_ns", "trace_id")
+    __slots__ = (
+        "_added",
+        "_clock",
+        "_edits",
+        "_ids",
+        "_recipe",
+        "parent_id",
+        "peer_id",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
 
     def __init__(
         self,
@@ -266,28 +306,55 @@ class Hop:
         span_id: int,
         parent_id: int,
         start_ns: int,
-        replace: dict[bytes, bytes],
-        add: Headers,
+        recipe: _Recipe,
         clock: Callable[[], int] = time.time_ns,
+        ids: Callable[[int], int] = _random_id,
     ) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
         """The caller's span (0: this hop starts the trace)."""
         self.start_ns = start_ns
-        self._replace = replace
-        self._add = add
+        self.peer_id = 0
+        """The span id the last `outgoing` with ``peer=True`` reserved for the next hop's
+        proxy (0: none)."""
+        self._recipe = recipe
+        self._edits, self._added = _edits(recipe, trace_id, span_id, parent_id)
         self._clock = clock
+        self._ids = ids
 
-    def outgoing(self, headers: Headers) -> Headers:
+    def outgoing(self, headers: Headers, *, peer: bool = False) -> Headers:
         """``headers`` as they should leave this hop: a new list, every other header in
-        place and unchanged, names kept as they were."""
-        replace, add = self._replace, self._add
+        place and unchanged, names kept as they were.
+
+        ``peer``: the next hop is a Weft proxy that only observes (the destination
+        node's, `weft.tracing.peer`): reserve a fresh span id for it (`peer_id`), make
+        that the app's parent and name both spans in ``tracestate``'s ``weft`` member.
+        Each call reserves anew (each attempt of a retried request reaches its own
+        destination), and a second call on headers this one returned rewrites them
+        again consistently."""
+        recipe = self._recipe
+        state: bytes | None = None
+        if peer and recipe != _NOTHING:
+            self.peer_id = down = self._ids(64)
+            edits, added = _edits(recipe, self.trace_id, down, self.span_id)
+            state = member(self.span_id, down)
+        else:
+            self.peer_id = 0
+            edits, added = self._edits, self._added
         out: Headers = []
         seen: set[bytes] = set()
+        states: list[bytes] = []
+        state_at = -1
         for name, value in headers:
             lname = name.lower()
-            new = replace.get(lname)
+            if state is not None and lname == TRACESTATE:
+                if state_at < 0:  # one list, where the first line was
+                    state_at = len(out)
+                    out.append((name, b""))
+                states.append(value)
+                continue
+            new = edits.get(lname)
             if new is not None:
                 out.append((name, new))
                 seen.add(lname)
@@ -295,9 +362,15 @@ class Hop:
                 if lname in TRACE_HEADERS:
                     seen.add(lname)
                 out.append((name, value))
-        for name, value in add:
+        for name in added:
             if name not in seen:
-                out.append((name, value))
+                out.append((name, edits[name]))
+        if state is not None:
+            value = with_member(states, state)
+            if state_at < 0:
+                out.append((TRACESTATE, value))
+            else:
+                out[state_at] = (out[state_at][0], value)
         return out
 
     def finish(

@@ -26,10 +26,13 @@ The destination node's side is `nodeagent.proxy.http.inbound`. Both record the g
 metrics (`nodeagent.httpmetrics`): the stage that knows the facts records them.
 
 Tracing (`weft.tracing`): with a tracer, each request — once, not per attempt — asks
-`Tracer.begin` whether it is traced; a traced request leaves with its trace headers
-rewritten (`Hop.outgoing`: this hop's span becomes the upstream's parent) and, where
-its metrics are recorded, its ``outbound`` CLIENT span goes to the exporter's
-``record``.  The span ends when the response head arrives (or the request fails), the
+`Tracer.begin` whether it is traced; each attempt of a traced request leaves with its
+trace headers rewritten (`Hop.outgoing`): to a plaintext upstream this hop's span
+becomes its parent; to a captured pod — whose node's proxy relays and only observes, so
+cannot rewrite them — a fresh span id is reserved for that proxy's SERVER span, made the
+app's parent and named with this span in ``tracestate`` (`weft.tracing.peer`).  Where
+its metrics are recorded, the request's one ``outbound`` CLIENT span goes to the
+exporter's ``record``.  The span ends when the response head arrives (or the request fails), the
 point the latency metrics measure, as Linkerd's proxy ends its spans.  Without a
 tracer the fast path pays one attribute check; a request without trace context at
 sample rate 0 is forwarded as it came.
@@ -455,6 +458,8 @@ class OutboundForwarder:
             lease.succeed()
         if http.tracer is not None:
             self._trace(http.tracer, exchange)
+            if self._traces:
+                self._propagate(exchange, hop)
         self._fast = _InFlight(exchange, done, client, lease, hop, source)
         client.start(exchange, self._fast_finished)
         return True
@@ -636,6 +641,8 @@ class OutboundForwarder:
             if call.expires is not None:  # what is left after the time spent and retries
                 left = format_grpc_timeout(call.expires - self._loop.time())
                 self._set_header(exchange.head, GRPC_TIMEOUT_HEADER, left)
+            if self._traces:
+                self._propagate(exchange, hop)
             try:
                 done = client.send(exchange)  # type: ignore[arg-type]
                 if per_try is None:
@@ -785,21 +792,34 @@ class OutboundForwarder:
         self._set_header(exchange.head, RETRY_ATTEMPT_HEADER, b"%d" % retrying.retries)
 
     def _trace(self, tracer: Tracer, exchange: Exchange) -> None:
-        """Begin the request's hop: if it is traced, send it with the hop's headers."""
-        head = exchange.head
-        h2 = self.protocol != HTTP1
-        hop = tracer.begin(head.headers, lowercase=h2)
-        if hop is None:
+        """Begin the request's hop (its headers are written per attempt: `_propagate`)."""
+        hop = tracer.begin(exchange.head.headers, lowercase=self.protocol != HTTP1)
+        if hop is not None:
+            self._traces[exchange] = _Traced(hop)
+
+    def _propagate(self, exchange: Exchange, dest: Hop) -> None:
+        """A traced request's trace headers for the attempt about to go to ``dest``: this
+        hop's span as the upstream's parent, or — to a captured pod, whose node's proxy
+        only observes — a span id reserved for that proxy's SERVER span
+        (`weft.tracing.peer`), fresh for each attempt."""
+        traced = self._traces.get(exchange)
+        if traced is None:
             return
-        if h2:  # HTTP/2 heads are sent with their headers as they are
-            head.headers = hop.outgoing(head.headers)
-        else:
-            forward = head.forward
-            if forward is None:  # as `set_forward_header` computes them
-                head.te = header(head.headers, b"te")
-                forward = end_to_end(head.headers)
-            head.forward = hop.outgoing(forward)
-        self._traces[exchange] = _Traced(hop)
+        head = exchange.head
+        peer = self._tunneled(dest)
+        if self.protocol != HTTP1:  # HTTP/2 heads are sent with their headers as they are
+            head.headers = traced.hop.outgoing(head.headers, peer=peer)
+            return
+        forward = head.forward
+        if forward is None:  # as `set_forward_header` computes them
+            head.te = header(head.headers, b"te")
+            forward = end_to_end(head.headers)
+        head.forward = traced.hop.outgoing(forward, peer=peer)
+
+    def _tunneled(self, hop: Hop) -> bool:
+        """Whether ``hop`` is reached over the tunnel (as `nodeagent.proxy.dial` decides)."""
+        dest = hop.workload
+        return dest is not None and dest.captured and self.http.dialer.tunnel is not None
 
     def _span(
         self,
@@ -905,7 +925,7 @@ class OutboundForwarder:
         labels = self._labels.get(key)
         if labels is None:
             dest = hop.workload if hop is not None else None
-            tunnel = dest is not None and dest.captured and self.http.dialer.tunnel is not None
+            tunnel = hop is not None and self._tunneled(hop)
             labels = HttpLabels(
                 "outbound", authority, *src_name,
                 *(workload_name(dest) if hop is not None else ("", "")),

@@ -18,17 +18,27 @@ parsed head (`RequestGate`, the agent's `nodeagent.authz.Authorizer`): a denied 
 answered 403 ``weft-proxy-error: unauthorized`` and nothing of it reaches the pod.
 Neither rebuilds a message: the client node has done the per-request work, and the
 destination only watches (docs/benchmarks.md has what that saved on each path).
+
+Tracing: the destination cannot rewrite ``traceparent``, so the client node reserves
+this hop's span id and names it, with its own span, in ``tracestate``
+(`weft.tracing.peer`). With a tracer, each stream's observer keeps the request heads'
+trace headers, and the recorder turns a request that carries a matching reservation
+into the ``inbound`` SERVER span: the reserved id, the client node's span as parent,
+the identity the tunnel verified (never a header), the pod's workload, status and
+``grpc-status``, from the request head to the response head by the observer's clock.
+A request without one (a caller outside the mesh, an old node) records nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics
 from nodeagent.proxy.http.h1 import Limits
 from nodeagent.proxy.http.h2conn import H2Config
-from nodeagent.proxy.http.observe import Http1Observer, RequestGate
+from nodeagent.proxy.http.observe import Http1Observer, RequestGate, Traced
 from nodeagent.proxy.http.observe_h2 import H2Observer
 from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.relay import Relay
@@ -36,6 +46,10 @@ from nodeagent.proxy.resolve import workload_name
 from nodeagent.proxy.tunnel.hooks import ServedStream, TargetConnector
 from weft.identity import SpiffeId
 from weft.mesh import Workload
+from weft.tracing import Attr, AttrValue, Span, SpanKind, Tracer, status_for_http
+
+RecordSpan = Callable[[Span], None]
+"""Takes a finished span without waiting (`nodeagent.tracing.TraceExporter.record`)."""
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -61,8 +75,15 @@ class InboundHttp:
         limits: Limits | None = None,
         h2_config: H2Config | None = None,
         gate: GateFactory | None = None,
+        tracer: Tracer | None = None,
+        record_span: RecordSpan | None = None,
     ) -> None:
         self.gate = gate
+        self.tracer = tracer if tracer is not None and record_span is not None else None
+        """None: tracing is off (no collector); the observers then keep no headers. Its
+        ``enabled`` is looked at per stream (the agent turns it off if the exporter
+        dies)."""
+        self.record_span: RecordSpan = record_span if record_span is not None else _no_span
         self.connect = connect
         self.metrics = metrics
         self.workload_at = workload_at
@@ -103,12 +124,13 @@ class InboundHttp:
         the stream to. ``routed``: the client node sets ``weft-route`` on each request a
         route matched (and removes any the app sent), so per-route policies may
         believe it (`nodeagent.proxy.tunnel.wire.EXT_ROUTE`)."""
-        recorder = _Recorder(self, client, presented, target)
         loop = asyncio.get_running_loop()
+        recorder = _Recorder(self, client, presented, target, self._epoch(loop), "1.1")
         gate = self.gate(client, target, routed) if self.gate is not None else None
         observer = Http1Observer(
-            recorder, label=label, clock=loop.time, limits=self.limits, gate=gate
-        )
+            recorder, label=label, clock=loop.time, limits=self.limits, gate=gate,
+            tracing=recorder.epoch is not None,
+        )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.streams += 1
         return served
@@ -118,12 +140,23 @@ class InboundHttp:
     ) -> ServedStream:
         """An HTTP/2 tunnel stream (one h2c connection of the client node's to this
         pod): as `observe`, with the frame observer."""
-        recorder = _Recorder(self, client, presented, target)
         loop = asyncio.get_running_loop()
-        observer = H2Observer(recorder, label=label, clock=loop.time, config=self.h2_config)
+        recorder = _Recorder(self, client, presented, target, self._epoch(loop), "2")
+        observer = H2Observer(
+            recorder, label=label, clock=loop.time, config=self.h2_config,
+            tracing=recorder.epoch is not None,
+        )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.h2_streams += 1
         return served
+
+    def _epoch(self, loop: asyncio.AbstractEventLoop) -> int | None:
+        """With tracing on: unix nanoseconds at the loop clock's zero, to place the
+        observer's times in a span (taken per stream, so clock drift stays small)."""
+        tracer = self.tracer
+        if tracer is None or not tracer.enabled:
+            return None
+        return time.time_ns() - int(loop.time() * 1e9)
 
     async def _relay(
         self, observer: Http1Observer | H2Observer, target: Address, label: str
@@ -144,19 +177,33 @@ class InboundHttp:
         return relay.client
 
 
-class _Recorder:
-    """An observer's `ExchangeSink`: the golden metrics of one inbound stream."""
+def _no_span(span: Span) -> None:
+    pass
 
-    __slots__ = ("_client", "_http", "_labels", "_presented", "_target")
+
+class _Recorder:
+    """An observer's `ExchangeSink`: the golden metrics of one inbound stream, and the
+    SERVER spans of its traced requests."""
+
+    __slots__ = ("_client", "_http", "_labels", "_presented", "_target", "_version", "epoch")
 
     def __init__(
-        self, http: InboundHttp, client: SpiffeId, presented: SpiffeId | None, target: Address
+        self,
+        http: InboundHttp,
+        client: SpiffeId,
+        presented: SpiffeId | None,
+        target: Address,
+        epoch: int | None = None,
+        version: str = "1.1",
     ) -> None:
         self._http = http
+        self._version = version
         self._client = client
         self._presented = presented
         self._target = target
         self._labels: dict[bytes | None, HttpLabels] = {}
+        self.epoch = epoch
+        """Unix ns at the observer clock's zero; None: this stream is not traced."""
 
     def exchange(
         self,
@@ -165,6 +212,7 @@ class _Recorder:
         latency: float | None,
         error: str,
         grpc_status: str = "",
+        trace: Traced | None = None,
     ) -> None:
         labels = self._labels.get(authority)
         if labels is None:
@@ -175,4 +223,45 @@ class _Recorder:
         self._http.requests += 1
         self._http.metrics.record(
             labels, status=status, grpc_status=grpc_status, latency=latency, error=error
+        )
+        if trace is not None and self.epoch is not None:
+            self._span(trace, labels, status, error, grpc_status)
+
+    def _span(
+        self, trace: Traced, labels: HttpLabels, status: int | None, error: str, grpc: str
+    ) -> None:
+        """The request's ``inbound`` SERVER span, to the exporter."""
+        assert self.epoch is not None
+        target = trace.target.decode("latin-1")
+        attrs: dict[str, AttrValue] = {
+            Attr.DIRECTION: "inbound",
+            Attr.HTTP_METHOD: trace.method.decode("latin-1"),
+            Attr.URL_PATH: target.partition("?")[0],
+            Attr.SERVER_ADDRESS: labels.authority,
+            Attr.PROTOCOL_VERSION: self._version,
+            Attr.SRC_NAMESPACE: labels.src_namespace,
+            Attr.SRC_WORKLOAD: labels.src_workload,
+            Attr.CLIENT_ID: labels.client_id,
+            Attr.DST_NAMESPACE: labels.dst_namespace,
+            Attr.DST_WORKLOAD: labels.dst_workload,
+            Attr.SERVER_ID: labels.server_id,
+            Attr.ENDPOINT: format_address(self._target),
+            Attr.TLS: True,
+        }
+        if status:
+            attrs[Attr.HTTP_STATUS] = status
+        if grpc:
+            attrs[Attr.RPC_GRPC_STATUS] = int(grpc) if grpc.isdigit() else grpc
+        if error:
+            attrs[Attr.ERROR_TYPE] = attrs[Attr.PROXY_ERROR] = error
+        epoch = self.epoch
+        self._http.record_span(
+            trace.span.finish(
+                "inbound",
+                SpanKind.SERVER,
+                start_ns=epoch + int(trace.started * 1e9),
+                end_ns=epoch + int(trace.ended * 1e9),
+                attributes=attrs,
+                status=status_for_http(SpanKind.SERVER, status or 0, grpc),
+            )
         )

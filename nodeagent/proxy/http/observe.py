@@ -17,6 +17,10 @@ destination must still do:
   the pod;
 * **count each exchange** in the golden metrics with the client's verified identity
   (`ExchangeSink`): status, and latency from the request head to the response head;
+* **trace** (only when the node traces: the request parser is then made with callbacks
+  that keep a head's ``traceparent``/``tracestate``/B3 headers, so an observer that does
+  not trace pays nothing per header): hand the sink the span the client node reserved
+  for this hop (`weft.tracing.peer`), with the head and response times;
 * **upgrades**: bytes after an upgrade request's head wait (and reading stops) until the
   pod answers — ``101`` makes the relay opaque, any other answer closes the connection
   after it, so nothing can be smuggled behind a declined upgrade;
@@ -36,13 +40,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
 from nodeagent.proxy.http.h1 import H1Error, Limits, Stop, parser_error_detail, reraise_callback_bug
 from nodeagent.proxy.http.message import ProxyError, error_response
 from nodeagent.proxy.relay import Relay
+from weft.tracing.peer import INBOUND_HEADERS, INBOUND_LENGTHS, PeerSpan, peer_span
 
 log = logging.getLogger("weft.proxy.http")
 
@@ -57,6 +62,24 @@ REQUEST_TIMEOUT = (
 _FRAMING = (b"content-length", b"transfer-encoding")
 
 
+class Traced(NamedTuple):
+    """A traced exchange's span, as the observer saw it (its clock's times)."""
+
+    span: PeerSpan
+    """The span the client node reserved for this hop (`weft.tracing.peer`)."""
+    method: bytes
+    target: bytes
+    """The request-target (HTTP/2: ``:path``)."""
+    started: float
+    """When the request head was complete."""
+    ended: float
+    """When the response head came (or the exchange was lost)."""
+
+
+Reserved = tuple[PeerSpan, bytes, bytes]
+"""(span, method, request-target) of a request the client node reserved a span for."""
+
+
 class ExchangeSink(Protocol):
     def exchange(
         self,
@@ -65,9 +88,11 @@ class ExchangeSink(Protocol):
         latency: float | None,
         error: str,
         grpc_status: str = "",
+        trace: Traced | None = None,
     ) -> None:
         """One exchange ended: ``status`` None and ``error`` set when no response came
-        (``grpc_status``: an HTTP/2 stream's trailers said so)."""
+        (``grpc_status``: an HTTP/2 stream's trailers said so; ``trace``: the client
+        node reserved a span for this hop, only when the observer traces)."""
 
 
 class RequestGate(Protocol):
@@ -84,10 +109,12 @@ class RequestGate(Protocol):
 class _Requests:
     """llhttp callbacks of the request direction."""
 
-    __slots__ = ("_observer", "count", "headers", "host", "in_head", "url")
+    __slots__ = ("_observer", "count", "headers", "host", "in_head", "trace", "url")
 
     def __init__(self, observer: Http1Observer) -> None:
         self._observer = observer
+        self.trace: list[tuple[bytes, bytes]] = []
+        """The head's trace headers (lowercase names), kept by `_TracedRequests` only."""
         self.host: bytes | None = None
         self.count = 0
         self.in_head = False
@@ -125,6 +152,26 @@ class _Requests:
     def on_headers_complete(self) -> None:
         self.in_head = False
         self._observer.request_head(self.host)
+
+
+class _TracedRequests(_Requests):
+    """`_Requests` that also keep a head's trace headers (`INBOUND_HEADERS`): the
+    parser of an observer that traces is made with this class, so one that does not
+    pays nothing per header."""
+
+    __slots__ = ()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.trace:
+            self.trace = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        if self.in_head and len(name) in INBOUND_LENGTHS:
+            lname = name.lower()
+            if lname in INBOUND_HEADERS and len(self.trace) < 16:
+                self.trace.append((lname, value))
 
 
 class _Responses:
@@ -194,6 +241,7 @@ class Http1Observer:
         "request_parser",
         "response_parser",
         "sink",
+        "tracing",
     )
 
     def __init__(
@@ -204,6 +252,7 @@ class Http1Observer:
         clock: Callable[[], float],
         limits: Limits | None = None,
         gate: RequestGate | None = None,
+        tracing: bool = False,
     ) -> None:
         self.sink = sink
         self.gate = gate
@@ -211,12 +260,15 @@ class Http1Observer:
         self.limits = limits or Limits()
         self._clock = clock
         self.relay: Relay | None = None
-        self._requests = _Requests(self)
+        self.tracing = tracing
+        """Read each head's trace headers for a span the client node reserved."""
+        self._requests = _TracedRequests(self) if tracing else _Requests(self)
         self._responses = _Responses(self)
         self.request_parser = httptools.HttpRequestParser(self._requests)
         self.response_parser = httptools.HttpResponseParser(self._responses)
-        self.pending: deque[tuple[float, bool, bytes | None]] = deque()
-        """Requests sent to the pod and not yet answered: (head time, HEAD?, Host)."""
+        self.pending: deque[tuple[float, bool, bytes | None, Reserved | None]] = deque()
+        """Requests sent to the pod and not yet answered: (head time, HEAD?, Host, the
+        span reserved for this hop)."""
         self.error: H1Error | None = None
         self._fed_in_head = 0
         self._head_started: float | None = None
@@ -316,8 +368,7 @@ class Http1Observer:
             self._lost_all(ProxyError.UPSTREAM_RESET, reason)
         else:
             while self.pending:
-                self.pending.popleft()
-                self.sink.exchange(None, None, None, CANCELLED)
+                self._lost(self.pending.popleft(), None, CANCELLED)
 
     # --- from the parsers' callbacks -----------------------------------------------------
 
@@ -339,7 +390,14 @@ class Http1Observer:
             why = gate.judge(method.decode("latin-1"), req.url, req.headers or {})
             if why is not None:
                 self.fail(H1Error(ProxyError.UNAUTHORIZED, why))
-        self.pending.append((self._clock(), method == b"HEAD", host))
+        reserved = None
+        if self.tracing:
+            found = self._requests.trace
+            if found:
+                span = peer_span(found)
+                if span is not None:
+                    reserved = (span, method, self._requests.url)
+        self.pending.append((self._clock(), method == b"HEAD", host, reserved))
 
     def response_head(self, status: int) -> None:
         pending = self.pending
@@ -356,9 +414,28 @@ class Http1Observer:
             raise Stop
 
     def response_end(self) -> None:
-        started, _, host = self.pending.popleft()
+        started, _, host, span = self.pending.popleft()
         status, self._status = self._status, None
-        self.sink.exchange(host, status, self._responded - started, "")
+        if span is None:
+            self.sink.exchange(host, status, self._responded - started, "")
+        else:
+            traced = Traced(*span, started, self._responded)
+            self.sink.exchange(host, status, self._responded - started, "", trace=traced)
+
+    def _lost(
+        self,
+        entry: tuple[float, bool, bytes | None, Reserved | None],
+        status: int | None,
+        error: str,
+    ) -> None:
+        """A request that got no response (``host`` is not kept for these: the labels
+        of a lost exchange name no authority)."""
+        started, _, _, span = entry
+        if span is None:
+            self.sink.exchange(None, status, None, error)
+        else:
+            traced = Traced(*span, started, self._clock())
+            self.sink.exchange(None, status, None, error, trace=traced)
 
     # --- endings -------------------------------------------------------------------------
 
@@ -368,8 +445,10 @@ class Http1Observer:
         assert relay is not None
         self._opaque = True
         if self.pending:
-            started, _, host = self.pending.popleft()
-            self.sink.exchange(host, 101, self._clock() - started, "")
+            started, _, host, span = self.pending.popleft()
+            now = self._clock()
+            traced = Traced(*span, started, now) if span is not None else None
+            self.sink.exchange(host, 101, now - started, "", trace=traced)
         held, self._held = self._held, None
         relay.hold(relay.client, False)
         if held:
@@ -379,8 +458,7 @@ class Http1Observer:
         if self.pending:
             log.info("%s: %d request(s) lost: %s", self.label, len(self.pending), detail)
         while self.pending:
-            self.pending.popleft()
-            self.sink.exchange(None, error.status, None, error.token)
+            self._lost(self.pending.popleft(), error.status, error.token)
         self._status = None
 
     def _bad_request(self, exc: Exception) -> None:

@@ -14,6 +14,9 @@ request, half of an HTTP/2 request's CPU in the mesh. What this node must still 
   client resets is ``cancelled``, one the pod resets or leaves unfinished is
   ``upstream-reset``; streams a GOAWAY says the pod never processed are not counted
   (the client node sends them elsewhere);
+* **trace** (only when the node traces: one check per request head otherwise): keep
+  each request head's ``traceparent``/``tracestate``/B3 headers and hand the sink the
+  span the client node reserved for this hop (`weft.tracing.peer`);
 * **keep HPACK in step**: every header block of both directions is decoded (the dynamic
   tables change with each), with the table sizes each side's SETTINGS allow;
 * **bound what a peer can make it do** — the peer is an authenticated workload, not
@@ -38,8 +41,9 @@ from hpack.exceptions import HPACKError
 
 from nodeagent.proxy.http.h2conn import Budget, H2Config
 from nodeagent.proxy.http.message import ProxyError
-from nodeagent.proxy.http.observe import CANCELLED, ExchangeSink
+from nodeagent.proxy.http.observe import CANCELLED, ExchangeSink, Reserved, Traced
 from nodeagent.proxy.relay import Relay
+from weft.tracing.peer import INBOUND_HEADERS, peer_span
 
 log = logging.getLogger("weft.proxy.http")
 
@@ -167,14 +171,16 @@ class FrameScanner:
 
 
 class _Stream:
-    __slots__ = ("authority", "grpc_status", "responded", "started", "status")
+    __slots__ = ("authority", "grpc_status", "responded", "span", "started", "status")
 
-    def __init__(self, started: float, authority: bytes | None) -> None:
+    def __init__(self, started: float, authority: bytes | None, span: Reserved | None) -> None:
         self.started = started
         self.authority = authority
         self.status: int | None = None
         self.responded = 0.0
         self.grpc_status = ""
+        self.span = span
+        """The span the client node reserved for this hop (`weft.tracing.peer`)."""
 
 
 class _Block:
@@ -226,8 +232,11 @@ class H2Observer:
         label: str,
         clock: Callable[[], float],
         config: H2Config | None = None,
+        tracing: bool = False,
     ) -> None:
         self.sink = sink
+        self.tracing = tracing
+        """Read each request head's trace headers for a span the client node reserved."""
         self.label = label
         self.config = cfg = config or H2Config()
         self._clock = clock
@@ -302,7 +311,7 @@ class H2Observer:
                 raise H2ObserveError("too many stream resets (rapid reset)")
             stream = self.streams.pop(sid, None)
             if stream is not None:
-                self.sink.exchange(stream.authority, None, None, CANCELLED)
+                self._lost(stream, None, CANCELLED)
         elif ftype == SETTINGS:
             self._spend_control()
             if not flags & ACK:
@@ -331,13 +340,31 @@ class H2Observer:
             raise H2ObserveError(f"more than {MAX_STREAMS} streams open")
         self._last_client_sid = sid
         authority = None
-        for name, value in headers:
-            if name == b":authority":
-                authority = value
-                break
-            if name == b"host":
-                authority = value
-        self.streams[sid] = _Stream(self._clock(), authority)
+        span: Reserved | None = None
+        if self.tracing:
+            found = []
+            method = path = b""
+            for name, value in headers:
+                if name in INBOUND_HEADERS:
+                    found.append((name, value))
+                elif name == b":authority" or (name == b"host" and authority is None):
+                    authority = value
+                elif name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+            if found:
+                peer = peer_span(found)
+                if peer is not None:
+                    span = (peer, method, path)
+        else:
+            for name, value in headers:
+                if name == b":authority":
+                    authority = value
+                    break
+                if name == b"host":
+                    authority = value
+        self.streams[sid] = _Stream(self._clock(), authority, span)
 
     # --- the pod's frames ----------------------------------------------------------------
 
@@ -365,7 +392,7 @@ class H2Observer:
             # elsewhere and counts it there.
             if stream is not None and payload[:4] != REFUSED:
                 error = ProxyError.UPSTREAM_RESET
-                self.sink.exchange(stream.authority, error.status, None, error.token)
+                self._lost(stream, error.status, error.token)
         elif ftype == GOAWAY:
             if len(payload) >= 4:
                 last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
@@ -409,13 +436,24 @@ class H2Observer:
 
     def _finish(self, sid: int, stream: _Stream) -> None:
         del self.streams[sid]
+        span = stream.span
         self.sink.exchange(
             stream.authority,
             stream.status,
             stream.responded - stream.started,
             "",
             grpc_status=stream.grpc_status,
+            trace=Traced(*span, stream.started, stream.responded) if span is not None else None,
         )
+
+    def _lost(self, stream: _Stream, status: int | None, error: str) -> None:
+        """A stream that ended without a complete response."""
+        span = stream.span
+        if span is None:
+            self.sink.exchange(stream.authority, status, None, error)
+        else:
+            traced = Traced(*span, stream.started, self._clock())
+            self.sink.exchange(stream.authority, status, None, error, trace=traced)
 
     # --- shared --------------------------------------------------------------------------
 
@@ -439,7 +477,7 @@ class H2Observer:
         if streams and error != CANCELLED:
             log.info("%s: %d stream(s) lost: %s", self.label, len(streams), error)
         for stream in streams.values():
-            self.sink.exchange(stream.authority, status, None, error)
+            self._lost(stream, status, error)
 
     def _refuse(self, why: str, error: ProxyError) -> None:
         self._done = True
