@@ -40,8 +40,8 @@ def inbound(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 def test_w3c_reservation_round_trip():
     hop = tracer().begin([(b"Traceparent", TP), (b"tracestate", b"vendor=1,other=2")])
     assert hop is not None
-    out = hop.outgoing([(b"Host", b"echo"), (b"Traceparent", TP), (b"tracestate", b"vendor=1,other=2")],
-                       peer=True)  # fmt: skip
+    headers = [(b"Host", b"echo"), (b"Traceparent", TP), (b"tracestate", b"vendor=1,other=2")]
+    out = hop.outgoing(headers, peer=True)
     assert hop.peer_id and hop.peer_id != hop.span_id
     sent = dict(out)
     tp = parse_traceparent(sent[b"Traceparent"])
