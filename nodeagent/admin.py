@@ -31,12 +31,16 @@ class Readiness:
     def __init__(self, *blockers: str) -> None:
         self.blockers = set(blockers)
         self._changed = asyncio.Event()
+        self.on_ready: Callable[[], None] | None = None
+        """Called once, when the last blocker is done."""
 
     def done(self, name: str) -> None:
         if name in self.blockers:
             self.blockers.discard(name)
             log.info("readiness: %s done%s", name, "" if self.blockers else "; ready")
             self._changed.set()
+            if not self.blockers and self.on_ready is not None:
+                self.on_ready()
 
     @property
     def ready(self) -> bool:

@@ -63,7 +63,6 @@ from nodeagent.labadapter import LabPodSource, LabUnavailable, lab_pod_cgroups, 
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
 from nodeagent.prereqs import node_prerequisites
-from nodeagent.proxy.admission import AdmissionStats
 from nodeagent.proxy.balance import Balancer, PeakEwma
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover, FailoverObserver
@@ -97,6 +96,9 @@ from nodeagent.proxy.tunnel import (
 from nodeagent.proxy.tunnel.hooks import ServedStream
 from nodeagent.proxy.tunnel.wire import Extensions, carries_routes
 from nodeagent.proxy.upstream import MeshUpstreams
+from nodeagent.proxymetrics import admission_metrics as _admission_metrics
+from nodeagent.proxymetrics import hold_metrics as _hold_metrics
+from nodeagent.proxymetrics import pool_metrics as _pool_metrics
 from nodeagent.retrymetrics import RetryMetrics
 from nodeagent.tracing import TraceExporter
 from weft.files import write_json_atomic
@@ -328,91 +330,6 @@ class _StatsCollector(Collector):
                 m = CounterMetricFamily(f"weft_outbound_{name}", f"outbound connections {name}")
                 m.add_metric([], getattr(s, name))
                 yield m
-
-
-def _hold_metrics(holds: Mapping[str, ReadyHold]) -> Any:
-    g = GaugeMetricFamily(
-        "weft_proxy_held_connections",
-        "Connections accepted before the agent was ready, waiting for it, by listener.",
-        labels=["listener"],
-    )
-    c = CounterMetricFamily(
-        "weft_proxy_held",
-        "Connections that arrived before the agent was ready, by listener and outcome "
-        "(served once ready; reset at the deadline, when full, or at shutdown).",
-        labels=["listener", "outcome"],
-    )
-    w = CounterMetricFamily(
-        "weft_proxy_held_wait_seconds",
-        "Time held connections waited for readiness before being served.",
-        labels=["listener"],
-    )
-    for kind, hold in holds.items():
-        st = hold.stats
-        g.add_metric([kind], st.held)
-        w.add_metric([kind], st.wait_seconds)
-        for outcome, n in (
-            ("served", st.served),
-            ("deadline", st.refused_deadline),
-            ("full", st.refused_full),
-            ("shutdown", st.refused_shutdown),
-        ):
-            c.add_metric([kind, outcome], n)
-    yield from (g, c, w)
-
-
-def _pool_metrics(client: TunnelClient | None, server: TunnelServer | None) -> Any:
-    """Pooled tunnel connections and the streams on them, both directions."""
-    conns = GaugeMetricFamily(
-        "weft_tunnel_connections",
-        "Tunnel (mTLS) connections open now: outbound = this node's pool to other nodes, "
-        "inbound = other nodes' connections to this one.",
-        labels=["direction"],
-    )
-    streams = GaugeMetricFamily(
-        "weft_tunnel_streams",
-        "Proxied connections multiplexed on tunnel connections now, by direction.",
-        labels=["direction"],
-    )
-    if client is not None:
-        conns.add_metric(["outbound"], client.connections)
-        streams.add_metric(["outbound"], client.open_streams)
-    if server is not None:
-        conns.add_metric(["inbound"], server.stats.sessions_active)
-        streams.add_metric(["inbound"], server.stats.streams_active)
-    yield conns
-    yield streams
-    if client is not None:
-        made = CounterMetricFamily(
-            "weft_tunnel_connections_opened",
-            "Tunnel connections this node made (each one TLS handshake).",
-        )
-        made.add_metric([], client.stats.connections)
-        yield made
-
-
-def _admission_metrics(st: AdmissionStats) -> Any:
-    g = GaugeMetricFamily(
-        "weft_tunnel_handshakes", "Fresh tunnel handshakes now, by state.", labels=["state"]
-    )
-    g.add_metric(["in_flight"], st.in_flight)
-    g.add_metric(["queued"], st.queued)
-    c = CounterMetricFamily(
-        "weft_tunnel_handshake_admissions",
-        "Fresh tunnel handshakes by admission outcome (admitted at once, after a wait, or "
-        "refused because this node was overloaded).",
-        labels=["outcome"],
-    )
-    c.add_metric(["immediate"], st.admitted - st.waited)
-    c.add_metric(["waited"], st.waited)
-    c.add_metric(["refused_full"], st.refused_full)
-    c.add_metric(["refused_timeout"], st.refused_timeout)
-    w = CounterMetricFamily(
-        "weft_tunnel_handshake_wait_seconds",
-        "Time fresh tunnels waited for a handshake slot on this node.",
-    )
-    w.add_metric([], st.wait_seconds)
-    yield from (g, c, w)
 
 
 class Agent:
@@ -700,7 +617,7 @@ class Agent:
         marker = self.cfg.ready_file
         if marker is not None:
             with contextlib.suppress(FileNotFoundError):
-                marker.unlink()
+                marker.unlink()  # the pod's own volume: no other agent writes it
 
     def _refresh_node_addrs(self) -> None:
         """Make ``weft_node_addr`` the node's current addresses (a CNI may add its
@@ -767,7 +684,8 @@ class Agent:
             ip=w.ips[0] if w.ips else "",
             service_account=w.service_account,
             cgroup=self.pod_cgroup(w),
-            captured=w.captured,
+            # A sidecar-mode pod's own proxy captures it (nftables in its netns).
+            captured=w.captured and not w.sidecar,
             strict=w.strict,
             plaintext=self.authorizer.plaintext(w),
         )
@@ -796,7 +714,7 @@ class Agent:
             }
             # One workload identity per service account with a captured pod here; the
             # first call carries the whole set (it prunes stale key directories).
-            self.certs.set_identities(w.identity for w in local if w.captured)
+            self.certs.set_identities(w.identity for w in local if w.captured and not w.sidecar)
             self.balancer.retain(
                 (ep.address, port)
                 for svc in self.mesh.services.values()
@@ -878,8 +796,8 @@ class Agent:
         w = self.mesh.workload_at(target[0])
         if w is None:
             return NotLocal.UNKNOWN
-        if w.node != self.cfg.node:
-            return NotLocal.ELSEWHERE
+        if w.node != self.cfg.node or w.sidecar:
+            return NotLocal.ELSEWHERE  # a sidecar-mode pod serves its own tunnel
         return w.identity
 
     async def _inbound_http_stream(

@@ -75,3 +75,18 @@ async def test_make_before_break_waits_for_certificates_too(agent: Agent):
         client.close()
     finally:
         sock.close()
+
+
+def test_the_readiness_marker_is_written_when_ready_and_removed_at_start(tmp_path: Path):
+    """``WEFT_READY_FILE``: what the DaemonSet's exec readiness probe tests (the admin
+    port is shared with the previous agent during a rollout)."""
+    marker = tmp_path / "ready"
+    marker.write_text("{}")  # a previous container's, in the same pod's volume
+    env = {**kube_env(tmp_path), "WEFT_READY_FILE": str(marker)}
+    a = Agent(AgentConfig.for_kubernetes(env))
+    assert not marker.exists()
+    for name in sorted(a.readiness.blockers):
+        a.readiness.done(name)
+    assert marker.exists() and '"pid"' in marker.read_text()
+    a._unmark_ready()
+    assert not marker.exists()

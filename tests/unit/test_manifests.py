@@ -284,3 +284,31 @@ def test_what_a_real_cluster_needs_of_the_manifests() -> None:
     (pdb,) = by_kind["PodDisruptionBudget"]
     assert pdb["spec"]["selector"]["matchLabels"] == cp["spec"]["selector"]["matchLabels"]
     assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_the_agent_rolls_out_make_before_break_and_mounts_bpffs() -> None:
+    """A hostNetwork pod's containerPort is a hostPort: none is declared, so the rollout's
+    surge pod schedules beside the old one. Readiness is a file in the new container's
+    own memory volume (the old agent shares port 15020 and could answer an HTTP probe).
+    An init container mounts bpffs when the node has none, propagated to the host."""
+    ds = _one("DaemonSet", "weft-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    (agent,) = pod["containers"]
+    assert "ports" not in agent and not any("hostPort" in str(c) for c in pod["containers"])
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    marker = env["WEFT_READY_FILE"]
+    assert agent["readinessProbe"]["exec"]["command"] == ["test", "-e", marker]
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    holder = max((p for p in mounts if marker.startswith(p + "/")), key=len)
+    assert "emptyDir" in volumes[mounts[holder]]  # the pod's own, not shared with the old one
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["privileged"] is True
+    (bpf,) = init["volumeMounts"]
+    assert (bpf["mountPath"], bpf["mountPropagation"]) == ("/sys/fs/bpf", "Bidirectional")
+    assert volumes[bpf["name"]]["hostPath"] == {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}
+    assert "mount -t bpf bpf /sys/fs/bpf" in init["command"][-1]
+    agent_bpf = next(m for m in agent["volumeMounts"] if m["name"] == bpf["name"])
+    assert agent_bpf["mountPropagation"] == "HostToContainer"

@@ -239,7 +239,8 @@ def render(template: Sequence[dict[str, Any]], opts: InstallOptions) -> list[dic
     set_env(agent, "WEFT_LOG_LEVEL", opts.log_level)
     if opts.trace_collector is not None:
         set_flag(agent["args"], "--trace-collector", opts.trace_collector)
-    for container in (cp_container, agent):
+    agent_spec = _find(docs, "DaemonSet", AGENT)["spec"]["template"]["spec"]
+    for container in (cp_container, agent, *agent_spec.get("initContainers", ())):
         container["image"] = opts.image
     return docs
 
