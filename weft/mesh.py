@@ -33,6 +33,12 @@ LINKERD_OPAQUE_PORTS_KEY = "config.linkerd.io/opaque-ports"
 MAX_OPAQUE_PORTS = 1024
 CAPTURE_ENABLED = "enabled"
 CAPTURE_DISABLED = "disabled"
+MODE_KEY = "weft.io/mode"
+"""Pod annotation (Kubernetes) or label (the lab): ``sidecar`` runs the pod's proxy
+inside it (`weft inject`, docs/kubernetes.md "Sidecar mode") instead of its node's."""
+SIDECAR_MODE = "sidecar"
+SIDECAR_TUNNEL_PORT = 15008
+"""The port a sidecar-mode pod declares (``weft-tunnel``) and serves its own tunnel on."""
 
 
 class InboundMode(StrEnum):
@@ -170,6 +176,20 @@ class Workload:
     @property
     def strict(self) -> bool:
         return self.inbound_mode is InboundMode.STRICT
+
+    @property
+    def sidecar(self) -> bool:
+        """Its proxy runs inside it (sidecar mode): it declares the tunnel port, which
+        ``weft inject`` adds to the sidecar container (the lab: to the pod's ports).  The
+        declared ports are what discovery already carries, so this needs no new field on
+        the wire; its node's agent then leaves it alone and peers tunnel to the pod's
+        own address."""
+        return any(p.port == SIDECAR_TUNNEL_PORT for p in self.ports)
+
+
+def sidecar_mode(meta: Mapping[str, str]) -> bool:
+    """Whether a pod's annotations (or the lab's labels) ask for sidecar mode."""
+    return meta.get(MODE_KEY) == SIDECAR_MODE
 
 
 @dataclass(frozen=True, slots=True)

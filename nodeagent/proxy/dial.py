@@ -1,6 +1,7 @@
 """The dial stage: open the connection to one chosen endpoint.
 
-A captured destination gets a stream over the mTLS tunnel to its node, presenting the
+A captured destination gets a stream over the mTLS tunnel to its node (to the pod itself
+for a sidecar-mode pod, `weft.mesh.Workload.sidecar`), presenting the
 *source* workload's identity and requiring the destination's; anything else gets
 plaintext TCP — unless the source pod is strict (``weft.io/inbound-mode=strict``), which
 refuses plaintext to anything outside the mesh. Each result carries the golden-metric
@@ -61,12 +62,14 @@ class Dialer:
                     f"source {hop.address[0]} is not in discovery yet: cannot present its "
                     "identity to a captured destination"
                 )
-            if not dest.node_ip:
+            # A sidecar-mode pod serves its own tunnel; any other, its node's agent.
+            peer = hop.address[0] if dest.sidecar else dest.node_ip
+            if not peer:
                 raise NoRoute(f"destination pod {dest.namespace}/{dest.name} has no node address")
             # The tunnel client times its own stages once it has a handshake slot.
             stream = await self.tunnel.connect(
                 source.identity,
-                (dest.node_ip, TUNNEL_PORT),
+                (peer, TUNNEL_PORT),
                 hop.address,
                 dest.identity,
                 protocol_factory,
