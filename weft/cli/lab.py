@@ -119,6 +119,20 @@ def lab(ctx: click.Context, lab_name: str) -> None:
     help="An extra `weft agent` flag for every node's agent, kept for restarts; repeat it "
     "(e.g. --agent-arg=--ebpf-map-entries=4096).",
 )
+@click.option(
+    "--traces",
+    is_flag=True,
+    help="Run the lab's OTLP receiver on the control-plane host (10.240.0.2:4318, spans "
+    "as JSON at /api/traces) and start the agents exporting their spans to it.",
+)
+@click.option(
+    "--trace-sample-rate",
+    type=click.FloatRange(0.0, 1.0),
+    default=1.0,
+    show_default=True,
+    help="With --traces: the agents' share of requests without a sampling decision of "
+    "their own that start a trace (a caller's sampled flag is always followed).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -130,6 +144,8 @@ def up(
     agents: bool,
     leaf_lifetime: str | None,
     agent_args: tuple[str, ...],
+    traces: bool,
+    trace_sample_rate: float,
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
@@ -147,6 +163,8 @@ def up(
             agents=agents,
             controlplane_args=["--leaf-lifetime", leaf_lifetime] if leaf_lifetime else [],
             agent_args=list(agent_args),
+            traces=traces,
+            trace_sample_rate=trace_sample_rate,
         )
     except (LabError, PlanError, OSError) as e:
         _fail(e)
@@ -349,12 +367,14 @@ def restart_agent(ctx: click.Context, node: str, agent_args: tuple[str, ...]) ->
 @click.argument("name")
 @click.pass_context
 def stop_cmd(ctx: click.Context, name: str) -> None:
-    """Stop one process of the lab: an echo replica, the control plane or an agent.
+    """Stop one process of the lab: an echo replica, the control plane, an agent or the
+    OTLP receiver (``otlp``, with --traces).
 
     \b
     For failure drills, e.g.:
       weft lab stop echo-2          # the mesh ejects it; requests go to echo-1
       weft lab stop controlplane    # agents keep serving with their last state
+      weft lab stop otlp            # spans are dropped and counted; requests unaffected
     Start it again with `weft lab start NAME`.
     """
     try:
@@ -368,7 +388,7 @@ def stop_cmd(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def start_cmd(ctx: click.Context, name: str) -> None:
     """Start again a process stopped with `weft lab stop` (echo replica, controlplane,
-    agent-node-N)."""
+    agent-node-N, otlp)."""
     try:
         _lab(ctx).start_process(name)
     except (LabError, OSError) as e:
@@ -431,6 +451,15 @@ def _print_status(data: dict[str, Any]) -> None:
             eps = ", ".join(f"{e['ip']}:{e['port']} ({e['pod']})" for e in s.get("endpoints", []))
             svcs.add_row(f"{s['namespace']}/{s['name']}", s["vip"], ports, eps)
         out.print(svcs)
+    traces = data.get("traces")
+    if traces:
+        out.print(
+            f"[bold]traces[/bold]: OTLP receiver on {traces['collector']} (netns "
+            f"{traces['netns']}), agents sample requests without a decision at "
+            f"{traces['sample_rate']:g}; spans: `weft lab exec node-1 -- curl -s "
+            f"http://{traces['collector']}/api/traces`",
+            highlight=False,
+        )
     if data["processes"]:
         ps = Table("process", "in", "pid", "alive", "log", title="processes", title_justify="left")
         for r in data["processes"]:

@@ -93,6 +93,14 @@ control plane."""
 CA_DIR = "ca"
 ANCHOR_FILE = "anchor.pem"
 CONTROLPLANE_ADMIN_PORT = 15014
+OTLP_PORT = 4318
+"""``weft lab up --traces``: the lab's OTLP receiver (`weft.lab.otlp`) listens here on
+the control-plane host, where every node's agent reaches it over the fabric."""
+OTLP_PROCESS = "otlp"
+DEFAULT_TRACE_SAMPLE_RATE = 1.0
+"""The lab traces every request that brings no decision of its own (a demo: ``curl``
+shows a trace at once); a caller's own sampled/unsampled flag is followed whatever the
+rate. A cluster's agents default to 0."""
 
 
 class Lab:
@@ -153,9 +161,18 @@ class Lab:
         controlplane_args: Sequence[str] = (),
         agent_args: Sequence[str] = (),
         plan: LabPlan | None = None,
+        traces: bool = False,
+        trace_sample_rate: float = DEFAULT_TRACE_SAMPLE_RATE,
     ) -> LabState:
-        """Create the lab; ``plan`` replaces the standard layout (benchmarks use it)."""
+        """Create the lab; ``plan`` replaces the standard layout (benchmarks use it).
+        ``traces``: run the lab's OTLP receiver on the control-plane host and start the
+        agents exporting to it, sampling requests without a decision at
+        ``trace_sample_rate``."""
         require_root()
+        if traces and not agents:
+            raise LabError("--traces needs the node agents (they emit the spans): drop --no-agents")
+        if not 0.0 <= trace_sample_rate <= 1.0:
+            raise LabError(f"--trace-sample-rate must be between 0 and 1, got {trace_sample_rate}")
         if self.paths.cgroup_root is None:
             raise LabError(
                 "cgroup v2 is not mounted anywhere: run `make setup`, or "
@@ -182,6 +199,13 @@ class Lab:
             paths=self.paths,
             controlplane_args=list(controlplane_args),
             agent_args=list(agent_args),
+            traces={
+                "collector": f"{CONTROLPLANE_IP}:{OTLP_PORT}",
+                "netns": plan.netns(net.CONTROLPLANE),
+                "sample_rate": trace_sample_rate,
+            }
+            if traces
+            else None,
         )
         started = time.monotonic()
         try:
@@ -234,6 +258,11 @@ class Lab:
         if agents and self.identity_setup is not None:
             with _step("starting the control plane"):
                 self._start_controlplane(state)
+        if state.traces is not None:
+            with _step("starting the OTLP receiver"):
+                if self.identity_setup is None:
+                    net.build_controlplane_host(plan)
+                self._spawn_otlp(state)
         if agents:
             for node in plan.nodes:
                 with _step(f"starting the agent of {node.name}"):
@@ -295,6 +324,46 @@ class Lab:
                 return rec
             _still_starting(rec, deadline, "not ready")
 
+    def _spawn_otlp(self, state: LabState) -> ProcessRecord:
+        """The lab's OTLP receiver (`weft.lab.otlp`), in the control-plane host's
+        namespace and a cgroup of its own; waits until it answers ``/healthz``."""
+        assert self.paths.cgroup_root is not None and state.traces is not None
+        cgroup = self.paths.cgroup_root / "weft-otlp"
+        cgroup.mkdir(exist_ok=True)
+        netns = state.plan.netns(net.CONTROLPLANE)
+        host, _, port = str(state.traces["collector"]).rpartition(":")
+        rec = procs.spawn(
+            name=OTLP_PROCESS,
+            argv=[sys.executable, "-m", "weft.lab.otlp", "--listen", f"{host}:{port}"],
+            log_path=self.paths.log_dir / f"{OTLP_PROCESS}.log",
+            where=net.CONTROLPLANE,
+            preexec=lambda: enter_pod(netns, cgroup, None),
+        )
+        state.processes.append(rec)
+        state.save()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            answer = admin_get(netns, host, int(port), "/healthz")
+            if answer is not None and answer[0] == 200:
+                self.report(f"traces: OTLP receiver on {host}:{port} (pid {rec.pid}); "
+                            f"spans at http://{host}:{port}/api/traces")  # fmt: skip
+                return rec
+            _still_starting(rec, deadline, "not listening")
+
+    def traces_get(self, path: str = "/api/traces") -> tuple[int, str] | None:
+        """GET the lab's OTLP receiver's JSON API (from inside the control-plane host)."""
+        state = self.load()
+        if state.traces is None:
+            raise LabError(f"lab {self.name!r} runs without traces (`weft lab up --traces`)")
+        host, _, port = str(state.traces["collector"]).rpartition(":")
+        return admin_get(str(state.traces["netns"]), host, int(port), path)
+
+    def _trace_args(self, state: LabState) -> list[str]:
+        if state.traces is None:
+            return []
+        return ["--trace-collector", str(state.traces["collector"]),
+                "--trace-sample-rate", str(state.traces["sample_rate"])]  # fmt: skip
+
     # -- stopping and starting one process (failure drills) ---------------------------
 
     def stop_process(self, name: str) -> bool:
@@ -325,6 +394,9 @@ class Lab:
             if self.identity_setup is None:
                 raise LabError("this lab runs without a control plane")
             self._spawn_controlplane(state)
+            return
+        if name == OTLP_PROCESS and state.traces is not None:
+            self._spawn_otlp(state)
             return
         node = name.removeprefix("agent-")
         if name.startswith("agent-") and node in {n.name for n in state.plan.nodes}:
@@ -360,7 +432,7 @@ class Lab:
         netns = state.plan.netns(node)
         argv = [
             sys.executable, "-m", "weft.cli", "agent", "--lab", self.name, "--node", node,
-            *state.agent_args, *args,
+            *self._trace_args(state), *state.agent_args, *args,
         ]  # fmt: skip
         rec = procs.spawn(
             name=f"agent-{node}",

@@ -84,6 +84,10 @@ class LabState:
     """Gateway API route objects applied with ``weft lab apply -f`` (as given)."""
     policies: list[dict[str, Any]] = field(default_factory=list)
     """``AuthorizationPolicy`` objects applied with ``weft lab apply -f`` (as given)."""
+    traces: dict[str, Any] | None = None
+    """``weft lab up --traces``: the OTLP receiver the agents export to —
+    ``collector`` (``host:port``), ``netns`` (where it listens), ``sample_rate`` (the
+    agents' ``--trace-sample-rate``); None: no tracing."""
 
     def pod(self, name: str) -> PodPlan:
         for p in self.plan.pods:
@@ -162,6 +166,7 @@ class LabState:
             "agent_args": list(self.agent_args),
             "routes": self.routes,
             "policies": self.policies,
+            "traces": self.traces,
         }
 
     @classmethod
@@ -239,6 +244,7 @@ class LabState:
             agent_args=[str(a) for a in data.get("agent_args", [])],
             routes=[r for r in data.get("routes", []) if isinstance(r, dict)],
             policies=[p for p in data.get("policies", []) if isinstance(p, dict)],
+            traces=data["traces"] if isinstance(data.get("traces"), dict) else None,
         )
 
     def save(self) -> None:
