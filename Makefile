@@ -11,15 +11,19 @@ STAMP  := $(VENV)/.installed-stamp
 # an npm package, pinned with its integrity hashes by package-lock.json.
 GWAPI  := tests/gatewayapi
 GWAPI_STAMP := $(GWAPI)/node_modules/.installed-stamp
+# The browser library `weft viz dashboard` serves (cytoscape, the service graph): an npm
+# package pinned by package-lock.json, served from node_modules (no CDN at run time).
+DASH   := weft/viz/web
+DASH_STAMP := $(DASH)/node_modules/.installed-stamp
 WEFT   := $(VENV)/bin/weft
 
 .DEFAULT_GOAL := help
-.PHONY: help setup host venv schemas lab lab-down bench test test-unit lint fmt clean image
+.PHONY: help setup host venv schemas dashboard lab lab-down bench test test-unit lint fmt clean image
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: host venv schemas ## apt packages, kernel headers link, cgroup2/bpffs mounts, .venv, test schemas
+setup: host venv schemas dashboard ## apt packages, kernel headers link, cgroup2/bpffs mounts, .venv, test schemas, dashboard assets
 	@echo "==> setup done"
 
 host: ## host preparation only (root)
@@ -32,9 +36,9 @@ $(PY):
 	@$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	@echo "==> venv: installing weft (editable), dev tools, bench plots, the lab's gRPC"
+	@echo "==> venv: installing weft (editable), dev tools, bench plots, the lab's gRPC, the dashboard's server"
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev,bench,lab]'
+	@$(PY) -m pip install -q -e '.[dev,bench,lab,dashboard]'
 	@touch $@
 
 # Only bcc's package directory goes into the venv: adding all of Debian's dist-packages
@@ -56,6 +60,14 @@ $(GWAPI_STAMP): $(GWAPI)/package.json $(GWAPI)/package-lock.json
 
 schemas: $(GWAPI_STAMP) ## the Gateway API schemas the tests validate docs/examples against (npm)
 
+$(DASH_STAMP): $(DASH)/package.json $(DASH)/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm not found (the dashboard's graph library is an npm package); sudo make host installs Debian's nodejs and npm" >&2; exit 1; }
+	@echo "==> dashboard: npm ci in $(DASH) (cytoscape, version pinned in package.json)"
+	@cd $(DASH) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+dashboard: $(DASH_STAMP) ## the browser library weft viz dashboard serves (npm, pinned)
+
 lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@$(WEFT) lab up --demo --replace
 	@echo
@@ -74,6 +86,7 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab logs echo-1"
 	@echo "  $(WEFT) viz stat deploy                                       # golden metrics per workload, from the agents (docs/viz.md)"
 	@echo "  $(WEFT) viz edges deploy / viz routes svc/echo / viz top     # who talks to whom (mTLS), per route, busiest"
+	@echo "  $(WEFT) viz dashboard                                         # the service graph and figures in a browser: http://127.0.0.1:50750/"
 	@echo "  $(WEFT) check"
 	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
 
@@ -107,4 +120,4 @@ fmt: venv ## apply ruff formatting and fixes
 	@$(VENV)/bin/ruff check --fix .
 
 clean: ## remove the venv and caches (does not touch a running lab)
-	rm -rf $(VENV) $(GWAPI)/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(GWAPI)/node_modules $(DASH)/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

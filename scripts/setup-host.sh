@@ -16,7 +16,7 @@ arch=$(dpkg --print-architecture)
 # haproxy + nftables: the sidecar baseline of `weft bench` (HAProxy sidecars with nftables
 # redirects, as a sidecar mesh's init container would install them); nghttp2-client: h2load,
 # the HTTP/2 and gRPC load of `weft bench`.
-packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv haproxy nftables nghttp2-client shellcheck ruby prometheus mmdebstrap podman runc)
+packages=(python3-bpfcc "linux-headers-$arch" bpftool iproute2 curl procps python3-venv haproxy nftables nghttp2-client shellcheck ruby prometheus mmdebstrap podman runc chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

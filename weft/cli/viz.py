@@ -113,9 +113,10 @@ def viz(
       weft viz edges deploy                # who talks to whom, identities, mTLS
       weft viz routes svc/echo             # per route, or [default]
       weft viz top                         # busiest traffic, live (--once for one table)
+      weft viz dashboard                   # the service graph in a browser (127.0.0.1)
     \b
-    Not yet: `weft viz tap` (a live stream of requests) and `weft viz dashboard` (a web
-    page with the service graph) are being built (issue #14) and are not in this version.
+    Not yet: `weft viz tap` (a live stream of requests) is being built (issue #14) and is
+    not in this version.
     """
 
     ctx.obj = _Options(lab_name, prometheus, agent_addrs, timeout)
@@ -684,3 +685,135 @@ def _live_top(env: Env, namespace: str | None, interval: float, max_rows: int) -
                 live.update(Group(*view), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+# -- dashboard ----------------------------------------------------------------------------
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from weft.viz.dashboard import DEFAULT_PORT
+
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    if not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{text!r}: give HOST:PORT (port 0: any free one)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@viz.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:50750",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where the page is served; loopback by default (it has no login). Port 0 picks one.",
+)
+@click.option(
+    "-n",
+    "--namespace",
+    default=None,
+    help="Only this namespace's workloads (default: every namespace).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.5),
+    default=2.0,
+    show_default=True,
+    help="Seconds between polls of the agents (or the Prometheus).",
+)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=1.0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Rates, success and latency over this many seconds (at least --interval).",
+)
+@click.option(
+    "--traces",
+    "traces_url",
+    metavar="URL",
+    help="A weft.lab.otlp receiver's URL for the traces panel (default: the lab's, if any).",
+)
+@click.pass_context
+def dashboard(
+    ctx: click.Context,
+    listen: str,
+    namespace: str | None,
+    interval: float,
+    window: float,
+    traces_url: str | None,
+) -> None:
+    """Serve a live web page: the service graph, golden metrics per workload, traces.
+
+    \b
+      weft viz dashboard                   # http://127.0.0.1:50750/, Ctrl-C stops it
+      weft viz dashboard --listen 127.0.0.1:0 --window 30
+      weft viz --prometheus http://prom:9090 dashboard
+    \b
+    Workloads are nodes; an edge is who calls whom (mTLS or plaintext) with its RPS,
+    success rate and latency over --window. Recent traces come from the lab's OTLP
+    receiver (`weft lab up --traces`) or --traces URL. No live tap yet (issue #14).
+    """
+    import asyncio
+
+    try:
+        from weft.viz import dashboard as dash
+    except ImportError as e:
+        _fail(f"{e}: the dashboard's server needs aiohttp: pip install 'weft[dashboard]'")
+
+    try:
+        host, port = _listen(listen)
+        config = dash.DashboardConfig(
+            host=host, port=port, interval=interval, window=window, namespace=namespace
+        )
+        dash.check_assets(config.web_dir)
+        env = _env(ctx)
+        receiver = dash.receiver_from_url(traces_url) if traces_url else None
+        if receiver is None and not ctx.obj.agents:
+            with_lab = None
+            try:
+                with_lab = load_lab(ctx.obj.lab)
+            except SourceError:
+                pass
+            if with_lab is not None:
+                receiver = dash.lab_trace_receiver(with_lab)
+    except (VizError, dash.AssetsMissing) as e:
+        _fail(str(e))
+    poller = dash.Poller(env.source, env.topology, config, env.describe)
+
+    async def serve() -> None:
+        import signal
+
+        running = await dash.start(poller, config, receiver)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        click.echo(f"weft viz dashboard: {running.url}", nl=True)
+        sys.stdout.flush()
+        traces = receiver.endpoint.where if receiver else "tracing not enabled"
+        err.print(
+            f"[dim]polling {rich.markup.escape(env.describe)} every {interval:g} s, "
+            f"rates over {window:g} s; traces: {rich.markup.escape(traces)}; Ctrl-C stops[/dim]"
+        )
+        if not dash.is_loopback(host):
+            err.print(
+                f"[yellow]warning:[/yellow] listening on {host}: anyone who reaches it sees "
+                "the mesh's workloads, identities and traffic (there is no login)"
+            )
+        waiter = asyncio.ensure_future(stop.wait())
+        either: set[asyncio.Future[Any]] = {waiter, running.failed}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            await running.stop()
+        if running.failed.done():
+            _fail(f"the dashboard's poller failed: {running.failed.result()}")
+
+    try:
+        asyncio.run(serve())
+    except OSError as e:
+        _fail(str(e))

@@ -105,6 +105,26 @@ def fetch_metrics(agent: Agent, timeout: float = SCRAPE_TIMEOUT) -> str:
     return body
 
 
+def fetch_json(agent: Agent, path: str, timeout: float = SCRAPE_TIMEOUT) -> object:
+    """GET ``path`` of a JSON API reached like an agent (its host, port and network
+    namespace), e.g. the lab's OTLP receiver; `OSError` (with why) if it cannot be had."""
+    conn = _NetnsConnection(agent, timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+    except http.client.HTTPException as e:
+        raise OSError(f"bad HTTP answer: {e}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise OSError(f"{path} answered {response.status} {response.reason}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise OSError(f"{path} did not answer JSON") from None
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, TimeoutError | socket.timeout):
         return "no answer within the timeout (agent hung or node unreachable)"
