@@ -96,4 +96,13 @@ def admission_metrics(st: AdmissionStats) -> Any:
         "Time fresh tunnels waited for a handshake slot on this node.",
     )
     w.add_metric([], st.wait_seconds)
-    yield from (g, c, w)
+    r = CounterMetricFamily(
+        "weft_tunnel_handshake_refused",
+        "Fresh tunnel handshakes refused because this node was overloaded, by the source "
+        "that asked (a workload's identity on the client side, a peer address on the "
+        "server side): turns are fair between sources, so the noisy one is refused first.",
+        labels=["source"],
+    )
+    for source, n in sorted(st.refused_by_key.items()):
+        r.add_metric([source], n)
+    yield from (g, c, w, r)

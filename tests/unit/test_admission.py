@@ -110,3 +110,65 @@ def test_bad_settings_are_refused():
         Admission(0)
     with pytest.raises(ValueError):
         Admission(1, queue_timeout=0)
+
+
+async def test_a_noisy_workload_queues_behind_itself_not_in_front_of_others():
+    """Issue #18: 50 set-ups of one workload are waiting when another's one arrives; it
+    gets the second free slot, not the 51st (round-robin over keys, FIFO within one)."""
+    adm = Admission(1)
+    order: list[str] = []
+
+    async def one(key: str, i: int) -> None:
+        async with adm.slot(key):
+            order.append(f"{key}{i}")
+            await asyncio.sleep(0)
+
+    noisy = [asyncio.create_task(one("a", i)) for i in range(50)]
+    await asyncio.sleep(0)
+    quiet = asyncio.create_task(one("b", 0))
+    await asyncio.gather(*noisy, quiet)
+    # a0 held the slot, a1 was woken before b0 queued, then the keys alternate.
+    assert order.index("b0") <= 3, order[:5]
+    assert [x for x in order if x.startswith("a")] == [f"a{i}" for i in range(50)]  # FIFO
+    assert adm.stats.in_flight == adm.stats.queued == 0
+
+
+async def test_each_workloads_queue_is_bounded_so_the_noisy_one_is_refused_first():
+    adm = Admission(1, max_queued=100, max_queued_per_key=3)
+    release = asyncio.Event()
+    holder = asyncio.create_task(_hold(adm, [], 0, release))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(adm.acquire("noisy")) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="3 of them noisy's"):
+        await adm.acquire("noisy")
+    other = asyncio.create_task(adm.acquire("quiet"))  # still queues
+    await asyncio.sleep(0)
+    assert adm.queued("quiet") == 1 and adm.stats.refused_by_key == {"noisy": 1}
+    release.set()
+    await holder
+    await asyncio.wait_for(waiting[0], 1)  # the noisy key queued first: its turn
+    adm.release()
+    await asyncio.wait_for(other, 1)  # then the quiet one's, before noisy's 2nd and 3rd
+    assert not waiting[1].done()
+    adm.release()
+    for t in waiting[1:]:
+        await asyncio.wait_for(t, 1)
+        adm.release()
+    assert adm.stats.in_flight == adm.stats.queued == 0
+
+
+async def test_cancelled_waiters_of_one_key_leave_no_trace():
+    adm = Admission(1)
+    release = asyncio.Event()
+    holder = asyncio.create_task(_hold(adm, [], 0, release))
+    await asyncio.sleep(0)
+    gone = [asyncio.create_task(adm.acquire("a")) for _ in range(3)]
+    await asyncio.sleep(0)
+    for t in gone:
+        t.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    assert adm.queued("a") == 0 and adm.stats.queued == 0 and not adm._queues
+    release.set()
+    await holder
+    assert adm.stats.in_flight == 0

@@ -386,10 +386,12 @@ class TunnelClient:
     # --- one connection -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _turn(self, what: str) -> AsyncIterator[None]:
-        """A handshake slot (`Admission`) for the body; `TunnelOverloaded` instead."""
+    async def _turn(self, what: str, source: SpiffeId) -> AsyncIterator[None]:
+        """A handshake slot (`Admission`) for the body; `TunnelOverloaded` instead. Turns
+        are fair between source workloads (identities): one's burst of new connections
+        queues behind itself."""
         try:
-            await self.admission.acquire()
+            await self.admission.acquire(str(source))
         except Overloaded as exc:
             raise TunnelOverloaded(f"{what}: {exc}") from None
         try:
@@ -406,7 +408,7 @@ class TunnelClient:
             server_name = tls.sni_for(expected)
         except tls.SniError as exc:
             raise TunnelSetupError(f"{what}: {exc}") from None
-        async with self._turn(what):
+        async with self._turn(what, source):
             session = Session(
                 label=f"tunnel to {format_address(dest_node)} ({expected}) as {source}",
                 local=self._settings,

@@ -228,7 +228,10 @@ class TunnelServer(Listener):
         try:
             # The wait for a turn counts towards the handshake timeout: a connection may
             # hold this node for that long in all, whatever it waits for.
-            async with asyncio.timeout(config.handshake_timeout), self.admission.slot():
+            # Turns are fair between peers (the client's identity is not known before
+            # the handshake; its address is): one node's burst queues behind itself.
+            peer = state.where.rpartition(":")[0] or state.where
+            async with asyncio.timeout(config.handshake_timeout), self.admission.slot(peer):
                 handed = True
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: session,
