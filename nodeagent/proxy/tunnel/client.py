@@ -122,6 +122,8 @@ class TunnelClient:
             self.config.max_handshakes,
             max_queued=self.config.handshake_queue,
             queue_timeout=self.config.handshake_queue_timeout,
+            # One workload may hold a quarter of the queue: the rest stays for the others.
+            max_queued_per_key=max(64, self.config.handshake_queue // 4),
         )
         self._tls = contexts
         self._settings = self.config.settings()

@@ -157,6 +157,8 @@ class TunnelServer(Listener):
             # Longer than the handshake timeout around it, so a wait that is too long
             # ends as that timeout (HANDSHAKE_TIMEOUT), not as "overloaded".
             queue_timeout=self.config.handshake_timeout + 1.0,
+            # All of one peer node's workloads share its address: half the queue each.
+            max_queued_per_key=max(64, self.config.handshake_queue // 2),
         )
 
     def _before_accepting(self) -> str:
