@@ -209,7 +209,9 @@ NOT_ENABLED: dict[str, Any] = {
 class Views:
     """What the endpoints answer, replaced whole after every poll."""
 
-    graph: dict[str, Any] = field(default_factory=dict)
+    graph: dict[str, Any] = field(
+        default_factory=lambda: {"window_seconds": None, "nodes": [], "edges": []}
+    )
     stat: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -237,7 +239,7 @@ class Poller:
         self._wall = wall
         self.polls = 0
         self.views = Views(meta=self._meta(None, [], "waiting for the first scrape"))
-        self.updated = asyncio.Event()
+        self._polled = asyncio.Condition()
 
     def _meta(
         self, seconds: float | None, down: list[dict[str, str]], error: str | None
@@ -292,8 +294,14 @@ class Poller:
     async def run(self) -> None:
         while True:
             await asyncio.to_thread(self.poll_once)
-            self.updated.set()
+            async with self._polled:
+                self._polled.notify_all()
             await asyncio.sleep(self.config.interval)
+
+    async def wait_for_polls(self, n: int) -> None:
+        """Until ``n`` polls are done (tests; a caller's own timeout bounds it)."""
+        async with self._polled:
+            await self._polled.wait_for(lambda: self.polls >= n)
 
 
 async def _guard(name: str, coro: Awaitable[None], failed: asyncio.Future[BaseException]) -> None:
@@ -373,7 +381,8 @@ def make_app(
         kind = request.query.get("kind", "deploy")
         if kind not in STAT_KINDS:
             raise web.HTTPBadRequest(text=f"kind must be one of {', '.join(STAT_KINDS)}\n")
-        return web.json_response({**poller.views.meta, **poller.views.stat.get(kind, {})})
+        empty: dict[str, Any] = {"kind": kind, "window_seconds": None, "rows": []}
+        return web.json_response({**poller.views.meta, **poller.views.stat.get(kind, empty)})
 
     async def api_traces(request: web.Request) -> web.Response:
         if traces is None:
@@ -425,9 +434,9 @@ async def start(
 ) -> Running:
     """Serve the dashboard and start polling; `Running.stop` undoes both."""
     app = make_app(poller, config, traces, fetch=fetch)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=2.0)
+    site = web.TCPSite(runner, config.host, config.port)
     try:
         await site.start()
     except OSError as e:

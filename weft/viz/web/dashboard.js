@@ -95,9 +95,9 @@ function drawGraph(doc) {
           "background-color": "data(colour)", "border-width": 2, "border-color": "#475569" } },
         { selector: "node.unmeshed", style: { "border-style": "dashed", "border-color": "#94a3b8" } },
         { selector: "edge", style: {
-          "curve-style": "bezier", "target-arrow-shape": "triangle", "width": 3,
+          "curve-style": "bezier", "target-arrow-shape": "triangle", "width": 4, "arrow-scale": 1.3,
           "label": "data(label)", "font-size": 11, "text-background-color": "#fff",
-          "text-background-opacity": 0.9, "text-background-padding": 2, "text-rotation": "autorotate" } },
+          "text-background-opacity": 0.85, "text-background-padding": 2, "text-margin-y": -12 } },
         { selector: "edge.mtls", style: { "line-color": "#15803d", "target-arrow-color": "#15803d" } },
         { selector: "edge.plaintext", style: { "line-color": "#d97706", "target-arrow-color": "#d97706", "line-style": "dashed" } },
         { selector: "edge.partly", style: { "line-color": "#b45309", "target-arrow-color": "#b45309", "line-style": "dotted" } },
@@ -110,8 +110,10 @@ function drawGraph(doc) {
     cy.elements().remove();
     cy.add(elements);
     const roots = cy.nodes().filter((n) => n.indegree(false) === 0 && n.outdegree(false) > 0);
+    // Callers on the left, the workloads they call to the right: labels read along edges.
     cy.layout({ name: "breadthfirst", directed: true, roots: roots.length ? roots : undefined,
-                padding: 30, spacingFactor: 1.2, animate: false }).run();
+                padding: 40, spacingFactor: 1.1, animate: false,
+                transform: (node, pos) => ({ x: pos.y * 2.2, y: pos.x * 0.6 }) }).run();
     shape = ids;
   } else {
     for (const x of elements) {
@@ -137,7 +139,7 @@ function drawEdges(doc) {
     tr.dataset.secured = e.secured;
     cell(tr, e.source);
     cell(tr, e.target);
-    cell(tr, (e.secured === "yes" ? "🔒 " : "") + SECURED[e.secured], e.secured === "yes" ? "mtls" : "plaintext");
+    cell(tr, (e.secured === "yes" ? "√ " : "") + SECURED[e.secured], e.secured === "yes" ? "mtls" : "plaintext");
     cell(tr, rps(e.rps), "num");
     cell(tr, pct(e.success_rate), "num " + successClass(e.success_rate)).dataset.success = e.success_rate ?? "";
     cell(tr, ms(e.latency_ms_p50), "num");
