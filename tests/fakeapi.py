@@ -51,6 +51,22 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   resource "pods" in API group "" at the cluster scope``); :meth:`compact` forgets
   history without ending current watches, as etcd's periodic compaction does.
 
+* What ``weft check`` reads (:data:`OBJECTS`: Nodes, Secrets, ConfigMaps,
+  ServiceAccounts, Deployments, DaemonSets, PodDisruptionBudgets, ClusterRoles and their
+  bindings — stored as tests create them, status included, as a controller would have
+  written it): one object by name (``/api/v1/namespaces/NS/secrets/NAME``,
+  ``/apis/apps/v1/namespaces/NS/daemonsets/NAME``, ``/api/v1/nodes/NAME``; any kind), a
+  namespaced list (``/api/v1/namespaces/NS/pods?labelSelector=a=b``: equality selectors);
+  ``GET /version`` (:attr:`version`); API group discovery (``/apis/G/V``: an
+  ``APIResourceList`` of the installed resources) and a CRD by name
+  (``/apis/apiextensions.k8s.io/v1/customresourcedefinitions/PLURAL.GROUP``, Established,
+  present as :attr:`gateway_api` and :attr:`weft_crds` say); ``SelfSubjectAccessReview``
+  (allowed unless :attr:`denied` names the verb, group and resource); and the pod proxy
+  (``/api/v1/namespaces/NS/pods/NAME:PORT/proxy/PATH``: :attr:`proxies` answers for the
+  pod's port, status and body relayed as they are; a port without one is the API
+  server's 503 ``error trying to reach service``; ``"pods/proxy"`` in :attr:`forbidden`
+  is 403).
+
 Resource versions are one counter across all kinds, like etcd's revision.  What tests
 can do besides changing objects: :meth:`bookmark`, :meth:`expire` (compact history and
 send open watches a 410), :meth:`compact`, :meth:`throttle`, :meth:`unobserved` (changes
@@ -139,17 +155,68 @@ RESOURCES = {
         ),
     )
 }
+# What `weft check` reads besides (no discovery watches them): stored, listed (at the
+# cluster path and namespaced, with an equality labelSelector) and read one by one.
+OBJECTS = {
+    r.name: r
+    for r in (
+        ResourceType("nodes", "Node", "v1", "/api/v1/nodes", False),
+        ResourceType("secrets", "Secret", "v1", "/api/v1/secrets", True),
+        ResourceType("configmaps", "ConfigMap", "v1", "/api/v1/configmaps", True),
+        ResourceType("serviceaccounts", "ServiceAccount", "v1", "/api/v1/serviceaccounts", True),
+        ResourceType("deployments", "Deployment", "apps/v1", "/apis/apps/v1/deployments", True),
+        ResourceType("daemonsets", "DaemonSet", "apps/v1", "/apis/apps/v1/daemonsets", True),
+        ResourceType(
+            "poddisruptionbudgets",
+            "PodDisruptionBudget",
+            "policy/v1",
+            "/apis/policy/v1/poddisruptionbudgets",
+            True,
+        ),
+        ResourceType(
+            "clusterroles",
+            "ClusterRole",
+            "rbac.authorization.k8s.io/v1",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            False,
+        ),
+        ResourceType(
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            "rbac.authorization.k8s.io/v1",
+            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+            False,
+        ),
+    )
+}
+ALL = {**RESOURCES, **OBJECTS}
 GATEWAY_API = ("httproutes", "grpcroutes")
 WEFT_CRDS = ("authorizationpolicies",)
 CUSTOM = GATEWAY_API + WEFT_CRDS
 """Custom resources: unstructured lists, the status subresource, generations."""
-_BY_PATH = {r.path: r for r in RESOURCES.values()}
+_BY_PATH = {r.path: r for r in ALL.values()}
 _SINGLE_POD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
 _SINGLE_CUSTOM = re.compile(
     r"^/apis/(?P<gv>[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/"
     r"(?P<plural>[^/]+)/(?P<name>[^/]+)(?P<status>/status)?$"
 )
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+_GROUP = r"(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+_SINGLE = re.compile(
+    rf"^/{_GROUP}/(?:namespaces/(?P<ns>[^/]+)/)?(?P<plural>[a-z]+)/(?P<name>[^/:]+)$"
+)
+_NAMESPACED_LIST = re.compile(rf"^/{_GROUP}/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)$")
+_POD_PROXY = re.compile(
+    r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?:https?:)?(?P<name>[^/:]+)(?::(?P<port>\d+))?"
+    r"/proxy(?P<path>/.*)?$"
+)
+_GROUP_DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/?$")
+_CRD = re.compile(
+    r"^/apis/apiextensions\.k8s\.io/v1/customresourcedefinitions/(?P<plural>[^/.]+)\.(?P<group>.+)$"
+)
+ProxyAnswer = tuple[int, bytes, str]
+"""What a pod's port answers through the pod proxy: status, body, content type."""
 
 
 @dataclass(frozen=True)
@@ -321,10 +388,22 @@ class FakeKubeAPI:
         BOOKMARK at the current resourceVersion this often, as kube-apiserver does (about
         once a minute) — even while nothing of its resource changes."""
         self._throttled: dict[str | None, list[int]] = {}
+        self.version: JSON = {
+            "major": "1", "minor": "31", "gitVersion": "v1.31.4", "gitTreeState": "clean",
+            "goVersion": "go1.22.10", "compiler": "gc", "platform": "linux/amd64",
+        }  # fmt: skip
+        """What ``GET /version`` answers."""
+        self.denied: set[tuple[str, str, str]] = set()
+        """(verb, API group, resource) a SelfSubjectAccessReview answers not allowed; ``*``
+        matches any.  Everything else is allowed (the caller is a cluster admin)."""
+        self.proxies: dict[tuple[str, str, int], Callable[[str], ProxyAnswer]] = {}
+        """(namespace, pod, port) -> what that port answers a GET of a path (with its query)
+        through ``/api/v1/namespaces/NS/pods/NAME:PORT/proxy/PATH``.  A running pod without
+        an entry is one whose port refuses: 503, as the API server words it."""
         self._cond = threading.Condition()
         self._rv = 1000
         self._compacted = self._rv
-        self._objects: dict[str, dict[str, JSON]] = {name: {} for name in RESOURCES}
+        self._objects: dict[str, dict[str, JSON]] = {name: {} for name in ALL}
         self._log: list[_Entry] = []
         self._observed = True
         self._continues: dict[str, tuple[int, list[JSON]]] = {}
@@ -403,7 +482,7 @@ class FakeKubeAPI:
             return copy.deepcopy(obj)
 
     def create(self, resource: str, obj: JSON) -> JSON:
-        r = RESOURCES[resource]
+        r = ALL[resource]
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         key = self._check(r, meta)
@@ -419,7 +498,7 @@ class FakeKubeAPI:
             return self._store(r, key, obj, "ADDED")
 
     def update(self, resource: str, obj: JSON) -> JSON:
-        r = RESOURCES[resource]
+        r = ALL[resource]
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         key = self._check(r, meta)
@@ -459,7 +538,7 @@ class FakeKubeAPI:
         return self.update(resource, obj)
 
     def delete(self, resource: str, name: str, namespace: str | None = None) -> None:
-        r = RESOURCES[resource]
+        r = ALL[resource]
         with self._cond:
             obj = self._objects[resource].pop(_key(namespace, name))
             self._rv += 1
@@ -655,7 +734,16 @@ class FakeKubeAPI:
             else:
                 h.send_json(200, obj)
             return
+        if self._serve_other(h, url.path, query):
+            return
+        namespace: str | None = None
         r = _BY_PATH.get(url.path)
+        listed = _NAMESPACED_LIST.match(url.path)
+        if r is None and listed is not None:
+            r = self._type_at(listed)
+            namespace = listed["ns"]
+            if r is not None and (not r.namespaced or _parse_bool(query.get("watch"))):
+                r = None  # the fake watches at the cluster path only
         if r is not None and not self._installed(r.name):
             r = None
         if r is None:
@@ -676,7 +764,103 @@ class FakeKubeAPI:
         if watch:
             self._serve_watch(h, r, query)
         else:
-            self._serve_list(h, r, query)
+            self._serve_list(h, r, query, namespace)
+
+    @staticmethod
+    def _type_at(m: re.Match[str]) -> ResourceType | None:
+        """The resource a path's group, version and plural name, if the fake has it."""
+        r = ALL.get(m["plural"])
+        gv = f"{m['group']}/{m['version']}" if m["group"] else "v1"
+        return r if r is not None and r.api_version == gv else None
+
+    def _serve_other(self, h: _Handler, path: str, query: dict[str, str]) -> bool:
+        """``/version``, API group discovery, a CRD by name, the pod proxy, and one object
+        of any kind by name; False if ``path`` is none of them."""
+        if path == "/version":
+            h.send_json(200, dict(self.version))
+            return True
+        proxy = _POD_PROXY.match(path)
+        if proxy is not None:
+            self._serve_proxy(h, proxy, query)
+            return True
+        crd = _CRD.match(path)
+        if crd is not None:
+            r = ALL.get(crd["plural"])
+            if (
+                r is None
+                or r.name not in CUSTOM
+                or not r.api_version.startswith(crd["group"] + "/")
+            ):
+                r = None
+            if r is None or not self._installed(r.name):
+                name = f"{crd['plural']}.{crd['group']}"
+                what = f'customresourcedefinitions.apiextensions.k8s.io "{name}" not found'
+                h.send_json(404, status(404, "NotFound", what))
+            else:
+                h.send_json(200, _crd(r))
+            return True
+        group = _GROUP_DISCOVERY.match(path)
+        if group is not None:
+            gv = f"{group['group']}/{group['version']}"
+            served = [r for r in ALL.values() if r.api_version == gv and self._installed(r.name)]
+            if not served:
+                h.send_json(404, status(404, "NotFound",
+                            "the server could not find the requested resource"))  # fmt: skip
+            else:
+                h.send_json(200, _resource_list(gv, served))
+            return True
+        single = _SINGLE.match(path)
+        if single is None:
+            return False
+        r = self._type_at(single)
+        if r is None or r.namespaced != (single["ns"] is not None):
+            return False
+        if not self._installed(r.name):
+            return False
+        if r.name in self.forbidden:
+            h.send_json(403, _forbidden(r, "get"))
+            return True
+        with self._cond:
+            obj = copy.deepcopy(self._objects[r.name].get(_key(single["ns"], single["name"])))
+        if obj is None:
+            h.send_json(404, _not_found(r, single["name"]))
+        else:
+            h.send_json(200, obj)
+        return True
+
+    def _serve_proxy(self, h: _Handler, m: re.Match[str], query: dict[str, str]) -> None:
+        """The pod proxy (``pods/proxy``, verb get): the API server dials the pod's IP
+        and port and relays the answer, status and body as they are."""
+        ns, name = m["ns"], m["name"]
+        port = int(m["port"] or 80)
+        if "pods/proxy" in self.forbidden:
+            body = status(403, "Forbidden", f'pods "{name}" is forbidden: User "kubernetes-admin" '
+                          f'cannot get resource "pods/proxy" in API group "" in the namespace '
+                          f'"{ns}"')  # fmt: skip
+            h.send_json(403, body)
+            return
+        with self._cond:
+            obj = copy.deepcopy(self._objects["pods"].get(_key(ns, name)))
+        if obj is None:
+            h.send_json(404, status(404, "NotFound", f'pods "{name}" not found'))
+            return
+        ip = (obj.get("status") or {}).get("podIP")
+        answer = self.proxies.get((ns, name, port))
+        if not ip or answer is None:
+            where = f"{ip}:{port}" if ip else f"pod {name}: no IP address"
+            message = (
+                f"error trying to reach service: dial tcp {where}: connect: connection refused"
+            )
+            h.send_json(503, status(503, "ServiceUnavailable", message))
+            return
+        target = (m["path"] or "/") + (f"?{'&'.join(f'{k}={v}' for k, v in query.items())}"
+                                       if query else "")  # fmt: skip
+        code, data, ctype = answer(target)
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
 
     def _authorized(self, h: _Handler) -> bool:
         """``Authorization: Bearer <token>``; the scheme is case-insensitive, as the API
@@ -707,6 +891,9 @@ class FakeKubeAPI:
         if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
+        if url.path == ACCESS_REVIEWS:
+            self._serve_access_review(h, body)
+            return
         if url.path != TOKEN_REVIEWS:
             h.send_json(405, status(405, "MethodNotAllowed", "the server does not allow this"))
             return
@@ -732,6 +919,33 @@ class FakeKubeAPI:
             "status": review,
         }
         h.send_json(201, answer)
+
+    def _serve_access_review(self, h: _Handler, body: JSON) -> None:
+        """SelfSubjectAccessReview: may the caller do this?  RBAC's answer: allowed with
+        the binding that allows it, or not allowed with no reason (RBAC never denies; it
+        only fails to allow)."""
+        spec = body.get("spec") or {}
+        attrs = spec.get("resourceAttributes") or {}
+        verb, group = attrs.get("verb", ""), attrs.get("group", "")
+        resource = attrs.get("resource", "") + (f"/{attrs['subresource']}"
+                                                 if attrs.get("subresource") else "")  # fmt: skip
+        denied = any(
+            all(want in ("*", got) for want, got in zip(rule, (verb, group, resource), strict=True))
+            for rule in self.denied
+        )
+        answer: JSON = {"allowed": not denied}
+        if not denied:
+            answer["reason"] = (
+                'RBAC: allowed by ClusterRoleBinding "cluster-admin" of '
+                'ClusterRole "cluster-admin" to User "kubernetes-admin"'
+            )
+        h.send_json(201, {
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": answer,
+        })  # fmt: skip
 
     def _serve_write(self, h: _Handler) -> None:
         """PUT and PATCH: of the custom resources' status subresource only."""
@@ -809,8 +1023,15 @@ class FakeKubeAPI:
         code, answer = self._write_status(r, route["ns"], route["name"], change, True)
         h.send_json(code, answer)
 
-    def _serve_list(self, h: _Handler, r: ResourceType, query: dict[str, str]) -> None:
+    def _serve_list(
+        self, h: _Handler, r: ResourceType, query: dict[str, str], namespace: str | None = None
+    ) -> None:
         limit = int(query["limit"]) if query.get("limit") else None
+        try:
+            wanted = _label_selector(query.get("labelSelector", ""))
+        except ValueError as e:
+            h.send_json(400, status(400, "BadRequest", str(e)))
+            return
         token = query.get("continue")
         with self._cond:
             if token:
@@ -831,7 +1052,10 @@ class FakeKubeAPI:
             else:
                 rv = self._rv
                 items = [
-                    copy.deepcopy(self._objects[r.name][k]) for k in sorted(self._objects[r.name])
+                    copy.deepcopy(obj)
+                    for _, obj in sorted(self._objects[r.name].items())
+                    if namespace in (None, obj["metadata"].get("namespace"))
+                    and _selects(wanted, obj["metadata"].get("labels") or {})
                 ]
             page, rest = (items[:limit], items[limit:]) if limit else (items, [])
             meta: JSON = {"resourceVersion": str(rv)}
@@ -945,6 +1169,61 @@ class FakeKubeAPI:
         finally:
             with self._cond:
                 self._watch_connections.pop(h.connection, None)
+
+
+def _label_selector(text: str) -> list[tuple[str, str, bool]]:
+    """An equality-based selector (``a=b,c==d,e!=f``) as (key, value, equal) terms."""
+    terms = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pieces = re.split(r"(!=|==|=)", part, maxsplit=1)
+        if len(pieces) != 3:
+            raise ValueError(f"unable to parse requirement: {part!r}")
+        key, op, value = pieces
+        terms.append((key.strip(), value.strip(), op != "!="))
+    return terms
+
+
+def _selects(terms: Sequence[tuple[str, str, bool]], labels: dict[str, str]) -> bool:
+    return all((labels.get(k) == v) == equal for k, v, equal in terms)
+
+
+def _crd(r: ResourceType) -> JSON:
+    """The CustomResourceDefinition of an installed custom resource, established."""
+    group, version = r.api_version.split("/")
+    conditions = [
+        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+         "message": "no conflicts found"},
+        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+         "message": "the initial names have been accepted"},
+    ]  # fmt: skip
+    return {
+        "kind": "CustomResourceDefinition",
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "metadata": {"name": f"{r.name}.{group}", "resourceVersion": "1"},
+        "spec": {
+            "group": group,
+            "names": {"plural": r.name, "kind": r.kind},
+            "scope": "Namespaced" if r.namespaced else "Cluster",
+            "versions": [{"name": version, "served": True, "storage": True}],
+        },
+        "status": {"conditions": conditions, "storedVersions": [version]},
+    }
+
+
+def _resource_list(group_version: str, served: Sequence[ResourceType]) -> JSON:
+    """API discovery of one group version (``/apis/G/V``): an APIResourceList."""
+    resources: list[JSON] = []
+    for r in served:
+        resources.append({"name": r.name, "singularName": r.kind.lower(), "kind": r.kind,
+                          "namespaced": r.namespaced,
+                          "verbs": ["get", "list", "watch", "create", "update", "patch",
+                                    "delete"]})  # fmt: skip
+        if r.name in CUSTOM:
+            resources.append({"name": f"{r.name}/status", "singularName": "", "kind": r.kind,
+                              "namespaced": r.namespaced,
+                              "verbs": ["get", "patch", "update"]})  # fmt: skip
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": resources}  # fmt: skip
 
 
 def _key(namespace: str | None, name: str) -> str:
