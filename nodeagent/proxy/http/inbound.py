@@ -25,14 +25,14 @@ this hop's span id and names it, with its own span, in ``tracestate``
 trace headers, and the recorder turns a request that carries a matching reservation
 into the ``inbound`` SERVER span: the reserved id, the client node's span as parent,
 the identity the tunnel verified (never a header), the pod's workload, status and
-``grpc-status``, from the request head to the response head by the observer's clock.
+``grpc-status``, from the request head to the response head (wall-clock times the
+observer reads for traced requests only).
 A request without one (a caller outside the mesh, an old node) records nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from nodeagent.httpmetrics import HttpLabels, HttpMetrics
@@ -125,11 +125,11 @@ class InboundHttp:
         route matched (and removes any the app sent), so per-route policies may
         believe it (`nodeagent.proxy.tunnel.wire.EXT_ROUTE`)."""
         loop = asyncio.get_running_loop()
-        recorder = _Recorder(self, client, presented, target, self._epoch(loop), "1.1")
+        recorder = _Recorder(self, client, presented, target, self._tracing(), "1.1")
         gate = self.gate(client, target, routed) if self.gate is not None else None
         observer = Http1Observer(
             recorder, label=label, clock=loop.time, limits=self.limits, gate=gate,
-            tracing=recorder.epoch is not None,
+            tracing=recorder.tracing,
         )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.streams += 1
@@ -141,22 +141,18 @@ class InboundHttp:
         """An HTTP/2 tunnel stream (one h2c connection of the client node's to this
         pod): as `observe`, with the frame observer."""
         loop = asyncio.get_running_loop()
-        recorder = _Recorder(self, client, presented, target, self._epoch(loop), "2")
+        recorder = _Recorder(self, client, presented, target, self._tracing(), "2")
         observer = H2Observer(
             recorder, label=label, clock=loop.time, config=self.h2_config,
-            tracing=recorder.epoch is not None,
+            tracing=recorder.tracing,
         )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.h2_streams += 1
         return served
 
-    def _epoch(self, loop: asyncio.AbstractEventLoop) -> int | None:
-        """With tracing on: unix nanoseconds at the loop clock's zero, to place the
-        observer's times in a span (taken per stream, so clock drift stays small)."""
+    def _tracing(self) -> bool:
         tracer = self.tracer
-        if tracer is None or not tracer.enabled:
-            return None
-        return time.time_ns() - int(loop.time() * 1e9)
+        return tracer is not None and tracer.enabled
 
     async def _relay(
         self, observer: Http1Observer | H2Observer, target: Address, label: str
@@ -185,7 +181,7 @@ class _Recorder:
     """An observer's `ExchangeSink`: the golden metrics of one inbound stream, and the
     SERVER spans of its traced requests."""
 
-    __slots__ = ("_client", "_http", "_labels", "_presented", "_target", "_version", "epoch")
+    __slots__ = ("_client", "_http", "_labels", "_presented", "_target", "_version", "tracing")
 
     def __init__(
         self,
@@ -193,7 +189,7 @@ class _Recorder:
         client: SpiffeId,
         presented: SpiffeId | None,
         target: Address,
-        epoch: int | None = None,
+        tracing: bool = False,
         version: str = "1.1",
     ) -> None:
         self._http = http
@@ -202,8 +198,8 @@ class _Recorder:
         self._presented = presented
         self._target = target
         self._labels: dict[bytes | None, HttpLabels] = {}
-        self.epoch = epoch
-        """Unix ns at the observer clock's zero; None: this stream is not traced."""
+        self.tracing = tracing
+        """This stream's requests are looked at for a reserved span."""
 
     def exchange(
         self,
@@ -224,14 +220,13 @@ class _Recorder:
         self._http.metrics.record(
             labels, status=status, grpc_status=grpc_status, latency=latency, error=error
         )
-        if trace is not None and self.epoch is not None:
+        if trace is not None and self.tracing:
             self._span(trace, labels, status, error, grpc_status)
 
     def _span(
         self, trace: Traced, labels: HttpLabels, status: int | None, error: str, grpc: str
     ) -> None:
         """The request's ``inbound`` SERVER span, to the exporter."""
-        assert self.epoch is not None
         target = trace.target.decode("latin-1")
         attrs: dict[str, AttrValue] = {
             Attr.DIRECTION: "inbound",
@@ -254,13 +249,12 @@ class _Recorder:
             attrs[Attr.RPC_GRPC_STATUS] = int(grpc) if grpc.isdigit() else grpc
         if error:
             attrs[Attr.ERROR_TYPE] = attrs[Attr.PROXY_ERROR] = error
-        epoch = self.epoch
         self._http.record_span(
             trace.span.finish(
                 "inbound",
                 SpanKind.SERVER,
-                start_ns=epoch + int(trace.started * 1e9),
-                end_ns=epoch + int(trace.ended * 1e9),
+                start_ns=trace.started,
+                end_ns=trace.ended,
                 attributes=attrs,
                 status=status_for_http(SpanKind.SERVER, status or 0, grpc),
             )

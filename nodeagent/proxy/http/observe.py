@@ -38,6 +38,7 @@ them out again took over a hundred).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -70,14 +71,15 @@ class Traced(NamedTuple):
     method: bytes
     target: bytes
     """The request-target (HTTP/2: ``:path``)."""
-    started: float
-    """When the request head was complete."""
-    ended: float
+    started: int
+    """When the request head was complete (unix ns, the observer's ``span_clock``)."""
+    ended: int
     """When the response head came (or the exchange was lost)."""
 
 
-Reserved = tuple[PeerSpan, bytes, bytes]
-"""(span, method, request-target) of a request the client node reserved a span for."""
+Reserved = tuple[PeerSpan, bytes, bytes, int]
+"""(span, method, request-target, start in unix ns) of a request the client node
+reserved a span for."""
 
 
 class ExchangeSink(Protocol):
@@ -230,7 +232,9 @@ class Http1Observer:
         "_opaque",
         "_requests",
         "_responded",
+        "_responded_ns",
         "_responses",
+        "_span_clock",
         "_status",
         "error",
         "gate",
@@ -253,9 +257,14 @@ class Http1Observer:
         limits: Limits | None = None,
         gate: RequestGate | None = None,
         tracing: bool = False,
+        span_clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.sink = sink
         self.gate = gate
+        self._span_clock = span_clock
+        """Wall-clock ns for spans, read only for traced requests (``clock`` is the
+        loop's, which uvloop caches per iteration at millisecond resolution)."""
+        self._responded_ns = 0
         self.label = label
         self.limits = limits or Limits()
         self._clock = clock
@@ -396,7 +405,7 @@ class Http1Observer:
             if found:
                 span = peer_span(found)
                 if span is not None:
-                    reserved = (span, method, self._requests.url)
+                    reserved = (span, method, self._requests.url, self._span_clock())
         self.pending.append((self._clock(), method == b"HEAD", host, reserved))
 
     def response_head(self, status: int) -> None:
@@ -405,6 +414,8 @@ class Http1Observer:
             self.fail(H1Error(ProxyError.BAD_RESPONSE, "a response without a request"))
         self._status = status
         self._responded = self._clock()
+        if pending[0][3] is not None:
+            self._responded_ns = self._span_clock()
         if self._held is not None:
             self._finish = True  # the upgrade was declined: close after this response
         if pending[0][1]:
@@ -419,7 +430,7 @@ class Http1Observer:
         if span is None:
             self.sink.exchange(host, status, self._responded - started, "")
         else:
-            traced = Traced(*span, started, self._responded)
+            traced = Traced(*span, self._responded_ns)
             self.sink.exchange(host, status, self._responded - started, "", trace=traced)
 
     def _lost(
@@ -430,11 +441,11 @@ class Http1Observer:
     ) -> None:
         """A request that got no response (``host`` is not kept for these: the labels
         of a lost exchange name no authority)."""
-        started, _, _, span = entry
+        _, _, _, span = entry
         if span is None:
             self.sink.exchange(None, status, None, error)
         else:
-            traced = Traced(*span, started, self._clock())
+            traced = Traced(*span, self._span_clock())
             self.sink.exchange(None, status, None, error, trace=traced)
 
     # --- endings -------------------------------------------------------------------------
@@ -447,7 +458,7 @@ class Http1Observer:
         if self.pending:
             started, _, host, span = self.pending.popleft()
             now = self._clock()
-            traced = Traced(*span, started, now) if span is not None else None
+            traced = Traced(*span, self._span_clock()) if span is not None else None
             self.sink.exchange(host, 101, now - started, "", trace=traced)
         held, self._held = self._held, None
         relay.hold(relay.client, False)

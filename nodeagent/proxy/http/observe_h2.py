@@ -34,6 +34,7 @@ two ends' own, end to end.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from hpack import Decoder
@@ -171,7 +172,9 @@ class FrameScanner:
 
 
 class _Stream:
-    __slots__ = ("authority", "grpc_status", "responded", "span", "started", "status")
+    __slots__ = (
+        "authority", "grpc_status", "responded", "responded_ns", "span", "started", "status",
+    )  # fmt: skip
 
     def __init__(self, started: float, authority: bytes | None, span: Reserved | None) -> None:
         self.started = started
@@ -181,6 +184,7 @@ class _Stream:
         self.grpc_status = ""
         self.span = span
         """The span the client node reserved for this hop (`weft.tracing.peer`)."""
+        self.responded_ns = 0
 
 
 class _Block:
@@ -233,9 +237,13 @@ class H2Observer:
         clock: Callable[[], float],
         config: H2Config | None = None,
         tracing: bool = False,
+        span_clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.sink = sink
         self.tracing = tracing
+        self._span_clock = span_clock
+        """Wall-clock ns for spans, read only for traced streams (``clock`` is the loop's,
+        which uvloop caches per iteration at millisecond resolution)."""
         """Read each request head's trace headers for a span the client node reserved."""
         self.label = label
         self.config = cfg = config or H2Config()
@@ -356,7 +364,7 @@ class H2Observer:
             if found:
                 peer = peer_span(found)
                 if peer is not None:
-                    span = (peer, method, path)
+                    span = (peer, method, path, self._span_clock())
         else:
             for name, value in headers:
                 if name == b":authority":
@@ -429,6 +437,8 @@ class H2Observer:
                     return  # 100 Continue, 103: the real head follows
                 stream.status = status
                 stream.responded = self._clock()
+                if stream.span is not None:
+                    stream.responded_ns = self._span_clock()
             elif name == b"grpc-status":
                 stream.grpc_status = value.decode("latin-1")
         if block.end_stream and stream.status is not None:
@@ -443,7 +453,7 @@ class H2Observer:
             stream.responded - stream.started,
             "",
             grpc_status=stream.grpc_status,
-            trace=Traced(*span, stream.started, stream.responded) if span is not None else None,
+            trace=Traced(*span, stream.responded_ns) if span is not None else None,
         )
 
     def _lost(self, stream: _Stream, status: int | None, error: str) -> None:
@@ -452,7 +462,7 @@ class H2Observer:
         if span is None:
             self.sink.exchange(stream.authority, status, None, error)
         else:
-            traced = Traced(*span, stream.started, self._clock())
+            traced = Traced(*span, self._span_clock())
             self.sink.exchange(stream.authority, status, None, error, trace=traced)
 
     # --- shared --------------------------------------------------------------------------
