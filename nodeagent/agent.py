@@ -182,6 +182,9 @@ class AgentConfig:
     tunnel_max_streams: int = 100
     """Proxied connections multiplexed on one tunnel connection at most; past it another
     connection to the same (source, node, destination identity) opens."""
+    max_connections_per_pod: int = 8192
+    """Open connections one local pod may hold through the proxy (``OutboundConfig``):
+    its next are refused, the other pods' are not."""
     http: bool = True
     """Detect HTTP/1.1 and serve it per request (balancing, golden metrics); off: every
     connection is opaque TCP, as before."""
@@ -215,6 +218,10 @@ class AgentConfig:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
         if self.detect_timeout <= 0:
             raise AgentError(f"detect timeout must be positive, got {self.detect_timeout}")
+        if self.max_connections_per_pod < 1:
+            raise AgentError(
+                f"max connections per pod must be >= 1, got {self.max_connections_per_pod}"
+            )
         if not 1 <= self.tunnel_max_streams <= 65_536:
             raise AgentError(f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}")
 
@@ -330,6 +337,17 @@ class _StatsCollector(Collector):
                 m = CounterMetricFamily(f"weft_outbound_{name}", f"outbound connections {name}")
                 m.add_metric([], getattr(s, name))
                 yield m
+            busy = CounterMetricFamily(
+                "weft_outbound_refused_busy",
+                "Outbound connections refused because their source pod already held its "
+                "share of the node proxy (--max-connections-per-pod), by source: the noisy "
+                "pod is refused, nobody else.",
+                labels=["src_workload", "src_namespace"],
+            )
+            for ip, n in sorted(s.refused_busy_by_source.items()):
+                w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
+                busy.add_metric([w.name, w.namespace] if w else [ip, ""], n)
+            yield busy
 
 
 class Agent:
@@ -1000,6 +1018,7 @@ class Agent:
             + 3 * cfg.attempt_timeout * max(1, cfg.connect_attempts)
             + 1.0,
             idle_timeout=cfg.idle_timeout,
+            max_connections_per_source=cfg.max_connections_per_pod,
         )
         stats = ProxyStats()
         self.switch = ProtocolSwitch(

@@ -34,7 +34,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from nodeagent.proxy.hold import ReadyHold
@@ -96,6 +97,9 @@ class OutboundProxy(Listener):
         if serve is None:
             serve = ProtocolSwitch(opaque=TcpForward(connect, self.config, self.stats))
         self._serve = serve
+        self._open_by_source: dict[str, int] = {}
+        """Source pod address -> its connections in the proxy now."""
+        self._busy_logged = 0.0
 
     def _admit(self, conn: socket.socket, peer: Any) -> None:
         self.stats.accepted += 1
@@ -128,9 +132,45 @@ class OutboundProxy(Listener):
             )
             reset_socket(conn)
             return
+        source = client[0]
+        held = self._open_by_source.get(source, 0)
+        if held >= self.config.max_connections_per_source:
+            self._refuse_busy(source, held, label)
+            reset_socket(conn)
+            return
+        self._open_by_source[source] = held + 1
         conn.setblocking(False)
         accepted = Accepted(conn, client, destination, label)
-        self._spawn(self._serve(accepted), f"weft.proxy.outbound {label}")
+        self._spawn(self._counted(source, self._serve(accepted)), f"weft.proxy.outbound {label}")
+
+    async def _counted(self, source: str, served: Coroutine[Any, Any, None]) -> None:
+        try:
+            await served
+        finally:
+            left = self._open_by_source[source] - 1
+            if left:
+                self._open_by_source[source] = left
+            else:
+                del self._open_by_source[source]
+
+    def _refuse_busy(self, source: str, held: int, label: str) -> None:
+        """One pod holds its share of the proxy: its new connection is refused, nobody
+        else's (counted per source; logged at most once a second)."""
+        stats = self.stats
+        stats.refused_busy += 1
+        by = stats.refused_busy_by_source
+        key = source if source in by or len(by) < 1000 else "[other]"
+        by[key] = by.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._busy_logged >= 1.0:
+            self._busy_logged = now
+            log.warning("outbound %s: refused, %s already has %d connections open through "
+                        "this node's proxy (its limit; %d refused so far)", label, source,
+                        held, by[key])  # fmt: skip
+
+    def open_connections(self, source: str) -> int:
+        """Connections ``source`` (a pod address) holds through the proxy now."""
+        return self._open_by_source.get(source, 0)
 
     def _is_loop(self, destination: Address, conn: socket.socket) -> bool:
         listen = self._listen_address

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nodeagent.proxy.listener import Address
@@ -73,6 +73,11 @@ class OutboundConfig:
     low_water: int = 64 * 1024
     """Bytes buffered towards one side below which reading the other side resumes."""
 
+    max_connections_per_source: int = 8192
+    """Open connections one source pod (address) may hold through the proxy; beyond, its
+    new ones are refused (a reset), the other pods' are not (issue #18). With the
+    buffers above, it also bounds the bytes one pod can have the proxy hold."""
+
     def __post_init__(self) -> None:
         if self.connect_timeout <= 0 or self.idle_timeout <= 0:
             raise ValueError(
@@ -101,6 +106,12 @@ class ProxyStats:
 
     refused_loop: int = 0
     """Refused: the original destination is this proxy itself."""
+
+    refused_busy: int = 0
+    """Refused: the source pod already held ``max_connections_per_source``."""
+
+    refused_busy_by_source: dict[str, int] = field(default_factory=dict)
+    """Those refusals by source address (bounded: beyond 1,000 under ``[other]``)."""
 
     upstream_failed: int = 0
     """The upstream connect failed or timed out; the client was reset."""

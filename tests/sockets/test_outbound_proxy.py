@@ -615,3 +615,45 @@ def test_close_lets_connections_finish_then_resets_the_rest(
             )
 
     run(body)
+
+
+def test_a_pod_over_its_connection_share_is_refused_and_no_other_pod(
+    run: Callable[[Body], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #18: one source pod (here 127.0.0.1) holding its limit of open connections
+    gets its next one reset; another pod (127.0.0.2) is served, and once the first pod
+    closes one it may open another."""
+    caplog.set_level(logging.INFO, logger="weft.proxy")
+
+    async def body() -> None:
+        config = OutboundConfig(max_connections_per_source=2)
+        async with Upstream(echo=True) as up, running_proxy(config=config) as h:
+            held = [await open_client(h, up.address) for _ in range(2)]
+            for reader, writer in held:  # both relaying: counted as open
+                writer.write(b"x")
+                assert await wait(reader.readexactly(1)) == b"x"
+            await expect_reset(h, up.address)
+            other = socket.socket()
+            other.bind(("127.0.0.2", 0))
+            h.routes[other.getsockname()[1]] = up.address
+            other.setblocking(False)
+            reader, writer = await open_client(h, up.address, sock=other)
+            writer.write(b"y")
+            assert await wait(reader.readexactly(1)) == b"y"
+            await close_writer(writer)
+            stats = h.proxy.stats
+            assert stats.refused_busy == 1 and stats.refused_busy_by_source == {"127.0.0.1": 1}
+            assert h.proxy.open_connections("127.0.0.1") == 2
+            await close_writer(held[0][1])
+            for _ in range(100):  # the relay ends a moment after the close
+                if h.proxy.open_connections("127.0.0.1") < 2:
+                    break
+                await asyncio.sleep(0.02)
+            reader, writer = await open_client(h, up.address)
+            writer.write(b"z")
+            assert await wait(reader.readexactly(1)) == b"z"
+            for w in (writer, held[1][1]):
+                await close_writer(w)
+            assert any("already has 2 connections open" in m for m in caplog.messages)
+
+    run(body)

@@ -87,6 +87,13 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Seconds a pooled tunnel connection to another node stays open without a stream.",
 )
 @click.option(
+    "--max-connections-per-pod",
+    default=8192,
+    show_default=True,
+    help="Open connections one pod may hold through the proxy; its next are refused "
+    "(weft_outbound_refused_busy_total), the other pods' are not.",
+)
+@click.option(
     "--tunnel-max-streams",
     default=100,
     show_default=True,
@@ -166,6 +173,7 @@ def agent(
     idle_timeout: float,
     tunnel_idle_timeout: float,
     tunnel_max_streams: int,
+    max_connections_per_pod: int,
     http: bool,
     detect_timeout: float,
     ready_wait: float,
@@ -211,6 +219,7 @@ def agent(
             idle_timeout=idle_timeout,
             tunnel_idle_timeout=tunnel_idle_timeout,
             tunnel_max_streams=tunnel_max_streams,
+            max_connections_per_pod=max_connections_per_pod,
             http=http,
             detect_timeout=detect_timeout,
             ready_wait=ready_wait,
