@@ -2,11 +2,11 @@
 
 The dashboard runs on the host (its sources scrape each agent inside its node's network
 namespace, as `weft viz` does) and listens on 127.0.0.1; Debian's headless Chromium loads
-the page there while client-1 sends requests to echo, and the DOM after the page's
-scripts ran (``--dump-dom`` with ``--virtual-time-budget``) must show what cytoscape
-drew — the client and echo workloads and an mTLS edge between them (the graph's
-``data-nodes``/``data-edges``, read from cytoscape's own elements) — the edges table
-and a success rate for echo. A screenshot is taken the same way; with
+the page there while client-1 sends requests to echo (echo-2 failing a fifth of them),
+and the DOM after the page's scripts ran (``--dump-dom`` with ``--virtual-time-budget``)
+must show what cytoscape drew — the client and echo workloads and an mTLS edge between
+them (the graph's ``data-nodes``/``data-edges``, read from cytoscape's own elements) —
+the edges table and a success rate for echo. A screenshot is taken the same way; with
 ``WEFT_DASHBOARD_SCREENSHOT=docs/dashboard.png`` it is kept there (the one in docs/).
 
 Every process started here is stopped by its PID, and the lab is torn down by the

@@ -113,7 +113,9 @@ function drawGraph(doc) {
     // Callers on the left, the workloads they call to the right: labels read along edges.
     cy.layout({ name: "breadthfirst", directed: true, roots: roots.length ? roots : undefined,
                 padding: 40, spacingFactor: 1.1, animate: false,
-                transform: (node, pos) => ({ x: pos.y * 2.2, y: pos.x * 0.6 }) }).run();
+                transform: (node, pos) => ({ x: pos.y * 3, y: pos.x * 0.6 }) }).run();
+    cy.fit(undefined, 40);
+    if (cy.zoom() > 1.6) { cy.zoom(1.6); cy.center(); }
     shape = ids;
   } else {
     for (const x of elements) {
