@@ -23,9 +23,11 @@ SUBCOMMANDS = {
     "check": "weft.cli.check",
     "controlplane": "weft.cli.controlplane",
     "identity": "weft.cli.identity",
+    "inject": "weft.cli.sidecar",
     "install": "weft.cli.install",
     "lab": "weft.cli.lab",
     "policy": "weft.cli.policy",
+    "sidecar": "weft.cli.sidecar",
     "uninstall": "weft.cli.install",
     "viz": "weft.cli.viz",
 }

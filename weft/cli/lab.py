@@ -133,6 +133,14 @@ def lab(ctx: click.Context, lab_name: str) -> None:
     help="With --traces: the agents' share of requests without a sampling decision of "
     "their own that start a trace (a caller's sampled flag is always followed).",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["node", "sidecar"]),
+    default="node",
+    show_default=True,
+    help="sidecar: every captured pod runs its own proxy (weft sidecar, nftables capture "
+    "in its netns) instead of being captured by its node's agent (docs/kubernetes.md).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -146,9 +154,19 @@ def up(
     agent_args: tuple[str, ...],
     traces: bool,
     trace_sample_rate: float,
+    mode: str,
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
+    plan = None
+    if mode == "sidecar":
+        from weft.lab.plan import plan_lab
+        from weft.lab.sidecar import with_sidecars
+
+        try:
+            plan = with_sidecars(plan_lab(lab_.name, nodes, pods_per_node, demo))
+        except PlanError as e:
+            _fail(e)
     # SIGTERM (and SIGINT, even if inherited as ignored) interrupt `up`, which then removes
     # what it made instead of leaving a half-built lab behind.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -165,6 +183,7 @@ def up(
             agent_args=list(agent_args),
             traces=traces,
             trace_sample_rate=trace_sample_rate,
+            plan=plan,
         )
     except (LabError, PlanError, OSError) as e:
         _fail(e)

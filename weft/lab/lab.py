@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 from weft.lab import apply as lab_apply
 from weft.lab import net, procs, workloads
+from weft.lab import sidecar as lab_sidecar
 from weft.lab.plan import (
     CONTROLPLANE_IP,
     LabPlan,
@@ -269,6 +270,18 @@ class Lab:
                     self._start_agent(state, node.name)
             for node in plan.nodes:
                 self._wait_agent_ready(state, node.name)
+            self._start_sidecars(state, plan.pods)
+
+    def _start_sidecars(self, state: LabState, pods: Sequence[PodPlan]) -> None:
+        """Sidecar-mode pods (`weft.lab.sidecar`): the init step's capture, then the
+        pod's own proxy, ready before the pod counts as started (needs the control plane)."""
+        if self.identity_setup is None:
+            return
+        for pod in pods:
+            if lab_sidecar.is_sidecar(pod):
+                with _step(f"starting the sidecar of {pod.name}"):
+                    lab_sidecar.start(self, state, pod)
+                self.report(f"{pod.name}: sidecar ready (its own proxy, {pod.ip}:15008)")
 
     def _make_pod(self, state: LabState, pod: PodPlan) -> None:
         """A pod's network namespace, cgroup and hosts file (nothing runs in it yet)."""
@@ -599,6 +612,9 @@ class Lab:
     def _wait_captured(self, state: LabState, pod: PodPlan) -> None:
         """Until the pod's node agent captures it and holds its identity's certificate
         (no-op for an uncaptured pod or a node without a running agent)."""
+        if lab_sidecar.is_sidecar(pod):
+            self._start_sidecars(state, [pod])  # its sidecar captures it, not the agent
+            return
         if not state.plan.captured(pod) or not self._agent_running(state, pod.node):
             return
         key = f"{pod.namespace}/{pod.name}"

@@ -90,8 +90,14 @@ def _fabric_host(plan: LabPlan, name: str, port_name: str, ip: str) -> None:
 
 
 def build_controlplane_host(plan: LabPlan) -> None:
-    """The control plane's own host on the fabric (like a control-plane node)."""
-    _fabric_host(plan, plan.netns(CONTROLPLANE), "cp", CONTROLPLANE_IP)
+    """The control plane's own host on the fabric (like a control-plane node), with
+    routes back to every node's pods: sidecar-mode pods talk to it from their own
+    addresses, as pods reach a control plane Service on a cluster."""
+    name = plan.netns(CONTROLPLANE)
+    _fabric_host(plan, name, "cp", CONTROLPLANE_IP)
+    with NetNS(name, flags=0) as ns:
+        for node in plan.nodes:
+            ns.route("add", dst=node.pod_cidr, gateway=node.ip)
 
 
 def build_node(plan: LabPlan, node: NodePlan) -> None:
