@@ -1,4 +1,4 @@
-"""`weft viz dashboard` in a real browser against a real lab.
+"""`weft viz dashboard` in a real browser against a real lab (with its OTLP receiver).
 
 The dashboard runs on the host (its sources scrape each agent inside its node's network
 namespace, as `weft viz` does) and listens on 127.0.0.1; Debian's headless Chromium loads
@@ -90,7 +90,7 @@ def lab() -> Iterator[LabRunner]:
     runner = LabRunner(unique_name("db"))
     load: subprocess.Popen[str] | None = None
     try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", timeout=600)
+        runner.weft("lab", "up", "--demo", "--nodes", "2", "--traces", timeout=600)
         load = subprocess.Popen(
             [sys.executable, "-m", "weft.cli", "lab", "--lab", runner.name, "exec", "client-1",
              "--", sys.executable, "-c", LOAD, "300"],
@@ -148,6 +148,19 @@ def _wait_for_figures(url: str, within: float = 60) -> dict:
             return doc
         time.sleep(1)
     raise AssertionError(f"no figures for client -> echo within {within} s: {doc}")
+
+
+def _wait_for_traces(url: str, within: float = 60) -> list[dict]:
+    """/api/traces once the lab's receiver holds traces with their hops."""
+    deadline = time.monotonic() + within
+    doc: dict = {}
+    while time.monotonic() < deadline:
+        doc = _get(url + "api/traces")
+        assert doc["enabled"], doc  # the lab runs a receiver (--traces): found in its state
+        if doc["traces"] and doc["traces"][0]["hops"]:
+            return doc["traces"]
+        time.sleep(1)
+    raise AssertionError(f"no traces within {within} s: {doc}")
 
 
 def _chromium(*args: str, timeout: float = 120) -> str:
@@ -208,7 +221,8 @@ def test_the_page_renders_the_graph_and_figures(dashboard: str, tmp_path: Path) 
     # echo-2 fails a fifth of its requests: the workload about 90 % (two replicas).
     [echo] = [n for n in doc["nodes"] if n["id"] == "default/echo"]
     assert 0.7 < echo["success_rate"] < 0.99, echo
-    assert _get(dashboard + "api/traces")["enabled"] is False  # the lab runs no receiver
+    traces = _wait_for_traces(dashboard)
+    assert any(h["dst"].startswith("echo-") for t in traces for h in t["hops"] or []), traces
 
     dom_text = _chromium("--virtual-time-budget=10000", "--dump-dom", dashboard)
     dom = _Dom()
@@ -224,7 +238,8 @@ def test_the_page_renders_the_graph_and_figures(dashboard: str, tmp_path: Path) 
     assert re.search(r"\|\d{1,3}\.\d\d%\|", echo["cells"] or ""), echo  # the success rate
     assert re.search(r"\|\d+\.\drps\|", echo["cells"] or ""), echo
     text = " ".join(dom.text)
-    assert "tracing not enabled" in text
+    assert "tracing not enabled" not in text
+    assert any(r.get("data-trace") for r in dom.rows), "no trace rows"
     assert "Live tap" in text and "Not in this version" in text
 
     shot = tmp_path / "dashboard.png"

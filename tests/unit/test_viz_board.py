@@ -162,7 +162,7 @@ def _state(processes: list[ProcessRecord] = (), agent_args: list[str] = ()) -> L
     )
 
 
-def test_a_lab_names_its_receiver_by_process_or_by_the_agents_collector() -> None:
+def test_a_lab_names_its_receiver_by_its_record_process_or_the_agents_collector() -> None:
     assert lab_trace_receiver(_state()) is None
     rec = ProcessRecord("otlp", 1, 1, ["python", "-m", "weft.lab.otlp", "--listen",
                                        "0.0.0.0:4318"], "/log", "cp")  # fmt: skip
@@ -173,6 +173,11 @@ def test_a_lab_names_its_receiver_by_process_or_by_the_agents_collector() -> Non
     assert by_flag is not None and by_flag.endpoint == Agent(
         "trace collector", "10.240.0.1", 4318, "t-node-1"
     )
+    traced = _state([rec])
+    traced.traces = {"collector": "10.240.0.2:4318", "netns": "t-cp", "sample_rate": 1.0}
+    by_record = lab_trace_receiver(traced)
+    assert by_record is not None
+    assert by_record.endpoint == Agent("otlp", "10.240.0.2", 4318, "t-cp")
     assert receiver_from_url("http://127.0.0.1:4318").endpoint == Agent("traces", "127.0.0.1", 4318)
     with pytest.raises(VizError):
         receiver_from_url("https://x")

@@ -136,11 +136,20 @@ def _host_port(text: str, default_port: int) -> tuple[str, int] | None:
 def lab_trace_receiver(state: LabState) -> TraceReceiver | None:
     """The OTLP receiver a lab runs (``weft lab up --traces``), if it names one.
 
-    Read from what the lab records rather than a field of its own: a process running
-    ``weft.lab.otlp`` (its ``--listen`` address, in the namespace it runs in), else the
-    agents' ``--trace-collector`` (reached from the first node, as the agents reach it;
-    the receiver serves its JSON API on the OTLP/HTTP port)."""
+    The lab's ``traces`` record (``collector`` host:port, the ``netns`` it listens in);
+    else what the lab ran: a process running ``weft.lab.otlp`` (its ``--listen``
+    address, in its namespace), or the agents' ``--trace-collector`` (reached from the
+    first node, as the agents reach it). The receiver serves its JSON API on the
+    OTLP/HTTP port."""
     plan = state.plan
+    if state.traces is not None and state.traces.get("collector"):
+        addr = _host_port(str(state.traces["collector"]), 4318)
+        netns = state.traces.get("netns")
+        if addr is not None:
+            return TraceReceiver(
+                Agent("otlp", addr[0], addr[1], str(netns) if netns else None),
+                "the lab's OTLP receiver (weft lab up --traces)",
+            )
     for rec in state.processes:
         if "weft.lab.otlp" not in rec.argv:
             continue
