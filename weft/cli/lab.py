@@ -141,6 +141,13 @@ def lab(ctx: click.Context, lab_name: str) -> None:
     help="sidecar: every captured pod runs its own proxy (weft sidecar, nftables capture "
     "in its netns) instead of being captured by its node's agent (docs/kubernetes.md).",
 )
+@click.option(
+    "--sidecar",
+    "sidecar_pods",
+    multiple=True,
+    metavar="POD",
+    help="Run this pod in sidecar mode (repeatable; the rest stay in node mode).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -155,17 +162,21 @@ def up(
     traces: bool,
     trace_sample_rate: float,
     mode: str,
+    sidecar_pods: tuple[str, ...],
 ) -> None:
     """Create the lab: fabric, nodes, pods, and (with --demo) demo workloads."""
     lab_ = _lab(ctx)
     plan = None
-    if mode == "sidecar":
+    if mode == "sidecar" or sidecar_pods:
         from weft.lab.plan import plan_lab
         from weft.lab.sidecar import with_sidecars
 
         try:
-            plan = with_sidecars(plan_lab(lab_.name, nodes, pods_per_node, demo))
-        except PlanError as e:
+            plan = with_sidecars(
+                plan_lab(lab_.name, nodes, pods_per_node, demo),
+                None if mode == "sidecar" else sidecar_pods,
+            )
+        except (PlanError, ValueError) as e:
             _fail(e)
     # SIGTERM (and SIGINT, even if inherited as ignored) interrupt `up`, which then removes
     # what it made instead of leaving a half-built lab behind.
