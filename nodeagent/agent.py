@@ -73,6 +73,7 @@ from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.inbound import InboundHttp
 from nodeagent.proxy.http.server import HttpServerConfig
 from nodeagent.proxy.http.stage import HttpForward
+from nodeagent.proxy.http.tenancy import RequestShares
 from nodeagent.proxy.listener import Listener
 from nodeagent.proxy.outbound import (
     Address,
@@ -185,6 +186,9 @@ class AgentConfig:
     max_connections_per_pod: int = 8192
     """Open connections one local pod may hold through the proxy (``OutboundConfig``):
     its next are refused, the other pods' are not."""
+    max_requests_per_pod: int = 2048
+    """HTTP requests one local pod may have in flight through the proxy: its next are
+    answered 503 overloaded / gRPC RESOURCE_EXHAUSTED (`nodeagent.proxy.http.tenancy`)."""
     http: bool = True
     """Detect HTTP/1.1 and serve it per request (balancing, golden metrics); off: every
     connection is opaque TCP, as before."""
@@ -218,6 +222,8 @@ class AgentConfig:
                 raise AgentError(f"{name.replace('_', ' ')} must be positive")
         if self.detect_timeout <= 0:
             raise AgentError(f"detect timeout must be positive, got {self.detect_timeout}")
+        if self.max_requests_per_pod < 1:
+            raise AgentError(f"max requests per pod must be >= 1, got {self.max_requests_per_pod}")
         if self.max_connections_per_pod < 1:
             raise AgentError(
                 f"max connections per pod must be >= 1, got {self.max_connections_per_pod}"
@@ -348,6 +354,17 @@ class _StatsCollector(Collector):
                 w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
                 busy.add_metric([w.name, w.namespace] if w else [ip, ""], n)
             yield busy
+        shares = self.agent.request_shares
+        req = CounterMetricFamily(
+            "weft_outbound_http_refused_busy",
+            "HTTP requests answered 503 overloaded (gRPC RESOURCE_EXHAUSTED) because their "
+            "source pod already had --max-requests-per-pod in flight, by source.",
+            labels=["src_workload", "src_namespace"],
+        )
+        for ip, n in sorted(shares.refused.items()):
+            w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
+            req.add_metric([w.name, w.namespace] if w else [ip, ""], n)
+        yield req
 
 
 class Agent:
@@ -405,6 +422,8 @@ class Agent:
         # the local pod's policies (from discovery), on this node as the destination;
         # every HTTP/2 request against its endpoint's policies, on this node as the caller's.
         self.authorizer = Authorizer(self.mesh.workload_at, trust_domain=cfg.trust_domain)
+        self.request_shares = RequestShares(cfg.max_requests_per_pod, name=self._pod_name)
+        """Each local pod's share of in-flight HTTP requests (issue #18)."""
         # Tracing: spans of sampled requests, exported off the hot path (none without a
         # collector: the data path then forwards trace headers untouched).
         self.tracer = Tracer.for_config(cfg.tracing)
@@ -636,6 +655,10 @@ class Agent:
         if marker is not None:
             with contextlib.suppress(FileNotFoundError):
                 marker.unlink()  # the pod's own volume: no other agent writes it
+
+    def _pod_name(self, ip: str) -> str:
+        w = self.mesh.workload_at(ip)
+        return f"pod {w.namespace}/{w.name} ({ip})" if w is not None else f"pod {ip}"
 
     def _refresh_node_addrs(self) -> None:
         """Make ``weft_node_addr`` the node's current addresses (a CNI may add its
@@ -1024,11 +1047,19 @@ class Agent:
         self.switch = ProtocolSwitch(
             opaque=TcpForward(self.upstreams, outbound_config, stats),
             http1=HttpForward(
-                self.outbound_http, HttpServerConfig(idle_timeout=cfg.idle_timeout), stats
+                self.outbound_http,
+                HttpServerConfig(idle_timeout=cfg.idle_timeout),
+                stats,
+                self.request_shares,
             )
             if cfg.http
             else None,
-            h2=HttpForward(self.outbound_http, H2Config(idle_timeout=cfg.idle_timeout), stats)
+            h2=HttpForward(
+                self.outbound_http,
+                H2Config(idle_timeout=cfg.idle_timeout),
+                stats,
+                self.request_shares,
+            )
             if cfg.http
             else None,
             detect_timeout=cfg.detect_timeout,

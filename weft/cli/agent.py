@@ -94,6 +94,13 @@ def _ports(value: str) -> tuple[int, ...]:
     "(weft_outbound_refused_busy_total), the other pods' are not.",
 )
 @click.option(
+    "--max-requests-per-pod",
+    default=2048,
+    show_default=True,
+    help="HTTP requests one pod may have in flight through the proxy; its next are "
+    "answered 503 overloaded / RESOURCE_EXHAUSTED, the other pods' are not.",
+)
+@click.option(
     "--tunnel-max-streams",
     default=100,
     show_default=True,
@@ -174,6 +181,7 @@ def agent(
     tunnel_idle_timeout: float,
     tunnel_max_streams: int,
     max_connections_per_pod: int,
+    max_requests_per_pod: int,
     http: bool,
     detect_timeout: float,
     ready_wait: float,
@@ -220,6 +228,7 @@ def agent(
             tunnel_idle_timeout=tunnel_idle_timeout,
             tunnel_max_streams=tunnel_max_streams,
             max_connections_per_pod=max_connections_per_pod,
+            max_requests_per_pod=max_requests_per_pod,
             http=http,
             detect_timeout=detect_timeout,
             ready_wait=ready_wait,

@@ -12,7 +12,8 @@ import logging
 from nodeagent.proxy.http.forward import H2, HTTP1, OutboundHttp
 from nodeagent.proxy.http.h2conn import H2Config
 from nodeagent.proxy.http.h2server import H2Server
-from nodeagent.proxy.http.server import Http1Server, HttpServerConfig
+from nodeagent.proxy.http.server import FastForwarder, Http1Server, HttpServerConfig
+from nodeagent.proxy.http.tenancy import RequestShares, SharedForwarder
 from nodeagent.proxy.relay import reset_transport
 from nodeagent.proxy.stage import Accepted, ProxyStats
 
@@ -23,17 +24,25 @@ class HttpForward:
     """HTTP/1.1 (``config`` an `HttpServerConfig`) or HTTP/2 (an `H2Config`)."""
 
     def __init__(
-        self, http: OutboundHttp, config: HttpServerConfig | H2Config, stats: ProxyStats
+        self,
+        http: OutboundHttp,
+        config: HttpServerConfig | H2Config,
+        stats: ProxyStats,
+        shares: RequestShares | None = None,
     ) -> None:
         self.http = http
         self.config = config
         self.stats = stats
         self.protocol = H2 if isinstance(config, H2Config) else HTTP1
+        self.shares = shares
+        """Each source pod's share of in-flight requests (`nodeagent.proxy.http.tenancy`)."""
 
     def _server(self, accepted: Accepted, label: str) -> Http1Server | H2Server:
-        forwarder = self.http.forwarder(
+        forwarder: FastForwarder = self.http.forwarder(
             accepted.client, accepted.original_destination, label, self.protocol
         )
+        if self.shares is not None:
+            forwarder = SharedForwarder(forwarder, self.shares, accepted.client[0])
         if isinstance(self.config, H2Config):
             return H2Server(forwarder, label=label, config=self.config)
         return Http1Server(forwarder, label=label, config=self.config)
