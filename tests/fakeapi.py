@@ -98,7 +98,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -776,7 +776,8 @@ class FakeKubeAPI:
     def _serve_other(self, h: _Handler, path: str, query: dict[str, str]) -> bool:
         """``/version``, API group discovery, a CRD by name, the pod proxy, and one object
         of any kind by name; False if ``path`` is none of them."""
-        if path == "/version":
+        path = unquote(path)  # the client escapes path parameters (``pod%3A15020``)
+        if path in ("/version", "/version/"):
             h.send_json(200, dict(self.version))
             return True
         proxy = _POD_PROXY.match(path)
@@ -1374,6 +1375,9 @@ def _json_patch(doc: JSON, ops: list[JSON]) -> JSON:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked responses
+    # TCP_NODELAY, as Go's net/http sets: headers and body go out in separate writes, and
+    # Nagle's algorithm would hold the body for the client's delayed ACK (40 ms a request).
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:

@@ -4,6 +4,11 @@ File-based host checks run first and print immediately; the live bcc probes foll
 announced beforehand because compiling takes a noticeable moment. Exit status is 1 if
 any required check failed, so scripts and the lab can gate on it.
 
+With ``--pre`` or ``--kubeconfig`` it checks a cluster instead, through its API server
+(``controlplane.clustercheck``): before install (``--pre``: version, RBAC for what ``weft
+install`` renders, Gateway API, node kernels, Pod Security) or after (the objects, CRDs,
+CA, control plane and agents, discovery).  Same lines, same exit status, same JSON.
+
 When a lab is up, its Gateway API routes follow, judged as the control plane judges them
 (`weft.routes.conditions` against the lab's Services): a route that is not Accepted or
 whose references do not resolve is a warning with the Gateway API reason.  Warnings never
@@ -100,8 +105,97 @@ def _lab_routes(lab: str) -> tuple[list[dict[str, Any]], set[str]] | None:
     return state.routes, {f"{s.namespace}/{s.name}" for s in state.plan.services}
 
 
+def _summary(console: Console, results: Iterable[CheckResult], ok_text: str, bad_text: str) -> None:
+    results = list(results)
+    failed = [r for r in results if not r.ok and r.required]
+    warned = [r for r in results if not r.ok and not r.required]
+    warn_note = f" ({len(warned)} warning{'s' * (len(warned) != 1)})" if warned else ""
+    if failed:
+        noun = "check" if len(failed) == 1 else "checks"
+        console.print(f"\n[red]{len(failed)} required {noun} failed{warn_note}:[/red] {bad_text}")
+    else:
+        console.print(f"\n[green]{ok_text}{warn_note}.[/green]")
+
+
+def _check_cluster(
+    ctx: click.Context, pre: bool, kubeconfig: str | None, context: str | None, namespace: str,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """``weft check --pre`` / ``weft check --kubeconfig``: the cluster, not this machine."""
+    from controlplane.clustercheck import Cluster, Report, run_installed, run_pre
+    from weft.cli.install import InstallError, InstallOptions, load_template, render
+
+    try:
+        docs = render(load_template(), InstallOptions(namespace=namespace))
+    except InstallError as e:
+        raise click.BadParameter(str(e), param_hint="--namespace") from None
+    mode = "pre" if pre else "installed"
+    try:
+        cluster = Cluster.from_kubeconfig(kubeconfig, context)
+    except Exception as e:  # the client's kubeconfig errors have no common base
+        report = Report(kubeconfig or "(default kubeconfig)", mode, namespace)
+        report.checks.append(CheckResult(
+            "kubeconfig", False, True, f"{kubeconfig or '$KUBECONFIG or ~/.kube/config'}: "
+            f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__}",
+            "give --kubeconfig FILE (and --context NAME) as for kubectl",
+        ))  # fmt: skip
+    else:
+        try:
+            report = run_pre(cluster, docs, namespace) if pre else run_installed(
+                cluster, docs, namespace)  # fmt: skip
+        finally:
+            cluster.close()
+    if as_json:
+        out = report.as_json()
+        out["cluster"]["context"] = context
+        click.echo(json.dumps(out, indent=2))
+        ctx.exit(0 if report.ok else 1)
+    console = Console(highlight=False, soft_wrap=True)
+    render_line = _Renderer(console)
+    what = "before install" if pre else f"Weft in {namespace}"
+    where = f" (context {context})" if context else ""
+    console.print(f"[dim]… cluster {escape(report.server)}{escape(where)}: {what}[/dim]")
+    for result in report.checks:
+        render_line(result)
+    for note in report.notes:
+        console.print(f"[dim]… {escape(note)}[/dim]")
+    if pre:
+        _summary(console, report.checks, "Weft can be installed on this cluster",
+                 "Weft cannot be installed here until fixed.")  # fmt: skip
+    else:
+        _summary(console, report.checks, "Weft is running on this cluster",
+                 "the mesh is not healthy here.")  # fmt: skip
+    ctx.exit(0 if report.ok else 1)
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Lines, or JSON (as --json).",
+)
+@click.option(
+    "--pre",
+    is_flag=True,
+    help="Check a cluster before `weft install` (with the kubeconfig's cluster).",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    help="Check Weft on this kubeconfig's cluster instead of this machine.",
+)
+@click.option("--context", help="The kubeconfig context [its current one].")
+@click.option(
+    "-n",
+    "--namespace",
+    default="weft-system",
+    show_default=True,
+    help="With a cluster: Weft's namespace (weft install --namespace).",
+)
 @click.option(
     "--bpffs",
     type=click.Path(path_type=Path),
@@ -124,12 +218,32 @@ def _lab_routes(lab: str) -> tuple[list[dict[str, Any]], set[str]] | None:
     help="Also check this lab's routes, if the lab is up.",
 )
 @click.pass_context
-def check(ctx: click.Context, as_json: bool, bpffs: Path, modules_dir: Path, lab_name: str) -> None:
+def check(
+    ctx: click.Context,
+    as_json: bool,
+    output: str,
+    pre: bool,
+    kubeconfig: str | None,
+    context: str | None,
+    namespace: str,
+    bpffs: Path,
+    modules_dir: Path,
+    lab_name: str,
+) -> None:
     """Check that this machine can run Weft: kernel, mounts, privileges, eBPF; and, when
     a lab is up, its routes' Accepted / ResolvedRefs conditions (warnings only).
 
+    With --pre, a cluster before install: API server version, RBAC for what `weft
+    install` renders, Gateway API CRDs, node kernels, Pod Security. With --kubeconfig
+    (or --context) alone, Weft installed on it: objects, CRDs, CA, control plane,
+    agents (through the API server's pod proxy), discovery.
+
     Exits 1 if any required check fails; each failure says how to fix it.
     """
+    as_json = as_json or output == "json"
+    if pre or kubeconfig is not None or context is not None:
+        _check_cluster(ctx, pre, kubeconfig, context, namespace, as_json)
+        return
     # soft_wrap: hints carry shell commands that must stay copy-pasteable on one line.
     console = Console(highlight=False, soft_wrap=True)
     render = _Renderer(console)
@@ -167,15 +281,6 @@ def check(ctx: click.Context, as_json: bool, bpffs: Path, modules_dir: Path, lab
                           "[/dim]")  # fmt: skip
             for result, _ in routes:
                 render(result)
-        failed = [r for r in results if not r.ok and r.required]
-        warned = [r for r in results if not r.ok and not r.required]
-        warn_note = f" ({len(warned)} warning{'s' * (len(warned) != 1)})" if warned else ""
-        if failed:
-            noun = "check" if len(failed) == 1 else "checks"
-            console.print(
-                f"\n[red]{len(failed)} required {noun} failed{warn_note}:[/red] "
-                "Weft cannot run here until fixed."
-            )
-        else:
-            console.print(f"\n[green]Weft can run on this machine{warn_note}.[/green]")
+        _summary(console, results, "Weft can run on this machine",
+                 "Weft cannot run here until fixed.")  # fmt: skip
     ctx.exit(0 if ok else 1)
