@@ -40,12 +40,21 @@ REQUEST = b"GET /bench HTTP/1.1\r\nHost: bench\r\n\r\n"
 UNIQUE_PATHS = os.environ.get("WEFT_BENCH_UNIQUE_PATHS") == "1"
 """Each request to a path of its own (``/bench/<n>``): nothing on the way can remember a
 decision about the previous one (``weft bench policy``)."""
-_sequence = itertools.count()
+TRACEPARENT = os.environ.get("WEFT_BENCH_TRACEPARENT") == "1"
+"""Each request carries a sampled W3C ``traceparent`` of a trace of its own, as from an
+app that traces every request (``weft bench tracing``): the caller's decision, not the
+proxy's sample rate, makes every proxy hop record a span."""
+_sequence = itertools.count(1)
 
 
 def _request_bytes() -> bytes:
     if UNIQUE_PATHS:
         return b"GET /bench/%d HTTP/1.1\r\nHost: bench\r\n\r\n" % next(_sequence)
+    if TRACEPARENT:
+        # A counter, not random ids: the same few hundred nanoseconds per request in
+        # every round, and never the all-zero id the spec forbids.
+        return (b"GET /bench HTTP/1.1\r\nHost: bench\r\n"
+                b"traceparent: 00-%032x-00f067aa0ba902b7-01\r\n\r\n" % next(_sequence))  # fmt: skip
     return REQUEST
 
 

@@ -62,6 +62,53 @@ def top_frames(collapsed: str, n: int = 15) -> dict[str, Any]:
     }
 
 
+def py_spy() -> str:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise RuntimeError("py-spy is not installed (it is a dev dependency: make setup)")
+    return spy
+
+
+def spy_on(pids: dict[str, int], seconds: float, native: bool = False) -> dict[str, Any]:
+    """``py-spy record`` on each process at once for ``seconds`` (100 Hz); each one's
+    `top_frames`. Also used by ``weft bench tracing`` on the agents it restarted."""
+    spy = py_spy()
+    with tempfile.TemporaryDirectory() as tmp:
+        spies = {
+            name: subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(seconds)),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    # Native frames need the process stopped for each sample; Python
+                    # frames alone can be read without stopping it.
+                    *(["--native"] if native else ["--nonblocking"]),
+                    "--output",
+                    f"{tmp}/{name}.txt",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, pid in pids.items()
+        }
+        profiles = {}
+        for name, proc in spies.items():
+            _, err = proc.communicate(timeout=seconds + 60)
+            path = Path(f"{tmp}/{name}.txt")
+            if proc.returncode != 0 or not path.exists():
+                raise RuntimeError(f"py-spy on {name} failed: {err[-500:]}")
+            profiles[name] = top_frames(path.read_text())
+    return profiles
+
+
 def run(
     identity_setup: IdentitySetup,
     seconds: float = 20.0,
@@ -69,9 +116,7 @@ def run(
     native: bool = False,
     load: str = "h1",
 ) -> dict[str, Any]:
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():
-        raise RuntimeError("py-spy is not installed (it is a dev dependency: make setup)")
+    py_spy()  # before the lab: fail early
     lab = Lab(LAB, report=lambda m: None, identity_setup=identity_setup)
     report(f"bringing up a two-node lab {LAB!r} with the echo demo")
     lab.up(nodes=2, demo=True, replace=True)
@@ -91,39 +136,7 @@ def run(
         )  # fmt: skip
         time.sleep(2.0)  # past the client's warm-up
         report(f"sampling {', '.join(agents)} for {seconds:g}s under saturation")
-        with tempfile.TemporaryDirectory() as tmp:
-            spies = {
-                name: subprocess.Popen(
-                    [
-                        spy,
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--duration",
-                        str(int(seconds)),
-                        "--rate",
-                        "100",
-                        "--format",
-                        "raw",
-                        # Native frames need the process stopped for each sample; Python
-                        # frames alone can be read without stopping it.
-                        *(["--native"] if native else ["--nonblocking"]),
-                        "--output",
-                        f"{tmp}/{name}.txt",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for name, pid in agents.items()
-            }
-            profiles = {}
-            for name, proc in spies.items():
-                _, err = proc.communicate(timeout=seconds + 60)
-                path = Path(f"{tmp}/{name}.txt")
-                if proc.returncode != 0 or not path.exists():
-                    raise RuntimeError(f"py-spy on {name} failed: {err[-500:]}")
-                profiles[name] = top_frames(path.read_text())
+        profiles = spy_on(agents, seconds, native)
         out, _ = client.communicate(timeout=seconds + 60)
         result = json.loads(out)
     finally:

@@ -192,6 +192,64 @@ def policy(rounds: int, seconds: float, rate: float, json_path: Path | None) -> 
 
 
 @bench.command()
+@click.option("--rounds", default=3, show_default=True, help="Rounds of all setups, rotated.")
+@click.option("--seconds", default=6.0, show_default=True, help="Seconds per measurement.")
+@click.option("--rate", default=500.0, show_default=True, help="Fixed rate of the latency runs.")
+@click.option(
+    "--profile-seconds", default=0.0, show_default=True,
+    help="Afterwards, py-spy on both agents saturated at 100 % and at off (0: no).",
+)  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def tracing(
+    rounds: int, seconds: float, rate: float, profile_seconds: float, json_path: Path | None
+) -> None:
+    """What tracing costs: saturation and p50/p99 of HTTP/1.1 through two node proxies
+    with tracing off (rate 0), 1 % and 100 % sampled, every request carrying a sampled
+    traceparent, the collector down, and no collector at all; ratios to off within each
+    round, spans exported and dropped (issue #14; docs/tracing.md).
+    """
+    from weft.bench.tracing import SETUPS, run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, rounds, seconds, rate, profile_seconds=profile_seconds,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
+    table = Table("setup", "saturation req/s", "ratio to off", f"p50 / p99 µs at {rate:.0f}/s",
+                  "p99 ratio", "agents CPU µs/req", "spans exported / dropped",
+                  "errors")  # fmt: skip
+
+    def ratio(r: dict[str, Any] | None) -> str:
+        return f"{r['median']:.3f} ({r['min']:.2f}-{r['max']:.2f})" if r else "-"
+
+    for s in SETUPS:
+        row = result["setups"].get(s.name)
+        if row is None:
+            continue
+        cpu = row["cpu_us_per_request"]
+        dropped = ", ".join(f"{n} {r}" for r, n in row["spans_dropped"].items()) or "0"
+        table.add_row(
+            s.label,
+            _span(row["saturation_per_second"], "{:.0f}"),
+            ratio(row.get("saturation_ratio")),
+            f"{row['p50_us']['median']:.0f} / {row['p99_us']['median']:.0f}",
+            ratio(row.get("p99_ratio")),
+            f"{cpu['median']:.0f}" if cpu else "-",
+            f"{row['spans_exported']} / {dropped}",
+            str(row["errors"]),
+        )
+    console = Console()
+    console.print(table)
+    for name, prof in result.get("profile", {}).items():
+        if name == "seconds":
+            continue
+        for agent, frames in prof["agents"].items():
+            top = ", ".join(f"{f['frame']} {f['percent']:.1f}" for f in frames["self"][:8])
+            console.print(f"{name} {agent} (self %, {prof['load_per_second']} req/s): {top}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+@bench.command()
 @click.option("--requests", default=10_000, show_default=True,
               help="Requests of the flaky drill (the others scale from it).")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
