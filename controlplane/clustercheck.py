@@ -38,8 +38,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -60,11 +61,13 @@ from weft.preflight import MIN_KERNEL, CheckResult, parse_kernel_release
 
 JSON = dict[str, Any]
 
-MIN_KUBERNETES = (1, 26)
-"""What the manifests need: Pod Security admission and DaemonSet ``maxSurge`` (GA in
-1.25), CRD validation rules (``x-kubernetes-validations``, on by default from 1.25), and
-1.26 as the oldest minor with EndpointSlice ``serving``/``terminating`` GA and with
-upstream support when this was written; older servers are refused, not half-run."""
+MIN_KUBERNETES = (1, 25)
+"""What the manifests need: Pod Security admission (GA in 1.25; before, the namespace's
+``privileged`` label means nothing and PodSecurityPolicy decides), DaemonSet ``maxSurge``
+(GA in 1.25; the make-before-break rollout), CRD validation rules
+(``x-kubernetes-validations``, on by default from 1.25; an older server drops them).  The
+rendered manifests validate strictly against 1.25's schemas (kubernetes-validate).  An
+older server is refused, not half-run."""
 AGENT_ADMIN_PORT = 15020
 """The agent's /ready and /metrics (nodeagent/admin.py); /debug/state answers loopback only."""
 CONTROLPLANE_ADMIN_PORT = 15014
@@ -251,8 +254,6 @@ class Report:
         return all(r.ok for r in self.checks if r.required)
 
     def as_json(self) -> JSON:
-        from dataclasses import asdict
-
         return {
             "ok": self.ok,
             "mode": self.mode,
@@ -324,38 +325,42 @@ def _allowed(answer: Answer) -> bool | None:
     return bool((answer.json().get("status") or {}).get("allowed"))
 
 
+@dataclass
+class _Access:
+    """What one kind needs: its scope (a namespace, or None cluster-wide) and verbs."""
+
+    namespace: str | None
+    verbs: list[str]
+
+
 def access_checks(cluster: Cluster, docs: Sequence[JSON], namespace: str) -> list[CheckResult]:
     """One line per kind: may the caller get, create and patch every object of that kind
     that ``weft install`` renders (``kubectl apply``), and create the CA's Secret and
     ConfigMap (``weft identity init --secret-manifest | kubectl create -f -``)?"""
-    wanted: dict[tuple[str, str], dict[str, None]] = {}
+    wanted: dict[tuple[str, str], _Access] = {}
     for d in docs:
-        ns = None if (d.get("metadata") or {}).get("namespace") is None else namespace
-        if d["kind"] == "Namespace":
-            ns = None
-        for verb in APPLY_VERBS:
-            wanted.setdefault((d["kind"], d["apiVersion"]), {})[f"{verb} {ns or ''}"] = None
+        scoped = d["kind"] != "Namespace" and (d.get("metadata") or {}).get("namespace")
+        wanted[(d["kind"], d["apiVersion"])] = _Access(namespace if scoped else None,
+                                                       list(APPLY_VERBS))  # fmt: skip
     for kind in ("Secret", "ConfigMap"):
-        wanted.setdefault((kind, "v1"), {})[f"create {namespace}"] = None
+        wanted[(kind, "v1")] = _Access(namespace, ["create"])
     out = []
-    for (kind, api_version), pairs in wanted.items():
+    for (kind, api_version), access in wanted.items():
         resource, group = plural_of(kind), _group(api_version)
-        denied, unknown, verbs = [], [], []
-        where = ""
-        for pair in pairs:
-            verb, _, ns = pair.partition(" ")
-            where = f" in {ns}" if ns else " (cluster-wide)"
-            verbs.append(verb)
-            answer = cluster.may(verb, group, resource, ns or None)
+        denied, unknown = [], []
+        for verb in access.verbs:
+            answer = cluster.may(verb, group, resource, access.namespace)
             verdict = _allowed(answer)
             if verdict is None:
                 unknown.append(f"{verb}: {answer.why()}")
             elif not verdict:
                 denied.append(verb)
+        where = f" in {access.namespace}" if access.namespace else " (cluster-wide)"
+        verbs = access.verbs
         what = _qualified(kind, api_version)
         label = f"rbac {kind}"
         if denied:
-            ns_flag = f" -n {namespace}" if where.startswith(" in") else ""
+            ns_flag = f" -n {access.namespace}" if access.namespace else ""
             out.append(
                 CheckResult(
                     label,
@@ -877,7 +882,8 @@ def judge_agent(pod: JSON, node: JSON | None, ready: Answer, metrics: Answer) ->
             "(docs/ebpf.md): upgrade the node's kernel",
         )
     if not _ready(pod):
-        why = ready.text.strip() if ready.code == 503 else _waiting(pod)
+        # The agent's 503 reads "not ready: waiting for ebpf, pods".
+        why = ready.text.strip().removeprefix("not ready: ") if ready.code == 503 else _waiting(pod)
         return CheckResult(
             label,
             False,
@@ -975,30 +981,49 @@ def _find(docs: Iterable[JSON], kind: str) -> JSON:
     return next(d for d in docs if d["kind"] == kind)
 
 
-def _start(cluster: Cluster, mode: str, namespace: str) -> tuple[Report, bool]:
+Add = Callable[[CheckResult | Iterable[CheckResult]], None]
+
+
+def _adder(report: Report) -> Add:
+    """Appends results to ``report``, each with its share of the time since the last
+    append (the reads its judgement needed): ``duration_ms`` in ``-o json``."""
+    last = time.perf_counter()
+
+    def add(results: CheckResult | Iterable[CheckResult]) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        items = [results] if isinstance(results, CheckResult) else list(results)
+        each = (now - last) * 1000 / max(len(items), 1)
+        report.checks += [replace(r, duration_ms=round(each, 1)) for r in items]
+        last = now
+
+    return add
+
+
+def _start(cluster: Cluster, mode: str, namespace: str) -> tuple[Report, Add, bool]:
     report = Report(cluster.server, mode, namespace)
+    add = _adder(report)
     answer = cluster.version()
-    result = judge_api_server(cluster.server, answer)
-    report.checks.append(result)
+    add(judge_api_server(cluster.server, answer))
     if answer.ok:
         report.version = answer.json().get("gitVersion")
-    return report, answer.ok
+    return report, add, answer.ok
 
 
 def run_pre(cluster: Cluster, docs: Sequence[JSON], namespace: str) -> Report:
     """Before ``weft install``: ``docs`` is what it would render."""
-    report, reachable = _start(cluster, "pre", namespace)
+    report, add, reachable = _start(cluster, "pre", namespace)
     if not reachable:
         return report  # everything else would fail the same way
-    report.checks += access_checks(cluster, docs, namespace)
-    report.checks.append(check_grants(cluster, docs))
-    report.checks.append(judge_gateway_api(cluster.api_resources(GATEWAY_GROUP, GATEWAY_VERSION)))
+    add(access_checks(cluster, docs, namespace))
+    add(check_grants(cluster, docs))
+    add(judge_gateway_api(cluster.api_resources(GATEWAY_GROUP, GATEWAY_VERSION)))
     nodes = cluster.list_nodes()
     if nodes.ok:
-        report.checks += judge_nodes(nodes.json().get("items") or [])
+        add(judge_nodes(nodes.json().get("items") or []))
     else:
-        report.checks.append(CheckResult("nodes", False, True, f"listing nodes: {nodes.why()}"))
-    report.checks.append(
+        add(CheckResult("nodes", False, True, f"listing nodes: {nodes.why()}"))
+    add(
         judge_pod_security(
             namespace, cluster.read("v1", "Namespace", namespace, None), installed=False
         )
@@ -1015,34 +1040,35 @@ def run_installed(
     cluster: Cluster, docs: Sequence[JSON], namespace: str, now: dt.datetime | None = None
 ) -> Report:
     """After ``weft install``: ``docs`` is what it rendered (names and selectors)."""
-    report, reachable = _start(cluster, "installed", namespace)
+    report, add, reachable = _start(cluster, "installed", namespace)
     if not reachable:
         return report
-    checks = report.checks
-    checks.append(
+    add(
         judge_pod_security(
             namespace, cluster.read("v1", "Namespace", namespace, None), installed=True
         )
     )
-    checks.append(check_objects(cluster, docs, namespace))
+    add(check_objects(cluster, docs, namespace))
     for crd in (d for d in docs if d["kind"] == "CustomResourceDefinition"):
         name = crd["metadata"]["name"]
-        checks.append(
+        add(
             judge_crd(
                 name,
                 cluster.read("apiextensions.k8s.io/v1", "CustomResourceDefinition", name, None),
             )
         )
-    checks.append(judge_gateway_api(cluster.api_resources(GATEWAY_GROUP, GATEWAY_VERSION)))
-    checks += judge_ca(
-        namespace,
-        cluster.read("v1", "Secret", CA_SECRET, namespace),
-        cluster.read("v1", "ConfigMap", TRUST_BUNDLE, namespace),
-        now,
+    add(judge_gateway_api(cluster.api_resources(GATEWAY_GROUP, GATEWAY_VERSION)))
+    add(
+        judge_ca(
+            namespace,
+            cluster.read("v1", "Secret", CA_SECRET, namespace),
+            cluster.read("v1", "ConfigMap", TRUST_BUNDLE, namespace),
+            now,
+        )
     )
 
     deployment = _find(docs, "Deployment")
-    checks.append(
+    add(
         judge_deployment(
             deployment["metadata"]["name"],
             cluster.read("apps/v1", "Deployment", deployment["metadata"]["name"], namespace),
@@ -1052,11 +1078,9 @@ def run_installed(
     ds_name = daemonset["metadata"]["name"]
     listed = cluster.list_pods(namespace, daemonset["spec"]["selector"]["matchLabels"])
     pods = sorted(listed.json().get("items") or [], key=_pod_node) if listed.ok else []
-    checks.append(
-        judge_daemonset(ds_name, cluster.read("apps/v1", "DaemonSet", ds_name, namespace), pods)
-    )
+    add(judge_daemonset(ds_name, cluster.read("apps/v1", "DaemonSet", ds_name, namespace), pods))
     if not listed.ok:
-        checks.append(CheckResult("agent pods", False, True, f"listing: {listed.why()}"))
+        add(CheckResult("agent pods", False, True, f"listing: {listed.why()}"))
     nodes_answer = cluster.list_nodes()
     nodes = {n["metadata"]["name"]: n for n in nodes_answer.json().get("items") or []}
     for pod in pods:
@@ -1068,12 +1092,14 @@ def run_installed(
             if running
             else Answer(0, error="pod not running")
         )
-        checks.append(judge_agent(pod, nodes.get(_pod_node(pod)), ready, metrics))
+        add(judge_agent(pod, nodes.get(_pod_node(pod)), ready, metrics))
 
     selector = deployment["spec"]["selector"]["matchLabels"]
     cp = cluster.list_pods(namespace, selector)
+    if not cp.ok:
+        add(CheckResult("controlplane pods", False, True, f"listing: {cp.why()}"))
     replicas = []
-    for pod in cp.json().get("items") or [] if cp.ok else []:
+    for pod in cp.json().get("items") or []:
         if (pod.get("status") or {}).get("phase") != "Running":
             continue
         name = pod["metadata"]["name"]
@@ -1084,5 +1110,5 @@ def run_installed(
                 cluster.proxy(namespace, name, CONTROLPLANE_ADMIN_PORT, "metrics"),
             )
         )
-    checks.append(judge_discovery(replicas))
+    add(judge_discovery(replicas))
     return report
