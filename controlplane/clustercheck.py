@@ -423,7 +423,7 @@ def check_grants(cluster: Cluster, docs: Sequence[JSON]) -> CheckResult:
 def judge_gateway_api(answer: Answer) -> CheckResult:
     """The Gateway API's routes (optional: Weft runs without them)."""
     without = (
-        "without them Services are balanced, mTLS'd, measured and authorised as "
+        "without the Gateway API, Services are balanced, mTLS'd, measured and authorised as "
         "usual; HTTPRoute/GRPCRoute splits, retries and timeouts are not applied"
     )
     label = "gateway-api"
