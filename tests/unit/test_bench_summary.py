@@ -146,3 +146,24 @@ def test_the_sidecar_config_is_one_thread_tls13_with_verified_peers(tmp_path: Pa
         assert cfg.count("verify required") == (2 if cfg is client else 1)
     assert f"bind 127.0.0.1:{SIDECAR_OUT}" in client and "frontend outbound" not in server
     assert "server peer 10.244.2.5:8080 ssl" in client
+
+
+def test_the_policy_bench_reports_the_median_of_within_round_ratios() -> None:
+    """A round's two setups run back to back; across rounds the machine drifts, so the
+    ratio is taken within each round, then the median (with the range)."""
+    from weft.bench.policy import summarize
+
+    def run(sat: float, fresh: float, p99: float) -> dict:
+        return {"saturation": {"per_second": sat, "errors": 0},
+                "saturation_unique_paths": {"per_second": fresh, "errors": 0},
+                "latency": {"p50_us": 1000.0, "p99_us": p99, "errors": 0}}  # fmt: skip
+
+    # The machine got twice as fast in round 2: per setup medians would mislead.
+    runs = {"none": [run(1000, 1000, 2000), run(2000, 2000, 1000), run(1000, 1000, 2000)],
+            "with_policies": [run(950, 900, 2000), run(1900, 1800, 1100),
+                              run(960, 920, 2100)]}  # fmt: skip
+    out = summarize(runs, 500.0)
+    assert out["saturation_ratio"] == 0.95 and out["saturation_ratio_range"] == [0.95, 0.96]
+    assert out["saturation_unique_paths_ratio"] == 0.9
+    assert out["p99_ratio"] == 1.05 and out["p99_ratio_range"] == [1.0, 1.1]
+    assert out["with_policies"]["errors"] == 0
