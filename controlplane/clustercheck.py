@@ -939,38 +939,41 @@ def _waiting(pod: JSON) -> str:
     return f"phase {(pod.get('status') or {}).get('phase', '?')}"
 
 
-def judge_discovery(replicas: Sequence[tuple[str, Answer, Answer]]) -> CheckResult:
-    """The control plane replicas' /ready (blockers ``discovery``, ``issuer``) and their
-    discovery revision and subscribed agents (``weft_discovery_*``)."""
+def judge_discovery(replicas: Sequence[tuple[JSON, Answer, Answer]]) -> CheckResult:
+    """The control plane replicas' /ready (blockers ``discovery``, ``issuer``), their
+    discovery revision and subscribed agents (``weft_discovery_*``).  Where the pod proxy
+    gives no answer, the pod's Ready condition stands in: its readiness probe is that
+    same /ready."""
     label = "discovery"
     if not replicas:
         return CheckResult(label, False, True, "no control plane pod is running")
-    synced, problems, streams = [], [], 0.0
+    synced, problems, streams, inferred = [], [], 0.0, 0
     for pod, ready, metrics in replicas:
+        name = pod["metadata"]["name"]
         m = parse_metrics(metrics.text) if metrics.ok else {}
         streams += m.get("weft_discovery_subscribers", 0)
         if ready.ok:
-            synced.append(f"{int(m.get('weft_discovery_revision', 0))}")
+            synced.append(str(int(m.get("weft_discovery_revision", 0))))
         elif ready.code == 503 and "not ready" in ready.text:
-            problems.append(f"{pod}: {'; '.join(ready.text.strip().splitlines())}")
+            problems.append(f"{name}: {'; '.join(ready.text.strip().splitlines())}")
+        elif _ready(pod):
+            synced.append("?")
+            inferred += 1
         else:
-            problems.append(f"{pod}: {ready.why()}")
-    detail = (
-        f"{len(synced)}/{len(replicas)} control plane replica{'s' * (len(replicas) != 1)} synced"
-    )
+            problems.append(f"{name}: not Ready, and /ready through the API server: {ready.why()}")
+    n = len(replicas)
+    detail = f"{len(synced)}/{n} control plane replica{'s' * (n != 1)} synced"
     if synced:
         detail += f" (revision {', '.join(synced)}), {int(streams)} agent stream"
         detail += "s" * (int(streams) != 1)
+    if inferred:
+        detail += f"; {inferred} judged by the pod's Ready condition (the pod proxy gave no answer)"
     if problems:
         detail += "; " + "; ".join(problems)
     if not synced:
-        return CheckResult(
-            label,
-            False,
-            True,
-            detail,
-            "the control plane's log says which list or watch fails (RBAC, API errors)",
-        )
+        return CheckResult(label, False, True, detail,
+                           "the control plane's log says which list or watch fails (RBAC, "
+                           "API errors)")  # fmt: skip
     return CheckResult(label, not problems, not problems, detail)
 
 
@@ -1105,7 +1108,7 @@ def run_installed(
         name = pod["metadata"]["name"]
         replicas.append(
             (
-                name,
+                pod,
                 cluster.proxy(namespace, name, CONTROLPLANE_ADMIN_PORT, "ready"),
                 cluster.proxy(namespace, name, CONTROLPLANE_ADMIN_PORT, "metrics"),
             )
