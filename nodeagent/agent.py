@@ -101,6 +101,7 @@ from nodeagent.proxymetrics import admission_metrics as _admission_metrics
 from nodeagent.proxymetrics import hold_metrics as _hold_metrics
 from nodeagent.proxymetrics import pool_metrics as _pool_metrics
 from nodeagent.retrymetrics import RetryMetrics
+from nodeagent.tap import TapHub
 from nodeagent.tracing import TraceExporter
 from weft.files import write_json_atomic
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
@@ -430,6 +431,9 @@ class Agent:
         self.trace_exporter = (
             TraceExporter(cfg.tracing, Resource(node=cfg.node)) if cfg.tracing.enabled else None
         )
+        # Live tap (`weft viz tap`): the admin port's loopback clients subscribe; the data
+        # path publishes only while one does.
+        self.tap = TapHub(cfg.node)
         self.outbound_http = OutboundHttp(
             mesh=self.mesh,
             failover=Failover(
@@ -445,6 +449,7 @@ class Agent:
             authorize=self.authorizer.outbound,
             tracer=self.tracer if self.trace_exporter is not None else None,
             record_span=self.trace_exporter.record if self.trace_exporter is not None else None,
+            tap=self.tap,
         )
         self.inbound_http = InboundHttp(
             connect=connect_target_plaintext,
@@ -454,6 +459,7 @@ class Agent:
             # The SERVER span of requests whose client node reserved one (tracestate).
             tracer=self.tracer if self.trace_exporter is not None else None,
             record_span=self.trace_exporter.record if self.trace_exporter is not None else None,
+            tap=self.tap,
         )
         self.switch: ProtocolSwitch | None = None
         self.started = time.time()
@@ -519,6 +525,7 @@ class Agent:
                 "notes": list(progs.notes) if progs else [],
             },
             "capture": self.manager.snapshot() if self.manager else None,
+            "tap": self.tap.state(),
             "certificates": self.certs.snapshot() if self.certs else None,
             "discovery": self.discovery.snapshot() if self.discovery else None,
             "http": {
@@ -1073,7 +1080,7 @@ class Agent:
             hold=self.holds["outbound"],
             serve=self.switch,
         )
-        admin = AdminServer(self.readiness, self.state, self.registry)
+        admin = AdminServer(self.readiness, self.state, self.registry, tap=self.tap)
         admin_server = await asyncio.start_server(
             admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024, reuse_port=True
         )
@@ -1143,6 +1150,7 @@ class Agent:
                 if t.get_name() in ("capture-manager", "discovery"):
                     t.cancel()
             admin_server.close()
+            self.tap.close()  # tap streams end (their clients see the stream finish)
             await self.proxy.close(cfg.drain_seconds)
             if self.tunnel_server is not None:
                 await self.tunnel_server.close(cfg.drain_seconds)

@@ -36,10 +36,14 @@ from weft.viz.sources import (
     PrometheusSource,
     Source,
     SourceError,
+    TapStream,
+    lab_accounts,
     lab_agents,
+    lab_tap_agents,
     lab_topology,
     load_lab,
 )
+from weft.viz.sources import why as sources_why
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -113,10 +117,8 @@ def viz(
       weft viz edges deploy                # who talks to whom, identities, mTLS
       weft viz routes svc/echo             # per route, or [default]
       weft viz top                         # busiest traffic, live (--once for one table)
+      weft viz tap deploy/echo --max 5     # live requests from the agents (loopback only)
       weft viz dashboard                   # the service graph in a browser (127.0.0.1)
-    \b
-    Not yet: `weft viz tap` (a live stream of requests) is being built (issue #14) and is
-    not in this version.
     """
 
     ctx.obj = _Options(lab_name, prometheus, agent_addrs, timeout)
@@ -687,6 +689,197 @@ def _live_top(env: Env, namespace: str | None, interval: float, max_rows: int) -
             pass
 
 
+# -- tap ----------------------------------------------------------------------------------
+
+
+@viz.command()
+@click.argument("resource", metavar="KIND/NAME")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--to", metavar="KIND/NAME", help="Only requests to this (e.g. pod/echo-1).")
+@click.option("--from", "from_", metavar="KIND/NAME", help="Only requests from this.")
+@click.option("--method", metavar="METHOD", help="Only requests of this method (GET, POST...).")
+@click.option("--path", metavar="PREFIX", help="Only requests whose path starts so.")
+@click.option(
+    "--max",
+    "max_events",
+    type=click.IntRange(min=1),
+    help="Exit after this many requests (from every agent together).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True, max=3600),
+    metavar="SECONDS",
+    help="Exit after this many seconds (default: until Ctrl-C, or the agents' 1 h).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: one JSON object per request, per line.",
+)
+@click.pass_context
+def tap(
+    ctx: click.Context,
+    resource: str,
+    name: str | None,
+    namespace: str,
+    to: str | None,
+    from_: str | None,
+    method: str | None,
+    path: str | None,
+    max_events: int | None,
+    duration: float | None,
+    output: str,
+) -> None:
+    """A live stream of requests to or from a resource, as the node agents see them.
+
+    \b
+      weft viz tap deploy/echo                      # Ctrl-C stops
+      weft viz tap deploy/echo --max 5 -o json      # one JSON object per line
+      weft viz tap pod/client-1 --to deploy/echo --method GET --path /api --duration 10
+      weft viz --agent 127.0.0.1:15020 tap ns/default   # through kubectl port-forward
+    \b
+    Each request is shown by the caller's node (out) and the destination's (in): method,
+    path, authority, status or the proxy's error, latency, both ends and their SPIFFE
+    identities, the route. The agents serve their tap only to clients on the node itself
+    (loopback): in the lab this runs inside each node's namespace (root); in Kubernetes,
+    `kubectl port-forward` to the agent's pod and --agent. A reader slower than the traffic
+    loses requests; the agent counts them and this says so.
+    """
+    from weft.viz import tap as tapview
+
+    o: _Options = ctx.obj
+    if o.prometheus:
+        _fail("weft viz tap reads the agents, not Prometheus: drop --prometheus")
+    try:
+        kind, rname = _resource(resource, name)
+        if rname is None:
+            raise VizError(f"{resource!r}: give KIND/NAME, e.g. deploy/echo, pod/echo-1")
+        target = model.Target(kind, rname, namespace)
+        state = None
+        try:
+            state = load_lab(o.lab)
+        except SourceError as e:
+            if not o.agents:
+                _fail(f"{e} (or give --agent HOST:PORT)")
+        topology = lab_topology(state) if state is not None and not o.agents else Topology()
+        accounts = lab_accounts(state) if state is not None and not o.agents else {}
+        query = tapview.tap_query(
+            target,
+            topology,
+            accounts,
+            to=model.parse_target(to, namespace) if to else None,
+            from_=model.parse_target(from_, namespace) if from_ else None,
+            method=method,
+            path=path,
+            max_events=max_events,
+            duration=duration,
+        )
+    except VizError as e:
+        _fail(str(e))
+    if o.agents:
+        agents = [_agent(a) for a in o.agents]
+    else:
+        assert state is not None
+        agents = lab_tap_agents(state)
+    _run_tap(agents, query, o.timeout, max_events, duration, output == "json", f"{target}")
+
+
+def _run_tap(
+    agents: Sequence[Agent],
+    query: str,
+    timeout: float,
+    max_events: int | None,
+    duration: float | None,
+    as_json: bool,
+    what: str,
+) -> None:
+    """Read every agent's stream in its own thread; print in arrival order."""
+    import queue
+    import threading
+
+    from weft.viz import tap as tapview
+
+    inbox: queue.Queue[tuple[Agent, dict[str, Any] | None, str | None]] = queue.Queue()
+    streams = [TapStream(a, query, timeout) for a in agents]
+
+    def read(stream: TapStream) -> None:
+        try:
+            for item in stream:
+                inbox.put((stream.agent, item, None))
+        except OSError as e:
+            inbox.put((stream.agent, None, sources_why(e)))
+            return
+        inbox.put((stream.agent, None, ""))
+
+    for stream in streams:
+        threading.Thread(target=read, args=(stream,), name=f"tap-{stream.agent.name}",
+                         daemon=True).start()  # fmt: skip
+    deadline = None if duration is None else time.monotonic() + duration
+    out = _out()
+    widths = tapview.TapRow.WIDTHS
+
+    def table_line(cells: Sequence[str], header: bool = False) -> None:
+        table = Table(box=None, pad_edge=False, show_header=False, header_style="bold")
+        for w in widths:
+            table.add_column(no_wrap=True, min_width=w, max_width=w, overflow="ellipsis")
+        table.add_row(*(Text(c, style="bold" if header else "") for c in cells))
+        out.print(table)
+
+    if not as_json:
+        err.print(
+            f"[dim]tapping {what} on {len(agents)} agent(s)"
+            + ("" if deadline else " — Ctrl-C stops")
+            + "[/dim]"
+        )
+        table_line(tapview.TapRow.HEADERS, header=True)
+    running, answered, shown = len(streams), 0, 0
+    try:
+        while running and (max_events is None or shown < max_events):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                agent, item, problem = inbox.get(timeout=left if left is not None else 0.5)
+            except queue.Empty:
+                continue
+            where = rich.markup.escape(f"{agent.name} ({agent.where})")
+            if item is None:
+                running -= 1
+                if problem:
+                    err.print(f"[yellow]warning:[/yellow] could not tap the agent of {where}: "
+                              f"{rich.markup.escape(problem)}")  # fmt: skip
+                continue
+            answered |= 1
+            if "end" in item:
+                if item["end"] == "agent stopping":
+                    err.print(f"[yellow]warning:[/yellow] the agent of {where} stopped its tap")
+                continue
+            if "dropped" in item and "direction" not in item:
+                err.print(
+                    f"[yellow]warning:[/yellow] the agent of {where} dropped {item['dropped']} "
+                    "request(s) so far: this reader is slower than the traffic (filter more)"
+                )
+                continue
+            shown += 1
+            if as_json:
+                click.echo(json.dumps(item, sort_keys=True))
+            else:
+                table_line(tapview.row(item).cells())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for stream in streams:
+            stream.close()
+    if not answered and running == 0:
+        _fail("no agent could be tapped")
+    if not as_json:
+        err.print(f"[dim]{shown} request(s)[/dim]")
+
+
 # -- dashboard ----------------------------------------------------------------------------
 
 
@@ -754,7 +947,8 @@ def dashboard(
     \b
     Workloads are nodes; an edge is who calls whom (mTLS or plaintext) with its RPS,
     success rate and latency over --window. Recent traces come from the lab's OTLP
-    receiver (`weft lab up --traces`) or --traces URL. No live tap yet (issue #14).
+    receiver (`weft lab up --traces`) or --traces URL. The live tap is `weft viz tap`
+    (the page has a placeholder for it).
     """
     import asyncio
 

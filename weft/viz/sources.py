@@ -14,6 +14,10 @@ Agents are scraped concurrently, one thread each, with a short timeout: a node t
 does not answer is named, and the others are still shown. In the lab an agent's admin
 port is reachable only inside its node's network namespace, so the socket is made there
 (`weft.nsenter.in_netns` moves only the calling thread).
+
+`TapStream` reads one agent's ``/tap`` stream (``weft viz tap``): the agent serves it only
+to loopback clients, so in the lab it is asked at 127.0.0.1 inside the node's namespace
+(`lab_tap_agents`), as ``weft lab`` reads ``/debug/state``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -123,6 +127,73 @@ def fetch_json(agent: Agent, path: str, timeout: float = SCRAPE_TIMEOUT) -> obje
         return json.loads(body)
     except ValueError:
         raise OSError(f"{path} did not answer JSON") from None
+
+
+class TapStream:
+    """One agent's ``/tap?query`` stream: iterate it (blocking, in a thread) for its JSON
+    lines, the agent's ``{"end": ...}`` last; `close` (from any thread) ends it early.
+    Connecting and the answer's head are bounded by ``timeout``; then reads wait as long
+    as the stream is quiet. `OSError` (with why) if the agent cannot be tapped."""
+
+    def __init__(self, agent: Agent, query: str, timeout: float = SCRAPE_TIMEOUT) -> None:
+        self.agent = agent
+        self.query = query
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        conn = _NetnsConnection(self.agent, self.timeout)
+        try:
+            try:
+                conn.connect()
+                self._sock = conn.sock
+                conn.request(
+                    "GET", f"/tap?{self.query}", headers={"Accept": "application/x-ndjson"}
+                )
+                response = conn.getresponse()
+            except http.client.HTTPException as e:
+                raise OSError(f"bad HTTP answer: {e}") from None
+            if response.status != 200:
+                why = response.read(2000).decode("utf-8", errors="replace").strip()
+                raise OSError(f"/tap answered {response.status} {response.reason}: {why}")
+            if conn.sock is not None:
+                conn.sock.settimeout(None)
+            while True:
+                try:
+                    line = response.readline(1 << 20)
+                except (http.client.HTTPException, ValueError) as e:
+                    if self.closed:
+                        return
+                    raise OSError(f"the stream broke: {e}") from None
+                except OSError:
+                    if self.closed:
+                        return
+                    raise
+                if not line:
+                    return
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    raise OSError("the stream is not JSON lines") from None
+                if isinstance(item, dict):
+                    yield item
+        finally:
+            conn.close()
+
+    @property
+    def closed(self) -> bool:
+        """`close` was called (what the stream raises then is the close, not a fault)."""
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _reason(e: BaseException) -> str:
@@ -283,6 +354,18 @@ def lab_agents(state: LabState) -> list[Agent]:
     return [Agent(n.name, n.ip, ADMIN_PORT, plan.netns(n.name)) for n in plan.nodes]
 
 
+def lab_tap_agents(state: LabState) -> list[Agent]:
+    """Each node's agent as its tap is reached: 127.0.0.1 inside the node's namespace (the
+    agent serves ``/tap`` to loopback clients only)."""
+    plan = state.plan
+    return [Agent(n.name, "127.0.0.1", ADMIN_PORT, plan.netns(n.name)) for n in plan.nodes]
+
+
+def lab_accounts(state: LabState) -> dict[tuple[str, str], str]:
+    """(namespace, pod) -> service account, for matching callers known by identity."""
+    return {(p.namespace, p.name): p.service_account for p in state.plan.pods}
+
+
 def load_lab(name: str) -> LabState:
     """The lab's state (`SourceError` if there is no such lab)."""
     from weft.lab.plan import validate_lab_name
@@ -293,3 +376,8 @@ def load_lab(name: str) -> LabState:
         return load_state(lab_paths(name, None).state_file)
     except (ValueError, StateError) as e:
         raise SourceError(str(e)) from None
+
+
+def why(e: BaseException) -> str:
+    """What an `OSError` reaching an agent means, in words (refused, timeout, ...)."""
+    return _reason(e)

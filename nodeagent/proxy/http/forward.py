@@ -36,6 +36,10 @@ exporter's ``record``.  The span ends when the response head arrives (or the req
 point the latency metrics measure, as Linkerd's proxy ends its spans.  Without a
 tracer the fast path pays one attribute check; a request without trace context at
 sample rate 0 is forwarded as it came.
+
+Tap (`nodeagent.tap`): where its metrics are recorded, a request is also published to
+the node's tap hub — only while someone taps (`TapHub.active`, one attribute check per
+request otherwise), with the route it matched when routing chose one.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ from nodeagent.proxy.retry import RetryBudget
 from nodeagent.proxy.tunnel import Stream, TunnelImpersonation, TunnelRefused, TunnelTimeout
 from nodeagent.proxy.tunnel.wire import Status
 from nodeagent.retrymetrics import EJECTED, TIMEOUT, RetryMetrics
+from nodeagent.tap import OFF, TapEvent, TapHub, account_of
 from weft.identity import SpiffeId
 from weft.mesh import Workload
 from weft.routes import RouteTable, Rule, table_for
@@ -226,6 +231,7 @@ class OutboundHttp:
         authorize: OutboundAuthorize | None = None,
         tracer: Tracer | None = None,
         record_span: RecordSpan | None = None,
+        tap: TapHub | None = None,
     ) -> None:
         self.authorize = authorize
         """Judges each HTTP/2 request for the endpoint chosen (`nodeagent.authz`)."""
@@ -245,6 +251,8 @@ class OutboundHttp:
         self.tracer = tracer if tracer is not None and record_span is not None else None
         """None: tracing is off (no collector), and nothing of it is looked at."""
         self.record_span: RecordSpan = record_span if record_span is not None else _no_span
+        self.tap = tap if tap is not None else OFF
+        """The node's live tap (`nodeagent.tap`); looked at only through its ``active``."""
 
     def budget(self, key: str) -> RetryBudget:
         """The retry budget of ``key`` (`_Route.budget`: a service without routes, or a
@@ -401,6 +409,9 @@ class OutboundForwarder:
         self._traces: dict[Exchange, _Traced] = {}
         """The traced requests in progress (HTTP/2: several at once), until their span
         is recorded (`_record`); keyed by the exchange itself (identity)."""
+        self._tapped_routes: dict[Exchange, _Route] = {}
+        """While someone taps: the route (and backend service) routing chose for a
+        request in progress, for its tap event."""
 
     def _resolve(self) -> tuple[_Route, _QuietObserver]:
         http = self.http
@@ -521,6 +532,8 @@ class OutboundForwarder:
         finally:
             if self._traces:  # a way out that recorded nothing must not keep the hop
                 self._traces.pop(exchange, None)
+            if self._tapped_routes:
+                self._tapped_routes.pop(exchange, None)
 
     async def _forward(self, exchange: Exchange) -> None:
         http = self.http
@@ -549,6 +562,8 @@ class OutboundForwarder:
             traced = self._traces.get(exchange)
             if traced is not None:
                 traced.route, traced.service = route.name, route.service
+        if http.tap.active and route.name:
+            self._tapped_routes[exchange] = route
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic
         if exchange.head.upgrade is None and traffic.retry.enabled:
@@ -939,7 +954,57 @@ class OutboundForwarder:
             trace = self._traces.pop(exchange, None)
             if trace is not None:
                 self._span(trace, exchange, labels, hop, error, cancelled)
+        if self.http.tap.active:
+            self._tap(exchange, labels, hop, error, cancelled)
         record_exchange(self.http.metrics, labels, exchange, error, cancelled=cancelled)
+
+    def _tap(
+        self,
+        exchange: Exchange,
+        labels: HttpLabels,
+        hop: Hop | None,
+        error: ProxyError | None,
+        cancelled: bool,
+    ) -> None:
+        """The request's tap event (only while someone taps)."""
+        head = exchange.head
+        routed = self._tapped_routes.pop(exchange, None) if self._tapped_routes else None
+        route = routed or self._route
+        response = exchange.response
+        latency = None
+        if cancelled:
+            status, grpc, why = None, "", CANCELLED
+        elif error is not None:
+            status, grpc, why = error.status, "", error.token
+        else:
+            status = response.status if response is not None else None
+            grpc = response.grpc_status if response is not None else ""
+            why = ""
+            if exchange.responded is not None:
+                latency = exchange.responded - exchange.started
+        self.http.tap.publish(
+            TapEvent(
+                "outbound",
+                head.method.decode("latin-1"),
+                head.path,
+                labels.authority,
+                status,
+                why,
+                latency,
+                labels.src_workload,
+                labels.src_namespace,
+                account_of(labels.client_id),
+                labels.client_id,
+                labels.dst_workload if hop is not None else "",
+                labels.dst_namespace if hop is not None else "",
+                labels.server_id,
+                labels.tls == "true",
+                grpc_status=grpc,
+                route=routed.name if routed is not None else "",
+                service=route.service if route is not None else "",
+                endpoint=format_address(hop.address) if hop is not None else "",
+            )
+        )
 
 
 def record_exchange(

@@ -28,6 +28,11 @@ the identity the tunnel verified (never a header), the pod's workload, status an
 ``grpc-status``, from the request head to the response head (wall-clock times the
 observer reads for traced requests only).
 A request without one (a caller outside the mesh, an old node) records nothing.
+
+Tap (`nodeagent.tap`): while someone taps (`TapHub.active`, checked once per request
+head by the observers and once per exchange here), the observers keep each request's
+method and target and the recorder publishes the exchange, the caller named by the
+identity the tunnel proved.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from nodeagent.proxy.listener import Address, format_address
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.resolve import workload_name
 from nodeagent.proxy.tunnel.hooks import ServedStream, TargetConnector
+from nodeagent.tap import OFF, TapEvent, TapHub
 from weft.identity import SpiffeId
 from weft.mesh import Workload
 from weft.tracing import Attr, AttrValue, Span, SpanKind, Tracer, status_for_http
@@ -77,8 +83,11 @@ class InboundHttp:
         gate: GateFactory | None = None,
         tracer: Tracer | None = None,
         record_span: RecordSpan | None = None,
+        tap: TapHub | None = None,
     ) -> None:
         self.gate = gate
+        self.tap = tap if tap is not None else OFF
+        """The node's live tap; the observers look at its ``active`` per request head."""
         self.tracer = tracer if tracer is not None and record_span is not None else None
         """None: tracing is off (no collector); the observers then keep no headers. Its
         ``enabled`` is looked at per stream (the agent turns it off if the exporter
@@ -129,7 +138,7 @@ class InboundHttp:
         gate = self.gate(client, target, routed) if self.gate is not None else None
         observer = Http1Observer(
             recorder, label=label, clock=loop.time, limits=self.limits, gate=gate,
-            tracing=recorder.tracing,
+            tracing=recorder.tracing, tap=self.tap,
         )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.streams += 1
@@ -144,7 +153,7 @@ class InboundHttp:
         recorder = _Recorder(self, client, presented, target, self._tracing(), "2")
         observer = H2Observer(
             recorder, label=label, clock=loop.time, config=self.h2_config,
-            tracing=recorder.tracing,
+            tracing=recorder.tracing, tap=self.tap,
         )  # fmt: skip
         served = await self._relay(observer, target, label)
         self.h2_streams += 1
@@ -209,6 +218,7 @@ class _Recorder:
         error: str,
         grpc_status: str = "",
         trace: Traced | None = None,
+        asked: tuple[bytes, bytes] | None = None,
     ) -> None:
         labels = self._labels.get(authority)
         if labels is None:
@@ -222,6 +232,30 @@ class _Recorder:
         )
         if trace is not None and self.tracing:
             self._span(trace, labels, status, error, grpc_status)
+        tap = self._http.tap
+        if tap.active:
+            method, target = asked if asked is not None else (b"", b"")
+            tap.publish(
+                TapEvent(
+                    "inbound",
+                    method.decode("latin-1"),
+                    target.decode("latin-1").partition("?")[0],
+                    labels.authority,
+                    status,
+                    error,
+                    latency,
+                    "",
+                    labels.src_namespace,
+                    labels.src_workload,
+                    labels.client_id,
+                    labels.dst_workload,
+                    labels.dst_namespace,
+                    labels.server_id,
+                    True,
+                    grpc_status=grpc_status,
+                    endpoint=format_address(self._target),
+                )
+            )
 
     def _span(
         self, trace: Traced, labels: HttpLabels, status: int | None, error: str, grpc: str

@@ -17,6 +17,8 @@ destination must still do:
   the pod;
 * **count each exchange** in the golden metrics with the client's verified identity
   (`ExchangeSink`): status, and latency from the request head to the response head;
+* **tap** (only while someone taps: one check of `TapHub.active` per request head):
+  keep the request's method and target for the sink (`nodeagent.tap`);
 * **trace** (only when the node traces: the request parser is then made with callbacks
   that keep a head's ``traceparent``/``tracestate``/B3 headers, so an observer that does
   not trace pays nothing per header): hand the sink the span the client node reserved
@@ -48,6 +50,7 @@ import httptools
 from nodeagent.proxy.http.h1 import H1Error, Limits, Stop, parser_error_detail, reraise_callback_bug
 from nodeagent.proxy.http.message import ProxyError, error_response
 from nodeagent.proxy.relay import Relay
+from nodeagent.tap import OFF, TapHub
 from weft.tracing.peer import INBOUND_HEADERS, INBOUND_LENGTHS, PeerSpan, peer_span
 
 log = logging.getLogger("weft.proxy.http")
@@ -80,6 +83,7 @@ class Traced(NamedTuple):
 Reserved = tuple[PeerSpan, bytes, bytes, int]
 """(span, method, request-target, start in unix ns) of a request the client node
 reserved a span for."""
+_Pending = tuple[float, bool, bytes | None, Reserved | None, tuple[bytes, bytes] | None]
 
 
 class ExchangeSink(Protocol):
@@ -91,10 +95,12 @@ class ExchangeSink(Protocol):
         error: str,
         grpc_status: str = "",
         trace: Traced | None = None,
+        asked: tuple[bytes, bytes] | None = None,
     ) -> None:
         """One exchange ended: ``status`` None and ``error`` set when no response came
         (``grpc_status``: an HTTP/2 stream's trailers said so; ``trace``: the client
-        node reserved a span for this hop, only when the observer traces)."""
+        node reserved a span for this hop, only when the observer traces; ``asked``:
+        the request's method and target, only while someone taps)."""
 
 
 class RequestGate(Protocol):
@@ -245,6 +251,7 @@ class Http1Observer:
         "request_parser",
         "response_parser",
         "sink",
+        "tap",
         "tracing",
     )
 
@@ -258,9 +265,11 @@ class Http1Observer:
         gate: RequestGate | None = None,
         tracing: bool = False,
         span_clock: Callable[[], int] = time.time_ns,
+        tap: TapHub | None = None,
     ) -> None:
         self.sink = sink
         self.gate = gate
+        self.tap = tap if tap is not None else OFF
         self._span_clock = span_clock
         """Wall-clock ns for spans, read only for traced requests (``clock`` is the
         loop's, which uvloop caches per iteration at millisecond resolution)."""
@@ -275,9 +284,9 @@ class Http1Observer:
         self._responses = _Responses(self)
         self.request_parser = httptools.HttpRequestParser(self._requests)
         self.response_parser = httptools.HttpResponseParser(self._responses)
-        self.pending: deque[tuple[float, bool, bytes | None, Reserved | None]] = deque()
+        self.pending: deque[_Pending] = deque()
         """Requests sent to the pod and not yet answered: (head time, HEAD?, Host, the
-        span reserved for this hop)."""
+        span reserved for this hop, (method, target) while someone taps)."""
         self.error: H1Error | None = None
         self._fed_in_head = 0
         self._head_started: float | None = None
@@ -406,7 +415,8 @@ class Http1Observer:
                 span = peer_span(found)
                 if span is not None:
                     reserved = (span, method, self._requests.url, self._span_clock())
-        self.pending.append((self._clock(), method == b"HEAD", host, reserved))
+        asked = (method, self._requests.url) if self.tap.active else None
+        self.pending.append((self._clock(), method == b"HEAD", host, reserved, asked))
 
     def response_head(self, status: int) -> None:
         pending = self.pending
@@ -425,28 +435,25 @@ class Http1Observer:
             raise Stop
 
     def response_end(self) -> None:
-        started, _, host, span = self.pending.popleft()
+        started, _, host, span, asked = self.pending.popleft()
         status, self._status = self._status, None
-        if span is None:
+        if span is None and asked is None:
             self.sink.exchange(host, status, self._responded - started, "")
         else:
-            traced = Traced(*span, self._responded_ns)
-            self.sink.exchange(host, status, self._responded - started, "", trace=traced)
+            traced = Traced(*span, self._responded_ns) if span is not None else None
+            self.sink.exchange(
+                host, status, self._responded - started, "", trace=traced, asked=asked
+            )
 
-    def _lost(
-        self,
-        entry: tuple[float, bool, bytes | None, Reserved | None],
-        status: int | None,
-        error: str,
-    ) -> None:
+    def _lost(self, entry: _Pending, status: int | None, error: str) -> None:
         """A request that got no response (``host`` is not kept for these: the labels
         of a lost exchange name no authority)."""
-        _, _, _, span = entry
-        if span is None:
+        _, _, _, span, asked = entry
+        if span is None and asked is None:
             self.sink.exchange(None, status, None, error)
         else:
-            traced = Traced(*span, self._span_clock())
-            self.sink.exchange(None, status, None, error, trace=traced)
+            traced = Traced(*span, self._span_clock()) if span is not None else None
+            self.sink.exchange(None, status, None, error, trace=traced, asked=asked)
 
     # --- endings -------------------------------------------------------------------------
 
@@ -456,10 +463,10 @@ class Http1Observer:
         assert relay is not None
         self._opaque = True
         if self.pending:
-            started, _, host, span = self.pending.popleft()
+            started, _, host, span, asked = self.pending.popleft()
             now = self._clock()
             traced = Traced(*span, self._span_clock()) if span is not None else None
-            self.sink.exchange(host, 101, now - started, "", trace=traced)
+            self.sink.exchange(host, 101, now - started, "", trace=traced, asked=asked)
         held, self._held = self._held, None
         relay.hold(relay.client, False)
         if held:

@@ -17,6 +17,8 @@ request, half of an HTTP/2 request's CPU in the mesh. What this node must still 
 * **trace** (only when the node traces: one check per request head otherwise): keep
   each request head's ``traceparent``/``tracestate``/B3 headers and hand the sink the
   span the client node reserved for this hop (`weft.tracing.peer`);
+* **tap** (only while someone taps: the same one check per request head): keep each
+  request's ``:method`` and ``:path`` for the sink (`nodeagent.tap`);
 * **keep HPACK in step**: every header block of both directions is decoded (the dynamic
   tables change with each), with the table sizes each side's SETTINGS allow;
 * **bound what a peer can make it do** — the peer is an authenticated workload, not
@@ -44,6 +46,7 @@ from nodeagent.proxy.http.h2conn import Budget, H2Config
 from nodeagent.proxy.http.message import ProxyError
 from nodeagent.proxy.http.observe import CANCELLED, ExchangeSink, Reserved, Traced
 from nodeagent.proxy.relay import Relay
+from nodeagent.tap import OFF, TapHub
 from weft.tracing.peer import INBOUND_HEADERS, peer_span
 
 log = logging.getLogger("weft.proxy.http")
@@ -173,11 +176,20 @@ class FrameScanner:
 
 class _Stream:
     __slots__ = (
-        "authority", "grpc_status", "responded", "responded_ns", "span", "started", "status",
+        "asked", "authority", "grpc_status", "responded", "responded_ns", "span", "started",
+        "status",
     )  # fmt: skip
 
-    def __init__(self, started: float, authority: bytes | None, span: Reserved | None) -> None:
+    def __init__(
+        self,
+        started: float,
+        authority: bytes | None,
+        span: Reserved | None,
+        asked: tuple[bytes, bytes] | None = None,
+    ) -> None:
         self.started = started
+        self.asked = asked
+        """(``:method``, ``:path``), kept only while someone taps."""
         self.authority = authority
         self.status: int | None = None
         self.responded = 0.0
@@ -238,8 +250,10 @@ class H2Observer:
         config: H2Config | None = None,
         tracing: bool = False,
         span_clock: Callable[[], int] = time.time_ns,
+        tap: TapHub | None = None,
     ) -> None:
         self.sink = sink
+        self.tap = tap if tap is not None else OFF
         self.tracing = tracing
         self._span_clock = span_clock
         """Wall-clock ns for spans, read only for traced streams (``clock`` is the loop's,
@@ -349,7 +363,9 @@ class H2Observer:
         self._last_client_sid = sid
         authority = None
         span: Reserved | None = None
-        if self.tracing:
+        asked: tuple[bytes, bytes] | None = None
+        tapping = self.tap.active
+        if self.tracing or tapping:
             found = []
             method = path = b""
             for name, value in headers:
@@ -361,10 +377,12 @@ class H2Observer:
                     method = value
                 elif name == b":path":
                     path = value
-            if found:
+            if found and self.tracing:
                 peer = peer_span(found)
                 if peer is not None:
                     span = (peer, method, path, self._span_clock())
+            if tapping:
+                asked = (method, path)
         else:
             for name, value in headers:
                 if name == b":authority":
@@ -372,7 +390,7 @@ class H2Observer:
                     break
                 if name == b"host":
                     authority = value
-        self.streams[sid] = _Stream(self._clock(), authority, span)
+        self.streams[sid] = _Stream(self._clock(), authority, span, asked)
 
     # --- the pod's frames ----------------------------------------------------------------
 
@@ -454,16 +472,17 @@ class H2Observer:
             "",
             grpc_status=stream.grpc_status,
             trace=Traced(*span, stream.responded_ns) if span is not None else None,
+            asked=stream.asked,
         )
 
     def _lost(self, stream: _Stream, status: int | None, error: str) -> None:
         """A stream that ended without a complete response."""
-        span = stream.span
-        if span is None:
+        span, asked = stream.span, stream.asked
+        if span is None and asked is None:
             self.sink.exchange(stream.authority, status, None, error)
         else:
-            traced = Traced(*span, self._span_clock())
-            self.sink.exchange(stream.authority, status, None, error, trace=traced)
+            traced = Traced(*span, self._span_clock()) if span is not None else None
+            self.sink.exchange(stream.authority, status, None, error, trace=traced, asked=asked)
 
     # --- shared --------------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""``weft viz tap`` without I/O (`weft.viz.tap`): a resource and its filters as the
+agents' ``/tap`` query, with and without a lab's topology, and events as table rows."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+import pytest
+from click.testing import CliRunner
+
+from weft.viz.model import Pod, Service, Target, Topology, VizError
+from weft.viz.tap import row, tap_query
+
+TOPO = Topology(
+    pods=(
+        Pod("default", "client-1", "node-1", {"app": "client"}),
+        Pod("default", "echo-1", "node-1", {"app": "echo"}),
+        Pod("default", "echo-2", "node-2", {"app": "echo"}),
+    ),
+    services=(Service("default", "echo", {"app": "echo"}),),
+)
+ACCOUNTS = {("default", "client-1"): "client", ("default", "echo-1"): "echo",
+            ("default", "echo-2"): "echo"}  # fmt: skip
+
+
+def q(text: str) -> list[tuple[str, str]]:
+    return parse_qsl(text)
+
+
+def test_a_deployment_is_its_pods_and_their_accounts() -> None:
+    query = tap_query(Target("deploy", "echo", "default"), TOPO, ACCOUNTS, max_events=5)
+    assert q(query) == [("pod", "default/echo-1"), ("pod", "default/echo-2"),
+                        ("sa", "default/echo"), ("max", "5")]  # fmt: skip
+    query = tap_query(
+        Target("svc", "echo", "default"), TOPO, ACCOUNTS,
+        to=Target("pod", "echo-2", "default"), from_=Target("deploy", "client", "default"),
+        method="get", path="/api", duration=2.5,
+    )  # fmt: skip
+    assert ("to.pod", "default/echo-2") in q(query) and ("to.sa", "default/echo") in q(query)
+    assert ("from.pod", "default/client-1") in q(query)
+    assert ("from.sa", "default/client") in q(query)
+    assert ("method", "GET") in q(query) and ("path", "/api") in q(query)
+    assert ("duration", "2.5") in q(query)
+    assert q(tap_query(Target("ns", "shop", "default"), TOPO, ACCOUNTS)) == [("ns", "shop")]
+
+
+def test_without_a_topology_a_deployment_is_named_by_its_pods_prefix() -> None:
+    query = tap_query(Target("deploy", "echo", "shop"), Topology(), {})
+    assert q(query) == [("pod", "shop/echo"), ("prefix", "shop/echo-"), ("sa", "shop/echo")]
+    assert q(tap_query(Target("pod", "x-1", "shop"), Topology(), {})) == [("pod", "shop/x-1")]
+    with pytest.raises(VizError, match="svc needs one"):
+        tap_query(Target("svc", "echo", "shop"), Topology(), {})
+
+
+def test_unknown_resources_and_bad_paths_are_refused() -> None:
+    with pytest.raises(VizError, match="no deploy/nope"):
+        tap_query(Target("deploy", "nope", "default"), TOPO, ACCOUNTS)
+    with pytest.raises(VizError, match="starting with /"):
+        tap_query(Target("deploy", "echo", "default"), TOPO, ACCOUNTS, path="api")
+
+
+def test_rows() -> None:
+    out = row({
+        "direction": "outbound", "node": "node-1", "method": "GET", "path": "/", "authority":
+        "echo", "status": 200, "latency_ms": 1.25, "route": None,
+        "src": {"pod": "client-1", "namespace": "default", "identity": "spiffe://a"},
+        "dst": {"pod": "echo-1", "namespace": "default", "identity": "spiffe://b"},
+    })  # fmt: skip
+    assert out.cells() == ("out", "node-1", "GET", "/", "echo", "200", "1.2ms",
+                           "default/client-1", "default/echo-1", "spiffe://a", "spiffe://b",
+                           "-")  # fmt: skip
+    failed = row({
+        "direction": "inbound", "status": 503, "error": "no-endpoints", "latency_ms": None,
+        "src": {"pod": None, "namespace": "default", "service_account": "client"}, "dst": {},
+    })  # fmt: skip
+    assert failed.direction == "in" and failed.status == "503 no-endpoints"
+    assert failed.src == "default/sa:client" and failed.dst == "-" and failed.latency == "-"
+
+
+def test_the_command_refuses_prometheus_and_a_missing_name() -> None:
+    from weft.cli import cli
+
+    result = CliRunner().invoke(cli, ["viz", "--prometheus", "http://p", "tap", "deploy/echo"])
+    assert result.exit_code == 1 and "not Prometheus" in result.output
+    result = CliRunner().invoke(cli, ["viz", "--agent", "127.0.0.1:1", "tap", "deploy"])
+    assert result.exit_code == 1 and "give KIND/NAME" in result.output
+
+
+def test_an_agent_that_cannot_be_tapped_is_named() -> None:
+    from weft.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["viz", "--agent", "127.0.0.1:1", "tap", "deploy/echo", "--duration", "2"]
+    )
+    assert result.exit_code == 1
+    assert "could not tap the agent of 127.0.0.1:1" in result.output
+    assert "connection refused" in result.output and "no agent could be tapped" in result.output

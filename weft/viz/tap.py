@@ -1,0 +1,154 @@
+"""``weft viz tap`` without I/O: the ``/tap`` query a resource and its filters become, and
+the rows the events print as.
+
+The agents know pods, not Deployments or Services (their events name pods, and the
+caller of an inbound request only by its identity), so the resource is resolved here,
+from the lab's topology, into what the agent matches (`nodeagent.tap.Ends`): the pods'
+names, and their service accounts for an end known only by identity. Without a topology
+(``--agent`` outside a lab) ``deploy/NAME`` is the pods named ``NAME-…`` — how a
+Deployment names its pods — or ``NAME``, and callers whose service account is ``NAME``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from weft.viz.model import Target, Topology, VizError
+
+Accounts = Mapping[tuple[str, str], str]
+"""(namespace, pod) -> service account."""
+
+
+def end_params(
+    target: Target, topology: Topology, accounts: Accounts, side: str = ""
+) -> list[tuple[str, str]]:
+    """The query parameters of one end (``side``: ``""``, ``to`` or ``from``)."""
+    key = f"{side}." if side else ""
+    ns, name = target.namespace, target.name
+    if target.kind == "ns":
+        return [(key + "ns", name)]
+    pods = [
+        p.name
+        for p in topology.pods
+        if p.namespace == ns and name in topology.groups(target.kind, ns, p.name)
+    ]
+    if not pods:
+        if target.kind == "pod":
+            return [(key + "pod", f"{ns}/{name}")]
+        if target.kind == "deploy" and not topology.pods:
+            return [
+                (key + "pod", f"{ns}/{name}"),
+                (key + "prefix", f"{ns}/{name}-"),
+                (key + "sa", f"{ns}/{name}"),
+            ]
+        where = "the lab" if topology.pods else "a lab (svc needs one: give pod/ or deploy/)"
+        raise VizError(f"no {target} in namespace {ns} in {where}")
+    params = [(key + "pod", f"{ns}/{p}") for p in sorted(pods)]
+    params += [
+        (key + "sa", f"{ns}/{sa}")
+        for sa in sorted({accounts[(ns, p)] for p in pods if (ns, p) in accounts})
+    ]
+    return params
+
+
+def tap_query(
+    resource: Target,
+    topology: Topology,
+    accounts: Accounts,
+    *,
+    to: Target | None = None,
+    from_: Target | None = None,
+    method: str | None = None,
+    path: str | None = None,
+    max_events: int | None = None,
+    duration: float | None = None,
+) -> str:
+    """The ``/tap`` query string for the agents."""
+    params = end_params(resource, topology, accounts)
+    if to is not None:
+        params += end_params(to, topology, accounts, "to")
+    if from_ is not None:
+        params += end_params(from_, topology, accounts, "from")
+    if method:
+        params.append(("method", method.upper()))
+    if path:
+        if not path.startswith("/"):
+            raise VizError(f"--path {path!r}: give a path prefix starting with /")
+        params.append(("path", path))
+    if max_events is not None:
+        params.append(("max", str(max_events)))
+    if duration is not None:
+        params.append(("duration", f"{duration:g}"))
+    return urlencode(params, safe="/")
+
+
+@dataclass(frozen=True)
+class TapRow:
+    """An event as the table prints it."""
+
+    direction: str
+    node: str
+    method: str
+    path: str
+    authority: str
+    status: str
+    latency: str
+    src: str
+    dst: str
+    client_id: str
+    server_id: str
+    route: str
+
+    HEADERS = (
+        "DIR", "NODE", "METHOD", "PATH", "AUTHORITY", "STATUS", "LATENCY", "SRC", "DST",
+        "CLIENT_ID", "SERVER_ID", "ROUTE",
+    )  # fmt: skip
+    WIDTHS = (3, 8, 6, 24, 16, 20, 8, 24, 24, 44, 44, 16)
+
+    def cells(self) -> tuple[str, ...]:
+        return (
+            self.direction, self.node, self.method, self.path, self.authority, self.status,
+            self.latency, self.src, self.dst, self.client_id, self.server_id, self.route,
+        )  # fmt: skip
+
+
+def _end(end: Mapping[str, Any]) -> str:
+    ns = end.get("namespace") or "?"
+    if end.get("pod"):
+        return f"{ns}/{end['pod']}"
+    if end.get("service_account"):
+        return f"{ns}/sa:{end['service_account']}"  # inbound: the caller by identity
+    return "-"
+
+
+def _latency(ms: object) -> str:
+    if not isinstance(ms, int | float):
+        return "-"
+    return f"{ms:.1f}ms" if ms < 10 else f"{ms:.0f}ms"
+
+
+def row(event: Mapping[str, Any]) -> TapRow:
+    src = event.get("src") or {}
+    dst = event.get("dst") or {}
+    status = "" if event.get("status") is None else str(event["status"])
+    if event.get("grpc_status"):
+        status += f" grpc={event['grpc_status']}"
+    if event.get("error"):
+        status = f"{status} {event['error']}".strip()
+    return TapRow(
+        "out" if event.get("direction") == "outbound" else "in",
+        str(event.get("node") or ""),
+        str(event.get("method") or "-"),
+        str(event.get("path") or "-"),
+        str(event.get("authority") or "-"),
+        status or "-",
+        _latency(event.get("latency_ms")),
+        _end(src),
+        _end(dst),
+        str(src.get("identity") or "-"),
+        str(dst.get("identity") or "-"),
+        str(event.get("route") or "-"),
+    )
