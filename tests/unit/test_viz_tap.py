@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from weft.viz.model import Pod, Service, Target, Topology, VizError
-from weft.viz.tap import row, tap_query
+from weft.viz.tap import TapRow, line, row, tap_query
 
 TOPO = Topology(
     pods=(
@@ -95,3 +95,12 @@ def test_an_agent_that_cannot_be_tapped_is_named() -> None:
     assert result.exit_code == 1
     assert "could not tap the agent of 127.0.0.1:1" in result.output
     assert "connection refused" in result.output and "no agent could be tapped" in result.output
+
+
+def test_lines_line_up_and_cut_long_cells() -> None:
+    header = line(TapRow.HEADERS)
+    cells = row({"direction": "outbound", "path": "/" + "p" * 40, "route": "default/a-long-route"})
+    text = line(cells.cells())
+    assert header.index("PATH") == text.index("/p")
+    assert "p…" in text and text.endswith("default/a-long-route")  # the last is not cut
+    assert header.index("CLIENT_ID") == text.index("-  ", header.index("CLIENT_ID"))

@@ -819,15 +819,10 @@ def _run_tap(
         threading.Thread(target=read, args=(stream,), name=f"tap-{stream.agent.name}",
                          daemon=True).start()  # fmt: skip
     deadline = None if duration is None else time.monotonic() + duration
-    out = _out()
-    widths = tapview.TapRow.WIDTHS
 
-    def table_line(cells: Sequence[str], header: bool = False) -> None:
-        table = Table(box=None, pad_edge=False, show_header=False, header_style="bold")
-        for w in widths:
-            table.add_column(no_wrap=True, min_width=w, max_width=w, overflow="ellipsis")
-        table.add_row(*(Text(c, style="bold" if header else "") for c in cells))
-        out.print(table)
+    def emit(text: str) -> None:
+        click.echo(text)
+        sys.stdout.flush()  # live, also into a pipe (| jq)
 
     if not as_json:
         err.print(
@@ -835,8 +830,8 @@ def _run_tap(
             + ("" if deadline else " — Ctrl-C stops")
             + "[/dim]"
         )
-        table_line(tapview.TapRow.HEADERS, header=True)
-    running, answered, shown = len(streams), 0, 0
+        emit(tapview.line(tapview.TapRow.HEADERS))
+    running, answered, shown = len(streams), False, 0
     try:
         while running and (max_events is None or shown < max_events):
             left = None if deadline is None else deadline - time.monotonic()
@@ -853,7 +848,7 @@ def _run_tap(
                     err.print(f"[yellow]warning:[/yellow] could not tap the agent of {where}: "
                               f"{rich.markup.escape(problem)}")  # fmt: skip
                 continue
-            answered |= 1
+            answered = True
             if "end" in item:
                 if item["end"] == "agent stopping":
                     err.print(f"[yellow]warning:[/yellow] the agent of {where} stopped its tap")
@@ -866,9 +861,9 @@ def _run_tap(
                 continue
             shown += 1
             if as_json:
-                click.echo(json.dumps(item, sort_keys=True))
+                emit(json.dumps(item, sort_keys=True))
             else:
-                table_line(tapview.row(item).cells())
+                emit(tapview.line(tapview.row(item).cells()))
     except KeyboardInterrupt:
         pass
     finally:

@@ -106,13 +106,25 @@ class TapRow:
         "DIR", "NODE", "METHOD", "PATH", "AUTHORITY", "STATUS", "LATENCY", "SRC", "DST",
         "CLIENT_ID", "SERVER_ID", "ROUTE",
     )  # fmt: skip
-    WIDTHS = (3, 8, 6, 24, 16, 20, 8, 24, 24, 44, 44, 16)
+    WIDTHS = (3, 7, 6, 24, 16, 18, 7, 22, 22, 44, 44, 0)
+    """Each column's width (0: the last, as long as it is); longer cells end in ``…``."""
 
     def cells(self) -> tuple[str, ...]:
         return (
             self.direction, self.node, self.method, self.path, self.authority, self.status,
             self.latency, self.src, self.dst, self.client_id, self.server_id, self.route,
         )  # fmt: skip
+
+
+def line(cells: tuple[str, ...] | list[str]) -> str:
+    """One line of the table: cells padded or cut to `TapRow.WIDTHS`, so rows printed as
+    they arrive line up under the header (a table drawn at the end could not stream)."""
+    out = []
+    for cell, width in zip(cells, TapRow.WIDTHS, strict=True):
+        if width and len(cell) > width:
+            cell = cell[: width - 1] + "…"
+        out.append(cell.ljust(width))
+    return "  ".join(out).rstrip()
 
 
 def _end(end: Mapping[str, Any]) -> str:
