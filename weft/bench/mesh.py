@@ -803,12 +803,16 @@ RATIO_PAIRS = (
 )
 
 
-def per_round_ratios(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+def per_round_ratios(
+    samples: dict[str, dict[str, list[dict[str, Any]]]],
+    pairs: tuple[tuple[str, str], ...] = RATIO_PAIRS,
+) -> dict[str, Any]:
     """Throughput ratios computed within each round (the two setups ran moments apart,
     under the same load), then summarised: per round, median, min, max. A round in which
-    either side had errors gives no ratio."""
+    either side had errors gives no ratio. ``pairs``: (mine, theirs) setup names
+    (``weft bench sidecar`` passes its own)."""
     out: dict[str, Any] = {}
-    for mine, theirs in RATIO_PAIRS:
+    for mine, theirs in pairs:
         by: dict[str, Any] = {}
         for scenario, rounds in samples.get(mine, {}).items():
             others = samples.get(theirs, {}).get(scenario, [])

@@ -254,6 +254,76 @@ def tracing(
         err.print(f"wrote {json_path}")
 
 
+@bench.command()
+@click.option("--rounds", default=4, show_default=True,
+              help="Rounds; the setups' order rotates by one per round.")  # fmt: skip
+@click.option("--seconds", default=4.0, show_default=True, help="Seconds per measurement.")
+@click.option("--rate", default=1000, show_default=True, help="Fixed rate of the latency runs.")
+@click.option(
+    "--memory-lab/--no-memory-lab", default=True, show_default=True,
+    help="Measure the agent and HAProxy at 100 pods in a one-node lab (~2 min).",
+)  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def sidecar(
+    rounds: int, seconds: float, rate: int, memory_lab: bool, json_path: Path | None
+) -> None:
+    """Node mode against sidecar mode, beside HAProxy sidecars: latency at a fixed rate,
+    saturation, new connections, the proxies' CPU per request, and memory per 100 pods
+    (issue #16; docs/kubernetes.md "Sidecar mode").
+    """
+    from weft.bench.sidecar import SETUPS, run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, rounds, seconds, rate, memory_lab=memory_lab,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
+    s = result["summary"]
+    table = Table("setup", f"{rate}/s p50 / p99 ms", "sat. req/s", "conn/s",
+                  "CPU µs/req (sat.)", "CPU µs/conn")  # fmt: skip
+
+    def cell(f: dict[str, Any] | None, text: Callable[[dict[str, Any]], str]) -> str:
+        if f is None:
+            return "-"
+        if not f.get("valid", True):
+            return f"invalid: {f['errors']} of {f['requests']} failed"
+        return text(f)
+
+    def rate_(f: dict[str, Any]) -> str:
+        return f"{f['p50_us'] / 1000:.2f} / {f['p99_us'] / 1000:.2f}"
+
+    for setup in SETUPS:
+        by = s[setup.name]
+        table.add_row(
+            setup.name,
+            cell(by.get(f"rate-{rate}"), rate_),
+            cell(by.get("saturate"), lambda f: _span_of(f, "per_second")),
+            cell(by.get("conn"), lambda f: _span_of(f, "per_second")),
+            cell(by.get("saturate"), lambda f: f"{f.get('cpu_us_per_request') or 0:.0f}"),
+            cell(by.get("conn"), lambda f: f"{f.get('cpu_us_per_request') or 0:.0f}"),
+        )
+    console = Console()
+    console.print(table)
+    for name, ratios in result["per_round_ratios"].items():
+        parts = [f"{sc} {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+                 for sc, r in ratios.items() if sc in ("saturate", "conn")]  # fmt: skip
+        console.print(f"{name} (per round): " + ", ".join(parts))
+    m = result["memory"]
+    side = m["weft_sidecars"]
+    console.print(
+        f"memory per {m['pods']} pods: weft sidecars {side['pss'] / 2**20:.0f} MiB PSS "
+        f"({side['measured']} idle measured x {m['pods']}; lower bound "
+        f"{side['uss_plus_shared'] / 2**20:.0f} MiB: USS x {m['pods']} + shared once)"
+        + (
+            f", node agent {m['weft_agent'] / 2**20:.1f} MiB (PSS + eBPF maps), HAProxy "
+            f"sidecars {m['haproxy_sidecars'] / 2**20:.0f} MiB PSS"
+            if "weft_agent" in m
+            else ""
+        )
+    )
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
 def _span_of(f: dict[str, Any], key: str) -> str:
     if f"{key}_min" not in f:
         return f"{f[key]:.0f}"

@@ -50,6 +50,7 @@ from weft.lab.state import (
     lab_paths,
     load_state,
 )
+from weft.mesh import SIDECAR_TUNNEL_PORT
 from weft.nsenter import enter_pod, in_netns
 from weft.preflight import find_cgroup2_mount
 
@@ -718,11 +719,13 @@ class Lab:
         return lambda: enter_pod(netns, cgroup, hosts)
 
     def _start_echo(self, state: LabState, pod: PodPlan) -> None:
+        # A sidecar-mode pod also declares its sidecar's tunnel port: not the app's.
+        ports = [p for p in pod.ports if p != SIDECAR_TUNNEL_PORT]
         argv = [
             sys.executable, "-m", "weft.lab.echo",
             "--pod", pod.name, "--node", pod.node, "--namespace", pod.namespace,
-            "--port", str(pod.ports[0]),
-            *(("--grpc-port", str(pod.ports[1])) if len(pod.ports) > 1 else ()),
+            "--port", str(ports[0]),
+            *(("--grpc-port", str(ports[1])) if len(ports) > 1 else ()),
         ]  # fmt: skip
         rec = procs.spawn(
             name=pod.name,
