@@ -196,7 +196,13 @@ class AdminServer:
             await writer.drain()
             return
         gone = asyncio.ensure_future(reader.read(1))
-        gone.add_done_callback(lambda _: sub.close())
+
+        def left(done: asyncio.Future[bytes]) -> None:
+            if not done.cancelled():
+                done.exception()  # a reset is how a client leaves: retrieved, not logged
+            sub.close()
+
+        gone.add_done_callback(left)
         sent, reported, why = 0, 0, "agent stopping"
         limit = asked.max_events
         try:
