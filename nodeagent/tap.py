@@ -11,9 +11,9 @@ Each subscriber has a filter (`TapFilter`: the resource, ``--to``, ``--from``, m
 path prefix) and a bounded queue: a reader slower than the traffic loses events, which
 are counted (`Subscription.dropped`) and said in the stream, and never cost the agent
 more than ``queue_size`` events of memory per subscriber. There are at most
-``max_subscribers`` at once. Linkerd's tap does the same (a bounded channel per tap,
-events dropped when it is full) for the same reason: the data path must never wait for a
-terminal.
+``max_subscribers`` at once. Dropping rather than waiting is the point: the data path
+must never wait for a terminal, and an unbounded queue would let a stalled reader grow
+the agent's memory without limit.
 
 Who may tap is the admin endpoint's business (`nodeagent.admin`: loopback clients only);
 this module is sans-I/O apart from the queue's wake-up event.
