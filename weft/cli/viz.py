@@ -108,7 +108,7 @@ def viz(
     agent_addrs: tuple[str, ...],
     timeout: float,
 ) -> None:
-    """Golden metrics of the mesh: success rate, RPS, latency, TCP, edges, routes.
+    """Golden metrics of the mesh: success rate, RPS, latency, TCP, edges, routes, tap.
 
     \b
       weft viz stat deploy                 # per workload, over a 10 s window
