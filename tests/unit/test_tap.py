@@ -242,10 +242,10 @@ def test_inbound_recorder_publishes_only_while_someone_taps(
     recorder = _recorder(hub)
     with monkeypatch.context() as m:
         m.setattr(inbound_mod, "TapEvent", _Never)
-        recorder.exchange(b"echo", 200, 0.001, "")
+        recorder.exchange(b"echo", 200, 0.001, "")  # the observer kept nothing: no tap
     sub = hub.subscribe(TapFilter())
     recorder.exchange(b"echo", 200, 0.001, "", asked=(b"GET", b"/x?y=1"))
-    recorder.exchange(None, 502, None, "upstream-reset")
+    recorder.exchange(None, 502, None, "upstream-reset", asked=(b"PUT", b""))
     ok, lost = sub.take(), sub.take()
     assert ok is not None and lost is not None
     got = ok.to_json("node-2")
@@ -255,7 +255,9 @@ def test_inbound_recorder_publishes_only_while_someone_taps(
     assert got["src"] == {"pod": None, "namespace": "default", "service_account": "client",
                           "identity": CLIENT}  # fmt: skip
     assert got["dst"]["pod"] == "echo-1" and got["dst"]["identity"] == ECHO
-    assert (lost.status, lost.error, lost.method) == (502, "upstream-reset", "")
+    assert (lost.status, lost.error, lost.method, lost.authority) == (
+        502, "upstream-reset", "PUT", "10.0.0.2:8080",
+    )  # fmt: skip
 
 
 class _Sink:

@@ -562,7 +562,7 @@ class OutboundForwarder:
             traced = self._traces.get(exchange)
             if traced is not None:
                 traced.route, traced.service = route.name, route.service
-        if http.tap.active and route.name:
+        if route.name and http.tap.active:
             self._tapped_routes[exchange] = route
         call = _Call(exchange, route, observer, source, authority, src_name)
         traffic = route.traffic

@@ -30,9 +30,9 @@ observer reads for traced requests only).
 A request without one (a caller outside the mesh, an old node) records nothing.
 
 Tap (`nodeagent.tap`): while someone taps (`TapHub.active`, checked once per request
-head by the observers and once per exchange here), the observers keep each request's
-method and target and the recorder publishes the exchange, the caller named by the
-identity the tunnel proved.
+head by the observers), the observers keep each request's method and target, and the
+recorder publishes each exchange that has them, the caller named by the identity the
+tunnel proved.
 """
 
 from __future__ import annotations
@@ -232,10 +232,9 @@ class _Recorder:
         )
         if trace is not None and self.tracing:
             self._span(trace, labels, status, error, grpc_status)
-        tap = self._http.tap
-        if tap.active:
-            method, target = asked if asked is not None else (b"", b"")
-            tap.publish(
+        if asked is not None:  # kept by the observer only while someone taps
+            method, target = asked
+            self._http.tap.publish(
                 TapEvent(
                     "inbound",
                     method.decode("latin-1"),
