@@ -125,7 +125,9 @@ def test_routes_and_top(lab: LabRunner) -> None:
     assert "%" in row and "rps" in row
     doc = json.loads(viz(lab, "routes", "svc/echo", "--window", "3", "-o", "json").stdout)
     [default] = doc["routes"]
-    assert default["route"] == "[default]" and 0.6 < default["success_rate"] < 0.9
+    # One replica of two fails half its requests: about 0.75, but the balancer may send it
+    # less than half (failure accrual), so only "clearly some failures, not most".
+    assert default["route"] == "[default]" and 0.55 < default["success_rate"] < 0.985
 
     top = viz(lab, "top", "--once", "--window", "3")
     assert "no request path" in top.stdout  # the agents' series carry none: authority
