@@ -28,11 +28,13 @@ APP_SPAN = "00f067aa0ba902b7"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 
 # In client-1: one request per argv[1] JSON item {"path", "headers"} on one kept
-# connection to the echo service; prints [{"status", "pod", "node", "headers"}].
+# connection to argv[2] (the echo service by default); prints
+# [{"status", "pod", "node", "headers"}].
 CALLS = r"""
 import json, socket, sys
 calls = json.loads(sys.argv[1])
-sock = socket.create_connection(("echo", 80), timeout=30)
+host, _, port = (sys.argv[2] if len(sys.argv) > 2 else "echo:80").rpartition(":")
+sock = socket.create_connection((host, int(port)), timeout=30)
 out = []
 for call in calls:
     extra = "".join(f"{k}: {v}\r\n" for k, v in call["headers"].items())
@@ -66,8 +68,10 @@ def lab() -> Iterator[LabRunner]:
         runner.weft("lab", "down", check=False)
 
 
-def _calls(lab: LabRunner, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = lab.exec("client-1", sys.executable, "-c", CALLS, json.dumps(calls)).stdout
+def _calls(
+    lab: LabRunner, calls: list[dict[str, Any]], target: str = "echo:80"
+) -> list[dict[str, Any]]:
+    out = lab.exec("client-1", sys.executable, "-c", CALLS, json.dumps(calls), target).stdout
     return list(json.loads(out))
 
 
@@ -141,11 +145,13 @@ def test_w3c_trace_through_both_proxies(lab: LabRunner) -> None:
     calls = [{"path": f"/w3c/{i}", "headers": {"traceparent": f"00-{t}-{APP_SPAN}-01",
                                                  "tracestate": "vendor=1"}}
              for i, t in enumerate(traces)]  # fmt: skip
-    answers = _calls(lab, calls)
+    # Half to the service (balanced: either replica), half to echo-2's address, so that
+    # some certainly cross nodes (client-1 is on node-1; echo-1 on node-1 is reached over
+    # the tunnel too, through its own node's inbound proxy).
+    echo2 = next(p["ip"] for p in lab.status()["pods"] if p["name"] == "echo-2")
+    answers = _calls(lab, calls[:4]) + _calls(lab, calls[4:], f"{echo2}:8080")
     assert [a["status"] for a in answers] == [200] * 8
-    # Across nodes (client-1 is on node-1); echo-1 on node-1 is reached over the tunnel
-    # too, through its own node's inbound proxy.
-    assert "node-2" in {a["node"] for a in answers}
+    assert [a["pod"] for a in answers[4:]] == ["echo-2"] * 4
     for trace, answer in zip(traces, answers, strict=True):
         client, server = _check_hops(trace, answer, _trace(lab, trace, 2))
         got = parse_traceparent(answer["headers"]["traceparent"].encode())
