@@ -42,7 +42,7 @@ from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
 from weft.policy import Decision, PolicySet, Request, policy_set
 from weft.policy.plaintext import Entry as PlainEntry
-from weft.policy.plaintext import TooComplex, plaintext_table
+from weft.policy.plaintext import TooComplex, workload_verdicts
 
 log = logging.getLogger("weft.authz")
 
@@ -143,10 +143,11 @@ class Authorizer:
 
     def plaintext(self, w: Workload) -> tuple[PlainEntry, ...] | None:
         """A strict local pod's plaintext verdicts for its eBPF filter, compiled from
-        its policies (`weft.policy.plaintext`; cached per workload value); None when no
-        plaintext caller may come in (the filter's default: only the node)."""
-        if not w.strict or not (w.policies or w.open_to_plaintext):
-            return None
+        its policies (`weft.policy.plaintext.workload_verdicts`; cached per workload
+        value); None when no plaintext caller may come in (the filter's default: only
+        the node), its policies too complex for the filter included."""
+        if not w.strict:
+            return None  # no filter: nothing to compile or cache
         cached = self._plaintext.get(w.uid)
         if cached is not None and cached[0] is w:
             return cached[1]
@@ -162,14 +163,11 @@ class Authorizer:
         )
         table: tuple[PlainEntry, ...] | None
         try:
-            table = plaintext_table(ps, (p.port for p in w.ports),
-                                    open_to_plaintext=w.open_to_plaintext)  # fmt: skip
+            table = workload_verdicts(w, ps)
         except TooComplex as e:
             log.warning("authz: %s/%s refuses all plaintext: its policies are too complex "
                         "for the kernel's filter (%s)", w.namespace, w.name, e)  # fmt: skip
             table = None
-        if table is not None and not any(e.allow for e in table):
-            table = None  # nothing let in: the filter's default says that already
         self._plaintext[w.uid] = (w, table)
         return table
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from nodeagent.authz import Authorizer, AuthzMetrics
 from weft.identity import SpiffeId
 from weft.mesh import InboundMode, Workload
-from weft.policy import Action, DefaultPolicy, parse_policy
+from weft.policy import Action, DefaultPolicy, Policy, parse_policy
+from weft.policy.plaintext import lookup
 
 WEB = SpiffeId.workload("shop", "web")
 OTHER = SpiffeId.workload("shop", "batch")
@@ -27,6 +28,26 @@ GET_PUBLIC = parse_policy({
                         "to": [{"operation": {"methods": ["GET"], "paths": ["/public/*"]}}]}]},
 })  # fmt: skip
 TARGET = ("10.244.1.5", 8000)
+
+
+def _net_policy(name: str, *sources: list[str]) -> Policy:
+    return parse_policy({
+        "apiVersion": "weft.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"rules": [{"from": [{"source": {"ipBlocks": b}} for b in sources]}]},
+    })  # fmt: skip
+
+
+def test_plaintext_verdicts_are_the_workloads_filter_table_cached_per_value() -> None:
+    pod = dataclasses.replace(POD, policies=(_net_policy("batch-net", ["10.244.9.0/24"]),))
+    authz, _ = _authz(pod)
+    table = authz.plaintext(pod)
+    assert table is not None and authz.plaintext(pod) is table
+    assert lookup(table, 8000, "10.244.9.7") and not lookup(table, 8000, "10.244.8.7")
+    assert authz.plaintext(POD) is None  # no policies: only the node (the filter's default)
+    blocks = [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)]
+    big = dataclasses.replace(POD, policies=(_net_policy("big", blocks[:200], blocks[200:]),))
+    assert authz.plaintext(big) is None  # too complex for the filter: all plaintext refused
 
 
 def _authz(pod: Workload) -> tuple[Authorizer, list[Workload]]:

@@ -11,8 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from weft.identity import SpiffeId
+from weft.mesh import InboundMode, Workload, WorkloadPort
 from weft.policy import DefaultPolicy, Request, parse_policy, policy_set
-from weft.policy.plaintext import ANY_PORT, MAX_PREFIXES, TooComplex, lookup, plaintext_table
+from weft.policy.plaintext import (
+    ANY_PORT,
+    MAX_PREFIXES,
+    TooComplex,
+    lookup,
+    plaintext_table,
+    workload_verdicts,
+)
 
 
 def pol(name: str, spec: dict[str, Any]) -> Any:
@@ -60,6 +69,43 @@ def test_too_many_prefixes_refuse_rather_than_truncate() -> None:
     big = pol("big", {"rules": [{"from": halves}]})
     with pytest.raises(TooComplex):
         plaintext_table(policy_set("shop/p", [big]))
+
+
+POD = Workload(
+    uid="u1", name="p-1", namespace="shop", node="n1", ips=("10.244.1.5",),
+    service_account="p", identity=SpiffeId.workload("shop", "p"), captured=True,
+    inbound_mode=InboundMode.STRICT, ports=(WorkloadPort(8000),),
+)  # fmt: skip
+
+
+def test_a_workloads_filter_table_is_loaded_only_when_it_lets_some_plaintext_in() -> None:
+    block = pol("batch-net", {"rules": [{"from": [{"source": {"ipBlocks": ["10.244.9.0/24"]}}]}]})
+    deny = pol(
+        "no-lab-net",
+        {"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]},
+    )
+    get = pol("get-only", {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})
+
+    def verdicts(w: Workload) -> Any:
+        return workload_verdicts(w, policy_set("shop/p-1", w.policies, w.default_policy))
+
+    table = verdicts(dataclasses.replace(POD, policies=(block,)))
+    assert table == plaintext_table(policy_set("shop/p-1", [block], POD.default_policy), [8000])
+    assert lookup(table, 8000, "10.244.9.7") and not lookup(table, 8000, "10.244.8.7")
+    # Not strict: no filter. No policies and not open: the filter's default (only the node).
+    assert verdicts(dataclasses.replace(POD, inbound_mode=InboundMode.PERMISSIVE,
+                                        policies=(block,))) is None  # fmt: skip
+    assert verdicts(POD) is None
+    # Nothing allowed (a rule needing a method cannot allow opaque TCP): no table either.
+    assert verdicts(dataclasses.replace(POD, policies=(get,))) is None
+    # Strict only so that a DENY is not bypassed: everyone else still passes.
+    opened = verdicts(dataclasses.replace(POD, policies=(deny,), open_to_plaintext=True))
+    assert lookup(opened, 8000, "192.168.1.1") and not lookup(opened, 8000, "10.1.2.3")
+    blocks = [f"10.{i // 256}.{i % 256}.0/24" for i in range(MAX_PREFIXES + 1)]
+    halves = [{"source": {"ipBlocks": blocks[:200]}}, {"source": {"ipBlocks": blocks[200:]}}]
+    big = pol("big", {"rules": [{"from": halves}]})
+    with pytest.raises(TooComplex):
+        verdicts(dataclasses.replace(POD, policies=(big,)))
 
 
 NETS = ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32",

@@ -165,12 +165,11 @@ def check(
                                "connection": _said(conn)}  # fmt: skip
         if caller is None and w.strict:
             # Plaintext never reaches the proxy of a strict pod: its eBPF filter judges
-            # the SYN with the verdicts the policies compile to.
-            from weft.policy.plaintext import TooComplex, lookup, plaintext_table
+            # the SYN with the verdicts the agent loads into it (none: only the node).
+            from weft.policy.plaintext import TooComplex, lookup, workload_verdicts
 
             try:
-                verdicts = plaintext_table(ps, (p.port for p in w.ports),
-                                           open_to_plaintext=w.open_to_plaintext)  # fmt: skip
+                verdicts = workload_verdicts(w, ps) or ()
                 let_in = bool(source_ip) and lookup(verdicts, port, source_ip)
                 why = (
                     "a policy lets this address in"

@@ -16,6 +16,10 @@ ALLOW rule that needs a method or path cannot allow it.
 The default that applies to plaintext is the workload's own, unless the pod would be
 permissive but for its policies (``open_to_plaintext``: it is strict only so that its
 policies are not bypassed) — then plaintext not named by a policy passes, as it did.
+
+`workload_verdicts` is the one place that decides which table a workload's filter gets
+(the agent loads it; ``weft policy check --from plaintext`` looks a caller up in it), so
+the check cannot say otherwise than the kernel does.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from weft.policy.evaluate import PolicySet
 from weft.policy.model import DefaultPolicy, Request
+
+if TYPE_CHECKING:  # for its type only: weft.mesh itself imports weft.policy
+    from weft.mesh import Workload
 
 ANY_PORT = 0
 """The table's entries for every port no rule names."""
@@ -96,6 +104,18 @@ def plaintext_table(
     if len(out) > MAX_ENTRIES:
         raise TooComplex(f"{len(out)} table entries (at most {MAX_ENTRIES})")
     return tuple(out)
+
+
+def workload_verdicts(w: Workload, ps: PolicySet) -> tuple[Entry, ...] | None:
+    """The plaintext verdicts of ``w``'s eBPF filter, compiled from ``ps`` (``w``'s own
+    compiled policies); None when there is no table to load: ``w`` is not strict (it has
+    no filter), or no plaintext caller may come in (the filter's default: only the node)
+    — it has no policies and is not `open_to_plaintext`, or its table allows nothing.
+    Raises `TooComplex` (the filter refuses all plaintext then)."""
+    if not w.strict or not (w.policies or w.open_to_plaintext):
+        return None
+    table = plaintext_table(ps, (p.port for p in w.ports), open_to_plaintext=w.open_to_plaintext)
+    return table if any(e.allow for e in table) else None
 
 
 def lookup(table: Iterable[Entry], port: int, source: str) -> bool:
