@@ -37,6 +37,11 @@ Design choices:
   only adopted if the certificate in the same response chains to it, so a broken answer
   cannot lock the agent out of its control plane.
 
+* **Sidecars use no node certificate.**  A sidecar (one pod's proxy) calls
+  `use_pod_token` instead of `bootstrap`: each certificate request then goes to
+  ``/v1/pod-certificates`` with the pod's own token (read on every request: the kubelet
+  rotates it), and the discovery stream is opened with the pod's workload certificate.
+
 Errors: `RefusedError` when the control plane answered with a refusal (its
 `weft.wire.RefusalCode` says why); `ControlPlaneUnavailable` (and its subclasses
 `ServerIdentityError`, `InvalidResponse`) when there was no usable answer — retry later.
@@ -65,6 +70,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nodeagent.certtypes import TlsMaterial
 from weft.files import write_atomic
 from weft.http import HttpProtocolError, close_writer, encode_request, parse_response_head
 from weft.identity import (
@@ -84,9 +90,11 @@ from weft.wire import (
     BOOTSTRAP_PATH,
     CERTIFICATES_PATH,
     MAX_BODY,
+    POD_CERTIFICATES_PATH,
     BootstrapRequest,
     CertificateRequest,
     CertificateResponse,
+    PodCertificateRequest,
     Refusal,
     RefusalCode,
     WireError,
@@ -410,8 +418,10 @@ class ControlPlaneClient:
         self._node: _NodeCert | None = None
         self._node_name: str | None = None
         self._token: TokenSource | None = None
+        self._pod_token: TokenSource | None = None
+        self._pod_material: Callable[[], TlsMaterial | None] | None = None
         self._node_lock = asyncio.Lock()
-        self._contexts: dict[bool, tuple[tuple[int, int], ssl.SSLContext]] = {}
+        self._contexts: dict[bool, tuple[tuple[object, ...], ssl.SSLContext]] = {}
         make_private_dir(state_dir)
         warn_if_not_tmpfs(state_dir, "node agent state directory")
 
@@ -458,6 +468,19 @@ class ControlPlaneClient:
         async with self._node_lock:
             await self._bootstrap_locked()
 
+    def use_pod_token(
+        self, token: TokenSource, client_material: Callable[[], TlsMaterial | None]
+    ) -> None:
+        """Sidecar mode: certificates are asked for with the pod's own ``token`` (no node
+        certificate), and ``client_material`` (the pod's current workload certificate, None
+        until there is one) authenticates the discovery stream."""
+        self._pod_token = token
+        self._pod_material = client_material
+
+    @property
+    def pod_mode(self) -> bool:
+        return self._pod_token is not None
+
     async def ensure_node_certificate(self) -> None:
         """Bootstrap again if the node certificate is missing or near its end."""
         async with self._node_lock:
@@ -470,6 +493,8 @@ class ControlPlaneClient:
         Raises `RefusedError` (the control plane said no: see ``.code``) or
         `ControlPlaneUnavailable` (no usable answer: retry later).
         """
+        if self._pod_token is not None:
+            return await self._pod_certificate(identity, csr_pem)
         if self._token is None:
             raise RuntimeError("call bootstrap(node, token) before request_certificate()")
         await self.ensure_node_certificate()
@@ -537,6 +562,19 @@ class ControlPlaneClient:
             node_id, issued.leaf.not_valid_after_utc.isoformat(), issued.leaf.serial_number,
         )  # fmt: skip
 
+    async def _pod_certificate(self, identity: SpiffeId, csr_pem: bytes) -> CertificateResponse:
+        assert self._pod_token is not None
+        try:
+            token = self._pod_token()
+        except OSError as e:
+            raise ControlPlaneError(f"cannot read the pod's token: {e}") from None
+        what = f"pod CSR for {identity}"
+        body = PodCertificateRequest(token, str(identity), csr_pem.decode("ascii")).encode()
+        raw = await self._post(POD_CERTIFICATES_PATH, body, mtls=False, what=what)
+        resp = self._decode(raw, what)
+        self._adopt_bundle(check_issued(resp, identity, self._clock()))
+        return resp
+
     async def _certificates(self, identity: SpiffeId, body: bytes) -> CertificateResponse:
         raw = await self._post(CERTIFICATES_PATH, body, mtls=True, what=f"CSR for {identity}")
         resp = self._decode(raw, f"CSR for {identity}")
@@ -561,9 +599,21 @@ class ControlPlaneClient:
             len(issued.anchors), ", ".join(fingerprint(a) for a in issued.anchors),
         )  # fmt: skip
 
+    def _client_material(self) -> tuple[Path, Path, tuple[object, ...]]:
+        """(chain, key, version) of the client certificate for mTLS requests."""
+        if self._pod_material is not None:
+            material = self._pod_material()
+            if material is None:
+                raise ControlPlaneUnavailable(
+                    "no workload certificate yet to open the stream with (sidecar)"
+                )
+            return material.chain_path, material.key_path, ("pod", material.generation)
+        assert self._node is not None
+        return self._node.chain_path, self._node.key_path, ("node", self._node.generation)
+
     def _context(self, mtls: bool) -> ssl.SSLContext:
-        node_gen = self._node.generation if (mtls and self._node) else 0
-        version = (self._bundle_generation, node_gen)
+        client = self._client_material() if mtls else None
+        version = (self._bundle_generation, client[2] if client else None)
         cached = self._contexts.get(mtls)
         if cached is not None and cached[0] == version:
             return cached[1]
@@ -575,9 +625,8 @@ class ControlPlaneClient:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=self._bundle_pem.decode("ascii"))
-        if mtls:
-            assert self._node is not None
-            ctx.load_cert_chain(self._node.chain_path, self._node.key_path)
+        if client is not None:
+            ctx.load_cert_chain(client[0], client[1])
         self._contexts[mtls] = (version, ctx)
         return ctx
 
@@ -606,7 +655,12 @@ class ControlPlaneClient:
     async def open_stream(self, path: str, body: bytes, *, what: str) -> Stream:
         """POST over mTLS with the node certificate and keep the connection for a
         streamed 200 answer (the discovery stream).  Refusals raise as for requests;
-        an UNAUTHENTICATED refusal bootstraps again first, once."""
+        an UNAUTHENTICATED refusal bootstraps again first, once.  A sidecar presents its
+        pod's workload certificate instead (`use_pod_token`)."""
+        if self._pod_material is not None:
+            answer = await self._exchange(path, body, mtls=True, what=what, stream=True)
+            assert isinstance(answer, Stream)
+            return answer
         if self._token is None:
             raise RuntimeError("call bootstrap(node, token) before open_stream()")
         await self.ensure_node_certificate()

@@ -18,11 +18,14 @@ two seams swapped and everything node-wide dropped:
   Peers know to dial the pod rather than its node because the pod declares the tunnel
   port (`weft.mesh.Workload.sidecar`); the pod's node agent leaves it alone.
 
-Identity: one workload certificate, the pod's, through the node agent's path
-(`nodeagent.cpclient` bootstrap, then a CSR over mTLS that the control plane signs only
-for an identity with a pod on that node).  In the lab the bootstrap credential is the
-node's lab token, handed to the sidecar by the lab (node-scoped: see docs/kubernetes.md
-for what a per-pod credential would need).  Discovery is the same stream the agents read.
+Identity: one workload certificate, the pod's.  On Kubernetes (``bootstrap="pod"``, the
+default) the sidecar presents its own pod's projected ServiceAccount token with each CSR
+(``/v1/pod-certificates``): the control plane TokenReviews it, reads the pod back and
+signs only that pod's ``ns/<ns>/sa/<sa>`` — no node certificate, nothing node-wide.  The
+discovery stream (the same one the agents read) is then opened with that workload
+certificate.  In the lab (``bootstrap="node"``) there is no TokenReview: the sidecar
+bootstraps with its node's lab token as an agent does, then asks over mTLS with the
+node certificate (docs/kubernetes.md "Sidecar mode").
 """
 
 from __future__ import annotations
@@ -174,6 +177,10 @@ class SidecarConfig:
     handshake_queue_timeout: float = 30.0
     detect_timeout: float = 1.0
     drain_seconds: float = 5.0
+    bootstrap: str = "pod"
+    """``pod``: certificates for the pod's own token (Kubernetes); ``node``: bootstrap
+    with the node's credential first, as the agent does (the lab, which has no
+    TokenReview)."""
     http: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -192,6 +199,9 @@ class SidecarConfig:
                 raise SidecarError(f"${name} is not set: `weft inject` sets it")
             return value
 
+        bootstrap = env.get("WEFT_BOOTSTRAP", "pod").strip() or "pod"
+        if bootstrap not in ("pod", "node"):
+            raise SidecarError(f"$WEFT_BOOTSTRAP is {bootstrap!r}: pod (Kubernetes) or node")
         return cls(
             pod=need("POD_NAME"),
             namespace=need("POD_NAMESPACE"),
@@ -203,6 +213,7 @@ class SidecarConfig:
             trust_bundle=Path(env.get("WEFT_TRUST_BUNDLE", "/etc/weft/trust/ca.crt")),
             cert_dir=Path(env.get("WEFT_CERT_DIR", "/run/weft/certs")),
             trust_domain=env.get("WEFT_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
+            bootstrap=bootstrap,
             **overrides,
         )
 
@@ -265,6 +276,7 @@ class Sidecar:
             trust_domain=cfg.trust_domain,
         )
         self.cp_bootstrapped = asyncio.Event()
+        self.cert_ready = asyncio.Event()
         self.certs = WorkloadCertManager(
             self.cp_client,
             CertConfig(cert_dir=cfg.cert_dir),
@@ -450,6 +462,19 @@ class Sidecar:
 
     async def _bootstrap(self) -> None:
         token_file = self.cfg.token_file
+        if self.cfg.bootstrap == "pod":
+            # Every CSR carries the pod's token, read anew (the kubelet rotates it); the
+            # discovery stream waits for the certificate it is opened with.
+            self.cp_client.use_pod_token(
+                lambda: token_file.read_text().strip(),
+                lambda: self.certs.material(self.identity),
+            )
+            self.certs.set_identities([self.identity])
+            await self.cert_ready.wait()
+            log.info("certificate from the control plane at %s for %s's own token",
+                     self.cfg.controlplane, self.cfg.pod)  # fmt: skip
+            self.cp_bootstrapped.set()
+            return
         try:
             await self.cp_client.bootstrap(self.cfg.node, lambda: token_file.read_text().strip())
             log.info("bootstrapped with the control plane at %s", self.cfg.controlplane)
@@ -494,6 +519,7 @@ class Sidecar:
         while True:
             if self.certs.material(self.identity) is not None:
                 self.readiness.done("certificates")
+                self.cert_ready.set()
                 return
             await asyncio.sleep(0.1)
 

@@ -35,6 +35,10 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   :attr:`status_failure` answers every status write with an HTTP error (403: no RBAC);
   :attr:`forbidden` answers a resource's list and watch with 403 (no RBAC for it).
 * ``Authorization: Bearer <token>`` is checked when the fake has a token (else 401).
+* ``TokenReview``: answers from :attr:`token_reviews` (fixed statuses), or for a token
+  minted by :meth:`pod_token` — a projected token bound to a pod, as the kubelet gets one
+  — the way the API server reviews bound tokens: the pod's service account, its name,
+  UID and node in ``user.extra``, and not authenticated once that pod is gone.
 * ``tls=True``: HTTPS with a serving certificate from a fresh cluster CA
   (:class:`ServingCerts`: SANs ``127.0.0.1``, ``localhost`` and the in-cluster names);
   :meth:`FakeKubeAPI.in_cluster` writes a service account volume (``token``, ``ca.crt``,
@@ -369,6 +373,9 @@ class FakeKubeAPI:
         """Whether Weft's CRDs (AuthorizationPolicy) are installed; as ``gateway_api``."""
         self.forbidden: set[str] = set()
         """Resources whose list and watch answer 403 (the ClusterRole lacks them)."""
+        self._pod_tokens: dict[str, tuple[str, str, str, str, str | None, tuple[str, ...]]] = {}
+        """Tokens minted by :meth:`pod_token`: token -> (namespace, pod, uid, service
+        account, node or None, audiences)."""
         self.token_review_failure: int | None = None
         """Answer every TokenReview with this HTTP status instead (an outage)."""
         self.status_failure: int | None = None
@@ -480,6 +487,68 @@ class FakeKubeAPI:
         with self._cond:
             obj = self._objects[resource].get(_key(namespace, name))
             return copy.deepcopy(obj)
+
+    def pod_token(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        audiences: Sequence[str] = ("weft-controlplane",),
+        node_name: bool = True,
+    ) -> str:
+        """Mint a projected ServiceAccount token bound to the pod ``namespace/name``, as
+        the kubelet asks for one (TokenRequest with a ``boundObjectRef``) for a
+        ``serviceAccountToken`` volume.  TokenReview answers it as the API server does:
+        the pod's service account as the user, ``extra`` with the pod's name and UID and,
+        with ``node_name`` (Kubernetes 1.30+), the node it ran on when minted; once the
+        pod is deleted or replaced (another UID), not authenticated."""
+        obj = self.get("pods", name, namespace)
+        if obj is None:
+            raise KeyError(f"no pod {namespace}/{name}")
+        spec = obj.get("spec") or {}
+        token = f"pod-token-{uuid.uuid4().hex}"
+        self._pod_tokens[token] = (
+            namespace,
+            name,
+            obj["metadata"]["uid"],
+            spec.get("serviceAccountName") or "default",
+            spec.get("nodeName") if node_name else None,
+            tuple(audiences),
+        )
+        return token
+
+    def _review_pod_token(self, token: str) -> JSON | None:
+        bound = self._pod_tokens.get(token)
+        if bound is None:
+            return None
+        namespace, name, uid, sa, node, audiences = bound
+        now = self.get("pods", name, namespace)
+        if now is None or now["metadata"].get("uid") != uid:
+            what = "not found" if now is None else f"has uid {now['metadata'].get('uid')}"
+            return {
+                "authenticated": False,
+                "error": f"[invalid bearer token, pod {name!r} {what}, token bound to uid {uid}]",
+            }
+        extra = {
+            "authentication.kubernetes.io/pod-name": [name],
+            "authentication.kubernetes.io/pod-uid": [uid],
+        }
+        if node:
+            extra["authentication.kubernetes.io/node-name"] = [node]
+        return {
+            "authenticated": True,
+            "audiences": list(audiences),
+            "user": {
+                "username": f"system:serviceaccount:{namespace}:{sa}",
+                "uid": f"sa-uid-{namespace}-{sa}",
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{namespace}",
+                    "system:authenticated",
+                ],
+                "extra": extra,
+            },
+        }
 
     def create(self, resource: str, obj: JSON) -> JSON:
         r = ALL[resource]
@@ -903,8 +972,9 @@ class FakeKubeAPI:
             h.send_json(code, status(code, "InternalError", "token review failed"))
             return
         spec = body.get("spec") or {}
-        review = dict(self.token_reviews.get(spec.get("token", ""), {"authenticated": False,
-                      "error": "invalid bearer token"}))  # fmt: skip
+        token = spec.get("token", "")
+        review = self._review_pod_token(token) or dict(self.token_reviews.get(token, {
+            "authenticated": False, "error": "invalid bearer token"}))  # fmt: skip
         if review.get("authenticated"):
             wanted = spec.get("audiences") or []
             matched = [a for a in review.get("audiences", []) if not wanted or a in wanted]

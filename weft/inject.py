@@ -51,6 +51,10 @@ class InjectOptions:
     """A copy of the trust anchors in the pod's namespace (a ConfigMap cannot be mounted
     across namespaces)."""
     log_level: str = "info"
+    audience: str = "weft-controlplane"
+    """The audience of the pod's projected token: the control plane's
+    (``weft controlplane --audience``).  The sidecar presents that token for its own
+    certificate; a token for another audience (the API server's) is refused there."""
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -115,15 +119,17 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
 
 def volumes(opts: InjectOptions) -> list[dict[str, Any]]:
     return [
-        # The pod's own service account token, for the control plane's audience only
-        # (what TokenReview would prove: this pod, this service account).
+        # The pod's own service account token, for the control plane's audience only:
+        # TokenReview proves this pod and this service account, and the control plane
+        # signs exactly that identity (/v1/pod-certificates).  Bound to the pod, so it
+        # stops working when the pod is deleted; the kubelet rotates it in place.
         {
             "name": "weft-token",
             "projected": {
                 "sources": [
                     {
                         "serviceAccountToken": {
-                            "audience": "weft-controlplane",
+                            "audience": opts.audience,
                             "expirationSeconds": 3600,
                             "path": "token",
                         }

@@ -9,6 +9,11 @@ Transport: HTTP/1.1 over TLS 1.3 on the control plane's port 15010.
 * ``POST /v1/certificates`` — mutual TLS with that node certificate.  The node asks for
   a *workload* certificate; the control plane signs only if a pod with that namespace and
   service account is scheduled on the node (node binding).
+* ``POST /v1/pod-certificates`` — server-authenticated TLS only.  A sidecar (one pod's
+  proxy) asks for its own pod's workload certificate with that pod's projected
+  ServiceAccount token; the control plane signs only the identity of the pod the token is
+  bound to (:class:`PodCertificateRequest`).  No node certificate is involved: a pod's
+  credential must never buy what a node's does (every identity on the node).
 
 Both answer ``200`` with a :class:`CertificateResponse`, or an error status with a
 :class:`Refusal` whose ``code`` the agent logs and a metric counts.  JSON was chosen over
@@ -27,6 +32,7 @@ API_PORT = 15010
 ADMIN_PORT = 15014
 BOOTSTRAP_PATH = "/v1/bootstrap"
 CERTIFICATES_PATH = "/v1/certificates"
+POD_CERTIFICATES_PATH = "/v1/pod-certificates"
 MAX_BODY = 64 * 1024
 """A CSR is ~500 bytes; anything near this limit is not a legitimate request."""
 
@@ -57,6 +63,12 @@ class RefusalCode(StrEnum):
     CREDENTIAL_CHECK_UNAVAILABLE = "CREDENTIAL_CHECK_UNAVAILABLE"
     """The node credential could not be checked now (the API server did not answer the
     TokenReview); agents back off and retry.  Not a verdict on the credential."""
+    NOT_POD_IDENTITY = "NOT_POD_IDENTITY"
+    """A pod's token asked for an identity other than its own pod's namespace and service
+    account (``/v1/pod-certificates``)."""
+    POD_NOT_SIDECAR = "POD_NOT_SIDECAR"
+    """The token's pod is not in sidecar mode (no ``weft.io/mode: sidecar``, no injected
+    sidecar), not scheduled, or finished: its certificate comes from its node agent."""
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
     """The node already holds the most discovery streams allowed; agents back off."""
     INTERNAL = "INTERNAL"
@@ -66,6 +78,8 @@ class RefusalCode(StrEnum):
 HTTP_STATUS = {
     RefusalCode.UNAUTHENTICATED: 401,
     RefusalCode.NODE_NOT_BOUND: 403,
+    RefusalCode.NOT_POD_IDENTITY: 403,
+    RefusalCode.POD_NOT_SIDECAR: 403,
     RefusalCode.ISSUER_UNAVAILABLE: 503,
     RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE: 503,
     RefusalCode.TOO_MANY_STREAMS: 429,
@@ -123,6 +137,29 @@ class CertificateRequest:
     def decode(cls, raw: bytes) -> CertificateRequest:
         d = _obj(raw)
         return cls(identity=_str(d, "identity", 2048), csr_pem=_str(d, "csr_pem"))
+
+
+@dataclass(frozen=True)
+class PodCertificateRequest:
+    """A sidecar's request for its own pod's certificate (``/v1/pod-certificates``)."""
+
+    token: str
+    """The pod's projected ServiceAccount token (audience: the control plane's)."""
+    identity: str
+    """The SPIFFE ID asked for: must be the token's pod's own."""
+    csr_pem: str
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PodCertificateRequest:
+        d = _obj(raw)
+        return cls(
+            token=_str(d, "token", 8192),
+            identity=_str(d, "identity", 2048),
+            csr_pem=_str(d, "csr_pem"),
+        )
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,21 @@ The node certificate is then issued for *that* node only: the signer compares it
 the node the request names.  This is the same trust chain Istio's ztunnel uses — the
 kubelet vouches for which pod a token belongs to, the API server for the pod's node.
 
+**Sidecars** (:meth:`TokenReviewBootstrap.pod_for`) present their *own pod's* projected
+token, for the same audience (``weft inject`` mounts it).  The review must name a service
+account user *and* a bound pod (name and UID: a legacy Secret token names no pod and is
+refused), and the pod, read from the API, must
+
+* still be that pod (same UID), run as that service account, be scheduled (on the node
+  the token names, when the API server names one) and not have finished;
+* be in sidecar mode: the annotation ``weft.io/mode: sidecar`` or an injected
+  ``weft-sidecar`` container — a node-mode pod's certificate belongs to its node agent,
+  whose keys never leave the node, so its token gets nothing here.
+
+The signer then signs only ``spiffe://<td>/ns/<pod's ns>/sa/<pod's sa>``.  This is how
+Istio's istiod authenticates an istio-proxy's CSR (its pod's token, TokenReview, the
+identity from the token's service account), with the pod read back as well.
+
 API errors (unreachable, 5xx, timeouts) raise :class:`TokenReviewUnavailable`: the API
 server of the control plane answers 500 and the agent retries, instead of being told
 its credential is bad.  This module and :mod:`controlplane.discovery.kube` are the only
@@ -35,7 +50,9 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.identity.signer import CredentialCheckUnavailable
+from controlplane.identity.signer import CredentialCheckUnavailable, CredentialRefused, PodClaim
+from weft.mesh import MODE_KEY, SIDECAR_MODE
+from weft.wire import RefusalCode
 
 log = logging.getLogger("weft.controlplane.identity")
 
@@ -44,6 +61,9 @@ DEFAULT_AGENT = ("weft-system", "weft-agent")
 NODE_NAME = "authentication.kubernetes.io/node-name"
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
+SA_PREFIX = "system:serviceaccount:"
+SIDECAR_CONTAINER = "weft-sidecar"
+"""The container ``weft inject`` adds (weft.inject.SIDECAR_NAME)."""
 
 
 class TokenReviewUnavailable(CredentialCheckUnavailable):
@@ -112,6 +132,83 @@ class TokenReviewBootstrap:
             return None
         return self._node_of_pod(pod, uid)
 
+    def pod_for(self, token: str) -> PodClaim:
+        """The sidecar-mode pod ``token`` is bound to; raises
+        :class:`~controlplane.identity.signer.CredentialRefused` with the reason, or
+        :class:`TokenReviewUnavailable`."""
+        status = self._review(token)
+        if not status.get("authenticated"):
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"the pod token is not valid: {status.get('error') or 'not authenticated'}",
+            )
+        audiences = status.get("audiences")
+        if not isinstance(audiences, list) or self.audience not in audiences:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"the pod token is not for audience {self.audience!r}: mount a projected "
+                "serviceAccountToken with that audience (weft inject does)",
+            )
+        user = status.get("user") or {}
+        username = user.get("username")
+        namespace, _, service_account = (
+            username[len(SA_PREFIX) :].partition(":")
+            if isinstance(username, str) and username.startswith(SA_PREFIX)
+            else ("", "", "")
+        )
+        if not namespace or not service_account:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"the token belongs to {username!r}, not to a service account",
+            )
+        extra: dict[str, Any] = user.get("extra") or {}
+        name, uid = _single(extra.get(POD_NAME)), _single(extra.get(POD_UID))
+        if not name or not uid:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"the token of {username} is not bound to a pod: mount a projected "
+                "serviceAccountToken (weft inject does), not a legacy Secret token",
+            )
+        where = f"{namespace}/{name}"
+        obj = self._read_pod(namespace, name)
+        if obj is None:
+            raise CredentialRefused(RefusalCode.UNAUTHENTICATED, f"pod {where} does not exist")
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        if meta.get("uid") != uid:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"pod {where} was replaced (the token is for uid {uid}, the pod is "
+                f"{meta.get('uid')})",
+            )
+        if (spec.get("serviceAccountName") or "default") != service_account:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"pod {where} runs as service account {spec.get('serviceAccountName')!r}, "
+                f"the token is {service_account!r}'s",
+            )
+        node = spec.get("nodeName")
+        if not isinstance(node, str) or not node:
+            raise CredentialRefused(
+                RefusalCode.POD_NOT_SIDECAR, f"pod {where} is not scheduled on a node"
+            )
+        token_node = _single(extra.get(NODE_NAME))
+        if token_node and token_node != node:
+            raise CredentialRefused(
+                RefusalCode.UNAUTHENTICATED,
+                f"the token was issued on node {token_node}, pod {where} is on {node}",
+            )
+        phase = (obj.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            raise CredentialRefused(RefusalCode.POD_NOT_SIDECAR, f"pod {where} has {phase}")
+        if not _in_sidecar_mode(meta, spec):
+            raise CredentialRefused(
+                RefusalCode.POD_NOT_SIDECAR,
+                f"pod {where} is not in sidecar mode (no {MODE_KEY}: {SIDECAR_MODE} "
+                f"annotation, no {SIDECAR_CONTAINER} container): its node agent holds its "
+                "certificate",
+            )
+        return PodClaim(namespace, name, uid, service_account, node)
+
     def _review(self, token: str) -> dict[str, Any]:
         # A plain dict: the client serialises it as is (no model round trip).
         body: Any = {
@@ -136,20 +233,32 @@ class TokenReviewBootstrap:
             raise TokenReviewUnavailable("TokenReview answer has no status")
         return status
 
-    def _node_of_pod(self, pod: str, uid: str | None) -> str | None:
+    def _read_pod(self, namespace: str, pod: str) -> dict[str, Any] | None:
+        """The pod object, None if it does not exist."""
         try:
             resp: Any = k8s.CoreV1Api(self.api).read_namespaced_pod(
-                pod, self.agent_namespace, _preload_content=False, _request_timeout=self.timeout
+                pod, namespace, _preload_content=False, _request_timeout=self.timeout
             )
             obj = json.loads(resp.data)
         except ApiException as e:
             if e.status == 404:
-                log.warning("bootstrap token's pod %s/%s does not exist", self.agent_namespace,
-                            pod)  # fmt: skip
                 return None
-            raise TokenReviewUnavailable(f"reading pod {pod}: HTTP {e.status}") from None
+            raise TokenReviewUnavailable(
+                f"reading pod {namespace}/{pod}: HTTP {e.status}"
+            ) from None
         except Exception as e:
-            raise TokenReviewUnavailable(f"reading pod {pod}: {type(e).__name__}: {e}") from None
+            raise TokenReviewUnavailable(
+                f"reading pod {namespace}/{pod}: {type(e).__name__}: {e}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise TokenReviewUnavailable(f"reading pod {namespace}/{pod}: not an object")
+        return obj
+
+    def _node_of_pod(self, pod: str, uid: str | None) -> str | None:
+        obj = self._read_pod(self.agent_namespace, pod)
+        if obj is None:
+            log.warning("bootstrap token's pod %s/%s does not exist", self.agent_namespace, pod)
+            return None
         meta = obj.get("metadata") or {}
         if uid and meta.get("uid") != uid:
             log.warning("bootstrap token's pod %s was replaced (uid %s, token for %s)", pod,
@@ -157,6 +266,14 @@ class TokenReviewBootstrap:
             return None
         node = (obj.get("spec") or {}).get("nodeName")
         return node if isinstance(node, str) and node else None
+
+
+def _in_sidecar_mode(meta: dict[str, Any], spec: dict[str, Any]) -> bool:
+    annotations = meta.get("annotations") or {}
+    if isinstance(annotations, dict) and annotations.get(MODE_KEY) == SIDECAR_MODE:
+        return True
+    containers = [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]
+    return any(isinstance(c, dict) and c.get("name") == SIDECAR_CONTAINER for c in containers)
 
 
 def _single(value: Any) -> str | None:

@@ -12,8 +12,11 @@ Shape of a connection (one request per connection: agents ask once per identity 
    of at most 8 KiB, a body of at most :data:`~weft.wire.MAX_BODY`, the whole request
    within ``request_timeout``.  Anything else is answered with a :class:`~weft.wire.Refusal`
    and the connection is closed.
-3. ``/v1/bootstrap`` needs no client certificate; ``/v1/certificates`` needs one whose
-   SPIFFE ID is a node ID of this trust domain, else ``401 UNAUTHENTICATED``.
+3. ``/v1/bootstrap`` and ``/v1/pod-certificates`` (a sidecar with its pod's token) need
+   no client certificate; ``/v1/certificates`` needs one whose SPIFFE ID is a node ID of
+   this trust domain, else ``401 UNAUTHENTICATED``.  ``/v1/discovery`` takes a node
+   certificate or a sidecar's workload certificate (discovery is the same for every
+   subscriber; a sidecar has no node certificate).
 4. The :class:`~.signer.Signer` decides and signs **on a worker thread**: parsing and
    verifying a CSR and signing take ~0.3 ms of CPU, and discovery streams (which will
    share this event loop) must not stall behind a burst of CSRs — say, every node
@@ -55,6 +58,7 @@ from controlplane.identity.ca import CaError, load_ca
 from controlplane.identity.signer import (
     BootstrapTokens,
     NodeBinding,
+    PodCredentials,
     Signer,
     controlplane_identity,
 )
@@ -87,9 +91,11 @@ from weft.wire import (
     BOOTSTRAP_PATH,
     CERTIFICATES_PATH,
     MAX_BODY,
+    POD_CERTIFICATES_PATH,
     BootstrapRequest,
     CertificateRequest,
     CertificateResponse,
+    PodCertificateRequest,
     Refusal,
     RefusalCode,
     WireError,
@@ -113,7 +119,12 @@ T = TypeVar("T")
 
 def check_api_head(head: RequestHead) -> int:
     """Route checks for the agent API; returns the body length to read."""
-    if head.target not in (BOOTSTRAP_PATH, CERTIFICATES_PATH, DISCOVERY_PATH):
+    if head.target not in (
+        BOOTSTRAP_PATH,
+        CERTIFICATES_PATH,
+        POD_CERTIFICATES_PATH,
+        DISCOVERY_PATH,
+    ):
         raise HttpError(404, f"no such endpoint {head.target[:100]!r}")
     if head.method != "POST":
         raise HttpError(405, f"{head.target} accepts POST only")
@@ -666,9 +677,11 @@ class ApiServer:
                 endpoint = head.target
                 if endpoint == DISCOVERY_PATH and self.stream is None:
                     raise HttpError(404, "this control plane serves no discovery stream")
-                if endpoint in (CERTIFICATES_PATH, DISCOVERY_PATH):
-                    # Authenticate before reading the body: strangers get no more service.
+                # Authenticate before reading the body: strangers get no more service.
+                if endpoint == CERTIFICATES_PATH:
                     node = self._node_of(writer)
+                elif endpoint == DISCOVERY_PATH:
+                    node = self._subscriber_of(writer)
                 try:
                     body = await reader.readexactly(length)
                 except asyncio.IncompleteReadError:
@@ -701,7 +714,12 @@ class ApiServer:
                 return self._refusal(endpoint, 400, RefusalCode.MALFORMED_REQUEST, str(e), peer)
         try:
             result: CertificateResponse | Refusal
-            if node is None:
+            if endpoint == POD_CERTIFICATES_PATH:
+                # With the bootstraps: its credential check waits on the API server too.
+                result = await self._run(
+                    self.signer.pod_certificate, PodCertificateRequest.decode(body), bootstrap=True
+                )
+            elif node is None:
                 result = await self._run(
                     self.signer.bootstrap, BootstrapRequest.decode(body), bootstrap=True
                 )
@@ -729,6 +747,35 @@ class ApiServer:
         self, endpoint: str, status: int, code: RefusalCode, message: str, peer: str
     ) -> tuple[str, int, bytes]:
         return endpoint, status, self.signer.refuse(code, message, peer=peer).encode()
+
+    def _subscriber_of(self, writer: asyncio.StreamWriter) -> str:
+        """Who opens a discovery stream: a node (its name), or a sidecar by its workload
+        certificate (``<SPIFFE ID>#<serial>``: each sidecar pod holds its own key and
+        certificate, so its streams count apart from other replicas of the same
+        identity).  The control plane's own identity never subscribes."""
+        try:
+            return self._node_of(writer)
+        except _Unauthenticated as e:
+            cert = self._peer_cert(writer)
+            if cert is None:
+                raise
+            try:
+                sid = spiffe_id_of(cert)
+            except (IdentityError, ValueError):
+                raise e from None
+            if (
+                sid.is_node
+                or sid.trust_domain != self.signer.trust_domain
+                or sid == self.serving.identity
+            ):
+                raise e from None
+            return f"{sid}#{cert.serial_number:x}"
+
+    @staticmethod
+    def _peer_cert(writer: asyncio.StreamWriter) -> x509.Certificate | None:
+        sslobj = writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        return x509.load_der_x509_certificate(der) if der else None
 
     def _node_of(self, writer: asyncio.StreamWriter) -> str:
         sslobj = writer.get_extra_info("ssl_object")
@@ -856,6 +903,7 @@ def build_signer(
     registry: CollectorRegistry,
     binding: NodeBinding,
     tokens: BootstrapTokens | None = None,
+    pods: PodCredentials | None = None,
 ) -> Signer:
     """Load and validate the CA (:class:`~.ca.CaError` names every problem) and wire the
     bootstrap credentials: the lab's token file, or injected ones (TokenReview)."""
@@ -877,6 +925,7 @@ def build_signer(
         leaf_lifetime=ident.leaf_lifetime,
         node_lifetime=ident.node_lifetime,
         skew=ident.clock_skew,
+        pods=pods,
     )
 
 
@@ -908,6 +957,7 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
         store = DiscoveryStore()
         source: Source
         tokens: BootstrapTokens | None = None
+        pods: PodCredentials | None = None
         if config.lab is not None:
             from controlplane.discovery.lab import LabSource
 
@@ -931,13 +981,13 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
                 )
             api = make_api_client(kube.api)
             source = KubeSource(kube.api, store, api, mesh_default=config.mesh.default_policy)
-            tokens = TokenReviewBootstrap(api, audience=kube.audience, agent=kube.agent)
+            tokens = pods = TokenReviewBootstrap(api, audience=kube.audience, agent=kube.agent)
             log.info(
                 "Kubernetes sources: API server %s; agents bootstrap with projected tokens "
-                "for audience %r as %s/%s",
+                "for audience %r as %s/%s, sidecars with their own pod's",
                 kube.api.server, kube.audience, *kube.agent,
             )  # fmt: skip
-        signer = build_signer(config, registry, StoreNodeBinding(store), tokens)
+        signer = build_signer(config, registry, StoreNodeBinding(store), tokens, pods)
         issuer = signer.issuer
         log.info(
             "issuer %s valid until %s; %d trust anchor(s)",

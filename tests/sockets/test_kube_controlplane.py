@@ -32,7 +32,8 @@ from controlplane.identity.server import (
     IdentityConfig,
     ServerConfig,
 )
-from controlplane.identity.signer import Signer
+from controlplane.identity.signer import CredentialRefused, Signer
+from nodeagent.certtypes import TlsMaterial
 from nodeagent.cpclient import ControlPlaneClient, RefusedError
 from nodeagent.discovery import DiscoveryClient, DiscoveryConfig
 from nodeagent.meshstate import MeshState
@@ -47,6 +48,7 @@ TD = "cluster.local"
 API_TOKEN = "controlplane-sa-token"
 AGENT_USER = "system:serviceaccount:weft-system:weft-agent"
 AUD = "weft-controlplane"
+SIDECAR = {"weft.io/mode": "sidecar"}
 
 
 def review(
@@ -73,6 +75,16 @@ def fake() -> Iterator[FakeKubeAPI]:
             ),
         )  # fmt: skip
         api.create("pods", fakeapi.pod("echo-1", node="node-1", service_account="echo"))
+        # Sidecar-mode pods: by the annotation, or by the injected container alone.
+        api.create("pods", fakeapi.pod("web-1", node="node-1", ip="10.244.1.7",
+                                       service_account="web", annotations=SIDECAR))  # fmt: skip
+        injected = fakeapi.pod("web-2", node="node-2", ip="10.244.2.7", service_account="web")
+        injected["spec"]["containers"].append({"name": "weft-sidecar", "image": "weft:1"})
+        api.create("pods", injected)
+        api.create("pods", fakeapi.pod("pending-1", node=None, ip=None, service_account="web",
+                                       annotations=SIDECAR))  # fmt: skip
+        api.create("pods", fakeapi.pod("done-1", node="node-1", ip=None, service_account="web",
+                                       annotations=SIDECAR, phase="Succeeded"))  # fmt: skip
         api.create(
             "pods", fakeapi.pod("other-1", node="node-2", ip="10.244.2.2", service_account="other")
         )
@@ -133,8 +145,9 @@ class Plane:
         api = make_api_client(kube_config(fake))
         self.source = KubeSource(kube_config(fake), self.store, api)
         registry = CollectorRegistry()
+        tokens = TokenReviewBootstrap(api)
         signer = Signer(
-            issuer, StoreNodeBinding(self.store), TokenReviewBootstrap(api), TD, registry=registry
+            issuer, StoreNodeBinding(self.store), tokens, TD, registry=registry, pods=tokens
         )
         config = ControlPlaneConfig(
             identity=IdentityConfig(ca_dir=tmp_path),
@@ -221,3 +234,148 @@ async def test_agents_receive_the_cluster_from_the_pod_watch(plane: Plane, fake:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- sidecars
+
+
+def test_a_sidecar_pod_token_names_its_own_pod(fake: FakeKubeAPI):
+    tokens = TokenReviewBootstrap(make_api_client(kube_config(fake)))
+    claim = tokens.pod_for(fake.pod_token("default", "web-1"))
+    web1 = fake.get("pods", "web-1", "default")
+    assert web1 is not None
+    assert (claim.namespace, claim.name, claim.uid) == ("default", "web-1", web1["metadata"]["uid"])
+    assert (claim.service_account, claim.node) == ("web", "node-1")
+    assert claim.identity(TD) == SpiffeId.workload("default", "web", TD)
+    # Injected without the annotation, and a token without the node (Kubernetes < 1.30).
+    claim = tokens.pod_for(fake.pod_token("default", "web-2", node_name=False))
+    assert (claim.name, claim.node) == ("web-2", "node-2")
+
+
+@pytest.mark.parametrize(
+    ("pod", "audiences", "code", "words"),
+    [
+        ("echo-1", (AUD,), RefusalCode.POD_NOT_SIDECAR, "not in sidecar mode"),
+        ("pending-1", (AUD,), RefusalCode.POD_NOT_SIDECAR, "not scheduled"),
+        ("done-1", (AUD,), RefusalCode.POD_NOT_SIDECAR, "has Succeeded"),
+        ("web-1", ("https://kubernetes.default.svc",), RefusalCode.UNAUTHENTICATED, "not valid"),
+    ],
+)
+def test_a_pod_token_is_refused_unless_its_pod_is_a_sidecar(
+    fake: FakeKubeAPI, pod: str, audiences: tuple[str, ...], code: RefusalCode, words: str
+):
+    tokens = TokenReviewBootstrap(make_api_client(kube_config(fake)))
+    token = fake.pod_token("default", pod, audiences=audiences)
+    with pytest.raises(CredentialRefused, match=words) as refused:
+        tokens.pod_for(token)
+    assert refused.value.code == code
+
+
+def test_a_deleted_or_replaced_pods_token_is_refused(fake: FakeKubeAPI):
+    tokens = TokenReviewBootstrap(make_api_client(kube_config(fake)))
+    token = fake.pod_token("default", "web-1")
+    fake.delete("pods", "web-1", "default")
+    with pytest.raises(CredentialRefused, match=r"not valid.*not found") as refused:
+        tokens.pod_for(token)
+    assert refused.value.code == RefusalCode.UNAUTHENTICATED
+    # The agent's own token (a pod-bound one) is not a sidecar's, nor is a legacy token.
+    for other, words in (("pod-bound", "not in sidecar mode"), ("legacy-secret", "not bound")):
+        with pytest.raises(CredentialRefused, match=words):
+            tokens.pod_for(other)
+
+
+def _sidecar_client(plane: Plane, token: str, holder: dict[str, TlsMaterial]) -> ControlPlaneClient:
+    client = plane.client("sidecar-web-1")
+    client.use_pod_token(lambda: token, lambda: holder.get("web"))
+    return client
+
+
+async def test_a_sidecar_gets_its_own_certificate_and_nothing_else(plane: Plane, fake: FakeKubeAPI):
+    holder: dict[str, TlsMaterial] = {}
+    client = _sidecar_client(plane, fake.pod_token("default", "web-1"), holder)
+    web = SpiffeId.workload("default", "web", TD)
+    issued = await _csr_for(client, web)
+    assert issued.certificate_pem and client.node_identity is None  # no node certificate
+    # Another identity — of a pod on the same node, or the agent's — is refused, saying why.
+    for foreign in (
+        SpiffeId.workload("default", "echo", TD),
+        SpiffeId.workload("weft-system", "weft-agent", TD),
+    ):
+        with pytest.raises(RefusedError) as refused:
+            await _csr_for(client, foreign)
+        assert refused.value.code == RefusalCode.NOT_POD_IDENTITY
+        assert "belongs to pod default/web-1, which runs as " + str(web) in str(refused.value)
+        assert str(foreign) in str(refused.value)
+    # A node-mode pod's token gets nothing, not even its own identity.
+    echo = _sidecar_client(plane, fake.pod_token("default", "echo-1"), holder)
+    with pytest.raises(RefusedError) as refused:
+        await _csr_for(echo, SpiffeId.workload("default", "echo", TD))
+    assert refused.value.code == RefusalCode.POD_NOT_SIDECAR
+
+
+async def test_a_sidecar_reads_discovery_with_its_workload_certificate(
+    plane: Plane, fake: FakeKubeAPI, tmp_path: Any
+):
+    holder: dict[str, TlsMaterial] = {}
+    client = _sidecar_client(plane, fake.pod_token("default", "web-1"), holder)
+    web = SpiffeId.workload("default", "web", TD)
+    key = generate_key()
+    issued = await client.request_certificate(web, build_csr(key, web))
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    (tmp_path / "chain.pem").write_text(issued.certificate_pem + "".join(issued.chain_pem))
+    state = MeshState()
+    agent = DiscoveryClient(
+        client, state, config=DiscoveryConfig(backoff_initial=0.05, backoff_max=0.2)
+    )
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.sleep(0.3)  # no certificate yet: the stream waits, retrying
+        assert state.workload_at("10.244.1.2") is None
+        holder["web"] = TlsMaterial(
+            web, tmp_path / "key.pem", tmp_path / "chain.pem", issued.not_after, 1
+        )
+        await _until(lambda: state.workload_at("10.244.1.2") is not None)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_sidecar_bootstraps_on_its_pods_token(
+    plane: Plane, fake: FakeKubeAPI, tmp_path: Any
+):
+    """`nodeagent.sidecar.Sidecar`'s own wiring (pod bootstrap): certificate, then the
+    discovery stream opened with it — the listeners are not needed for that."""
+    from nodeagent.sidecar import Sidecar, SidecarConfig
+
+    token = tmp_path / "token"
+    token.write_text(fake.pod_token("default", "web-1") + "\n")
+    env = {
+        "POD_NAME": "web-1", "POD_NAMESPACE": "default", "POD_SERVICE_ACCOUNT": "web",
+        "POD_IP": "10.244.1.7", "NODE_NAME": "node-1",
+        "WEFT_CONTROLPLANE": "127.0.0.1", "WEFT_TOKEN_FILE": str(token),
+        "WEFT_TRUST_BUNDLE": str(plane.bundle), "WEFT_CERT_DIR": str(tmp_path / "run/certs"),
+    }  # fmt: skip
+    sidecar = Sidecar(SidecarConfig.from_env(env))
+    sidecar.cp_client.port = plane.cp.api.port
+    tasks = [
+        sidecar.certs.start(),
+        asyncio.create_task(sidecar._bootstrap()),
+        asyncio.create_task(sidecar._certificates_ready()),
+        asyncio.create_task(sidecar._discover()),
+    ]
+    try:
+        await _until(lambda: sidecar.certs.material(sidecar.identity) is not None)
+        assert sidecar.cp_client.node_identity is None
+        await _until(lambda: sidecar.mesh.workload_at("10.244.1.2") is not None)
+        # The token file is read for every request (the kubelet rotates it in place).
+        token.write_text("rotated-and-forged")
+        key = generate_key()
+        web = SpiffeId.workload("default", "web", TD)
+        with pytest.raises(RefusedError) as refused:
+            await sidecar.cp_client.request_certificate(web, build_csr(key, web))
+        assert refused.value.code == RefusalCode.UNAUTHENTICATED
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sidecar.certs.close()

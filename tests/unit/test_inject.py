@@ -11,7 +11,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
 from click.testing import CliRunner
 
-from nodeagent.sidecar import SidecarConfig, capture_rules
+from nodeagent.sidecar import SidecarConfig, SidecarError, capture_rules
 from weft.cli import cli
 from weft.inject import (
     INIT_NAME,
@@ -155,3 +155,27 @@ def test_weft_inject_cli_reads_a_file_and_writes_stdout(tmp_path: Any) -> None:
     assert [d["kind"] for d in docs] == ["Deployment", "Service"]
     path.write_text(out.output)
     assert CliRunner().invoke(cli, ["inject", "-f", str(path)]).output == out.output
+
+
+def test_the_sidecar_gets_its_pods_own_token_for_the_control_planes_audience() -> None:
+    """The projected token the sidecar presents for its own certificate (pod bootstrap)."""
+    _, spec = _spec(inject(POD, InjectOptions(audience="weft-cp.example")))
+    (token,) = [v for v in spec["volumes"] if v["name"] == "weft-token"]
+    (source,) = token["projected"]["sources"]
+    sat = source["serviceAccountToken"]
+    assert sat["audience"] == "weft-cp.example" and sat["path"] == "token"
+    assert sat["expirationSeconds"] <= 3600  # bound and short; the kubelet rotates it
+    side = next(c for c in spec["containers"] if c["name"] == SIDECAR_NAME)
+    env = {e["name"]: e.get("value") for e in side["env"]}
+    assert env["WEFT_TOKEN_FILE"] == "/var/run/secrets/weft/token"
+    assert "WEFT_BOOTSTRAP" not in env  # the sidecar's default: its pod's token
+    base = {"POD_NAME": "p", "POD_NAMESPACE": "d", "POD_IP": "10.0.0.1", "NODE_NAME": "n",
+            "WEFT_CONTROLPLANE": "cp"}  # fmt: skip
+    assert SidecarConfig.from_env(base).bootstrap == "pod"
+    assert SidecarConfig.from_env({**base, "WEFT_BOOTSTRAP": "node"}).bootstrap == "node"
+    with pytest.raises(SidecarError, match="WEFT_BOOTSTRAP"):
+        SidecarConfig.from_env({**base, "WEFT_BOOTSTRAP": "secret"})
+    out = CliRunner().invoke(cli, ["inject", "-f", "-", "--audience", "x.example"],
+                             input=yaml.safe_dump(POD))  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "audience: x.example" in out.output

@@ -21,7 +21,13 @@ from prometheus_client import CollectorRegistry
 from controlplane.identity.binding import StoreNodeBinding
 from controlplane.identity.ca import init_ca, key_fingerprint, validate_ca
 from controlplane.identity.lab import LabBootstrapTokens, write_lab_tokens
-from controlplane.identity.signer import Signer, controlplane_identity
+from controlplane.identity.signer import (
+    CredentialCheckUnavailable,
+    CredentialRefused,
+    PodClaim,
+    Signer,
+    controlplane_identity,
+)
 from weft.identity import SpiffeId, build_csr, cert_pem, generate_key, key_pem, spiffe_id_of
 from weft.lab.plan import plan_lab
 from weft.lab.state import LabPaths, LabState
@@ -29,6 +35,7 @@ from weft.wire import (
     BootstrapRequest,
     CertificateRequest,
     CertificateResponse,
+    PodCertificateRequest,
     Refusal,
     RefusalCode,
 )
@@ -458,3 +465,88 @@ def test_signer_with_lab_sources_end_to_end(tmp_path, issuer):
         signer.certificate("node-2", CertificateRequest(str(sid), _csr(sid))),
         CertificateResponse,
     )
+
+
+# --------------------------------------------------------------------------- pod certificates
+
+
+class Pods:
+    """PodCredentials: token -> claim, or the refusal / outage the real one raises."""
+
+    def __init__(self, by_token):
+        self.by_token = by_token
+        self.asked = 0
+
+    def pod_for(self, token):
+        self.asked += 1
+        found = self.by_token.get(token)
+        if isinstance(found, Exception):
+            raise found
+        if found is None:
+            raise CredentialRefused(RefusalCode.UNAUTHENTICATED, "the pod token is not valid")
+        return found
+
+
+WEB_1 = PodClaim("default", "web-1", "uid-1", "echo", "node-1")
+
+
+@pytest.fixture
+def pod_signer(issuer, registry):
+    pods = Pods(
+        {
+            "web-1": WEB_1,
+            "outage": CredentialCheckUnavailable("TokenReview failed: HTTP 503"),
+            "node-mode": CredentialRefused(RefusalCode.POD_NOT_SIDECAR, "not in sidecar mode"),
+        }
+    )
+    signer = Signer(issuer, Binding({}), Tokens({}), TD, registry=registry, pods=pods)
+    return signer, pods
+
+
+def test_a_pod_token_gets_its_own_pods_identity(pod_signer, registry, caplog):
+    signer, _ = pod_signer
+    key = generate_key()
+    with caplog.at_level(logging.INFO, logger="weft.audit"):
+        result = signer.pod_certificate(PodCertificateRequest("web-1", str(ECHO), _csr(ECHO, key)))
+    assert isinstance(result, CertificateResponse)
+    leaf = x509.load_pem_x509_certificate(result.certificate_pem.encode())
+    assert spiffe_id_of(leaf) == ECHO and leaf.public_key() == key.public_key()
+    assert registry.get_sample_value("weft_csr_issued_total", {"kind": "workload"}) == 1.0
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "weft.audit"]
+    assert line.startswith("issued kind=workload node=node-1 pod=default/web-1 identity=")
+
+
+@pytest.mark.parametrize(
+    ("token", "identity", "code"),
+    [
+        ("web-1", CLIENT, RefusalCode.NOT_POD_IDENTITY),
+        ("outage", ECHO, RefusalCode.CREDENTIAL_CHECK_UNAVAILABLE),
+        ("node-mode", ECHO, RefusalCode.POD_NOT_SIDECAR),
+        ("forged", ECHO, RefusalCode.UNAUTHENTICATED),
+    ],
+)
+def test_a_pod_token_is_refused_for_anything_else(pod_signer, registry, token, identity, code):
+    signer, _ = pod_signer
+    result = signer.pod_certificate(PodCertificateRequest(token, str(identity), _csr(identity)))
+    assert _code(result) == code
+    assert _refused(registry, code) == 1.0
+    if code is RefusalCode.NOT_POD_IDENTITY:
+        assert isinstance(result, Refusal)
+        assert result.http_status == 403
+        assert f"pod default/web-1, which runs as {ECHO}" in result.message
+        assert f"not {CLIENT}" in result.message
+
+
+def test_a_bad_pod_csr_is_refused_before_the_token_is_reviewed(pod_signer):
+    signer, pods = pod_signer
+    mismatched = PodCertificateRequest("web-1", str(ECHO), _csr(CLIENT))
+    assert _code(signer.pod_certificate(mismatched)) == RefusalCode.SAN_MISMATCH
+    node_id = str(SpiffeId.node("node-1", TD))
+    as_node = PodCertificateRequest("web-1", node_id, _csr(SpiffeId.node("node-1", TD)))
+    assert _code(signer.pod_certificate(as_node)) == RefusalCode.MALFORMED_REQUEST
+    assert pods.asked == 0
+
+
+def test_without_pod_credentials_pod_tokens_are_refused(signer):
+    result = signer.pod_certificate(PodCertificateRequest("web-1", str(ECHO), _csr(ECHO)))
+    assert _code(result) == RefusalCode.UNAUTHENTICATED

@@ -85,9 +85,11 @@ def run(drop_to_uid: int | None) -> None:
 @click.option("--trust-domain", default=InjectOptions.trust_domain, show_default=True)
 @click.option("--trust-bundle-configmap", default=InjectOptions.trust_bundle_configmap,
               show_default=True, help="ConfigMap with ca.crt, in the pod namespace.")  # fmt: skip
+@click.option("--audience", default=InjectOptions.audience, show_default=True,
+              help="The pod token's audience: the control plane's --audience.")  # fmt: skip
 def inject(
     filename: IO[str], image: str, controlplane: str, trust_domain: str,
-    trust_bundle_configmap: str,
+    trust_bundle_configmap: str, audience: str,
 ) -> None:  # fmt: skip
     """Add Weft's sidecar (and its init container) to the pods of a manifest; to stdout.
 
@@ -99,6 +101,7 @@ def inject(
         controlplane=controlplane,
         trust_domain=trust_domain,
         trust_bundle_configmap=trust_bundle_configmap,
+        audience=audience,
     )
     try:
         docs = list(yaml.safe_load_all(filename))

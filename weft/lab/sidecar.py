@@ -11,7 +11,7 @@ root (the nftables capture: the init container's job, NET_ADMIN), and starts
 ``weft sidecar run`` inside the pod — its netns, its cgroup, its hosts file — as uid
 1337 with nothing but the environment the injected container would get.  Credentials:
 the trust anchor and the *node's* lab bootstrap token, copied into a directory only the
-sidecar's uid can read (on Kubernetes the sidecar would present its pod's own service
+sidecar's uid can read (on Kubernetes the sidecar presents its pod's own service
 account token; see docs/kubernetes.md "Sidecar mode").
 """
 
@@ -112,6 +112,8 @@ def start(lab: Lab, state: LabState, pod: PodPlan, uid: int = SIDECAR_UID) -> Pr
         "WEFT_TOKEN_FILE": str(directory / "token"),
         "WEFT_TRUST_BUNDLE": str(directory / "ca.crt"),
         "WEFT_CERT_DIR": str(directory / "run" / "certs"),
+        # No TokenReview in the lab: the node's token, then a CSR over mTLS (module doc).
+        "WEFT_BOOTSTRAP": "node",
         "WEFT_LOG_LEVEL": os.environ.get("WEFT_LOG_LEVEL", "info"),
     }
     netns, cgroup = state.plan.netns(pod.name), state.pod_cgroup(pod)
