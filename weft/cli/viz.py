@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import rich.markup
@@ -44,6 +44,9 @@ from weft.viz.sources import (
     load_lab,
 )
 from weft.viz.sources import why as sources_why
+
+if TYPE_CHECKING:
+    from weft.lab.state import LabState
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -132,14 +135,20 @@ class _Options:
     timeout: float
 
 
+def _lab(o: _Options, instead: str | None) -> LabState | None:
+    """The lab's state; when it cannot be read, None if other options say what to read
+    (``instead`` None), else fail, naming the options that would do (``instead``)."""
+    try:
+        return load_lab(o.lab)
+    except SourceError as e:
+        if instead is not None:
+            _fail(f"{e} (or give {instead})")
+        return None
+
+
 def _env(ctx: click.Context) -> Env:
     o: _Options = ctx.obj
-    state = None
-    try:
-        state = load_lab(o.lab)
-    except SourceError as e:
-        if not o.prometheus and not o.agents:
-            _fail(f"{e} (or give --prometheus URL or --agent HOST:PORT)")
+    state = _lab(o, None if o.prometheus or o.agents else "--prometheus URL or --agent HOST:PORT")
     topology = lab_topology(state) if state is not None else Topology()
     source: Source
     if o.prometheus:
@@ -202,11 +211,8 @@ def _collect(env: Env, window: float, quiet: bool) -> tuple[list[Delta], list[Un
     except SourceError as e:
         _fail(str(e))
     for u in down:
-        what = rich.markup.escape(u.describe())
-        err.print(
-            f"[yellow]warning:[/yellow] could not read the agent of {what}"
-            " — its pods' figures are missing below"
-        )
+        what = rich.markup.escape(_unreachable(u))
+        err.print(f"[yellow]warning:[/yellow] {what} — its pods' figures are missing below")
     if answered == 0:
         _fail("no agent answered; nothing to show")
     over = model.overflowed(ds)
@@ -216,6 +222,17 @@ def _collect(env: Env, window: float, quiet: bool) -> tuple[list[Delta], list[Un
             "overflow series (its cardinality cap) and are not attributed"
         )
     return ds, down
+
+
+def _unreachable(u: Unreachable, doing: str = "read") -> str:
+    """What every command says of an agent it could not read (or tap): which, where, why."""
+    return f"could not {doing} the agent of {u.describe()}"
+
+
+def _missing_agents(env: Env, down: Sequence[Unreachable]) -> Callable[[model.StatRow], list[str]]:
+    """The unreachable agents a row's figures are missing from (the nodes of its pods)."""
+    down_nodes = {u.source for u in down}
+    return lambda r: sorted(env.topology.nodes(r.kind, r.namespace, r.name) & down_nodes)
 
 
 def _pct(v: float | None) -> str:
@@ -258,28 +275,33 @@ def _add(table: Table, *cells: str) -> None:
     table.add_row(*(Text(c) for c in cells))
 
 
-def _json(payload: dict[str, Any], down: Sequence[Unreachable]) -> None:
-    payload["unreachable"] = [
-        {"source": u.source, "where": u.where, "reason": u.reason} for u in down
-    ]
-    click.echo(json.dumps(payload, indent=2, sort_keys=True))
+def _json(env: Env, window: float, down: Sequence[Unreachable], **payload: Any) -> None:
+    """A figures command's ``-o json`` document: ``payload``, the window, the source and
+    the agents that could not be read (``unreachable``; an empty list when all answered)."""
+    unreachable = [{"source": u.source, "where": u.where, "reason": u.reason} for u in down]
+    doc = {**payload, "window_seconds": window, "source": env.describe, "unreachable": unreachable}
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
 
 
-def _figures_cells(f: Figures, wide: bool) -> list[str]:
-    cells = [
+def _rate_cells(f: Figures) -> list[str]:
+    return [
         _pct(f.success_rate),
         _rps(f.request_rate),
         _ms(f.latency(0.5)),
         _ms(f.latency(0.95)),
         _ms(f.latency(0.99)),
-        _num(f.tcp_open),
     ]
+
+
+def _figures_cells(f: Figures, wide: bool) -> list[str]:
+    cells = [*_rate_cells(f), _num(f.tcp_open)]
     if wide:
         cells += [_num(f.requests), _bps(f.read_rate), _bps(f.write_rate)]
     return cells
 
 
-_FIGURE_HEADERS = ("SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99", "TCP_CONN")
+_RATE_HEADERS = ("SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99")
+_FIGURE_HEADERS = (*_RATE_HEADERS, "TCP_CONN")
 _WIDE_HEADERS = ("REQUESTS", "READ_BYTES/SEC", "WRITE_BYTES/SEC")
 
 
@@ -349,25 +371,14 @@ def stat(
         _fail(str(e))
     if name_ is not None and not rows:
         err.print(f"no {kind_}/{name_} in {namespace} with traffic or pods")
-    down_nodes = {u.source for u in down}
-
-    def missing(r: model.StatRow) -> list[str]:
-        return sorted(env.topology.nodes(r.kind, r.namespace, r.name) & down_nodes)
-
+    missing = _missing_agents(env, down)
     if output == "json":
-        _json(
-            {
-                "kind": kind_,
-                "window_seconds": window,
-                "source": env.describe,
-                "rows": [{**r.to_json(), "missing_agents": missing(r)} for r in rows],
-            },
-            down,
-        )
+        rows_json = [{**r.to_json(), "missing_agents": missing(r)} for r in rows]
+        _json(env, window, down, kind=kind_, rows=rows_json)
         return
     wide = output == "wide"
     headers = ["NAMESPACE"] if all_namespaces or kind_ == "ns" else []
-    note = ("MISSING",) if down_nodes else ()
+    note = ("MISSING",) if down else ()
     table = _table(
         *headers, "NAME", "MESHED", *_FIGURE_HEADERS, *(_WIDE_HEADERS if wide else ()), *note
     )
@@ -413,21 +424,8 @@ def edges(
         _fail(str(e))
     if window > 0:
         rows = [r for r in rows if r.figures.tcp_opened or r.figures.requests or r.figures.tcp_open]
-    down_nodes = {u.source for u in down}
-
-    def missing(r: model.StatRow) -> list[str]:
-        return sorted(env.topology.nodes(r.kind, r.namespace, r.name) & down_nodes)
-
     if output == "json":
-        _json(
-            {
-                "kind": kind_,
-                "window_seconds": window,
-                "source": env.describe,
-                "edges": [r.to_json() for r in rows],
-            },
-            down,
-        )
+        _json(env, window, down, kind=kind_, edges=[r.to_json() for r in rows])
         return
     wide = output == "wide"
     extra = ("CONNS", "REQUESTS", "SUCCESS") if wide else ()
@@ -479,46 +477,15 @@ def routes(ctx: click.Context, target: str, namespace: str, output: str, window:
     except VizError as e:
         _fail(str(e))
     if output == "json":
-        _json(
-            {
-                "service": service.key,
-                "window_seconds": window,
-                "source": env.describe,
-                "routes": [r.to_json() for r in rows],
-            },
-            down,
-        )
+        _json(env, window, down, service=service.key, routes=[r.to_json() for r in rows])
         return
     wide = output == "wide"
     extra = ("SKIPPED", "BACKENDS") if wide else ()
-    table = _table(
-        "ROUTE",
-        "SERVICE",
-        "SUCCESS",
-        "RPS",
-        "LATENCY_P50",
-        "LATENCY_P95",
-        "LATENCY_P99",
-        "RETRIES",
-        "TIMEOUTS",
-        *extra,
-    )
+    table = _table("ROUTE", "SERVICE", *_RATE_HEADERS, "RETRIES", "TIMEOUTS", *extra)
     for r in rows:
-        f = r.figures
         cells = [_num(r.retries_skipped), ",".join(sorted(r.backends)) or "-"] if wide else []
-        _add(
-            table,
-            r.route,
-            service.name,
-            _pct(f.success_rate),
-            _rps(f.request_rate),
-            _ms(f.latency(0.5)),
-            _ms(f.latency(0.95)),
-            _ms(f.latency(0.99)),
-            _num(r.retries),
-            _num(r.timeouts),
-            *cells,
-        )
+        counts = [_num(r.retries), _num(r.timeouts), *cells]
+        _add(table, r.route, service.name, *_rate_cells(r.figures), *counts)
     _out().print(table)
     if any(r.route == model.ALL_ROUTES for r in rows):
         err.print(
@@ -631,23 +598,21 @@ def top(
         ds, down = _collect(env, window, output == "json")
         if output == "json":
             _json(
-                {
-                    "window_seconds": window,
-                    "source": env.describe,
-                    "by": "path" if model.has_path(ds) else "authority",
-                    "rows": [r.to_json() for r in model.top(ds, namespace=ns)[:max_rows]],
-                    "routes": [
-                        {
-                            "service": t.service,
-                            "route": t.route or model.DEFAULT_ROUTE,
-                            "backend": t.backend,
-                            "count": t.figures.requests,
-                            "rps": t.figures.request_rate,
-                        }
-                        for t in model.route_traffic(ds)
-                    ],
-                },
+                env,
+                window,
                 down,
+                by="path" if model.has_path(ds) else "authority",
+                rows=[r.to_json() for r in model.top(ds, namespace=ns)[:max_rows]],
+                routes=[
+                    {
+                        "service": t.service,
+                        "route": t.route or model.DEFAULT_ROUTE,
+                        "backend": t.backend,
+                        "count": t.figures.requests,
+                        "rps": t.figures.request_rate,
+                    }
+                    for t in model.route_traffic(ds)
+                ],
             )
             return
         _out().print(
@@ -682,8 +647,7 @@ def _live_top(env: Env, namespace: str | None, interval: float, max_rows: int) -
                     " (Ctrl-C quits)"
                 )
                 view: list[Any] = [_top_view(since, recent, namespace, max_rows, heading)]
-                for u in down:
-                    view.append(Text(f"could not read the agent of {u.describe()}", style="yellow"))
+                view += [Text(_unreachable(u), style="yellow") for u in down]
                 live.update(Group(*view), refresh=True)
         except KeyboardInterrupt:
             pass
@@ -759,12 +723,7 @@ def tap(
         if rname is None:
             raise VizError(f"{resource!r}: give KIND/NAME, e.g. deploy/echo, pod/echo-1")
         target = model.Target(kind, rname, namespace)
-        state = None
-        try:
-            state = load_lab(o.lab)
-        except SourceError as e:
-            if not o.agents:
-                _fail(f"{e} (or give --agent HOST:PORT)")
+        state = _lab(o, None if o.agents else "--agent HOST:PORT")
         topology = lab_topology(state) if state is not None and not o.agents else Topology()
         accounts = lab_accounts(state) if state is not None and not o.agents else {}
         query = tapview.tap_query(
@@ -845,8 +804,8 @@ def _run_tap(
             if item is None:
                 running -= 1
                 if problem:
-                    err.print(f"[yellow]warning:[/yellow] could not tap the agent of {where}: "
-                              f"{rich.markup.escape(problem)}")  # fmt: skip
+                    what = _unreachable(Unreachable(agent.name, agent.where, problem), "tap")
+                    err.print(f"[yellow]warning:[/yellow] {rich.markup.escape(what)}")
                 continue
             answered = True
             if "end" in item:
@@ -933,7 +892,7 @@ def dashboard(
     window: float,
     traces_url: str | None,
 ) -> None:
-    """Serve a live web page: the service graph, golden metrics per workload, traces.
+    """Serve a live web page: the service graph, golden metrics, traces, the live tap.
 
     \b
       weft viz dashboard                   # http://127.0.0.1:50750/, Ctrl-C stops it
@@ -942,8 +901,9 @@ def dashboard(
     \b
     Workloads are nodes; an edge is who calls whom (mTLS or plaintext) with its RPS,
     success rate and latency over --window. Recent traces come from the lab's OTLP
-    receiver (`weft lab up --traces`) or --traces URL. The live tap is `weft viz tap`
-    (the page has a placeholder for it).
+    receiver (`weft lab up --traces`) or --traces URL. The live tap panel streams the
+    requests of the workload picked in the graph (or all), read from the agents' tap as
+    `weft viz tap` reads it (on their node's loopback) and relayed to the page.
     """
     import asyncio
 
@@ -960,22 +920,31 @@ def dashboard(
         dash.check_assets(config.web_dir)
         env = _env(ctx)
         receiver = dash.receiver_from_url(traces_url) if traces_url else None
-        if receiver is None and not ctx.obj.agents:
+        tap_source = None
+        if ctx.obj.agents:
+            tap_source = dash.TapSource(
+                [_agent(a) for a in ctx.obj.agents], env.topology, {},
+                "--agent (each must be its node's loopback, e.g. kubectl port-forward)",
+            )  # fmt: skip
+        else:
             with_lab = None
             try:
                 with_lab = load_lab(ctx.obj.lab)
             except SourceError:
                 pass
             if with_lab is not None:
-                receiver = dash.lab_trace_receiver(with_lab)
+                tap_source = dash.lab_tap_source(with_lab)
+                if receiver is None:
+                    receiver = dash.lab_trace_receiver(with_lab)
     except (VizError, dash.AssetsMissing) as e:
         _fail(str(e))
     poller = dash.Poller(env.source, env.topology, config, env.describe)
+    taps = dash.Taps(tap_source, namespace)
 
     async def serve() -> None:
         import signal
 
-        running = await dash.start(poller, config, receiver)
+        running = await dash.start(poller, config, receiver, taps=taps)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -983,9 +952,11 @@ def dashboard(
         click.echo(f"weft viz dashboard: {running.url}", nl=True)
         sys.stdout.flush()
         traces = receiver.endpoint.where if receiver else "tracing not enabled"
+        tapped = f"{len(tap_source.agents)} agents" if tap_source else "none (no lab)"
         err.print(
             f"[dim]polling {rich.markup.escape(env.describe)} every {interval:g} s, "
-            f"rates over {window:g} s; traces: {rich.markup.escape(traces)}; Ctrl-C stops[/dim]"
+            f"rates over {window:g} s; traces: {rich.markup.escape(traces)}; "
+            f"live tap: {tapped}; Ctrl-C stops[/dim]"
         )
         if not dash.is_loopback(host):
             err.print(
