@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -77,12 +77,16 @@ class AdminServer:
         registry: CollectorRegistry,
         *,
         tap: TapHub | None = None,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         self.readiness = readiness
         self.state = state
         self.registry = registry
         self.tap = tap
         """The node's live tap (None: ``/tap`` answers 404)."""
+        self.metrics = metrics
+        """The ``/metrics`` text when it is not just ``registry``'s: with proxy workers,
+        the agent's merged with theirs (asked for on each scrape)."""
 
     def route(self, head: RequestHead, peer: str = "127.0.0.1") -> tuple[int, bytes, str]:
         """Sans-I/O: a GET request head (and the client's address) in, (status, body,
@@ -139,7 +143,9 @@ class AdminServer:
                 head = await self._read_head(reader, writer)
             if head is None:
                 return
-            if head.target.split("?", 1)[0] == "/tap":
+            if head.target.split("?", 1)[0] == "/metrics" and self.metrics is not None:
+                answer = 200, await self.metrics(), CONTENT_TYPE_LATEST
+            elif head.target.split("?", 1)[0] == "/tap":
                 asked = self.tap_request(head, host)
                 if isinstance(asked, TapRequest):
                     await self._stream(asked, reader, writer)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,9 +36,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,6 +46,7 @@ from nodeagent.admin import AdminServer, Readiness
 from nodeagent.authz import Authorizer
 from nodeagent.capture import CaptureManager, LocalPod
 from nodeagent.certs import CertConfig, WorkloadCertManager
+from nodeagent.certtypes import CertSource
 from nodeagent.cgroups import CgroupError, find_pod_cgroup, own_cgroup
 from nodeagent.cpclient import ControlPlaneClient, ControlPlaneError
 from nodeagent.discovery import DiscoveryClient
@@ -103,6 +105,7 @@ from nodeagent.proxymetrics import pool_metrics as _pool_metrics
 from nodeagent.retrymetrics import RetryMetrics
 from nodeagent.tap import TapHub
 from nodeagent.tracing import TraceExporter
+from nodeagent.workers.supervisor import WorkerSupervisor, enable_accept_queue_migration
 from weft.files import write_json_atomic
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 from weft.mesh import Workload
@@ -115,12 +118,20 @@ log = logging.getLogger("weft.agent")
 
 LISTEN_BACKLOG = 4096
 """Connections the kernel queues per listener while the agent is busy or starting."""
+MAX_WORKERS = 64
+"""Proxy worker processes at most (``--workers``)."""
 NODE_ADDR_INTERVAL = 5.0
 """Seconds between reads of the node's addresses (`nodeagent.hostaddrs`)."""
 
 
 class AgentError(RuntimeError):
     """The agent cannot start; the message says what to fix."""
+
+
+class DestinationLookup(Protocol):
+    def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
+        """Where the captured connection from (peer_ip, peer_port) was headed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,10 @@ class AgentConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     """Distributed tracing: the OTLP collector (none: off) and the sample rate for
     requests that bring no decision (``--trace-collector``, ``--trace-sample-rate``)."""
+    workers: int = 1
+    """Proxy processes (`nodeagent.workers`): 1 serves in the agent's own process; N > 1
+    runs N worker processes sharing the listening ports (``SO_REUSEPORT``) while this
+    process keeps capture, certificates and discovery (``--workers``)."""
 
     def __post_init__(self) -> None:
         if self.connect_attempts < 1:
@@ -228,6 +243,13 @@ class AgentConfig:
         if self.max_connections_per_pod < 1:
             raise AgentError(
                 f"max connections per pod must be >= 1, got {self.max_connections_per_pod}"
+            )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise AgentError(f"workers must be 1..{MAX_WORKERS}, got {self.workers}")
+        if self.workers > 1 and not self.controlplane:
+            raise AgentError(
+                "--workers above 1 needs the mesh (a control plane): capture-only mode "
+                "serves in the agent's process"
             )
         if not 1 <= self.tunnel_max_streams <= 65_536:
             raise AgentError(f"tunnel max streams must be 1..65536, got {self.tunnel_max_streams}")
@@ -378,6 +400,11 @@ class Agent:
         self._unmark_ready()  # a restarted container's marker says nothing of this one
         self.readiness.on_ready = self._mark_ready
         self.progs: CapturePrograms | None = None
+        self.destinations: DestinationLookup | None = None
+        """Where captured connections were headed: the loaded programs' map, or in a
+        worker process the pinned map opened by path."""
+        self.supervisor: WorkerSupervisor | None = None
+        """With ``workers`` > 1: the proxy worker processes (this process serves none)."""
         self.node_addresses = NodeAddresses((*cfg.node_addrs, cfg.proxy_ip))
         """The node's own addresses, which strict pods accept (kept in step with the
         kernel's: `nodeagent.hostaddrs`)."""
@@ -487,9 +514,9 @@ class Agent:
         )
 
     def original_destination(self, sock: socket.socket) -> tuple[str, int] | None:
-        assert self.progs is not None
+        assert self.destinations is not None
         peer = sock.getpeername()
-        return self.progs.original_destination(peer[0], peer[1])
+        return self.destinations.original_destination(peer[0], peer[1])
 
     def is_self(self, ip: str, port: int) -> bool:
         ours = {self.cfg.outbound_port, self.cfg.admin_port}
@@ -497,6 +524,14 @@ class Agent:
         return local and port in ours
 
     def state(self) -> dict[str, Any]:
+        """``/debug/state``: the node's part, and the data path's — this process's, or
+        with workers each worker's as it last reported it."""
+        node = self.node_state()
+        if self.supervisor is not None:
+            return node | {"workers": self.supervisor.state()}
+        return node | self.data_path_state()
+
+    def node_state(self) -> dict[str, Any]:
         progs = self.progs
         return {
             "node": self.cfg.node,
@@ -504,12 +539,6 @@ class Agent:
             "uptime_seconds": round(time.time() - self.started, 1),
             "ready": self.readiness.ready,
             "waiting_for": sorted(self.readiness.blockers),
-            "proxy": {
-                "outbound": f"{self.cfg.listen_ip}:{self.cfg.outbound_port}",
-                "redirect_target": f"{self.cfg.proxy_ip}:{self.cfg.outbound_port}",
-                "cgroup": str(self.proxy_cgroup) if self.proxy_cgroup else None,
-                "stats": vars(self.proxy.stats) if self.proxy else None,
-            },
             "ebpf": {
                 "pin_dir": str(self.cfg.pin_dir),
                 "compile_seconds": round(progs.compile_seconds, 3) if progs else None,
@@ -528,6 +557,16 @@ class Agent:
             "tap": self.tap.state(),
             "certificates": self.certs.snapshot() if self.certs else None,
             "discovery": self.discovery.snapshot() if self.discovery else None,
+        }
+
+    def data_path_state(self) -> dict[str, Any]:
+        return {
+            "proxy": {
+                "outbound": f"{self.cfg.listen_ip}:{self.cfg.outbound_port}",
+                "redirect_target": f"{self.cfg.proxy_ip}:{self.cfg.outbound_port}",
+                "cgroup": str(self.proxy_cgroup) if self.proxy_cgroup else None,
+                "stats": vars(self.proxy.stats) if self.proxy else None,
+            },
             "http": {
                 "enabled": self.cfg.http,
                 "detected": dict(self.switch.decisions) if self.switch else {},
@@ -621,7 +660,7 @@ class Agent:
                 cfg.ebpf_map_entries,
                 LISTEN_BACKLOG,
             )
-        self.progs = CapturePrograms.load(
+        self.progs = self.destinations = CapturePrograms.load(
             CaptureConfig(
                 pin_dir=cfg.pin_dir,
                 proxy_ip=cfg.proxy_ip,
@@ -763,20 +802,37 @@ class Agent:
             # One workload identity per service account with a captured pod here; the
             # first call carries the whole set (it prunes stale key directories).
             self.certs.set_identities(w.identity for w in local if w.captured and not w.sidecar)
-            self.balancer.retain(
-                (ep.address, port)
-                for svc in self.mesh.services.values()
-                for ep in svc.endpoints
-                for port in {p for p in (_numeric(svc, ep)) if p}
-            )
-            known_pods = _known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()})
-            self.tcp.prune(known_pods)
-            self.http_metrics.prune(known_pods)
-            self.http_balancer.retain(self.balancer.health)  # what discovery still has
+            self.prune_data_path()
             self.readiness.done("pods")
 
+    def prune_data_path(self) -> None:
+        """After a discovery change: forget endpoints and metric series of what left."""
+        self.balancer.retain(
+            (ep.address, port)
+            for svc in self.mesh.services.values()
+            for ep in svc.endpoints
+            for port in {p for p in (_numeric(svc, ep)) if p}
+        )
+        known_pods = _known_in({(w.namespace, w.name) for w in self.mesh.workloads.values()})
+        self.tcp.prune(known_pods)
+        self.http_metrics.prune(known_pods)
+        self.http_balancer.retain(self.balancer.health)  # what discovery still has
+
     def _open_tunnel(self, outbound: socket.socket, *, listen: bool) -> socket.socket:
-        """Certificates, TLS contexts and the tunnel listener on the node address."""
+        """Certificates, discovery, the tunnel's stages and its listener on the node
+        address."""
+        assert self.certs is None
+        certs = self._open_control()
+        self.open_tunnel_path(certs)
+        try:
+            return self.bind_tunnel(listen=listen)
+        except AgentError:
+            outbound.close()
+            raise
+
+    def _open_control(self) -> WorkloadCertManager:
+        """The control-plane client, the certificate manager and the discovery client:
+        what the agent keeps, whoever serves the data path."""
         cfg = self.cfg
         assert cfg.controlplane and cfg.trust_bundle and cfg.cert_dir and cfg.token_file
         self.cp_client = ControlPlaneClient(
@@ -791,7 +847,14 @@ class Agent:
             self.registry,
             trust_bundle_pem=cfg.trust_bundle.read_bytes(),
         )
-        contexts = TlsContexts(self.certs, trust_domain=cfg.trust_domain)
+        self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
+        return self.certs
+
+    def open_tunnel_path(self, certs: CertSource) -> None:
+        """The tunnel's server (inbound from other nodes) and client (the dial stage's
+        pooled mTLS connections), on the workload certificates of ``certs``."""
+        cfg = self.cfg
+        contexts = TlsContexts(certs, trust_domain=cfg.trust_domain)
         self.tunnel_server = TunnelServer(
             contexts=contexts,
             locate_target=self.locate_target,
@@ -802,7 +865,6 @@ class Agent:
             if cfg.http
             else None,
         )
-        self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         attempt = cfg.attempt_timeout
         self.tunnel_client = self.dialer.tunnel = TunnelClient(
             contexts,
@@ -816,20 +878,21 @@ class Agent:
                 handshake_queue_timeout=cfg.handshake_queue_timeout,
             ),
         )
-        node_ip = cfg.node_addrs[0]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Shared with the previous agent during a make-before-break restart.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((node_ip, TUNNEL_PORT))
-            if listen:
-                sock.listen(LISTEN_BACKLOG)
-        except OSError as e:
-            sock.close()
-            outbound.close()
-            raise AgentError(f"cannot listen on {node_ip}:{TUNNEL_PORT} for tunnels: {e}") from e
-        sock.setblocking(False)
+
+    def bind_outbound(self) -> socket.socket:
+        """The outbound listening socket (15001), bound, not listening yet."""
+        cfg = self.cfg
+        return _reuseport_socket(
+            (cfg.listen_ip, cfg.outbound_port),
+            "(another program holds the port without SO_REUSEPORT)",
+        )
+
+    def bind_tunnel(self, *, listen: bool) -> socket.socket:
+        """The tunnel's listening socket on the node address (15008)."""
+        node_ip = self.cfg.node_addrs[0]
+        sock = _reuseport_socket((node_ip, TUNNEL_PORT), "for tunnels")
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
         log.info("tunnel: mTLS (TLS 1.3) on %s:%d", node_ip, TUNNEL_PORT)
         return sock
 
@@ -958,6 +1021,18 @@ class Agent:
         served with the certificates there are: a connection whose source has none is
         refused by the tunnel, still never sent in plaintext.  In make-before-break the
         old agent serves meanwhile, so the new one waits for everything."""
+        await self._wait_for_state(listen_early)
+        for hold in self.holds.values():
+            hold.open()
+        if not listen_early:
+            for sock in sockets:
+                sock.listen(LISTEN_BACKLOG)
+            listening.set()
+            self.readiness.done("listener")
+        log.info("node %s: ready; serving captured connections", self.cfg.node)
+
+    async def _wait_for_state(self, listen_early: bool) -> None:
+        """Until everything but the listener is ready (see `_become_ready`)."""
         if listen_early and self.certs is not None:
             await self.readiness.wait("listener", "certificates")
             try:
@@ -975,14 +1050,130 @@ class Agent:
                 )  # fmt: skip
         else:
             await self.readiness.wait("listener")
-        for hold in self.holds.values():
-            hold.open()
+
+    async def _start_workers(self, placeholders: list[socket.socket], listen_early: bool) -> None:
+        """Once the node's state is in place, the workers; then the placeholders go (their
+        queued connects move to the workers' queues) and the agent is ready."""
+        assert self.supervisor is not None
+        await self._wait_for_state(listen_early)
+        await self.supervisor.start()
+        for sock in placeholders:
+            sock.close()
+        self.readiness.done("listener")
+        log.info("node %s: ready; %d workers serve captured connections", self.cfg.node,
+                 self.cfg.workers)  # fmt: skip
+        await self.supervisor.watch()
+
+    async def _node_metrics(self) -> bytes:
+        assert self.supervisor is not None
+        return await self.supervisor.metrics(generate_latest(self.registry))
+
+    async def _run_supervisor(self) -> int:
+        """``workers`` > 1: this process keeps capture, certificates and discovery, and
+        serves none of the data path; N worker processes do (`nodeagent.workers`).
+
+        The fail-closed start is the single process's: after a crash the agent listens
+        before compiling — on placeholder sockets that never accept, so connects wait in
+        the kernel's queue — and starts the workers only once discovery, capture and the
+        certificates are in place; when the workers listen, the placeholders close and
+        their queues move to the workers (``tcp_migrate_req``).  In make-before-break the
+        new agent's workers join the groups once ready, as a new agent would."""
+        cfg = self.cfg
+        why = enable_accept_queue_migration()
+        if why is not None:
+            log.warning("cannot turn on accept-queue migration (%s): connections queued at a "
+                        "worker that dies are reset instead of served by another", why)  # fmt: skip
+        listen_early = not tcp_port_listening(cfg.outbound_port)
         if not listen_early:
-            for sock in sockets:
-                sock.listen(LISTEN_BACKLOG)
-            listening.set()
-            self.readiness.done("listener")
-        log.info("node %s: ready; serving captured connections", self.cfg.node)
+            log.info("another agent serves :%d; taking over once ready", cfg.outbound_port)
+            self._load_ebpf_or_fail()
+        placeholders = [self.bind_outbound()]
+        try:
+            if listen_early:
+                placeholders[0].listen(LISTEN_BACKLOG)
+                self._load_ebpf_or_fail()
+            certs = self._open_control()
+            placeholders.append(self.bind_tunnel(listen=listen_early))
+        except AgentError:
+            for sock in placeholders:
+                sock.close()
+            raise
+        self.supervisor = WorkerSupervisor(
+            dataclasses.replace(cfg, workers=1, ready_file=None),
+            cfg.workers,
+            mesh=self.mesh,
+            certs=certs,
+            addresses=lambda: set(self.node_addresses.current),
+            tap=self.tap,
+            drain_seconds=cfg.drain_seconds,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        )
+        assert self.discovery is not None
+        self.discovery.on_applied = self.supervisor.forward_mesh
+        self.registry.register(self.supervisor.collector())
+        admin = AdminServer(
+            self.readiness, self.state, self.registry, tap=self.tap, metrics=self._node_metrics
+        )
+        admin_server = await asyncio.start_server(
+            admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024, reuse_port=True
+        )
+        log.info("node %s: %d proxy workers on %s:%d, admin on %s:%d", cfg.node, cfg.workers,
+                 cfg.listen_ip, cfg.outbound_port, cfg.listen_ip, cfg.admin_port)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = {
+            asyncio.create_task(self._mesh_loop(), name="capture-manager"),
+            asyncio.create_task(stop.wait(), name="shutdown-signal"),
+            asyncio.create_task(self._start_workers(placeholders, listen_early), name="workers"),
+            self._start_certificates(),
+            asyncio.create_task(self._discover(), name="discovery"),
+        }
+        helpers = {
+            asyncio.create_task(self._node_addr_loop(), name="node-addresses"),
+            asyncio.create_task(self._bootstrap(), name="bootstrap"),
+            asyncio.create_task(self._certificates_ready(), name="cert-readiness"),
+        }
+        code = 0
+        try:
+            code = await self._until_stopped(tasks)
+        finally:
+            self._unmark_ready()
+            for t in tasks:
+                if t.get_name() in ("capture-manager", "discovery"):
+                    t.cancel()
+            admin_server.close()
+            self.tap.close()
+            await self.supervisor.drain()
+            if self.certs is not None:
+                await self.certs.close()
+            for t in tasks | helpers:
+                t.cancel()
+            for t in tasks | helpers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for sock in placeholders:
+                sock.close()
+            if self.progs is not None:
+                self.progs.close()
+            log.info("agent stopped; eBPF attachments and pins left in place for the next start")
+        return code
+
+    async def _until_stopped(self, tasks: set[asyncio.Task[Any]]) -> int:
+        """Wait for the shutdown signal (0) or a task that should never end (1)."""
+        code = 0
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.get_name() == "shutdown-signal":
+                log.info("shutting down: draining for up to %.0fs", self.cfg.drain_seconds)
+                continue
+            # Every other task runs forever; if one ends, the agent is broken: exit so
+            # the supervisor (DaemonSet, the lab) restarts it rather than limp on.
+            exc = t.exception()
+            log.error("task %s ended unexpectedly: %r", t.get_name(), exc, exc_info=exc)
+            code = 1
+        return code
 
     @staticmethod
     async def _serve(server: Listener, sock: socket.socket, listening: asyncio.Event) -> None:
@@ -1006,41 +1197,9 @@ class Agent:
                 self.trace_exporter.sender.address,
             )
 
-    async def run(self) -> int:
+    def build_outbound(self) -> OutboundProxy:
+        """The outbound data path's stages: accept -> protocol switch -> forward."""
         cfg = self.cfg
-        # Nobody listening (first start, or the previous agent died): listen before
-        # compiling, so connects made while bcc compiles (~1-2 s) wait in the backlog
-        # instead of being refused; they are then held (see ReadyHold) until this agent
-        # has its certificates and discovery, never judged against empty state.  A
-        # previous agent still serving (make-before-break): compile first and join the
-        # SO_REUSEPORT groups only once ready, so the old agent serves everything meanwhile.
-        listen_early = not tcp_port_listening(cfg.outbound_port)
-        if not listen_early:
-            log.info("another agent serves :%d; taking over once ready", cfg.outbound_port)
-            self._load_ebpf_or_fail()
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # A new agent may start while the old one still serves (make-before-break).
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            listener.bind((cfg.listen_ip, cfg.outbound_port))
-        except OSError as e:
-            listener.close()
-            raise AgentError(
-                f"cannot listen on {cfg.listen_ip}:{cfg.outbound_port}: {e} "
-                "(another program holds the port without SO_REUSEPORT)"
-            ) from e
-        listener.setblocking(False)
-        if listen_early:
-            listener.listen(LISTEN_BACKLOG)
-            try:
-                self._load_ebpf_or_fail()
-            except AgentError:
-                listener.close()
-                raise
-        tunnel_listener_sock: socket.socket | None = None
-        if cfg.controlplane:
-            tunnel_listener_sock = self._open_tunnel(listener, listen=listen_early)
         outbound_config = OutboundConfig(
             # A safety net: every stage of every attempt has its own timeout, and the
             # wait for a handshake slot its own bound.
@@ -1080,6 +1239,35 @@ class Agent:
             hold=self.holds["outbound"],
             serve=self.switch,
         )
+        return self.proxy
+
+    async def run(self) -> int:
+        if self.cfg.workers > 1:
+            return await self._run_supervisor()
+        cfg = self.cfg
+        # Nobody listening (first start, or the previous agent died): listen before
+        # compiling, so connects made while bcc compiles (~1-2 s) wait in the backlog
+        # instead of being refused; they are then held (see ReadyHold) until this agent
+        # has its certificates and discovery, never judged against empty state.  A
+        # previous agent still serving (make-before-break): compile first and join the
+        # SO_REUSEPORT groups only once ready, so the old agent serves everything meanwhile.
+        listen_early = not tcp_port_listening(cfg.outbound_port)
+        if not listen_early:
+            log.info("another agent serves :%d; taking over once ready", cfg.outbound_port)
+            self._load_ebpf_or_fail()
+        listener = self.bind_outbound()
+        if listen_early:
+            listener.listen(LISTEN_BACKLOG)
+            try:
+                self._load_ebpf_or_fail()
+            except AgentError:
+                listener.close()
+                raise
+        tunnel_listener_sock: socket.socket | None = None
+        if cfg.controlplane:
+            tunnel_listener_sock = self._open_tunnel(listener, listen=listen_early)
+        self.build_outbound()
+        assert self.proxy is not None
         admin = AdminServer(self.readiness, self.state, self.registry, tap=self.tap)
         admin_server = await asyncio.start_server(
             admin.handle, cfg.listen_ip, cfg.admin_port, limit=16 * 1024, reuse_port=True
@@ -1131,16 +1319,7 @@ class Agent:
             helpers.add(asyncio.create_task(self._export_traces(), name="trace-export-guard"))
         code = 0
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t.get_name() == "shutdown-signal":
-                    log.info("shutting down: draining for up to %.0fs", cfg.drain_seconds)
-                    continue
-                # Every other task runs forever; if one ends, the agent is broken: exit so
-                # the supervisor (DaemonSet, the lab) restarts it rather than limp on.
-                exc = t.exception()
-                log.error("task %s ended unexpectedly: %r", t.get_name(), exc, exc_info=exc)
-                code = 1
+            code = await self._until_stopped(tasks)
         finally:
             self._unmark_ready()  # leaving: kubelet must not count this pod ready
             # Stop reconciling first: during a make-before-break restart the new agent
@@ -1174,6 +1353,21 @@ class Agent:
                 self.progs.close()
             log.info("agent stopped; eBPF attachments and pins left in place for the next start")
         return code
+
+
+def _reuseport_socket(address: tuple[str, int], why: str) -> socket.socket:
+    """A bound, non-blocking TCP socket in the port's ``SO_REUSEPORT`` group: shared with
+    the previous agent in a make-before-break restart, and with the other workers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise AgentError(f"cannot listen on {address[0]}:{address[1]} {why}: {e}") from e
+    sock.setblocking(False)
+    return sock
 
 
 def _numeric(svc: Any, ep: Any) -> set[int]:

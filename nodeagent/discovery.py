@@ -23,6 +23,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -96,6 +97,9 @@ class DiscoveryClient:
         the backoff (a stream that is accepted and then fails every time must not turn
         into a reconnect loop across every agent)."""
         self.last_error: str | None = None
+        self.on_applied: Callable[[bytes], None] | None = None
+        """Called with each message's payload once applied (the agent forwards them to
+        its proxy workers, in order)."""
 
     async def run(self) -> None:
         """Forever: subscribe, apply, reconnect with jittered backoff."""
@@ -167,6 +171,8 @@ class DiscoveryClient:
                 else:
                     msg = decode_message(payload)
                 self.state.apply(msg)
+                if self.on_applied is not None:
+                    self.on_applied(payload)
                 self._applied = True
                 self.m_last_update.set(time.time())
                 if self.state.revision is not None:

@@ -420,15 +420,29 @@ def frame(obj: Mapping[str, Any]) -> bytes:
 def snapshot_frame(
     epoch: str, revision: int, workloads: Sequence[Workload], services: Sequence[Service]
 ) -> bytes:
-    return frame(
-        {
-            "type": "snapshot",
-            "epoch": epoch,
-            "revision": revision,
-            "workloads": [encode_workload(w) for w in workloads],
-            "services": [encode_service(s) for s in services],
-        }
-    )
+    return frame(_snapshot(epoch, revision, workloads, services))
+
+
+def snapshot_payload(
+    epoch: str, revision: int, workloads: Sequence[Workload], services: Sequence[Service]
+) -> bytes:
+    """A snapshot message's payload (what `decode_message` takes), without the length
+    prefix: how an agent hands its state to its proxy workers."""
+    return json.dumps(
+        _snapshot(epoch, revision, workloads, services), separators=(",", ":")
+    ).encode()
+
+
+def _snapshot(
+    epoch: str, revision: int, workloads: Sequence[Workload], services: Sequence[Service]
+) -> dict[str, Any]:
+    return {
+        "type": "snapshot",
+        "epoch": epoch,
+        "revision": revision,
+        "workloads": [encode_workload(w) for w in workloads],
+        "services": [encode_service(s) for s in services],
+    }
 
 
 def deltas_frame(epoch: str, deltas: Sequence[Delta]) -> bytes:

@@ -133,6 +133,46 @@ def _open_dir(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def lookup_destination(map_fd: int, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
+    """Where the captured connection from (peer_ip, peer_port) was headed."""
+    value = bpfsys.map_lookup(map_fd, _ADDR.pack(_ip_key(peer_ip), peer_port), _ADDR.size)
+    if value is None:
+        return None
+    ip, port = _ADDR.unpack(value)
+    return _ip_str(ip), int(port)
+
+
+class PinnedDestinations:
+    """The original-destination map, opened read-only from its pin: what a proxy worker
+    process (`nodeagent.workers`) needs of eBPF.  The agent compiled, loaded and pinned
+    the programs; a worker opens only this map, by path, and never the programs."""
+
+    MAP = "weft_orig_dst"
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def open(cls, pin_dir: Path) -> PinnedDestinations:
+        path = pin_dir / cls.MAP
+        try:
+            return cls(bpfsys.obj_get(str(path)), path)
+        except OSError as e:
+            raise CaptureError(
+                f"cannot open the pinned map {path} ({e}): the agent pins it when it loads "
+                "the capture programs; is bpffs mounted and the agent running?"
+            ) from e
+
+    def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
+        return lookup_destination(self.fd, peer_ip, peer_port)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass
 class CapturePrograms:
     config: CaptureConfig
@@ -283,13 +323,7 @@ class CapturePrograms:
     # -- the proxy's questions ---------------------------------------------------------
 
     def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
-        value = bpfsys.map_lookup(
-            self.map_fds["weft_orig_dst"], _ADDR.pack(_ip_key(peer_ip), peer_port), _ADDR.size
-        )
-        if value is None:
-            return None
-        ip, port = _ADDR.unpack(value)
-        return _ip_str(ip), port
+        return lookup_destination(self.map_fds["weft_orig_dst"], peer_ip, peer_port)
 
     def node_addrs(self) -> set[str]:
         """The addresses strict pods accept new connections from (``weft_node_addr``)."""

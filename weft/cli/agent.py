@@ -23,6 +23,20 @@ def _ports(value: str) -> tuple[int, ...]:
     return ports
 
 
+def _workers(value: str, kubernetes: bool) -> int:
+    if value == "auto":
+        from nodeagent.workers import auto_workers
+
+        return auto_workers() if kubernetes else 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"--workers: a number or auto, not {value!r}") from None
+    if n < 1:
+        raise click.BadParameter(f"--workers: at least 1, got {n}")
+    return n
+
+
 @click.command()
 @click.option("--node", help="The node this agent serves (lab: e.g. node-1).")
 @click.option(
@@ -159,6 +173,17 @@ def _ports(value: str) -> tuple[int, ...]:
     help="Share of requests without a sampling decision of their own that start a trace; "
     "0, as Linkerd: only requests the caller sampled are traced ($WEFT_TRACE_SAMPLE_RATE).",
 )
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Proxy worker processes sharing the ports (SO_REUSEPORT), each on its own core; "
+    "the agent process keeps capture, certificates and discovery. 1: the agent serves in "
+    "its own process. auto: the CPUs the agent may use (affinity and cgroup CPU limit, "
+    "at most 8) with --kubernetes; 1 in the lab, whose nodes share this machine's cores "
+    "(docs/architecture.md, Workers).",
+)
 @click.option("--drain", default=5.0, show_default=True, help="Seconds to drain on shutdown.")
 @click.option(
     "--uninstall",
@@ -189,6 +214,7 @@ def agent(
     handshake_queue_timeout: float,
     trace_collector: str | None,
     trace_sample_rate: float,
+    workers: str,
     drain: float,
     do_uninstall: bool,
 ) -> None:
@@ -236,6 +262,7 @@ def agent(
             handshake_queue_timeout=handshake_queue_timeout,
             drain_seconds=drain,
             tracing=tracing,
+            workers=_workers(workers, kubernetes),
         )
         if kubernetes:
             cfg = AgentConfig.for_kubernetes(os.environ, **settings)
