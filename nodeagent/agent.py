@@ -527,9 +527,20 @@ class Agent:
         """``/debug/state``: the node's part, and the data path's — this process's, or
         with workers each worker's as it last reported it."""
         node = self.node_state()
-        if self.supervisor is not None:
-            return node | {"workers": self.supervisor.state()}
-        return node | self.data_path_state()
+        if self.supervisor is None:
+            return node | self.data_path_state()
+        return node | {
+            "proxy": self._proxy_state(self.supervisor.proxy_totals()),
+            "workers": self.supervisor.state(),
+        }
+
+    def _proxy_state(self, stats: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "outbound": f"{self.cfg.listen_ip}:{self.cfg.outbound_port}",
+            "redirect_target": f"{self.cfg.proxy_ip}:{self.cfg.outbound_port}",
+            "cgroup": str(self.proxy_cgroup) if self.proxy_cgroup else None,
+            "stats": stats,
+        }
 
     def node_state(self) -> dict[str, Any]:
         progs = self.progs
@@ -561,12 +572,7 @@ class Agent:
 
     def data_path_state(self) -> dict[str, Any]:
         return {
-            "proxy": {
-                "outbound": f"{self.cfg.listen_ip}:{self.cfg.outbound_port}",
-                "redirect_target": f"{self.cfg.proxy_ip}:{self.cfg.outbound_port}",
-                "cgroup": str(self.proxy_cgroup) if self.proxy_cgroup else None,
-                "stats": vars(self.proxy.stats) if self.proxy else None,
-            },
+            "proxy": self._proxy_state(vars(self.proxy.stats) if self.proxy else None),
             "http": {
                 "enabled": self.cfg.http,
                 "detected": dict(self.switch.decisions) if self.switch else {},

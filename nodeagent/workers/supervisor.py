@@ -352,10 +352,20 @@ class WorkerSupervisor:
                 "restarts": w.restarts,
                 "last_exit": w.last_exit,
                 "scrape_failures": w.scrape_failures,
-                **w.stats,
+                **{k: v for k, v in w.stats.items() if k != "proxy"},
+                "proxy": w.stats.get("proxy"),
             }
             for w in self.workers
         ]
+
+    def proxy_totals(self) -> dict[str, int]:
+        """The outbound listeners' counters summed over the workers (last reports)."""
+        totals: dict[str, int] = {}
+        for w in self.workers:
+            for name, value in w.stats.get("proxy", {}).items():
+                if isinstance(value, int):
+                    totals[name] = totals.get(name, 0) + value
+        return totals
 
     def collector(self) -> Collector:
         return _WorkerCollector(self)

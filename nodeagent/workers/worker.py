@@ -213,6 +213,7 @@ class Worker:
         while True:
             s = agent.proxy.stats
             stats = {
+                "proxy": vars(s),
                 "accepted": s.accepted,
                 "active": s.active,
                 "requests": agent.outbound_http.requests + agent.inbound_http.requests,
