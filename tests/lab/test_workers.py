@@ -82,9 +82,10 @@ def test_agent_runs_workers_and_reports_them(mesh: LabRunner):
     for pid in pids:
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid == state["pid"]
-        assert Path(f"/proc/{pid}/cgroup").read_text() == Path(
-            f"/proc/{state['pid']}/cgroup"
-        ).read_text()
+        assert (
+            Path(f"/proc/{pid}/cgroup").read_text()
+            == Path(f"/proc/{state['pid']}/cgroup").read_text()
+        )
 
 
 def test_requests_are_served_by_every_worker_and_metrics_are_the_sum(mesh: LabRunner):
@@ -135,7 +136,9 @@ def _accepted(text: str) -> float:
     return 0.0
 
 
-KEEPALIVE = POD_HTTP + r"""
+KEEPALIVE = (
+    POD_HTTP
+    + r"""
 import socket, sys, time
 n, seconds, target, port = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 socks = [socket.create_connection((target, port), timeout=10) for _ in range(n)]
@@ -155,6 +158,7 @@ while time.monotonic() < end:
     time.sleep(0.05)
 print(json.dumps({"ok": ok, "failed": failed_at}))
 """
+)
 
 
 def test_a_killed_worker_is_replaced_and_the_others_connections_carry_on(mesh: LabRunner):
@@ -173,6 +177,7 @@ def test_a_killed_worker_is_replaced_and_the_others_connections_carry_on(mesh: L
         victim = before[0]["pid"]
         os.kill(victim, signal.SIGKILL)  # a worker of the lab agent this test started
         out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -192,9 +197,10 @@ def test_a_killed_worker_is_replaced_and_the_others_connections_carry_on(mesh: L
     w0 = _eventually(replaced, 60, "worker 0 replaced")
     assert w0["restarts"] == before[0]["restarts"] + 1
     assert {w["index"]: w for w in _workers(mesh)}[1]["pid"] == before[1]["pid"]
-    assert "worker 0 (pid %d) exited with signal SIGKILL" % victim in mesh.weft(
-        "lab", "logs", "agent-node-1"
-    ).stdout
+    assert (
+        f"worker 0 (pid {victim}) exited with signal SIGKILL"
+        in mesh.weft("lab", "logs", "agent-node-1").stdout
+    )
     # New connections are all served again, by both workers.
     assert _new_connections(mesh, echo2, 8080, 20) == ["echo-2"] * 20
 
@@ -216,6 +222,6 @@ def test_make_before_break_restart_with_workers_refuses_nothing(mesh: LabRunner,
     new_workers = {w["pid"] for w in _workers(mesh)}
     assert len(new_workers) == WORKERS and not new_workers & old_workers
     for pid in old_workers:  # the old agent's workers drained and exited with it
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
-            f"/proc/{pid}/status"
-        ).read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
