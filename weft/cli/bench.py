@@ -599,3 +599,108 @@ def controlplane(
     if json_path:
         json_path.write_text(json.dumps({"signing": signing, "fanout": fanout}, indent=2))
         err.print(f"wrote {json_path}")
+
+
+@bench.command()
+@click.option("--seconds", default=15.0, show_default=True, help="Length of each phase.")
+@click.option("--rate", default=500, show_default=True, help="B's fixed rate, req/s.")
+@click.option("--http-connections", default=128, show_default=True,
+              help="A's HTTP/1.1 flood: keep-alive connections.")  # fmt: skip
+@click.option("--tcp-concurrency", default=512, show_default=True,
+              help="A's TCP flood: concurrent connect/request/close loops.")  # fmt: skip
+@click.option("--h2-connections", default=8, show_default=True,
+              help="A's HTTP/2 rapid-reset flood: connections.")  # fmt: skip
+@click.option("--max-requests-per-pod", default=64, show_default=True,
+              help="The agents' per-pod share of in-flight requests in this lab.")  # fmt: skip
+@click.option("--max-connections-per-pod", default=256, show_default=True,
+              help="The agents' per-pod share of connections in this lab.")  # fmt: skip
+@click.option("--haproxy/--no-haproxy", default=True, show_default=True,
+              help="Also run the phases against HAProxy sidecars (the contrast).")  # fmt: skip
+@click.option("--lab-name", default="wnoisy", show_default=True, help="The lab's name.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def noisy(
+    seconds: float,
+    rate: int,
+    http_connections: int,
+    tcp_concurrency: int,
+    h2_connections: int,
+    max_requests_per_pod: int,
+    max_connections_per_pod: int,
+    haproxy: bool,
+    lab_name: str,
+    json_path: Path | None,
+) -> None:
+    """Noisy neighbour: workload B's latency at a fixed rate through node-1's proxy,
+    alone and while workload A, on the same node, floods that proxy (HTTP/1.1, TCP
+    connections to an opaque port, HTTP/2 rapid reset); A's rate and refusals, the
+    agent's refusals per workload, CPU and RSS; the same against HAProxy sidecars
+    (issue #18; docs/benchmarks.md). Needs root (it builds lab --lab-name, replacing it).
+    """
+    from weft.bench.noisy import FLOODS, Profile, run
+    from weft.cli.lab import lab_identity_setup
+
+    profile = Profile(
+        seconds=seconds,
+        rate=rate,
+        http_connections=http_connections,
+        tcp_concurrency=tcp_concurrency,
+        h2_connections=h2_connections,
+        max_requests_per_pod=max_requests_per_pod,
+        max_connections_per_pod=max_connections_per_pod,
+        setups=("weft", "haproxy-sidecars") if haproxy else ("weft",),
+    )
+    result = run(lab_identity_setup, profile,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False),
+                 name=lab_name)  # fmt: skip
+    table = Table("setup", "A's flood", "B p50 / p99 ms", "B p99 / alone", "B errors",
+                  "A ok/s (h2: resets/s)", "A refused", "agent refusals (A / B)",
+                  "proxy CPU", "proxy RSS MiB")  # fmt: skip
+    for name, s in result["setups"].items():
+        alone = s["phases"][0]
+        rss = f"{alone['proxy_rss_peak'] / 2**20:.0f}"
+        table.add_row(name, "none", f"{alone['b']['p50_us'] / 1000:.2f} / "
+                      f"{s['b_p99_alone_us'] / 1000:.2f}", "1.00", str(alone["b"]["errors"]),
+                      "-", "-", "-", _shares(alone), rss)  # fmt: skip
+        for flood in FLOODS:
+            f = s[flood]
+            table.add_row(
+                name,
+                flood,
+                f"{f['b_p50_us'] / 1000:.2f} / {f['b_p99_us'] / 1000:.2f}",
+                f"{f['b_p99_ratio']:.2f}",
+                str(f["b_errors"]),
+                f"{f['a_per_second']:.0f}",
+                str(f["a_refused_seen"]),
+                _refusals(f.get("refusals")),
+                _shares(next(p for p in s["phases"] if p["flood"] == flood)),
+                f"{f['proxy_rss_peak'] / 2**20:.0f}",
+            )
+        last = s["phases"][-1]["b"]
+        table.add_row(name, "none (again)", f"{last['p50_us'] / 1000:.2f} / "
+                      f"{last['p99_us'] / 1000:.2f}", f"{last['p99_us'] / s['b_p99_alone_us']:.2f}",
+                      str(last["errors"]), "-", "-", "-", "-", "-")  # fmt: skip
+    console = Console(width=max(Console().width, 160))  # ten columns
+    console.print(table)
+    console.print(result["sharing"])
+    for name, t in result["targets"].items():
+        console.print(f"{name}: measured {t['measured']} (target {t['target']}, "
+                      f"{'met' if t['met'] else 'NOT met'})")  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
+
+
+def _shares(phase: dict[str, Any]) -> str:
+    return " ".join(f"{v:.0%}" for v in phase["proxy_cpu_share"].values())
+
+
+def _refusals(by_metric: dict[str, dict[str, int]] | None) -> str:
+    """The agent's refusals of the phase: requests (L7) + connections (L4), A's / B's."""
+    if by_metric is None:
+        return "-"
+    totals = {"nz-a": 0, "nz-b": 0, "other": 0}
+    for by in by_metric.values():
+        for workload, n in by.items():
+            totals[workload if workload in totals else "other"] += n
+    text = f"{totals['nz-a']} / {totals['nz-b']}"
+    return text + (f" (+{totals['other']} other)" if totals["other"] else "")
