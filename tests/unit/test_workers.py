@@ -126,7 +126,7 @@ def test_workers_config_is_checked(tmp_path: Path):
 
     env = kube_env(tmp_path, "worker-3", "192.0.2.13")
     assert AgentConfig.for_kubernetes(env, workers=4).workers == 4
-    with pytest.raises(AgentError, match="workers must be 1..64"):
+    with pytest.raises(AgentError, match=r"workers must be 1\.\.64"):
         AgentConfig.for_kubernetes(env, workers=0)
     cfg = AgentConfig.for_kubernetes(env)
     with pytest.raises(AgentError, match="needs the mesh"):
