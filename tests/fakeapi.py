@@ -60,7 +60,9 @@ What it serves, as kube-apiserver does (only what Weft's discovery reads):
   bindings — stored as tests create them, status included, as a controller would have
   written it): one object by name (``/api/v1/namespaces/NS/secrets/NAME``,
   ``/apis/apps/v1/namespaces/NS/daemonsets/NAME``, ``/api/v1/nodes/NAME``; any kind), a
-  namespaced list (``/api/v1/namespaces/NS/pods?labelSelector=a=b``: equality selectors);
+  namespaced list (``/api/v1/namespaces/NS/pods?labelSelector=a=b``: equality selectors;
+  ``fieldSelector`` on ``metadata.name``/``metadata.namespace``); ConfigMaps are also
+  created and replaced (:data:`WRITABLE`: 409 on a stale ``resourceVersion``);
   ``GET /version`` (:attr:`version`); API group discovery (``/apis/G/V``: an
   ``APIResourceList`` of the installed resources) and a CRD by name
   (``/apis/apiextensions.k8s.io/v1/customresourcedefinitions/PLURAL.GROUP``, Established,
@@ -204,6 +206,9 @@ _SINGLE_CUSTOM = re.compile(
     r"^/apis/(?P<gv>[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/"
     r"(?P<plural>[^/]+)/(?P<name>[^/]+)(?P<status>/status)?$"
 )
+WRITABLE = ("configmaps",)
+"""Objects the fake creates (POST to the namespaced collection) and replaces (PUT, with
+the resourceVersion precondition) as the API server does: the trust bundle's ConfigMaps."""
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 _GROUP = r"(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
@@ -378,6 +383,8 @@ class FakeKubeAPI:
         account, node or None, audiences)."""
         self.token_review_failure: int | None = None
         """Answer every TokenReview with this HTTP status instead (an outage)."""
+        self.forbidden_writes: set[str] = set()
+        """Resources (of :data:`WRITABLE`) whose create and update answer 403."""
         self.status_failure: int | None = None
         """Answer every status write with this HTTP status (403: no RBAC)."""
         self.forbidden_watch: set[str] = set()
@@ -956,13 +963,17 @@ class FakeKubeAPI:
     def _serve_post(self, h: _Handler) -> None:
         url = urlsplit(h.path)
         headers = {k.lower(): v for k, v in h.headers.items()}
-        self.requests.append(Request(url.path, {}, headers))
         body = json.loads(h.rfile.read(int(h.headers.get("Content-Length") or 0)) or b"{}")
+        self.requests.append(Request(url.path, {}, headers, "POST", body))
         if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
             return
         if url.path == ACCESS_REVIEWS:
             self._serve_access_review(h, body)
+            return
+        collection = _NAMESPACED_LIST.match(url.path)
+        if collection is not None and collection["plural"] in WRITABLE:
+            self._serve_object_write(h, collection, body)
             return
         if url.path != TOKEN_REVIEWS:
             h.send_json(405, status(405, "MethodNotAllowed", "the server does not allow this"))
@@ -990,6 +1001,54 @@ class FakeKubeAPI:
             "status": review,
         }
         h.send_json(201, answer)
+
+    def _serve_object_write(self, h: _Handler, m: re.Match[str], body: Any) -> None:
+        """Create (POST to ``/api/v1/namespaces/NS/PLURAL``) or replace (PUT to
+        ``.../PLURAL/NAME``) an object of :data:`WRITABLE`, answered as the API server
+        does: 201 / 200 with the stored object, 404 for a missing namespace or object,
+        409 ``AlreadyExists`` or ``Conflict`` (a stale ``resourceVersion``), 403 for
+        :attr:`forbidden_writes`, 400 for a body that is not an object of the path's
+        namespace and name."""
+        r, namespace, name = ALL[m["plural"]], m["ns"], m.groupdict().get("name")
+        verb = "update" if name else "create"
+        if r.name in self.forbidden_writes:
+            h.send_json(403, _forbidden(r, verb, namespace))
+            return
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        if (
+            not isinstance(meta, dict)
+            or meta.get("namespace", namespace) != namespace
+            or (name and meta.get("name") != name)
+        ):
+            h.send_json(
+                400, status(400, "BadRequest", "the body's metadata does not match the path")
+            )
+            return
+        body = copy.deepcopy(body)
+        body["metadata"]["namespace"] = namespace
+        key = _key(namespace, meta.get("name", ""))
+        with self._cond:
+            if _key(None, namespace) not in self._objects["namespaces"]:
+                h.send_json(404, status(404, "NotFound", f'namespaces "{namespace}" not found'))
+                return
+            old = self._objects[r.name].get(key)
+            if name is None:
+                if old is not None:
+                    h.send_json(409, status(409, "AlreadyExists",
+                                f'{r.name} "{meta.get("name")}" already exists'))  # fmt: skip
+                    return
+                h.send_json(201, self.create(r.name, body))
+                return
+            if old is None:
+                h.send_json(404, _not_found(r, name))
+                return
+            wanted = meta.get("resourceVersion")
+            if wanted and wanted != old["metadata"]["resourceVersion"]:
+                h.send_json(409, status(409, "Conflict", f'Operation cannot be fulfilled on '
+                            f'{r.name} "{name}": the object has been modified; please apply '
+                            'your changes to the latest version and try again'))  # fmt: skip
+                return
+            h.send_json(200, self.update(r.name, body))
 
     def _serve_access_review(self, h: _Handler, body: JSON) -> None:
         """SelfSubjectAccessReview: may the caller do this?  RBAC's answer: allowed with
@@ -1031,6 +1090,10 @@ class FakeKubeAPI:
         self.requests.append(Request(url.path, query, headers, h.command, body))
         if not self._authorized(h):
             h.send_json(401, status(401, "Unauthorized", "Unauthorized"))
+            return
+        single = _SINGLE.match(url.path)
+        if h.command == "PUT" and single is not None and single["plural"] in WRITABLE:
+            self._serve_object_write(h, single, body)
             return
         route = self._single_custom(url.path)
         if route is None:
@@ -1100,6 +1163,7 @@ class FakeKubeAPI:
         limit = int(query["limit"]) if query.get("limit") else None
         try:
             wanted = _label_selector(query.get("labelSelector", ""))
+            fields = _field_selector(query.get("fieldSelector", ""))
         except ValueError as e:
             h.send_json(400, status(400, "BadRequest", str(e)))
             return
@@ -1127,6 +1191,7 @@ class FakeKubeAPI:
                     for _, obj in sorted(self._objects[r.name].items())
                     if namespace in (None, obj["metadata"].get("namespace"))
                     and _selects(wanted, obj["metadata"].get("labels") or {})
+                    and all(obj["metadata"].get(k) == v for k, v in fields.items())
                 ]
             page, rest = (items[:limit], items[limit:]) if limit else (items, [])
             meta: JSON = {"resourceVersion": str(rv)}
@@ -1254,6 +1319,20 @@ def _label_selector(text: str) -> list[tuple[str, str, bool]]:
     return terms
 
 
+def _field_selector(text: str) -> dict[str, str]:
+    """``metadata.name=x,metadata.namespace=y``: the field selectors every resource
+    supports (equality only, as the fake needs); others are the API server's 400."""
+    out: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = term.partition("=")
+        key = key.rstrip("=")
+        value = value.lstrip("=")
+        if not sep or key not in ("metadata.name", "metadata.namespace"):
+            raise ValueError(f"field label not supported: {key}")
+        out[key.removeprefix("metadata.")] = value
+    return out
+
+
 def _selects(terms: Sequence[tuple[str, str, bool]], labels: dict[str, str]) -> bool:
     return all((labels.get(k) == v) == equal for k, v, equal in terms)
 
@@ -1312,15 +1391,16 @@ def _bookmark(r: ResourceType, rv: int) -> JSON:
     }
 
 
-def _forbidden(r: ResourceType, verb: str) -> JSON:
+def _forbidden(r: ResourceType, verb: str, namespace: str | None = None) -> JSON:
     """RBAC's denial, worded as the API server words it."""
     group = r.api_version.split("/")[0] if "/" in r.api_version else ""
     qualified = f"{r.name}.{group}" if group else r.name
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
     body = status(
         403,
         "Forbidden",
         f'{qualified} is forbidden: User "system:serviceaccount:weft-system:weft-controlplane" '
-        f'cannot {verb} resource "{r.name}" in API group "{group}" at the cluster scope',
+        f'cannot {verb} resource "{r.name}" in API group "{group}" {scope}',
     )
     body["details"] = {"group": group, "kind": r.name}
     return body

@@ -1678,6 +1678,10 @@ class KubeSource:
         self.route_status = self.status_writer
         """The same writer (its name from before it wrote policies' status too)."""
         self._synced = False
+        self.namespace_listeners: list[Callable[[], None]] = []
+        """Called (on the loop) after Namespaces were listed or one changed: the trust
+        bundle publisher (`controlplane.identity.kube.TrustBundlePublisher`) follows
+        namespace labels this way without a watch of its own."""
 
     def commit(self, changes: Changes) -> None:
         if changes:
@@ -1696,6 +1700,9 @@ class KubeSource:
             resource == "services" and event_type != "MODIFIED"
         ):
             self.status_writer.poke()
+        if resource == "namespaces":
+            for listener in self.namespace_listeners:
+                listener()
 
     def resource_version(self, resource: str) -> str | None:
         return self.stats[resource].resource_version

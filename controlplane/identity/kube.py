@@ -35,6 +35,9 @@ The signer then signs only ``spiffe://<td>/ns/<pod's ns>/sa/<pod's sa>``.  This 
 Istio's istiod authenticates an istio-proxy's CSR (its pod's token, TokenReview, the
 identity from the token's service account), with the pod read back as well.
 
+:class:`TrustBundlePublisher` keeps the trust anchors in a ConfigMap of every labelled
+namespace, for sidecar pods to mount (the identity side's one write to the API).
+
 API errors (unreachable, 5xx, timeouts) raise :class:`TokenReviewUnavailable`: the API
 server of the control plane answers 500 and the agent retries, instead of being told
 its credential is bad.  This module and :mod:`controlplane.discovery.kube` are the only
@@ -43,12 +46,19 @@ control plane modules that import ``kubernetes``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from controlplane.identity.signer import CredentialCheckUnavailable, CredentialRefused, PodClaim
 from weft.mesh import MODE_KEY, SIDECAR_MODE
@@ -281,3 +291,238 @@ def _single(value: Any) -> str | None:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         return value[0]
     return None
+
+
+# --------------------------------------------------------------------------- trust bundle
+
+TRUST_BUNDLE_NAME = "weft-trust-bundle"
+"""The ConfigMap a sidecar mounts (``weft inject --trust-bundle-configmap``)."""
+TRUST_BUNDLE_KEY = "ca.crt"
+CAPTURED_NAMESPACES = "weft.io/capture=enabled"
+MANAGED_LABELS = {"app.kubernetes.io/part-of": "weft", "app.kubernetes.io/managed-by": "weft"}
+
+
+@dataclass
+class PublishRound:
+    """What one pass of :meth:`TrustBundlePublisher.publish_once` did."""
+
+    namespaces: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: list[str] = field(default_factory=list)
+    """``namespace: reason`` of each write that did not succeed (retried next pass)."""
+
+
+class TrustBundlePublisher:
+    """Keeps a ConfigMap ``weft-trust-bundle`` (``ca.crt``: the trust anchors) in every
+    namespace labelled ``weft.io/capture=enabled``, as istiod keeps
+    ``istio-ca-root-cert`` in each namespace.
+
+    Why: a sidecar-mode pod needs the anchors before it has any certificate (to verify
+    the control plane it asks), and a pod can mount only a ConfigMap of its own
+    namespace; the anchors are public, so a copy per namespace costs nothing.  Which
+    namespaces: the labelled ones — where capture (node mode) or injected pods live; a
+    sidecar pod in an unlabelled namespace waits in ContainerCreating until the
+    namespace is labelled (or the ConfigMap is made by hand: ``weft identity init
+    --secret-manifest`` prints one).  A ConfigMap left in a namespace whose label was
+    removed is left alone: it holds nothing secret, and deleting it could break a pod
+    still mounting it.
+
+    How: a pass lists the labelled namespaces and the ConfigMaps of that name (two list
+    calls, whatever the number of namespaces), creates the missing ones and replaces
+    those whose anchors differ (with the ``resourceVersion`` read: a concurrent writer
+    makes it 409, and the next pass looks again).  Passes run at start, on every
+    Namespace event of the Kubernetes source (:meth:`poke`), and every ``interval`` s
+    (someone edited or deleted a copy).  Two control plane replicas write the same
+    content, so no leader election: the loser of a race gets 409 and then finds the
+    winner's copy equal to its own.  The anchors change only with a restart (a new CA
+    is a restart, docs/identity.md), which publishes them in the first pass.
+    """
+
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        bundle: Callable[[], str],
+        *,
+        trust_domain: str,
+        name: str = TRUST_BUNDLE_NAME,
+        selector: str = CAPTURED_NAMESPACES,
+        interval: float = 60.0,
+        retry: float = 5.0,
+        timeout: float = 10.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.api = api
+        self.bundle = bundle
+        self.trust_domain = trust_domain
+        self.name = name
+        self.selector = selector
+        self.interval = interval
+        self.retry = retry
+        self.timeout = timeout
+        self.last: PublishRound | None = None
+        self._wake = asyncio.Event()
+        self._forbidden_logged = False
+        registry = registry if registry is not None else CollectorRegistry()
+        self.writes = Counter(
+            "weft_trust_bundle_writes",
+            "Writes of the per-namespace trust bundle ConfigMap, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("created", "updated", "failed"):
+            self.writes.labels(outcome)
+        self.current = Gauge(
+            "weft_trust_bundle_namespaces",
+            "Labelled namespaces whose trust bundle ConfigMap holds the current anchors.",
+            registry=registry,
+        )
+
+    def poke(self) -> None:
+        """Run a pass soon (a Namespace changed).  Loop thread only."""
+        self._wake.set()
+
+    def desired(self, namespace: str, pem: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": self.name,
+                "namespace": namespace,
+                "labels": dict(MANAGED_LABELS),
+                "annotations": {"weft.io/trust-domain": self.trust_domain},
+            },
+            "data": {TRUST_BUNDLE_KEY: pem},
+        }
+
+    def publish_once(self) -> PublishRound:
+        """One pass (blocking: run it on a thread).  Raises :class:`ApiException` or a
+        connection error when a list fails; a failed write is only counted."""
+        pem = self.bundle()
+        core = k8s.CoreV1Api(self.api)
+        opts: dict[str, Any] = {"_preload_content": False, "_request_timeout": self.timeout}
+        namespaces = [
+            item["metadata"]["name"]
+            for item in _items(core.list_namespace(label_selector=self.selector, **opts))
+            if not (item["metadata"].get("deletionTimestamp"))
+        ]
+        existing = {
+            item["metadata"]["namespace"]: item
+            for item in _items(
+                core.list_config_map_for_all_namespaces(
+                    field_selector=f"metadata.name={self.name}", **opts
+                )
+            )
+            if item["metadata"].get("name") == self.name
+        }
+        result = PublishRound(namespaces=len(namespaces))
+        for namespace in sorted(namespaces):
+            have = existing.get(namespace)
+            want = self.desired(namespace, pem)
+            try:
+                if have is None:
+                    try:
+                        body: Any = want  # a plain dict: serialised as is
+                        _close(core.create_namespaced_config_map(namespace, body, **opts))
+                        result.created += 1
+                        self.writes.labels("created").inc()
+                        log.info("trust bundle: created ConfigMap %s/%s", namespace, self.name)
+                        continue
+                    except ApiException as e:
+                        if e.status != 409:
+                            raise
+                        # Made meanwhile (another replica, or by hand): compare it.
+                        have = json.loads(
+                            _close(core.read_namespaced_config_map(self.name, namespace, **opts))
+                        )
+                assert have is not None
+                if _holds(have, want):
+                    result.unchanged += 1
+                    continue
+                want["metadata"]["resourceVersion"] = have["metadata"].get("resourceVersion")
+                labels = {**((have["metadata"].get("labels")) or {}), **MANAGED_LABELS}
+                want["metadata"]["labels"] = labels
+                replacement: Any = want
+                _close(
+                    core.replace_namespaced_config_map(self.name, namespace, replacement, **opts)
+                )
+                result.updated += 1
+                self.writes.labels("updated").inc()
+                log.info("trust bundle: updated ConfigMap %s/%s to the current anchors",
+                         namespace, self.name)  # fmt: skip
+            except ApiException as e:
+                if e.status == 404:  # the namespace went away meanwhile
+                    result.namespaces -= 1
+                    continue
+                result.failed.append(f"{namespace}: HTTP {e.status} {e.reason}")
+                self.writes.labels("failed").inc()
+                if e.status == 403 and not self._forbidden_logged:
+                    self._forbidden_logged = True
+                    log.warning(
+                        "trust bundle: cannot write ConfigMap %s/%s (HTTP 403): the control "
+                        "plane's ClusterRole needs create and update on configmaps "
+                        "(daemonset/weft.yaml); sidecar pods there cannot start until it "
+                        "exists", namespace, self.name,
+                    )  # fmt: skip
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                result.failed.append(f"{namespace}: {type(e).__name__}: {e}")
+                self.writes.labels("failed").inc()
+        self.current.set(result.namespaces - len(result.failed))
+        return result
+
+    async def run(self) -> None:
+        """Passes until cancelled: at start, on :meth:`poke`, every ``interval`` s; a
+        pass that failed is retried after ``retry`` s."""
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weft-trust")
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._wake.clear()
+                delay = self.interval
+                try:
+                    self.last = await loop.run_in_executor(executor, self.publish_once)
+                    if self.last.failed:
+                        delay = self.retry
+                        failed = self.last.failed
+                        log.warning("trust bundle: %d write(s) failed: %s", len(failed),
+                                    "; ".join(failed[:5]))  # fmt: skip
+                except ApiException as e:
+                    delay = self.retry
+                    hint = (
+                        " (the ClusterRole needs list on namespaces and configmaps)"
+                        if e.status == 403
+                        else ""
+                    )
+                    log.warning("trust bundle: listing failed: HTTP %s %s%s", e.status, e.reason,
+                                hint)  # fmt: skip
+                except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+                    delay = self.retry
+                    log.warning("trust bundle: listing failed: %s: %s", type(e).__name__, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _close(resp: Any) -> bytes:
+    """The body of a ``_preload_content=False`` response, its connection released."""
+    try:
+        return bytes(resp.data)
+    finally:
+        with contextlib.suppress(Exception):
+            resp.release_conn()
+
+
+def _items(resp: Any) -> list[dict[str, Any]]:
+    data = json.loads(_close(resp))
+    items = data.get("items") if isinstance(data, dict) else None
+    return [i for i in items or () if isinstance(i, dict) and isinstance(i.get("metadata"), dict)]
+
+
+def _holds(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether a ConfigMap already holds what we would write (data and our labels)."""
+    labels = (have.get("metadata") or {}).get("labels") or {}
+    return (have.get("data") or {}) == want["data"] and all(
+        labels.get(k) == v for k, v in MANAGED_LABELS.items()
+    )

@@ -41,7 +41,7 @@ import re
 import signal
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -819,8 +819,13 @@ class ControlPlane:
         store: DiscoveryStore | None = None,
         source: Source | None = None,
         stream_config: StreamConfig | None = None,
+        background: Mapping[str, Callable[[], Coroutine[Any, Any, None]]] | None = None,
     ) -> None:
+        """``background``: more long-lived tasks by name (the trust bundle publisher),
+        started and guarded like the discovery source."""
         self.config = config
+        self.background = dict(background or {})
+        self._background_tasks: list[asyncio.Task[None]] = []
         self.signer = signer
         self.registry = registry
         self.readiness = Readiness()
@@ -860,6 +865,10 @@ class ControlPlane:
         if self.source is not None:
             self._source_task = asyncio.create_task(self.source.run(), name="discovery-source")
             guard(self._source_task, self._fail)
+        for name, run in self.background.items():
+            task = asyncio.create_task(run(), name=name)
+            guard(task, self._fail)
+            self._background_tasks.append(task)
         if self.store is not None and not self.store.synced:
             # Node binding answers from discovery: signing before the first complete view
             # would refuse every workload.  Agents retry until the API is up.
@@ -878,6 +887,9 @@ class ControlPlane:
         if self._source_task is not None:
             self._source_task.cancel()
             await asyncio.gather(self._source_task, return_exceptions=True)
+        for task in self._background_tasks:
+            task.cancel()
+        await asyncio.gather(*self._background_tasks, return_exceptions=True)
         await self.admin.stop()
 
     async def run(self, started: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -958,6 +970,8 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
         source: Source
         tokens: BootstrapTokens | None = None
         pods: PodCredentials | None = None
+        background: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
+        holder: list[Signer] = []
         if config.lab is not None:
             from controlplane.discovery.lab import LabSource
 
@@ -972,7 +986,7 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
             # Imported here: the kubernetes client takes seconds to import and a lab
             # control plane never needs it.
             from controlplane.discovery.kube import KubeSource, make_api_client
-            from controlplane.identity.kube import TokenReviewBootstrap
+            from controlplane.identity.kube import TokenReviewBootstrap, TrustBundlePublisher
 
             if kube.api.trust_domain != config.identity.trust_domain:
                 raise ConfigError(
@@ -982,12 +996,21 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
             api = make_api_client(kube.api)
             source = KubeSource(kube.api, store, api, mesh_default=config.mesh.default_policy)
             tokens = pods = TokenReviewBootstrap(api, audience=kube.audience, agent=kube.agent)
+            publisher = TrustBundlePublisher(
+                api,
+                lambda: "".join(holder[0].issuer.bundle_pem),
+                trust_domain=config.identity.trust_domain,
+                registry=registry,
+            )
+            source.namespace_listeners.append(publisher.poke)
+            background["trust-bundle"] = publisher.run
             log.info(
                 "Kubernetes sources: API server %s; agents bootstrap with projected tokens "
                 "for audience %r as %s/%s, sidecars with their own pod's",
                 kube.api.server, kube.audience, *kube.agent,
             )  # fmt: skip
         signer = build_signer(config, registry, StoreNodeBinding(store), tokens, pods)
+        holder.append(signer)
         issuer = signer.issuer
         log.info(
             "issuer %s valid until %s; %d trust anchor(s)",
@@ -995,6 +1018,8 @@ def run_controlplane(config: ControlPlaneConfig, kube: KubeSettings | None = Non
             issuer.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
             len(issuer.anchors),
         )
-        await ControlPlane(config, signer, registry, store=store, source=source).run()
+        await ControlPlane(
+            config, signer, registry, store=store, source=source, background=background
+        ).run()
 
     asyncio.run(main())

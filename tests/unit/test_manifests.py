@@ -90,6 +90,9 @@ def test_controlplane_deployment_and_rbac_match_the_code(monkeypatch: pytest.Mon
         assert {("", resource, "list"), ("", resource, "watch")} <= granted
     assert ("discovery.k8s.io", "endpointslices", "watch") in granted
     assert ("authentication.k8s.io", "tokenreviews", "create") in granted
+    # Sidecar pod tokens: the bound pod is read back; the trust bundle per namespace.
+    assert ("", "pods", "get") in granted
+    assert {("", "configmaps", v) for v in ("get", "list", "create", "update")} <= granted
     for routes in ("httproutes", "grpcroutes"):
         assert {("gateway.networking.k8s.io", routes, v) for v in ("list", "watch")} <= granted
         # Route status goes through the status subresource (a merge patch), nothing else.
