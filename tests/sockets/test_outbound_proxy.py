@@ -19,12 +19,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import cast
 
 import pytest
-import uvloop
 
 from nodeagent.proxy.outbound import (
     Address,
@@ -36,50 +35,13 @@ from nodeagent.proxy.outbound import (
 from nodeagent.proxy.outbound import (
     Upstream as UpstreamResult,
 )
+from tests.loops import WAIT, Body, wait
 
 pytestmark = pytest.mark.sockets
 
-T = TypeVar("T")
-Body = Callable[[], Coroutine[Any, Any, None]]
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-WAIT = 10.0  # generous bound for anything awaited; only a hang ever reaches it
 SMALL_BUF = 16 * 1024  # kernel socket buffer for tests about what the proxy buffers itself
 MAX_READ = 256 * 1024  # the most one transport read delivers, on asyncio and uvloop
 LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-@pytest.fixture(params=sorted(LOOP_FACTORIES))
-def run(request: pytest.FixtureRequest) -> Callable[[Body], None]:
-    """Run a test body on a fresh loop of each kind; fail it if it leaks tasks."""
-    factory = LOOP_FACTORIES[request.param]
-
-    def run_body(body: Body) -> None:
-        async def guarded() -> None:
-            async with asyncio.timeout(60):
-                await body()
-            await _assert_no_leaked_tasks()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(guarded())
-
-    return run_body
-
-
-async def _assert_no_leaked_tasks() -> None:
-    leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if leaked:
-        for task in leaked:
-            task.cancel()
-        await asyncio.gather(*leaked, return_exceptions=True)
-        pytest.fail("tasks leaked: " + ", ".join(sorted(t.get_name() for t in leaked)))
-
-
-async def wait(aw: Awaitable[T]) -> T:
-    return await asyncio.wait_for(aw, WAIT)
 
 
 # --- upstreams ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ log line, or the client's own exception, and then that the server still serves a
 tunnel.
 
 Like tests/sockets/test_outbound_proxy.py, every test runs on asyncio's loop and on
-uvloop through the ``run`` fixture, which also fails a test that leaks tasks.
+uvloop through the ``run`` fixture (`tests.loops`), which also fails a test that leaks
+tasks.
 Timeouts that a test waits for are configured short (0.2 s); everything else is awaited
 as an event, bounded by ``WAIT`` only so that a bug shows as a failure, not a hang.
 """
@@ -24,13 +25,12 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
-import uvloop
 from cryptography import x509
 
 from nodeagent.certtypes import TlsMaterial
@@ -82,19 +82,12 @@ from nodeagent.proxy.tunnel.wire import (
     frame,
     reset_frame,
 )
+from tests.loops import WAIT, Body, wait
 from tests.pki import NOW, Pki
 from weft.identity import SpiffeId
 
 pytestmark = pytest.mark.sockets
 
-T = TypeVar("T")
-Body = Callable[[], Coroutine[Any, Any, None]]
-
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-WAIT = 10.0
 SHORT = 0.2  # the timeouts tests wait for
 STEADY = 3.0
 """The server's timeouts in tests that are not about them: a loaded CI machine can take
@@ -106,36 +99,6 @@ LOGGER = "weft.proxy.tunnel"
 SOURCE = SpiffeId.workload("shop", "frontend")
 DEST = SpiffeId.workload("shop", "backend")
 OTHER = SpiffeId.workload("shop", "payments")
-
-
-@pytest.fixture(params=sorted(LOOP_FACTORIES))
-def run(request: pytest.FixtureRequest) -> Callable[[Body], None]:
-    """Run a test body on a fresh loop of each kind; fail it if it leaks tasks."""
-    factory = LOOP_FACTORIES[request.param]
-
-    def run_body(body: Body) -> None:
-        async def guarded() -> None:
-            async with asyncio.timeout(60):
-                await body()
-            await _assert_no_leaked_tasks()
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(guarded())
-
-    return run_body
-
-
-async def _assert_no_leaked_tasks() -> None:
-    leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if leaked:
-        for task in leaked:
-            task.cancel()
-        await asyncio.gather(*leaked, return_exceptions=True)
-        pytest.fail("tasks leaked: " + ", ".join(sorted(t.get_name() for t in leaked)))
-
-
-async def wait(aw: Awaitable[T]) -> T:
-    return await asyncio.wait_for(aw, WAIT)
 
 
 async def _until(check: Callable[[], bool]) -> None:
