@@ -1104,8 +1104,17 @@ class Agent:
             for sock in placeholders:
                 sock.close()
             raise
+        n = cfg.workers
         self.supervisor = WorkerSupervisor(
-            dataclasses.replace(cfg, workers=1, ready_file=None),
+            # Per-pod shares are node-wide: the kernel spreads a pod's connections over
+            # the workers like everyone's, so each worker holds 1/N of the share.
+            dataclasses.replace(
+                cfg,
+                workers=1,
+                ready_file=None,
+                max_connections_per_pod=-(-cfg.max_connections_per_pod // n),
+                max_requests_per_pod=-(-cfg.max_requests_per_pod // n),
+            ),
             cfg.workers,
             mesh=self.mesh,
             certs=certs,
