@@ -225,3 +225,34 @@ def test_make_before_break_restart_with_workers_refuses_nothing(mesh: LabRunner,
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+TAP_LOAD = r"""
+import sys, time, urllib.request
+
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        urllib.request.urlopen("http://echo/workers-tap", timeout=5).read()
+    except OSError:
+        pass
+    time.sleep(0.05)
+"""
+
+
+def test_tap_shows_requests_whichever_worker_serves_them(mesh: LabRunner):
+    env = {**os.environ, "WEFT_LAB": mesh.name}
+    load = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--", sys.executable,
+         "-c", TAP_LOAD, "60"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out = mesh.weft("viz", "tap", "deploy/echo", "--max", "6", "-o", "json",
+                        "--duration", "45", timeout=120).stdout  # fmt: skip
+    finally:
+        load.kill()
+        load.wait()
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(events) == 6, out
+    assert all(e["path"] == "/workers-tap" and e["status"] == 200 for e in events), events
