@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -32,6 +34,20 @@ SUBCOMMANDS = {
     "viz": "weft.cli.viz",
 }
 """Subcommand name -> the module that defines a click command of that name."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lab_option(help_text: str | None = None) -> Callable[[F], F]:
+    """``--lab NAME`` (the ``lab_name`` parameter): which lab, ``$WEFT_LAB`` or ``weft``
+    by default — the name ``weft lab up`` gave it."""
+    return click.option(
+        "--lab",
+        "lab_name",
+        default=lambda: os.environ.get("WEFT_LAB", "weft"),
+        show_default="weft (or $WEFT_LAB)",
+        help=help_text,
+    )
 
 
 class LazyGroup(click.Group):

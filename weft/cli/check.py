@@ -18,7 +18,6 @@ change the exit status: a broken route does not stop the mesh from running.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from nodeagent.ebpf.probe import run_probes
+from weft.cli import lab_option
 from weft.preflight import (
     DEFAULT_BPFFS,
     DEFAULT_MODULES_DIR,
@@ -210,13 +210,7 @@ def _check_cluster(
     show_default=True,
     help="Kernel modules root holding <release>/build (the headers bcc compiles against).",
 )
-@click.option(
-    "--lab",
-    "lab_name",
-    default=lambda: os.environ.get("WEFT_LAB", "weft"),
-    show_default="weft (or $WEFT_LAB)",
-    help="Also check this lab's routes, if the lab is up.",
-)
+@lab_option("Also check this lab's routes, if the lab is up.")
 @click.pass_context
 def check(
     ctx: click.Context,

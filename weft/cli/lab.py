@@ -15,6 +15,7 @@ import rich.markup
 from rich.console import Console
 from rich.table import Table
 
+from weft.cli import lab_option
 from weft.lab.lab import Lab, LabError, request_interrupt
 from weft.lab.plan import PlanError
 
@@ -64,13 +65,7 @@ def _fail(e: Exception) -> None:
 
 
 @click.group()
-@click.option(
-    "--lab",
-    "lab_name",
-    default=lambda: os.environ.get("WEFT_LAB", "weft"),
-    show_default="weft (or $WEFT_LAB)",
-    help="Lab name; several labs can coexist. Prefixes its namespaces (`<lab>-node-1`).",
-)
+@lab_option("Lab name; several labs can coexist. Prefixes its namespaces (`<lab>-node-1`).")
 @click.pass_context
 def lab(ctx: click.Context, lab_name: str) -> None:
     """Run the mesh on this machine: nodes and pods as network namespaces and cgroups.

@@ -9,7 +9,6 @@ each workload, the same default, the same evaluator (`weft.policy`). Reads a lab
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, NoReturn
 
@@ -17,6 +16,8 @@ import click
 import rich.markup
 from rich.console import Console
 from rich.table import Table
+
+from weft.cli import lab_option
 
 err = Console(stderr=True)
 
@@ -39,12 +40,7 @@ def policy() -> None:
 @click.option("-H", "--header", "headers", multiple=True, help="Request header NAME:VALUE.")
 @click.option("--protocol", type=click.Choice(["http/1.1", "h2", "opaque"]), default=None,
               help="What the connection carries [http/1.1 with --method, else opaque]")  # fmt: skip
-@click.option(
-    "--lab",
-    "lab_name",
-    default=lambda: os.environ.get("WEFT_LAB", "weft"),
-    show_default="weft (or $WEFT_LAB)",
-)
+@lab_option()
 @click.option("--kubeconfig", type=click.Path(dir_okay=False),
               help="Judge against a cluster, read with this kubeconfig, not a lab.")  # fmt: skip
 @click.option("--context", help="The kubeconfig context [its current one].")

@@ -13,7 +13,6 @@ answers at all does a command fail.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from weft.cli import lab_option
 from weft.viz import model
 from weft.viz.model import Delta, Figures, Snapshot, Topology, Unreachable, VizError
 from weft.viz.sources import (
@@ -80,13 +80,7 @@ def _agent(text: str) -> Agent:
 
 
 @click.group()
-@click.option(
-    "--lab",
-    "lab_name",
-    default=lambda: os.environ.get("WEFT_LAB", "weft"),
-    show_default="weft (or $WEFT_LAB)",
-    help="Lab whose agents are read, and whose pods and services name the rows.",
-)
+@lab_option("Lab whose agents are read, and whose pods and services name the rows.")
 @click.option(
     "--prometheus",
     metavar="URL",
