@@ -1,4 +1,5 @@
-"""The agent's admin endpoint (port 15020): /live, /ready, /debug/state, /metrics, /tap.
+"""The agent's admin endpoint (port 15020): /live, /ready, /debug/state, /metrics, /tap
+(and a sidecar's ``/app-health/...``: the app's probes, `nodeagent.probes`).
 
 A deliberately tiny HTTP/1.1 responder: one request per connection, GET only, bounded
 request size.  It must keep answering when the data path is in trouble, so it shares
@@ -32,6 +33,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from nodeagent.probes import AppProber
 from nodeagent.tap import TapBusy, TapError, TapHub, TapRequest, parse_query
 from weft.http import TEXT, HttpError, RequestHead, close_writer, parse_head, render_response
 
@@ -78,8 +80,12 @@ class AdminServer:
         *,
         tap: TapHub | None = None,
         metrics: Callable[[], Awaitable[bytes]] | None = None,
+        probes: AppProber | None = None,
     ) -> None:
         self.readiness = readiness
+        self.probes = probes
+        """A sidecar's app probes (``/app-health/...``, `nodeagent.probes`): the kubelet
+        asks them here, from the node's address."""
         self.state = state
         self.registry = registry
         self.tap = tap
@@ -143,9 +149,12 @@ class AdminServer:
                 head = await self._read_head(reader, writer)
             if head is None:
                 return
-            if head.target.split("?", 1)[0] == "/metrics" and self.metrics is not None:
+            path = head.target.split("?", 1)[0]
+            if path == "/metrics" and self.metrics is not None:
                 answer = 200, await self.metrics(), CONTENT_TYPE_LATEST
-            elif head.target.split("?", 1)[0] == "/tap":
+            elif self.probes is not None and self.probes.handles(path):
+                answer = await self.probes.answer(path)
+            elif path == "/tap":
                 asked = self.tap_request(head, host)
                 if isinstance(asked, TapRequest):
                     await self._stream(asked, reader, writer)

@@ -12,6 +12,9 @@ two seams swapped and everything node-wide dropped:
   connections are not looped back.  The original destination comes from
   ``SO_ORIGINAL_DST`` (`nodeagent.proxy.origdst`) instead of the eBPF map.  No bcc, no
   cgroup attachments, no privileges at run time: only the init step needs NET_ADMIN.
+* **probes**: strict inbound drops the kubelet's connections to app ports, so
+  ``weft inject`` points HTTP and TCP probes at ``/app-health/...`` on the admin port
+  and the sidecar runs them inside the pod (`nodeagent.probes`).
 * **inbound**: the tunnel listens on the pod's own address, :15008, and serves exactly
   this pod (any other target is ``ELSEWHERE``).  The same nftables table accepts new
   inbound TCP only to 15008 and 15020 and from loopback: strict inbound, always.
@@ -54,6 +57,7 @@ from nodeagent.discovery import DiscoveryClient
 from nodeagent.httpmetrics import HttpMetrics
 from nodeagent.meshstate import MeshState
 from nodeagent.metrics import ConnLabels, ConnMeter, TcpMetrics
+from nodeagent.probes import AppProbe, AppProber, ProbeTableError, parse_table
 from nodeagent.proxy.balance import Balancer, PeakEwma
 from nodeagent.proxy.dial import Dialer
 from nodeagent.proxy.failover import Failover
@@ -86,7 +90,7 @@ from nodeagent.proxy.upstream import MeshUpstreams
 from nodeagent.proxymetrics import admission_metrics, hold_metrics, pool_metrics
 from nodeagent.retrymetrics import RetryMetrics
 from weft.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
-from weft.inject import ADMIN_PORT, SIDECAR_UID
+from weft.inject import ADMIN_PORT, PROBES_ENV, SIDECAR_UID
 
 log = logging.getLogger("weft.sidecar")
 
@@ -182,6 +186,9 @@ class SidecarConfig:
     with the node's credential first, as the agent does (the lab, which has no
     TokenReview)."""
     http: bool = True
+    app_probes: dict[str, AppProbe] = field(default_factory=dict)
+    """The app's kubelet probes that ``weft inject`` pointed at the admin port
+    (``$WEFT_APP_PROBES``, `nodeagent.probes`)."""
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -199,6 +206,10 @@ class SidecarConfig:
                 raise SidecarError(f"${name} is not set: `weft inject` sets it")
             return value
 
+        try:
+            probes = parse_table(env.get(PROBES_ENV, ""))
+        except ProbeTableError as e:
+            raise SidecarError(str(e)) from None
         bootstrap = env.get("WEFT_BOOTSTRAP", "pod").strip() or "pod"
         if bootstrap not in ("pod", "node"):
             raise SidecarError(f"$WEFT_BOOTSTRAP is {bootstrap!r}: pod (Kubernetes) or node")
@@ -214,6 +225,7 @@ class SidecarConfig:
             cert_dir=Path(env.get("WEFT_CERT_DIR", "/run/weft/certs")),
             trust_domain=env.get("WEFT_TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN),
             bootstrap=bootstrap,
+            app_probes=probes,
             **overrides,
         )
 
@@ -347,6 +359,7 @@ class Sidecar:
         self.discovery = DiscoveryClient(self.cp_client, self.mesh, registry=self.registry)
         self.switch: ProtocolSwitch | None = None
         self.proxy: OutboundProxy | None = None
+        self.prober = AppProber(cfg.app_probes, cfg.pod_ip) if cfg.app_probes else None
         for collector in (
             _Stats(self),
             self.tcp,
@@ -444,6 +457,7 @@ class Sidecar:
                 "pool": self.tunnel_client.pool_state(),
             },
             "held_until_ready": {kind: vars(h.stats) for kind, h in self.holds.items()},
+            "app_probes": self.prober.runs if self.prober else {},
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -564,7 +578,7 @@ class Sidecar:
             hold=self.holds["outbound"],
             serve=self.switch,
         )
-        admin = AdminServer(self.readiness, self.state, self.registry)
+        admin = AdminServer(self.readiness, self.state, self.registry, probes=self.prober)
         admin_server = await asyncio.start_server(
             admin.handle, cfg.admin_ip, cfg.admin_port, limit=16 * 1024
         )

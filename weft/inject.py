@@ -14,6 +14,17 @@ What it adds, as a sidecar mesh's injector does (Istio's ``istio-init`` +
   account token for the control plane's audience, the trust bundle ConfigMap and an
   in-memory certificate directory.
 
+* **kubelet probes rewritten** (as Istio's injector does): strict inbound drops the
+  kubelet's plaintext connections to app ports (they come from the node, not loopback),
+  so each app container's ``httpGet`` and ``tcpSocket`` probe (readiness, liveness,
+  startup) becomes an ``httpGet`` of the sidecar's admin port,
+  ``/app-health/<container>/<readyz|livez|startupz>``, and the original goes to the
+  sidecar in ``$WEFT_APP_PROBES`` (JSON: path -> the original handler and timeout); the
+  sidecar runs it against the app from inside the pod and answers 200 or 503.  Timing
+  fields stay.  ``exec`` probes need nothing; ``grpc`` probes are left as they are (not
+  yet rewritten: under strict inbound they fail — use an ``exec`` or HTTP probe).
+  ``rewrite_probes=False`` (``weft inject --no-rewrite-probes``) leaves every probe alone.
+
 Idempotent: Weft's own containers and volumes are replaced, never doubled, so injecting
 an injected manifest gives it back unchanged (and a new ``--image`` updates it).
 Objects that carry no pod template (Services, ConfigMaps, ...) pass through untouched.
@@ -22,6 +33,7 @@ Objects that carry no pod template (Services, ConfigMaps, ...) pass through unto
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +46,13 @@ INIT_NAME = "weft-init"
 SIDECAR_NAME = "weft-sidecar"
 VOLUMES = ("weft-token", "weft-trust", "weft-certs")
 ADMIN_PORT = 15020
+PROBES_ENV = "WEFT_APP_PROBES"
+"""The sidecar's table of rewritten probes: JSON ``{path: {"httpGet"|"tcpSocket": ...,
+"timeoutSeconds": n}}``."""
+PROBE_PREFIX = "/app-health/"
+PROBE_KINDS = {"readinessProbe": "readyz", "livenessProbe": "livez", "startupProbe": "startupz"}
+PROBE_TIMING = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "successThreshold",
+                "failureThreshold", "terminationGracePeriodSeconds")  # fmt: skip
 TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 """Kinds whose pods come from ``spec.template`` (CronJob: ``spec.jobTemplate``)."""
 
@@ -51,6 +70,9 @@ class InjectOptions:
     """A copy of the trust anchors in the pod's namespace (a ConfigMap cannot be mounted
     across namespaces)."""
     log_level: str = "info"
+    rewrite_probes: bool = True
+    """Point the app's HTTP and TCP probes at the sidecar, which runs them inside the pod
+    (strict inbound would drop the kubelet's own connections to the app)."""
     audience: str = "weft-controlplane"
     """The audience of the pod's projected token: the control plane's
     (``weft controlplane --audience``).  The sidecar presents that token for its own
@@ -76,7 +98,10 @@ def init_container(opts: InjectOptions) -> dict[str, Any]:
     }
 
 
-def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
+def sidecar_container(opts: InjectOptions, probes: dict[str, Any] | None = None) -> dict[str, Any]:
+    env_probes = (
+        [{"name": PROBES_ENV, "value": json.dumps(probes, sort_keys=True)}] if probes else []
+    )
     return {
         "name": SIDECAR_NAME,
         "image": opts.image,
@@ -93,6 +118,7 @@ def sidecar_container(opts: InjectOptions) -> dict[str, Any]:
             {"name": "WEFT_TRUST_BUNDLE", "value": "/etc/weft/trust/ca.crt"},
             {"name": "WEFT_CERT_DIR", "value": "/run/weft/certs"},
             {"name": "WEFT_LOG_LEVEL", "value": opts.log_level},
+            *env_probes,
         ],
         "ports": [
             {"name": "weft-tunnel", "containerPort": SIDECAR_TUNNEL_PORT, "protocol": "TCP"},
@@ -142,6 +168,80 @@ def volumes(opts: InjectOptions) -> list[dict[str, Any]]:
     ]
 
 
+def _resolve_port(container: dict[str, Any], port: Any, what: str) -> int:
+    """A probe's port as a number (a named port is one of the container's)."""
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return port
+    if isinstance(port, str):
+        if port.isdigit() and 0 < int(port) < 65536:
+            return int(port)
+        for p in container.get("ports") or ():
+            if p.get("name") == port and isinstance(p.get("containerPort"), int):
+                return int(p["containerPort"])
+    raise InjectError(f"{what}: port {port!r} is not a number nor a port the container names")
+
+
+def _earlier_probes(spec: dict[str, Any]) -> dict[str, Any]:
+    """The probe table of an earlier injection (its sidecar's env), to re-inject."""
+    for c in spec.get("containers") or ():
+        if c.get("name") == SIDECAR_NAME:
+            for e in c.get("env") or ():
+                if e.get("name") == PROBES_ENV:
+                    try:
+                        table = json.loads(e.get("value") or "{}")
+                    except ValueError:
+                        return {}
+                    return table if isinstance(table, dict) else {}
+    return {}
+
+
+def rewrite_probes(containers: list[dict[str, Any]], earlier: dict[str, Any]) -> dict[str, Any]:
+    """Point each container's HTTP and TCP probes at the sidecar, in place; returns the
+    sidecar's table (path -> original handler and timeout).  A probe an earlier injection
+    rewrote keeps its original from ``earlier``."""
+    table: dict[str, Any] = {}
+    for c in containers:
+        for field_name, kind in PROBE_KINDS.items():
+            probe = c.get(field_name)
+            if not isinstance(probe, dict):
+                continue
+            path = f"{PROBE_PREFIX}{c.get('name', '')}/{kind}"
+            what = f"container {c.get('name')!r} {field_name}"
+            http, tcp = probe.get("httpGet"), probe.get("tcpSocket")
+            if (
+                isinstance(http, dict)
+                and http.get("port") == ADMIN_PORT
+                and http.get("path") == path
+            ):
+                if path in earlier:  # ours already: keep the original we recorded
+                    table[path] = earlier[path]
+                continue
+            if isinstance(http, dict):
+                if http.get("host"):
+                    continue  # probes another host: the kubelet's connection is not ours
+                get = {
+                    "path": http.get("path") or "/",
+                    "port": _resolve_port(c, http.get("port"), what),
+                    "scheme": (http.get("scheme") or "HTTP").upper(),
+                }
+                if http.get("httpHeaders"):
+                    get["httpHeaders"] = http["httpHeaders"]
+                original: dict[str, Any] = {"httpGet": get}
+            elif isinstance(tcp, dict):
+                if tcp.get("host"):
+                    continue
+                original = {"tcpSocket": {"port": _resolve_port(c, tcp.get("port"), what)}}
+            else:
+                continue  # exec runs inside the container; grpc: not rewritten (docstring)
+            original["timeoutSeconds"] = probe.get("timeoutSeconds") or 1
+            table[path] = original
+            c[field_name] = {
+                "httpGet": {"path": path, "port": ADMIN_PORT, "scheme": "HTTP"},
+                **{k: probe[k] for k in PROBE_TIMING if k in probe},
+            }
+    return table
+
+
 def inject_pod_spec(meta: dict[str, Any], spec: dict[str, Any], opts: InjectOptions) -> None:
     """Inject in place: ``meta`` is the pod's (template's) metadata, ``spec`` its spec."""
     if spec.get("hostNetwork"):
@@ -151,10 +251,12 @@ def inject_pod_spec(meta: dict[str, Any], spec: dict[str, Any], opts: InjectOpti
     inits = [c for c in spec.get("initContainers") or () if c.get("name") not in ours]
     # The capture must be in place before any other init container makes a connection.
     spec["initContainers"] = [init_container(opts), *inits]
+    earlier = _earlier_probes(spec)
     containers = [c for c in spec.get("containers") or () if c.get("name") not in ours]
     if not containers:
         raise InjectError("the pod has no containers of its own")
-    spec["containers"] = [*containers, sidecar_container(opts)]
+    probes = rewrite_probes(containers, earlier) if opts.rewrite_probes else {}
+    spec["containers"] = [*containers, sidecar_container(opts, probes)]
     kept = [v for v in spec.get("volumes") or () if v.get("name") not in VOLUMES]
     spec["volumes"] = [*kept, *volumes(opts)]
 

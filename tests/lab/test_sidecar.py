@@ -102,6 +102,27 @@ def test_strict_inbound_refuses_a_plaintext_caller(lab: LabRunner) -> None:
     assert lab.exec("plain-1", "curl", "-sS", "-m", "5", "http://echo-1:8080/").returncode == 0
 
 
+def test_kubelet_probes_reach_the_app_under_strict_inbound(lab: LabRunner) -> None:
+    """The lab plays kubelet from the pod's node (its address, as a kubelet's probes come):
+    the app port itself is closed to it (strict inbound), the probes `weft inject`
+    rewrites to the sidecar's admin port run inside the pod and reach the app."""
+    echo3 = next(p for p in lab.status()["pods"] if p["name"] == "echo-3")
+    node, ip = f"{lab.name}-{echo3['node']}", echo3["ip"]
+    assert admin_get(node, ip, 8080, "/") is None  # dropped: not loopback, not 15008/15020
+    assert admin_get(node, ip, 15020, "/app-health/app/readyz") == (
+        200, "http probe of port 8080: HTTP 200\n",
+    )  # fmt: skip
+    assert admin_get(node, ip, 15020, "/app-health/app/livez") == (
+        200, "tcp probe of port 8080: connected\n",
+    )  # fmt: skip
+    assert admin_get(node, ip, 15020, "/app-health/app/nope")[0] == 404  # type: ignore[index]
+    # ... while a pod outside the mesh still cannot reach the app port.
+    refused = lab.exec("plain-1", "curl", "-sS", "-m", "3", "http://echo-3:8080/", check=False)
+    assert refused.returncode != 0, refused.stdout
+    state = json.loads(_sidecar(lab, "echo-3", "/debug/state"))
+    assert state["app_probes"]["/app-health/app/readyz"]["ok"] >= 1, state["app_probes"]
+
+
 def test_a_policy_is_enforced_on_a_sidecar_pod(lab: LabRunner, tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)

@@ -4,6 +4,7 @@ schemas, idempotent, and giving the sidecar what it reads."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import kubernetes_validate
@@ -11,10 +12,12 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # comes with the kubernetes client
 from click.testing import CliRunner
 
+from nodeagent.probes import AppProbe
 from nodeagent.sidecar import SidecarConfig, SidecarError, capture_rules
 from weft.cli import cli
 from weft.inject import (
     INIT_NAME,
+    PROBES_ENV,
     SIDECAR_NAME,
     SIDECAR_UID,
     InjectError,
@@ -179,3 +182,97 @@ def test_the_sidecar_gets_its_pods_own_token_for_the_control_planes_audience() -
                              input=yaml.safe_dump(POD))  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "audience: x.example" in out.output
+
+
+PROBED: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "probed", "namespace": "default"},
+    "spec": {
+        "containers": [
+            {
+                "name": "app",
+                "image": "app:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "http",
+                                "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                    "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 5,
+                },
+                "livenessProbe": {"tcpSocket": {"port": 8080}, "initialDelaySeconds": 4},
+                "startupProbe": {"exec": {"command": ["true"]}},
+            },
+            {
+                "name": "grpc",
+                "image": "grpc:1",
+                "readinessProbe": {"grpc": {"port": 9090}},
+                "livenessProbe": {"httpGet": {"path": "/", "port": 9091, "scheme": "HTTPS"}},
+            },
+        ]
+    },
+}  # fmt: skip
+
+
+def test_http_and_tcp_probes_are_pointed_at_the_sidecar() -> None:
+    """Strict inbound drops the kubelet's own connections to app ports: the sidecar runs
+    the probes from inside the pod, asked on its admin port (which the rules admit)."""
+    out = inject(PROBED, InjectOptions())
+    kubernetes_validate.validate(out, K8S_VERSION, strict=True)
+    _, spec = _spec(out)
+    app, grpc, side = spec["containers"]
+    assert app["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/app/readyz", "port": 15020, "scheme": "HTTP"},
+        "periodSeconds": 3, "timeoutSeconds": 2, "failureThreshold": 5,
+    }  # fmt: skip
+    assert app["livenessProbe"] == {
+        "httpGet": {"path": "/app-health/app/livez", "port": 15020, "scheme": "HTTP"},
+        "initialDelaySeconds": 4,
+    }
+    assert app["startupProbe"] == {"exec": {"command": ["true"]}}  # runs in the container
+    assert grpc["readinessProbe"] == {"grpc": {"port": 9090}}  # not rewritten (docs)
+    assert grpc["livenessProbe"]["httpGet"]["path"] == "/app-health/grpc/livez"
+    env = {e["name"]: e.get("value") for e in side["env"]}
+    table = json.loads(env[PROBES_ENV])
+    assert table == {
+        "/app-health/app/readyz": {
+            "httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP",
+                        "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+            "timeoutSeconds": 2,
+        },
+        "/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+        "/app-health/grpc/livez": {
+            "httpGet": {"path": "/", "port": 9091, "scheme": "HTTPS"}, "timeoutSeconds": 1,
+        },
+    }  # fmt: skip
+    # The sidecar reads exactly that table.
+    base = {"POD_NAME": "p", "POD_NAMESPACE": "d", "POD_IP": "10.0.0.1", "NODE_NAME": "n",
+            "WEFT_CONTROLPLANE": "cp", PROBES_ENV: env[PROBES_ENV]}  # fmt: skip
+    probes = SidecarConfig.from_env(base).app_probes
+    assert probes["/app-health/app/readyz"] == AppProbe(
+        "http", 8080, 2.0, "/healthz", False, (("X-Probe", "1"),)
+    )
+    assert probes["/app-health/app/livez"] == AppProbe("tcp", 8080, 1.0)
+    assert probes["/app-health/grpc/livez"].https
+    # Idempotent: the rewritten probes keep their originals from the sidecar's table.
+    assert inject(out, InjectOptions()) == out
+    assert inject(out, InjectOptions(image="weft:2"))["spec"]["containers"][2]["env"] == side["env"]
+
+
+def test_probe_rewriting_can_be_turned_off_and_refuses_unknown_ports() -> None:
+    out = inject(PROBED, InjectOptions(rewrite_probes=False))
+    _, spec = _spec(out)
+    assert (
+        spec["containers"][0]["readinessProbe"] == PROBED["spec"]["containers"][0]["readinessProbe"]
+    )
+    assert PROBES_ENV not in {e["name"] for e in spec["containers"][-1]["env"]}
+    cli_out = CliRunner().invoke(cli, ["inject", "-f", "-", "--no-rewrite-probes"],
+                                 input=yaml.safe_dump(PROBED))  # fmt: skip
+    assert cli_out.exit_code == 0 and "/app-health/" not in cli_out.output
+    bad = copy.deepcopy(PROBED)
+    bad["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = "metrics"
+    with pytest.raises(InjectError, match="'metrics' is not a number nor a port the container"):
+        inject(bad, InjectOptions())
+    with pytest.raises(SidecarError, match="WEFT_APP_PROBES"):
+        SidecarConfig.from_env({"POD_NAME": "p", "POD_NAMESPACE": "d", "POD_IP": "10.0.0.1",
+                                "NODE_NAME": "n", "WEFT_CONTROLPLANE": "cp",
+                                PROBES_ENV: '{"/app-health/a/readyz": {"exec": {}}}'})  # fmt: skip

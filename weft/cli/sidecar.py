@@ -87,9 +87,11 @@ def run(drop_to_uid: int | None) -> None:
               show_default=True, help="ConfigMap with ca.crt, in the pod namespace.")  # fmt: skip
 @click.option("--audience", default=InjectOptions.audience, show_default=True,
               help="The pod token's audience: the control plane's --audience.")  # fmt: skip
+@click.option("--rewrite-probes/--no-rewrite-probes", default=True, show_default=True,
+              help="Point HTTP/TCP probes at the sidecar, which runs them in the pod.")  # fmt: skip
 def inject(
     filename: IO[str], image: str, controlplane: str, trust_domain: str,
-    trust_bundle_configmap: str, audience: str,
+    trust_bundle_configmap: str, audience: str, rewrite_probes: bool,
 ) -> None:  # fmt: skip
     """Add Weft's sidecar (and its init container) to the pods of a manifest; to stdout.
 
@@ -102,6 +104,7 @@ def inject(
         trust_domain=trust_domain,
         trust_bundle_configmap=trust_bundle_configmap,
         audience=audience,
+        rewrite_probes=rewrite_probes,
     )
     try:
         docs = list(yaml.safe_load_all(filename))

@@ -18,6 +18,7 @@ account token; see docs/kubernetes.md "Sidecar mode").
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from weft.inject import ADMIN_PORT, SIDECAR_UID
+from weft.inject import ADMIN_PORT, PROBES_ENV, SIDECAR_UID, rewrite_probes
 from weft.lab import procs
 from weft.lab.plan import CONTROLPLANE_IP, TRUST_DOMAIN, LabPlan, PodPlan
 from weft.lab.state import LabState, ProcessRecord
@@ -80,6 +81,21 @@ def _credentials(lab: Lab, pod: PodPlan, uid: int) -> Path:
     return directory
 
 
+def app_probes_env(pod: PodPlan) -> dict[str, str]:
+    """The ``$WEFT_APP_PROBES`` ``weft inject`` would give a demo pod whose app container
+    declared a readiness probe ``GET /`` and a liveness probe ``tcpSocket`` on its first
+    port: the lab plays kubelet and asks them from the node (tests/lab/test_sidecar.py)."""
+    if pod.app is None or not pod.ports or pod.ports[0] == SIDECAR_TUNNEL_PORT:
+        return {}
+    port = pod.ports[0]
+    app = {
+        "name": "app",
+        "readinessProbe": {"httpGet": {"path": "/", "port": port}, "timeoutSeconds": 2},
+        "livenessProbe": {"tcpSocket": {"port": port}},
+    }
+    return {PROBES_ENV: json.dumps(rewrite_probes([app], {}), sort_keys=True)}
+
+
 def init(lab: Lab, state: LabState, pod: PodPlan, uid: int = SIDECAR_UID) -> None:
     """The init container: ``weft sidecar init`` in the pod's netns, as root."""
     netns = state.plan.netns(pod.name)
@@ -114,6 +130,7 @@ def start(lab: Lab, state: LabState, pod: PodPlan, uid: int = SIDECAR_UID) -> Pr
         "WEFT_CERT_DIR": str(directory / "run" / "certs"),
         # No TokenReview in the lab: the node's token, then a CSR over mTLS (module doc).
         "WEFT_BOOTSTRAP": "node",
+        **app_probes_env(pod),
         "WEFT_LOG_LEVEL": os.environ.get("WEFT_LOG_LEVEL", "info"),
     }
     netns, cgroup = state.plan.netns(pod.name), state.pod_cgroup(pod)
