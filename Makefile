@@ -86,7 +86,8 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab logs echo-1"
 	@echo "  $(WEFT) viz stat deploy                                       # golden metrics per workload, from the agents (docs/viz.md)"
 	@echo "  $(WEFT) viz edges deploy / viz routes svc/echo / viz top     # who talks to whom (mTLS), per route, busiest"
-	@echo "  $(WEFT) viz dashboard                                         # the service graph and figures in a browser: http://127.0.0.1:50750/"
+	@echo "  $(WEFT) viz tap deploy/echo --max 10                          # live requests from both ends' agents with both identities (Ctrl-C stops)"
+	@echo "  $(WEFT) viz dashboard                                         # the service graph, figures, traces and live tap in a browser: http://127.0.0.1:50750/"
 	@echo "  $(WEFT) check"
 	@echo "  $(WEFT) lab down                                             # leaves nothing behind"
 

@@ -1,22 +1,28 @@
 """`weft viz dashboard`'s server on 127.0.0.1: its endpoints over real sockets, fed by a
-source whose expositions the agent's own collectors make, and traces read from a real
-`weft.lab.otlp` receiver's JSON API."""
+source whose expositions the agent's own collectors make, traces read from a real
+`weft.lab.otlp` receiver's JSON API, and the live tap relayed from a real agent admin
+port's ``/tap`` (`nodeagent.admin`) as server-sent events."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
+from nodeagent.admin import AdminServer, Readiness
 from nodeagent.httpmetrics import HttpMetrics
+from nodeagent.tap import TapEvent, TapHub
 from tests.unit.test_viz import TOPO, _expose, _inbound, _outbound
 from weft.lab.otlp import OtlpReceiver
 from weft.viz import dashboard as dash
 from weft.viz.expo import parse_text
 from weft.viz.model import Scrape, Snapshot
+from weft.viz.sources import Agent
 
 pytestmark = [pytest.mark.sockets, pytest.mark.timeout(60)]
 
@@ -159,3 +165,150 @@ async def test_a_poller_that_dies_is_reported() -> None:
         assert isinstance(failure, RuntimeError)
     finally:
         await running.stop()
+
+
+# -- the live tap: /api/tap relays a real agent admin port's /tap ---------------------------
+
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
+ACCOUNTS = {("default", "client-1"): "client", ("default", "echo-1"): "echo",
+            ("default", "echo-2"): "echo"}  # fmt: skip
+
+
+def _tap_event(dst: str = "echo-1", status: int = 200, path: str = "/") -> TapEvent:
+    return TapEvent(
+        "outbound", "GET", path, "echo", status, "", 0.002, "client-1", "default", "client",
+        CLIENT_ID, dst, "default", ECHO_ID, True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[tuple[TapHub, Agent]]:
+    """A node agent's admin port on 127.0.0.1 with its tap hub."""
+    hub = TapHub("node-1", queue_size=64)
+    admin = AdminServer(Readiness(), lambda: {}, CollectorRegistry(), tap=hub)
+    server = await asyncio.start_server(admin.handle, "127.0.0.1", 0)
+    try:
+        yield hub, Agent("node-1", "127.0.0.1", server.sockets[0].getsockname()[1])
+    finally:
+        hub.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _tap_serve(taps: dash.Taps) -> dash.Running:
+    poller = dash.Poller(Traffic(), TOPO, CONFIG, "2 fake agents")
+    return await dash.start(poller, CONFIG, None, taps=taps)
+
+
+async def _events(
+    response: aiohttp.ClientResponse, until: Callable[[list[tuple[str, dict]]], bool]
+) -> list[tuple[str, dict]]:
+    """The server-sent events read until ``until`` holds of them (or the stream ends)."""
+    got: list[tuple[str, dict]] = []
+    name = ""
+    async with asyncio.timeout(20):
+        while not until(got):
+            line = (await response.content.readline()).decode()
+            if not line:
+                break
+            if line.startswith("event: "):
+                name = line[7:].strip()
+            elif line.startswith("data: "):
+                got.append((name, json.loads(line[6:])))
+    return got
+
+
+async def _until_true(cond: Callable[[], bool], seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not cond():  # noqa: ASYNC110 - polls the hub's plain flag
+            await asyncio.sleep(0.02)
+
+
+async def test_the_tap_relays_the_workloads_requests(agent: tuple[TapHub, Agent]) -> None:
+    hub, where = agent
+    source = dash.TapSource([where], TOPO, ACCOUNTS, "a test agent")
+    running = await _tap_serve(dash.Taps(source))
+    try:
+        async with aiohttp.ClientSession() as s:
+            url = running.url + "api/tap?workload=default/echo"
+            async with s.get(url) as r:
+                assert r.status == 200 and r.content_type == "text/event-stream"
+                [(kind, status)] = await _events(r, lambda got: len(got) >= 1)
+                assert kind == "status" and status["agents"] == ["node-1"]
+                assert status["workload"] == "default/echo" and status["tapping"] == 1
+                await _until_true(lambda: hub.active)
+                [sub] = hub.subscribers
+                hub.publish(_tap_event("echo-2", 503, "/fail"))
+                hub.publish(_tap_event("echo-1", 200, "/ok"))
+                got = await _events(r, lambda got: len(got) >= 2)
+            assert [k for k, _ in got] == ["request", "request"]
+            failed, ok = got[0][1], got[1][1]
+            assert (failed["path"], failed["status_code"], failed["dst"]) == (
+                "/fail", 503, "default/echo-2")  # fmt: skip
+            assert failed["client_id"] == CLIENT_ID and failed["server_id"] == ECHO_ID
+            assert ok["status"] == "200" and ok["direction"] == "out" and ok["node"] == "node-1"
+            # The page went away: the agent's stream is closed (its slot freed).
+            await _until_true(lambda: not hub.active)
+            assert sub not in hub.subscribers
+            async with s.get(running.url + "api/tap?workload=default/nope") as r:
+                [(kind, data)] = await _events(r, lambda got: False)
+            assert kind == "refused" and "no deploy/nope" in data["message"]
+    finally:
+        await running.stop()
+
+
+async def test_the_tap_is_bounded_per_page_and_in_pages(agent: tuple[TapHub, Agent]) -> None:
+    hub, where = agent
+    source = dash.TapSource([where], TOPO, ACCOUNTS, "a test agent")
+    running = await _tap_serve(dash.Taps(source, queue=4, max_pages=1))
+    try:
+        async with aiohttp.ClientSession() as s, s.get(running.url + "api/tap") as r:
+            await _events(r, lambda got: len(got) >= 1)
+            await _until_true(lambda: hub.active)
+            # A second page while the first taps: refused with the reason, not queued.
+            async with s.get(running.url + "api/tap") as second:
+                [(kind, data)] = await _events(second, lambda got: False)
+            assert kind == "refused" and "at most 1" in data["message"]
+            # A burst faster than the page is read: at most 4 wait, the rest are counted.
+            for i in range(60):  # the agent holds 64
+                hub.publish(_tap_event(path=f"/{i}"))
+            got = await _events(r, lambda got: any(k == "status" and d["dropped"] for k, d in got))
+            requests = [d for k, d in got if k == "request"]
+            [status] = [d for k, d in got if k == "status"]
+            assert status["dropped"] > 0 and status["agent_dropped"] == {}
+            assert len(requests) + status["dropped"] <= 60
+    finally:
+        await running.stop()
+
+
+async def test_the_tap_names_an_agent_it_cannot_reach_and_without_one_says_so() -> None:
+    source = dash.TapSource([Agent("node-9", "127.0.0.1", 9)], TOPO, ACCOUNTS, "nowhere")
+    running = await _tap_serve(dash.Taps(source))
+    try:
+        async with aiohttp.ClientSession() as s, s.get(running.url + "api/tap") as r:
+            got = await _events(r, lambda got: any(d.get("ended") for _, d in got))
+        assert "connection refused" in got[-1][1]["ended"]["node-9"], got
+        assert got[-1][1]["tapping"] == 0
+    finally:
+        await running.stop()
+    running = await _tap_serve(dash.Taps(None))
+    try:
+        async with aiohttp.ClientSession() as s, s.get(running.url + "api/tap") as r:
+            [(kind, data)] = await _events(r, lambda got: False)
+        assert kind == "unavailable" and "loopback clients only" in data["message"]
+    finally:
+        await running.stop()
+
+
+async def test_stopping_the_dashboard_closes_the_agents_streams(
+    agent: tuple[TapHub, Agent],
+) -> None:
+    hub, where = agent
+    running = await _tap_serve(dash.Taps(dash.TapSource([where], TOPO, ACCOUNTS, "test")))
+    async with aiohttp.ClientSession() as s, s.get(running.url + "api/tap") as r:
+        await _events(r, lambda got: len(got) >= 1)
+        await _until_true(lambda: hub.active)
+        async with asyncio.timeout(10):
+            await running.stop()
+        await _until_true(lambda: not hub.active)

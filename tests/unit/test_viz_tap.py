@@ -1,15 +1,19 @@
 """``weft viz tap`` without I/O (`weft.viz.tap`): a resource and its filters as the
-agents' ``/tap`` query, with and without a lab's topology, and events as table rows."""
+agents' ``/tap`` query, with and without a lab's topology, events as table rows, and the
+dashboard's relay: events as the page's rows and server-sent events, and its bounded
+queue (`TapRelay`)."""
 
 from __future__ import annotations
 
+import json
+import threading
 from urllib.parse import parse_qsl
 
 import pytest
 from click.testing import CliRunner
 
 from weft.viz.model import Pod, Service, Target, Topology, VizError
-from weft.viz.tap import TapRow, line, row, tap_query
+from weft.viz.tap import Relayed, TapRelay, TapRow, line, page_row, row, sse, tap_query
 
 TOPO = Topology(
     pods=(
@@ -104,3 +108,68 @@ def test_lines_line_up_and_cut_long_cells() -> None:
     assert header.index("PATH") == text.index("/p")
     assert "p…" in text and text.endswith("default/a-long-route")  # the last is not cut
     assert header.index("CLIENT_ID") == text.index("-  ", header.index("CLIENT_ID"))
+
+
+# -- the dashboard's relay ------------------------------------------------------------------
+
+EVENT = {
+    "time": 1700000000.5, "direction": "inbound", "node": "node-2", "method": "GET",
+    "path": "/x", "authority": "echo", "status": 503, "error": "connect-failed",
+    "latency_ms": 12.0, "tls": True, "route": None,
+    "src": {"pod": None, "namespace": "default", "service_account": "client",
+            "identity": "spiffe://cluster.local/ns/default/sa/client"},
+    "dst": {"pod": "echo-2", "namespace": "default",
+            "identity": "spiffe://cluster.local/ns/default/sa/echo"},
+}  # fmt: skip
+
+
+def test_page_rows_are_the_table_cells_by_name() -> None:
+    r = page_row(EVENT)
+    assert (r["direction"], r["node"], r["status"], r["status_code"]) == (
+        "in", "node-2", "503 connect-failed", 503)  # fmt: skip
+    assert r["src"] == "default/sa:client" and r["dst"] == "default/echo-2"
+    assert r["client_id"].endswith("/sa/client") and r["server_id"].endswith("/sa/echo")
+    assert r["latency"] == "12ms" and r["tls"] is True and r["time"] == 1700000000.5
+
+
+def test_a_server_sent_event_is_one_data_line() -> None:
+    out = sse("request", {"path": "/a\nb", "text": "two\nlines"})
+    assert out.startswith(b"event: request\ndata: {") and out.endswith(b"}\n\n")
+    assert out.count(b"\n") == 3  # the newlines in the values are escaped
+    assert json.loads(out.split(b"data: ", 1)[1]) == {"path": "/a\nb", "text": "two\nlines"}
+
+
+def test_the_relay_drops_beyond_its_limit_and_counts() -> None:
+    wakes: list[int] = []
+    relay = TapRelay(3, lambda: wakes.append(1))
+    for i in range(5):
+        relay.put(Relayed("node-1", {"n": i}))
+    relay.put(Relayed("node-2", None, "refused"))  # an end is never dropped
+    assert len(wakes) == 1  # one wake-up for the burst, not one per event
+    items = relay.take()
+    assert [i.event["n"] for i in items if i.event] == [0, 1, 2] and relay.dropped == 2
+    assert items[-1] == Relayed("node-2", None, "refused")
+    assert relay.take() == [] and len(wakes) == 1
+    relay.put(Relayed("node-1", {"n": 5}))  # room again after a take, and a new wake-up
+    assert [i.event for i in relay.take()] == [{"n": 5}] and len(wakes) == 2
+
+
+def test_the_relay_takes_from_many_threads() -> None:
+    relay = TapRelay(10_000, lambda: None)
+
+    def put(agent: str) -> None:
+        for i in range(1000):
+            relay.put(Relayed(agent, {"n": i}))
+
+    threads = [threading.Thread(target=put, args=(f"node-{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    got: list[Relayed] = []
+    while any(t.is_alive() for t in threads):
+        got += relay.take()
+    for t in threads:
+        t.join()
+    got += relay.take()
+    assert len(got) == 4000 and relay.dropped == 0
+    for n in range(4):  # each agent's events in the order its thread put them
+        assert [(i.event or {})["n"] for i in got if i.agent == f"node-{n}"] == list(range(1000))

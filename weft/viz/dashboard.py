@@ -14,7 +14,19 @@ JSON). The views are computed once per poll, not per request, so any number of o
 pages costs the agents one scrape per interval.
 
 Endpoints: ``/`` (the page), ``/static/…``, ``/api/graph``, ``/api/stat?kind=deploy|pod|svc``,
-``/api/traces`` (from the lab's OTLP receiver when one runs, `TraceReceiver`), ``/healthz``.
+``/api/traces`` (from the lab's OTLP receiver when one runs, `TraceReceiver`),
+``/api/tap?workload=NS/NAME`` (server-sent events, `Taps`), ``/healthz``.
+
+The live tap is relayed, not opened wider: the agents serve ``/tap`` to clients on their
+node only, so this server reads it as ``weft viz tap`` does (in the lab at 127.0.0.1
+inside each node's namespace, `TapSource`), one stream per agent per open page, and
+writes the events to the page as server-sent events. Server-sent events rather than a
+websocket: the page only listens, the browser reconnects by itself, and it is plain
+HTTP that the host check below covers as it does the other endpoints. Each page's
+events wait in a bounded queue (`weft.viz.tap.TapRelay`: a page slower than the traffic
+loses requests, counted and shown), at most `MAX_TAP_PAGES` pages tap at once (each
+holds one of every agent's few tap slots), and the agents' streams are closed when the
+page goes away.
 
 Bound to 127.0.0.1 by default: the page shows workload identities and traffic and has
 no login. On a loopback address requests must also name a loopback ``Host``, so a web
@@ -28,6 +40,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,8 +51,20 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from weft.viz import board
-from weft.viz.model import Snapshot, Topology, VizError
-from weft.viz.sources import Agent, PrometheusSource, Source, SourceError, fetch_json
+from weft.viz import tap as tapview
+from weft.viz.model import Snapshot, Target, Topology, VizError
+from weft.viz.sources import (
+    Agent,
+    PrometheusSource,
+    Source,
+    SourceError,
+    TapStream,
+    fetch_json,
+    lab_accounts,
+    lab_tap_agents,
+    lab_topology,
+    why,
+)
 
 if TYPE_CHECKING:
     from weft.lab.state import LabState
@@ -211,6 +236,221 @@ NOT_ENABLED: dict[str, Any] = {
 }
 
 
+# -- the live tap -----------------------------------------------------------------------------
+
+TAP_QUEUE = 500
+"""Requests held per page between the agents' readers and the page's connection; beyond
+that they are dropped and counted (the page keeps fewer rows than this itself)."""
+MAX_TAP_PAGES = 4
+"""Pages tapping at once: each holds one of every agent's tap slots, of which an agent has
+`nodeagent.tap.MAX_SUBSCRIBERS` (16) for everyone on its node."""
+TAP_KEEPALIVE = 10.0
+"""Seconds of quiet after which a comment is written: it keeps proxies from timing the
+stream out."""
+TAP_CHECK = 1.0
+"""Seconds between looks at whether the page is still connected (a quiet stream writes
+nothing that could fail)."""
+TAP_RETRY_MS = 5000
+"""How long the browser waits to reconnect a stream that ended (every agent gone)."""
+
+
+@dataclass(frozen=True)
+class TapSource:
+    """Where the tap panel's events come from: agents reached as their tap is (loopback)."""
+
+    agents: Sequence[Agent]
+    topology: Topology
+    """Resolves a workload into the pods and service accounts the agents match."""
+    accounts: tapview.Accounts
+    how: str
+    """How the agents are reached, for the page."""
+
+
+def lab_tap_source(state: LabState) -> TapSource:
+    """A lab's agents, at 127.0.0.1 inside each node's namespace (as ``weft viz tap``)."""
+    return TapSource(
+        lab_tap_agents(state),
+        lab_topology(state),
+        lab_accounts(state),
+        "the lab's agents, at 127.0.0.1 in each node's namespace",
+    )
+
+
+def tap_query(source: TapSource, workload: str, namespace: str | None) -> str:
+    """The agents' ``/tap`` query for a page's ``workload`` (``NS/NAME``, a node of the
+    graph; empty: every request, or the dashboard's namespace's)."""
+    if not workload:
+        return f"ns={namespace}" if namespace else ""
+    ns, sep, name = workload.partition("/")
+    if not sep or not ns or not name or "/" in name:
+        raise VizError(f"workload={workload!r}: give NAMESPACE/NAME, as the graph names it")
+    return tapview.tap_query(Target("deploy", name, ns), source.topology, source.accounts)
+
+
+OpenTap = Callable[[Agent, str], TapStream]
+
+
+def _read_agent(stream: TapStream, relay: tapview.TapRelay) -> None:
+    """A reader thread: one agent's stream into the page's relay, then its end."""
+    name = stream.agent.name
+    try:
+        for event in stream:
+            if stream.closed:
+                return
+            relay.put(tapview.Relayed(name, event))
+    except OSError as e:
+        if not stream.closed:
+            relay.put(tapview.Relayed(name, None, f"could not tap it at {stream.agent.where}: "
+                                                  f"{why(e)}"))  # fmt: skip
+        return
+    relay.put(tapview.Relayed(name, None, ""))
+
+
+class Taps:
+    """``/api/tap``: each page's server-sent events, relayed from every agent's tap.
+
+    Messages: ``status`` (first, and whenever it changes: the agents tapped, the ones
+    that failed or ended and why, what was dropped here and by the agents), ``request``
+    (one event, `weft.viz.tap.page_row`), and ``unavailable`` or ``refused`` (then the
+    stream ends, and the page does not reconnect)."""
+
+    def __init__(
+        self,
+        source: TapSource | None,
+        namespace: str | None = None,
+        *,
+        open_tap: OpenTap = TapStream,
+        queue: int = TAP_QUEUE,
+        max_pages: int = MAX_TAP_PAGES,
+        keepalive: float = TAP_KEEPALIVE,
+        check: float = TAP_CHECK,
+    ) -> None:
+        self.source = source
+        self.namespace = namespace
+        self._open = open_tap
+        self.queue = queue
+        self.max_pages = max_pages
+        self.keepalive = keepalive
+        self.check = check
+        self.pages = 0
+        """Pages tapping now."""
+        self.closing = asyncio.Event()
+        """Set when the dashboard stops: every stream ends."""
+
+    @staticmethod
+    async def _start(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8",
+                     "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        )  # fmt: skip
+        await response.prepare(request)
+        await response.write(f"retry: {TAP_RETRY_MS}\n\n".encode())
+        return response
+
+    async def _final(self, request: web.Request, event: str, text: str) -> web.StreamResponse:
+        response = await self._start(request)
+        await response.write(tapview.sse(event, {"message": text}))
+        await response.write_eof()
+        return response
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        source = self.source
+        if source is None:
+            return await self._final(request, "unavailable",
+                "no live tap: the dashboard reads the agents' tap in a lab (their /tap "
+                "answers loopback clients only); with --agent, give agents reached on "
+                "their node (kubectl port-forward)")  # fmt: skip
+        workload = request.query.get("workload", "")
+        try:
+            query = tap_query(source, workload, self.namespace)
+        except VizError as e:
+            return await self._final(request, "refused", str(e))
+        if self.pages >= self.max_pages:
+            return await self._final(request, "refused",
+                f"{self.pages} pages are tapping already (at most {self.max_pages}: each holds "
+                "one of every agent's tap slots); close one and reload")  # fmt: skip
+        self.pages += 1
+        try:
+            return await self._relay(request, source, workload, query)
+        finally:
+            self.pages -= 1
+
+    async def _relay(
+        self, request: web.Request, source: TapSource, workload: str, query: str
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:  # from a reader thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to wake
+                loop.call_soon_threadsafe(woken.set)
+
+        relay = tapview.TapRelay(self.queue, wake)
+        response = await self._start(request)
+        streams = [self._open(agent, query) for agent in source.agents]
+        ended: dict[str, str] = {}
+        agent_dropped: dict[str, int] = {}
+        shown = 0
+
+        def status() -> bytes:
+            return tapview.sse("status", {
+                "workload": workload or None,
+                "agents": [a.name for a in source.agents],
+                "how": source.how,
+                "tapping": len(streams) - len(ended),
+                "ended": ended,
+                "dropped": relay.dropped,
+                "agent_dropped": agent_dropped,
+                "shown": shown,
+                "queue": self.queue,
+            })  # fmt: skip
+
+        try:
+            for stream in streams:
+                threading.Thread(target=_read_agent, args=(stream, relay), daemon=True,
+                                 name=f"dashboard-tap-{stream.agent.name}").start()  # fmt: skip
+            await response.write(status())
+            quiet_since, dropped = loop.time(), 0
+            while len(ended) < len(streams) and not self.closing.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), self.check)
+                if request.transport is None or request.transport.is_closing():
+                    break  # the page went away
+                woken.clear()
+                out, changed = bytearray(), False
+                for item in relay.take():
+                    event = item.event
+                    if event is None:
+                        ended[item.agent] = item.problem or "its tap stream ended"
+                        changed = True
+                    elif "end" in event:
+                        ended[item.agent] = f"the agent ended its tap: {event['end']}"
+                        changed = True
+                    elif "dropped" in event and "direction" not in event:
+                        agent_dropped[item.agent] = int(event["dropped"])
+                        changed = True
+                    else:
+                        shown += 1
+                        out += tapview.sse("request", tapview.page_row(event))
+                if changed or relay.dropped != dropped:
+                    dropped = relay.dropped
+                    out += status()
+                if out:
+                    await response.write(bytes(out))
+                    quiet_since = loop.time()
+                elif loop.time() - quiet_since >= self.keepalive:
+                    await response.write(tapview.SSE_KEEPALIVE)
+                    quiet_since = loop.time()
+            if len(ended) == len(streams):
+                await response.write(status())
+        except ConnectionResetError:
+            pass  # the page went away while it was written to
+        finally:
+            for stream in streams:
+                stream.close()
+        return response
+
+
 # -- the poller -------------------------------------------------------------------------------
 
 
@@ -350,8 +590,10 @@ def make_app(
     traces: TraceReceiver | None,
     *,
     fetch: Fetch = fetch_json,
+    taps: Taps | None = None,
 ) -> web.Application:
     local_only = is_loopback(config.host)
+    tapping = taps if taps is not None else Taps(None)
 
     @web.middleware
     async def hosts(
@@ -407,6 +649,7 @@ def make_app(
     app.router.add_get("/api/graph", graph)
     app.router.add_get("/api/stat", stat)
     app.router.add_get("/api/traces", api_traces)
+    app.router.add_get("/api/tap", tapping.handle)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -424,8 +667,10 @@ class Running:
     url: str
     tasks: list[asyncio.Task[None]]
     failed: asyncio.Future[BaseException]
+    taps: Taps
 
     async def stop(self) -> None:
+        self.taps.closing.set()  # the pages' tap streams end, their agents' streams close
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -440,9 +685,11 @@ async def start(
     traces: TraceReceiver | None,
     *,
     fetch: Fetch = fetch_json,
+    taps: Taps | None = None,
 ) -> Running:
     """Serve the dashboard and start polling; `Running.stop` undoes both."""
-    app = make_app(poller, config, traces, fetch=fetch)
+    taps = taps if taps is not None else Taps(None)
+    app = make_app(poller, config, traces, fetch=fetch, taps=taps)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
@@ -460,4 +707,4 @@ async def start(
         port = server.sockets[0].getsockname()[1]
     failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(_guard("the poller", poller.run(), failed), name="viz-poller")
-    return Running(runner, url_of(config.host, port), [task], failed)
+    return Running(runner, url_of(config.host, port), [task], failed, taps)

@@ -148,6 +148,8 @@ class TapStream:
             try:
                 conn.connect()
                 self._sock = conn.sock
+                if self._closed:  # closed while connecting: `close` saw no socket to shut
+                    return
                 conn.request(
                     "GET", f"/tap?{self.query}", headers={"Accept": "application/x-ndjson"}
                 )

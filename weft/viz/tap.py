@@ -7,11 +7,19 @@ from the lab's topology, into what the agent matches (`nodeagent.tap.Ends`): the
 names, and their service accounts for an end known only by identity. Without a topology
 (``--agent`` outside a lab) ``deploy/NAME`` is the pods named ``NAME-…`` — how a
 Deployment names its pods — or ``NAME``, and callers whose service account is ``NAME``.
+
+The dashboard's tap panel (`weft.viz.dashboard`) relays the same events to a browser as
+server-sent events: `page_row` is an event as the page shows it, `sse` one message, and
+`TapRelay` the bounded queue between the threads reading the agents and the browser's
+connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -164,3 +172,92 @@ def row(event: Mapping[str, Any]) -> TapRow:
         str(dst.get("identity") or "-"),
         str(event.get("route") or "-"),
     )
+
+
+# -- the dashboard's relay --------------------------------------------------------------------
+
+
+def page_row(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as the dashboard's tap panel shows it: `row`'s cells by name, and the raw
+    facts the page colours and filters by."""
+    r = row(event)
+    return {
+        "time": event.get("time"),
+        "direction": r.direction,
+        "node": r.node,
+        "method": r.method,
+        "authority": r.authority,
+        "path": r.path,
+        "status": r.status,
+        "status_code": event.get("status"),
+        "error": event.get("error"),
+        "latency": r.latency,
+        "src": r.src,
+        "dst": r.dst,
+        "client_id": r.client_id,
+        "server_id": r.server_id,
+        "route": r.route,
+        "tls": bool(event.get("tls")),
+    }
+
+
+def sse(event: str, data: Mapping[str, Any]) -> bytes:
+    """One server-sent event (``json.dumps`` escapes newlines, so ``data`` is one line)."""
+    return f"event: {event}\ndata: {json.dumps(data, sort_keys=True)}\n\n".encode()
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+"""A comment line: the browser ignores it; writing it finds out that the browser left."""
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """What an agent's reader thread hands the browser's connection."""
+
+    agent: str
+    """The agent's name (its node)."""
+    event: Mapping[str, Any] | None = None
+    """A request; or None: the stream ended (``problem``: why, empty if it just ended)."""
+    problem: str = ""
+
+
+class TapRelay:
+    """One browser connection's queue of the agents' tap events, between the threads that
+    read the agents' streams (`put`) and the connection's writer (`take`).
+
+    Bounded like the agent's own queue (`nodeagent.tap.Subscription`): a browser slower
+    than the traffic loses requests, which are counted and said on the page, rather than
+    growing the dashboard's memory. A stream's end is never dropped (there is one per
+    agent). ``wake`` is called — from the putting thread — only when the queue goes from
+    empty to not, so a burst costs the event loop one wake-up, not one per event."""
+
+    def __init__(self, limit: int, wake: Callable[[], None]) -> None:
+        self.limit = limit
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._items: deque[Relayed] = deque()
+        self._events = 0
+        self._woken = False
+        self.dropped = 0
+        """Requests lost because the queue was full (since the connection opened)."""
+
+    def put(self, item: Relayed) -> None:
+        with self._lock:
+            if item.event is not None:
+                if self._events >= self.limit:
+                    self.dropped += 1
+                    return
+                self._events += 1
+            self._items.append(item)
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
+
+    def take(self) -> list[Relayed]:
+        """Everything queued, oldest first; the next `put` wakes the reader again."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._events = 0
+            self._woken = False
+        return items

@@ -1,4 +1,5 @@
-// weft viz dashboard: reads /api/graph, /api/stat and /api/traces and draws them.
+// weft viz dashboard: reads /api/graph, /api/stat and /api/traces and draws them, and
+// listens to /api/tap (server-sent events: the agents' tap, relayed by the server).
 // The figures are computed by the server (weft.viz.board); this only formats and draws.
 // Every value from the API goes into the page as text (textContent), never as markup.
 "use strict";
@@ -102,9 +103,13 @@ function drawGraph(doc) {
         { selector: "edge.plaintext", style: { "line-color": "#d97706", "target-arrow-color": "#d97706", "line-style": "dashed" } },
         { selector: "edge.partly", style: { "line-color": "#b45309", "target-arrow-color": "#b45309", "line-style": "dotted" } },
         { selector: "edge.idle", style: { "line-color": "#9ca3af", "target-arrow-color": "#9ca3af", "width": 2 } },
+        { selector: "node.tapped", style: { "border-width": 4, "border-color": "#2563eb" } },
       ],
       elements: [],
     });
+    // Clicking a workload taps it; clicking the background taps every workload again.
+    cy.on("tap", "node", (evt) => tapConnect(evt.target.id()));
+    cy.on("tap", (evt) => { if (evt.target === cy && tapWorkload) tapConnect(""); });
   }
   if (ids !== shape) {
     cy.elements().remove();
@@ -124,6 +129,7 @@ function drawGraph(doc) {
       have.classes(x.classes);
     }
   }
+  if (tapWorkload) cy.getElementById(tapWorkload).addClass("tapped");  // classes() reset it
   // What the graph drew, as the DOM can tell it (a canvas cannot): the browser test, and
   // anything that reads the page without eyes, see the same nodes and edges.
   el.dataset.nodes = cy.nodes().map((n) => n.id()).sort().join(" ");
@@ -221,6 +227,131 @@ function drawTraces(doc) {
   }
 }
 
+// -- the live tap -----------------------------------------------------------------------------
+
+const TAP_ROWS = 200;  // rows kept: the oldest go as new ones come, whatever the traffic
+let tap = null;        // the EventSource
+let tapWorkload = "";  // "NS/NAME", or "" for every workload
+let tapPaused = false;
+let tapCounts = { received: 0, skipped: 0 };
+let tapLast = null;    // the server's last status message
+
+function tapStatusClass(r) {
+  if (r.error || r.status_code === null || r.status_code >= 500) return "bad";
+  return r.status_code >= 400 ? "warn" : "ok";
+}
+
+function tapMatches(tr) {
+  const q = $("#tap-filter").value.trim().toLowerCase();
+  return q === "" || tr.dataset.text.includes(q);
+}
+
+function addTapRow(r) {
+  const body = $("#tap tbody");
+  const tr = document.createElement("tr");
+  tr.className = "tap-row";
+  tr.dataset.direction = r.direction;
+  tr.dataset.status = r.status_code === null ? "" : String(r.status_code);
+  tr.dataset.src = r.src;
+  tr.dataset.dst = r.dst;
+  tr.dataset.clientId = r.client_id;
+  tr.dataset.serverId = r.server_id;
+  tr.dataset.text = [r.direction, r.node, r.method, r.authority, r.path, r.status, r.latency,
+    r.src, r.dst, r.client_id, r.server_id, r.route].join(" ").toLowerCase();
+  cell(tr, r.time ? new Date(r.time * 1000).toLocaleTimeString() : "-");
+  cell(tr, r.direction, "dir");
+  cell(tr, r.node);
+  cell(tr, r.method);
+  cell(tr, r.authority);
+  cell(tr, r.path, "path").title = r.path;
+  cell(tr, r.status, "status " + tapStatusClass(r));
+  cell(tr, r.latency, "num");
+  cell(tr, r.src);
+  cell(tr, r.dst);
+  const ids = cell(tr, r.client_id + " → " + r.server_id + (r.tls ? "" : " (plaintext)"), "ids");
+  ids.title = ids.textContent;
+  tr.hidden = !tapMatches(tr);
+  body.prepend(tr);
+  while (body.rows.length > TAP_ROWS) body.lastElementChild.remove();
+}
+
+function drawTapStatus() {
+  const parts = [];
+  const s = tapLast;
+  if (s) {
+    parts.push("tapping " + (s.workload || "every workload") + " on " + s.tapping + " of " +
+      s.agents.length + " agents");
+    for (const [agent, why] of Object.entries(s.ended)) parts.push(agent + ": " + why);
+    const byAgents = Object.values(s.agent_dropped).reduce((a, b) => a + b, 0);
+    if (s.dropped || byAgents) {
+      parts.push("dropped " + s.dropped + " here, " + byAgents + " by the agents (the page is slower than the traffic: tap one workload)");
+    }
+  }
+  parts.push(tapCounts.received + " requests");
+  const rows = $("#tap tbody").rows;
+  const shown = Array.from(rows).filter((tr) => !tr.hidden).length;
+  parts.push("showing " + shown + " of the last " + rows.length);
+  if (tapPaused) parts.push("paused: " + tapCounts.skipped + " not shown");
+  $("#tap-status").textContent = parts.join(" · ");
+  $("#tap-panel").dataset.requests = String(tapCounts.received);
+}
+
+function tapStopped(message) {
+  if (tap) tap.close();
+  tap = null;
+  $("#tap-status").textContent = message;
+  $("#tap-panel").dataset.state = "stopped";
+}
+
+function tapConnect(workload) {
+  if (tap) tap.close();
+  tapWorkload = workload;
+  tapCounts = { received: 0, skipped: 0 };
+  tapLast = null;
+  $("#tap tbody").replaceChildren();
+  const select = $("#tap-workload");
+  if (workload && !Array.from(select.options).some((o) => o.value === workload)) {
+    select.add(new Option(workload, workload));
+  }
+  select.value = workload;
+  if (cy) {
+    cy.nodes().removeClass("tapped");
+    if (workload) cy.getElementById(workload).addClass("tapped");
+  }
+  const panel = $("#tap-panel");
+  panel.dataset.workload = workload;
+  panel.dataset.state = "connecting";
+  $("#tap-status").textContent = "connecting…";
+  const es = new EventSource("/api/tap" + (workload ? "?workload=" + encodeURIComponent(workload) : ""));
+  tap = es;
+  es.addEventListener("open", () => { panel.dataset.state = "open"; });
+  es.addEventListener("status", (m) => { tapLast = JSON.parse(m.data); drawTapStatus(); });
+  es.addEventListener("request", (m) => {
+    tapCounts.received += 1;
+    if (tapPaused) tapCounts.skipped += 1;
+    else addTapRow(JSON.parse(m.data));
+    drawTapStatus();
+  });
+  for (const kind of ["unavailable", "refused"]) {
+    es.addEventListener(kind, (m) => tapStopped(JSON.parse(m.data).message));
+  }
+  es.addEventListener("error", () => {
+    if (tap !== es) return;
+    panel.dataset.state = es.readyState === EventSource.CLOSED ? "closed" : "reconnecting";
+    $("#tap-status").textContent = es.readyState === EventSource.CLOSED
+      ? "the tap stream closed: reload the page"
+      : "the tap stream broke: reconnecting…";
+  });
+}
+
+function tapWorkloads(doc) {
+  const select = $("#tap-workload");
+  const have = new Set(Array.from(select.options).map((o) => o.value));
+  for (const n of doc.nodes) {
+    if (!have.has(n.id)) select.add(new Option(n.id, n.id));
+  }
+}
+
 // -- polling ----------------------------------------------------------------------------------
 
 async function refresh() {
@@ -235,7 +366,7 @@ async function refresh() {
       "(last " + graph.window_seconds.toFixed(0) + " s)";
     const down = (graph.unreachable || []).map((u) => "could not read the agent of " + u.source + " (" + u.where + "): " + u.reason);
     banner([graph.error, ...down]);
-    if (graph.nodes) { drawGraph(graph); drawEdges(graph); }
+    if (graph.nodes) { drawGraph(graph); drawEdges(graph); tapWorkloads(graph); }
     if (stat.rows) drawStat(stat);
   } catch (err) {
     banner(["the dashboard's server cannot be reached: " + err.message]);
@@ -261,5 +392,19 @@ async function tracesLoop() {
 }
 
 $("#kind").addEventListener("change", refresh);
+$("#tap-workload").addEventListener("change", (e) => tapConnect(e.target.value));
+$("#tap-filter").addEventListener("input", () => {
+  for (const tr of $("#tap tbody").rows) tr.hidden = !tapMatches(tr);
+  drawTapStatus();
+});
+$("#tap-pause").addEventListener("click", (e) => {
+  tapPaused = !tapPaused;
+  tapCounts.skipped = 0;
+  e.target.textContent = tapPaused ? "resume" : "pause";
+  e.target.setAttribute("aria-pressed", String(tapPaused));
+  drawTapStatus();
+});
 loop();
 tracesLoop();
+// ?tap=NS/NAME opens the page tapping that workload (a link to it, and the browser test).
+tapConnect(new URLSearchParams(window.location.search).get("tap") || "");
