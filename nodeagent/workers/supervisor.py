@@ -83,7 +83,6 @@ class WorkerProcess:
     last_exit: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     scrape_failures: int = 0
-    listening_event: asyncio.Event = field(default_factory=asyncio.Event)
     pending: dict[int, asyncio.Future[str]] = field(default_factory=dict)
 
 
@@ -127,15 +126,20 @@ class WorkerSupervisor:
         self._scrape_id = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._listening_changed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawn every worker and wait until each listens."""
+        """Start every worker slot (each replaces its worker whenever it exits) and wait
+        until every worker listens."""
         for w in self.workers:
-            await self._spawn(w)
-        waits = [w.listening_event.wait() for w in self.workers]
-        await asyncio.gather(*waits)
+            task = asyncio.create_task(self._keep(w), name=f"worker-{w.index}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        while not all(w.listening for w in self.workers):
+            self._listening_changed.clear()
+            await self._listening_changed.wait()
         log.info(
             "%d proxy workers listening (pids %s)",
             len(self.workers), ", ".join(str(w.pid) for w in self.workers),
@@ -172,7 +176,6 @@ class WorkerSupervisor:
             if w.channel is not None:
                 w.channel.close()
 
-    @property
     def stopping(self) -> bool:
         return self._stopping
 
@@ -227,74 +230,99 @@ class WorkerSupervisor:
 
     # -- spawning and watching -----------------------------------------------------------
 
-    async def _spawn(self, w: WorkerProcess) -> None:
+    async def _keep(self, w: WorkerProcess) -> None:
+        """One worker slot, until the agent stops: spawn, watch, replace with backoff."""
+        while not self.stopping():
+            code: int | None = None
+            try:
+                proc, channel = await self._spawn(w)
+            except OSError as e:
+                log.error("worker %d: cannot start %s: %s", w.index, self.argv[0], e)
+            else:
+                code = await self._watch(w, proc, channel)
+            if self.stopping():
+                return
+            ran = time.monotonic() - w.started
+            w.failures_in_a_row = 0 if ran >= STABLE_AFTER else w.failures_in_a_row + 1
+            delay = min(BACKOFF_MAX, 0.5 * 2 ** max(0, w.failures_in_a_row - 1))
+            log.error(
+                "worker %d (pid %d) exited with %s after %.1fs; the other workers keep "
+                "serving; replacing it in %.1fs",
+                w.index, w.pid, _exit(code), ran, delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            w.restarts += 1
+
+    async def _spawn(self, w: WorkerProcess) -> tuple[asyncio.subprocess.Process, Channel]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        w.started = time.monotonic()
         try:
             fd = theirs.fileno()
-            w.proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *self.argv, "--fd", str(fd), "--index", str(w.index), pass_fds=(fd,)
             )
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        w.pid = w.proc.pid
-        w.started = time.monotonic()
-        w.listening = False
-        w.listening_event = asyncio.Event()
-        w.channel = await Channel.open(ours)
+        w.proc, w.pid, w.listening = proc, proc.pid, False
+        channel = w.channel = await Channel.open(ours)
         self._initial_state(w)
         log.info("worker %d started (pid %d)", w.index, w.pid)
-        task = asyncio.create_task(self._watch(w, w.proc, w.channel), name=f"worker-{w.index}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return proc, channel
 
     async def _watch(
         self, w: WorkerProcess, proc: asyncio.subprocess.Process, channel: Channel
-    ) -> None:
+    ) -> int:
+        """Until the worker exits: it must listen within `START_TIMEOUT`, and a worker
+        whose channel breaks (it closed its end, or broke the framing) is killed."""
         reader = asyncio.create_task(self._read(w, channel))
+        exited = asyncio.ensure_future(proc.wait())
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                await asyncio.wait(
-                    [asyncio.ensure_future(w.listening_event.wait()), reader],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-        except TimeoutError:
-            log.error("worker %d (pid %d) not listening after %gs: replacing it",
-                      w.index, w.pid, START_TIMEOUT)  # fmt: skip
-            self._kill(w)
-        code = await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ChannelError):
-            await reader
-        channel.close()
-        for fut in w.pending.values():
-            if not fut.done():
-                fut.cancel()
-        w.pending.clear()
-        w.listening = False
+            deadline = time.monotonic() + START_TIMEOUT
+            while not w.listening and not reader.done() and not exited.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("worker %d (pid %d) not listening after %gs: replacing it",
+                              w.index, w.pid, START_TIMEOUT)  # fmt: skip
+                    self._kill(w)
+                    break
+                changed = asyncio.ensure_future(self._listening_changed.wait())
+                await asyncio.wait({reader, exited, changed}, timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                changed.cancel()
+            await asyncio.wait({reader, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and not exited.done():
+                # A dying worker's channel closes just before it is reaped; a draining
+                # one closes it and exits (drain() bounds that); any other is broken.
+                await asyncio.wait({exited}, timeout=2.0)
+                if not exited.done() and not self.stopping():
+                    why = reader.exception() if not reader.cancelled() else None
+                    log.error("worker %d (pid %d): channel broken (%s): replacing it",
+                              w.index, w.pid, why)  # fmt: skip
+                    self._kill(w)
+            code = await exited
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ChannelError):
+                await reader
+            channel.close()
+            for fut in w.pending.values():
+                if not fut.done():
+                    fut.cancel()
+            w.pending.clear()
+            w.listening = False
+            w.channel = None
         w.last_exit = code
-        w.channel = None
-        if self._stopping:
-            return
-        ran = time.monotonic() - w.started
-        w.failures_in_a_row = 0 if ran >= STABLE_AFTER else w.failures_in_a_row + 1
-        delay = min(BACKOFF_MAX, 0.5 * 2 ** max(0, w.failures_in_a_row - 1))
-        log.error(
-            "worker %d (pid %d) exited with %s after %.1fs; the other workers keep serving; "
-            "replacing it in %.1fs",
-            w.index, w.pid, _exit(code), ran, delay,
-        )  # fmt: skip
-        await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        w.restarts += 1
-        await self._spawn(w)
+        return code
 
     async def _read(self, w: WorkerProcess, channel: Channel) -> None:
         while True:
             kind, body = await channel.recv()
             if kind is Kind.LISTENING:
                 w.listening = True
-                w.listening_event.set()
+                self._listening_changed.set()
                 log.info("worker %d (pid %d) listening", w.index, w.pid)
             elif kind is Kind.STATS:
                 w.stats = json.loads(body)
@@ -402,7 +430,9 @@ class _WorkerCollector(Collector):
         yield from (up, restarts, accepted, requests)
 
 
-def _exit(code: int) -> str:
+def _exit(code: int | None) -> str:
+    if code is None:
+        return "no process (it could not start)"
     if code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"
