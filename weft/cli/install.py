@@ -53,8 +53,10 @@ import click
 from weft import __version__
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "daemonset" / "weft.yaml"
-"""The manifests ``weft install`` renders (a source checkout's ``daemonset/``)."""
+TEMPLATE = Path(__file__).resolve().parents[1] / "daemonset" / "weft.yaml"
+"""The manifests ``weft install`` renders: ``weft/daemonset`` is a symlink to the
+top-level ``daemonset/`` in a source checkout, and its files are package data in a wheel
+(pyproject.toml), so an installed ``weft`` renders the same manifests."""
 
 DEFAULT_NAMESPACE = "weft-system"
 DEFAULT_IMAGE = "weft:latest"
@@ -165,8 +167,8 @@ def load_template(path: Path = TEMPLATE) -> list[dict[str, Any]]:
 
     if not path.is_file():
         raise InstallError(
-            f"{path} not found: weft install renders the manifests of a source checkout's "
-            "daemonset/ (pip install -e .)"
+            f"{path} not found: weft install renders daemonset/weft.yaml, which the weft "
+            "package carries (weft/daemonset -> ../daemonset in a checkout); reinstall weft"
         )
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
