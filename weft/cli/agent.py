@@ -175,6 +175,7 @@ def _workers(value: str, kubernetes: bool) -> int:
 )
 @click.option(
     "--workers",
+    envvar="WEFT_WORKERS",
     default="auto",
     show_default=True,
     metavar="N|auto",
@@ -182,7 +183,7 @@ def _workers(value: str, kubernetes: bool) -> int:
     "the agent process keeps capture, certificates and discovery. 1: the agent serves in "
     "its own process. auto: the CPUs the agent may use (affinity and cgroup CPU limit, "
     "at most 8) with --kubernetes; 1 in the lab, whose nodes share this machine's cores "
-    "(docs/architecture.md, Workers).",
+    "(docs/architecture.md, Workers; $WEFT_WORKERS).",
 )
 @click.option("--drain", default=5.0, show_default=True, help="Seconds to drain on shutdown.")
 @click.option(
