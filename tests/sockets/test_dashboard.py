@@ -312,3 +312,23 @@ async def test_stopping_the_dashboard_closes_the_agents_streams(
         async with asyncio.timeout(10):
             await running.stop()
         await _until_true(lambda: not hub.active)
+
+
+async def test_an_agent_ending_its_tap_is_said_with_its_reason(
+    agent: tuple[TapHub, Agent],
+) -> None:
+    hub, where = agent
+    running = await _tap_serve(dash.Taps(dash.TapSource([where], TOPO, ACCOUNTS, "test")))
+    try:
+        async with aiohttp.ClientSession() as s, s.get(running.url + "api/tap") as r:
+            await _events(r, lambda got: len(got) >= 1)
+            await _until_true(lambda: hub.active)
+            hub.close()  # the agent stopping
+            got = await _events(r, lambda got: any(d.get("ended") for _, d in got))
+            # Every agent's stream ended: so does the page's (the browser reconnects).
+            assert (await r.content.read()).strip() == b""
+        [(_, status)] = got
+        assert status["ended"] == {"node-1": "the agent ended its tap: agent stopping"}
+        assert status["tapping"] == 0
+    finally:
+        await running.stop()

@@ -420,11 +420,12 @@ class Taps:
                 out, changed = bytearray(), False
                 for item in relay.take():
                     event = item.event
+                    # The agent's own end comes before its stream's: its reason is kept.
                     if event is None:
-                        ended[item.agent] = item.problem or "its tap stream ended"
+                        ended.setdefault(item.agent, item.problem or "its tap stream ended")
                         changed = True
                     elif "end" in event:
-                        ended[item.agent] = f"the agent ended its tap: {event['end']}"
+                        ended.setdefault(item.agent, f"the agent ended its tap: {event['end']}")
                         changed = True
                     elif "dropped" in event and "direction" not in event:
                         agent_dropped[item.agent] = int(event["dropped"])
@@ -441,8 +442,6 @@ class Taps:
                 elif loop.time() - quiet_since >= self.keepalive:
                     await response.write(tapview.SSE_KEEPALIVE)
                     quiet_since = loop.time()
-            if len(ended) == len(streams):
-                await response.write(status())
         except ConnectionResetError:
             pass  # the page went away while it was written to
         finally:
