@@ -13,7 +13,7 @@ two seams swapped and everything node-wide dropped:
   ``SO_ORIGINAL_DST`` (`nodeagent.proxy.origdst`) instead of the eBPF map.  No bcc, no
   cgroup attachments, no privileges at run time: only the init step needs NET_ADMIN.
 * **probes**: strict inbound drops the kubelet's connections to app ports, so
-  ``weft inject`` points HTTP and TCP probes at ``/app-health/...`` on the admin port
+  ``weft inject`` points HTTP, TCP and gRPC probes at ``/app-health/...`` on the admin port
   and the sidecar runs them inside the pod (`nodeagent.probes`).
 * **inbound**: the tunnel listens on the pod's own address, :15008, and serves exactly
   this pod (any other target is ``ELSEWHERE``).  The same nftables table accepts new

@@ -16,13 +16,13 @@ What it adds, as a sidecar mesh's injector does (Istio's ``istio-init`` +
 
 * **kubelet probes rewritten** (as Istio's injector does): strict inbound drops the
   kubelet's plaintext connections to app ports (they come from the node, not loopback),
-  so each app container's ``httpGet`` and ``tcpSocket`` probe (readiness, liveness,
-  startup) becomes an ``httpGet`` of the sidecar's admin port,
+  so each app container's ``httpGet``, ``tcpSocket`` and ``grpc`` probe (readiness,
+  liveness, startup) becomes an ``httpGet`` of the sidecar's admin port,
   ``/app-health/<container>/<readyz|livez|startupz>``, and the original goes to the
   sidecar in ``$WEFT_APP_PROBES`` (JSON: path -> the original handler and timeout); the
   sidecar runs it against the app from inside the pod and answers 200 or 503.  Timing
-  fields stay.  ``exec`` probes need nothing; ``grpc`` probes are left as they are (not
-  yet rewritten: under strict inbound they fail — use an ``exec`` or HTTP probe).
+  fields stay.  ``grpc`` probes are rewritten the same way (the sidecar asks the app's
+  ``grpc.health.v1.Health/Check``); ``exec`` probes need nothing.
   ``rewrite_probes=False`` (``weft inject --no-rewrite-probes``) leaves every probe alone.
 
 Idempotent: Weft's own containers and volumes are replaced, never doubled, so injecting
@@ -47,8 +47,8 @@ SIDECAR_NAME = "weft-sidecar"
 VOLUMES = ("weft-token", "weft-trust", "weft-certs")
 ADMIN_PORT = 15020
 PROBES_ENV = "WEFT_APP_PROBES"
-"""The sidecar's table of rewritten probes: JSON ``{path: {"httpGet"|"tcpSocket": ...,
-"timeoutSeconds": n}}``."""
+"""The sidecar's table of rewritten probes: JSON ``{path: {"httpGet"|"tcpSocket"|"grpc":
+..., "timeoutSeconds": n}}``."""
 PROBE_PREFIX = "/app-health/"
 PROBE_KINDS = {"readinessProbe": "readyz", "livenessProbe": "livez", "startupProbe": "startupz"}
 PROBE_TIMING = ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "successThreshold",
@@ -196,7 +196,7 @@ def _earlier_probes(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def rewrite_probes(containers: list[dict[str, Any]], earlier: dict[str, Any]) -> dict[str, Any]:
-    """Point each container's HTTP and TCP probes at the sidecar, in place; returns the
+    """Point each container's HTTP, TCP and gRPC probes at the sidecar, in place; returns the
     sidecar's table (path -> original handler and timeout).  A probe an earlier injection
     rewrote keeps its original from ``earlier``."""
     table: dict[str, Any] = {}
@@ -207,7 +207,7 @@ def rewrite_probes(containers: list[dict[str, Any]], earlier: dict[str, Any]) ->
                 continue
             path = f"{PROBE_PREFIX}{c.get('name', '')}/{kind}"
             what = f"container {c.get('name')!r} {field_name}"
-            http, tcp = probe.get("httpGet"), probe.get("tcpSocket")
+            http, tcp, grpc = probe.get("httpGet"), probe.get("tcpSocket"), probe.get("grpc")
             if (
                 isinstance(http, dict)
                 and http.get("port") == ADMIN_PORT
@@ -231,8 +231,15 @@ def rewrite_probes(containers: list[dict[str, Any]], earlier: dict[str, Any]) ->
                 if tcp.get("host"):
                     continue
                 original = {"tcpSocket": {"port": _resolve_port(c, tcp.get("port"), what)}}
+            elif isinstance(grpc, dict):
+                port = grpc.get("port")
+                if not isinstance(port, int) or isinstance(port, bool):
+                    raise InjectError(f"{what}: a grpc probe's port must be a number")
+                original = {"grpc": {"port": _resolve_port(c, port, what)}}
+                if grpc.get("service"):
+                    original["grpc"]["service"] = str(grpc["service"])
             else:
-                continue  # exec runs inside the container; grpc: not rewritten (docstring)
+                continue  # exec runs inside the container
             original["timeoutSeconds"] = probe.get("timeoutSeconds") or 1
             table[path] = original
             c[field_name] = {

@@ -1,19 +1,21 @@
 """A sidecar's app probes (`nodeagent.probes`) over real sockets on 127.0.0.1: the
 kubelet's rewritten probe asks the admin server, which runs the original against the
-app — HTTP status ranges, headers, TCP, timeouts, refusals — and says 200 or 503."""
+app — HTTP status ranges, headers, TCP, gRPC health, timeouts, refusals — and says 200
+or 503."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeagent.admin import AdminServer, Readiness
-from nodeagent.probes import AppProber, parse_table
+from nodeagent.probes import AppProber, health_request, parse_table
 
 pytestmark = pytest.mark.sockets
 
@@ -136,3 +138,52 @@ async def test_the_admin_port_serves_the_probes_beside_its_own(app: App) -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def grpc_app() -> Iterator[int]:
+    """A gRPC server (grpcio, an implementation independent of ours) whose health
+    service says SERVING for "" and shop.Cart, NOT_SERVING for shop.Down, NOT_FOUND else."""
+    import grpc
+
+    answers = {health_request(""): b"\x08\x01", health_request("shop.Cart"): b"\x08\x01",
+               health_request("shop.Down"): b"\x08\x02"}  # fmt: skip
+
+    def check(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request not in answers:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return answers[request]
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+    ),))  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+async def test_grpc_probes_ask_the_apps_health_service(grpc_app: int, app: App) -> None:
+    def grpc_probe(service: str = "", port: int = grpc_app) -> dict[str, Any]:
+        return {"grpc": {"port": port, "service": service}, "timeoutSeconds": 2}
+
+    table = {
+        "/app-health/a/readyz": grpc_probe(),
+        "/app-health/b/readyz": grpc_probe("shop.Cart"),
+        "/app-health/c/readyz": grpc_probe("shop.Down"),
+        "/app-health/d/readyz": grpc_probe("shop.Nobody"),
+        "/app-health/e/readyz": grpc_probe(port=app.port),  # HTTP/1.1, not gRPC
+    }
+    prober = AppProber(parse_table(json.dumps(table)), "127.0.0.1")
+    assert await prober.answer("/app-health/a/readyz") == (
+        200, f"grpc probe of port {grpc_app}: SERVING\n".encode(), "text/plain; charset=utf-8",
+    )  # fmt: skip
+    assert (await prober.answer("/app-health/b/readyz"))[0] == 200
+    status, body, _ = await prober.answer("/app-health/c/readyz")
+    assert (status, body) == (503, f"grpc probe of port {grpc_app} failed: NOT_SERVING\n".encode())
+    status, body, _ = await prober.answer("/app-health/d/readyz")
+    assert status == 503 and b"grpc-status 5: unknown service" in body
+    assert (await prober.answer("/app-health/e/readyz"))[0] == 503

@@ -205,7 +205,7 @@ PROBED: dict[str, Any] = {
             {
                 "name": "grpc",
                 "image": "grpc:1",
-                "readinessProbe": {"grpc": {"port": 9090}},
+                "readinessProbe": {"grpc": {"port": 9090, "service": "shop.Cart"}},
                 "livenessProbe": {"httpGet": {"path": "/", "port": 9091, "scheme": "HTTPS"}},
             },
         ]
@@ -229,7 +229,9 @@ def test_http_and_tcp_probes_are_pointed_at_the_sidecar() -> None:
         "initialDelaySeconds": 4,
     }
     assert app["startupProbe"] == {"exec": {"command": ["true"]}}  # runs in the container
-    assert grpc["readinessProbe"] == {"grpc": {"port": 9090}}  # not rewritten (docs)
+    assert grpc["readinessProbe"] == {
+        "httpGet": {"path": "/app-health/grpc/readyz", "port": 15020, "scheme": "HTTP"}
+    }
     assert grpc["livenessProbe"]["httpGet"]["path"] == "/app-health/grpc/livez"
     env = {e["name"]: e.get("value") for e in side["env"]}
     table = json.loads(env[PROBES_ENV])
@@ -243,6 +245,9 @@ def test_http_and_tcp_probes_are_pointed_at_the_sidecar() -> None:
         "/app-health/grpc/livez": {
             "httpGet": {"path": "/", "port": 9091, "scheme": "HTTPS"}, "timeoutSeconds": 1,
         },
+        "/app-health/grpc/readyz": {
+            "grpc": {"port": 9090, "service": "shop.Cart"}, "timeoutSeconds": 1,
+        },
     }  # fmt: skip
     # The sidecar reads exactly that table.
     base = {"POD_NAME": "p", "POD_NAMESPACE": "d", "POD_IP": "10.0.0.1", "NODE_NAME": "n",
@@ -253,6 +258,7 @@ def test_http_and_tcp_probes_are_pointed_at_the_sidecar() -> None:
     )
     assert probes["/app-health/app/livez"] == AppProbe("tcp", 8080, 1.0)
     assert probes["/app-health/grpc/livez"].https
+    assert probes["/app-health/grpc/readyz"] == AppProbe("grpc", 9090, 1.0, service="shop.Cart")
     # Idempotent: the rewritten probes keep their originals from the sidecar's table.
     assert inject(out, InjectOptions()) == out
     assert inject(out, InjectOptions(image="weft:2"))["spec"]["containers"][2]["env"] == side["env"]

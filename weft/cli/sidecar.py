@@ -88,7 +88,7 @@ def run(drop_to_uid: int | None) -> None:
 @click.option("--audience", default=InjectOptions.audience, show_default=True,
               help="The pod token's audience: the control plane's --audience.")  # fmt: skip
 @click.option("--rewrite-probes/--no-rewrite-probes", default=True, show_default=True,
-              help="Point HTTP/TCP probes at the sidecar, which runs them in the pod.")  # fmt: skip
+              help="Point HTTP/TCP/gRPC probes at the sidecar, which runs them.")  # fmt: skip
 def inject(
     filename: IO[str], image: str, controlplane: str, trust_domain: str,
     trust_bundle_configmap: str, audience: str, rewrite_probes: bool,
