@@ -148,7 +148,7 @@ engine_probe "$base"
 context=$(mktemp -d /tmp/weft-image-context.XXXXXX)
 trap 'rm -rf "$context"' EXIT
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' -cf - \
-    pyproject.toml README.md weft nodeagent controlplane | tar -C "$context" -xf -
+    pyproject.toml README.md weft nodeagent controlplane daemonset | tar -C "$context" -xf -
 
 # pip in the build trusts what this host's pip trusts: where pip is configured with a CA
 # bundle (PIP_CERT, or `cert` in a pip.conf; e.g. behind a TLS-inspecting proxy), that
