@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +61,19 @@ class LabRunner:
     def exec(self, pod: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.weft("lab", "exec", pod, "--", *cmd, check=check)
 
+    def viz(
+        self, *args: str, check: bool = True, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        """``weft viz ARGS`` against this lab (its windows take seconds: a longer timeout)."""
+        return self.weft("viz", *args, check=check, timeout=timeout)
+
+    def http_code(self, pod: str, *curl: str) -> int:
+        """The HTTP status curl gets from inside ``pod`` (``curl ARGS``); 0 when it got
+        none (refused, reset, timed out after 10 s)."""
+        out = self.exec(pod, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10",
+                        *curl, check=False)  # fmt: skip
+        return int(out.stdout or 0)
+
     def status(self) -> dict:
         return json.loads(self.weft("lab", "status", "--json").stdout)
 
@@ -93,6 +108,40 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}{os.getpid() % 100000}"
 
 
+@contextmanager
+def running_lab(
+    prefix: str, *up: str, up_timeout: float = 120, down_timeout: float = 120
+) -> Iterator[LabRunner]:
+    """A lab of its own (``weft lab up UP``, a unique name), torn down whatever happens."""
+    runner = LabRunner(unique_name(prefix))
+    try:
+        runner.weft("lab", "up", *up, timeout=up_timeout)
+        yield runner
+    finally:
+        runner.weft("lab", "down", check=False, timeout=down_timeout)
+
+
+@contextmanager
+def pod_load(
+    lab: LabRunner, pod: str, script: str, *argv: str, settle: float
+) -> Iterator[subprocess.Popen[str]]:
+    """``python -c SCRIPT ARGV`` inside ``pod`` while the block runs (traffic for a
+    module's tests): it must still be running ``settle`` seconds after it started, and
+    is killed (by its PID) when the block ends."""
+    load = subprocess.Popen(
+        [sys.executable, "-m", "weft.cli", "lab", "--lab", lab.name, "exec", pod,
+         "--", sys.executable, "-c", script, *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(settle)
+        assert load.poll() is None, load.communicate()
+        yield load
+    finally:
+        load.kill()
+        load.communicate()
+
+
 @pytest.fixture
 def lab_factory() -> Iterator[Callable[[str], LabRunner]]:
     made: list[LabRunner] = []
@@ -110,32 +159,39 @@ def lab_factory() -> Iterator[Callable[[str], LabRunner]]:
 @pytest.fixture(scope="module")
 def demo_lab() -> Iterator[LabRunner]:
     """A two-node demo lab without agents (plain networking), shared by a module's tests."""
-    runner = LabRunner(unique_name("wt"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", "--no-agents")
+    with running_lab("wt", "--demo", "--nodes", "2", "--no-agents") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 POD_HTTP = r"""
 import json
 
-def request(sock, path="/"):
-    # One HTTP/1.1 request on a kept socket; returns the echo pod that answered.
-    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: echo\r\n\r\n")
+def _more(sock):
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise OSError("closed")
+    return chunk
+
+def response(sock):
+    # One HTTP/1.1 response read off a kept socket: (head, body); OSError if it closes.
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += _more(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     length = int([l.split(b":")[1] for l in head.split(b"\r\n")
                   if l.lower().startswith(b"content-length")][0])
     while len(body) < length:
-        body += sock.recv(65536)
-    return json.loads(body)["pod"]
+        body += _more(sock)
+    return head, body
+
+def request(sock, path="/"):
+    # One HTTP/1.1 request on a kept socket; returns the echo pod that answered.
+    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: echo\r\n\r\n")
+    return json.loads(response(sock)[1])["pod"]
 """
-"""Python source for scripts run inside a pod (``python -c``): ``request(sock)`` on a
-keep-alive connection to an echo server."""
+"""Python source for scripts run inside a pod (``python -c``): ``response(sock)`` reads
+an HTTP/1.1 response off a keep-alive connection, ``request(sock)`` asks an echo server
+on one which pod it is."""
 
 
 class Sniffer:

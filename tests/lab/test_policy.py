@@ -33,12 +33,6 @@ def lab() -> Iterator[LabRunner]:
         runner.weft("lab", "down", check=False)
 
 
-def _code(lab: LabRunner, pod: str, *curl: str) -> int:
-    out = lab.exec(pod, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10",
-                   *curl, check=False)  # fmt: skip
-    return int(out.stdout or 0)
-
-
 def _metric(lab: LabRunner, name: str, **labels: str) -> float:
     return sum(sample(lab.metrics(node), name, **labels) for node in ("node-1", "node-2"))
 
@@ -62,17 +56,17 @@ def test_only_web_calls_payments_and_only_on_its_paths(lab: LabRunner) -> None:
     got = lab.exec("web-1", "curl", "-s", "-m", "10", *[f"{URL}/public/prices"] * 20).stdout
     answers = [json.loads(line) for line in got.splitlines()]
     assert len(answers) == 20 and {a["pod"] for a in answers} == {"payments-1", "payments-2"}
-    assert _code(lab, "web-1", "-X", "POST", "-d", "amount=1", f"{URL}/charge") == 200
-    assert _code(lab, "web-1", f"{URL}/charge") == 403  # GET /charge: no rule allows it
-    assert _code(lab, "web-1", f"{URL}/admin/users") == 403  # DENY wins over nothing
+    assert lab.http_code("web-1", "-X", "POST", "-d", "amount=1", f"{URL}/charge") == 200
+    assert lab.http_code("web-1", f"{URL}/charge") == 403  # GET /charge: no rule allows it
+    assert lab.http_code("web-1", f"{URL}/admin/users") == 403  # DENY wins over nothing
     for trick in ("/public/../admin/users", "/public/%2e%2e/admin/users", "//admin/users",
                   "/public/..%2fadmin/users"):  # fmt: skip
-        assert _code(lab, "web-1", "--path-as-is", URL + trick) == 403, trick
-    assert _code(lab, "batch-1", f"{URL}/public/prices") == 403  # another identity
-    assert _code(lab, "client-1", f"{URL}/public/prices") == 403  # another namespace
+        assert lab.http_code("web-1", "--path-as-is", URL + trick) == 403, trick
+    assert lab.http_code("batch-1", f"{URL}/public/prices") == 403  # another identity
+    assert lab.http_code("client-1", f"{URL}/public/prices") == 403  # another namespace
     # Spoofed identity headers change nothing: identity comes from mTLS only.
     spoof = ["-H", "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/shop/sa/web"]
-    assert _code(lab, "batch-1", *spoof, f"{URL}/public/prices") == 403
+    assert lab.http_code("batch-1", *spoof, f"{URL}/public/prices") == 403
     assert _metric(lab, "inbound_http_authz_deny_total", policy="shop/no-admin") >= 5
     assert _metric(lab, "inbound_http_authz_allow_total", policy="shop/payments-from-web") >= 21
     assert _metric(lab, "inbound_tcp_authz_deny_total", policy="shop/payments-from-web") >= 1
@@ -99,14 +93,14 @@ def test_audit_mode_lets_everything_through_and_counts_what_would_be_denied(
     _apply_variant(lab, tmp_path, "default-inbound-policy: cluster-authenticated",
                    "default-inbound-policy: audit")  # fmt: skip
     try:
-        took = _until("audit mode", lambda: _code(lab, "batch-1", f"{URL}/public/x") == 200)
+        took = _until("audit mode", lambda: lab.http_code("batch-1", f"{URL}/public/x") == 200)
         print(f"audit mode in force {took:.2f} s after apply")
-        assert _code(lab, "web-1", f"{URL}/admin/users") == 200  # denied only in audit
+        assert lab.http_code("web-1", f"{URL}/admin/users") == 200  # denied only in audit
         assert _metric(lab, "inbound_tcp_authz_audit_total") > before
         assert _metric(lab, "inbound_http_authz_audit_total", policy="shop/no-admin") >= 1
     finally:
         lab.weft("lab", "apply", "-f", str(POLICY))
-    _until("enforcement again", lambda: _code(lab, "batch-1", f"{URL}/public/x") == 403)
+    _until("enforcement again", lambda: lab.http_code("batch-1", f"{URL}/public/x") == 403)
 
 
 def test_a_default_deny_namespace_lets_only_the_allowed_identity_in(
@@ -129,17 +123,17 @@ def test_a_default_deny_namespace_lets_only_the_allowed_identity_in(
     lab.weft("lab", "apply", "-f", str(both))
     try:
         took = _until("web allowed everywhere but /admin",
-                      lambda: _code(lab, "web-1", f"{URL}/anything") == 200)  # fmt: skip
+                      lambda: lab.http_code("web-1", f"{URL}/anything") == 200)  # fmt: skip
         print(f"policy change in force {took:.2f} s after apply")
-        assert _code(lab, "web-1", f"{URL}/admin/x") == 403  # the DENY policy still holds
-        assert _code(lab, "batch-1", f"{URL}/anything") == 403
-        assert _code(lab, "client-1", f"{URL}/anything") == 403
+        assert lab.http_code("web-1", f"{URL}/admin/x") == 403  # the DENY policy still holds
+        assert lab.http_code("batch-1", f"{URL}/anything") == 403
+        assert lab.http_code("client-1", f"{URL}/anything") == 403
         # Without an ALLOW policy, the namespace's default denies everyone.
         lab.weft("lab", "delete", "-f", str(policy_only))
-        _until("default deny", lambda: _code(lab, "web-1", f"{URL}/anything") == 403)
+        _until("default deny", lambda: lab.http_code("web-1", f"{URL}/anything") == 403)
     finally:
         lab.weft("lab", "apply", "-f", str(POLICY))
-    _until("the example again", lambda: _code(lab, "web-1", f"{URL}/public/x") == 200)
+    _until("the example again", lambda: lab.http_code("web-1", f"{URL}/public/x") == 200)
 
 
 ECHO_POLICY = """
@@ -163,7 +157,7 @@ def test_http2_and_grpc_requests_are_judged_one_by_one(lab: LabRunner, tmp_path:
     lab.weft("lab", "apply", "-f", str(policy))
 
     def h2(path: str) -> int:
-        return _code(lab, "client-1", "--http2-prior-knowledge", f"http://echo{path}")
+        return lab.http_code("client-1", "--http2-prior-knowledge", f"http://echo{path}")
 
     def grpc(n: int = 20) -> dict:
         out = lab.exec("client-1", sys.executable, "-m", "weft.lab.echoclient", "grpc",
@@ -183,7 +177,7 @@ def test_http2_and_grpc_requests_are_judged_one_by_one(lab: LabRunner, tmp_path:
         assert h2("/public/x") == 200  # the same policy still allows this path over h2
         counted = _metric(lab, "outbound_http_authz_deny_total", policy="default/echo-calls")
         assert counted >= 2
-        assert _code(lab, "client-1", "http://echo/admin") == 403  # HTTP/1.1: the destination
+        assert lab.http_code("client-1", "http://echo/admin") == 403  # HTTP/1.1: the destination
     finally:
         lab.weft("lab", "delete", "-f", str(policy))
     _until("no echo policy", lambda: h2("/admin") == 200)
@@ -254,16 +248,16 @@ def test_a_per_route_policy_judges_the_requests_its_route_matched(
     assert "authorizationpolicy.weft.io/ops-from-batch created" in out.stderr, out.stderr
     try:
         took = _until("the ops route's ALLOW",
-                      lambda: _code(lab, "batch-1", f"{URL}/ops/restart") == 200)  # fmt: skip
+                      lambda: lab.http_code("batch-1", f"{URL}/ops/restart") == 200)  # fmt: skip
         print(f"per-route policy in force {took:.2f} s after apply")
         got = json.loads(lab.exec("batch-1", "curl", "-s", "-m", "10", f"{URL}/ops/x").stdout)
         assert got["path"] == "/ops/x"
-        assert _code(lab, "web-1", f"{URL}/ops/restart") == 403  # not batch
-        assert _code(lab, "web-1", f"{URL}/public/x") == 200  # the other route: as before
-        assert _code(lab, "batch-1", f"{URL}/public/x") == 403  # the ops ALLOW is not for it
+        assert lab.http_code("web-1", f"{URL}/ops/restart") == 403  # not batch
+        assert lab.http_code("web-1", f"{URL}/public/x") == 200  # the other route: as before
+        assert lab.http_code("batch-1", f"{URL}/public/x") == 403  # the ops ALLOW is not for it
         # An app cannot claim a route: its own weft-route header is dropped on its node.
         spoof = ["-H", "weft-route: shop/payments-ops"]
-        assert _code(lab, "batch-1", *spoof, f"{URL}/public/x") == 403
+        assert lab.http_code("batch-1", *spoof, f"{URL}/public/x") == 403
         assert _metric(lab, "inbound_http_authz_allow_total", policy="shop/ops-from-batch") >= 2
         # weft policy check finds the route as the caller's node would.
         said = lab.weft("policy", "check", "--from", "ns/shop/sa/batch", "--to", "svc/payments",
@@ -276,16 +270,16 @@ def test_a_per_route_policy_judges_the_requests_its_route_matched(
         # HTTP/2 on the echo service: the DENY of its ops route, judged per request on
         # the caller's node; the rest of the service is untouched, over h2 and HTTP/1.1.
         def h2(path: str) -> int:
-            return _code(lab, "client-1", "--http2-prior-knowledge", f"http://echo{path}")
+            return lab.http_code("client-1", "--http2-prior-knowledge", f"http://echo{path}")
 
         _until("the echo ops DENY", lambda: h2("/ops/x") == 403)
         assert h2("/other") == 200
-        assert _code(lab, "client-1", "http://echo/ops/x") == 403
-        assert _code(lab, "client-1", "http://echo/other") == 200
+        assert lab.http_code("client-1", "http://echo/ops/x") == 403
+        assert lab.http_code("client-1", "http://echo/other") == 200
         assert _metric(lab, "outbound_http_authz_deny_total", policy="default/no-ops") >= 1
     finally:
         lab.weft("lab", "delete", "-f", str(routes))
-    _until("no routes", lambda: _code(lab, "batch-1", f"{URL}/ops/x") == 403)
+    _until("no routes", lambda: lab.http_code("batch-1", f"{URL}/ops/x") == 403)
 
 
 PLAIN_ALLOW = """
@@ -324,7 +318,7 @@ def test_plaintext_callers_are_judged_by_ip_block_in_the_kernel(
     plain_ip = next(p["ip"] for p in status["pods"] if p["name"] == "plain-1")
 
     def direct(pod: str, port: int, path: str = "/") -> int:
-        return _code(lab, "plain-1", "-m", "3", f"http://{pod}:{port}{path}")
+        return lab.http_code("plain-1", "-m", "3", f"http://{pod}:{port}{path}")
 
     allow = tmp_path / "plain-allow.yaml"
     allow.write_text(PLAIN_ALLOW.replace("BLOCK", f"{plain_ip}/32"))
@@ -333,7 +327,7 @@ def test_plaintext_callers_are_judged_by_ip_block_in_the_kernel(
         took = _until("plain-1 allowed by address", lambda: direct("echo-1", 8080) == 200)
         print(f"plaintext verdicts in force {took:.2f} s after apply")
         assert direct("echo-2", 8080) == 200  # the other node's pod too
-        assert _code(lab, "client-1", "http://echo/") == 200  # mesh callers: by identity
+        assert lab.http_code("client-1", "http://echo/") == 200  # mesh callers: by identity
         said = lab.weft("policy", "check", "--from", "plaintext", "--source-ip", plain_ip,
                         "--to", "pod/echo-1", "-o", "json", "--lab", lab.name)  # fmt: skip
         assert json.loads(said.stdout)[0]["connection"]["allowed"] is True
@@ -359,7 +353,7 @@ def test_plaintext_callers_are_judged_by_ip_block_in_the_kernel(
         deny.write_text(PLAIN_DENY.replace("BLOCK", f"{plain_ip}/32"))
         lab.weft("lab", "apply", "-f", str(deny))
         _until("plain-1 denied by address", lambda: direct("echo-1", 8080) == 0)
-        assert _code(lab, "client-1", "http://echo/") == 200  # mesh callers unaffected
+        assert lab.http_code("client-1", "http://echo/") == 200  # mesh callers unaffected
     finally:
         lab.weft("lab", "delete", "-f", str(deny))
     _until("echo permissive again", lambda: direct("echo-1", 8080) == 200)

@@ -8,14 +8,12 @@ that asks its node's admin port for the tap itself is refused 403.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import LabRunner, pod_load, running_lab
 
 pytestmark = pytest.mark.lab
 
@@ -37,27 +35,15 @@ while time.time() < end:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("tp"))
-    load: subprocess.Popen[str] | None = None
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", timeout=600)
-        load = subprocess.Popen(
-            [sys.executable, "-m", "weft.cli", "lab", "--lab", runner.name, "exec", "client-1",
-             "--", sys.executable, "-c", LOAD, "600"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        time.sleep(2)
-        assert load.poll() is None, load.communicate()
+    with (
+        running_lab("tp", "--demo", "--nodes", "2", up_timeout=600, down_timeout=300) as runner,
+        pod_load(runner, "client-1", LOAD, "600", settle=2),
+    ):
         yield runner
-    finally:
-        if load is not None:
-            load.kill()
-            load.communicate()
-        runner.weft("lab", "down", check=False, timeout=300)
 
 
 def _tap(lab: LabRunner, *args: str) -> list[dict]:
-    out = lab.weft("viz", "tap", *args, timeout=120)
+    out = lab.viz("tap", *args, timeout=120)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -89,7 +75,7 @@ def test_tap_filters_and_the_table(lab: LabRunner) -> None:
     assert len(events) == 3 and {e["dst"]["pod"] for e in events} == {"echo-2"}, events
     assert not _tap(lab, "deploy/echo", "--method", "POST", "-o", "json", "--duration", "2")
     assert not _tap(lab, "deploy/echo", "--path", "/other", "-o", "json", "--duration", "2")
-    table = lab.weft("viz", "tap", "deploy/echo", "--max", "4", "--duration", "30")
+    table = lab.viz("tap", "deploy/echo", "--max", "4", "--duration", "30", timeout=120)
     print(table.stdout)
     assert "METHOD" in table.stdout.splitlines()[0] and "CLIENT_ID" in table.stdout
     rows = table.stdout.splitlines()[1:]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import LabRunner, sample, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, running_lab, sample
 from weft.lab.lab import admin_get
 from weft.tracing.context import parse_b3_single, parse_traceparent
 
@@ -30,7 +30,9 @@ CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 # In client-1: one request per argv[1] JSON item {"path", "headers"} on one kept
 # connection to argv[2] (the echo service by default); prints
 # [{"status", "pod", "node", "headers"}].
-CALLS = r"""
+CALLS = (
+    POD_HTTP
+    + r"""
 import json, socket, sys
 calls = json.loads(sys.argv[1])
 host, _, port = (sys.argv[2] if len(sys.argv) > 2 else "echo:80").rpartition(":")
@@ -39,33 +41,20 @@ out = []
 for call in calls:
     extra = "".join(f"{k}: {v}\r\n" for k, v in call["headers"].items())
     sock.sendall(f"GET {call['path']} HTTP/1.1\r\nHost: echo\r\n{extra}\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise SystemExit("connection closed")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                  if l.lower().startswith(b"content-length")][0])
-    while len(body) < length:
-        body += sock.recv(65536)
+    head, body = response(sock)
     answer = json.loads(body)
     out.append({"status": int(head.split(b" ")[1]), "pod": answer["pod"],
                 "node": answer["node"],
                 "headers": {k.lower(): v for k, v in answer["headers"].items()}})
 print(json.dumps(out))
 """
+)
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wtr"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", "--traces", timeout=300)
+    with running_lab("wtr", "--demo", "--nodes", "2", "--traces", up_timeout=300) as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _calls(

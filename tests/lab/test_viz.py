@@ -19,14 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, pod_load, running_lab
 
 pytestmark = pytest.mark.lab
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 ECHO = "spiffe://cluster.local/ns/default/sa/echo"
 
-LOAD = r"""
+LOAD = (
+    POD_HTTP
+    + r"""
 import socket, sys, time
 
 def connect():
@@ -36,17 +38,7 @@ sock, end, sent = connect(), time.time() + float(sys.argv[1]), 0
 while time.time() < end:
     try:
         sock.sendall(b"GET /?fail=echo-2:0.5 HTTP/1.1\r\nHost: echo\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise OSError("closed")
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int([l.split(b":")[1] for l in head.split(b"\r\n")
-                      if l.lower().startswith(b"content-length")][0])
-        while len(body) < length:
-            body += sock.recv(65536)
+        response(sock)
         sent += 1
     except (OSError, IndexError, ValueError):
         sock.close()
@@ -55,35 +47,20 @@ while time.time() < end:
     time.sleep(0.01)
 print(sent)
 """
+)
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("vz"))
-    load: subprocess.Popen[str] | None = None
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", timeout=600)
-        load = subprocess.Popen(
-            [sys.executable, "-m", "weft.cli", "lab", "--lab", runner.name, "exec", "client-1",
-             "--", sys.executable, "-c", LOAD, "600"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        time.sleep(3)  # connection set up, first requests through
-        assert load.poll() is None, load.communicate()
+    with (
+        running_lab("vz", "--demo", "--nodes", "2", up_timeout=600, down_timeout=300) as runner,
+        pod_load(runner, "client-1", LOAD, "600", settle=3),  # first requests through
+    ):
         yield runner
-    finally:
-        if load is not None:
-            load.kill()
-            load.communicate()
-        runner.weft("lab", "down", check=False, timeout=300)
-
-
-def viz(lab: LabRunner, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return lab.weft("viz", *args, check=check, timeout=180)
 
 
 def test_stat_shows_the_failing_replica_at_half(lab: LabRunner) -> None:
-    out = viz(lab, "stat", "pod", "--window", "8", "-o", "json")
+    out = lab.viz("stat", "pod", "--window", "8", "-o", "json")
     assert "scraping again in 8 s" not in out.stderr  # -o json keeps stderr for warnings
     doc = json.loads(out.stdout)
     assert doc["unreachable"] == []
@@ -95,7 +72,7 @@ def test_stat_shows_the_failing_replica_at_half(lab: LabRunner) -> None:
     assert two["rps"] > 5 and two["latency_ms_p50"] is not None
     assert rows["client-1"]["requests"] == 0  # it sends; stat is the destinations' view
     # The table, and its deploy view: both replicas together, about 75 %.
-    table = viz(lab, "stat", "deploy", "--window", "4")
+    table = lab.viz("stat", "deploy", "--window", "4")
     assert "scraping again in 4 s" in table.stderr
     echo = next(line for line in table.stdout.splitlines() if line.startswith("echo "))
     assert "2/2" in echo
@@ -103,51 +80,51 @@ def test_stat_shows_the_failing_replica_at_half(lab: LabRunner) -> None:
     assert 60 < success < 90, table.stdout
     # --from: the client's side names the same split.
     frm = json.loads(
-        viz(lab, "stat", "pod", "--from", "deploy/client", "--window", "4", "-o", "json").stdout
+        lab.viz("stat", "pod", "--from", "deploy/client", "--window", "4", "-o", "json").stdout
     )
     split = {r["name"]: r["success_rate"] for r in frm["rows"]}
     assert set(split) == {"echo-1", "echo-2"} and abs(split["echo-2"] - 0.5) < 0.15
 
 
 def test_edges_show_mtls_and_both_identities(lab: LabRunner) -> None:
-    doc = json.loads(viz(lab, "edges", "deploy", "-o", "json").stdout)
+    doc = json.loads(lab.viz("edges", "deploy", "-o", "json").stdout)
     [edge] = [e for e in doc["edges"] if (e["src"], e["dst"]) == ("client", "echo")]
     assert edge["mtls"] and edge["secured"] == "yes"
     assert edge["client_id"] == [CLIENT] and edge["server_id"] == [ECHO]
-    table = viz(lab, "edges", "pod").stdout
+    table = lab.viz("edges", "pod").stdout
     line = next(li for li in table.splitlines() if li.startswith("client-1") and "echo-2" in li)
     assert CLIENT in line and ECHO in line and "mTLS" in line
 
 
 def test_routes_and_top(lab: LabRunner) -> None:
-    routes = viz(lab, "routes", "svc/echo", "--window", "3")
+    routes = lab.viz("routes", "svc/echo", "--window", "3")
     row = next(li for li in routes.stdout.splitlines() if li.startswith("[default]"))
     assert "%" in row and "rps" in row
-    doc = json.loads(viz(lab, "routes", "svc/echo", "--window", "3", "-o", "json").stdout)
+    doc = json.loads(lab.viz("routes", "svc/echo", "--window", "3", "-o", "json").stdout)
     [default] = doc["routes"]
     # One replica of two fails half its requests: about 0.75, but the balancer may send it
     # less than half (failure accrual), so only "clearly some failures, not most".
     assert default["route"] == "[default]" and 0.55 < default["success_rate"] < 0.985
 
-    top = viz(lab, "top", "--once", "--window", "3")
+    top = lab.viz("top", "--once", "--window", "3")
     assert "no request path" in top.stdout  # the agents' series carry none: authority
     lines = [li for li in top.stdout.splitlines() if li.startswith("default/client-1")]
     assert any("default/echo-2" in li and " echo " in li for li in lines), top.stdout
-    rows = json.loads(viz(lab, "top", "-o", "json", "--window", "2").stdout)["rows"]
+    rows = json.loads(lab.viz("top", "-o", "json", "--window", "2").stdout)["rows"]
     assert {r["dst"] for r in rows} >= {"echo-1", "echo-2"} and rows[0]["count"] > 0
 
 
 def test_an_unreachable_agent_is_named_and_the_others_shown(lab: LabRunner) -> None:
     lab.weft("lab", "stop", "agent-node-2")
     try:
-        out = viz(lab, "stat", "pod", "--window", "0")
+        out = lab.viz("stat", "pod", "--window", "0")
         assert "could not read the agent of node-2" in out.stderr, out.stderr
         assert "10.240.0.12:15020" in out.stderr and "connection refused" in out.stderr
         echo1 = next(li for li in out.stdout.splitlines() if li.startswith("echo-1"))
         assert "%" in echo1  # node-1's agent still answers
         echo2 = next(li for li in out.stdout.splitlines() if li.startswith("echo-2"))
         assert "agent of node-2 unreachable" in echo2
-        doc = json.loads(viz(lab, "edges", "pod", "-o", "json").stdout)
+        doc = json.loads(lab.viz("edges", "pod", "-o", "json").stdout)
         assert [u["source"] for u in doc["unreachable"]] == ["node-2"]
         assert any(e["src"] == "client-1" for e in doc["edges"])
     finally:
