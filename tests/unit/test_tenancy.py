@@ -5,10 +5,12 @@ given back exactly once — on the fast path, the general one, a cancel, a re-se
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import pytest
 
+from nodeagent.proxy.http import tenancy
 from nodeagent.proxy.http.message import ProxyError
 from nodeagent.proxy.http.server import Exchange, FastForwarder, ProxyFailure
 from nodeagent.proxy.http.tenancy import RequestShares, SharedForwarder
@@ -92,3 +94,124 @@ async def test_a_cancelled_general_request_gives_its_share_back() -> None:
     assert shares.in_flight == {}
     with pytest.raises(ValueError):
         RequestShares(0)
+
+
+@pytest.fixture
+def no_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lag probe never fires during the test (which sets `RequestShares.cap`)."""
+    monkeypatch.setattr(tenancy, "TICK", 3600.0)
+
+
+@pytest.mark.usefixtures("no_probe")
+async def test_under_contention_the_busiest_pod_waits_and_a_quiet_one_does_not() -> None:
+    """The loop runs late (the cap is down): a pod at the cap waits for one of its own
+    requests to end, in order; another pod below the cap starts at once."""
+    shares = RequestShares(100)
+    shares.cap = 2.0
+    inner = Inner()
+    noisy = shared(inner, shares, "10.0.0.1")
+    quiet = shared(inner, shares, "10.0.0.2")
+    first = [asyncio.create_task(noisy.forward(exchange())) for _ in range(2)]
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(noisy.forward(exchange())) for _ in range(3)]
+    other = asyncio.create_task(quiet.forward(exchange()))
+    await asyncio.sleep(0)
+    assert shares.in_flight == {"10.0.0.1": 2, "10.0.0.2": 1}
+    assert shares.queued("10.0.0.1") == 3 and shares.waited == {"10.0.0.1": 3}
+    assert not shares.may_start("10.0.0.1") and shares.may_start("10.0.0.2")
+    assert shares.refused == {}
+    first[0].cancel()  # one of its own ends: the oldest waiter takes its share
+    await asyncio.sleep(0)
+    assert shares.in_flight["10.0.0.1"] == 2 and shares.queued("10.0.0.1") == 2
+    waiting[1].cancel()  # a waiter that gives up leaves the queue
+    await asyncio.sleep(0)
+    assert shares.queued("10.0.0.1") == 1
+    inner.release.set()
+    await asyncio.gather(first[1], waiting[0], waiting[2], other)
+    assert shares.in_flight == {} and shares.queued("10.0.0.1") == 0
+    shares.close()
+
+
+@pytest.mark.usefixtures("no_probe")
+async def test_at_the_hard_share_a_waiting_pod_is_refused_after_a_delay() -> None:
+    shares = RequestShares(3)
+    shares.cap = 1.0
+    inner = Inner()
+    noisy = shared(inner, shares, "10.0.0.1")
+    running = [asyncio.create_task(noisy.forward(exchange())) for _ in range(3)]
+    await asyncio.sleep(0)  # one in flight, two waiting: its whole share
+    assert shares.in_flight == {"10.0.0.1": 1} and shares.queued("10.0.0.1") == 2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ProxyFailure) as e:
+        await noisy.forward(exchange())
+    assert e.value.error is ProxyError.OVERLOADED
+    assert loop.time() - started >= tenancy.REFUSAL_DELAY * 0.9
+    assert shares.refused == {"10.0.0.1": 1}
+    inner.release.set()
+    await asyncio.gather(*running)
+    shares.close()
+
+
+@pytest.mark.usefixtures("no_probe")
+async def test_a_wait_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tenancy, "WAIT_TIMEOUT", 0.05)
+    shares = RequestShares(10)
+    shares.cap = 1.0
+    inner = Inner()
+    noisy = shared(inner, shares, "10.0.0.1")
+    running = asyncio.create_task(noisy.forward(exchange()))
+    await asyncio.sleep(0)
+    with pytest.raises(ProxyFailure):
+        await noisy.forward(exchange())
+    assert shares.refused == {"10.0.0.1": 1} and shares.queued("10.0.0.1") == 0
+    inner.release.set()
+    await running
+    shares.close()
+
+
+async def test_the_probe_lowers_the_cap_when_the_loop_runs_late_and_raises_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shares = RequestShares(64)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    shares.close()  # drive the ticks by hand
+    shares._active = {"10.0.0.1": now[0], "10.0.0.2": now[0]}
+    shares._tick(now[0] - 0.010)  # 10 ms late, two pods active
+    shares.close()
+    assert shares.cap == pytest.approx(64 * tenancy.DECREASE)
+    for _ in range(20):
+        shares._tick(now[0] - 0.010)
+        shares.close()
+    assert shares.cap == tenancy.FAIR_FLOOR
+    shares._active = {"10.0.0.1": now[0]}  # one pod alone: nobody to protect
+    shares._tick(now[0] - 0.010)
+    shares.close()
+    assert shares.cap > tenancy.FAIR_FLOOR
+    shares._active = {"10.0.0.1": now[0], "10.0.0.2": now[0]}
+    for _ in range(60):
+        shares._tick(now[0])  # on time
+        shares.close()
+    assert shares.cap == 64
+
+
+@pytest.mark.usefixtures("no_probe")
+async def test_a_waiter_starts_when_the_cap_grows_back() -> None:
+    shares = RequestShares(64)
+    shares.cap = 1.0
+    inner = Inner()
+    noisy = shared(inner, shares, "10.0.0.1")
+    running = asyncio.create_task(noisy.forward(exchange()))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(noisy.forward(exchange()))
+    await asyncio.sleep(0)
+    assert shares.queued("10.0.0.1") == 1
+    shares.close()
+    shares._active = {}
+    shares._tick(time.monotonic())  # on time: the cap grows, and it starts
+    shares.close()
+    await asyncio.sleep(0)
+    assert shares.in_flight == {"10.0.0.1": 2} and shares.queued("10.0.0.1") == 0
+    inner.release.set()
+    await asyncio.gather(running, waiting)
