@@ -21,6 +21,10 @@ from weft.lab import net
 LAB = "wnzt"
 SECONDS = 5
 RATE = 200
+REQUEST_TIMEOUT = 15
+"""Seconds before one of B's requests counts as failed: generous, since this is not a
+latency test (the bench's 2 s is; on a loaded 2-vCPU machine a flood can push B's
+requests past that without failing any)."""
 
 
 def test_noisy_neighbour_drill(tmp_path: Path):
@@ -29,6 +33,7 @@ def test_noisy_neighbour_drill(tmp_path: Path):
             "--lab-name", LAB, "--seconds", str(SECONDS), "--rate", str(RATE),
             "--http-connections", "96", "--tcp-concurrency", "384", "--h2-connections", "4",
             "--max-requests-per-pod", "32", "--max-connections-per-pod", "128",
+            "--request-timeout", str(REQUEST_TIMEOUT),
             "--json", str(out)]  # fmt: skip
     try:
         # ~60 s here; below pytest-timeout's 300 s, so that a hung run ends here and its
@@ -46,8 +51,8 @@ def test_noisy_neighbour_drill(tmp_path: Path):
     assert set(phases) == {"http", "tcp", "h2reset"}
     for p in weft["phases"]:
         b = p["b"]
-        # Every one of B's requests answered 200, flood or not (a failed one would be
-        # counted in errors, and charged as a 2 s timeout in the percentiles).
+        # Every one of B's requests answered 200, flood or not (a reset, a close or no
+        # answer within REQUEST_TIMEOUT would be counted in errors).
         assert b["errors"] == 0, (p["flood"], b)
         assert b["count"] == RATE * SECONDS, (p["flood"], b)
         # Whatever the agent refused, it refused to A only.

@@ -616,6 +616,10 @@ def controlplane(
               help="The agents' per-pod share of connections in this lab.")  # fmt: skip
 @click.option("--haproxy/--no-haproxy", default=True, show_default=True,
               help="Also run the phases against HAProxy sidecars (the contrast).")  # fmt: skip
+@click.option("--floods", default="http,tcp,h2reset", show_default=True,
+              help="A's floods, in this order (comma-separated).")  # fmt: skip
+@click.option("--request-timeout", default=2.0, show_default=True,
+              help="Seconds before one of B's requests counts as an error.")  # fmt: skip
 @click.option("--lab-name", default="wnoisy", show_default=True, help="The lab's name.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
 def noisy(
@@ -627,6 +631,8 @@ def noisy(
     max_requests_per_pod: int,
     max_connections_per_pod: int,
     haproxy: bool,
+    floods: str,
+    request_timeout: float,
     lab_name: str,
     json_path: Path | None,
 ) -> None:
@@ -648,7 +654,12 @@ def noisy(
         max_requests_per_pod=max_requests_per_pod,
         max_connections_per_pod=max_connections_per_pod,
         setups=("weft", "haproxy-sidecars") if haproxy else ("weft",),
+        floods=tuple(f for f in floods.split(",") if f),
+        request_timeout=request_timeout,
     )
+    unknown = set(profile.floods) - set(FLOODS)
+    if unknown:
+        raise click.BadParameter(f"unknown floods {sorted(unknown)}; known: {', '.join(FLOODS)}")
     result = run(lab_identity_setup, profile,
                  report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False),
                  name=lab_name)  # fmt: skip
@@ -661,7 +672,7 @@ def noisy(
         table.add_row(name, "none", f"{alone['b']['p50_us'] / 1000:.2f} / "
                       f"{s['b_p99_alone_us'] / 1000:.2f}", "1.00", str(alone["b"]["errors"]),
                       "-", "-", "-", _shares(alone), rss)  # fmt: skip
-        for flood in FLOODS:
+        for flood in profile.floods:
             f = s[flood]
             table.add_row(
                 name,
