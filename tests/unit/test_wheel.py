@@ -13,10 +13,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -66,7 +66,9 @@ def test_weft_install_runs_from_an_installed_copy(wheel: Path, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr[-2000:]
     shipped = target / "weft" / "daemonset" / "weft.yaml"
     assert shipped.is_file() and not shipped.is_symlink()
-    deps = sysconfig.get_paths()["purelib"]
+    # The dependencies' directory: where this interpreter finds them (a venv's
+    # site-packages, whose .pth files — an editable weft's finder — -S leaves unread).
+    deps = str(Path(click.__file__).resolve().parents[1])
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
         "import weft, weft.cli.install as i; "
