@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import LabRunner, running_lab
 from weft.lab.lab import agent_state as lab_agent_state
 
 WEFT_PROGS = {"weft_connect4", "weft_connect6", "weft_sockops", "weft_ingress"}
@@ -20,12 +20,8 @@ WEFT_PROGS = {"weft_connect4", "weft_connect6", "weft_sockops", "weft_ingress"}
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wc"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+    with running_lab("wc", "--demo", "--nodes", "2") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _status(lab: LabRunner) -> dict:

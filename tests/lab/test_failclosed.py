@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabRunner, Sniffer, unique_name
+from tests.lab.conftest import LabRunner, Sniffer, running_lab
 from weft.bench.resilience import wait_accepted
 from weft.lab.lab import ADMIN_PORT, admin_get, agent_state
 from weft.lab.plan import netns_name
@@ -34,12 +34,8 @@ from weft.lab.plan import netns_name
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wf"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+    with running_lab("wf", "--demo", "--nodes", "2") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _pod(status: dict, name: str) -> dict:

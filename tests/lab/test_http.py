@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import POD_HTTP, LabRunner, sample, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, running_lab, sample
 from weft.identity import SpiffeId
 
 # In client-1: N requests on one kept connection to the echo service; prints the pods.
@@ -59,12 +59,8 @@ print(json.dumps({"greeting": greeting.decode(), "bye": bye.decode(), "seconds":
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wh"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+    with running_lab("wh", "--demo", "--nodes", "2") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _spread(lab: LabRunner, n: int, path: str = "/") -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import LabRunner, unique_name
+from tests.lab.conftest import LabRunner, running_lab
 from weft.lab.lab import agent_state
 
 ENTRIES = 1024
@@ -51,15 +51,10 @@ print(json.dumps({"ok": ok, "again": again}))
 
 @pytest.fixture(scope="module")
 def small() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wm"))
-    try:
-        runner.weft(
-            "lab", "up", "--demo", "--nodes", "1",
-            f"--agent-arg=--ebpf-map-entries={ENTRIES}",
-        )  # fmt: skip
+    with running_lab(
+        "wm", "--demo", "--nodes", "1", f"--agent-arg=--ebpf-map-entries={ENTRIES}"
+    ) as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _ebpf(lab: LabRunner) -> dict:

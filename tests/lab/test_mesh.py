@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.proxy.tls import sni_for
-from tests.lab.conftest import POD_HTTP, LabRunner, Sniffer, sample, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, Sniffer, running_lab, sample
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 from weft.nsenter import in_netns
@@ -24,12 +24,8 @@ from weft.nsenter import in_netns
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wm"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+    with running_lab("wm", "--demo", "--nodes", "2") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _status(lab: LabRunner) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabRunner, sample, unique_name
+from tests.lab.conftest import LabRunner, running_lab, sample
 from weft.lab.lab import agent_state
 
 POLICY = Path(__file__).resolve().parents[2] / "docs" / "examples" / "policy.yaml"
@@ -23,14 +23,10 @@ URL = "http://payments.shop"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wz"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2")
+    with running_lab("wz", "--demo", "--nodes", "2") as runner:
         out = runner.weft("lab", "apply", "-f", str(POLICY))
         assert "authorizationpolicy.weft.io/payments-from-web created" in out.stderr, out.stderr
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _metric(lab: LabRunner, name: str, **labels: str) -> float:

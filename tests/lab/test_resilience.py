@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabRunner, sample, unique_name
+from tests.lab.conftest import LabRunner, running_lab, sample
 from weft.bench.drills import REQUESTS
 from weft.lab.lab import agent_state
 
@@ -24,12 +24,8 @@ FLAKY = "/?fail=echo-2:0.5"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wr"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "3")
+    with running_lab("wr", "--demo", "--nodes", "3") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _run(lab: LabRunner, n: int, path: str) -> dict:

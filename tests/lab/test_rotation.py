@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.conftest import POD_HTTP, LabRunner, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, running_lab
 from weft.identity import SpiffeId
 from weft.lab.lab import admin_get
 
@@ -54,12 +54,8 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("wr"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", "--leaf-lifetime", f"{LIFETIME:g}s")
+    with running_lab("wr", "--demo", "--nodes", "2", "--leaf-lifetime", f"{LIFETIME:g}s") as runner:
         yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
 
 
 def _certs(lab: LabRunner, node: str) -> dict:
