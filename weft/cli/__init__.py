@@ -50,6 +50,18 @@ def lab_option(help_text: str | None = None) -> Callable[[F], F]:
     )
 
 
+def output_option(*choices: str, help_text: str | None = None) -> Callable[[F], F]:
+    """``-o/--output`` (the ``output`` parameter): one of ``choices``, the first by default."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(list(choices)),
+        default=choices[0],
+        show_default=True,
+        help=help_text,
+    )
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use (``weft --help`` imports all)."""
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from nodeagent.ebpf.probe import run_probes
-from weft.cli import lab_option
+from weft.cli import lab_option, output_option
 from weft.preflight import (
     DEFAULT_BPFFS,
     DEFAULT_MODULES_DIR,
@@ -170,14 +170,7 @@ def _check_cluster(
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Lines, or JSON (as --json).",
-)
+@output_option("table", "json", help_text="Lines, or JSON (as --json).")
 @click.option(
     "--pre",
     is_flag=True,

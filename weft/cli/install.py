@@ -51,6 +51,7 @@ from typing import Any
 import click
 
 from weft import __version__
+from weft.cli import output_option
 from weft.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "daemonset" / "weft.yaml"
@@ -629,7 +630,7 @@ def _options(image: str, tag: str | None, **kw: Any) -> InstallOptions:
 )
 @click.option("--crds", is_flag=True, help="Only the CustomResourceDefinitions.")
 @click.option("--skip-crds", is_flag=True, help="Everything but the CustomResourceDefinitions.")
-@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml")
+@output_option("yaml", "json")
 def install(
     image: str,
     tag: str | None,
@@ -697,7 +698,7 @@ def install(
     is_flag=True,
     help="Print only the DaemonSet that releases every node (step 3 by hand).",
 )
-@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml")
+@output_option("yaml", "json")
 def uninstall(
     image: str,
     tag: str | None,

@@ -17,7 +17,7 @@ import rich.markup
 from rich.console import Console
 from rich.table import Table
 
-from weft.cli import lab_option
+from weft.cli import lab_option, output_option
 
 err = Console(stderr=True)
 
@@ -51,7 +51,7 @@ def policy() -> None:
     default=None,
     help="With --kubeconfig: the control plane's --default-inbound-policy, if set.",
 )
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@output_option("table", "json")
 def check(
     source: str,
     source_ip: str,

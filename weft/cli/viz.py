@@ -26,7 +26,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from weft.cli import lab_option
+from weft.cli import lab_option, output_option
 from weft.viz import model
 from weft.viz.model import Delta, Figures, Snapshot, Topology, Unreachable, VizError
 from weft.viz.sources import (
@@ -166,14 +166,7 @@ def _namespace_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _output_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Choice(["table", "wide", "json"]),
-        default="table",
-        show_default=True,
-    )(f)
+_output_option = output_option("table", "wide", "json")
 
 
 def _window_option(default: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -560,13 +553,7 @@ def _top_view(
     help="Seconds between refreshes of the live view.",
 )
 @click.option("--rows", "max_rows", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    help="json implies --once.",
-)
+@output_option("table", "json", help_text="json implies --once.")
 @_window_option(5.0)
 @click.pass_context
 def top(
@@ -670,14 +657,7 @@ def _live_top(env: Env, namespace: str | None, interval: float, max_rows: int) -
     metavar="SECONDS",
     help="Exit after this many seconds (default: until Ctrl-C, or the agents' 1 h).",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json: one JSON object per request, per line.",
-)
+@output_option("table", "json", help_text="json: one JSON object per request, per line.")
 @click.pass_context
 def tap(
     ctx: click.Context,
