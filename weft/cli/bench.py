@@ -715,3 +715,43 @@ def _refusals(by_metric: dict[str, dict[str, int]] | None) -> str:
             totals[workload if workload in totals else "other"] += n
     text = f"{totals['nz-a']} / {totals['nz-b']}"
     return text + (f" (+{totals['other']} other)" if totals["other"] else "")
+
+
+@bench.command()
+@click.option("--rounds", default=3, show_default=True, help="Rounds of both setups, alternated.")
+@click.option("--seconds", default=8.0, show_default=True, help="Seconds per saturation run.")
+@click.option("--connections", default=16, show_default=True, help="h2load's connections.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write all figures.")
+def workers(rounds: int, seconds: float, connections: int, json_path: Path | None) -> None:
+    """One proxy process against two workers (issue #18): HTTP/1.1 saturation through
+    node-1's agent (client-1 to echo-1 on the same node, h2load and echo pinned to CPU 0),
+    CPU per request of the agent and its workers, each process's memory, and the time
+    /metrics takes with the workers' texts merged (docs/benchmarks.md). Needs root.
+    """
+    from weft.bench.workers import run
+    from weft.cli.lab import lab_identity_setup
+
+    result = run(lab_identity_setup, rounds, seconds, connections,
+                 report=lambda m: err.print(f"[dim]·[/dim] {m}", highlight=False))  # fmt: skip
+    table = Table("workers", "saturation req/s", "proxy cores", "CPU us/req", "req/s per core",
+                  "agent PSS MiB", "per worker PSS MiB", "/metrics ms")  # fmt: skip
+    for n, s in result["setups"].items():
+        mem = s["memory"] or {}
+        workers_pss = [w["pss"] / 2**20 for w in mem.get("workers", [])]
+        table.add_row(
+            n,
+            f"{s['per_second']:.0f}",
+            f"{s['proxy_cpu_cores']:.2f}",
+            f"{s['proxy_cpu_us_per_request']:.0f}",
+            str(result["per_core_requests_per_second"][n]),
+            f"{mem['agent']['pss'] / 2**20:.1f}" if mem else "-",
+            " ".join(f"{p:.1f}" for p in workers_pss) or "-",
+            str(s["metrics_scrape_ms"]),
+        )
+    Console().print(table)
+    low, high = result["saturation_ratio_range"] or (0.0, 0.0)
+    err.print(f"2 workers / 1, within-round median (range): {result['saturation_ratio']} "
+              f"({low:.2f}-{high:.2f})", highlight=False)  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        err.print(f"wrote {json_path}")
