@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import POD_HTTP, LabRunner, sample, unique_name
+from tests.lab.conftest import POD_HTTP, LabRunner, pod_load, running_lab, sample
 from tests.lab.test_failclosed import ClientLoop, _assert_never_plaintext
 from weft.bench.resilience import wait_accepted
 from weft.lab.lab import agent_state
@@ -30,12 +30,8 @@ WORKERS = 2
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[LabRunner]:
-    runner = LabRunner(unique_name("ww"))
-    try:
-        runner.weft("lab", "up", "--demo", "--nodes", "2", f"--agent-arg=--workers={WORKERS}")
-        yield runner
-    finally:
-        runner.weft("lab", "down", check=False)
+    with running_lab("ww", "--demo", "--nodes", "2", f"--agent-arg=--workers={WORKERS}") as lab:
+        yield lab
 
 
 def _pod(lab: LabRunner, name: str) -> dict:
@@ -230,8 +226,7 @@ def test_make_before_break_restart_with_workers_refuses_nothing(mesh: LabRunner,
 TAP_LOAD = r"""
 import sys, time, urllib.request
 
-end = time.time() + float(sys.argv[1])
-while time.time() < end:
+while True:
     try:
         urllib.request.urlopen("http://echo/workers-tap", timeout=5).read()
     except OSError:
@@ -241,18 +236,9 @@ while time.time() < end:
 
 
 def test_tap_shows_requests_whichever_worker_serves_them(mesh: LabRunner):
-    env = {**os.environ, "WEFT_LAB": mesh.name}
-    load = subprocess.Popen(
-        [sys.executable, "-m", "weft.cli", "lab", "exec", "client-1", "--", sys.executable,
-         "-c", TAP_LOAD, "60"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        out = mesh.weft("viz", "tap", "deploy/echo", "--max", "6", "-o", "json",
-                        "--duration", "45", timeout=120).stdout  # fmt: skip
-    finally:
-        load.kill()
-        load.wait()
+    with pod_load(mesh, "client-1", TAP_LOAD, settle=1):
+        out = mesh.viz("tap", "deploy/echo", "--max", "6", "-o", "json", "--duration", "45",
+                       timeout=120).stdout  # fmt: skip
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert len(events) == 6, out
     assert all(e["path"] == "/workers-tap" and e["status"] == 200 for e in events), events
