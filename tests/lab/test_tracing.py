@@ -168,6 +168,23 @@ def test_b3_trace_through_both_proxies(lab: LabRunner) -> None:
         assert "traceparent" not in answer["headers"]  # the app chose B3
 
 
+def test_b3_multi_header_trace_through_both_proxies(lab: LabRunner) -> None:
+    traces = [secrets.token_hex(16) for _ in range(6)]
+    calls = [{"path": f"/b3m/{i}", "headers": {"X-B3-TraceId": t, "X-B3-SpanId": APP_SPAN,
+                                                "X-B3-Sampled": "1"}}
+             for i, t in enumerate(traces)]  # fmt: skip
+    answers = _calls(lab, calls)
+    assert [a["status"] for a in answers] == [200] * 6
+    for trace, answer in zip(traces, answers, strict=True):
+        client, server = _check_hops(trace, answer, _trace(lab, trace, 2))
+        got = answer["headers"]
+        # The app gets the multi-header form back, each hop's span in its place.
+        assert got["x-b3-traceid"] == trace and got["x-b3-sampled"] == "1"
+        assert got["x-b3-spanid"] == server["spanId"]
+        assert got["x-b3-parentspanid"] == client["spanId"]
+        assert "b3" not in got and "traceparent" not in got
+
+
 def test_unsampled_request_records_nothing(lab: LabRunner) -> None:
     trace = secrets.token_hex(16)
     header = f"00-{trace}-{APP_SPAN}-00"
