@@ -295,7 +295,7 @@ def summarize(phases: list[dict[str, Any]]) -> dict[str, Any]:
         out[res["flood"]] = {
             "b_p50_us": res["b"]["p50_us"],
             "b_p99_us": res["b"]["p99_us"],
-            "b_errors": res["b"]["errors"],
+            "b_errors": res["b"]["errors"] + res["b"].get("warmup_errors", 0),
             "b_p99_ratio": round(res["b"]["p99_us"] / alone, 2) if alone else None,
             "a_per_second": res["a"]["per_second"],
             "a_refused_seen": res["a"]["refused"],
@@ -326,8 +326,9 @@ def targets(setups: dict[str, Any]) -> dict[str, Any]:
 
 def _fmt(res: dict[str, Any]) -> str:
     b = res["b"]
+    errors = b["errors"] + b.get("warmup_errors", 0)
     text = (f"flood {res['flood']:7}: B p50 {b['p50_us'] / 1000:.2f} ms p99 "
-            f"{b['p99_us'] / 1000:.2f} ms, {b['errors']} errors, {b['per_second']:.0f}/s; CPU "
+            f"{b['p99_us'] / 1000:.2f} ms, {errors} errors, {b['per_second']:.0f}/s; CPU "
             f"{' '.join(f'{v:.0%}' for v in res['proxy_cpu_share'].values())}, RSS "
             f"{res['proxy_rss_peak'] / 2**20:.0f} MiB; machine {res['machine_busy']:.0%} busy, "
             f"load {res['loadavg_1m']}")  # fmt: skip

@@ -149,8 +149,12 @@ async def fixed_rate(
     host: str, port: int, rate: float, seconds: float, connections: int = 16
 ) -> dict[str, Any]:
     conns = await _connect(host, port, connections)
+    warmup_errors = 0
     for c in conns:  # warm each connection (and the proxies' paths) once, unmeasured
-        await c.request()
+        try:
+            await c.request()
+        except _FAILURES:  # closed; its first measured request opens it again
+            warmup_errors += 1
     total = int(rate * seconds)
     due: asyncio.Queue[float | None] = asyncio.Queue()
     latencies: list[float] = []
@@ -198,7 +202,8 @@ async def fixed_rate(
     for c in conns:
         c.close()
     out = _summary(latencies, elapsed, errors)
-    out |= {"mode": "rate", "target_rate": rate, "connections": connections}
+    out |= {"mode": "rate", "target_rate": rate, "connections": connections,
+            "warmup_errors": warmup_errors}  # fmt: skip
     return out
 
 

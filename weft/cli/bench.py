@@ -669,8 +669,9 @@ def noisy(
     for name, s in result["setups"].items():
         alone = s["phases"][0]
         rss = f"{alone['proxy_rss_peak'] / 2**20:.0f}"
+        errors = alone["b"]["errors"] + alone["b"].get("warmup_errors", 0)
         table.add_row(name, "none", f"{alone['b']['p50_us'] / 1000:.2f} / "
-                      f"{s['b_p99_alone_us'] / 1000:.2f}", "1.00", str(alone["b"]["errors"]),
+                      f"{s['b_p99_alone_us'] / 1000:.2f}", "1.00", str(errors),
                       "-", "-", "-", _shares(alone), rss)  # fmt: skip
         for flood in profile.floods:
             f = s[flood]
