@@ -111,8 +111,10 @@ def _workers(value: str, kubernetes: bool) -> int:
     "--max-requests-per-pod",
     default=2048,
     show_default=True,
-    help="HTTP requests one pod may have in flight through the proxy; its next are "
-    "answered 503 overloaded / RESOURCE_EXHAUSTED, the other pods' are not.",
+    help="HTTP requests one pod may have in flight or waiting through the proxy; its next "
+    "are answered 503 overloaded / RESOURCE_EXHAUSTED, the other pods' are not. While the "
+    "proxy's event loop runs late, each pod's requests in flight are capped lower (down "
+    "to 8) and the busiest pod's next ones wait their turn.",
 )
 @click.option(
     "--tunnel-max-streams",
