@@ -215,3 +215,24 @@ async def test_a_waiter_starts_when_the_cap_grows_back() -> None:
     assert shares.in_flight == {"10.0.0.1": 2} and shares.queued("10.0.0.1") == 0
     inner.release.set()
     await asyncio.gather(running, waiting)
+
+
+@pytest.mark.usefixtures("no_probe")
+async def test_the_cap_binds_the_heavy_starters_not_a_victim_with_many_in_flight() -> None:
+    """A victim whose requests take longer under the flood has more in flight, but it
+    starts them no faster: the cap binds only pods starting requests at least as fast
+    as the mean, so the victim is not made to wait for a lag it did not cause."""
+    shares = RequestShares(100)
+    for _ in range(400):
+        shares.may_start("10.0.0.1")  # the flooder starts many requests
+    for _ in range(10):
+        shares.may_start("10.0.0.2")  # the victim a few
+    shares.in_flight = {"10.0.0.1": 3, "10.0.0.2": 12}
+    shares.cap = 8.0
+    shares._tick(time.monotonic())  # classify (the loop counts as punctual here)
+    shares.cap = 8.0
+    assert shares.heavy == {"10.0.0.1"}
+    assert shares.may_start("10.0.0.2")  # 12 in flight, over the cap, not heavy: goes
+    shares.in_flight["10.0.0.1"] = 8
+    assert not shares.may_start("10.0.0.1")  # heavy and at the cap: waits
+    shares.close()

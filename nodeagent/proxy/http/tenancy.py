@@ -20,6 +20,11 @@ take everyone's capacity. Two bounds, both per source pod:
   ``limit``. A pod below the cap is not touched — a quiet pod's few requests start at
   once; the flooder's requests beyond it *wait* (per pod, first come first served) for
   one of its own to end or for the cap to grow, up to ``WAIT_TIMEOUT`` (then 503).
+  The cap binds only the **heavy** pods: those starting requests at least as fast as
+  the mean of the active pods (a decayed count per pod, updated every tick). A victim
+  whose latency grew with the flood has more requests in flight than usual, but it
+  starts them no faster than before; capping it would make it wait for a lag it did not
+  cause — the flood may not even be requests (a connection flood, HTTP/2 rapid reset).
 
 Why wait rather than answer 503 at once: a closed-loop client answered at once sends its
 next request at once, and parsing and answering a flood costs the loop nearly what
@@ -63,6 +68,8 @@ LATE = 0.002
 """A probe this much later than due says the loop is overloaded."""
 DECREASE = 0.7
 INCREASE = 1.1
+START_DECAY = 0.9
+"""Per tick: a pod's count of started requests fades with a ~0.16 s half-life."""
 ACTIVE_WINDOW = 1.0
 """A pod that started a request within this many seconds counts as active; with fewer
 than two active, nobody is held back (there is no one to protect)."""
@@ -94,17 +101,23 @@ class RequestShares:
         """Pod -> when it last started a request (pruned by the probe)."""
         self._probe: asyncio.TimerHandle | None = None
         self._logged = 0.0
+        self._starts: dict[str, float] = {}
+        """Pod -> its requests started, decayed by ``START_DECAY`` per tick."""
+        self.heavy: frozenset[str] = frozenset()
+        """The pods the cap binds (empty before the first tick: then it binds all)."""
 
     # --- the fast checks ---------------------------------------------------------------
 
-    def _allowed(self) -> int:
+    def _allowed(self, source: str | None = None) -> int:
+        if self.cap >= self.limit or (self.heavy and source not in self.heavy):
+            return self.limit
         return max(1, min(self.limit, int(self.cap)))
 
     def may_start(self, source: str) -> bool:
         """Whether a request of ``source`` may start now (nobody of its own waits, and it
         is under its share)."""
         self._seen(source)
-        return source not in self._waiters and self.in_flight.get(source, 0) < self._allowed()
+        return source not in self._waiters and self.in_flight.get(source, 0) < self._allowed(source)
 
     def full(self, source: str) -> bool:
         return self.in_flight.get(source, 0) >= self.limit
@@ -173,7 +186,7 @@ class RequestShares:
         """Hand ``source``'s free shares to its waiters, oldest first (counted while the
         share changes hands)."""
         waiters = self._waiters.get(source)
-        allowed = self._allowed()
+        allowed = self._allowed(source)
         while waiters and self.in_flight.get(source, 0) < allowed:
             waiter = waiters.popleft()
             if waiter.done():
@@ -188,6 +201,7 @@ class RequestShares:
     def _seen(self, source: str) -> None:
         now = time.monotonic()
         self._active[source] = now
+        self._starts[source] = self._starts.get(source, 0.0) + 1.0
         if self._probe is None:
             with contextlib.suppress(RuntimeError):  # no running loop: a sync caller
                 loop = asyncio.get_running_loop()
@@ -198,6 +212,12 @@ class RequestShares:
         try:
             now = time.monotonic()
             self._active = {s: t for s, t in self._active.items() if now - t < ACTIVE_WINDOW}
+            self._starts = {s: n * START_DECAY for s, n in self._starts.items()
+                            if s in self._active}  # fmt: skip
+            mean = sum(self._starts.values()) / len(self._starts) if self._starts else 0.0
+            heavy = frozenset(s for s, n in self._starts.items() if n >= mean)
+            lightened = self.heavy - heavy
+            self.heavy = heavy
             before = self.cap
             if now - due > LATE and len(self._active) > 1:
                 self.cap = max(float(FAIR_FLOOR), self.cap * DECREASE)
@@ -205,7 +225,7 @@ class RequestShares:
                 self.cap = min(float(self.limit), self.cap * INCREASE + 1.0)
             if self.cap < before and before == self.limit:
                 self._log_cap()
-            if self.cap > before:
+            if self.cap > before or lightened:
                 for source in list(self._waiters):
                     self._wake(source)
         except Exception:  # a bug here must not stop the probe for good
@@ -253,7 +273,7 @@ class RequestShares:
         return ProxyFailure(
             ProxyError.OVERLOADED,
             f"{self.name(source)} has {self.in_flight.get(source, 0)} requests in flight "
-            f"through this node's proxy (its share is {self._allowed()} now, {self.limit} "
+            f"through this node's proxy (its share is {self._allowed(source)} now, {self.limit} "
             "at most); retry later",
         )
 
