@@ -1163,17 +1163,23 @@ class Agent:
             await self.supervisor.drain()
             if self.certs is not None:
                 await self.certs.close()
-            for t in tasks | helpers:
-                t.cancel()
-            for t in tasks | helpers:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            for sock in placeholders:
-                sock.close()
-            if self.progs is not None:
-                self.progs.close()
-            log.info("agent stopped; eBPF attachments and pins left in place for the next start")
+            await self._finish(tasks | helpers, placeholders)
         return code
+
+    async def _finish(self, tasks: set[asyncio.Task[Any]], sockets: list[socket.socket]) -> None:
+        """The end of a stop: every task cancelled and awaited, the listening sockets
+        closed (still ours if the agent stopped before it was ready), the programs'
+        descriptors closed — attachments and pins stay for the next agent."""
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for sock in sockets:
+            sock.close()
+        if self.progs is not None:
+            self.progs.close()
+        log.info("agent stopped; eBPF attachments and pins left in place for the next start")
 
     async def _until_stopped(self, tasks: set[asyncio.Task[Any]]) -> int:
         """Wait for the shutdown signal (0) or a task that should never end (1)."""
@@ -1357,16 +1363,7 @@ class Agent:
                 # exporter's shutdown timeout); never a reason for the stop to fail.
                 with contextlib.suppress(Exception):
                     await self.trace_exporter.close()
-            for t in tasks | helpers:
-                t.cancel()
-            for t in tasks | helpers:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            for sock in sockets:
-                sock.close()  # still ours if the agent stopped before it was ready
-            if self.progs is not None:
-                self.progs.close()
-            log.info("agent stopped; eBPF attachments and pins left in place for the next start")
+            await self._finish(tasks | helpers, sockets)
         return code
 
 
