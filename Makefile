@@ -82,6 +82,7 @@ lab: setup ## set up, then bring up the demo lab (replaces an existing one)
 	@echo "  $(WEFT) lab exec client-1 -- curl -s http://10.240.0.11:15020/metrics | grep -E '^(request|response)_total'   # HTTP golden metrics with both identities"
 	@echo "  $(WEFT) lab stop echo-2 / lab start echo-2                  # failure drill: retries, then ejection"
 	@echo "  $(WEFT) lab exec node-1 -- curl -s localhost:15020/debug/state   # the node agent"
+	@echo "  $(WEFT) lab restart-agent node-1 -- --workers 2              # node-1's proxy as 2 worker processes (SO_REUSEPORT; /debug/state lists them)"
 	@echo "  $(WEFT) lab exec client-1 -- sh                              # a shell inside a pod"
 	@echo "  $(WEFT) lab logs echo-1"
 	@echo "  $(WEFT) viz stat deploy                                       # golden metrics per workload, from the agents (docs/viz.md)"
