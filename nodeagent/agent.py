@@ -388,6 +388,16 @@ class _StatsCollector(Collector):
             w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
             req.add_metric([w.name, w.namespace] if w else [ip, ""], n)
         yield req
+        waited = CounterMetricFamily(
+            "weft_outbound_http_waited",
+            "HTTP requests that waited for their source pod's share while the node proxy's "
+            "event loop ran late (the contention cap binds only heavy pods), by source.",
+            labels=["src_workload", "src_namespace"],
+        )
+        for ip, n in sorted(shares.waited.items()):
+            w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
+            waited.add_metric([w.name, w.namespace] if w else [ip, ""], n)
+        yield waited
 
 
 class Agent:
