@@ -119,7 +119,9 @@ async def test_an_invalid_policy_is_not_applied_and_its_last_valid_version_stays
     said = [r.getMessage() for r in caplog.records if "not accepted" in r.getMessage()]
     # Once per reason, although our own status writes came back as events.
     assert len(said) == 2, said
-    assert writes >= 4
+    # bad-from-start False, web-only False, web-only True; web-only's first True may be
+    # folded into a later write when the edit comes before it is flushed.
+    assert writes >= 3
 
 
 async def test_a_per_route_policy_reaches_the_workloads_behind_the_route(
