@@ -366,38 +366,35 @@ class _StatsCollector(Collector):
                 m = CounterMetricFamily(f"weft_outbound_{name}", f"outbound connections {name}")
                 m.add_metric([], getattr(s, name))
                 yield m
-            busy = CounterMetricFamily(
+            yield self._by_source(
                 "weft_outbound_refused_busy",
                 "Outbound connections refused because their source pod already held its "
                 "share of the node proxy (--max-connections-per-pod), by source: the noisy "
                 "pod is refused, nobody else.",
-                labels=["src_workload", "src_namespace"],
+                s.refused_busy_by_source,
             )
-            for ip, n in sorted(s.refused_busy_by_source.items()):
-                w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
-                busy.add_metric([w.name, w.namespace] if w else [ip, ""], n)
-            yield busy
         shares = self.agent.request_shares
-        req = CounterMetricFamily(
+        yield self._by_source(
             "weft_outbound_http_refused_busy",
             "HTTP requests answered 503 overloaded (gRPC RESOURCE_EXHAUSTED) because their "
             "source pod already had --max-requests-per-pod in flight, by source.",
-            labels=["src_workload", "src_namespace"],
+            shares.refused,
         )
-        for ip, n in sorted(shares.refused.items()):
-            w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
-            req.add_metric([w.name, w.namespace] if w else [ip, ""], n)
-        yield req
-        waited = CounterMetricFamily(
+        yield self._by_source(
             "weft_outbound_http_waited",
             "HTTP requests that waited for their source pod's share while the node proxy's "
             "event loop ran late (the contention cap binds only heavy pods), by source.",
-            labels=["src_workload", "src_namespace"],
+            shares.waited,
         )
-        for ip, n in sorted(shares.waited.items()):
+
+    def _by_source(self, name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+        """A counter by source pod from counts keyed by its address (``[other]``: the
+        overflow bucket)."""
+        family = CounterMetricFamily(name, doc, labels=["src_workload", "src_namespace"])
+        for ip, n in sorted(counts.items()):
             w = self.agent.mesh.workload_at(ip) if ip != "[other]" else None
-            waited.add_metric([w.name, w.namespace] if w else [ip, ""], n)
-        yield waited
+            family.add_metric([w.name, w.namespace] if w else [ip, ""], n)
+        return family
 
 
 class Agent:
